@@ -1,0 +1,331 @@
+/**
+ * The app factory: builds every client from the config and returns `{ start, stop }`. Nothing
+ * creates a client at module top level; tests build as many apps as they like.
+ */
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { EnvelopArmorPlugin } from '@escape.tech/graphql-armor';
+import { renderGraphiQL } from '@graphql-yoga/render-graphiql';
+import { createYoga, type Plugin } from 'graphql-yoga';
+import { Redis } from 'ioredis';
+import { createDatabase, type Database } from '../core/db/client.ts';
+import type { Deps } from '../core/deps.ts';
+import { type Bus, createNullBus } from '../core/ports/bus.ts';
+import {
+  createMemoryRateLimiter,
+  createRedisRateLimiter,
+  type RateLimiter,
+} from '../core/ports/rate-limit.ts';
+import type { Context } from '../schema/builder.ts';
+import { buildSchema } from '../schema/index.ts';
+import type { Config } from './config.ts';
+import { createMaskError } from './errors.ts';
+import { createLogger, type Logger } from './logger.ts';
+import { createMetrics, type Metrics } from './metrics.ts';
+import { requestStore } from './request-store.ts';
+
+const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
+  version: string;
+};
+
+export interface App {
+  config: Config;
+  deps: Deps;
+  log: Logger;
+  metrics: Metrics;
+  /** GraphQL over the Fetch API, in process (tests use it for queries and mutations). */
+  fetch: (input: string, init?: RequestInit, serverContext?: { ip?: string }) => Promise<Response>;
+  /** Applies migrations and listens; resolves to the bound port. */
+  start(port?: number): Promise<number>;
+  /** Stops accepting, finishes in-flight requests, closes every client. Idempotent. */
+  stop(): Promise<void>;
+}
+
+export interface BuildOptions {
+  logger?: Logger;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return Promise.race([
+    p,
+    new Promise<T>((_, reject) =>
+      setTimeout(() => reject(new Error(`${what} did not answer in ${ms} ms`)), ms).unref(),
+    ),
+  ]);
+}
+
+export async function buildApp(config: Config, opts: BuildOptions = {}): Promise<App> {
+  const log = opts.logger ?? createLogger(config.logLevel);
+  const database: Database = await createDatabase({
+    url: config.databaseUrl,
+    dataDir: config.dataDir,
+    poolSize: config.databasePoolSize,
+  });
+  const redis = config.redisUrl
+    ? new Redis(config.redisUrl, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true })
+    : undefined;
+  redis?.on('error', (err) => log.warn({ err: err.message }, 'redis error'));
+  const bus: Bus = createNullBus();
+  const rateLimiter: RateLimiter = redis
+    ? createRedisRateLimiter(redis, config.redisPrefix)
+    : createMemoryRateLimiter();
+  const features = [
+    database.kind === 'postgres' ? 'database:postgres' : 'database:pglite',
+    redis ? 'bus:redis' : 'bus:memory',
+    config.typesense ? 'search:typesense' : 'search:postgres',
+    config.s3 ? 'storage:s3' : 'storage:embedded',
+  ];
+  const deps: Deps = {
+    database,
+    db: database.db,
+    bus,
+    rateLimiter,
+    rateLimitsEnabled: config.rateLimits,
+    log,
+    now: () => new Date(),
+    settings: {
+      jwtSecret: new TextEncoder().encode(config.jwtSecret),
+      accessTokenTtl: config.accessTokenTtl,
+      sessionTtlDays: config.sessionTtlDays,
+      serverName: config.serverName,
+      version: pkg.version,
+      motd: config.motd,
+      eventRetentionDays: config.eventRetentionDays,
+      features,
+    },
+  };
+  const metrics = createMetrics(database);
+  const { authenticate } = await import('../core/services/auth.service.ts');
+
+  const observe: Plugin = {
+    onExecute({ args }) {
+      const op = args.document.definitions.find((d: { kind: string }) => d.kind === 'OperationDefinition');
+      if (op && op.kind === 'OperationDefinition') {
+        metrics.operations.inc({ type: op.operation, name: op.name?.value ?? 'anonymous' });
+      }
+    },
+  };
+
+  const yoga = createYoga<{ req?: IncomingMessage; ip?: string }, Context>({
+    schema: buildSchema(),
+    graphqlEndpoint: '/graphql',
+    landingPage: false,
+    graphiql: config.graphiql ? { title: 'Banter GraphiQL', subscriptionsProtocol: 'WS' } : false,
+    renderGraphiQL,
+    batching: false,
+    logging: {
+      debug: (...a) => log.debug({ yoga: a }),
+      info: (...a) => log.info({ yoga: a }),
+      warn: (...a) => log.warn({ yoga: a }),
+      error: (...a) => log.error({ yoga: a }),
+    },
+    maskedErrors: { maskError: createMaskError(log, metrics) },
+    plugins: [
+      EnvelopArmorPlugin({
+        maxDepth: { n: 12, ignoreIntrospection: true },
+        costLimit: { maxCost: 8000, ignoreIntrospection: true },
+        maxAliases: { n: 20 },
+        maxDirectives: { n: 30 },
+        maxTokens: { n: 3000 },
+        blockFieldSuggestion: { enabled: config.nodeEnv === 'production' },
+      }),
+      observe,
+    ],
+    context: async ({ request, req, ip }): Promise<Context> => {
+      const store = requestStore.getStore();
+      const header = request.headers.get('authorization');
+      let viewer: Context['viewer'] = null;
+      if (header) {
+        const m = /^Bearer\s+(\S+)$/i.exec(header);
+        viewer = await authenticate(deps, m ? m[1] : '');
+      }
+      return {
+        deps,
+        viewer,
+        requestId: store?.requestId ?? randomUUID(),
+        ip: ip ?? req?.socket.remoteAddress ?? 'unknown',
+      };
+    },
+  });
+
+  let inFlight = 0;
+  let drained: (() => void) | undefined;
+  let stopping = false;
+
+  async function readiness(): Promise<{ ok: boolean; checks: Record<string, string> }> {
+    const checks: Record<string, string> = {};
+    const probes: [string, () => Promise<unknown>][] = [['database', () => database.ping()]];
+    if (redis) probes.push(['redis', () => redis.ping()]);
+    await Promise.all(
+      probes.map(async ([name, fn]) => {
+        try {
+          await withTimeout(fn(), 2000, name);
+          checks[name] = 'ok';
+        } catch (err) {
+          checks[name] = `down: ${(err as Error).message}`;
+        }
+      }),
+    );
+    return { ok: Object.values(checks).every((v) => v === 'ok'), checks };
+  }
+
+  async function handle(req: IncomingMessage, res: ServerResponse) {
+    const started = process.hrtime.bigint();
+    const requestId = (req.headers['x-request-id'] as string | undefined)?.slice(0, 64) || randomUUID();
+    res.setHeader('x-request-id', requestId);
+    const path = (req.url ?? '/').split('?')[0];
+    const route = path === '/graphql' ? 'graphql' : path.startsWith('/admin') ? 'admin' : path;
+    const store = { requestId } as { requestId: string; retryAfter?: number };
+    res.on('finish', () => {
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      const r = ['graphql', 'admin', '/healthz', '/readyz', '/metrics'].includes(route) ? route : 'other';
+      metrics.requests.inc({ method: req.method ?? 'GET', route: r, status: String(res.statusCode) });
+      metrics.latency.observe({ route: r }, seconds);
+      log.debug(
+        { requestId, method: req.method, path, status: res.statusCode, ms: seconds * 1000 },
+        'request',
+      );
+    });
+    if (path === '/healthz') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{"status":"ok"}');
+      return;
+    }
+    if (path === '/readyz') {
+      const r = await readiness();
+      res
+        .writeHead(r.ok && !stopping ? 200 : 503, { 'content-type': 'application/json' })
+        .end(
+          JSON.stringify({ status: r.ok && !stopping ? 'ready' : 'unavailable', stopping, checks: r.checks }),
+        );
+      return;
+    }
+    if (path === '/metrics') {
+      res
+        .writeHead(200, { 'content-type': metrics.registry.contentType })
+        .end(await metrics.registry.metrics());
+      return;
+    }
+    if (path !== '/graphql') {
+      res.writeHead(404, { 'content-type': 'application/json' }).end('{"error":"not found"}');
+      return;
+    }
+    const len = Number(req.headers['content-length'] ?? 0);
+    if (len > config.maxBodyBytes) {
+      res.writeHead(413, { 'content-type': 'application/json', connection: 'close' });
+      res.end(
+        JSON.stringify({
+          errors: [
+            {
+              message: `Request body is larger than ${config.maxBodyBytes} bytes`,
+              extensions: { code: 'BAD_USER_INPUT' },
+            },
+          ],
+        }),
+      );
+      return;
+    }
+    if (req.method === 'POST' && req.headers['transfer-encoding'] && !req.headers['content-length']) {
+      res.writeHead(411, { 'content-type': 'application/json' });
+      res.end(
+        JSON.stringify({
+          errors: [{ message: 'Content-Length is required', extensions: { code: 'BAD_USER_INPUT' } }],
+        }),
+      );
+      return;
+    }
+    inFlight++;
+    try {
+      await requestStore.run(store, async () => {
+        const response = await yoga.handleNodeRequestAndResponse(req, res, { req });
+        const headers: Record<string, string> = {};
+        response.headers.forEach((v: string, k: string) => {
+          headers[k] = v;
+        });
+        if (store.retryAfter) headers['retry-after'] = String(store.retryAfter);
+        await sendResponse(res, response, headers);
+      });
+    } finally {
+      inFlight--;
+      if (inFlight === 0 && drained) drained();
+    }
+  }
+
+  async function sendResponse(res: ServerResponse, response: Response, headers: Record<string, string>) {
+    res.writeHead(response.status, headers);
+    if (!response.body) {
+      res.end();
+      return;
+    }
+    const reader = response.body.getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (!res.write(value)) await new Promise((r) => res.once('drain', r));
+    }
+    res.end();
+  }
+
+  let server: Server | undefined;
+  let stopped: Promise<void> | undefined;
+
+  const app: App = {
+    config,
+    deps,
+    log,
+    metrics,
+    fetch: (input, init, serverContext) =>
+      requestStore.run({ requestId: randomUUID() }, async () => {
+        const store = requestStore.getStore()!;
+        const res = await yoga.fetch(new URL(input, 'http://localhost'), init ?? {}, serverContext ?? {});
+        if (store.retryAfter) res.headers.set('retry-after', String(store.retryAfter));
+        return res;
+      }),
+    async start(port = config.port) {
+      await database.migrate();
+      server = createServer((req, res) => {
+        handle(req, res).catch((err) => {
+          log.error({ err }, 'request failed');
+          if (!res.headersSent) res.writeHead(500).end();
+          else res.end();
+        });
+      });
+      server.keepAliveTimeout = 65_000;
+      await new Promise<void>((resolve, reject) => {
+        server!.once('error', reject);
+        server!.listen(port, () => resolve());
+      });
+      const bound = (server.address() as AddressInfo).port;
+      log.info({ port: bound, database: database.kind, redis: !!redis }, 'banter api listening');
+      return bound;
+    },
+    stop() {
+      stopped ??= (async () => {
+        stopping = true;
+        if (server) {
+          const closed = new Promise<void>((r) => server!.close(() => r()));
+          server.closeIdleConnections();
+          if (inFlight > 0) {
+            await withTimeout(
+              new Promise<void>((r) => {
+                drained = r;
+              }),
+              10_000,
+              'in-flight requests',
+            ).catch((err) => log.warn({ err: err.message }, 'stopping with requests still in flight'));
+          }
+          server.closeAllConnections();
+          await closed;
+        }
+        await bus.close();
+        await rateLimiter.close();
+        if (redis) await redis.quit().catch(() => redis.disconnect());
+        await database.close();
+        log.info('banter api stopped');
+      })();
+      return stopped;
+    },
+  };
+  return app;
+}

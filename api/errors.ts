@@ -1,0 +1,54 @@
+import { GraphQLError } from 'graphql';
+import { BanterError } from '../core/errors.ts';
+import type { Logger } from './logger.ts';
+import type { Metrics } from './metrics.ts';
+import { requestStore } from './request-store.ts';
+
+function findBanterError(err: unknown): BanterError | undefined {
+  let e: unknown = err;
+  for (let i = 0; i < 5 && e; i++) {
+    if (e instanceof BanterError) return e;
+    e = e instanceof GraphQLError ? e.originalError : (e as { cause?: unknown }).cause;
+  }
+  return undefined;
+}
+
+/**
+ * Yoga's maskError: an error a client can act on becomes a GraphQL error with its code; anything
+ * else is logged with the request id and masked as INTERNAL_SERVER_ERROR.
+ */
+export function createMaskError(log: Logger, metrics: Metrics) {
+  return (error: unknown, message: string): Error => {
+    const store = requestStore.getStore();
+    const be = findBanterError(error);
+    const gql = error instanceof GraphQLError ? error : undefined;
+    if (be) {
+      metrics.errors.inc({ code: be.code });
+      if (be.code === 'RATE_LIMITED' && store) {
+        store.retryAfter = Math.max(store.retryAfter ?? 0, Number(be.extra.retryAfter) || 1);
+      }
+      return new GraphQLError(be.message, {
+        nodes: gql?.nodes,
+        path: gql?.path,
+        extensions: { code: be.code, ...be.extra },
+      });
+    }
+    if (gql && !gql.originalError) {
+      // Errors graphql-js made itself (validation, coercion): the client's fault, shown as they are.
+      const code = (gql.extensions?.code as string) ?? 'BAD_USER_INPUT';
+      metrics.errors.inc({ code });
+      return new GraphQLError(gql.message, {
+        nodes: gql.nodes,
+        path: gql.path,
+        extensions: { ...gql.extensions, code },
+      });
+    }
+    metrics.errors.inc({ code: 'INTERNAL_SERVER_ERROR' });
+    log.error({ err: gql?.originalError ?? error, path: gql?.path }, 'unexpected error');
+    return new GraphQLError(message, {
+      nodes: gql?.nodes,
+      path: gql?.path,
+      extensions: { code: 'INTERNAL_SERVER_ERROR', requestId: store?.requestId },
+    });
+  };
+}

@@ -1,0 +1,47 @@
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+import type { Database } from '../core/db/client.ts';
+
+/** One registry per app instance, so tests can build several apps in one process. */
+export function createMetrics(database: Database) {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry });
+  const requests = new Counter({
+    name: 'banter_http_requests_total',
+    help: 'HTTP requests by method, route and status',
+    labelNames: ['method', 'route', 'status'] as const,
+    registers: [registry],
+  });
+  const latency = new Histogram({
+    name: 'banter_http_request_duration_seconds',
+    help: 'HTTP request latency',
+    labelNames: ['route'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+    registers: [registry],
+  });
+  const operations = new Counter({
+    name: 'banter_graphql_operations_total',
+    help: 'GraphQL operations by type and name',
+    labelNames: ['type', 'name'] as const,
+    registers: [registry],
+  });
+  const errors = new Counter({
+    name: 'banter_graphql_errors_total',
+    help: 'GraphQL errors by extensions.code',
+    labelNames: ['code'] as const,
+    registers: [registry],
+  });
+  new Gauge({
+    name: 'banter_db_pool_connections',
+    help: 'Database pool connections by state',
+    labelNames: ['state'] as const,
+    registers: [registry],
+    collect() {
+      const s = database.poolStats();
+      this.set({ state: 'total' }, s.total);
+      this.set({ state: 'idle' }, s.idle);
+      this.set({ state: 'waiting' }, s.waiting);
+    },
+  });
+  return { registry, requests, latency, operations, errors };
+}
+export type Metrics = ReturnType<typeof createMetrics>;

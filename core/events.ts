@@ -1,0 +1,85 @@
+import type { Tx } from './db/client.ts';
+import { events } from './db/tables.ts';
+import type { Deps } from './deps.ts';
+import type { LoggedEventRef } from './ports/bus.ts';
+
+/** Every durable event type written to the event log. */
+export type EventType =
+  | 'MESSAGE_CREATED'
+  | 'MESSAGE_UPDATED'
+  | 'MESSAGE_DELETED'
+  | 'REACTION_ADDED'
+  | 'REACTION_REMOVED'
+  | 'MESSAGE_PINNED'
+  | 'MESSAGE_UNPINNED'
+  | 'CHANNEL_CREATED'
+  | 'CHANNEL_UPDATED'
+  | 'CHANNEL_DELETED'
+  | 'GUILD_UPDATED'
+  | 'GUILD_DELETED'
+  | 'MEMBER_JOINED'
+  | 'MEMBER_LEFT'
+  | 'MEMBER_UPDATED'
+  | 'MEMBER_KICKED'
+  | 'MEMBER_BANNED'
+  | 'ROLE_CREATED'
+  | 'ROLE_UPDATED'
+  | 'ROLE_DELETED'
+  | 'PERMISSIONS_CHANGED'
+  | 'READ_STATE_UPDATED'
+  | 'DIRECT_CHANNEL_CREATED'
+  | 'RELATIONSHIP_UPDATED';
+
+export interface NewEvent {
+  type: EventType;
+  guildId?: string | null;
+  channelId?: string | null;
+  /** set for events only this user may see */
+  userId?: string | null;
+  payload: Record<string, unknown>;
+}
+
+export interface EventWriter {
+  /** Appends a row to the event log inside the current transaction. */
+  append(e: NewEvent): Promise<void>;
+}
+
+/**
+ * Runs `fn` in one transaction with an event writer; after commit, rings the bus for the rows
+ * written. Nothing is announced for a transaction that rolls back.
+ */
+export async function transact<T>(deps: Deps, fn: (tx: Tx, log: EventWriter) => Promise<T>): Promise<T> {
+  const written: LoggedEventRef[] = [];
+  const result = await deps.db.transaction(async (tx) => {
+    const log: EventWriter = {
+      async append(e) {
+        const [row] = await tx
+          .insert(events)
+          .values({
+            type: e.type,
+            guildId: e.guildId ?? null,
+            channelId: e.channelId ?? null,
+            userId: e.userId ?? null,
+            payload: e.payload,
+          })
+          .returning({ seq: events.seq });
+        written.push({
+          seq: row.seq,
+          type: e.type,
+          guildId: e.guildId ?? null,
+          channelId: e.channelId ?? null,
+          userId: e.userId ?? null,
+        });
+      },
+    };
+    return fn(tx, log);
+  });
+  if (written.length) {
+    try {
+      await deps.bus.announce(written);
+    } catch (err) {
+      deps.log.warn({ err }, 'bus announce failed; subscribers will catch up from the log');
+    }
+  }
+  return result;
+}

@@ -1,0 +1,194 @@
+/**
+ * Loads what the permission functions need in one SQL statement, and answers "may this user do
+ * X here". Resolvers and event delivery go through these; nothing else computes permissions.
+ */
+import { sql } from 'drizzle-orm';
+import type { DbOrTx } from '../db/client.ts';
+import { forbidden, notFound } from '../errors.ts';
+import {
+  ALL_PERMISSIONS,
+  computeChannelPermissions,
+  computeGuildPermissions,
+  DM_PERMISSIONS,
+  type GuildPermissionInput,
+  has,
+  type OverwriteInfo,
+  type RoleInfo,
+} from '../permissions.ts';
+
+export interface ChannelRow {
+  id: string;
+  guildId: string | null;
+  type: string;
+  name: string | null;
+  topic: string | null;
+  parentId: string | null;
+  position: number;
+  slowmodeSeconds: number;
+  nsfw: boolean;
+  sourceMessageId: string | null;
+  ownerId: string | null;
+  createdAt: Date;
+}
+
+export interface GuildAccess {
+  guildId: string;
+  ownerId: string;
+  input: GuildPermissionInput;
+  permissions: bigint;
+}
+
+export interface ChannelAccess {
+  channel: ChannelRow;
+  /** null for DMs */
+  guild: GuildAccess | null;
+  permissions: bigint;
+  /** for DMs: the recipients' ids */
+  recipientIds: string[];
+}
+
+function rows<T>(r: unknown): T[] {
+  return (r as { rows: T[] }).rows;
+}
+
+const memberQuery = (userId: string, guildIdSql: ReturnType<typeof sql>) => sql`
+  (select g.owner_id from guilds g where g.id = ${guildIdSql}) as owner_id,
+  (select json_build_object('t', m.timeout_until) from members m
+     where m.guild_id = ${guildIdSql} and m.user_id = ${userId}) as member,
+  (select coalesce(json_agg(json_build_object('id', r.id, 'p', r.permissions::text, 'pos', r.position, 'e', r.is_everyone)), '[]'::json)
+     from roles r where r.guild_id = ${guildIdSql} and (r.is_everyone or r.id in
+       (select mr.role_id from member_roles mr where mr.guild_id = ${guildIdSql} and mr.user_id = ${userId}))) as roles`;
+
+interface MemberCols {
+  owner_id: string | null;
+  member: { t: string | null } | null;
+  roles: { id: string; p: string; pos: number; e: boolean }[];
+}
+
+function guildInput(userId: string, r: MemberCols, now: Date): GuildPermissionInput {
+  return {
+    userId,
+    ownerId: r.owner_id ?? '',
+    isMember: r.member !== null,
+    timeoutUntil: r.member?.t ? new Date(r.member.t) : null,
+    now,
+    roles: r.roles.map(
+      (x): RoleInfo => ({ id: x.id, permissions: BigInt(x.p), position: x.pos, isEveryone: x.e }),
+    ),
+  };
+}
+
+/** The viewer's access to a guild, or null when the guild does not exist. */
+export async function loadGuildAccess(
+  db: DbOrTx,
+  userId: string,
+  guildId: string,
+  now = new Date(),
+): Promise<GuildAccess | null> {
+  const r = rows<MemberCols>(await db.execute(sql`select ${memberQuery(userId, sql`${guildId}::uuid`)}`))[0];
+  if (!r?.owner_id) return null;
+  const input = guildInput(userId, r, now);
+  return { guildId, ownerId: r.owner_id, input, permissions: computeGuildPermissions(input) };
+}
+
+/**
+ * The viewer's access to a channel, or null when it does not exist. Overwrites come from the
+ * channel, its parent and its grandparent (thread → text channel → category), outermost first.
+ */
+export async function loadChannelAccess(
+  db: DbOrTx,
+  userId: string,
+  channelId: string,
+  now = new Date(),
+): Promise<ChannelAccess | null> {
+  type Row = MemberCols & {
+    c: Record<string, unknown>;
+    ow: { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string }[];
+    chain: string[];
+    rcp: string[] | null;
+  };
+  const r = rows<Row>(
+    await db.execute(sql`
+      with c as (select * from channels where id = ${channelId}::uuid),
+      chain as (
+        select c.id, 0 as depth from c
+        union all select p.id, 1 from c join channels p on p.id = c.parent_id
+        union all select gp.id, 2 from c join channels p on p.id = c.parent_id join channels gp on gp.id = p.parent_id
+      )
+      select row_to_json(c.*) as c,
+        (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
+            'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
+          from permission_overwrites o where o.channel_id in (select id from chain)) as ow,
+        (select coalesce(json_agg(id order by depth desc), '[]'::json) from chain) as chain,
+        (select json_agg(cr.user_id) from channel_recipients cr where cr.channel_id = c.id) as rcp,
+        ${memberQuery(userId, sql`c.guild_id`)}
+      from c`),
+  )[0];
+  if (!r) return null;
+  const c = r.c;
+  const channel: ChannelRow = {
+    id: c.id as string,
+    guildId: (c.guild_id as string) ?? null,
+    type: c.type as string,
+    name: (c.name as string) ?? null,
+    topic: (c.topic as string) ?? null,
+    parentId: (c.parent_id as string) ?? null,
+    position: c.position as number,
+    slowmodeSeconds: c.slowmode_seconds as number,
+    nsfw: c.nsfw as boolean,
+    sourceMessageId: (c.source_message_id as string) ?? null,
+    ownerId: (c.owner_id as string) ?? null,
+    createdAt: new Date(c.created_at as string),
+  };
+  const recipientIds = r.rcp ?? [];
+  if (!channel.guildId) {
+    const permissions = recipientIds.includes(userId) ? DM_PERMISSIONS : 0n;
+    return { channel, guild: null, permissions, recipientIds };
+  }
+  const input = guildInput(userId, r, now);
+  const levels: OverwriteInfo[][] = r.chain.map((id) =>
+    r.ow
+      .filter((o) => o.c === id)
+      .map((o) => ({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) })),
+  );
+  const guild: GuildAccess = {
+    guildId: channel.guildId,
+    ownerId: input.ownerId,
+    input,
+    permissions: computeGuildPermissions(input),
+  };
+  return { channel, guild, permissions: computeChannelPermissions(input, levels), recipientIds };
+}
+
+/**
+ * Access to a channel the viewer must be able to see: NOT_FOUND when it does not exist or is
+ * hidden (never reveal it), FORBIDDEN when visible but `need` is missing.
+ */
+export async function requireChannel(
+  db: DbOrTx,
+  userId: string,
+  channelId: string,
+  need = 0n,
+  now = new Date(),
+): Promise<ChannelAccess> {
+  const a = await loadChannelAccess(db, userId, channelId, now);
+  if (!a || a.permissions === 0n) throw notFound('Channel');
+  if (need && !has(a.permissions, need)) throw forbidden();
+  return a;
+}
+
+/** Access to a guild the viewer is a member of (NOT_FOUND for strangers), with `need` checked. */
+export async function requireGuild(
+  db: DbOrTx,
+  userId: string,
+  guildId: string,
+  need = 0n,
+  now = new Date(),
+): Promise<GuildAccess> {
+  const a = await loadGuildAccess(db, userId, guildId, now);
+  if (!a?.input.isMember) throw notFound('Guild');
+  if (need && !has(a.permissions, need)) throw forbidden();
+  return a;
+}
+
+export { ALL_PERMISSIONS };

@@ -1,0 +1,12 @@
+/** Imports every type file (each adds itself to the builder), then builds the schema. */
+import { builder } from './builder.ts';
+import './server-info.ts';
+import './user.ts';
+
+let built: ReturnType<typeof builder.toSchema> | undefined;
+
+/** The schema is built once per process: building is pure, and Pothos refuses to build twice. */
+export function buildSchema() {
+  built ??= builder.toSchema({ sortSchema: true });
+  return built;
+}

@@ -1,0 +1,152 @@
+import { and, eq, isNull, sql } from 'drizzle-orm';
+import { z } from 'zod';
+import { users } from '../core/db/tables.ts';
+import { notFound } from '../core/errors.ts';
+import * as auth from '../core/services/auth.service.ts';
+import { builder, decodeId, requireViewer } from './builder.ts';
+import { limit } from './limits.ts';
+
+export type UserRow = typeof users.$inferSelect;
+
+export const UserRef = builder.loadableNodeRef<UserRow, string, string>('User', {
+  id: { resolve: (u) => u.id },
+  load: async (ids, ctx) => {
+    const rows = await ctx.deps.db.select().from(users).where(sql`${users.id} in ${ids}`);
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    return ids.map((id) => byId.get(id) ?? notFound('User'));
+  },
+});
+
+UserRef.implement({
+  fields: (t) => ({
+    username: t.exposeString('username'),
+    displayName: t.exposeString('displayName', { nullable: true }),
+    bio: t.exposeString('bio', { nullable: true }),
+    avatarUrl: t.exposeString('avatarUrl', { nullable: true }),
+    isAdmin: t.exposeBoolean('isAdmin'),
+    isBot: t.exposeBoolean('isBot'),
+    deactivated: t.boolean({ resolve: (u) => !!u.deactivatedAt }),
+    createdAt: t.expose('createdAt', { type: 'DateTime' }),
+  }),
+});
+
+const SessionRef = builder.objectRef<{
+  id: string;
+  deviceName: string | null;
+  createdAt: Date;
+  lastUsedAt: Date;
+  ip: string | null;
+}>('Session');
+SessionRef.implement({
+  description: 'A signed-in device',
+  fields: (t) => ({
+    id: t.string({ resolve: (s) => s.id }),
+    deviceName: t.exposeString('deviceName', { nullable: true }),
+    createdAt: t.expose('createdAt', { type: 'DateTime' }),
+    lastUsedAt: t.expose('lastUsedAt', { type: 'DateTime' }),
+    current: t.boolean({ resolve: (s, _a, ctx) => s.id === ctx.viewer?.sessionId }),
+  }),
+});
+
+/** The signed-in user and what hangs off it; other files add fields with builder.objectField. */
+export const ViewerRef = builder.objectRef<{ userId: string }>('Viewer');
+ViewerRef.implement({
+  fields: (t) => ({
+    user: t.field({ type: UserRef, resolve: (v) => v.userId }),
+    sessions: t.field({
+      type: [SessionRef],
+      resolve: (_v, _a, ctx) => auth.listSessions(ctx.deps, requireViewer(ctx)),
+    }),
+  }),
+});
+
+builder.queryField('viewer', (t) =>
+  t.field({
+    type: ViewerRef,
+    nullable: true,
+    description: 'The signed-in user; null when not signed in.',
+    resolve: (_r, _a, ctx) => (ctx.viewer ? { userId: ctx.viewer.userId } : null),
+  }),
+);
+
+const AuthPayload = builder.objectRef<auth.AuthResult>('AuthPayload');
+AuthPayload.implement({
+  fields: (t) => ({
+    accessToken: t.exposeString('accessToken'),
+    refreshToken: t.exposeString('refreshToken'),
+    user: t.field({ type: UserRef, resolve: (r) => r.userId }),
+  }),
+});
+
+const RegisterInput = builder.inputType('RegisterInput', {
+  fields: (t) => ({
+    username: t.string({ required: true }),
+    email: t.string({ required: true }),
+    password: t.string({ required: true }),
+    deviceName: t.string({ validate: z.string().max(100) }),
+  }),
+});
+const LoginInput = builder.inputType('LoginInput', {
+  fields: (t) => ({
+    login: t.string({ required: true, description: 'username or email' }),
+    password: t.string({ required: true, validate: z.string().max(256) }),
+    deviceName: t.string({ validate: z.string().max(100) }),
+  }),
+});
+
+builder.mutationFields((t) => ({
+  register: t.field({
+    type: AuthPayload,
+    args: { input: t.arg({ type: RegisterInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      await limit(ctx, 'register');
+      return auth.register(ctx.deps, input, ctx.ip);
+    },
+  }),
+  login: t.field({
+    type: AuthPayload,
+    args: { input: t.arg({ type: LoginInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      await limit(ctx, 'login', input.login.trim().toLowerCase());
+      return auth.login(ctx.deps, input, ctx.ip);
+    },
+  }),
+  refreshSession: t.field({
+    type: AuthPayload,
+    args: { refreshToken: t.arg.string({ required: true, validate: z.string().max(200) }) },
+    resolve: async (_r, { refreshToken }, ctx) => {
+      await limit(ctx, 'refresh');
+      return auth.refreshSession(ctx.deps, refreshToken);
+    },
+  }),
+  logout: t.boolean({
+    resolve: async (_r, _a, ctx) => {
+      await auth.logout(ctx.deps, requireViewer(ctx));
+      return true;
+    },
+  }),
+  revokeSession: t.boolean({
+    args: { id: t.arg.string({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      await auth.revokeSession(ctx.deps, requireViewer(ctx), id);
+      return true;
+    },
+  }),
+}));
+
+builder.queryField('user', (t) =>
+  t.field({
+    type: UserRef,
+    args: { id: t.arg.id({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      requireViewer(ctx);
+      const uid = decodeId(id, 'User');
+      const [u] = await ctx.deps.db
+        .select()
+        .from(users)
+        .where(and(eq(users.id, uid), isNull(users.deactivatedAt)));
+      if (!u) throw notFound('User');
+      return u;
+    },
+  }),
+);
