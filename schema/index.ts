@@ -2,6 +2,20 @@
 import { builder } from './builder.ts';
 import './server-info.ts';
 import './user.ts';
+import './relationship.ts';
+import './guild.ts';
+import './channel.ts';
+import './direct.ts';
+import './member.ts';
+import './role.ts';
+import './invite.ts';
+import './moderation.ts';
+import './report.ts';
+import './message.ts';
+import './reaction.ts';
+import './pin.ts';
+import './read-state.ts';
+import './events.ts';
 
 let built: ReturnType<typeof builder.toSchema> | undefined;
 

@@ -1,0 +1,87 @@
+import { z } from 'zod';
+import { notFound } from '../core/errors.ts';
+import { requireChannel } from '../core/services/access.service.ts';
+import * as channelService from '../core/services/channel.service.ts';
+import { builder, decodeId, requireViewer } from './builder.ts';
+import { GuildRef } from './guild.ts';
+import { limit } from './limits.ts';
+
+export const ChannelType = builder.enumType('ChannelType', {
+  values: ['TEXT', 'VOICE', 'ANNOUNCEMENT', 'CATEGORY', 'DM', 'GROUP_DM', 'THREAD'] as const,
+});
+
+/**
+ * Channels load without a permission check: every path that reaches one (a query by id, a
+ * guild's channel list, a message) has checked visibility first.
+ */
+export const ChannelRef = builder.loadableNodeRef<channelService.ChannelRowFull, string, string>('Channel', {
+  id: { resolve: (c) => c.id },
+  load: async (ids, ctx) => {
+    const rows = await channelService.channelsByIds(ctx.deps, ids);
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    return ids.map((id) => byId.get(id) ?? notFound('Channel'));
+  },
+});
+
+ChannelRef.implement({
+  fields: (t) => ({
+    type: t.field({ type: ChannelType, resolve: (c) => c.type as 'TEXT' }),
+    name: t.exposeString('name', { nullable: true }),
+    topic: t.exposeString('topic', { nullable: true }),
+    position: t.exposeInt('position'),
+    slowmodeSeconds: t.exposeInt('slowmodeSeconds'),
+    nsfw: t.exposeBoolean('nsfw'),
+    createdAt: t.expose('createdAt', { type: 'DateTime' }),
+    guild: t.field({ type: GuildRef, nullable: true, resolve: (c) => c.guildId }),
+    parent: t.field({ type: ChannelRef, nullable: true, resolve: (c) => c.parentId }),
+  }),
+});
+
+builder.objectField(GuildRef, 'channels', (t) =>
+  t.field({
+    type: [ChannelRef],
+    description: 'The channels (and categories) the viewer can see, in position order',
+    resolve: (g, _a, ctx) => channelService.visibleGuildChannels(ctx.deps, requireViewer(ctx), g.id),
+  }),
+);
+
+builder.queryField('channel', (t) =>
+  t.field({
+    type: ChannelRef,
+    args: { id: t.arg.id({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      const v = requireViewer(ctx);
+      const a = await requireChannel(ctx.deps.db, v.userId, decodeId(id, 'Channel'), 0n, ctx.deps.now());
+      return a.channel.id;
+    },
+  }),
+);
+
+const CreateChannelInput = builder.inputType('CreateChannelInput', {
+  fields: (t) => ({
+    guildId: t.id({ required: true }),
+    name: t.string({ required: true, validate: z.string().max(1000) }),
+    type: t.field({ type: ChannelType, required: true }),
+    topic: t.string({ validate: z.string().max(10_000) }),
+    parentId: t.id(),
+    position: t.int({ validate: z.number().int().min(0).max(10_000) }),
+    slowmodeSeconds: t.int(),
+    nsfw: t.boolean(),
+  }),
+});
+
+builder.mutationField('createChannel', (t) =>
+  t.field({
+    type: ChannelRef,
+    args: { input: t.arg({ type: CreateChannelInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return channelService.createChannel(ctx.deps, v, {
+        ...input,
+        guildId: decodeId(input.guildId, 'Guild', 'guildId'),
+        parentId: input.parentId ? decodeId(input.parentId, 'Channel', 'parentId') : null,
+      });
+    },
+  }),
+);

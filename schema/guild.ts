@@ -1,0 +1,59 @@
+import { sql } from 'drizzle-orm';
+import { z } from 'zod';
+import { guilds } from '../core/db/tables.ts';
+import { notFound } from '../core/errors.ts';
+import { requireGuild } from '../core/services/access.service.ts';
+import * as guildService from '../core/services/guild.service.ts';
+import { builder, decodeId, requireViewer } from './builder.ts';
+import { limit } from './limits.ts';
+import { UserRef } from './user.ts';
+
+export const GuildRef = builder.loadableNodeRef<guildService.GuildRow, string, string>('Guild', {
+  id: { resolve: (g) => g.id },
+  load: async (ids, ctx) => {
+    const rows = await ctx.deps.db.select().from(guilds).where(sql`${guilds.id} in ${ids}`);
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    return ids.map((id) => byId.get(id) ?? notFound('Guild'));
+  },
+});
+
+GuildRef.implement({
+  fields: (t) => ({
+    name: t.exposeString('name'),
+    description: t.exposeString('description', { nullable: true }),
+    iconUrl: t.exposeString('iconUrl', { nullable: true }),
+    owner: t.field({ type: UserRef, resolve: (g) => g.ownerId }),
+    createdAt: t.expose('createdAt', { type: 'DateTime' }),
+  }),
+});
+
+builder.queryField('guild', (t) =>
+  t.field({
+    type: GuildRef,
+    args: { id: t.arg.id({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      const v = requireViewer(ctx);
+      const gid = decodeId(id, 'Guild');
+      await requireGuild(ctx.deps.db, v.userId, gid);
+      const g = await guildService.getGuild(ctx.deps, gid);
+      if (!g) throw notFound('Guild');
+      return g;
+    },
+  }),
+);
+
+const CreateGuildInput = builder.inputType('CreateGuildInput', {
+  fields: (t) => ({ name: t.string({ required: true, validate: z.string().max(1000) }) }),
+});
+
+builder.mutationField('createGuild', (t) =>
+  t.field({
+    type: GuildRef,
+    args: { input: t.arg({ type: CreateGuildInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return guildService.createGuild(ctx.deps, v, input);
+    },
+  }),
+);

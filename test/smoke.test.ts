@@ -1,0 +1,63 @@
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { createTestApp, fails, ok, signUp, type TestApp } from './helpers.ts';
+
+let app: TestApp;
+before(async () => {
+  app = await createTestApp();
+});
+after(() => app.destroy());
+
+it('creates a guild with #general, and a stranger cannot see it', async () => {
+  const owner = await signUp(app);
+  const stranger = await signUp(app);
+  const g = await ok(
+    app,
+    `mutation { createGuild(input: { name: "Cats" }) { id name owner { id } channels { id name type } } }`,
+    {},
+    owner.token,
+  );
+  assert.equal(g.createGuild.name, 'Cats');
+  assert.equal(g.createGuild.owner.id, owner.id);
+  assert.deepEqual(
+    g.createGuild.channels.map((c: any) => c.name),
+    ['general'],
+  );
+  const c = await ok(
+    app,
+    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "memes", type: TEXT }) { id name guild { id } } }`,
+    { g: g.createGuild.id },
+    owner.token,
+  );
+  assert.equal(c.createChannel.guild.id, g.createGuild.id);
+  await fails(
+    app,
+    'NOT_FOUND',
+    `query($id: ID!) { guild(id: $id) { id } }`,
+    { id: g.createGuild.id },
+    stranger.token,
+  );
+  await fails(
+    app,
+    'NOT_FOUND',
+    `query($id: ID!) { channel(id: $id) { id } }`,
+    { id: c.createChannel.id },
+    stranger.token,
+  );
+  await fails(
+    app,
+    'BAD_USER_INPUT',
+    `query($id: ID!) { channel(id: $id) { id } }`,
+    { id: g.createGuild.id },
+    owner.token,
+  );
+  await fails(
+    app,
+    'BAD_USER_INPUT',
+    `query($id: ID!) { channel(id: $id) { id } }`,
+    { id: 'nope' },
+    owner.token,
+  );
+  const info = await ok(app, '{ serverInfo { name version features } }');
+  assert.equal(info.serverInfo.name, 'Banter');
+});
