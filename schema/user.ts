@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { users } from '../core/db/tables.ts';
 import { notFound } from '../core/errors.ts';
 import * as auth from '../core/services/auth.service.ts';
+import * as userService from '../core/services/user.service.ts';
 import { builder, decodeId, requireViewer } from './builder.ts';
 import { limit } from './limits.ts';
 
@@ -148,5 +149,63 @@ builder.queryField('user', (t) =>
       if (!u) throw notFound('User');
       return u;
     },
+  }),
+);
+
+const UpdateProfileInput = builder.inputType('UpdateProfileInput', {
+  description: 'Omitted fields stay as they are; null clears a field.',
+  fields: (t) => ({
+    displayName: t.string({ description: '1-32 characters after trimming' }),
+    bio: t.string({ description: 'at most 190 characters' }),
+    avatarUrl: t.string({ description: 'an http(s) URL of at most 2048 characters' }),
+  }),
+});
+
+builder.mutationFields((t) => ({
+  updateProfile: t.field({
+    type: UserRef,
+    args: { input: t.arg({ type: UpdateProfileInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return userService.updateProfile(ctx.deps, v, input);
+    },
+  }),
+  changeUsername: t.field({
+    type: UserRef,
+    description: 'CONFLICT when another account has it (case-insensitively).',
+    args: { username: t.arg.string({ required: true, validate: z.string().max(1000) }) },
+    resolve: async (_r, { username }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return userService.changeUsername(ctx.deps, v, username);
+    },
+  }),
+  deactivateAccount: t.boolean({
+    description:
+      'Signs out every session and hides the account. A wrong password answers FORBIDDEN (the session stays valid).',
+    args: { password: t.arg.string({ required: true, validate: z.string().max(256) }) },
+    resolve: async (_r, { password }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      // Shares login's per-account budget: both guess the same password.
+      await limit(ctx, 'login', `deactivate:${v.userId}`);
+      await userService.deactivateAccount(ctx.deps, v, password);
+      return true;
+    },
+  }),
+}));
+
+builder.queryField('searchUsers', (t) =>
+  t.field({
+    type: [UserRef],
+    description:
+      'Active users whose username starts with `prefix` (case-insensitive, 1-32 characters), in username order; `first` defaults to 10 and is capped at 25.',
+    args: {
+      prefix: t.arg.string({ required: true, validate: z.string().max(1000) }),
+      first: t.arg.int(),
+    },
+    resolve: (_r, { prefix, first }, ctx) =>
+      userService.searchUsers(ctx.deps, requireViewer(ctx), prefix, first),
   }),
 );
