@@ -6,7 +6,6 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { EnvelopArmorPlugin } from '@escape.tech/graphql-armor';
 import { renderGraphiQL } from '@graphql-yoga/render-graphiql';
 import { createYoga, type Plugin } from 'graphql-yoga';
 import { Redis } from 'ioredis';
@@ -20,6 +19,7 @@ import {
 } from '../core/ports/rate-limit.ts';
 import type { Context } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
+import { armorPlugins } from './armor.ts';
 import type { Config } from './config.ts';
 import { createMaskError } from './errors.ts';
 import { createLogger, type Logger } from './logger.ts';
@@ -122,17 +122,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
       error: (...a) => log.error({ yoga: a }),
     },
     maskedErrors: { maskError: createMaskError(log, metrics) },
-    plugins: [
-      EnvelopArmorPlugin({
-        maxDepth: { n: 12, ignoreIntrospection: true },
-        costLimit: { maxCost: 8000, ignoreIntrospection: true },
-        maxAliases: { n: 20 },
-        maxDirectives: { n: 30 },
-        maxTokens: { n: 3000 },
-        blockFieldSuggestion: { enabled: config.nodeEnv === 'production' },
-      }),
-      observe,
-    ],
+    plugins: [...armorPlugins({ production: config.nodeEnv === 'production' }), observe],
     context: async ({ request, req, ip }): Promise<Context> => {
       const store = requestStore.getStore();
       const header = request.headers.get('authorization');

@@ -1,0 +1,122 @@
+/**
+ * Query abuse limits, applied before execution. The numbers admit GraphiQL's introspection query
+ * and any query a client writes by hand; tests in test/api.test.ts pin both sides.
+ */
+import { EnvelopArmorPlugin } from '@escape.tech/graphql-armor';
+import {
+  type ASTNode,
+  type FragmentDefinitionNode,
+  GraphQLError,
+  Kind,
+  type SelectionSetNode,
+  type ValidationContext,
+  type ValidationRule,
+} from 'graphql';
+import type { Plugin } from 'graphql-yoga';
+
+export const ARMOR_LIMITS = {
+  /** Selection depth outside introspection. */
+  maxDepth: 12,
+  /** graphql-armor's cost (objects 2, scalars 1, times 1.5 per level). */
+  maxCost: 8000,
+  maxAliases: 20,
+  maxDirectives: 30,
+  /** GraphiQL's introspection query is about 190 tokens. */
+  maxTokens: 3000,
+  /**
+   * Nested list fields inside `__schema`/`__type` (types > fields > args is 3). Armor skips
+   * introspection for depth and cost, and `fields { type { fields { type ... } } }` grows the
+   * response exponentially with each level, so this bounds it separately.
+   */
+  maxIntrospectionLists: 3,
+} as const;
+
+const INTROSPECTION_LISTS = new Set([
+  'types',
+  'fields',
+  'inputFields',
+  'interfaces',
+  'possibleTypes',
+  'enumValues',
+  'args',
+  'directives',
+]);
+
+function introspectionDepthRule(max: number): ValidationRule {
+  return (context) => {
+    const fragments = new Map<string, FragmentDefinitionNode>();
+    for (const d of context.getDocument().definitions) {
+      if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
+    }
+    // Deepest list nesting below `set`; `inside` once under __schema/__type. Fragment spreads are
+    // followed but not re-entered on one path (cycles are rejected by another rule, possibly later).
+    const walk = (set: SelectionSetNode, inside: boolean, seen: Set<string>): number => {
+      let deepest = 0;
+      for (const s of set.selections) {
+        let d = 0;
+        if (s.kind === Kind.FIELD) {
+          const name = s.name.value;
+          const now = inside || name === '__schema' || name === '__type';
+          const own = now && INTROSPECTION_LISTS.has(name) ? 1 : 0;
+          d = own + (s.selectionSet ? walk(s.selectionSet, now, seen) : 0);
+        } else if (s.kind === Kind.INLINE_FRAGMENT) {
+          d = walk(s.selectionSet, inside, seen);
+        } else {
+          const f = fragments.get(s.name.value);
+          if (f && !seen.has(f.name.value)) {
+            d = walk(f.selectionSet, inside, new Set(seen).add(f.name.value));
+          }
+        }
+        if (d > deepest) deepest = d;
+        if (deepest > max) return deepest;
+      }
+      return deepest;
+    };
+    return {
+      OperationDefinition(node) {
+        const depth = walk(node.selectionSet, false, new Set());
+        if (depth > max) {
+          context.reportError(
+            new GraphQLError(`Introspection nests lists ${depth} deep; at most ${max} are allowed.`, {
+              nodes: [node as ASTNode],
+              extensions: { code: 'BAD_USER_INPUT' },
+            }),
+          );
+        }
+      },
+    };
+  };
+}
+
+/** The armor plugins for yoga (and any other envelop, such as the WebSocket server's). */
+export function armorPlugins(opts: { production: boolean }): Plugin[] {
+  const L = ARMOR_LIMITS;
+  // Armor throws from inside validation by default, which reaches the client as an execution
+  // error (HTTP 200). Reported as validation errors they answer 400 like any invalid query.
+  const report = {
+    propagateOnRejection: false,
+    onReject: [
+      (ctx: ValidationContext | null, err: GraphQLError) =>
+        ctx?.reportError(
+          new GraphQLError(err.message.replace(/^Syntax Error: /, ''), {
+            extensions: { code: 'BAD_USER_INPUT' },
+          }),
+        ),
+    ],
+  };
+  return [
+    EnvelopArmorPlugin({
+      maxDepth: { n: L.maxDepth, ignoreIntrospection: true, ...report },
+      costLimit: { maxCost: L.maxCost, ignoreIntrospection: true, ...report },
+      maxAliases: { n: L.maxAliases, ...report },
+      maxDirectives: { n: L.maxDirectives, ...report },
+      maxTokens: { n: L.maxTokens },
+      blockFieldSuggestion: { enabled: opts.production },
+    }) as Plugin,
+    {
+      onValidate({ addValidationRule }) {
+        addValidationRule(introspectionDepthRule(L.maxIntrospectionLists));
+      },
+    },
+  ];
+}

@@ -1,0 +1,219 @@
+/**
+ * The API's operational surface: abuse limits, GraphQL over HTTP, health, readiness, metrics.
+ * Logs and request ids are in test/logs.test.ts; rate limits in test/limits.test.ts.
+ */
+import assert from 'node:assert/strict';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { after, before, describe, it } from 'node:test';
+import { getIntrospectionQuery } from 'graphql';
+import { ARMOR_LIMITS } from '../api/armor.ts';
+import { createTestApp, gql, signUp, type TestApp } from './helpers.ts';
+
+let app: TestApp;
+let base: string;
+before(async () => {
+  app = await createTestApp();
+  base = `http://127.0.0.1:${await app.start(0)}`;
+});
+after(() => app.destroy());
+
+const post = (body: unknown, headers: Record<string, string> = {}) =>
+  fetch(`${base}/graphql`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', accept: 'application/graphql-response+json', ...headers },
+    body: typeof body === 'string' ? body : JSON.stringify(body),
+  });
+
+/** Asserts a 4xx-class GraphQL refusal: an error with a code and no data. */
+async function refused(query: string, code = 'BAD_USER_INPUT', match?: RegExp) {
+  const r = await gql(app, query);
+  assert.ok(r.errors?.length, `expected errors for ${query.slice(0, 80)}`);
+  assert.ok(r.status >= 400 && r.status < 500, `status ${r.status}`);
+  assert.equal(r.data ?? undefined, undefined);
+  assert.equal(r.errors![0].extensions?.code, code, JSON.stringify(r.errors));
+  if (match) assert.match(r.errors![0].message, match);
+  return r;
+}
+
+/** `{ __type { fields { type { fields ... } } } }`: n nested `fields` lists. */
+const nested = (n: number) =>
+  `{ __type(name: "Query") { ${'fields { type { '.repeat(n)} name ${'} } '.repeat(n)} } }`;
+
+/** guild > channels > guild > ...: depth 2 + 2k. */
+const deepGuild = (k: number) =>
+  `{ guild(id: "x") { ${'channels { guild { '.repeat(k)} id ${'} } '.repeat(k)} } }`;
+
+describe('abuse limits', () => {
+  it("admits GraphiQL's introspection query and ordinary queries", async () => {
+    const full = getIntrospectionQuery({
+      descriptions: true,
+      specifiedByUrl: true,
+      directiveIsRepeatable: true,
+      schemaDescription: true,
+      inputValueDeprecation: true,
+      oneOf: true,
+    });
+    const r = await gql(app, full);
+    assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+    assert.ok(r.data.__schema.types.length > 10);
+    const u = await signUp(app);
+    const q = await gql(
+      app,
+      `query Home { viewer { user { id username displayName avatarUrl } sessions { id current } }
+        serverInfo { name version } }`,
+      {},
+      { token: u.token },
+    );
+    assert.equal(q.errors, undefined, JSON.stringify(q.errors));
+  });
+
+  it('refuses a query deeper than the depth limit', async () => {
+    const within = await gql(app, deepGuild(4));
+    assert.equal(within.status, 200, JSON.stringify(within.errors));
+    await refused(deepGuild(ARMOR_LIMITS.maxDepth / 2), 'BAD_USER_INPUT', /depth limit/i);
+  });
+
+  it('refuses too many aliases, directives and tokens, and costly queries', async () => {
+    const aliases = Array.from(
+      { length: ARMOR_LIMITS.maxAliases + 1 },
+      (_, i) => `a${i}: serverInfo { name }`,
+    ).join(' ');
+    await refused(`{ ${aliases} }`, 'BAD_USER_INPUT', /alias/i);
+    const directives = '@include(if: true) '.repeat(ARMOR_LIMITS.maxDirectives + 1);
+    await refused(`{ __typename ${directives} }`, 'BAD_USER_INPUT', /directive/i);
+    const tokens = '__typename '.repeat(ARMOR_LIMITS.maxTokens + 1);
+    await refused(`{ ${tokens} }`, 'GRAPHQL_PARSE_FAILED', /token/i);
+    // Within every other limit, but broad at each level: cost multiplies.
+    const wide = 'id name topic type';
+    const level = (inner: string) => `channels { ${wide} guild { id name ${inner} } }`;
+    const costly = `{ ${Array.from({ length: 19 }, (_, i) => `g${i}: guild(id: "x") { ${level(level(level(level('id'))))} }`).join(' ')} }`;
+    await refused(costly, 'BAD_USER_INPUT', /cost/i);
+  });
+
+  it('refuses introspection that nests type lists (exponential responses)', async () => {
+    const r = await refused(
+      nested(ARMOR_LIMITS.maxIntrospectionLists + 1),
+      'BAD_USER_INPUT',
+      /Introspection nests lists/,
+    );
+    assert.ok(r.errors);
+    // Through fragments too.
+    await refused(
+      `{ __schema { ...T } } fragment T on __Schema { types { fields { type { ...F } } } }
+       fragment F on __Type { fields { type { fields { name } } } }`,
+      'BAD_USER_INPUT',
+      /Introspection nests lists/,
+    );
+  });
+
+  it('refuses batched (array) bodies', async () => {
+    const res = await post([{ query: '{ __typename }' }, { query: '{ __typename }' }]);
+    assert.ok(res.status >= 400 && res.status < 500, `status ${res.status}`);
+    const body = (await res.json()) as { errors?: unknown[] };
+    assert.ok(body.errors?.length);
+  });
+
+  it('answers 413 to a body over MAX_BODY_BYTES, and the server stays up', async () => {
+    const big = JSON.stringify({
+      query: `{ __typename }`,
+      variables: { s: 'x'.repeat(app.config.maxBodyBytes) },
+    });
+    const res = await post(big);
+    assert.equal(res.status, 413);
+    const body = (await res.json()) as { errors: { extensions: { code: string } }[] };
+    assert.equal(body.errors[0].extensions.code, 'BAD_USER_INPUT');
+    assert.equal((await fetch(`${base}/healthz`)).status, 200);
+  });
+
+  it('hostile queries get errors, never a crash or a stalled event loop', async () => {
+    const h = monitorEventLoopDelay({ resolution: 10 });
+    h.enable();
+    const hostile = [
+      // deeply nested selections
+      `{ ${'viewer { '.repeat(5000)}${'}'.repeat(5000)} }`,
+      // huge alias fan-out
+      `{ ${Array.from({ length: 20000 }, (_, i) => `a${i}: serverInfo { name }`).join(' ')} }`,
+      // a ~1 MB string literal (just under the body cap)
+      `{ guild(id: "${'x'.repeat(1_000_000)}") { id } }`,
+      // many fragments
+      `{ ...F0 } ${Array.from({ length: 5000 }, (_, i) => `fragment F${i} on Query { ...F${i + 1} __typename }`).join(' ')} fragment F5000 on Query { __typename }`,
+      // fragment cycle
+      `{ ...A } fragment A on Query { ...B } fragment B on Query { ...A }`,
+      // unbalanced garbage
+      '{'.repeat(200_000),
+    ];
+    for (const q of hostile) {
+      const res = await post({ query: q });
+      // 4xx when refused before execution; the 1 MB id reaches its resolver and fails there (200).
+      assert.ok(res.status < 500, `status ${res.status} for ${q.slice(0, 40)}`);
+      const body = (await res.json()) as { errors?: { extensions?: { code?: string } }[] };
+      assert.ok(body.errors?.length, q.slice(0, 40));
+      assert.ok(body.errors![0].extensions?.code, JSON.stringify(body.errors![0]).slice(0, 200));
+    }
+    h.disable();
+    const maxMs = h.max / 1e6;
+    assert.ok(maxMs < 1000, `event loop stalled for ${maxMs.toFixed(0)} ms`);
+    assert.equal((await fetch(`${base}/healthz`)).status, 200);
+  });
+});
+
+describe('GraphQL over HTTP', () => {
+  it('serves GET queries and refuses GET mutations with 405', async () => {
+    const q = encodeURIComponent('{ serverInfo { name } }');
+    const res = await fetch(`${base}/graphql?query=${q}`, { headers: { accept: 'application/json' } });
+    assert.equal(res.status, 200);
+    assert.equal(((await res.json()) as any).data.serverInfo.name, 'Banter');
+    const m = encodeURIComponent('mutation { logout }');
+    const res2 = await fetch(`${base}/graphql?query=${m}`, {
+      headers: { accept: 'application/graphql-response+json' },
+    });
+    assert.equal(res2.status, 405);
+    assert.match(res2.headers.get('allow') ?? '', /POST/);
+  });
+
+  it('uses the graphql-response+json status codes for parse and validation errors', async () => {
+    const parse = await post({ query: '{ serverInfo { ' });
+    assert.equal(parse.status, 400);
+    assert.match(parse.headers.get('content-type') ?? '', /application\/graphql-response\+json/);
+    const invalid = await post({ query: '{ noSuchField }' });
+    assert.equal(invalid.status, 400);
+    const okRes = await post({ query: '{ serverInfo { name } }' });
+    assert.equal(okRes.status, 200);
+    // A resolver error is still 200 with data (the request itself was well-formed).
+    const notFound = await post({ query: '{ guild(id: "nope") { id } }' });
+    assert.equal(notFound.status, 200);
+    const body = (await notFound.json()) as { errors: { extensions: { code: string } }[] };
+    assert.equal(body.errors[0].extensions.code, 'UNAUTHENTICATED');
+  });
+
+  it('answers 404 off the known paths', async () => {
+    assert.equal((await fetch(`${base}/nope`)).status, 404);
+  });
+});
+
+describe('health, readiness, metrics', () => {
+  it('healthz and readyz answer 200 when the database (and Redis) answer', async () => {
+    const h = await fetch(`${base}/healthz`);
+    assert.equal(h.status, 200);
+    const r = await fetch(`${base}/readyz`);
+    assert.equal(r.status, 200);
+    const body = (await r.json()) as { checks: Record<string, string> };
+    assert.equal(body.checks.database, 'ok');
+    if (app.config.redisUrl) assert.equal(body.checks.redis, 'ok');
+  });
+
+  it('metrics has request counts, latency, errors by code and the pool gauge after traffic', async () => {
+    await post({ query: '{ serverInfo { name } }' });
+    await post({ query: '{ guild(id: "nope") { id } }' });
+    const res = await fetch(`${base}/metrics`);
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get('content-type') ?? '', /text\/plain/);
+    const text = await res.text();
+    assert.match(text, /banter_http_requests_total\{method="POST",route="graphql",status="200"\} \d+/);
+    assert.match(text, /banter_http_request_duration_seconds_bucket\{le="0.1",route="graphql"\} \d+/);
+    assert.match(text, /banter_graphql_errors_total\{code="UNAUTHENTICATED"\} \d+/);
+    assert.match(text, /banter_graphql_operations_total\{type="query",name="anonymous"\} \d+/);
+    assert.match(text, /banter_db_pool_connections\{state="total"\} \d+/);
+    assert.match(text, /process_cpu_seconds_total/);
+  });
+});
