@@ -1,13 +1,23 @@
 /**
- * The API's operational surface: abuse limits, GraphQL over HTTP, health, readiness, metrics.
- * Logs and request ids are in test/logs.test.ts; rate limits in test/limits.test.ts.
+ * The API's operational surface: abuse limits, GraphQL over HTTP, health, readiness, metrics,
+ * logs and request ids. Rate limits are in test/limits.test.ts, process behaviour in process.test.ts.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
+import { sql } from 'drizzle-orm';
 import { getIntrospectionQuery } from 'graphql';
+import { type App, buildApp } from '../api/app.ts';
 import { ARMOR_LIMITS } from '../api/armor.ts';
-import { createTestApp, gql, signUp, type TestApp } from './helpers.ts';
+import { loadConfig } from '../api/config.ts';
+import { createLogger } from '../api/logger.ts';
+import { createTestApp, createTestDatabase, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
 
 let app: TestApp;
 let base: string;
@@ -215,5 +225,121 @@ describe('health, readiness, metrics', () => {
     assert.match(text, /banter_graphql_operations_total\{type="query",name="anonymous"\} \d+/);
     assert.match(text, /banter_db_pool_connections\{state="total"\} \d+/);
     assert.match(text, /process_cpu_seconds_total/);
+  });
+});
+
+describe('readiness with Redis configured', () => {
+  it('answers 503 naming redis when its Redis goes away', async (t) => {
+    const port = 6390 + Math.floor(Math.random() * 500);
+    const pidfile = path.join(tmpdir(), `banter-redis-${port}-${randomBytes(3).toString('hex')}.pid`);
+    execFileSync('redis-server', [
+      '--port',
+      String(port),
+      '--save',
+      '',
+      '--appendonly',
+      'no',
+      '--daemonize',
+      'yes',
+      '--pidfile',
+      pidfile,
+    ]);
+    let pid = 0;
+    for (let i = 0; i < 50 && !pid; i++) {
+      try {
+        pid = Number(readFileSync(pidfile, 'utf8').trim());
+      } catch {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    const kill = () => {
+      try {
+        if (pid) process.kill(pid, 'SIGKILL');
+      } catch {}
+    };
+    t.after(kill);
+    const a = await createTestApp({ redisUrl: `redis://127.0.0.1:${port}` });
+    t.after(() => a.destroy());
+    const url = `http://127.0.0.1:${await a.start(0)}/readyz`;
+    const up = await fetch(url);
+    assert.equal(up.status, 200, await up.clone().text());
+    kill();
+    const down = await fetch(url);
+    assert.equal(down.status, 503);
+    const body = (await down.json()) as { status: string; checks: Record<string, string> };
+    assert.equal(body.status, 'unavailable');
+    assert.match(body.checks.redis, /^down/);
+    assert.equal(body.checks.database, 'ok');
+  });
+});
+
+describe('logs and request ids', () => {
+  let logged: Record<string, any>[] = [];
+  let a: App;
+  let url: string;
+  let drop: (() => Promise<void>) | undefined;
+  before(async () => {
+    const sink = new Writable({
+      write(chunk, _enc, cb) {
+        for (const line of String(chunk).split('\n')) if (line) logged.push(JSON.parse(line));
+        cb();
+      },
+    });
+    const db = onPostgres ? await createTestDatabase() : undefined;
+    drop = db?.drop;
+    const config = loadConfig(
+      { NODE_ENV: 'test', ...(db ? { DATABASE_URL: db.url } : {}) },
+      { dataDir: 'memory://', jwtSecret: randomBytes(32).toString('hex'), logLevel: 'debug' },
+    );
+    a = await buildApp(config, { logger: createLogger('debug', sink) });
+    url = `http://127.0.0.1:${await a.start(0)}/graphql`;
+  });
+  after(async () => {
+    await a.stop();
+    await drop?.();
+  });
+
+  const call = (query: string, headers: Record<string, string> = {}) =>
+    fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...headers },
+      body: JSON.stringify({ query }),
+    });
+
+  it('echoes x-request-id, or makes one up', async () => {
+    const r1 = await call('{ serverInfo { name } }', { 'x-request-id': 'trace-abc-123' });
+    assert.equal(r1.headers.get('x-request-id'), 'trace-abc-123');
+    const r2 = await call('{ serverInfo { name } }');
+    assert.match(r2.headers.get('x-request-id') ?? '', /^[0-9a-f-]{36}$/);
+  });
+
+  it('masks unexpected errors with the request id, logs them with the stack, ids on every line', async () => {
+    const u = await signUp(a);
+    // A real failure underneath: the table the resolver writes to is gone for a moment.
+    await a.deps.db.execute(sql`alter table guilds rename to guilds_gone`);
+    logged = [];
+    let res: Response;
+    try {
+      res = await fetch(url, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${u.token}` },
+        body: JSON.stringify({ query: 'mutation { createGuild(input: { name: "Boom" }) { id } }' }),
+      });
+    } finally {
+      await a.deps.db.execute(sql`alter table guilds_gone rename to guilds`);
+    }
+    const requestId = res.headers.get('x-request-id');
+    const body = (await res.json()) as { errors: { message: string; extensions: Record<string, unknown> }[] };
+    const e = body.errors[0];
+    assert.equal(e.extensions.code, 'INTERNAL_SERVER_ERROR');
+    assert.equal(e.extensions.requestId, requestId);
+    assert.doesNotMatch(e.message, /guilds|relation|exist/i);
+    const during = logged.filter((l) => l.msg !== 'banter api listening');
+    assert.ok(during.length >= 2, JSON.stringify(during));
+    for (const l of during) assert.equal(l.requestId, requestId, JSON.stringify(l));
+    const err = during.find((l) => l.msg === 'unexpected error');
+    assert.ok(err, 'the error is logged');
+    assert.match(err.err.stack, /guilds/);
+    assert.ok(during.some((l) => l.msg === 'request' && l.status === 200));
   });
 });
