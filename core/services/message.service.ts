@@ -1,0 +1,29 @@
+/**
+ * Messages: the pieces shared by the files that split the work by concern: sending
+ * (message-send.service.ts), editing and deleting (message-edit.service.ts), history and batch
+ * loads (message-history.service.ts), mention parsing and resolving (mentions.ts).
+ */
+import type { messages } from '../db/tables.ts';
+import { badInput } from '../errors.ts';
+
+export type MessageRow = typeof messages.$inferSelect;
+
+export const MAX_CONTENT = 4000;
+export const MAX_NONCE = 64;
+export const MAX_ATTACHMENTS = 10;
+/** A retry with the same nonce inside this window returns the first message. */
+export const NONCE_WINDOW_MS = 10 * 60 * 1000;
+/** Channel types that hold messages. */
+export const MESSAGE_CHANNEL_TYPES = ['TEXT', 'ANNOUNCEMENT', 'DM', 'GROUP_DM', 'THREAD'];
+
+/**
+ * Trims and checks content: 1..4000 characters, or 0..4000 when `allowEmpty` (a forward is
+ * itself the content). Length counts UTF-16 code units, as clients' text fields do.
+ */
+export function validateContent(raw: string, allowEmpty = false): string {
+  const content = raw.trim();
+  if (!content && !allowEmpty) throw badInput('Message content cannot be empty.', 'content');
+  if (content.length > MAX_CONTENT)
+    throw badInput(`Message content must be at most ${MAX_CONTENT} characters.`, 'content');
+  return content;
+}

@@ -1,0 +1,54 @@
+/**
+ * Threads: a THREAD channel under the text channel of the message it starts from, at most one
+ * per message (channels_thread_source). Its permissions follow the parent: access.service chains
+ * overwrites through parent_id, so nothing here computes them.
+ */
+import { channels } from '../db/tables.ts';
+import type { Deps, Viewer } from '../deps.ts';
+import { badInput, conflict } from '../errors.ts';
+import { transact } from '../events.ts';
+import { newId } from '../ids.ts';
+import { Permission } from '../permissions.ts';
+import { type ChannelRowFull, validateChannelName } from './channel.service.ts';
+import { loadVisibleMessage } from './message-history.service.ts';
+
+/** Threads hang off guild text channels; DMs and threads themselves do not nest them. */
+const THREAD_PARENTS = ['TEXT', 'ANNOUNCEMENT'];
+
+export async function startThread(
+  deps: Deps,
+  viewer: Viewer,
+  input: { messageId: string; name: string },
+): Promise<ChannelRowFull> {
+  const name = validateChannelName(input.name);
+  const need = Permission.VIEW_CHANNEL | Permission.READ_HISTORY | Permission.CREATE_THREADS;
+  const { row, access } = await loadVisibleMessage(deps, viewer, input.messageId, need);
+  const parent = access.channel;
+  if (!parent.guildId || !THREAD_PARENTS.includes(parent.type))
+    throw badInput(`Threads cannot be started in a ${parent.type} channel.`, 'messageId');
+  const id = newId();
+  return transact(deps, async (tx, log) => {
+    const [thread] = await tx
+      .insert(channels)
+      .values({
+        id,
+        guildId: parent.guildId,
+        type: 'THREAD',
+        name,
+        parentId: parent.id,
+        sourceMessageId: row.id,
+        ownerId: viewer.userId,
+        createdAt: deps.now(),
+      })
+      .onConflictDoNothing()
+      .returning();
+    if (!thread) throw conflict('A thread was already started from this message.');
+    await log.append({
+      type: 'CHANNEL_CREATED',
+      guildId: parent.guildId,
+      channelId: id,
+      payload: { channelId: id, parentId: parent.id, messageId: row.id },
+    });
+    return thread;
+  });
+}
