@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { notFound } from '../core/errors.ts';
 import { requireChannel } from '../core/services/access.service.ts';
 import * as channelService from '../core/services/channel.service.ts';
-import { builder, decodeId, requireViewer } from './builder.ts';
+import { builder, decodeId, encodeId, requireViewer } from './builder.ts';
 import { GuildRef } from './guild.ts';
 import { limit } from './limits.ts';
 
@@ -14,14 +14,17 @@ export const ChannelType = builder.enumType('ChannelType', {
  * Channels load without a permission check: every path that reaches one (a query by id, a
  * guild's channel list, a message) has checked visibility first.
  */
-export const ChannelRef = builder.loadableNodeRef<channelService.ChannelRowFull, string, string>('Channel', {
-  id: { resolve: (c) => c.id },
-  load: async (ids, ctx) => {
-    const rows = await channelService.channelsByIds(ctx.deps, ids);
-    const byId = new Map(rows.map((r) => [r.id, r]));
-    return ids.map((id) => byId.get(id) ?? notFound('Channel'));
+export const ChannelRef = builder.loadableNodeRef<channelService.ChannelWithAccess, string, string>(
+  'Channel',
+  {
+    id: { resolve: (c) => c.id },
+    load: async (ids, ctx) => {
+      const rows = await channelService.channelsByIds(ctx.deps, ids);
+      const byId = new Map(rows.map((r) => [r.id, r]));
+      return ids.map((id) => byId.get(id) ?? notFound('Channel'));
+    },
   },
-});
+);
 
 ChannelRef.implement({
   fields: (t) => ({
@@ -85,3 +88,42 @@ builder.mutationField('createChannel', (t) =>
     },
   }),
 );
+
+const UpdateChannelInput = builder.inputType('UpdateChannelInput', {
+  description: 'Fields left out stay as they are; null clears topic and parentId.',
+  fields: (t) => ({
+    id: t.id({ required: true }),
+    name: t.string({ validate: z.string().max(1000) }),
+    topic: t.string({ validate: z.string().max(10_000) }),
+    position: t.int({ validate: z.number().int().min(0).max(10_000) }),
+    slowmodeSeconds: t.int(),
+    nsfw: t.boolean(),
+    parentId: t.id(),
+  }),
+});
+
+builder.mutationFields((t) => ({
+  updateChannel: t.field({
+    type: ChannelRef,
+    description: 'Needs MANAGE_CHANNELS in the channel',
+    args: { input: t.arg({ type: UpdateChannelInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return channelService.updateChannel(ctx.deps, v, {
+        ...input,
+        id: decodeId(input.id, 'Channel'),
+        parentId: input.parentId ? decodeId(input.parentId, 'Channel', 'parentId') : input.parentId,
+      });
+    },
+  }),
+  deleteChannel: t.id({
+    description: 'Needs MANAGE_CHANNELS; channels in a deleted category become uncategorized',
+    args: { id: t.arg.id({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return encodeId('Channel', await channelService.deleteChannel(ctx.deps, v, decodeId(id, 'Channel')));
+    },
+  }),
+}));

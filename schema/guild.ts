@@ -4,9 +4,9 @@ import { guilds } from '../core/db/tables.ts';
 import { notFound } from '../core/errors.ts';
 import { requireGuild } from '../core/services/access.service.ts';
 import * as guildService from '../core/services/guild.service.ts';
-import { builder, decodeId, requireViewer } from './builder.ts';
+import { builder, decodeId, encodeId, requireViewer } from './builder.ts';
 import { limit } from './limits.ts';
-import { UserRef } from './user.ts';
+import { UserRef, ViewerRef } from './user.ts';
 
 export const GuildRef = builder.loadableNodeRef<guildService.GuildRow, string, string>('Guild', {
   id: { resolve: (g) => g.id },
@@ -57,3 +57,66 @@ builder.mutationField('createGuild', (t) =>
     },
   }),
 );
+
+builder.objectField(ViewerRef, 'guilds', (t) =>
+  t.field({
+    type: [GuildRef],
+    description: 'The guilds the viewer is a member of, in the order they joined',
+    resolve: (_v, _a, ctx) => guildService.viewerGuilds(ctx.deps, requireViewer(ctx)),
+  }),
+);
+
+const UpdateGuildInput = builder.inputType('UpdateGuildInput', {
+  description: 'Fields left out stay as they are; null clears description and iconUrl.',
+  fields: (t) => ({
+    id: t.id({ required: true }),
+    name: t.string({ validate: z.string().max(1000) }),
+    description: t.string({ validate: z.string().max(10_000) }),
+    iconUrl: t.string({ validate: z.string().max(10_000) }),
+  }),
+});
+
+builder.mutationFields((t) => ({
+  updateGuild: t.field({
+    type: GuildRef,
+    description: 'Needs MANAGE_GUILD',
+    args: { input: t.arg({ type: UpdateGuildInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return guildService.updateGuild(ctx.deps, v, { ...input, id: decodeId(input.id, 'Guild') });
+    },
+  }),
+  deleteGuild: t.id({
+    description: 'Owner only; answers the deleted guild id',
+    args: { id: t.arg.id({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      const gid = await guildService.deleteGuild(ctx.deps, v, decodeId(id, 'Guild'));
+      return encodeId('Guild', gid);
+    },
+  }),
+  transferGuildOwnership: t.field({
+    type: GuildRef,
+    description: 'Owner only; the new owner must be a member',
+    args: { guildId: t.arg.id({ required: true }), userId: t.arg.id({ required: true }) },
+    resolve: async (_r, args, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return guildService.transferGuildOwnership(ctx.deps, v, {
+        guildId: decodeId(args.guildId, 'Guild', 'guildId'),
+        userId: decodeId(args.userId, 'User', 'userId'),
+      });
+    },
+  }),
+  leaveGuild: t.boolean({
+    description: 'The owner cannot leave (CONFLICT): transfer ownership first',
+    args: { guildId: t.arg.id({ required: true }) },
+    resolve: async (_r, { guildId }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return guildService.leaveGuild(ctx.deps, v, decodeId(guildId, 'Guild', 'guildId'));
+    },
+  }),
+}));

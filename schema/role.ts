@@ -1,1 +1,242 @@
-// Placeholder: filled in by the role work. Each schema file adds its own types and root fields to the builder.
+import { z } from 'zod';
+import { BanterError, notFound } from '../core/errors.ts';
+import {
+  PERMISSION_NAMES,
+  type PermissionName,
+  permissionNames,
+  permissionsFromNames,
+} from '../core/permissions.ts';
+import { loadChannelAccess, requireGuild } from '../core/services/access.service.ts';
+import * as roleService from '../core/services/role.service.ts';
+import { builder, decodeAnyId, decodeId, encodeId, requireViewer } from './builder.ts';
+import { ChannelRef } from './channel.ts';
+import { GuildRef } from './guild.ts';
+import { limit } from './limits.ts';
+import { UserRef } from './user.ts';
+
+export const PermissionEnum = builder.enumType('Permission', { values: PERMISSION_NAMES });
+
+const names = (p: bigint) => permissionNames(p);
+const bits = (list: readonly PermissionName[] | null | undefined) =>
+  list == null ? null : permissionsFromNames(list);
+
+/** Roles load without a permission check: they are reached through a guild the viewer is in. */
+export const RoleRef = builder.loadableNodeRef<roleService.RoleRow, string, string>('Role', {
+  id: { resolve: (r) => r.id },
+  load: async (ids, ctx) => {
+    const rows = await roleService.rolesByIds(ctx.deps, ids);
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    return ids.map((id) => byId.get(id) ?? notFound('Role'));
+  },
+});
+
+RoleRef.implement({
+  fields: (t) => ({
+    name: t.exposeString('name'),
+    color: t.exposeInt('color', { description: '0xRRGGBB; 0 means no color' }),
+    position: t.exposeInt('position', { description: 'higher is more senior; @everyone is 0' }),
+    permissions: t.field({ type: [PermissionEnum], resolve: (r) => names(r.permissions) }),
+    mentionable: t.exposeBoolean('mentionable'),
+    isEveryone: t.exposeBoolean('isEveryone'),
+    guild: t.field({ type: GuildRef, resolve: (r) => r.guildId }),
+  }),
+});
+
+builder.objectFields(GuildRef, (t) => ({
+  roles: t.field({
+    type: [RoleRef],
+    description: 'Highest position first; @everyone last',
+    resolve: async (g, _a, ctx) => {
+      await requireGuild(ctx.deps.db, requireViewer(ctx).userId, g.id, 0n, ctx.deps.now());
+      return roleService.listRoles(ctx.deps, g.id);
+    },
+  }),
+  viewerPermissions: t.field({
+    type: [PermissionEnum],
+    description: 'What the viewer may do guild-wide (channel overwrites not applied)',
+    resolve: async (g, _a, ctx) => {
+      const a = await requireGuild(ctx.deps.db, requireViewer(ctx).userId, g.id, 0n, ctx.deps.now());
+      return names(a.permissions);
+    },
+  }),
+}));
+
+const OverwriteTargetType = builder.enumType('OverwriteTargetType', { values: ['ROLE', 'MEMBER'] as const });
+
+const OverwriteRef = builder.objectRef<roleService.OverwriteRow>('PermissionOverwrite');
+OverwriteRef.implement({
+  fields: (t) => ({
+    targetType: t.field({ type: OverwriteTargetType, resolve: (o) => o.targetType as 'ROLE' | 'MEMBER' }),
+    targetId: t.id({
+      description: 'a Role id or a User id',
+      resolve: (o) => encodeId(o.targetType === 'ROLE' ? 'Role' : 'User', o.targetId),
+    }),
+    role: t.field({
+      type: RoleRef,
+      nullable: true,
+      resolve: (o) => (o.targetType === 'ROLE' ? o.targetId : null),
+    }),
+    user: t.field({
+      type: UserRef,
+      nullable: true,
+      resolve: (o) => (o.targetType === 'MEMBER' ? o.targetId : null),
+    }),
+    allow: t.field({ type: [PermissionEnum], resolve: (o) => names(o.allow) }),
+    deny: t.field({ type: [PermissionEnum], resolve: (o) => names(o.deny) }),
+  }),
+});
+
+builder.objectFields(ChannelRef, (t) => ({
+  viewerPermissions: t.field({
+    type: [PermissionEnum],
+    description: 'What the viewer may do in this channel, overwrites applied',
+    resolve: async (c, _a, ctx) => {
+      if (c.viewerPermissions !== undefined) return names(c.viewerPermissions);
+      const a = await loadChannelAccess(ctx.deps.db, requireViewer(ctx).userId, c.id, ctx.deps.now());
+      return names(a?.permissions ?? 0n);
+    },
+  }),
+  overwrites: t.field({
+    type: [OverwriteRef],
+    description: 'Visible to members with MANAGE_CHANNELS or MANAGE_ROLES here (FORBIDDEN otherwise)',
+    resolve: (c, _a, ctx) => roleService.listOverwrites(ctx.deps, requireViewer(ctx), c.id),
+  }),
+}));
+
+const colorArg = z.number().int().min(0).max(0xffffff);
+
+const CreateRoleInput = builder.inputType('CreateRoleInput', {
+  fields: (t) => ({
+    guildId: t.id({ required: true }),
+    name: t.string({ required: true, validate: z.string().max(1000) }),
+    color: t.int({ validate: colorArg }),
+    permissions: t.field({ type: [PermissionEnum] }),
+    mentionable: t.boolean(),
+    position: t.int({ description: '1 (default, just above @everyone) to one above the highest role' }),
+  }),
+});
+
+const UpdateRoleInput = builder.inputType('UpdateRoleInput', {
+  description: 'Fields left out stay as they are. Moving a role shifts the roles in between.',
+  fields: (t) => ({
+    id: t.id({ required: true }),
+    name: t.string({ validate: z.string().max(1000) }),
+    color: t.int({ validate: colorArg }),
+    permissions: t.field({ type: [PermissionEnum] }),
+    mentionable: t.boolean(),
+    position: t.int(),
+  }),
+});
+
+const SetChannelOverwriteInput = builder.inputType('SetChannelOverwriteInput', {
+  fields: (t) => ({
+    channelId: t.id({ required: true }),
+    targetType: t.field({ type: OverwriteTargetType, required: true }),
+    targetId: t.id({ required: true, description: 'a Role id (ROLE) or a User id (MEMBER)' }),
+    allow: t.field({ type: [PermissionEnum], required: true }),
+    deny: t.field({ type: [PermissionEnum], required: true }),
+  }),
+});
+
+builder.mutationFields((t) => ({
+  createRole: t.field({
+    type: RoleRef,
+    description: 'Needs MANAGE_ROLES; only below your highest role, only with permissions you have',
+    args: { input: t.arg({ type: CreateRoleInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return roleService.createRole(ctx.deps, v, {
+        ...input,
+        guildId: decodeId(input.guildId, 'Guild', 'guildId'),
+        permissions: bits(input.permissions),
+      });
+    },
+  }),
+  updateRole: t.field({
+    type: RoleRef,
+    description: 'Needs MANAGE_ROLES and a higher role than this one',
+    args: { input: t.arg({ type: UpdateRoleInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return roleService.updateRole(ctx.deps, v, {
+        ...input,
+        id: decodeId(input.id, 'Role'),
+        permissions: bits(input.permissions),
+      });
+    },
+  }),
+  deleteRole: t.id({
+    args: { id: t.arg.id({ required: true }) },
+    resolve: async (_r, { id }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return encodeId('Role', await roleService.deleteRole(ctx.deps, v, decodeId(id, 'Role')));
+    },
+  }),
+  assignRole: t.boolean({
+    args: {
+      guildId: t.arg.id({ required: true }),
+      userId: t.arg.id({ required: true }),
+      roleId: t.arg.id({ required: true }),
+    },
+    resolve: async (_r, args, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return roleService.setMemberRole(ctx.deps, v, decodeAssignment(args), true);
+    },
+  }),
+  unassignRole: t.boolean({
+    args: {
+      guildId: t.arg.id({ required: true }),
+      userId: t.arg.id({ required: true }),
+      roleId: t.arg.id({ required: true }),
+    },
+    resolve: async (_r, args, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return roleService.setMemberRole(ctx.deps, v, decodeAssignment(args), false);
+    },
+  }),
+  setChannelOverwrite: t.field({
+    type: OverwriteRef,
+    description: 'Needs MANAGE_ROLES in the channel; you can only allow or deny what you have there',
+    args: { input: t.arg({ type: SetChannelOverwriteInput, required: true }) },
+    resolve: async (_r, { input }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return roleService.setChannelOverwrite(ctx.deps, v, {
+        channelId: decodeId(input.channelId, 'Channel', 'channelId'),
+        targetType: input.targetType,
+        targetId: decodeId(input.targetId, input.targetType === 'ROLE' ? 'Role' : 'User', 'targetId'),
+        allow: permissionsFromNames(input.allow),
+        deny: permissionsFromNames(input.deny),
+      });
+    },
+  }),
+  removeChannelOverwrite: t.boolean({
+    args: { channelId: t.arg.id({ required: true }), targetId: t.arg.id({ required: true }) },
+    resolve: async (_r, args, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      const target = decodeAnyId(args.targetId);
+      if (target.typename !== 'Role' && target.typename !== 'User')
+        throw new BanterError('BAD_USER_INPUT', 'targetId must be a Role or User id.', {
+          extra: { field: 'targetId' },
+        });
+      return roleService.removeChannelOverwrite(ctx.deps, v, {
+        channelId: decodeId(args.channelId, 'Channel', 'channelId'),
+        targetId: target.id,
+      });
+    },
+  }),
+}));
+
+function decodeAssignment(a: { guildId: string; userId: string; roleId: string }) {
+  return {
+    guildId: decodeId(a.guildId, 'Guild', 'guildId'),
+    userId: decodeId(a.userId, 'User', 'userId'),
+    roleId: decodeId(a.roleId, 'Role', 'roleId'),
+  };
+}

@@ -1,11 +1,11 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
 import { channels } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
-import { badInput } from '../errors.ts';
+import { badInput, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { Permission } from '../permissions.ts';
-import { loadChannelAccess, requireChannel, requireGuild } from './access.service.ts';
+import { loadGuildChannelsAccess, requireChannel, requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
 import { validateName } from './guild.service.ts';
 
@@ -93,21 +93,29 @@ export async function createChannel(
   });
 }
 
-/** The channels of a guild the viewer can see, in position order. */
+/** A channel row, with the viewer's permissions there when a list view already computed them. */
+export type ChannelWithAccess = ChannelRowFull & { viewerPermissions?: bigint };
+
+/** The channels of a guild the viewer can see, in position order, in two SQL statements. */
 export async function visibleGuildChannels(
   deps: Deps,
   viewer: Viewer,
   guildId: string,
-): Promise<ChannelRowFull[]> {
-  const rows = await deps.db
-    .select()
-    .from(channels)
-    .where(and(eq(channels.guildId, guildId), sql`${channels.type} <> 'THREAD'`))
-    .orderBy(channels.position, channels.id);
-  const visible = await Promise.all(
-    rows.map((c) => loadChannelAccess(deps.db, viewer.userId, c.id, deps.now())),
-  );
-  return rows.filter((_, i) => (visible[i]?.permissions ?? 0n) !== 0n);
+): Promise<ChannelWithAccess[]> {
+  const [rows, access] = await Promise.all([
+    deps.db
+      .select()
+      .from(channels)
+      .where(and(eq(channels.guildId, guildId), sql`${channels.type} <> 'THREAD'`))
+      .orderBy(channels.position, channels.id),
+    loadGuildChannelsAccess(deps.db, viewer.userId, guildId, deps.now()),
+  ]);
+  const out: ChannelWithAccess[] = [];
+  for (const c of rows) {
+    const p = access.permissions.get(c.id) ?? 0n;
+    if (p !== 0n) out.push({ ...c, viewerPermissions: p });
+  }
+  return out;
 }
 
 export async function channelsByIds(deps: Deps, ids: readonly string[]): Promise<ChannelRowFull[]> {
@@ -116,4 +124,113 @@ export async function channelsByIds(deps: Deps, ids: readonly string[]): Promise
     .select()
     .from(channels)
     .where(inArray(channels.id, [...ids]));
+}
+
+/** Fields left undefined stay as they are; `topic: null` and `parentId: null` clear them. */
+export interface UpdateChannelInput {
+  id: string;
+  name?: string | null;
+  topic?: string | null;
+  position?: number | null;
+  slowmodeSeconds?: number | null;
+  nsfw?: boolean | null;
+  parentId?: string | null;
+}
+
+export async function updateChannel(
+  deps: Deps,
+  viewer: Viewer,
+  input: UpdateChannelInput,
+): Promise<ChannelRowFull> {
+  const a = await requireChannel(deps.db, viewer.userId, input.id, Permission.MANAGE_CHANNELS, deps.now());
+  const c = a.channel;
+  if (!c.guildId) throw forbidden();
+  const patch: Partial<ChannelRowFull> = {};
+  if (input.name !== undefined) {
+    if (input.name === null) throw badInput('Channel name cannot be null.', 'name');
+    patch.name = validateChannelName(input.name);
+  }
+  if (input.topic !== undefined) {
+    const topic = input.topic?.trim() || null;
+    if (topic && topic.length > MAX_TOPIC)
+      throw badInput(`Topic must be at most ${MAX_TOPIC} characters.`, 'topic');
+    patch.topic = topic;
+  }
+  if (input.position != null) {
+    if (!Number.isInteger(input.position) || input.position < 0 || input.position > 10_000)
+      throw badInput('Position must be 0-10000.', 'position');
+    patch.position = input.position;
+  }
+  if (input.slowmodeSeconds != null) {
+    const s = input.slowmodeSeconds;
+    if (!Number.isInteger(s) || s < 0 || s > MAX_SLOWMODE)
+      throw badInput(`Slow mode must be 0-${MAX_SLOWMODE} seconds.`, 'slowmodeSeconds');
+    patch.slowmodeSeconds = s;
+  }
+  if (input.nsfw != null) patch.nsfw = input.nsfw;
+  if (input.parentId !== undefined) {
+    if (c.type === 'THREAD') throw badInput('A thread cannot be moved.', 'parentId');
+    if (input.parentId !== null) {
+      if (c.type === 'CATEGORY') throw badInput('A category cannot be inside another category.', 'parentId');
+      const parent = await requireChannel(deps.db, viewer.userId, input.parentId, 0n, deps.now());
+      if (parent.channel.guildId !== c.guildId || parent.channel.type !== 'CATEGORY') {
+        throw badInput('parentId must be a category of the same guild.', 'parentId');
+      }
+    }
+    patch.parentId = input.parentId;
+  }
+  const guildId = c.guildId;
+  return transact(deps, async (tx, log) => {
+    const [row] = Object.keys(patch).length
+      ? await tx.update(channels).set(patch).where(eq(channels.id, c.id)).returning()
+      : await tx.select().from(channels).where(eq(channels.id, c.id));
+    if (!row) throw notFound('Channel');
+    if (Object.keys(patch).length) {
+      await writeAudit(tx, {
+        guildId,
+        actorId: viewer.userId,
+        action: 'CHANNEL_UPDATE',
+        targetType: 'CHANNEL',
+        targetId: c.id,
+        changes: patch,
+      });
+      await log.append({
+        type: 'CHANNEL_UPDATED',
+        guildId,
+        channelId: c.id,
+        payload: { channelId: c.id, changes: Object.keys(patch) },
+      });
+    }
+    return row;
+  });
+}
+
+/**
+ * Deletes a guild channel with its messages and threads. Channels inside a deleted category stay,
+ * uncategorized (as Discord does), so deleting a category never destroys conversations.
+ */
+export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Promise<string> {
+  const a = await requireChannel(deps.db, viewer.userId, id, Permission.MANAGE_CHANNELS, deps.now());
+  const c = a.channel;
+  if (!c.guildId) throw forbidden();
+  const guildId = c.guildId;
+  return transact(deps, async (tx, log) => {
+    if (c.type === 'CATEGORY') {
+      await tx.update(channels).set({ parentId: null }).where(eq(channels.parentId, c.id));
+    } else {
+      await tx.delete(channels).where(and(eq(channels.parentId, c.id), eq(channels.type, 'THREAD')));
+    }
+    const gone = await tx.delete(channels).where(eq(channels.id, c.id)).returning({ id: channels.id });
+    if (!gone.length) throw notFound('Channel');
+    await writeAudit(tx, {
+      guildId,
+      actorId: viewer.userId,
+      action: 'CHANNEL_DELETE',
+      targetType: 'CHANNEL',
+      targetId: c.id,
+      changes: { name: c.name, type: c.type },
+    });
+    await log.append({ type: 'CHANNEL_DELETED', guildId, channelId: c.id, payload: { channelId: c.id } });
+    return c.id;
+  });
 }
