@@ -1,0 +1,175 @@
+/** Rate limits (schema/limits.ts): per IP, per user, per key; Retry-After; off switch; shared in Redis. */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, describe, it } from 'node:test';
+import { eq } from 'drizzle-orm';
+import { users } from '../core/db/tables.ts';
+import { RULES } from '../schema/limits.ts';
+import { createTestApp, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
+
+const REGISTER = `mutation($i: RegisterInput!) { register(input: $i) { accessToken } }`;
+const LOGIN = `mutation($i: LoginInput!) { login(input: $i) { accessToken } }`;
+const CREATE_CHANNEL = `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "x", type: TEXT }) { id } }`;
+
+const register = (app: TestApp, ip: string, name = `rl_${randomBytes(4).toString('hex')}`) =>
+  gql(
+    app,
+    REGISTER,
+    { i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' } },
+    { ip },
+  );
+
+function assertLimited(r: { errors?: { extensions?: Record<string, any> }[] }) {
+  const e = r.errors?.[0];
+  assert.equal(e?.extensions?.code, 'RATE_LIMITED', JSON.stringify(r.errors));
+  assert.equal(typeof e.extensions.retryAfter, 'number');
+  assert.ok(e.extensions.retryAfter >= 1);
+}
+
+let app: TestApp;
+before(async () => {
+  app = await createTestApp();
+});
+after(() => app.destroy());
+
+describe('rate limits', () => {
+  it('register is limited per IP, and a refused register writes nothing', async () => {
+    const ip = `reg-${randomBytes(3).toString('hex')}`;
+    for (let i = 0; i < RULES.register.perIp.limit; i++) {
+      const r = await register(app, ip);
+      assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+    }
+    const name = `rl_refused_${randomBytes(3).toString('hex')}`;
+    const r = await register(app, ip, name);
+    assertLimited(r);
+    assert.equal(r.headers.get('retry-after'), String(r.errors![0].extensions!.retryAfter));
+    const rows = await app.deps.db.select().from(users).where(eq(users.username, name));
+    assert.equal(rows.length, 0);
+    // Another address is not affected.
+    assert.equal((await register(app, `${ip}-other`)).errors, undefined);
+  });
+
+  it('login is limited per key (across addresses) and per IP', async () => {
+    const u = await signUp(app);
+    const wrong = { login: u.username, password: 'not the password' };
+    for (let i = 0; i < RULES.login.perKey.limit; i++) {
+      const r = await gql(app, LOGIN, { i: wrong }, { ip: `login-${i}` });
+      assert.equal(r.errors?.[0].extensions?.code, 'UNAUTHENTICATED', JSON.stringify(r.errors));
+    }
+    // Even the right password is refused now: the key is the account, whoever asks.
+    const right = { login: u.username.toUpperCase(), password: 'correct horse battery' };
+    assertLimited(await gql(app, LOGIN, { i: right }, { ip: 'login-fresh' }));
+
+    const ip = `login-ip-${randomBytes(3).toString('hex')}`;
+    for (let i = 0; i < RULES.login.perIp.limit; i++) {
+      const r = await gql(app, LOGIN, { i: { login: `nobody${i}`, password: 'x' } }, { ip });
+      assert.equal(r.errors?.[0].extensions?.code, 'UNAUTHENTICATED');
+    }
+    assertLimited(await gql(app, LOGIN, { i: { login: 'nobody-else', password: 'x' } }, { ip }));
+  });
+
+  it('mutations are limited per user and per IP', async () => {
+    const u = await signUp(app);
+    const g = { g: 'bm9wZQ' };
+    // The limit is taken before the (failing) work, so cheap calls exhaust it.
+    for (let i = 0; i < RULES.mutation.perUser.limit; i++) {
+      const r = await gql(app, CREATE_CHANNEL, g, { token: u.token });
+      assert.equal(r.errors?.[0].extensions?.code, 'BAD_USER_INPUT', JSON.stringify(r.errors));
+    }
+    assertLimited(await gql(app, CREATE_CHANNEL, g, { token: u.token }));
+
+    const ip = `mut-ip-${randomBytes(3).toString('hex')}`;
+    const perUser = RULES.mutation.perUser.limit;
+    const crowd = await Promise.all(
+      Array.from({ length: Math.ceil(RULES.mutation.perIp.limit / perUser) + 1 }, () => signUp(app)),
+    );
+    let sent = 0;
+    for (const c of crowd) {
+      const batch = Math.min(perUser, RULES.mutation.perIp.limit - sent);
+      if (batch <= 0) break;
+      await Promise.all(
+        Array.from({ length: batch }, async () => {
+          const r = await gql(app, CREATE_CHANNEL, g, { token: c.token, ip });
+          assert.equal(r.errors?.[0].extensions?.code, 'BAD_USER_INPUT');
+        }),
+      );
+      sent += batch;
+    }
+    const fresh = crowd[crowd.length - 1];
+    assertLimited(await gql(app, CREATE_CHANNEL, g, { token: fresh.token, ip }));
+    // The same user from elsewhere is fine.
+    const r = await gql(app, CREATE_CHANNEL, g, { token: fresh.token });
+    assert.equal(r.errors?.[0].extensions?.code, 'BAD_USER_INPUT');
+  });
+
+  it('over real HTTP, RATE_LIMITED carries a Retry-After header', async () => {
+    const base = `http://127.0.0.1:${await app.start(0)}`;
+    const statuses: number[] = [];
+    let last: Response | undefined;
+    // All from 127.0.0.1: the real socket address is the key.
+    for (let i = 0; i <= RULES.register.perIp.limit; i++) {
+      const name = `http_${randomBytes(4).toString('hex')}`;
+      last = await fetch(`${base}/graphql`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({
+          query: REGISTER,
+          variables: {
+            i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' },
+          },
+        }),
+      });
+      statuses.push(last.status);
+      if (i < RULES.register.perIp.limit) await last.body?.cancel();
+    }
+    const body = (await last!.json()) as { errors: { extensions: Record<string, any> }[] };
+    assertLimited(body);
+    const header = last!.headers.get('retry-after');
+    assert.ok(header && Number(header) >= 1, `Retry-After ${header}`);
+    assert.equal(Number(header), body.errors[0].extensions.retryAfter);
+  });
+});
+
+describe('RATE_LIMITS=off', () => {
+  it('turns every limit off', async () => {
+    const off = await createTestApp({}, { RATE_LIMITS: 'off' });
+    try {
+      assert.equal(off.config.rateLimits, false);
+      for (let i = 0; i <= RULES.register.perIp.limit + 2; i++) {
+        const r = await register(off, 'one-address');
+        assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+      }
+    } finally {
+      await off.destroy();
+    }
+  });
+});
+
+describe('Redis-backed limits', { skip: !onPostgres && 'needs the postgres run (REDIS_URL)' }, () => {
+  it('two app instances sharing a prefix share the count', async () => {
+    const prefix = `banter-test-shared:${randomBytes(4).toString('hex')}:`;
+    const a = await createTestApp({ redisPrefix: prefix });
+    const b = await createTestApp({ redisPrefix: prefix });
+    try {
+      assert.ok(a.config.redisUrl);
+      const ip = 'shared-address';
+      const n = RULES.register.perIp.limit;
+      for (let i = 0; i < n; i++) {
+        const r = await register(i % 2 ? a : b, ip);
+        assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+      }
+      assertLimited(await register(a, ip));
+      assertLimited(await register(b, ip));
+      // A third instance with another prefix counts on its own.
+      const c = await createTestApp();
+      try {
+        assert.equal((await register(c, ip)).errors, undefined);
+      } finally {
+        await c.destroy();
+      }
+    } finally {
+      await a.destroy();
+      await b.destroy();
+    }
+  });
+});
