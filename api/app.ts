@@ -11,12 +11,13 @@ import { createYoga, type Plugin } from 'graphql-yoga';
 import { Redis } from 'ioredis';
 import { createDatabase, type Database } from '../core/db/client.ts';
 import type { Deps } from '../core/deps.ts';
-import { type Bus, createNullBus } from '../core/ports/bus.ts';
+import { type Bus, createMemoryBus, createRedisBus } from '../core/ports/bus.ts';
 import {
   createMemoryRateLimiter,
   createRedisRateLimiter,
   type RateLimiter,
 } from '../core/ports/rate-limit.ts';
+import { createHub } from '../core/realtime/hub.ts';
 import type { Context } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
 import { armorPlugins } from './armor.ts';
@@ -24,6 +25,7 @@ import type { Config } from './config.ts';
 import { createMaskError } from './errors.ts';
 import { createLogger, type Logger } from './logger.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
+import { attachRealtime } from './realtime/server.ts';
 import { requestStore } from './request-store.ts';
 
 const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
@@ -67,7 +69,8 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     ? new Redis(config.redisUrl, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true })
     : undefined;
   redis?.on('error', (err) => log.warn({ err: err.message }, 'redis error'));
-  const bus: Bus = createNullBus();
+  // The bus needs its own subscriber connection: a subscribed Redis connection can do nothing else.
+  const bus: Bus = redis ? createRedisBus(redis, redis.duplicate(), config.redisPrefix) : createMemoryBus();
   const rateLimiter: RateLimiter = redis
     ? createRedisRateLimiter(redis, config.redisPrefix)
     : createMemoryRateLimiter();
@@ -97,6 +100,9 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     },
   };
   const metrics = createMetrics(database);
+  const hub = createHub(deps);
+  deps.realtime = hub;
+  let realtime: ReturnType<typeof attachRealtime> | undefined;
   const { authenticate } = await import('../core/services/auth.service.ts');
 
   const observe: Plugin = {
@@ -282,6 +288,16 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         });
       });
       server.keepAliveTimeout = 65_000;
+      await hub.start();
+      realtime = attachRealtime({
+        server,
+        deps,
+        hub,
+        log,
+        registry: metrics.registry,
+        mask: createMaskError(log, metrics),
+        getEnveloped: yoga.getEnveloped as never,
+      });
       await new Promise<void>((resolve, reject) => {
         server!.once('error', reject);
         server!.listen(port, () => resolve());
@@ -293,6 +309,8 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     stop() {
       stopped ??= (async () => {
         stopping = true;
+        await realtime?.close();
+        await hub.stop();
         if (server) {
           const closed = new Promise<void>((r) => server!.close(() => r()));
           server.closeIdleConnections();

@@ -1,6 +1,7 @@
 import type { Database, Db } from './db/client.ts';
 import type { Bus } from './ports/bus.ts';
 import type { RateLimiter } from './ports/rate-limit.ts';
+import type { Hub } from './realtime/hub.ts';
 
 /** The minimal logger core needs (pino satisfies it). */
 export interface Log {
@@ -32,6 +33,8 @@ export interface Deps {
   /** false when RATE_LIMITS=off */
   rateLimitsEnabled: boolean;
   log: Log;
+  /** The realtime hub; absent in processes that hold no sockets (workers). */
+  realtime?: Hub;
   settings: CoreSettings;
   now(): Date;
 }

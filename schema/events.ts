@@ -1,1 +1,192 @@
-// Placeholder: filled in by the events work. Each schema file adds its own types and root fields to the builder.
+/**
+ * The viewer's one stream, `events(after)`, and its event types. Rows come from the realtime
+ * hub (core/realtime); fields resolve from the database at delivery, so a replayed
+ * MessageCreated shows the message as it is now.
+ */
+import { BanterError } from '../core/errors.ts';
+import { messageIdOf } from '../core/realtime/log.ts';
+import type { Delivered } from '../core/realtime/subscription.ts';
+import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
+import { builder, decodeId, encodeId, requireViewer } from './builder.ts';
+import { ChannelRef } from './channel.ts';
+import { GuildRef } from './guild.ts';
+import { limit } from './limits.ts';
+import { MessageRef } from './message.ts';
+import { UserRef } from './user.ts';
+
+/** Log event type -> GraphQL type name. */
+const TYPE_NAMES: Record<string, string> = {
+  MESSAGE_CREATED: 'MessageCreated',
+  MESSAGE_UPDATED: 'MessageUpdated',
+  MESSAGE_DELETED: 'MessageDeleted',
+  REACTION_ADDED: 'ReactionAdded',
+  REACTION_REMOVED: 'ReactionRemoved',
+  MESSAGE_PINNED: 'MessagePinned',
+  MESSAGE_UNPINNED: 'MessageUnpinned',
+  CHANNEL_CREATED: 'ChannelCreated',
+  CHANNEL_UPDATED: 'ChannelUpdated',
+  CHANNEL_DELETED: 'ChannelDeleted',
+  GUILD_UPDATED: 'GuildUpdated',
+  GUILD_DELETED: 'GuildDeleted',
+  MEMBER_JOINED: 'MemberJoined',
+  MEMBER_LEFT: 'MemberLeft',
+  MEMBER_UPDATED: 'MemberUpdated',
+  MEMBER_KICKED: 'MemberKicked',
+  MEMBER_BANNED: 'MemberBanned',
+  ROLE_CREATED: 'RoleCreated',
+  ROLE_UPDATED: 'RoleUpdated',
+  ROLE_DELETED: 'RoleDeleted',
+  PERMISSIONS_CHANGED: 'PermissionsChanged',
+  READ_STATE_UPDATED: 'ReadStateUpdated',
+  DIRECT_CHANNEL_CREATED: 'DirectChannelCreated',
+  RELATIONSHIP_UPDATED: 'RelationshipUpdated',
+  TYPING_STARTED: 'TypingStarted',
+  PRESENCE_CHANGED: 'PresenceChanged',
+};
+
+const str = (e: Delivered, key: string): string | null =>
+  typeof e.payload[key] === 'string' ? (e.payload[key] as string) : null;
+const gid = (type: string, id: string | null) => (id ? encodeId(type, id) : null);
+
+export const EventRef = builder.interfaceRef<Delivered>('Event').implement({
+  description: 'Something that happened. `cursor` is null only for ephemeral events (typing, presence).',
+  fields: (t) => ({
+    cursor: t.string({ nullable: true, resolve: (e) => e.cursor }),
+  }),
+  resolveType: (e) => TYPE_NAMES[e.type] ?? 'UnknownEvent',
+});
+
+function eventType(name: string, description: string, fields: (t: any) => Record<string, unknown>) {
+  builder.objectRef<Delivered>(name).implement({
+    description,
+    interfaces: [EventRef],
+    fields: (t) => fields(t) as never,
+  });
+}
+
+const messageField = (t: any) =>
+  t.field({ type: MessageRef, resolve: (e: Delivered) => messageIdOf(e) ?? '' });
+const channelIdField = (t: any) =>
+  t.id({ resolve: (e: Delivered) => encodeId('Channel', e.channelId ?? '') });
+const guildIdField = (t: any) => t.id({ resolve: (e: Delivered) => encodeId('Guild', e.guildId ?? '') });
+const userField = (t: any, key = 'userId') =>
+  t.field({ type: UserRef, resolve: (e: Delivered) => str(e, key) ?? '' });
+
+eventType('MessageCreated', 'A message was sent.', (t) => ({ message: messageField(t) }));
+eventType('MessageUpdated', 'A message was edited (or its embeds changed).', (t) => ({
+  message: messageField(t),
+}));
+eventType('MessageDeleted', 'A message was deleted.', (t) => ({
+  messageId: t.id({ resolve: (e: Delivered) => encodeId('Message', messageIdOf(e) ?? '') }),
+  channelId: channelIdField(t),
+}));
+for (const [name, what] of [
+  ['ReactionAdded', 'A reaction was added'],
+  ['ReactionRemoved', 'A reaction was removed'],
+] as const) {
+  eventType(name, `${what}; \`message.reactions\` has the new counts.`, (t) => ({
+    message: messageField(t),
+    emoji: t.string({ resolve: (e: Delivered) => str(e, 'emoji') ?? '' }),
+    user: userField(t),
+  }));
+}
+eventType('MessagePinned', 'A message was pinned.', (t) => ({ message: messageField(t) }));
+eventType('MessageUnpinned', 'A message was unpinned.', (t) => ({ message: messageField(t) }));
+eventType('ChannelCreated', 'A channel the viewer can see was created.', (t) => ({
+  channel: t.field({ type: ChannelRef, resolve: (e: Delivered) => e.channelId ?? '' }),
+}));
+eventType('ChannelUpdated', 'A channel the viewer can see changed.', (t) => ({
+  channel: t.field({ type: ChannelRef, resolve: (e: Delivered) => e.channelId ?? '' }),
+}));
+eventType('ChannelDeleted', 'A channel was deleted.', (t) => ({
+  channelId: channelIdField(t),
+  guildId: t.id({ nullable: true, resolve: (e: Delivered) => gid('Guild', e.guildId) }),
+}));
+eventType('GuildUpdated', 'A guild changed.', (t) => ({
+  guild: t.field({ type: GuildRef, resolve: (e: Delivered) => e.guildId ?? '' }),
+}));
+eventType('GuildDeleted', 'A guild was deleted.', (t) => ({ guildId: guildIdField(t) }));
+for (const [name, what] of [
+  ['MemberJoined', 'A user joined a guild.'],
+  ['MemberLeft', 'A member left a guild.'],
+  ['MemberUpdated', 'A member changed (nickname, roles, timeout).'],
+  ['MemberKicked', 'A member was kicked.'],
+  ['MemberBanned', 'A member was banned.'],
+] as const) {
+  eventType(name, what, (t) => ({ guildId: guildIdField(t), user: userField(t) }));
+}
+for (const [name, what] of [
+  ['RoleCreated', 'A role was created.'],
+  ['RoleUpdated', 'A role changed.'],
+  ['RoleDeleted', 'A role was deleted.'],
+] as const) {
+  eventType(name, what, (t) => ({
+    guildId: guildIdField(t),
+    roleId: t.id({ resolve: (e: Delivered) => encodeId('Role', str(e, 'roleId') ?? '') }),
+  }));
+}
+eventType(
+  'PermissionsChanged',
+  'Permissions changed in a guild (a channel overwrite when channelId is set).',
+  (t) => ({
+    guildId: guildIdField(t),
+    channelId: t.id({ nullable: true, resolve: (e: Delivered) => gid('Channel', e.channelId) }),
+  }),
+);
+eventType('ReadStateUpdated', 'The viewer read a channel on one of its devices.', (t) => ({
+  channelId: channelIdField(t),
+  lastReadMessageId: t.id({
+    nullable: true,
+    resolve: (e: Delivered) => gid('Message', str(e, 'lastReadMessageId')),
+  }),
+}));
+eventType('DirectChannelCreated', 'A DM or group DM including the viewer was opened.', (t) => ({
+  channel: t.field({ type: ChannelRef, resolve: (e: Delivered) => e.channelId ?? '' }),
+}));
+eventType('RelationshipUpdated', "The viewer's relationship with a user changed.", (t) => ({
+  user: userField(t, 'targetId'),
+  kind: t.string({ nullable: true, resolve: (e: Delivered) => str(e, 'kind') }),
+}));
+eventType('TypingStarted', `A user started typing; show it for ${TYPING_EXPIRES_MS / 1000} s.`, (t) => ({
+  channelId: channelIdField(t),
+  user: userField(t),
+}));
+eventType('PresenceChanged', "A user's presence changed.", (t) => ({
+  user: userField(t),
+  status: t.string({ resolve: (e: Delivered) => str(e, 'status') ?? 'OFFLINE' }),
+}));
+eventType('UnknownEvent', 'An event this server version has no type for yet.', (t) => ({
+  type: t.string({ resolve: (e: Delivered) => e.type }),
+}));
+
+builder.subscriptionType({});
+
+builder.subscriptionField('events', (t) =>
+  t.field({
+    type: EventRef,
+    description:
+      "The viewer's one stream of everything it may see. `after` is the last cursor the client saw: " +
+      'the server replays what happened since, then goes live, with no event lost or repeated. ' +
+      'A cursor older than retention fails with CURSOR_EXPIRED.',
+    args: { after: t.arg.string() },
+    subscribe: async (_r, { after }, ctx) => {
+      const viewer = requireViewer(ctx);
+      const hub = ctx.deps.realtime;
+      if (!hub) throw new BanterError('BAD_USER_INPUT', 'This process does not serve subscriptions.');
+      return hub.subscribe(viewer, after);
+    },
+    resolve: (e) => e,
+  }),
+);
+
+builder.mutationField('startTyping', (t) =>
+  t.boolean({
+    description: 'Tells the channel the viewer is typing (needs SEND_MESSAGES); expires after 10 s.',
+    args: { channelId: t.arg.id({ required: true }) },
+    resolve: async (_r, { channelId }, ctx) => {
+      const viewer = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      return startTyping(ctx.deps, viewer, decodeId(channelId, 'Channel', 'channelId'));
+    },
+  }),
+);

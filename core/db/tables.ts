@@ -434,6 +434,8 @@ export const events = pgTable(
     index('events_guild').on(t.guildId, t.seq),
     index('events_user').on(t.userId, t.seq),
     index('events_created').on(t.createdAt),
+    /** the log's read order (core/realtime/log.ts) */
+    index('events_order').on(t.xid, t.seq),
   ],
 );
 

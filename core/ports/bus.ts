@@ -1,8 +1,11 @@
 /**
  * The bus is a doorbell, not the truth: after a transaction that wrote event-log rows commits,
  * the service rings it so subscribers read the log. Implementations: in-process (default) and
- * Redis pub/sub (when REDIS_URL is set).
+ * Redis pub/sub (when REDIS_URL is set). A ring that is lost (Redis restart) costs latency only:
+ * every tailer also polls the log.
  */
+import type { Redis } from 'ioredis';
+
 export interface LoggedEventRef {
   seq: number;
   type: string;
@@ -11,22 +14,137 @@ export interface LoggedEventRef {
   userId: string | null;
 }
 
+/** Ephemeral signals, one typed map for publish and subscribe. */
+export interface SignalTopics {
+  /** close the sockets of a user (all, or one session's) on every instance */
+  disconnect: { userId: string; sessionId?: string; code: number; reason: string };
+  typing: { channelId: string; guildId: string | null; userId: string; at: number };
+  presence: { userId: string; status: string };
+}
+export type SignalTopic = keyof SignalTopics;
+export type SignalHandler = <T extends SignalTopic>(topic: T, payload: SignalTopics[T]) => void;
+
 export interface Bus {
+  kind: 'memory' | 'redis';
   /** Announce committed event-log rows. Never throws: a missed ring is caught up from the log. */
   announce(events: LoggedEventRef[]): Promise<void>;
-  /** Ephemeral signals (typing, presence): not logged, never replayed. */
-  signal(topic: string, payload: unknown): Promise<void>;
+  /** Ephemeral signals (typing, presence, disconnects): not logged, never replayed. */
+  signal<T extends SignalTopic>(topic: T, payload: SignalTopics[T]): Promise<void>;
+  /** Called for every announce, local or from another instance; also (with []) after a reconnect. */
+  onAnnounce(fn: (events: LoggedEventRef[]) => void): () => void;
+  onSignal(fn: SignalHandler): () => void;
   close(): Promise<void>;
 }
 
-/** Until realtime delivery is wired, the bus only counts what it was told. */
-export function createNullBus(): Bus & { announced: number } {
+function listeners() {
+  const announce = new Set<(e: LoggedEventRef[]) => void>();
+  const signal = new Set<SignalHandler>();
+  const safe = (fn: () => void) => {
+    try {
+      fn();
+    } catch {
+      // A listener's failure must not stop the others; listeners log their own errors.
+    }
+  };
   return {
-    announced: 0,
+    announce,
+    signal,
+    fireAnnounce(e: LoggedEventRef[]) {
+      for (const fn of announce) safe(() => fn(e));
+    },
+    fireSignal(topic: SignalTopic, payload: unknown) {
+      for (const fn of signal) safe(() => fn(topic, payload as never));
+    },
+  };
+}
+
+/** One process: delivery is a function call. */
+export function createMemoryBus(): Bus {
+  const l = listeners();
+  return {
+    kind: 'memory',
     async announce(events) {
+      queueMicrotask(() => l.fireAnnounce(events));
+    },
+    async signal(topic, payload) {
+      queueMicrotask(() => l.fireSignal(topic, payload));
+    },
+    onAnnounce(fn) {
+      l.announce.add(fn);
+      return () => l.announce.delete(fn);
+    },
+    onSignal(fn) {
+      l.signal.add(fn);
+      return () => l.signal.delete(fn);
+    },
+    async close() {
+      l.announce.clear();
+      l.signal.clear();
+    },
+  };
+}
+
+/**
+ * Redis pub/sub: `publisher` is shared with the rest of the app; `subscriber` is a dedicated
+ * connection (a subscribed connection cannot issue other commands). Channels carry `prefix`.
+ */
+export function createRedisBus(publisher: Redis, subscriber: Redis, prefix: string): Bus {
+  const l = listeners();
+  const chEvents = `${prefix}bus:events`;
+  const chSignal = `${prefix}bus:signal`;
+  // Errors surface as reconnects; the poll covers the gap, so they are not fatal here.
+  subscriber.on('error', () => {});
+  subscriber.on('message', (channel: string, message: string) => {
+    try {
+      if (channel === chEvents) l.fireAnnounce(JSON.parse(message));
+      else if (channel === chSignal) {
+        const m = JSON.parse(message) as { t: SignalTopic; p: unknown };
+        l.fireSignal(m.t, m.p);
+      }
+    } catch {
+      // A malformed message is dropped; the log poll covers events.
+    }
+  });
+  // After a reconnect, rings sent while we were away are lost: ask listeners to read the log now.
+  subscriber.on('ready', () => l.fireAnnounce([]));
+  const subscribed = subscriber.subscribe(chEvents, chSignal).catch(() => {});
+  return {
+    kind: 'redis',
+    async announce(events) {
+      await publisher.publish(chEvents, JSON.stringify(events)).catch(() => {
+        // Local listeners still hear it; other instances catch up by polling.
+        l.fireAnnounce(events);
+      });
+    },
+    async signal(topic, payload) {
+      await publisher.publish(chSignal, JSON.stringify({ t: topic, p: payload })).catch(() => {
+        l.fireSignal(topic, payload);
+      });
+    },
+    onAnnounce(fn) {
+      l.announce.add(fn);
+      return () => l.announce.delete(fn);
+    },
+    onSignal(fn) {
+      l.signal.add(fn);
+      return () => l.signal.delete(fn);
+    },
+    async close() {
+      await subscribed;
+      l.announce.clear();
+      l.signal.clear();
+      await subscriber.quit().catch(() => subscriber.disconnect());
+    },
+  };
+}
+
+/** Kept for tests of services that do not care about delivery. */
+export function createNullBus(): Bus & { announced: number } {
+  const bus = createMemoryBus();
+  return Object.assign(bus, {
+    announced: 0,
+    async announce(this: { announced: number }, events: LoggedEventRef[]) {
       this.announced += events.length;
     },
-    async signal() {},
-    async close() {},
-  };
+  });
 }

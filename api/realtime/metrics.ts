@@ -1,0 +1,44 @@
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+
+/** Realtime metrics, on the app's registry. */
+export function createRealtimeMetrics(
+  registry: Registry,
+  counts: { sockets(): number; subscriptions(): number },
+) {
+  new Gauge({
+    name: 'banter_ws_open_sockets',
+    help: 'Open GraphQL WebSocket connections',
+    registers: [registry],
+    collect() {
+      this.set(counts.sockets());
+    },
+  });
+  new Gauge({
+    name: 'banter_ws_active_subscriptions',
+    help: 'Active events subscriptions on this process',
+    registers: [registry],
+    collect() {
+      this.set(counts.subscriptions());
+    },
+  });
+  const delivered = new Counter({
+    name: 'banter_events_delivered_total',
+    help: 'Events sent to subscribers, by whether the execution result was shared',
+    labelNames: ['shared'] as const,
+    registers: [registry],
+  });
+  const replay = new Histogram({
+    name: 'banter_events_replay_rows',
+    help: 'Log rows read per events(after) replay',
+    buckets: [0, 1, 10, 100, 1000, 10_000, 100_000],
+    registers: [registry],
+  });
+  const closes = new Counter({
+    name: 'banter_ws_closes_total',
+    help: 'WebSocket closes by code',
+    labelNames: ['code'] as const,
+    registers: [registry],
+  });
+  return { delivered, replay, closes };
+}
+export type RealtimeMetrics = ReturnType<typeof createRealtimeMetrics>;

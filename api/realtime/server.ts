@@ -1,0 +1,288 @@
+/**
+ * GraphQL over WebSocket (graphql-transport-ws) on the HTTP server's port and path. Auth is the
+ * `connection_init` payload; the hub (core/realtime) does ordering, replay and permissions; this
+ * file does sockets: limits, keep-alive, slow consumers, revocation, metrics.
+ */
+import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, Server } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { sql } from 'drizzle-orm';
+import { type ExecutionArgs, GraphQLError, getOperationAST } from 'graphql';
+import type { ServerOptions } from 'graphql-ws';
+import { useServer } from 'graphql-ws/use/ws';
+import { type WebSocket, WebSocketServer } from 'ws';
+import type { Deps, Viewer } from '../../core/deps.ts';
+import { BanterError } from '../../core/errors.ts';
+import { CloseCode } from '../../core/realtime/disconnect.ts';
+import type { Hub } from '../../core/realtime/hub.ts';
+import { SlowConsumerError } from '../../core/realtime/subscription.ts';
+import { authenticate } from '../../core/services/auth.service.ts';
+import type { Context } from '../../schema/builder.ts';
+import type { Logger } from '../logger.ts';
+import { createRealtimeMetrics } from './metrics.ts';
+import { maskResult, subscribeShared } from './shared-execution.ts';
+
+export interface RealtimeLimits {
+  /** Open sockets per user. Default 20. */
+  socketsPerUser: number;
+  /** Concurrent operations per socket. Default 50. */
+  subscriptionsPerSocket: number;
+  /** New connections per IP per minute. Default 120. */
+  connectionsPerIpPerMinute: number;
+  /** Outgoing bytes a socket may have queued before it is closed as a slow consumer. Default 4 MiB. */
+  maxBufferedBytes: number;
+  /** graphql-ws keep-alive ping interval in ms (a socket missing a pong for as long is dropped). Default 12 s. */
+  keepAliveMs: number;
+  /** How often sockets' sessions are re-checked for revocation, in ms. Default 10 s. */
+  sessionCheckMs: number;
+}
+
+export const DEFAULT_LIMITS: RealtimeLimits = {
+  socketsPerUser: 20,
+  subscriptionsPerSocket: 50,
+  connectionsPerIpPerMinute: 120,
+  maxBufferedBytes: 4 * 1024 * 1024,
+  keepAliveMs: 12_000,
+  sessionCheckMs: 10_000,
+};
+
+interface Extra {
+  socket: WebSocket;
+  request: IncomingMessage;
+  viewer?: Viewer;
+}
+
+const ipOf = (req: IncomingMessage) => req.socket.remoteAddress ?? 'unknown';
+
+export interface RealtimeServerOptions {
+  server: Server;
+  deps: Deps;
+  hub: Hub;
+  log: Logger;
+  registry: import('prom-client').Registry;
+  mask: (error: unknown, message: string) => Error;
+  /** yoga's enveloped parse/validate/execute (armor limits and error masking apply) */
+  getEnveloped: (ctx: Record<string, unknown>) => {
+    parse: (source: string) => import('graphql').DocumentNode;
+    validate: (
+      schema: import('graphql').GraphQLSchema,
+      doc: import('graphql').DocumentNode,
+    ) => readonly GraphQLError[];
+    execute: (args: ExecutionArgs) => unknown;
+    schema: import('graphql').GraphQLSchema;
+  };
+  limits?: Partial<RealtimeLimits>;
+}
+
+export function attachRealtime(o: RealtimeServerOptions) {
+  const limits = { ...DEFAULT_LIMITS, ...o.limits };
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 256 * 1024 });
+  const byUser = new Map<string, Set<WebSocket>>();
+  const viewerOf = new Map<WebSocket, Viewer>();
+  const socketOfContext = new WeakMap<object, WebSocket>();
+  const metrics = createRealtimeMetrics(o.registry, {
+    sockets: () => wss.clients.size,
+    subscriptions: () => o.hub.subscriberCount,
+  });
+
+  o.hub.observe({ replayed: (n) => metrics.replay.observe(n) });
+
+  function close(socket: WebSocket, code: number, reason: string) {
+    if (socket.readyState === socket.OPEN || socket.readyState === socket.CONNECTING)
+      socket.close(code, reason);
+  }
+
+  const gqlws: ServerOptions<Record<string, unknown>, Extra> = {
+    connectionInitWaitTimeout: 10_000,
+    async onConnect(ctx) {
+      const raw = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
+      const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
+      let viewer: Viewer;
+      try {
+        if (!m) throw new BanterError('UNAUTHENTICATED');
+        viewer = await authenticate(o.deps, m[1]);
+      } catch (err) {
+        const revoked = err instanceof BanterError && /revoked/.test(err.message);
+        close(
+          ctx.extra.socket,
+          revoked ? CloseCode.Forbidden : CloseCode.Unauthorized,
+          revoked ? 'Forbidden' : 'Unauthorized',
+        );
+        return false;
+      }
+      let mine = byUser.get(viewer.userId);
+      if (!mine) {
+        mine = new Set();
+        byUser.set(viewer.userId, mine);
+      }
+      if (mine.size >= limits.socketsPerUser) {
+        close(ctx.extra.socket, CloseCode.TooManyConnections, 'Too many sockets for this user');
+        return false;
+      }
+      mine.add(ctx.extra.socket);
+      viewerOf.set(ctx.extra.socket, viewer);
+      ctx.extra.viewer = viewer;
+      return true;
+    },
+    async onSubscribe(ctx, _id, payload) {
+      if (!ctx.extra.viewer)
+        return [new GraphQLError('Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } })];
+      if (Object.keys(ctx.subscriptions).length > limits.subscriptionsPerSocket) {
+        return [
+          new GraphQLError(`At most ${limits.subscriptionsPerSocket} operations per socket.`, {
+            extensions: { code: 'RATE_LIMITED', retryAfter: 1 },
+          }),
+        ];
+      }
+      const env = o.getEnveloped({ ip: ipOf(ctx.extra.request) });
+      let document: import('graphql').DocumentNode;
+      try {
+        document = env.parse(payload.query);
+      } catch (err) {
+        return [maskError(err)];
+      }
+      const errors = env.validate(env.schema, document);
+      if (errors.length) return errors.map(maskError);
+      const contextValue: Context = {
+        deps: o.deps,
+        viewer: ctx.extra.viewer,
+        requestId: randomUUID(),
+        ip: ipOf(ctx.extra.request),
+      };
+      socketOfContext.set(contextValue, ctx.extra.socket);
+      return {
+        schema: env.schema,
+        document,
+        operationName: payload.operationName,
+        variableValues: payload.variables,
+        contextValue,
+        rootValue: { execute: env.execute },
+      };
+    },
+    execute: async (args) => {
+      const r = (await (args.rootValue as { execute: (a: ExecutionArgs) => unknown }).execute({
+        ...args,
+        rootValue: undefined,
+      })) as import('graphql').ExecutionResult;
+      return maskResult(r, o.mask);
+    },
+    subscribe: async (args) => {
+      const op = getOperationAST(args.document, args.operationName);
+      const socket = socketOfContext.get(args.contextValue as object);
+      return subscribeShared(
+        { ...args, rootValue: undefined, operationName: op?.name?.value ?? args.operationName },
+        {
+          mask: o.mask,
+          onResult(shared) {
+            metrics.delivered.inc({ shared: String(shared) });
+            if (socket && socket.bufferedAmount > limits.maxBufferedBytes) {
+              close(socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+            }
+          },
+          onSourceError(err) {
+            if (err instanceof SlowConsumerError && socket) {
+              close(socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+            }
+          },
+        },
+      );
+    },
+    onClose(ctx, code) {
+      metrics.closes.inc({ code: String(code ?? 0) });
+      forget(ctx.extra.socket);
+    },
+    onDisconnect(ctx, code) {
+      metrics.closes.inc({ code: String(code ?? 0) });
+      forget(ctx.extra.socket);
+    },
+  };
+
+  function maskError(err: unknown): GraphQLError {
+    return o.mask(err, 'Unexpected error.') as GraphQLError;
+  }
+
+  function forget(socket: WebSocket) {
+    const v = viewerOf.get(socket);
+    viewerOf.delete(socket);
+    if (v) {
+      const set = byUser.get(v.userId);
+      set?.delete(socket);
+      if (set && !set.size) byUser.delete(v.userId);
+    }
+  }
+
+  const disposable = useServer(gqlws as ServerOptions, wss, limits.keepAliveMs);
+
+  // Per-IP connection rate, before the upgrade: refused with a plain HTTP 429.
+  async function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer) {
+    const path = (req.url ?? '/').split('?')[0];
+    if (path !== '/graphql') {
+      socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+      return;
+    }
+    const ip = req.socket.remoteAddress ?? 'unknown';
+    if (o.deps.rateLimitsEnabled) {
+      const r = await o.deps.rateLimiter
+        .hit(`ws:ip:${ip}`, { limit: limits.connectionsPerIpPerMinute, windowSeconds: 60 })
+        .catch(() => ({ ok: true, retryAfter: 0 }));
+      if (!r.ok) {
+        metrics.closes.inc({ code: '429' });
+        socket.end(
+          `HTTP/1.1 429 Too Many Requests\r\nRetry-After: ${r.retryAfter}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`,
+        );
+        return;
+      }
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+  }
+  const upgradeListener = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    onUpgrade(req, socket, head).catch((err) => {
+      o.log.warn({ err }, 'websocket upgrade failed');
+      socket.destroy();
+    });
+  };
+  o.server.on('upgrade', upgradeListener);
+
+  // Revocation and deactivation: sockets of ended sessions are closed, here at once when told
+  // over the bus, and within sessionCheckMs by a periodic check of every open session.
+  const offDisconnect = o.hub.onDisconnect((d) => {
+    for (const s of byUser.get(d.userId) ?? []) {
+      if (!d.sessionId || viewerOf.get(s)?.sessionId === d.sessionId) close(s, d.code, d.reason);
+    }
+  });
+  const sessionTimer = setInterval(() => void checkSessions(), limits.sessionCheckMs);
+  sessionTimer.unref();
+  async function checkSessions() {
+    const ids = [...new Set([...viewerOf.values()].map((v) => v.sessionId))];
+    if (!ids.length) return;
+    try {
+      const r = (await o.deps.db.execute(sql`
+        select s.id from sessions s join users u on u.id = s.user_id
+        where s.id = any(${`{${ids.join(',')}}`}::uuid[])
+          and (s.revoked_at is not null or s.expires_at <= now() or u.deactivated_at is not null)`)) as unknown as {
+        rows: { id: string }[];
+      };
+      const dead = new Set(r.rows.map((x) => x.id));
+      for (const [s, v] of viewerOf)
+        if (dead.has(v.sessionId)) close(s, CloseCode.Forbidden, 'Session ended');
+    } catch (err) {
+      o.log.warn({ err }, 'websocket session check failed');
+    }
+  }
+
+  return {
+    wss,
+    get socketCount() {
+      return wss.clients.size;
+    },
+    /** Closes every socket (1001) and stops accepting upgrades. */
+    async close() {
+      o.server.off('upgrade', upgradeListener);
+      clearInterval(sessionTimer);
+      offDisconnect();
+      await disposable.dispose();
+      for (const s of wss.clients) s.terminate();
+      await new Promise<void>((r) => wss.close(() => r()));
+    },
+  };
+}

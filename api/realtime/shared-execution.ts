@@ -1,0 +1,136 @@
+/**
+ * Subscription execution that shares work between subscribers. The hub hands every local
+ * subscriber the same row object; the first subscriber to execute a given (document, variables)
+ * for that row runs GraphQL with a context that records whether `viewer` was read. If it was
+ * not, the result cannot differ between viewers (visibility was already decided by the hub), so
+ * every other subscriber with the same document reuses it instead of executing again.
+ */
+import {
+  createSourceEventStream,
+  type DocumentNode,
+  type ExecutionArgs,
+  type ExecutionResult,
+  execute,
+  GraphQLError,
+} from 'graphql';
+import type { Context } from '../../schema/builder.ts';
+
+type Mask = (error: unknown, message: string) => Error;
+
+interface Shared {
+  result: Promise<ExecutionResult>;
+  viewerFree: Promise<boolean>;
+}
+
+const docIds = new WeakMap<DocumentNode, number>();
+let nextDocId = 1;
+const perEvent = new WeakMap<object, Map<string, Shared>>();
+
+function keyOf(args: ExecutionArgs): string {
+  let id = docIds.get(args.document);
+  if (!id) {
+    id = nextDocId++;
+    docIds.set(args.document, id);
+  }
+  return `${id}|${args.operationName ?? ''}|${JSON.stringify(args.variableValues ?? {})}`;
+}
+
+export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
+  if (!result.errors?.length) return result;
+  return {
+    ...result,
+    errors: result.errors.map((e) => mask(e, 'Unexpected error.') as GraphQLError),
+  };
+}
+
+/** A context whose `viewer` read is recorded; loaders stay per execution. */
+function tracking(ctx: Context): { ctx: Context; touched: () => boolean } {
+  let touched = false;
+  const viewer = ctx.viewer;
+  const tracked = { ...ctx };
+  Object.defineProperty(tracked, 'viewer', {
+    enumerable: true,
+    get() {
+      touched = true;
+      return viewer;
+    },
+  });
+  return { ctx: tracked, touched: () => touched };
+}
+
+export interface SharedSubscribeHooks {
+  mask: Mask;
+  /** each result sent; `shared` when it was reused from another subscriber */
+  onResult?(shared: boolean): void;
+  /** the source failed (e.g. slow consumer): the caller decides what to do with the socket */
+  onSourceError?(err: unknown): void;
+}
+
+/**
+ * Like graphql's `subscribe`, with results shared between subscribers where that is provably
+ * safe. Errors from the source stream (bad cursor, expired cursor) come back as a result with
+ * the masked error, as the protocol expects.
+ */
+export async function subscribeShared(
+  args: ExecutionArgs,
+  hooks: SharedSubscribeHooks,
+): Promise<AsyncGenerator<ExecutionResult> | ExecutionResult> {
+  const source = await createSourceEventStream(args);
+  if (!(Symbol.asyncIterator in (source as object))) {
+    return maskResult(source as ExecutionResult, hooks.mask);
+  }
+  const iterable = source as AsyncIterable<unknown>;
+  const key = keyOf(args);
+  const ctx = args.contextValue as Context;
+
+  const run = (payload: unknown): Shared => {
+    const t = tracking(ctx);
+    const result = Promise.resolve(execute({ ...args, rootValue: payload, contextValue: t.ctx })).then((r) =>
+      maskResult(r, hooks.mask),
+    );
+    return { result, viewerFree: result.then(() => !t.touched()) };
+  };
+
+  async function* map(): AsyncGenerator<ExecutionResult> {
+    const it = iterable[Symbol.asyncIterator]();
+    try {
+      for (;;) {
+        let step: IteratorResult<unknown>;
+        try {
+          step = await it.next();
+        } catch (err) {
+          hooks.onSourceError?.(err);
+          yield maskResult(
+            { errors: [new GraphQLError((err as Error).message, { originalError: err as Error })] },
+            hooks.mask,
+          );
+          return;
+        }
+        if (step.done) return;
+        const payload = step.value;
+        if (typeof payload !== 'object' || payload === null) {
+          yield await run(payload).result;
+          continue;
+        }
+        let byDoc = perEvent.get(payload);
+        if (!byDoc) {
+          byDoc = new Map();
+          perEvent.set(payload, byDoc);
+        }
+        const existing = byDoc.get(key);
+        if (existing && (await existing.viewerFree)) {
+          hooks.onResult?.(true);
+          yield await existing.result;
+          continue;
+        }
+        const mine = run(payload);
+        if (!existing) byDoc.set(key, mine);
+        hooks.onResult?.(false);
+        yield await mine.result;
+      }
+    } finally {
+      await it.return?.();
+    }
+  }
+  return map();
+}

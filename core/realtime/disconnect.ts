@@ -1,0 +1,31 @@
+import type { Deps } from '../deps.ts';
+
+/** graphql-ws close codes Banter uses, plus its own. */
+export const CloseCode = {
+  /** bad or expired access token (graphql-ws: the client does not retry) */
+  Unauthorized: 4401,
+  /** session revoked, account deactivated, or disconnected by a moderator */
+  Forbidden: 4403,
+  /** too many sockets for this user, or connections from this address */
+  TooManyConnections: 4029,
+  /** the socket's outgoing buffer passed its bound: resume from the last cursor */
+  SlowConsumer: 1013,
+  GoingAway: 1001,
+} as const;
+
+/**
+ * Closes a user's sockets (one session's, or all) on every api instance: services call it after
+ * revoking a session or deactivating an account.
+ */
+export async function disconnectUser(
+  deps: Deps,
+  userId: string,
+  opts: { sessionId?: string; reason?: string } = {},
+): Promise<void> {
+  await deps.bus.signal('disconnect', {
+    userId,
+    sessionId: opts.sessionId,
+    code: CloseCode.Forbidden,
+    reason: opts.reason ?? 'Session ended',
+  });
+}

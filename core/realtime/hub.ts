@@ -1,0 +1,226 @@
+/**
+ * The realtime hub of one api process: one log tailer and the local subscribers.
+ *
+ * The tailer reads finished rows after its own position in one query, on every bus ring and on a
+ * short poll (the safety net for rings lost in a Redis restart), and hands each row, the same
+ * object, to every local subscriber. A subscriber with `after` registers at the tailer's position
+ * P, replays (after, P] from the log, then takes live rows > max(after, P): no gap, no duplicate.
+ */
+import type { Db } from '../db/client.ts';
+import type { CoreSettings, Log } from '../deps.ts';
+import type { Bus, SignalTopics } from '../ports/bus.ts';
+import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
+import { assertNotExpired, headPosition, markGone, pruneEvents, readAfter, readRange } from './log.ts';
+import { type Delivered, Subscription } from './subscription.ts';
+import { ViewerAccess } from './visibility.ts';
+
+export interface HubDeps {
+  db: Db;
+  bus: Bus;
+  log: Log;
+  settings: CoreSettings;
+}
+
+/** Hooks for metrics; all optional. */
+export interface HubObserver {
+  delivered?(n: number): void;
+  replayed?(n: number): void;
+  subscriptions?(delta: number): void;
+}
+
+export interface HubOptions {
+  /** Log poll interval in ms, the safety net for lost rings. Default 500. */
+  pollMs?: number;
+  /** Prune interval in ms. Default 1 hour. */
+  pruneMs?: number;
+  observer?: HubObserver;
+}
+
+export interface SubscribeOptions {
+  /** Called when the subscriber is cut off (slow consumer). */
+  onFail?(err: unknown): void;
+}
+
+const BATCH = 1000;
+const REPLAY_PAGE = 500;
+
+export function createHub(deps: HubDeps, opts: HubOptions = {}) {
+  const pollMs = opts.pollMs ?? 500;
+  let obs = opts.observer ?? {};
+  const subs = new Set<Subscription>();
+  let pos: Position | undefined;
+  let ready: Promise<void> | undefined;
+  let busy = false;
+  let again = false;
+  let stopped = false;
+  let poll: NodeJS.Timeout | undefined;
+  let prune: NodeJS.Timeout | undefined;
+  const unsubs: (() => void)[] = [];
+  const disconnectHandlers = new Set<(s: SignalTopics['disconnect']) => void>();
+
+  async function tail() {
+    if (busy) {
+      again = true;
+      return;
+    }
+    busy = true;
+    try {
+      do {
+        again = false;
+        for (;;) {
+          const batch = (await readAfter(deps.db, pos!, BATCH)) as Delivered[];
+          if (!batch.length || stopped) break;
+          await markGone(deps.db, batch);
+          for (const r of batch) r.cursor = encodeCursor(r);
+          // Position and dispatch move together, synchronously: a subscriber registering at any
+          // moment sees either the old position and this batch, or the new one and not it.
+          pos = batch[batch.length - 1];
+          for (const s of subs) for (const r of batch) s.push(r);
+          if (batch.length < BATCH) break;
+        }
+      } while (again && !stopped);
+    } catch (err) {
+      deps.log.warn({ err }, 'event log tail failed; retrying on the next poll');
+    } finally {
+      busy = false;
+    }
+  }
+
+  function onSignal<T extends keyof SignalTopics>(topic: T, payload: SignalTopics[T]) {
+    if (topic === 'disconnect') {
+      for (const fn of disconnectHandlers) fn(payload as SignalTopics['disconnect']);
+    } else if (topic === 'typing') {
+      const t = payload as SignalTopics['typing'];
+      const row: Delivered = {
+        xid: '0',
+        seq: 0,
+        cursor: null,
+        type: 'TYPING_STARTED',
+        guildId: t.guildId,
+        channelId: t.channelId,
+        userId: null,
+        payload: { userId: t.userId, at: t.at },
+      };
+      for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
+    } else if (topic === 'presence') {
+      const p = payload as SignalTopics['presence'];
+      const row: Delivered = {
+        xid: '0',
+        seq: 0,
+        cursor: null,
+        type: 'PRESENCE_CHANGED',
+        guildId: null,
+        channelId: null,
+        userId: null,
+        payload: { userId: p.userId, status: p.status },
+      };
+      for (const s of subs) s.push(row);
+    }
+  }
+
+  async function replay(sub: Subscription, viewerId: string, from: Position, to: Position) {
+    let at = from;
+    let total = 0;
+    for (;;) {
+      const page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
+      if (!page.length) break;
+      await markGone(deps.db, page);
+      for (const r of page) {
+        if (sub.closed) return;
+        r.cursor = encodeCursor(r);
+        await sub.emitReplayed(r);
+      }
+      total += page.length;
+      at = page[page.length - 1];
+      if (page.length < REPLAY_PAGE) break;
+    }
+    obs.replayed?.(total);
+  }
+
+  const hub = {
+    /** Loads the starting position and begins tailing. Idempotent. */
+    start(): Promise<void> {
+      ready ??= (async () => {
+        pos = await headPosition(deps.db);
+        unsubs.push(deps.bus.onAnnounce(() => void tail()));
+        unsubs.push(deps.bus.onSignal(onSignal));
+        poll = setInterval(() => void tail(), pollMs);
+        poll.unref();
+        const runPrune = () =>
+          pruneEvents(deps.db, deps.settings.eventRetentionDays).catch((err) =>
+            deps.log.warn({ err }, 'event log prune failed'),
+          );
+        prune = setInterval(runPrune, opts.pruneMs ?? 3_600_000);
+        prune.unref();
+        void runPrune();
+      })();
+      return ready;
+    },
+
+    /**
+     * The viewer's stream. Throws BAD_USER_INPUT for a malformed cursor and CURSOR_EXPIRED for
+     * one past retention, before anything is registered.
+     */
+    async subscribe(
+      viewer: { userId: string },
+      after: string | null | undefined,
+      o: SubscribeOptions = {},
+    ): Promise<AsyncIterableIterator<Delivered>> {
+      const from = after ? decodeCursor(after) : undefined;
+      if (from) await assertNotExpired(deps.db, from);
+      await hub.start();
+      const p = pos!;
+      const sub = new Subscription(
+        new ViewerAccess(deps.db, viewer.userId),
+        from ? maxPos(from, p) : p,
+        (s, failure) => {
+          if (subs.delete(s)) obs.subscriptions?.(-1);
+          obs.delivered?.(s.delivered);
+          if (failure) o.onFail?.(failure);
+        },
+      );
+      subs.add(sub);
+      obs.subscriptions?.(1);
+      if (from) {
+        replay(sub, viewer.userId, from, p).then(
+          () => sub.goLive(),
+          (err) => {
+            deps.log.warn({ err }, 'event replay failed');
+            sub.fail(err);
+          },
+        );
+      } else sub.goLive();
+      return sub;
+    },
+
+    /** Close handlers for sockets of a user, on every instance (the signal goes over the bus). */
+    onDisconnect(fn: (s: SignalTopics['disconnect']) => void) {
+      disconnectHandlers.add(fn);
+      return () => disconnectHandlers.delete(fn);
+    },
+
+    /** Sets the metrics hooks. */
+    observe(o: HubObserver) {
+      obs = o;
+    },
+
+    /** Reads the log now (tests and the bus ring use it). */
+    poke: () => tail(),
+
+    get subscriberCount() {
+      return subs.size;
+    },
+
+    async stop() {
+      stopped = true;
+      if (poll) clearInterval(poll);
+      if (prune) clearInterval(prune);
+      for (const u of unsubs) u();
+      for (const s of [...subs]) await s.return();
+      while (busy) await new Promise((r) => setTimeout(r, 10));
+    },
+  };
+  return hub;
+}
+
+export type Hub = ReturnType<typeof createHub>;

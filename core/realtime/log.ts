@@ -1,0 +1,160 @@
+/**
+ * Reading the event log in commit-safe order. Only rows whose transactions have all finished
+ * are read (`xid < xmin` of the current snapshot): a transaction still open may hold a row with
+ * a lower seq, and it will sort after every position handed out so far when it commits.
+ */
+import { sql } from 'drizzle-orm';
+import type { Db } from '../db/client.ts';
+import { BanterError } from '../errors.ts';
+import { comparePos, ORIGIN, type Position } from './cursor.ts';
+
+export interface LogRow extends Position {
+  type: string;
+  guildId: string | null;
+  channelId: string | null;
+  userId: string | null;
+  payload: Record<string, unknown>;
+  /** set when the message the row refers to is deleted by now (its MessageDeleted follows) */
+  gone?: boolean;
+}
+
+interface RawRow {
+  seq: string | number;
+  xid: string;
+  type: string;
+  guild_id: string | null;
+  channel_id: string | null;
+  user_id: string | null;
+  payload: Record<string, unknown> | string;
+}
+
+const rows = <T>(r: unknown) => (r as { rows: T[] }).rows;
+
+function toRow(r: RawRow): LogRow {
+  return {
+    seq: Number(r.seq),
+    xid: String(r.xid),
+    type: r.type,
+    guildId: r.guild_id,
+    channelId: r.channel_id,
+    userId: r.user_id,
+    payload: typeof r.payload === 'string' ? JSON.parse(r.payload) : r.payload,
+  };
+}
+
+const COLS = sql`seq, xid::text as xid, type, guild_id, channel_id, user_id, payload`;
+const FINISHED = sql`xid < pg_snapshot_xmin(pg_current_snapshot())`;
+
+/** The last finished row: where a tailer starting now begins. */
+export async function headPosition(db: Db): Promise<Position> {
+  const [r] = rows<{ xid: string; seq: string }>(
+    await db.execute(
+      sql`select xid::text as xid, seq from events where ${FINISHED} order by xid desc, seq desc limit 1`,
+    ),
+  );
+  return r ? { xid: String(r.xid), seq: Number(r.seq) } : ORIGIN;
+}
+
+/** Finished rows after `from`, in log order. */
+export async function readAfter(db: Db, from: Position, limit: number): Promise<LogRow[]> {
+  const r = await db.execute(sql`
+    select ${COLS} from events
+    where (xid, seq) > (${from.xid}::xid8, ${from.seq}::bigint) and ${FINISHED}
+    order by xid, seq limit ${limit}`);
+  return rows<RawRow>(r).map(toRow);
+}
+
+/**
+ * Rows in (from, to] that `userId` could possibly see: a coarse SQL prefilter (own rows, guilds
+ * it is in, DMs it is in, membership events about it); exact permission is decided per row after.
+ */
+export async function readRange(
+  db: Db,
+  userId: string,
+  from: Position,
+  to: Position,
+  limit: number,
+): Promise<LogRow[]> {
+  if (comparePos(from, to) >= 0) return [];
+  const r = await db.execute(sql`
+    select ${COLS} from events
+    where (xid, seq) > (${from.xid}::xid8, ${from.seq}::bigint)
+      and (xid, seq) <= (${to.xid}::xid8, ${to.seq}::bigint)
+      and (user_id = ${userId}::uuid or (user_id is null and (
+        guild_id in (select guild_id from members where user_id = ${userId}::uuid)
+        or channel_id in (select channel_id from channel_recipients where user_id = ${userId}::uuid)
+        or payload->>'userId' = ${userId})))
+    order by xid, seq limit ${limit}`);
+  return rows<RawRow>(r).map(toRow);
+}
+
+/** The message a row is about, if any. */
+export function messageIdOf(row: { type: string; payload: Record<string, unknown> }): string | null {
+  const p = row.payload;
+  if (typeof p.messageId === 'string') return p.messageId;
+  if (row.type.startsWith('MESSAGE_') && typeof p.id === 'string') return p.id;
+  return null;
+}
+
+/** Marks rows about messages deleted by now, in one query per batch. */
+export async function markGone(db: Db, batch: LogRow[]): Promise<void> {
+  const ids = new Set<string>();
+  for (const r of batch) {
+    if (r.type === 'MESSAGE_DELETED' || r.type === 'READ_STATE_UPDATED') continue;
+    const id = messageIdOf(r);
+    if (id) ids.add(id);
+  }
+  if (!ids.size) return;
+  const list = [...ids];
+  const alive = new Set(
+    rows<{ id: string }>(
+      await db.execute(
+        sql`select id from messages where id = any(${`{${list.join(',')}}`}::uuid[]) and deleted_at is null`,
+      ),
+    ).map((r) => r.id),
+  );
+  for (const r of batch) {
+    if (r.type === 'MESSAGE_DELETED' || r.type === 'READ_STATE_UPDATED') continue;
+    const id = messageIdOf(r);
+    if (id && !alive.has(id)) r.gone = true;
+  }
+}
+
+const WATERMARK_KEY = 'events.pruned_through';
+
+/** The last position pruned: a cursor before it may have lost rows. */
+export async function prunedThrough(db: Db): Promise<Position> {
+  const [r] = rows<{ value: Position | string }>(
+    await db.execute(sql`select value from instance_settings where key = ${WATERMARK_KEY}`),
+  );
+  if (!r) return ORIGIN;
+  const v = typeof r.value === 'string' ? (JSON.parse(r.value) as Position) : r.value;
+  return { xid: String(v.xid), seq: Number(v.seq) };
+}
+
+export async function assertNotExpired(db: Db, after: Position): Promise<void> {
+  if (comparePos(after, await prunedThrough(db)) < 0) {
+    throw new BanterError('CURSOR_EXPIRED');
+  }
+}
+
+/** Deletes rows older than the retention and moves the watermark past them, in one transaction. */
+export async function pruneEvents(db: Db, retentionDays: number, now = new Date()): Promise<number> {
+  const cutoff = new Date(now.getTime() - retentionDays * 86_400_000);
+  return db.transaction(async (tx) => {
+    await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
+    const deleted = rows<{ xid: string; seq: string }>(
+      await tx.execute(sql`delete from events where created_at < ${cutoff.toISOString()}::timestamptz
+        returning xid::text as xid, seq`),
+    );
+    if (!deleted.length) return 0;
+    let top: Position = await prunedThrough(tx as unknown as Db);
+    for (const d of deleted) {
+      const p = { xid: String(d.xid), seq: Number(d.seq) };
+      if (comparePos(p, top) > 0) top = p;
+    }
+    await tx.execute(sql`insert into instance_settings (key, value) values (${WATERMARK_KEY}, ${JSON.stringify(top)}::jsonb)
+      on conflict (key) do update set value = excluded.value`);
+    return deleted.length;
+  });
+}

@@ -1,0 +1,163 @@
+/**
+ * One subscriber's stream: live rows from the tailer are queued, checked for permission in log
+ * order and handed to the consumer (graphql-ws pulls with backpressure: it awaits each send).
+ * A subscriber that falls too far behind is failed as a slow consumer; it resumes by cursor.
+ */
+import { comparePos, type Position } from './cursor.ts';
+import type { LogRow } from './log.ts';
+import type { ViewerAccess } from './visibility.ts';
+
+/** A row as delivered: durable rows carry their cursor, ephemeral ones (typing, presence) null. */
+export interface Delivered extends LogRow {
+  cursor: string | null;
+}
+
+export class SlowConsumerError extends Error {}
+
+/** Rows waiting for one subscriber before it is cut off. */
+export const MAX_PENDING = 5_000;
+/** Replay pauses while this many rows wait for the consumer. */
+const REPLAY_WINDOW = 256;
+
+export class Subscription implements AsyncIterableIterator<Delivered> {
+  /** live rows not yet checked */
+  private input: Delivered[] = [];
+  private output: Delivered[] = [];
+  private waiting: ((r: IteratorResult<Delivered>) => void) | undefined;
+  private rejectWaiting: ((err: unknown) => void) | undefined;
+  private spaceWaiter: (() => void) | undefined;
+  private live = false;
+  private pumping = false;
+  private failure: unknown;
+  closed = false;
+  delivered = 0;
+
+  constructor(
+    readonly access: ViewerAccess,
+    /** rows at or before it are never delivered live (replay covers them) */
+    public floor: Position,
+    private onClose: (s: Subscription, failure?: unknown) => void,
+  ) {}
+
+  /** From the tailer (durable, same object for every subscriber) or a signal (ephemeral). */
+  push(row: Delivered) {
+    if (this.closed) return;
+    if (row.cursor !== null && comparePos(row, this.floor) <= 0) return;
+    if (row.cursor === null && !this.live) return;
+    this.input.push(row);
+    if (this.input.length + this.output.length > MAX_PENDING) {
+      this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
+      return;
+    }
+    if (this.live && !this.pumping) void this.pump();
+  }
+
+  /** Replay is over: deliver what queued up meanwhile. */
+  goLive() {
+    this.live = true;
+    void this.pump();
+  }
+
+  /** Replayed rows, already ordered and before every live row. */
+  async emitReplayed(row: Delivered) {
+    this.access.observe(row);
+    if (row.gone) return;
+    let ok = this.access.canSee(row, true);
+    if (typeof ok !== 'boolean') ok = await ok;
+    if (!ok || this.closed) return;
+    this.emit(row);
+    if (this.output.length >= REPLAY_WINDOW) {
+      await new Promise<void>((r) => {
+        this.spaceWaiter = r;
+      });
+    }
+  }
+
+  private async pump() {
+    this.pumping = true;
+    try {
+      while (this.input.length && !this.closed) {
+        const row = this.input.shift()!;
+        if (row.cursor !== null) this.access.observe(row);
+        if (row.gone) continue;
+        let ok = this.access.canSee(row, false);
+        if (typeof ok !== 'boolean') ok = await ok;
+        if (ok) this.emit(row);
+      }
+    } catch (err) {
+      this.fail(err);
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private emit(row: Delivered) {
+    if (this.closed) return;
+    this.delivered++;
+    const w = this.waiting;
+    if (w) {
+      this.waiting = undefined;
+      this.rejectWaiting = undefined;
+      w({ value: row, done: false });
+    } else this.output.push(row);
+  }
+
+  fail(err: unknown) {
+    if (this.closed) return;
+    this.failure = err;
+    const reject = this.rejectWaiting;
+    this.finish();
+    if (reject) reject(err);
+  }
+
+  private finish() {
+    if (this.closed) return;
+    this.closed = true;
+    this.input = [];
+    this.spaceWaiter?.();
+    this.spaceWaiter = undefined;
+    const w = this.waiting;
+    this.waiting = undefined;
+    this.rejectWaiting = undefined;
+    this.onClose(this, this.failure);
+    w?.({ value: undefined, done: true });
+  }
+
+  next(): Promise<IteratorResult<Delivered>> {
+    if (this.output.length) {
+      const value = this.output.shift()!;
+      if (this.output.length < REPLAY_WINDOW / 2 && this.spaceWaiter) {
+        this.spaceWaiter();
+        this.spaceWaiter = undefined;
+      }
+      return Promise.resolve({ value, done: false });
+    }
+    this.spaceWaiter?.();
+    this.spaceWaiter = undefined;
+    if (this.failure) {
+      const f = this.failure;
+      this.failure = undefined;
+      return Promise.reject(f);
+    }
+    if (this.closed) return Promise.resolve({ value: undefined, done: true });
+    return new Promise((resolve, reject) => {
+      this.waiting = resolve;
+      this.rejectWaiting = reject;
+    });
+  }
+
+  return(): Promise<IteratorResult<Delivered>> {
+    this.output = [];
+    this.finish();
+    return Promise.resolve({ value: undefined, done: true });
+  }
+
+  throw(err: unknown): Promise<IteratorResult<Delivered>> {
+    this.fail(err);
+    return Promise.reject(err);
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * Who may see an event, decided at delivery time through access.service (never computed here).
+ * Each subscriber keeps a short cache per channel and guild, dropped for a whole guild on any
+ * event that can change access there, so a kick or an overwrite stops delivery at once and a
+ * join starts it without reconnecting.
+ */
+import type { Db } from '../db/client.ts';
+import { has, Permission } from '../permissions.ts';
+import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
+
+export interface Visible {
+  type: string;
+  guildId: string | null;
+  channelId: string | null;
+  userId: string | null;
+  payload: Record<string, unknown>;
+}
+
+const CACHE_MS = 30_000;
+
+/** Events after which access in a guild may differ. */
+const ACCESS_CHANGING = new Set([
+  'PERMISSIONS_CHANGED',
+  'ROLE_CREATED',
+  'ROLE_UPDATED',
+  'ROLE_DELETED',
+  'MEMBER_JOINED',
+  'MEMBER_LEFT',
+  'MEMBER_UPDATED',
+  'MEMBER_KICKED',
+  'MEMBER_BANNED',
+  'CHANNEL_CREATED',
+  'CHANNEL_UPDATED',
+  'CHANNEL_DELETED',
+  'GUILD_DELETED',
+  'DIRECT_CHANNEL_CREATED',
+]);
+
+/** Events about a guild as a whole, shown to its members (the channel may be gone or hidden). */
+const GUILD_LEVEL = new Set(['CHANNEL_DELETED', 'PERMISSIONS_CHANGED', 'GUILD_UPDATED', 'GUILD_DELETED']);
+
+/** Membership events are also shown to the member they are about, who may no longer be in. */
+const ABOUT_A_MEMBER = new Set([
+  'MEMBER_JOINED',
+  'MEMBER_LEFT',
+  'MEMBER_KICKED',
+  'MEMBER_BANNED',
+  'MEMBER_UPDATED',
+]);
+
+export class ViewerAccess {
+  private channels = new Map<string, { perms: bigint; guildId: string | null; at: number }>();
+  private guilds = new Map<string, { member: boolean; at: number }>();
+  /** guilds this viewer was seen in, so it hears of their deletion */
+  private everIn = new Set<string>();
+
+  constructor(
+    private db: Db,
+    readonly userId: string,
+  ) {}
+
+  /** Called for every event in log order before deciding on it. */
+  observe(e: Visible) {
+    if (e.guildId && ACCESS_CHANGING.has(e.type)) this.forgetGuild(e.guildId);
+    if (e.channelId && (e.type === 'DIRECT_CHANNEL_CREATED' || e.type === 'PERMISSIONS_CHANGED')) {
+      this.channels.delete(e.channelId);
+    }
+  }
+
+  forgetGuild(guildId: string) {
+    this.guilds.delete(guildId);
+    for (const [id, c] of this.channels) if (c.guildId === guildId) this.channels.delete(id);
+  }
+
+  /** Sync when cached (the common case), a promise otherwise. */
+  canSee(e: Visible, replay: boolean): boolean | Promise<boolean> {
+    if (e.userId) return e.userId === this.userId;
+    if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
+    if (e.type === 'GUILD_DELETED') return !!e.guildId && this.everIn.has(e.guildId);
+    if (e.channelId && !GUILD_LEVEL.has(e.type)) return this.channelOk(e.channelId, replay);
+    if (e.guildId) return this.member(e.guildId);
+    return false;
+  }
+
+  private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
+    const need = replay ? Permission.VIEW_CHANNEL | Permission.READ_HISTORY : Permission.VIEW_CHANNEL;
+    const c = this.channels.get(channelId);
+    if (c && Date.now() - c.at < CACHE_MS) return has(c.perms, need);
+    return loadChannelAccess(this.db, this.userId, channelId).then((a) => {
+      const perms = a?.permissions ?? 0n;
+      const guildId = a?.channel.guildId ?? null;
+      if (guildId && perms) this.everIn.add(guildId);
+      this.channels.set(channelId, { perms, guildId, at: Date.now() });
+      return has(perms, need);
+    });
+  }
+
+  private member(guildId: string): boolean | Promise<boolean> {
+    const g = this.guilds.get(guildId);
+    if (g && Date.now() - g.at < CACHE_MS) return g.member;
+    return loadGuildAccess(this.db, this.userId, guildId).then((a) => {
+      const member = !!a?.input.isMember;
+      if (member) this.everIn.add(guildId);
+      this.guilds.set(guildId, { member, at: Date.now() });
+      return member;
+    });
+  }
+}

@@ -1,0 +1,120 @@
+/** A graphql-ws client for tests: collects every `events` payload and waits for what it needs. */
+import { type Client, createClient } from 'graphql-ws';
+import WebSocket from 'ws';
+import type { App } from '../api/app.ts';
+import { ok } from './helpers.ts';
+
+export const EVENTS = `subscription($after: String) { events(after: $after) { __typename cursor
+  ... on MessageCreated { message { id content channel { id } } }
+  ... on MessageUpdated { message { id content channel { id } } }
+  ... on MessageDeleted { messageId channelId }
+  ... on ReactionAdded { emoji message { id reactions { emoji count } } }
+  ... on ReactionRemoved { emoji message { id reactions { emoji count } } }
+  ... on TypingStarted { channelId user { id } }
+  ... on MemberJoined { guildId user { id } }
+  ... on MemberKicked { guildId user { id } }
+  ... on MemberBanned { guildId user { id } }
+  ... on ChannelCreated { channel { id name } }
+} }`;
+
+export interface Stream {
+  events: any[];
+  errors: any[];
+  closed?: { code: number; reason: string };
+  /** resolves once `pred` holds for the collected events */
+  until(pred: (events: any[]) => boolean, ms?: number, what?: string): Promise<void>;
+  stop(): void;
+  client: Client;
+}
+
+export function connect(url: string, token: string | undefined, opts: { retry?: boolean } = {}) {
+  let closeEvent: { code: number; reason: string } | undefined;
+  const client = createClient({
+    url,
+    webSocketImpl: WebSocket,
+    connectionParams: token ? { authorization: `Bearer ${token}` } : {},
+    retryAttempts: opts.retry ? 1000 : 0,
+    retryWait: async () => new Promise((r) => setTimeout(r, 100)),
+    shouldRetry: () => !!opts.retry,
+    lazy: true,
+    on: {
+      closed: (e) => {
+        closeEvent = { code: (e as { code: number }).code, reason: String((e as { reason: string }).reason) };
+      },
+    },
+  });
+  return { client, closed: () => closeEvent };
+}
+
+export function subscribe(client: Client, after?: string | null, query = EVENTS): Stream {
+  const events: any[] = [];
+  const errors: any[] = [];
+  let wake: (() => void) | undefined;
+  const stream: Stream = {
+    events,
+    errors,
+    client,
+    async until(pred, ms = 10_000, what = 'events') {
+      const deadline = Date.now() + ms;
+      while (!pred(events)) {
+        if (errors.length) throw new Error(`subscription errors: ${JSON.stringify(errors)}`);
+        const left = deadline - Date.now();
+        if (left <= 0)
+          throw new Error(
+            `timed out waiting for ${what}; have ${JSON.stringify(events.map((e) => e.__typename))}`,
+          );
+        await new Promise<void>((r) => {
+          wake = r;
+          setTimeout(r, Math.min(left, 200));
+        });
+      }
+    },
+    stop: () => {},
+  };
+  stream.stop = client.subscribe(
+    { query, variables: { after: after ?? null } },
+    {
+      next: (r: any) => {
+        if (r.errors) errors.push(...r.errors);
+        else events.push(r.data.events);
+        wake?.();
+      },
+      error: (e: any) => {
+        errors.push(Array.isArray(e) ? e[0] : e);
+        wake?.();
+      },
+      complete: () => {},
+    },
+  );
+  return stream;
+}
+
+export async function guildWithChannel(app: App, token: string) {
+  const g = await ok(app, `mutation { createGuild(input: { name: "G" }) { id channels { id } } }`, {}, token);
+  return { guildId: g.createGuild.id as string, channelId: g.createGuild.channels[0].id as string };
+}
+
+export async function invite(app: App, ownerToken: string, guildId: string, joinerToken: string) {
+  const i = await ok(
+    app,
+    `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+    { g: guildId },
+    ownerToken,
+  );
+  await ok(
+    app,
+    `mutation($c: String!) { joinGuild(code: $c) { id } }`,
+    { c: i.createInvite.code },
+    joinerToken,
+  );
+}
+
+export async function send(app: App, token: string, channelId: string, content: string) {
+  const r = await ok(
+    app,
+    `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+    { i: { channelId, content } },
+    token,
+  );
+  return r.sendMessage.id as string;
+}
