@@ -10,9 +10,7 @@ export const RelationshipKind = builder.enumType('RelationshipKind', {
   values: rel.RELATIONSHIP_KINDS,
 });
 
-const RelationshipRef = builder.objectRef<{ targetId: string; kind: rel.RelationshipKind; createdAt: Date }>(
-  'Relationship',
-);
+const RelationshipRef = builder.objectRef<rel.RelationshipRow>('Relationship');
 RelationshipRef.implement({
   fields: (t) => ({
     user: t.field({ type: UserRef, resolve: (r) => r.targetId }),
@@ -32,7 +30,7 @@ type Change = (
   deps: Parameters<typeof rel.sendFriendRequest>[0],
   viewer: Parameters<typeof rel.sendFriendRequest>[1],
   otherId: string,
-) => Promise<rel.RelationshipKind | null>;
+) => Promise<rel.RelationshipRow | null>;
 
 /** Every relationship mutation takes a user id and answers the viewer's side afterwards. */
 function relationshipMutation(name: string, description: string, change: Change) {
@@ -46,8 +44,7 @@ function relationshipMutation(name: string, description: string, change: Change)
         const v = requireViewer(ctx);
         const targetId = decodeId(userId, 'User', 'userId');
         await limit(ctx, 'mutation');
-        const kind = await change(ctx.deps, v, targetId);
-        return kind ? { targetId, kind, createdAt: ctx.deps.now() } : null;
+        return change(ctx.deps, v, targetId);
       },
     }),
   );

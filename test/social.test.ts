@@ -67,6 +67,19 @@ describe('friend requests', () => {
     ]);
   });
 
+  it('answers `since` as stored, matching Viewer.relationships', async () => {
+    const [a, b] = await pair();
+    const s = await ok(
+      app,
+      'mutation($id: ID!) { sendFriendRequest(userId: $id) { since } }',
+      { id: b.id },
+      a.token,
+    );
+    const l = await ok(app, '{ viewer { relationships { since } } }', {}, a.token);
+    assert.equal(s.sendFriendRequest.since, l.viewer.relationships[0].since);
+    assert.ok(Date.parse(s.sendFriendRequest.since) > Date.now() - 60_000);
+  });
+
   it('requesting someone who already requested you makes you friends', async () => {
     const [a, b] = await pair();
     await ok(app, SEND, { id: b.id }, a.token);

@@ -88,19 +88,23 @@ async function setRow(
   userId: string,
   targetId: string,
   kind: RelationshipKind | null,
-): Promise<void> {
+): Promise<RelationshipRow | null> {
   const where = and(eq(relationships.userId, userId), eq(relationships.targetId, targetId));
+  let row: RelationshipRow | null = null;
   if (kind === null) await p.tx.delete(relationships).where(where);
   else {
-    await p.tx
+    const [r] = await p.tx
       .insert(relationships)
       .values({ userId, targetId, kind })
       .onConflictDoUpdate({
         target: [relationships.userId, relationships.targetId],
         set: { kind, createdAt: sql`now()` },
-      });
+      })
+      .returning({ createdAt: relationships.createdAt });
+    row = { targetId, kind, createdAt: r.createdAt };
   }
   await p.log.append({ type: 'RELATIONSHIP_UPDATED', userId, payload: { targetId, kind } });
+  return row;
 }
 
 /** Unknown and deactivated users answer NOT_FOUND, as does anyone who blocked the viewer. */
@@ -113,33 +117,33 @@ async function requireReachable(p: Pair): Promise<void> {
 }
 
 /**
- * Each change answers the viewer's own kind afterwards (null when the row is gone).
+ * Each change answers the viewer's own row afterwards (null when it is gone).
  * Sends a request, or accepts theirs when they already asked.
  */
 export async function sendFriendRequest(deps: Deps, viewer: Viewer, otherId: string) {
-  return withPair(deps, viewer, otherId, async (p): Promise<RelationshipKind> => {
+  return withPair(deps, viewer, otherId, async (p): Promise<RelationshipRow | null> => {
     await requireReachable(p);
     if (p.mine === 'FRIEND') throw conflict('You are already friends.');
     if (p.mine === 'OUTGOING') throw conflict('You already sent this user a friend request.');
     if (p.mine === 'BLOCKED') throw conflict('Unblock this user before sending a friend request.');
     if (p.mine === 'INCOMING') {
-      await setRow(p, p.me, p.other, 'FRIEND');
+      const mine = await setRow(p, p.me, p.other, 'FRIEND');
       await setRow(p, p.other, p.me, 'FRIEND');
-      return 'FRIEND';
+      return mine;
     }
-    await setRow(p, p.me, p.other, 'OUTGOING');
+    const mine = await setRow(p, p.me, p.other, 'OUTGOING');
     await setRow(p, p.other, p.me, 'INCOMING');
-    return 'OUTGOING';
+    return mine;
   });
 }
 
 export async function acceptFriendRequest(deps: Deps, viewer: Viewer, otherId: string) {
-  return withPair(deps, viewer, otherId, async (p): Promise<RelationshipKind> => {
+  return withPair(deps, viewer, otherId, async (p): Promise<RelationshipRow | null> => {
     if (p.mine !== 'INCOMING') throw notFound('Friend request');
     await requireReachable(p);
-    await setRow(p, p.me, p.other, 'FRIEND');
+    const mine = await setRow(p, p.me, p.other, 'FRIEND');
     await setRow(p, p.other, p.me, 'FRIEND');
-    return 'FRIEND';
+    return mine;
   });
 }
 
@@ -167,13 +171,13 @@ export async function removeFriend(deps: Deps, viewer: Viewer, otherId: string) 
  * (if any) stays, and they are told only that the friendship or request ended.
  */
 export async function blockUser(deps: Deps, viewer: Viewer, otherId: string) {
-  return withPair(deps, viewer, otherId, async (p): Promise<RelationshipKind> => {
+  return withPair(deps, viewer, otherId, async (p): Promise<RelationshipRow | null> => {
     const [u] = await p.tx.select({ id: users.id }).from(users).where(eq(users.id, p.other));
     if (!u) throw notFound('User');
     if (p.mine === 'BLOCKED') throw conflict('You already blocked this user.');
-    await setRow(p, p.me, p.other, 'BLOCKED');
+    const mine = await setRow(p, p.me, p.other, 'BLOCKED');
     if (p.theirs && p.theirs !== 'BLOCKED') await setRow(p, p.other, p.me, null);
-    return 'BLOCKED';
+    return mine;
   });
 }
 
