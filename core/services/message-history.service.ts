@@ -81,7 +81,8 @@ export async function listMessages(
     throw forbidden('You cannot read the history of this channel.');
   const forward = args.first != null || args.after != null;
   const backward = args.last != null || args.before != null;
-  if ((forward && backward) || (args.around && (forward || backward)))
+  const cursored = args.after != null || args.before != null;
+  if ((forward && backward) || (args.around && cursored))
     throw badInput('Use first/after, last/before or around (with first or last as the size), not several.');
   const db = deps.db;
   const inChannel = and(eq(messages.channelId, access.channel.id), isNull(messages.deletedAt));
