@@ -5,10 +5,10 @@
  */
 import { channels } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
-import { badInput, conflict } from '../errors.ts';
+import { badInput, conflict, forbidden } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
-import { Permission } from '../permissions.ts';
+import { has, Permission } from '../permissions.ts';
 import { type ChannelRowFull, validateChannelName } from './channel.service.ts';
 import { loadVisibleMessage } from './message-history.service.ts';
 
@@ -21,11 +21,12 @@ export async function startThread(
   input: { messageId: string; name: string },
 ): Promise<ChannelRowFull> {
   const name = validateChannelName(input.name);
-  const need = Permission.VIEW_CHANNEL | Permission.READ_HISTORY | Permission.CREATE_THREADS;
-  const { row, access } = await loadVisibleMessage(deps, viewer, input.messageId, need);
+  const { row, access } = await loadVisibleMessage(deps, viewer, input.messageId);
   const parent = access.channel;
   if (!parent.guildId || !THREAD_PARENTS.includes(parent.type))
     throw badInput(`Threads cannot be started in a ${parent.type} channel.`, 'messageId');
+  if (!has(access.permissions, Permission.READ_HISTORY | Permission.CREATE_THREADS))
+    throw forbidden('You cannot start threads here.');
   const id = newId();
   return transact(deps, async (tx, log) => {
     const [thread] = await tx
