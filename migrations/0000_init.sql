@@ -292,6 +292,7 @@ CREATE INDEX "messages_author_channel" ON "messages" USING btree ("author_id","c
 CREATE INDEX "messages_guild_author" ON "messages" USING btree ("guild_id","author_id","id");--> statement-breakpoint
 CREATE INDEX "messages_pinned" ON "messages" USING btree ("channel_id","pinned_at");--> statement-breakpoint
 CREATE UNIQUE INDEX "messages_nonce" ON "messages" USING btree ("author_id","nonce");--> statement-breakpoint
+CREATE INDEX "messages_search" ON "messages" USING gin (to_tsvector('simple', "content"));--> statement-breakpoint
 CREATE INDEX "relationships_target" ON "relationships" USING btree ("target_id");--> statement-breakpoint
 CREATE INDEX "reports_status" ON "reports" USING btree ("status","id");--> statement-breakpoint
 CREATE INDEX "reports_guild" ON "reports" USING btree ("guild_id","id");--> statement-breakpoint

@@ -306,6 +306,12 @@ export const messages = pgTable(
     index('messages_guild_author').on(t.guildId, t.authorId, t.id),
     index('messages_pinned').on(t.channelId, t.pinnedAt),
     uniqueIndex('messages_nonce').on(t.authorId, t.nonce),
+    /**
+     * Full-text search (core/search/postgres.search.ts): 'simple' so every language is split and
+     * lowercased the same way, without stemming or stop words. Queries must repeat this exact
+     * expression for the planner to use the index.
+     */
+    index('messages_search').using('gin', sql`to_tsvector('simple', ${t.content})`),
   ],
 );
 
