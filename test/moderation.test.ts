@@ -180,13 +180,24 @@ describe('banMember / unbanMember', () => {
     await fails(app, 'CONFLICT', BAN, { g: g.id, u: m.id }, owner.token);
   });
 
-  it('bans a non-member pre-emptively and unbans', async () => {
+  it('bans a non-member pre-emptively (joinGuild then refuses them) and unbans', async () => {
     const g = await makeGuild(owner);
     const outsider = await signUp(app);
     await ok(app, BAN, { g: g.id, u: outsider.id }, owner.token);
     const [a] = await audits(g.raw, 'MEMBER_BAN');
     assert.deepEqual(a.changes, { wasMember: false, deleteMessageHours: 0, deletedMessages: 0 });
+    const inv = await ok(
+      app,
+      `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+      { g: g.id },
+      owner.token,
+    );
+    const JOIN = `mutation($c: String!) { joinGuild(code: $c) { id } }`;
+    await fails(app, 'FORBIDDEN', JOIN, { c: inv.createInvite.code }, outsider.token);
+    assert.equal(await isMember(g.raw, outsider), false);
     assert.equal((await ok(app, UNBAN, { g: g.id, u: outsider.id }, owner.token)).unbanMember, true);
+    await ok(app, JOIN, { c: inv.createInvite.code }, outsider.token);
+    assert.equal(await isMember(g.raw, outsider), true);
     assert.equal((await app.deps.db.select().from(bans).where(eq(bans.guildId, g.raw))).length, 0);
     assert.equal((await audits(g.raw, 'MEMBER_UNBAN')).length, 1);
     await fails(app, 'NOT_FOUND', UNBAN, { g: g.id, u: outsider.id }, owner.token);

@@ -3,9 +3,18 @@
  * hierarchy inside its transaction (so a concurrent role change cannot slip between check and
  * write), writes an audit row and an event in that same transaction.
  */
-import { and, desc, eq, gte, isNull, lt, sql } from 'drizzle-orm';
+import { and, desc, eq, gte, inArray, isNull, lt, sql } from 'drizzle-orm';
 import type { DbOrTx, Tx } from '../db/client.ts';
-import { auditLog, bans, memberRoles, members, messages, users } from '../db/tables.ts';
+import {
+  auditLog,
+  bans,
+  memberRoles,
+  members,
+  messageEdits,
+  messageMentions,
+  messages,
+  users,
+} from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { type EventWriter, transact } from '../events.ts';
@@ -110,7 +119,15 @@ async function purgeMessages(
   const since = idAtTime(now.getTime() - hours * 3600 * 1000);
   const deleted = await tx
     .update(messages)
-    .set({ deletedAt: now, content: '' })
+    // The same wipe deleteMessage does (message-edit.service.ts): nothing of the content survives.
+    .set({
+      deletedAt: now,
+      content: '',
+      nonce: null,
+      embeds: sql`'[]'::jsonb`,
+      mentionEveryone: false,
+      mentionRoleIds: [],
+    })
     .where(
       and(
         eq(messages.guildId, guildId),
@@ -120,6 +137,11 @@ async function purgeMessages(
       ),
     )
     .returning({ id: messages.id, channelId: messages.channelId });
+  const ids = deleted.map((m) => m.id);
+  if (ids.length) {
+    await tx.delete(messageMentions).where(inArray(messageMentions.messageId, ids));
+    await tx.delete(messageEdits).where(inArray(messageEdits.messageId, ids));
+  }
   for (const m of deleted) {
     await log.append({
       type: 'MESSAGE_DELETED',
