@@ -1,0 +1,231 @@
+/**
+ * The api process as operators run it: `node --import tsx api/main.ts` with an environment.
+ * Config errors, production defaults, migrations, concurrent starts and graceful shutdown.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { createTestDatabase, onPostgres } from './helpers.ts';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const SECRET = randomBytes(32).toString('hex');
+const cleanups: (() => Promise<void> | void)[] = [];
+after(async () => {
+  for (const c of cleanups.reverse()) await c();
+});
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** A place for the database: a fresh Postgres database on the postgres run, a PGlite dir otherwise. */
+async function storage(): Promise<Record<string, string>> {
+  const dataDir = mkdtempSync(path.join(tmpdir(), 'banter-proc-'));
+  cleanups.push(() => rmSync(dataDir, { recursive: true, force: true }));
+  if (!onPostgres) return { DATA_DIR: dataDir };
+  const db = await createTestDatabase();
+  cleanups.push(() => db.drop());
+  return { DATA_DIR: dataDir, DATABASE_URL: db.url };
+}
+
+interface Proc {
+  child: ChildProcess;
+  output: () => string;
+  exited: Promise<number | null>;
+}
+
+function run(script: string, env: Record<string, string>): Proc {
+  const child = spawn(process.execPath, ['--import', 'tsx', script], {
+    cwd: root,
+    env: { PATH: process.env.PATH ?? '', LOG_LEVEL: 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout!.on('data', (c) => {
+    out += c;
+  });
+  child.stderr!.on('data', (c) => {
+    out += c;
+  });
+  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  cleanups.push(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  });
+  return { child, output: () => out, exited };
+}
+
+async function startServer(env: Record<string, string>): Promise<Proc & { base: string }> {
+  const port = await freePort();
+  const p = run('api/main.ts', { JWT_SECRET: SECRET, PORT: String(port), ...env });
+  const base = `http://127.0.0.1:${port}`;
+  for (let i = 0; ; i++) {
+    if (p.child.exitCode !== null) throw new Error(`server exited ${p.child.exitCode}: ${p.output()}`);
+    const up = await fetch(`${base}/healthz`).then(
+      (r) => r.ok,
+      () => false,
+    );
+    if (up) break;
+    if (i > 600) throw new Error(`server did not start: ${p.output()}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return { ...p, base };
+}
+
+async function gqlHttp(base: string, query: string, variables: object = {}, token?: string) {
+  const res = await fetch(`${base}/graphql`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...(token ? { authorization: `Bearer ${token}` } : {}) },
+    body: JSON.stringify({ query, variables }),
+  });
+  return { status: res.status, body: (await res.json()) as { data?: any; errors?: any[] } };
+}
+
+describe('configuration', () => {
+  it('a bad value stops the process with exit code 1 and one line naming the variable', async () => {
+    for (const [name, value] of [
+      ['PORT', 'eighty'],
+      ['RATE_LIMITS', 'sometimes'],
+      ['DATABASE_URL', 'mysql://x'],
+    ]) {
+      const p = run('api/main.ts', { JWT_SECRET: SECRET, [name]: value });
+      assert.equal(await p.exited, 1, p.output());
+      const lines = p.output().trim().split('\n');
+      assert.equal(lines.length, 1, p.output());
+      assert.match(lines[0], new RegExp(name));
+    }
+  });
+
+  it('NODE_ENV=production without JWT_SECRET refuses to start', async () => {
+    const p = run('api/main.ts', { NODE_ENV: 'production', ...(await storage()) });
+    assert.equal(await p.exited, 1);
+    assert.match(p.output().trim(), /^banter: configuration error: JWT_SECRET/);
+    assert.equal(p.output().trim().split('\n').length, 1);
+  });
+
+  it('NODE_ENV=production turns GraphiQL off unless GRAPHIQL=true', async () => {
+    const html = { accept: 'text/html' };
+    const prod = await startServer({ NODE_ENV: 'production', ...(await storage()) });
+    const r1 = await fetch(`${prod.base}/graphql`, { headers: html });
+    assert.doesNotMatch(await r1.text(), /<html/i);
+    prod.child.kill('SIGTERM');
+    assert.equal(await prod.exited, 0);
+
+    const withUi = await startServer({ NODE_ENV: 'production', GRAPHIQL: 'true', ...(await storage()) });
+    const r2 = await fetch(`${withUi.base}/graphql`, { headers: html });
+    assert.equal(r2.status, 200);
+    const page = await r2.text();
+    assert.match(page, /<html/i);
+    // The assets are inlined: nothing loads from a CDN.
+    assert.doesNotMatch(page, /<script[^>]+src="https?:/i);
+    withUi.child.kill('SIGTERM');
+    assert.equal(await withUi.exited, 0);
+  });
+});
+
+describe('migrations', () => {
+  it('api/migrate.ts applies migrations and is idempotent', async () => {
+    const env = { JWT_SECRET: SECRET, ...(await storage()) };
+    for (let i = 0; i < 2; i++) {
+      const p = run('api/migrate.ts', env);
+      assert.equal(await p.exited, 0, p.output());
+      assert.match(p.output(), /migrations applied/);
+    }
+    // The server starts on the migrated database and answers.
+    const s = await startServer(env);
+    const r = await gqlHttp(s.base, '{ serverInfo { name } }');
+    assert.equal(r.body.data.serverInfo.name, 'Banter');
+    s.child.kill('SIGTERM');
+    assert.equal(await s.exited, 0);
+  });
+
+  it('two processes started together on one fresh database both come up', { skip: !onPostgres }, async () => {
+    const env = await storage();
+    const [a, b] = await Promise.all([startServer(env), startServer(env)]);
+    for (const s of [a, b]) {
+      const r = await fetch(`${s.base}/readyz`);
+      assert.equal(r.status, 200);
+    }
+    const name = `twin_${randomBytes(3).toString('hex')}`;
+    const reg = await gqlHttp(
+      a.base,
+      'mutation($i: RegisterInput!) { register(input: $i) { accessToken } }',
+      { i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' } },
+    );
+    assert.equal(reg.body.errors, undefined);
+    const v = await gqlHttp(
+      b.base,
+      '{ viewer { user { username } } }',
+      {},
+      reg.body.data.register.accessToken,
+    );
+    assert.equal(v.body.data.viewer.user.username, name);
+    a.child.kill('SIGTERM');
+    b.child.kill('SIGTERM');
+    assert.deepEqual(await Promise.all([a.exited, b.exited]), [0, 0]);
+  });
+});
+
+describe('graceful shutdown', () => {
+  it('SIGTERM lets a blocked in-flight mutation finish, then exits 0', { skip: !onPostgres }, async () => {
+    const env = await storage();
+    const s = await startServer(env);
+    const name = `sig_${randomBytes(3).toString('hex')}`;
+    const reg = await gqlHttp(
+      s.base,
+      'mutation($i: RegisterInput!) { register(input: $i) { accessToken } }',
+      { i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' } },
+    );
+    const token = reg.body.data.register.accessToken as string;
+    const guild = await gqlHttp(s.base, 'mutation { createGuild(input: { name: "G" }) { id } }', {}, token);
+    assert.equal(guild.body.errors, undefined, JSON.stringify(guild.body.errors));
+
+    // Hold a lock the mutation needs, so it is in flight when the signal arrives.
+    const holder = new pg.Client({ connectionString: env.DATABASE_URL });
+    await holder.connect();
+    cleanups.push(() => holder.end().catch(() => {}));
+    await holder.query('begin');
+    await holder.query('lock table guilds in access exclusive mode');
+    const pending = gqlHttp(
+      s.base,
+      'mutation { createGuild(input: { name: "Late" }) { id name } }',
+      {},
+      token,
+    );
+    for (let i = 0; ; i++) {
+      const w = await holder.query(
+        `select count(*)::int as n from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()`,
+      );
+      if (w.rows[0].n > 0) break;
+      if (i > 100) throw new Error('the mutation never blocked');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    s.child.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(s.child.exitCode, null, 'still running while a request is in flight');
+    await holder.query('commit');
+    const res = await pending;
+    assert.equal(res.status, 200);
+    assert.equal(res.body.errors, undefined, JSON.stringify(res.body.errors));
+    assert.equal(res.body.data.createGuild.name, 'Late');
+    assert.equal(await s.exited, 0, s.output());
+    const rows = await holder.query(`select count(*)::int as n from guilds where name = 'Late'`);
+    assert.equal(rows.rows[0].n, 1);
+  });
+});
