@@ -211,42 +211,66 @@ export async function loadGuildChannelsAccess(
   guildId: string,
   now = new Date(),
 ): Promise<GuildChannelsAccess> {
+  const all = await loadGuildsChannelsAccess(db, userId, [guildId], now);
+  return all.get(guildId) ?? { guild: null, permissions: new Map() };
+}
+
+/**
+ * loadGuildChannelsAccess for many guilds in one SQL statement (the viewer's unread summary spans
+ * all their guilds). Every requested id gets an entry; `guild` is null when it does not exist.
+ */
+export async function loadGuildsChannelsAccess(
+  db: DbOrTx,
+  userId: string,
+  guildIds: readonly string[],
+  now = new Date(),
+): Promise<Map<string, GuildChannelsAccess>> {
   type Row = MemberCols & {
+    guild_id: string;
     ch: { id: string; p: string | null }[];
     ow: { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string }[];
   };
-  const r = rows<Row>(
+  const out = new Map<string, GuildChannelsAccess>();
+  if (!guildIds.length) return out;
+  const result = rows<Row>(
     await db.execute(sql`
-      select
+      select q.id as guild_id,
         (select coalesce(json_agg(json_build_object('id', c.id, 'p', c.parent_id)), '[]'::json)
-          from channels c where c.guild_id = ${guildId}::uuid and c.type <> 'THREAD') as ch,
+          from channels c where c.guild_id = q.id and c.type <> 'THREAD') as ch,
         (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
             'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
           from permission_overwrites o join channels c on c.id = o.channel_id
-          where c.guild_id = ${guildId}::uuid and c.type <> 'THREAD') as ow,
-        ${memberQuery(userId, sql`${guildId}::uuid`)}`),
-  )[0];
-  const permissions = new Map<string, bigint>();
-  if (!r?.owner_id) return { guild: null, permissions };
-  const input = guildInput(userId, r, now);
-  const byChannel = new Map<string, OverwriteInfo[]>();
-  for (const o of r.ow) {
-    const list = byChannel.get(o.c) ?? [];
-    list.push({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) });
-    byChannel.set(o.c, list);
+          where c.guild_id = q.id and c.type <> 'THREAD') as ow,
+        ${memberQuery(userId, sql`q.id`)}
+      from unnest(${`{${guildIds.join(',')}}`}::uuid[]) as q(id)`),
+  );
+  for (const r of result) {
+    const permissions = new Map<string, bigint>();
+    if (!r.owner_id) {
+      out.set(r.guild_id, { guild: null, permissions });
+      continue;
+    }
+    const input = guildInput(userId, r, now);
+    const byChannel = new Map<string, OverwriteInfo[]>();
+    for (const o of r.ow) {
+      const list = byChannel.get(o.c) ?? [];
+      list.push({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) });
+      byChannel.set(o.c, list);
+    }
+    const parentOf = new Map(r.ch.map((c) => [c.id, c.p]));
+    for (const c of r.ch) {
+      // Outermost first, as loadChannelAccess builds it: category, then the channel.
+      const chain = c.p && parentOf.has(c.p) ? [c.p, c.id] : [c.id];
+      const levels = chain.map((id) => byChannel.get(id) ?? []);
+      permissions.set(c.id, computeChannelPermissions(input, levels));
+    }
+    const guild: GuildAccess = {
+      guildId: r.guild_id,
+      ownerId: input.ownerId,
+      input,
+      permissions: computeGuildPermissions(input),
+    };
+    out.set(r.guild_id, { guild, permissions });
   }
-  const parentOf = new Map(r.ch.map((c) => [c.id, c.p]));
-  for (const c of r.ch) {
-    // Outermost first, as loadChannelAccess builds it: category, then the channel.
-    const chain = c.p && parentOf.has(c.p) ? [c.p, c.id] : [c.id];
-    const levels = chain.map((id) => byChannel.get(id) ?? []);
-    permissions.set(c.id, computeChannelPermissions(input, levels));
-  }
-  const guild: GuildAccess = {
-    guildId,
-    ownerId: input.ownerId,
-    input,
-    permissions: computeGuildPermissions(input),
-  };
-  return { guild, permissions };
+  return out;
 }

@@ -10,7 +10,8 @@ import { transact } from '../events.ts';
 import { has, Permission } from '../permissions.ts';
 import { requireChannel } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
-import { type MessageRow, requireMessage } from './reaction.service.ts';
+import type { MessageRow } from './message.service.ts';
+import { loadVisibleMessage } from './message-history.service.ts';
 
 /** Pins one channel may hold (deleted messages do not count); one more is CONFLICT. */
 export const MAX_PINS = 50;
@@ -18,7 +19,7 @@ export const MAX_PINS = 50;
 const PIN_NEEDS = Permission.PIN_MESSAGES | Permission.READ_HISTORY;
 
 export async function pinMessage(deps: Deps, viewer: Viewer, messageId: string): Promise<MessageRow> {
-  const { message } = await requireMessage(deps.db, viewer, messageId, PIN_NEEDS, deps.now());
+  const { row: message } = await loadVisibleMessage(deps, viewer, messageId, PIN_NEEDS);
   return transact(deps, async (tx, log) => {
     // One pinner per channel at a time, so concurrent pins cannot count past MAX_PINS. NO KEY
     // UPDATE leaves the FK share locks of message inserts in this channel unblocked.
@@ -64,7 +65,7 @@ export async function pinMessage(deps: Deps, viewer: Viewer, messageId: string):
 }
 
 export async function unpinMessage(deps: Deps, viewer: Viewer, messageId: string): Promise<MessageRow> {
-  const { message } = await requireMessage(deps.db, viewer, messageId, PIN_NEEDS, deps.now());
+  const { row: message } = await loadVisibleMessage(deps, viewer, messageId, PIN_NEEDS);
   return transact(deps, async (tx, log) => {
     const [unpinned] = await tx
       .update(messages)

@@ -2,16 +2,15 @@
  * Emoji reactions on messages: one row per (message, emoji, user). Adding or removing twice is a
  * no-op (no error, no event), so clients can retry freely.
  */
-import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
+import { and, eq, inArray, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.ts';
 import { messages, reactions } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
-import { badInput, conflict, forbidden, notFound } from '../errors.ts';
+import { badInput, conflict, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
-import { has, Permission } from '../permissions.ts';
-import { type ChannelAccess, loadChannelAccess } from './access.service.ts';
-
-export type MessageRow = typeof messages.$inferSelect;
+import { Permission } from '../permissions.ts';
+import type { MessageRow } from './message.service.ts';
+import { loadVisibleMessage } from './message-history.service.ts';
 
 /** Distinct emoji one message may carry; one more is CONFLICT (the emoji itself is fine). */
 export const MAX_REACTION_EMOJI = 20;
@@ -39,28 +38,6 @@ export function validateEmoji(raw: string): string {
   return raw;
 }
 
-/**
- * A live message the viewer can see, with their access to its channel. Deleted messages and
- * messages in channels the viewer cannot see are NOT_FOUND; `need` missing is FORBIDDEN.
- */
-export async function requireMessage(
-  db: DbOrTx,
-  viewer: Viewer,
-  messageId: string,
-  need: bigint,
-  now: Date,
-): Promise<{ message: MessageRow; access: ChannelAccess }> {
-  const [message] = await db
-    .select()
-    .from(messages)
-    .where(and(eq(messages.id, messageId), isNull(messages.deletedAt)));
-  if (!message) throw notFound('Message');
-  const access = await loadChannelAccess(db, viewer.userId, message.channelId, now);
-  if (!access || access.permissions === 0n) throw notFound('Message');
-  if (!has(access.permissions, need)) throw forbidden();
-  return { message, access };
-}
-
 export interface ReactionInput {
   messageId: string;
   emoji: string;
@@ -68,12 +45,11 @@ export interface ReactionInput {
 
 export async function addReaction(deps: Deps, viewer: Viewer, input: ReactionInput): Promise<MessageRow> {
   const emoji = validateEmoji(input.emoji);
-  const { message } = await requireMessage(
-    deps.db,
+  const { row: message } = await loadVisibleMessage(
+    deps,
     viewer,
     input.messageId,
     Permission.ADD_REACTIONS | Permission.READ_HISTORY,
-    deps.now(),
   );
   return transact(deps, async (tx, log) => {
     // Serializes reactions on this message so the emoji cap holds under concurrency; NO KEY
@@ -113,13 +89,7 @@ export async function addReaction(deps: Deps, viewer: Viewer, input: ReactionInp
  */
 export async function removeReaction(deps: Deps, viewer: Viewer, input: ReactionInput): Promise<MessageRow> {
   const emoji = validateEmoji(input.emoji);
-  const { message } = await requireMessage(
-    deps.db,
-    viewer,
-    input.messageId,
-    Permission.READ_HISTORY,
-    deps.now(),
-  );
+  const { row: message } = await loadVisibleMessage(deps, viewer, input.messageId, Permission.READ_HISTORY);
   return transact(deps, async (tx, log) => {
     const gone = await tx
       .delete(reactions)
