@@ -3,8 +3,6 @@ import { after, before, describe, it } from 'node:test';
 import { and, eq, inArray, isNotNull, sql } from 'drizzle-orm';
 import {
   auditLog,
-  channelRecipients,
-  channels,
   events,
   memberRoles,
   members,
@@ -29,13 +27,14 @@ let everyoneRoleId: string;
 const uuid = (gid: string) => decodeAnyId(gid).id;
 const db = () => app.deps.db;
 
-/** Messages go straight into the table: this suite is about pins, not sending. */
-async function post(authorId: string, chId = channelId, gId: string | null = guildId): Promise<string> {
-  const id = newId();
-  await db()
-    .insert(messages)
-    .values({ id, channelId: uuid(chId), guildId: gId, authorId: uuid(authorId), content: 'pin me' });
-  return encodeId('Message', id);
+async function post(author: TestUser, chId = channelId): Promise<string> {
+  const r = await ok(
+    app,
+    `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+    { i: { channelId: chId, content: 'pin me' } },
+    author.token,
+  );
+  return r.sendMessage.id;
 }
 
 async function newChannel(deny = 0n): Promise<string> {
@@ -109,8 +108,8 @@ after(() => app.destroy());
 
 describe('pins', () => {
   it('pins and unpins, newest pin first, with events and audit rows; repeats are no-ops', async () => {
-    const a = await post(member.id);
-    const b = await post(member.id);
+    const a = await post(member);
+    const b = await post(member);
     assert.deepEqual((await ok(app, PIN, { m: a }, owner.token)).pinMessage, { id: a, pinned: true });
     await ok(app, PIN, { m: b }, pinner.token);
     await ok(app, PIN, { m: a }, pinner.token);
@@ -141,16 +140,14 @@ describe('pins', () => {
   });
 
   it('lets DM recipients pin; others get NOT_FOUND', async () => {
-    const dmId = newId();
-    await db().insert(channels).values({ id: dmId, type: 'DM' });
-    await db()
-      .insert(channelRecipients)
-      .values([
-        { channelId: dmId, userId: uuid(member.id) },
-        { channelId: dmId, userId: uuid(owner.id) },
-      ]);
-    const dm = encodeId('Channel', dmId);
-    const m = await post(owner.id, dm, null);
+    const d = await ok(
+      app,
+      `mutation($u: [ID!]!) { openDirectChannel(userIds: $u) { id } }`,
+      { u: [member.id] },
+      owner.token,
+    );
+    const dm = d.openDirectChannel.id;
+    const m = await post(owner, dm);
     assert.equal((await ok(app, PIN, { m }, member.token)).pinMessage.pinned, true);
     await fails(app, 'NOT_FOUND', PIN, { m }, stranger.token);
     await fails(app, 'NOT_FOUND', UNPIN, { m }, stranger.token);
@@ -165,7 +162,7 @@ describe('pins', () => {
   });
 
   it('answers FORBIDDEN without PIN_MESSAGES, and writes nothing', async () => {
-    const m = await post(owner.id);
+    const m = await post(owner);
     await fails(app, 'FORBIDDEN', PIN, { m }, member.token);
     await ok(app, PIN, { m }, owner.token);
     await fails(app, 'FORBIDDEN', UNPIN, { m }, member.token);
@@ -180,15 +177,12 @@ describe('pins', () => {
 
   it('answers NOT_FOUND for hidden channels, deleted and unknown messages', async () => {
     const hidden = await newChannel(Permission.VIEW_CHANNEL);
-    const h = await post(owner.id, hidden);
+    const h = await post(owner, hidden);
     await fails(app, 'NOT_FOUND', PIN, { m: h }, pinner.token);
     await fails(app, 'NOT_FOUND', PINS, { c: hidden }, pinner.token);
-    const gone = await post(owner.id);
+    const gone = await post(owner);
     await ok(app, PIN, { m: gone }, owner.token);
-    await db()
-      .update(messages)
-      .set({ deletedAt: new Date() })
-      .where(eq(messages.id, uuid(gone)));
+    await ok(app, `mutation($id: ID!) { deleteMessage(id: $id) }`, { id: gone }, owner.token);
     await fails(app, 'NOT_FOUND', PIN, { m: gone }, owner.token);
     await fails(app, 'NOT_FOUND', UNPIN, { m: gone }, owner.token);
     const list = await ok(app, PINS, { c: channelId }, owner.token);
@@ -197,7 +191,7 @@ describe('pins', () => {
   });
 
   it('answers BAD_USER_INPUT for bad ids and UNAUTHENTICATED when signed out', async () => {
-    const m = await post(owner.id);
+    const m = await post(owner);
     await fails(app, 'BAD_USER_INPUT', PIN, { m: channelId }, owner.token);
     await fails(app, 'BAD_USER_INPUT', UNPIN, { m: 'nope' }, owner.token);
     await fails(app, 'UNAUTHENTICATED', PIN, { m });
@@ -206,7 +200,7 @@ describe('pins', () => {
 
   it('shows no pins to a viewer without READ_HISTORY', async () => {
     const c = await newChannel(Permission.READ_HISTORY);
-    const m = await post(owner.id, c);
+    const m = await post(owner, c);
     await ok(app, PIN, { m }, owner.token);
     const list = await ok(app, PINS, { c }, member.token);
     assert.deepEqual(list.channel.pinnedMessages, []);
@@ -215,7 +209,7 @@ describe('pins', () => {
   it('caps a channel at 50 pins with CONFLICT, also under concurrent pins', async () => {
     const c = await newChannel();
     const ids: string[] = [];
-    for (let i = 0; i < 56; i++) ids.push(await post(owner.id, c));
+    for (let i = 0; i < 56; i++) ids.push(await post(owner, c));
     // 45 pinned directly, then 11 racing pins for the last 5 slots.
     await db()
       .update(messages)
