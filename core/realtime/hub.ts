@@ -169,10 +169,12 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       const from = after ? decodeCursor(after) : undefined;
       if (from) await assertNotExpired(deps.db, from);
       await hub.start();
+      // Live means from now: rows already finished but not yet tailed are not news to this client.
+      const head = from ? undefined : await headPosition(deps.db);
       const p = pos!;
       const sub = new Subscription(
         new ViewerAccess(deps.db, viewer.userId),
-        from ? maxPos(from, p) : p,
+        maxPos(from ?? head!, p),
         (s, failure) => {
           if (subs.delete(s)) obs.subscriptions?.(-1);
           obs.delivered?.(s.delivered);
