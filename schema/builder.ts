@@ -21,6 +21,16 @@ export interface Context {
   ip: string;
 }
 
+/**
+ * `node(id)` must not reveal what the type's own query would hide: each Node type registers the
+ * visibility check its query uses; a type without one is never resolved through `node`.
+ */
+type NodeGuard = (ctx: Context, id: string) => Promise<unknown>;
+const nodeGuards = new Map<string, NodeGuard>();
+export function registerNodeGuard(typename: string, guard: NodeGuard) {
+  nodeGuards.set(typename, guard);
+}
+
 export const builder = new SchemaBuilder<{
   Context: Context;
   Scalars: {
@@ -41,6 +51,15 @@ export const builder = new SchemaBuilder<{
     clientMutationId: 'omit',
     cursorType: 'String',
     nodesQueryOptions: false,
+    nodeQueryOptions: {
+      description: 'Any object by its global id, if the viewer may see it (NOT_FOUND otherwise).',
+      resolve: async (_root, args, ctx, _info, resolveNodes) => {
+        const guard = nodeGuards.get(args.id.typename);
+        if (!guard) throw new BanterError('NOT_FOUND', 'Not found.');
+        await guard(ctx, args.id.id);
+        return resolveNodes(args.id);
+      },
+    },
     encodeGlobalID: (typename, id) => encodeId(typename, String(id)),
     decodeGlobalID: (globalID) => decodeAnyId(globalID),
   },

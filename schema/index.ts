@@ -15,7 +15,9 @@ import './message.ts';
 import './reaction.ts';
 import './pin.ts';
 import './read-state.ts';
+import './search.ts';
 import './events.ts';
+import './node.ts';
 
 let built: ReturnType<typeof builder.toSchema> | undefined;
 

@@ -61,3 +61,25 @@ it('creates a guild with #general, and a stranger cannot see it', async () => {
   const info = await ok(app, '{ serverInfo { name version features } }');
   assert.equal(info.serverInfo.name, 'Banter');
 });
+
+it('node(id) answers as the type query does: content for those who may see it, NOT_FOUND otherwise', async () => {
+  const owner = await signUp(app);
+  const stranger = await signUp(app);
+  const g = await ok(
+    app,
+    `mutation { createGuild(input: { name: "Secret" }) { id channels { id } } }`,
+    {},
+    owner.token,
+  );
+  const NODE = `query($id: ID!) { node(id: $id) { id ... on Guild { name } ... on Channel { channelName: name } ... on User { username } } }`;
+  const seen = await ok(app, NODE, { id: g.createGuild.id }, owner.token);
+  assert.equal(seen.node.name, 'Secret');
+  const ch = await ok(app, NODE, { id: g.createGuild.channels[0].id }, owner.token);
+  assert.equal(ch.node.channelName, 'general');
+  await fails(app, 'NOT_FOUND', NODE, { id: g.createGuild.id }, stranger.token);
+  await fails(app, 'NOT_FOUND', NODE, { id: g.createGuild.channels[0].id }, stranger.token);
+  await fails(app, 'UNAUTHENTICATED', NODE, { id: g.createGuild.id });
+  await fails(app, 'BAD_USER_INPUT', NODE, { id: 'not-an-id' }, owner.token);
+  const me = await ok(app, NODE, { id: owner.id }, stranger.token);
+  assert.equal(me.node.username, owner.username);
+});
