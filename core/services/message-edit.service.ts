@@ -24,6 +24,7 @@ export async function editMessage(deps: Deps, viewer: Viewer, input: EditMessage
   const { row, access } = await loadVisibleMessage(deps, viewer, input.id);
   if (row.authorId !== viewer.userId) throw forbidden('Only the author can edit a message.');
   const content = validateContent(input.content, !!row.forwardedFromId);
+  // Saving the same text is not an edit: no history entry, no event.
   if (content === row.content) return row;
   const mentions = await lookupMentions(deps.db, access, content);
   const now = deps.now();
