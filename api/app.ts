@@ -112,6 +112,11 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         metrics.operations.inc({ type: op.operation, name: op.name?.value ?? 'anonymous' });
       }
     },
+    // RATE_LIMITED errors leave their wait in the request store (api/errors.ts); HTTP says it too.
+    onResponse({ response }) {
+      const retryAfter = requestStore.getStore()?.retryAfter;
+      if (retryAfter) response.headers.set('retry-after', String(retryAfter));
+    },
   };
 
   const yoga = createYoga<{ req?: IncomingMessage; ip?: string }, Context>({
@@ -233,34 +238,12 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     }
     inFlight++;
     try {
-      await requestStore.run(store, async () => {
-        const response = await yoga.handleNodeRequestAndResponse(req, res, { req });
-        const headers: Record<string, string> = {};
-        response.headers.forEach((v: string, k: string) => {
-          headers[k] = v;
-        });
-        if (store.retryAfter) headers['retry-after'] = String(store.retryAfter);
-        await sendResponse(res, response, headers);
-      });
+      // yoga writes the response itself (one write for a buffered body, no stream copy).
+      await requestStore.run(store, () => yoga.requestListener(req, res));
     } finally {
       inFlight--;
       if (inFlight === 0 && drained) drained();
     }
-  }
-
-  async function sendResponse(res: ServerResponse, response: Response, headers: Record<string, string>) {
-    res.writeHead(response.status, headers);
-    if (!response.body) {
-      res.end();
-      return;
-    }
-    const reader = response.body.getReader();
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      if (!res.write(value)) await new Promise((r) => res.once('drain', r));
-    }
-    res.end();
   }
 
   let server: Server | undefined;
