@@ -263,6 +263,8 @@ builder.objectField(ChannelRef, 'messages', (t) =>
 builder.queryField('message', (t) =>
   t.field({
     type: MessageRef,
+    // Nullable as CONTRACT.md has it, though a missing or hidden message answers NOT_FOUND.
+    nullable: true,
     args: { id: t.arg.id({ required: true }) },
     resolve: (_r, { id }, ctx) => history.getMessage(ctx.deps, requireViewer(ctx), decodeId(id, 'Message')),
   }),
