@@ -17,7 +17,9 @@ import {
   createRedisRateLimiter,
   type RateLimiter,
 } from '../core/ports/rate-limit.ts';
+import type { SearchEngine } from '../core/ports/search.ts';
 import { createHub } from '../core/realtime/hub.ts';
+import { createPostgresSearch } from '../core/search/postgres.search.ts';
 import type { Context } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
 import { armorPlugins } from './armor.ts';
@@ -74,6 +76,9 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   const rateLimiter: RateLimiter = redis
     ? createRedisRateLimiter(redis, config.redisPrefix)
     : createMemoryRateLimiter();
+  // No Typesense engine yet: with TYPESENSE_URL set the app still searches with Postgres FTS.
+  const search: SearchEngine = createPostgresSearch(database.db);
+  if (config.typesense) log.warn('TYPESENSE_URL is set but not supported yet: searching with Postgres');
   const features = [
     database.kind === 'postgres' ? 'database:postgres' : 'database:pglite',
     redis ? 'bus:redis' : 'bus:memory',
@@ -86,6 +91,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     bus,
     rateLimiter,
     rateLimitsEnabled: config.rateLimits,
+    search,
     log,
     now: () => new Date(),
     settings: {

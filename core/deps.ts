@@ -1,6 +1,7 @@
 import type { Database, Db } from './db/client.ts';
 import type { Bus } from './ports/bus.ts';
 import type { RateLimiter } from './ports/rate-limit.ts';
+import type { SearchEngine } from './ports/search.ts';
 import type { Hub } from './realtime/hub.ts';
 
 /** The minimal logger core needs (pino satisfies it). */
@@ -35,6 +36,8 @@ export interface Deps {
   log: Log;
   /** The realtime hub; absent in processes that hold no sockets (workers). */
   realtime?: Hub;
+  /** The search engine (Postgres FTS unless TYPESENSE_URL is set); absent means Postgres FTS on `db`. */
+  search?: SearchEngine;
   settings: CoreSettings;
   now(): Date;
 }
