@@ -23,12 +23,21 @@ export const ReportRef = builder.loadableNodeRef<reportService.ReportRow, string
 
 ReportRef.implement({
   fields: (t) => ({
-    message: t.field({
+    message: t.loadable({
       type: MessageRef,
       nullable: true,
       description:
         'null once the message is deleted, or when the viewer cannot see its channel; contentSnapshot keeps what was reported.',
-      resolve: (r, _a, ctx) => reportService.visibleMessageId(ctx.deps, requireViewer(ctx), r),
+      load: (keys: string[], ctx) =>
+        reportService.visibleMessageIds(
+          ctx.deps,
+          requireViewer(ctx),
+          keys.map((k) => {
+            const [messageId, channelId] = k.split('|');
+            return { messageId, channelId };
+          }),
+        ),
+      resolve: (r) => `${r.messageId}|${r.channelId}`,
     }),
     reporter: t.field({ type: UserRef, resolve: (r) => r.reporterId }),
     author: t.field({

@@ -242,6 +242,29 @@ describe('reports queue and resolveReport', () => {
     assert.equal(e.node.contentSnapshot, 'evidence');
   });
 
+  it('lists a page in a fixed number of statements, however many reports it holds', async () => {
+    const g = await makeGuild();
+    const [author, reporter] = [await signUp(app), await signUp(app)];
+    await join(g.raw, author, reporter);
+    const file = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        const m = await postMessage(g.channel, g.raw, author, `m${i}`);
+        await ok(app, REPORT, { m: m.id, r: 'x' }, reporter.token);
+      }
+    };
+    const q = `query($g: ID!) { reports(guildId: $g, first: 100) { edges { node { id reporter { id } author { id }
+      resolvedBy { id } message { id content } } } } }`;
+    const cost = async () => {
+      const before = app.deps.database.queryCount;
+      await ok(app, q, { g: g.id }, owner.token);
+      return app.deps.database.queryCount - before;
+    };
+    await file(2);
+    const small = await cost();
+    await file(10);
+    assert.equal(await cost(), small);
+  });
+
   it('node(id) shows a report to moderators only', async () => {
     const g = await makeGuild();
     const [author, reporter] = [await signUp(app), await signUp(app)];

@@ -3,7 +3,7 @@
  * the instance admin sees every report, a guild's MANAGE_MESSAGES holders see that guild's.
  * Reports carry a snapshot of the content so deleting the message keeps the evidence.
  */
-import { and, desc, eq, lt, sql } from 'drizzle-orm';
+import { and, desc, eq, inArray, isNull, lt, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.ts';
 import { messages, reports } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
@@ -145,15 +145,32 @@ export async function resolveReport(
 }
 
 /**
- * The reported message's id when it still exists and the viewer can see it, else null: a
- * moderator outside the channel still has the snapshot, and Message's loader would refuse them.
+ * For each report, its message's id when the message still exists and the viewer can see it,
+ * else null: a moderator outside the channel still has the snapshot, and Message's loader would
+ * refuse them. One statement for the messages plus one access check per distinct channel.
  */
-export async function visibleMessageId(deps: Deps, viewer: Viewer, r: ReportRow): Promise<string | null> {
-  const [m] = await deps.db
-    .select({ id: messages.id, deletedAt: messages.deletedAt })
-    .from(messages)
-    .where(eq(messages.id, r.messageId));
-  if (!m || m.deletedAt) return null;
-  const a = await loadChannelAccess(deps.db, viewer.userId, r.channelId, deps.now());
-  return a && has(a.permissions, Permission.VIEW_CHANNEL | Permission.READ_HISTORY) ? m.id : null;
+export async function visibleMessageIds(
+  deps: Deps,
+  viewer: Viewer,
+  items: readonly { messageId: string; channelId: string }[],
+): Promise<(string | null)[]> {
+  const ids = [...new Set(items.map((i) => i.messageId))];
+  const live = new Set(
+    (
+      await deps.db
+        .select({ id: messages.id })
+        .from(messages)
+        .where(and(inArray(messages.id, ids), isNull(messages.deletedAt)))
+    ).map((m) => m.id),
+  );
+  const channelIds = [...new Set(items.filter((i) => live.has(i.messageId)).map((i) => i.channelId))];
+  const need = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
+  const seen = new Map<string, boolean>();
+  await Promise.all(
+    channelIds.map(async (c) => {
+      const a = await loadChannelAccess(deps.db, viewer.userId, c, deps.now());
+      seen.set(c, !!a && has(a.permissions, need));
+    }),
+  );
+  return items.map((i) => (live.has(i.messageId) && seen.get(i.channelId) ? i.messageId : null));
 }
