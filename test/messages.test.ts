@@ -148,6 +148,8 @@ describe('sendMessage', () => {
       member.token,
     );
     assert.ok(e.extensions?.retryAfter > 0 && e.extensions?.retryAfter <= 30, JSON.stringify(e));
+    const http = await gql(app, SEND, { i: { channelId: slow, content: 'third' } }, { token: member.token });
+    assert.ok(Number(http.headers.get('retry-after')) > 0);
     assert.equal(await countMessages(slow), 1);
     await send(app, g.owner, slow, 'owner 1');
     await send(app, g.owner, slow, 'owner 2');
