@@ -6,6 +6,9 @@ import { attachments, members, messages } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
 import { Permission } from '../core/permissions.ts';
 import { matchSql } from '../core/search/postgres.search.ts';
+import type { MessageRow } from '../core/services/message.service.ts';
+import type { AttachmentRow } from '../core/services/message-history.service.ts';
+import { searchDocument } from '../core/services/search.service.ts';
 import { encodeId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
@@ -247,8 +250,16 @@ describe('search: who sees what', () => {
     assert.deepEqual(await contents(member, { text: t, channelId: dm }), [`${t} just us`]);
     assert.deepEqual(await contents(g.owner, { text: t }), []);
     await fails(app, 'NOT_FOUND', SEARCH, { i: { text: t, channelId: dm } }, g.owner.token);
-    // Scoped to a guild, DMs are outside it.
+    // Scoped to a guild, DMs are outside it; a channel outside the guild matches nothing.
     assert.deepEqual(await contents(member, { text: t, guildId: g.guildId }), []);
+    assert.deepEqual(await contents(member, { text: t, guildId: g.guildId, channelId: dm }), []);
+    await fails(
+      app,
+      'NOT_FOUND',
+      SEARCH,
+      { i: { text: t, guildId: encodeId('Guild', newId()), channelId: dm } },
+      member.token,
+    );
   });
 
   it('a member who leaves stops seeing the guild at once', async () => {
@@ -354,6 +365,25 @@ describe('search: bad input', () => {
     await bad({ i: { text: 'x' }, first: -1 });
     await ok(app, SEARCH, { i: { text: 'x'.repeat(200) } }, member.token);
     await fails(app, 'UNAUTHENTICATED', SEARCH, { i: { text: 'x' } });
+  });
+});
+
+describe('search: documents for engines with their own copy', () => {
+  it('lists the has: kinds a message satisfies', () => {
+    const row = {
+      id: newId(),
+      channelId: newId(),
+      guildId: null,
+      authorId: newId(),
+      content: 'see HTTPS://x.test',
+      createdAt: new Date(),
+      embeds: [{ title: 'x' }],
+    } as unknown as MessageRow;
+    const file = (contentType: string) => ({ contentType }) as unknown as AttachmentRow;
+    assert.deepEqual(searchDocument(row, [file('image/png')]).has, ['LINK', 'FILE', 'IMAGE', 'EMBED']);
+    assert.deepEqual(searchDocument({ ...row, content: 'http:// nothing', embeds: [] }, [file('a/b')]).has, [
+      'FILE',
+    ]);
   });
 });
 
