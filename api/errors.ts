@@ -33,9 +33,14 @@ export function createMaskError(log: Logger, metrics: Metrics) {
         extensions: { code: be.code, ...be.extra },
       });
     }
-    if (gql && !gql.originalError) {
-      // Errors graphql-js made itself (validation, coercion): the client's fault, shown as they are.
-      const code = (gql.extensions?.code as string) ?? 'BAD_USER_INPUT';
+    // Errors graphql-js made itself (validation, variable coercion, including a scalar's parseValue
+    // throwing a GraphQLError): the client's fault, shown as they are.
+    const inner = gql?.originalError;
+    if (gql && (!inner || (inner instanceof GraphQLError && !inner.originalError))) {
+      const code =
+        (gql.extensions?.code as string) ??
+        ((inner as GraphQLError | undefined)?.extensions?.code as string) ??
+        'BAD_USER_INPUT';
       metrics.errors.inc({ code });
       return new GraphQLError(gql.message, {
         nodes: gql.nodes,

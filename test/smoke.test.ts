@@ -83,3 +83,22 @@ it('node(id) answers as the type query does: content for those who may see it, N
   const me = await ok(app, NODE, { id: owner.id }, stranger.token);
   assert.equal(me.node.username, owner.username);
 });
+
+it('a bad enum or DateTime variable answers BAD_USER_INPUT, not a masked internal error', async () => {
+  const owner = await signUp(app);
+  const g = await ok(app, `mutation { createGuild(input: { name: "Vars" }) { id } }`, {}, owner.token);
+  await fails(
+    app,
+    'BAD_USER_INPUT',
+    `mutation($g: ID!, $t: ChannelType!) { createChannel(input: { guildId: $g, name: "x", type: $t }) { id } }`,
+    { g: g.createGuild.id, t: 'NOPE' },
+    owner.token,
+  );
+  await fails(
+    app,
+    'BAD_USER_INPUT',
+    `mutation($g: ID!, $u: ID!, $until: DateTime) { timeoutMember(guildId: $g, userId: $u, until: $until) }`,
+    { g: g.createGuild.id, u: owner.id, until: 'tomorrow' },
+    owner.token,
+  );
+});
