@@ -280,7 +280,7 @@ CREATE INDEX "events_channel" ON "events" USING btree ("channel_id","seq");--> s
 CREATE INDEX "events_guild" ON "events" USING btree ("guild_id","seq");--> statement-breakpoint
 CREATE INDEX "events_user" ON "events" USING btree ("user_id","seq");--> statement-breakpoint
 CREATE INDEX "events_created" ON "events" USING btree ("created_at");--> statement-breakpoint
-CREATE INDEX "events_order" ON "events" USING btree ("xid","seq");--> statement-breakpoint
+CREATE INDEX "events_order" ON "events" USING btree ((("xid")::text::bigint),"seq");--> statement-breakpoint
 CREATE INDEX "guilds_owner" ON "guilds" USING btree ("owner_id");--> statement-breakpoint
 CREATE INDEX "invites_guild" ON "invites" USING btree ("guild_id");--> statement-breakpoint
 CREATE INDEX "member_roles_role" ON "member_roles" USING btree ("role_id");--> statement-breakpoint

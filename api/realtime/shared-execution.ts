@@ -35,6 +35,16 @@ function keyOf(args: ExecutionArgs): string {
   return `${id}|${args.operationName ?? ''}|${JSON.stringify(args.variableValues ?? {})}`;
 }
 
+/**
+ * An event whose subject was deleted between the log read and execution resolves to NOT_FOUND:
+ * it is skipped, as replay skips it (the deletion event follows in the stream).
+ */
+function isGone(r: ExecutionResult): boolean {
+  const data = r.data as Record<string, unknown> | null | undefined;
+  const empty = !data || Object.values(data).every((v) => v === null);
+  return empty && !!r.errors?.length && r.errors.every((e) => e.extensions?.code === 'NOT_FOUND');
+}
+
 export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
   if (!result.errors?.length) return result;
   return {
@@ -109,7 +119,8 @@ export async function subscribeShared(
         if (step.done) return;
         const payload = step.value;
         if (typeof payload !== 'object' || payload === null) {
-          yield await run(payload).result;
+          const r = await run(payload).result;
+          if (!isGone(r)) yield r;
           continue;
         }
         let byDoc = perEvent.get(payload);
@@ -119,14 +130,18 @@ export async function subscribeShared(
         }
         const existing = byDoc.get(key);
         if (existing && (await existing.viewerFree)) {
+          const r = await existing.result;
+          if (isGone(r)) continue;
           hooks.onResult?.(true);
-          yield await existing.result;
+          yield r;
           continue;
         }
         const mine = run(payload);
         if (!existing) byDoc.set(key, mine);
+        const r = await mine.result;
+        if (isGone(r)) continue;
         hooks.onResult?.(false);
-        yield await mine.result;
+        yield r;
       }
     } finally {
       await it.return?.();

@@ -441,7 +441,7 @@ export const events = pgTable(
     index('events_user').on(t.userId, t.seq),
     index('events_created').on(t.createdAt),
     /** the log's read order (core/realtime/log.ts) */
-    index('events_order').on(t.xid, t.seq),
+    index('events_order').on(sql`((${t.xid})::text::bigint)`, t.seq),
   ],
 );
 

@@ -43,13 +43,18 @@ function toRow(r: RawRow): LogRow {
 }
 
 const COLS = sql`seq, xid::text as xid, type, guild_id, channel_id, user_id, payload`;
+/**
+ * The xid as a bigint: PGlite (wasm32) sorts xid8 wrongly (comparisons are right, ORDER BY is
+ * not), and an xid8 never passes 2^63. The events_order index is on this expression.
+ */
+const XID = sql`(xid::text::bigint)`;
 const FINISHED = sql`xid < pg_snapshot_xmin(pg_current_snapshot())`;
 
 /** The last finished row: where a tailer starting now begins. */
 export async function headPosition(db: Db): Promise<Position> {
   const [r] = rows<{ xid: string; seq: string }>(
     await db.execute(
-      sql`select xid::text as xid, seq from events where ${FINISHED} order by xid desc, seq desc limit 1`,
+      sql`select xid::text as xid, seq from events where ${FINISHED} order by ${XID} desc, seq desc limit 1`,
     ),
   );
   return r ? { xid: String(r.xid), seq: Number(r.seq) } : ORIGIN;
@@ -59,8 +64,8 @@ export async function headPosition(db: Db): Promise<Position> {
 export async function readAfter(db: Db, from: Position, limit: number): Promise<LogRow[]> {
   const r = await db.execute(sql`
     select ${COLS} from events
-    where (xid, seq) > (${from.xid}::xid8, ${from.seq}::bigint) and ${FINISHED}
-    order by xid, seq limit ${limit}`);
+    where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and ${FINISHED}
+    order by ${XID}, seq limit ${limit}`);
   return rows<RawRow>(r).map(toRow);
 }
 
@@ -78,13 +83,13 @@ export async function readRange(
   if (comparePos(from, to) >= 0) return [];
   const r = await db.execute(sql`
     select ${COLS} from events
-    where (xid, seq) > (${from.xid}::xid8, ${from.seq}::bigint)
-      and (xid, seq) <= (${to.xid}::xid8, ${to.seq}::bigint)
+    where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint)
+      and (${XID}, seq) <= (${to.xid}::bigint, ${to.seq}::bigint)
       and (user_id = ${userId}::uuid or (user_id is null and (
         guild_id in (select guild_id from members where user_id = ${userId}::uuid)
         or channel_id in (select channel_id from channel_recipients where user_id = ${userId}::uuid)
         or payload->>'userId' = ${userId})))
-    order by xid, seq limit ${limit}`);
+    order by ${XID}, seq limit ${limit}`);
   return rows<RawRow>(r).map(toRow);
 }
 
