@@ -21,6 +21,11 @@ export interface Database {
   ping(): Promise<void>;
   /** Applies pending migrations, serialized across processes by an advisory lock. */
   migrate(): Promise<void>;
+  /**
+   * Runs a hot, fixed SQL text as a named prepared statement (Postgres plans it once per
+   * connection instead of on every call); PGlite runs it as a plain parameterized query.
+   */
+  prepared<T>(name: string, text: string, params: unknown[]): Promise<T[]>;
   /** Pool statistics for /metrics (zeros for PGlite). */
   poolStats(): { total: number; idle: number; waiting: number };
   close(): Promise<void>;
@@ -54,7 +59,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
-    return {
+    const database: Database = {
       db,
       kind: 'postgres',
       get queryCount() {
@@ -74,9 +79,15 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
           await client.end();
         }
       },
+      async prepared<T>(name: string, text: string, params: unknown[]) {
+        count++;
+        return (await pool.query({ name, text, values: params })).rows as T[];
+      },
       poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
       close: () => pool.end(),
     };
+    roots.set(db, database);
+    return database;
   }
   const { PGlite } = await import('@electric-sql/pglite');
   const { drizzle } = await import('drizzle-orm/pglite');
@@ -88,7 +99,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
   }
   const client = await PGlite.create(dataDir);
   const db = drizzle(client, { schema: tables, logger }) as unknown as Db;
-  return {
+  const database: Database = {
     db,
     kind: 'pglite',
     get queryCount() {
@@ -99,7 +110,19 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     },
     // PGlite is single-process by construction: no lock needed.
     migrate: () => migrate(drizzle(client), { migrationsFolder }),
+    async prepared<T>(_name: string, text: string, params: unknown[]) {
+      count++;
+      return (await client.query<T>(text, params)).rows;
+    },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     close: () => client.close(),
   };
+  roots.set(db, database);
+  return database;
+}
+
+/** Which Database a root drizzle handle belongs to (a transaction handle maps to nothing). */
+const roots = new WeakMap<object, Database>();
+export function databaseOf(db: DbOrTx): Database | undefined {
+  return roots.get(db);
 }

@@ -3,8 +3,9 @@
  * X here". Resolvers and event delivery go through these; nothing else computes permissions.
  */
 import { sql } from 'drizzle-orm';
-import type { DbOrTx } from '../db/client.ts';
+import { type DbOrTx, databaseOf } from '../db/client.ts';
 import { forbidden, notFound } from '../errors.ts';
+import { isUuid } from '../ids.ts';
 import {
   ALL_PERMISSIONS,
   computeChannelPermissions,
@@ -92,6 +93,41 @@ export async function loadGuildAccess(
 }
 
 /**
+ * The channel-access statement as fixed text ($1 channel id, $2 user id): it is the hottest
+ * query in Banter (every send, every history page), so it runs as a prepared statement and
+ * Postgres plans it once per connection. It must stay equivalent to memberQuery above.
+ */
+const CHANNEL_ACCESS_SQL = `
+  with c as (select * from channels where id = $1::uuid),
+  chain as (
+    select c.id, 0 as depth from c
+    union all select p.id, 1 from c join channels p on p.id = c.parent_id
+    union all select gp.id, 2 from c join channels p on p.id = c.parent_id join channels gp on gp.id = p.parent_id
+  )
+  select row_to_json(c.*) as c,
+    (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
+        'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
+      from permission_overwrites o where o.channel_id in (select id from chain)) as ow,
+    (select coalesce(json_agg(id order by depth desc), '[]'::json) from chain) as chain,
+    (select json_agg(cr.user_id) from channel_recipients cr where cr.channel_id = c.id) as rcp,
+    (select g.owner_id from guilds g where g.id = c.guild_id) as owner_id,
+    (select json_build_object('t', m.timeout_until) from members m
+       where m.guild_id = c.guild_id and m.user_id = $2::uuid) as member,
+    (select coalesce(json_agg(json_build_object('id', r.id, 'p', r.permissions::text, 'pos', r.position, 'e', r.is_everyone)), '[]'::json)
+       from roles r where r.guild_id = c.guild_id and (r.is_everyone or r.id in
+         (select mr.role_id from member_roles mr where mr.guild_id = c.guild_id and mr.user_id = $2::uuid))) as roles
+  from c`;
+
+/** Inside a transaction there is no prepared path: inline the (uuid-validated) parameters. */
+function bindForRaw(text: string, params: string[]): string {
+  return text.replace(/\$(\d+)/g, (_m, i) => {
+    const v = params[Number(i) - 1];
+    if (!isUuid(v)) throw new Error('bindForRaw takes uuids only');
+    return `'${v}'`;
+  });
+}
+
+/**
  * The viewer's access to a channel, or null when it does not exist. Overwrites come from the
  * channel, its parent and its grandparent (thread → text channel → category), outermost first.
  */
@@ -107,23 +143,11 @@ export async function loadChannelAccess(
     chain: string[];
     rcp: string[] | null;
   };
-  const r = rows<Row>(
-    await db.execute(sql`
-      with c as (select * from channels where id = ${channelId}::uuid),
-      chain as (
-        select c.id, 0 as depth from c
-        union all select p.id, 1 from c join channels p on p.id = c.parent_id
-        union all select gp.id, 2 from c join channels p on p.id = c.parent_id join channels gp on gp.id = p.parent_id
-      )
-      select row_to_json(c.*) as c,
-        (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
-            'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
-          from permission_overwrites o where o.channel_id in (select id from chain)) as ow,
-        (select coalesce(json_agg(id order by depth desc), '[]'::json) from chain) as chain,
-        (select json_agg(cr.user_id) from channel_recipients cr where cr.channel_id = c.id) as rcp,
-        ${memberQuery(userId, sql`c.guild_id`)}
-      from c`),
-  )[0];
+  const params = [channelId, userId];
+  const root = databaseOf(db);
+  const r = root
+    ? (await root.prepared<Row>('banter_channel_access', CHANNEL_ACCESS_SQL, params))[0]
+    : rows<Row>(await db.execute(sql.raw(bindForRaw(CHANNEL_ACCESS_SQL, params))))[0];
   if (!r) return null;
   const c = r.c;
   const channel: ChannelRow = {
