@@ -74,12 +74,19 @@ export async function transact<T>(deps: Deps, fn: (tx: Tx, log: EventWriter) => 
     };
     return fn(tx, log);
   });
-  if (written.length) {
-    try {
-      await deps.bus.announce(written);
-    } catch (err) {
-      deps.log.warn({ err }, 'bus announce failed; subscribers will catch up from the log');
-    }
-  }
+  await announce(deps, written);
   return result;
+}
+
+/**
+ * Rings the bus for committed event-log rows. Used by transact() and by the few hot paths that
+ * write their change and its event in one statement (atomic on its own, no BEGIN/COMMIT).
+ */
+export async function announce(deps: Deps, refs: LoggedEventRef[]): Promise<void> {
+  if (!refs.length) return;
+  try {
+    await deps.bus.announce(refs);
+  } catch (err) {
+    deps.log.warn({ err }, 'bus announce failed; subscribers will catch up from the log');
+  }
 }

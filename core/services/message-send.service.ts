@@ -10,7 +10,7 @@ import type { Tx } from '../db/client.ts';
 import { attachments, messageMentions, messages } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound, rateLimited } from '../errors.ts';
-import { transact } from '../events.ts';
+import { announce, transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
 import { type ChannelAccess, loadChannelAccess, requireChannel } from './access.service.ts';
@@ -115,6 +115,12 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
     mentionEveryone: mentions.everyone,
     mentionRoleIds: mentions.roleIds,
   };
+  if (!attachmentIds.length) {
+    // The common case: message, mentions and event in one statement. No row back means the nonce
+    // index conflicted: the transactional path below tells a retry from a stale nonce.
+    const row = await insertAtomically(deps, values, mentions.userIds);
+    if (row) return row;
+  }
   return transact(deps, async (tx, log) => {
     let row = await insert(tx, values);
     if (!row) {
@@ -151,6 +157,90 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
     });
     return row;
   });
+}
+
+/**
+ * One prepared statement: data-modifying CTEs insert the message, its mentions and its
+ * MESSAGE_CREATED event together (a single statement is its own transaction), so a send costs
+ * two round trips in all: the permission check and this.
+ */
+const SEND_SQL = `
+  with m as (
+    insert into messages (id, channel_id, guild_id, author_id, content, created_at, reply_to_id,
+      forwarded_from_id, nonce, mention_everyone, mention_role_ids)
+    values ($1::uuid, $2::uuid, $3::uuid, $4::uuid, $5, $6, $7::uuid, $8::uuid, $9, $10, $11::uuid[])
+    on conflict do nothing
+    returning *
+  ), mm as (
+    insert into message_mentions (message_id, user_id, channel_id)
+    select m.id, u, m.channel_id from m, unnest($12::uuid[]) as u
+  ), e as (
+    insert into events (type, guild_id, channel_id, payload)
+    select 'MESSAGE_CREATED', m.guild_id, m.channel_id, json_build_object('messageId', m.id) from m
+    returning seq
+  )
+  select row_to_json(m.*) as m, (select seq from e) as seq from m`;
+
+async function insertAtomically(
+  deps: Deps,
+  v: typeof messages.$inferInsert,
+  mentionUserIds: string[],
+): Promise<MessageRow | undefined> {
+  const rows = await deps.database.prepared<{ m: Record<string, unknown>; seq: string | number }>(
+    'banter_send_message',
+    SEND_SQL,
+    [
+      v.id,
+      v.channelId,
+      v.guildId ?? null,
+      v.authorId,
+      v.content,
+      v.createdAt,
+      v.replyToId ?? null,
+      v.forwardedFromId ?? null,
+      v.nonce ?? null,
+      v.mentionEveryone ?? false,
+      v.mentionRoleIds ?? [],
+      mentionUserIds,
+    ],
+  );
+  const r = rows[0];
+  if (!r) return undefined;
+  const row = messageFromJson(r.m);
+  await announce(deps, [
+    {
+      seq: Number(r.seq),
+      type: 'MESSAGE_CREATED',
+      guildId: row.guildId,
+      channelId: row.channelId,
+      userId: null,
+    },
+  ]);
+  return row;
+}
+
+const dateOrNull = (v: unknown) => (v == null ? null : new Date(v as string));
+
+/** A messages row as row_to_json gives it (snake_case, dates as strings) in drizzle's shape. */
+function messageFromJson(j: Record<string, unknown>): MessageRow {
+  return {
+    id: j.id as string,
+    channelId: j.channel_id as string,
+    guildId: (j.guild_id as string) ?? null,
+    authorId: j.author_id as string,
+    content: j.content as string,
+    createdAt: new Date(j.created_at as string),
+    editedAt: dateOrNull(j.edited_at),
+    replyToId: (j.reply_to_id as string) ?? null,
+    forwardedFromId: (j.forwarded_from_id as string) ?? null,
+    nonce: (j.nonce as string) ?? null,
+    mentionEveryone: j.mention_everyone as boolean,
+    mentionRoleIds: (j.mention_role_ids as string[]) ?? [],
+    pinnedAt: dateOrNull(j.pinned_at),
+    pinnedBy: (j.pinned_by as string) ?? null,
+    embeds: j.embeds as MessageRow['embeds'],
+    deletedAt: dateOrNull(j.deleted_at),
+  };
 }
 
 async function insert(tx: Tx, values: typeof messages.$inferInsert): Promise<MessageRow | undefined> {
