@@ -1,9 +1,11 @@
+import { createContextCache } from '@pothos/core';
+import DataLoader from 'dataloader';
 import { z } from 'zod';
 import { notFound } from '../core/errors.ts';
 import { requireChannel } from '../core/services/access.service.ts';
 import * as channelService from '../core/services/channel.service.ts';
-import { builder, decodeId, encodeId, requireViewer } from './builder.ts';
-import { GuildRef } from './guild.ts';
+import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
+import { canSeeGuildChannel, GuildRef, requireGuildBatched } from './guild.ts';
 import { limit } from './limits.ts';
 
 export const ChannelType = builder.enumType('ChannelType', {
@@ -36,21 +38,49 @@ ChannelRef.implement({
     nsfw: t.exposeBoolean('nsfw'),
     createdAt: t.expose('createdAt', { type: 'DateTime' }),
     guild: t.field({ type: GuildRef, nullable: true, resolve: (c) => c.guildId }),
-    parent: t.field({ type: ChannelRef, nullable: true, resolve: (c) => c.parentId }),
+    parent: t.field({
+      type: ChannelRef,
+      nullable: true,
+      description:
+        'The category (or, for a thread, the channel) it is in; null when none or hidden from the viewer',
+      // A channel can be visible inside a category the viewer cannot see (overwrites): never show that one.
+      resolve: async (c, _a, ctx) =>
+        c.parentId && c.guildId && (await canSeeGuildChannel(ctx, c.guildId, c.parentId)) ? c.parentId : null,
+    }),
   }),
 });
+
+/** Each guild's channel rows, batched across the guilds of one list (not cached: see guildAccessLoader). */
+const guildChannelsLoader = createContextCache(
+  (ctx: Context) =>
+    new DataLoader<string, channelService.ChannelRowFull[]>(
+      (ids) => channelService.guildChannelsOf(ctx.deps, ids),
+      {
+        cache: false,
+      },
+    ),
+);
 
 builder.objectField(GuildRef, 'channels', (t) =>
   t.field({
     type: [ChannelRef],
     description: 'The channels (and categories) the viewer can see, in position order',
-    resolve: (g, _a, ctx) => channelService.visibleGuildChannels(ctx.deps, requireViewer(ctx), g.id),
+    resolve: async (g, _a, ctx) => {
+      requireViewer(ctx);
+      const [access, rows] = await Promise.all([
+        requireGuildBatched(ctx, g.id),
+        guildChannelsLoader(ctx).load(g.id),
+      ]);
+      return channelService.visibleChannels(rows, access.permissions);
+    },
   }),
 );
 
 builder.queryField('channel', (t) =>
   t.field({
     type: ChannelRef,
+    // Nullable as CONTRACT.md has it, though a missing or hidden channel answers NOT_FOUND.
+    nullable: true,
     args: { id: t.arg.id({ required: true }) },
     resolve: async (_r, { id }, ctx) => {
       const v = requireViewer(ctx);

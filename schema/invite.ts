@@ -2,7 +2,7 @@ import { z } from 'zod';
 import * as inviteService from '../core/services/invite.service.ts';
 import { builder, decodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
-import { GuildRef } from './guild.ts';
+import { canSeeGuildChannel, GuildRef } from './guild.ts';
 import { limit } from './limits.ts';
 import { UserRef } from './user.ts';
 
@@ -13,7 +13,14 @@ InviteRef.implement({
   fields: (t) => ({
     code: t.exposeString('code'),
     guild: t.field({ type: GuildRef, resolve: (i) => i.guildId }),
-    channel: t.field({ type: ChannelRef, nullable: true, resolve: (i) => i.channelId }),
+    channel: t.field({
+      type: ChannelRef,
+      nullable: true,
+      description: 'The channel it leads to; null when none or hidden from the viewer',
+      // Guild.invites is for MANAGE_GUILD, which does not imply seeing every channel.
+      resolve: async (i, _a, ctx) =>
+        i.channelId && (await canSeeGuildChannel(ctx, i.guildId, i.channelId)) ? i.channelId : null,
+    }),
     inviter: t.field({ type: UserRef, resolve: (i) => i.inviterId }),
     maxUses: t.exposeInt('maxUses', { nullable: true, description: 'null: unlimited' }),
     uses: t.exposeInt('uses'),

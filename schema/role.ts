@@ -1,3 +1,5 @@
+import { createContextCache } from '@pothos/core';
+import DataLoader from 'dataloader';
 import { z } from 'zod';
 import { BanterError, notFound } from '../core/errors.ts';
 import {
@@ -6,11 +8,11 @@ import {
   permissionNames,
   permissionsFromNames,
 } from '../core/permissions.ts';
-import { loadChannelAccess, requireGuild } from '../core/services/access.service.ts';
+import { loadChannelAccess } from '../core/services/access.service.ts';
 import * as roleService from '../core/services/role.service.ts';
-import { builder, decodeAnyId, decodeId, encodeId, requireViewer } from './builder.ts';
+import { builder, type Context, decodeAnyId, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
-import { GuildRef } from './guild.ts';
+import { GuildRef, requireGuildBatched } from './guild.ts';
 import { limit } from './limits.ts';
 import { UserRef } from './user.ts';
 
@@ -42,21 +44,30 @@ RoleRef.implement({
   }),
 });
 
+/** Each guild's roles, batched across a list of guilds (not cached: see guildAccessLoader). */
+const guildRolesLoader = createContextCache(
+  (ctx: Context) =>
+    new DataLoader<string, roleService.RoleRow[]>((ids) => roleService.rolesOfGuilds(ctx.deps, ids), {
+      cache: false,
+    }),
+);
+
 builder.objectFields(GuildRef, (t) => ({
   roles: t.field({
     type: [RoleRef],
     description: 'Highest position first; @everyone last',
     resolve: async (g, _a, ctx) => {
-      await requireGuild(ctx.deps.db, requireViewer(ctx).userId, g.id, 0n, ctx.deps.now());
-      return roleService.listRoles(ctx.deps, g.id);
+      requireViewer(ctx);
+      const [, list] = await Promise.all([requireGuildBatched(ctx, g.id), guildRolesLoader(ctx).load(g.id)]);
+      return list;
     },
   }),
   viewerPermissions: t.field({
     type: [PermissionEnum],
     description: 'What the viewer may do guild-wide (channel overwrites not applied)',
     resolve: async (g, _a, ctx) => {
-      const a = await requireGuild(ctx.deps.db, requireViewer(ctx).userId, g.id, 0n, ctx.deps.now());
-      return names(a.permissions);
+      requireViewer(ctx);
+      return names((await requireGuildBatched(ctx, g.id)).guild.permissions);
     },
   }),
 }));

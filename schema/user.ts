@@ -81,15 +81,17 @@ AuthPayload.implement({
 
 const RegisterInput = builder.inputType('RegisterInput', {
   fields: (t) => ({
-    username: t.string({ required: true }),
-    email: t.string({ required: true }),
-    password: t.string({ required: true }),
+    // Bounds before any work; the service applies the exact rules.
+    username: t.string({ required: true, validate: z.string().max(100) }),
+    email: t.string({ required: true, validate: z.string().max(320) }),
+    password: t.string({ required: true, validate: z.string().max(256) }),
     deviceName: t.string({ validate: z.string().max(100) }),
   }),
 });
 const LoginInput = builder.inputType('LoginInput', {
   fields: (t) => ({
-    login: t.string({ required: true, description: 'username or email' }),
+    // Bounded here because it becomes a rate-limit key before the service looks at it.
+    login: t.string({ required: true, description: 'username or email', validate: z.string().max(320) }),
     password: t.string({ required: true, validate: z.string().max(256) }),
     deviceName: t.string({ validate: z.string().max(100) }),
   }),
@@ -122,14 +124,18 @@ builder.mutationFields((t) => ({
   }),
   logout: t.boolean({
     resolve: async (_r, _a, ctx) => {
-      await auth.logout(ctx.deps, requireViewer(ctx));
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      await auth.logout(ctx.deps, v);
       return true;
     },
   }),
   revokeSession: t.boolean({
-    args: { id: t.arg.string({ required: true }) },
+    args: { id: t.arg.string({ required: true, validate: z.string().max(100) }) },
     resolve: async (_r, { id }, ctx) => {
-      await auth.revokeSession(ctx.deps, requireViewer(ctx), id);
+      const v = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      await auth.revokeSession(ctx.deps, v, id);
       return true;
     },
   }),
@@ -155,9 +161,12 @@ builder.queryField('user', (t) =>
 const UpdateProfileInput = builder.inputType('UpdateProfileInput', {
   description: 'Omitted fields stay as they are; null clears a field.',
   fields: (t) => ({
-    displayName: t.string({ description: '1-32 characters after trimming' }),
-    bio: t.string({ description: 'at most 190 characters' }),
-    avatarUrl: t.string({ description: 'an http(s) URL of at most 2048 characters' }),
+    displayName: t.string({ description: '1-32 characters after trimming', validate: z.string().max(1000) }),
+    bio: t.string({ description: 'at most 190 characters', validate: z.string().max(10_000) }),
+    avatarUrl: t.string({
+      description: 'an http(s) URL of at most 2048 characters',
+      validate: z.string().max(10_000),
+    }),
   }),
 });
 

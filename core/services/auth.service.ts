@@ -9,7 +9,7 @@ import { jwtVerify, SignJWT } from 'jose';
 import { sessions, spentRefreshTokens, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { BanterError, badInput, conflict, notFound, unauthenticated } from '../errors.ts';
-import { newId } from '../ids.ts';
+import { isUuid, newId } from '../ids.ts';
 
 const SCRYPT = { N: 16384, r: 8, p: 1, keylen: 32 };
 
@@ -246,6 +246,8 @@ export async function authenticate(deps: Deps, token: string): Promise<Viewer> {
 }
 
 export async function revokeSession(deps: Deps, viewer: Viewer, sessionId: string): Promise<void> {
+  // Session ids are uuids: anything else would fail the uuid cast in the database (a masked error).
+  if (!isUuid(sessionId)) throw badInput('id is not a valid session id.', 'id');
   const res = await deps.db
     .update(sessions)
     .set({ revokedAt: deps.now() })

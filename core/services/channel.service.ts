@@ -96,26 +96,41 @@ export async function createChannel(
 /** A channel row, with the viewer's permissions there when a list view already computed them. */
 export type ChannelWithAccess = ChannelRowFull & { viewerPermissions?: bigint };
 
+/** The channels (threads left out) of each guild asked for, in position order: one statement. */
+export async function guildChannelsOf(deps: Deps, guildIds: readonly string[]): Promise<ChannelRowFull[][]> {
+  if (!guildIds.length) return [];
+  const rows = await deps.db
+    .select()
+    .from(channels)
+    .where(and(inArray(channels.guildId, [...guildIds]), sql`${channels.type} <> 'THREAD'`))
+    .orderBy(channels.position, channels.id);
+  return guildIds.map((id) => rows.filter((r) => r.guildId === id));
+}
+
+/** The channels among `rows` the viewer can see (`permissions` from loadGuildsChannelsAccess). */
+export function visibleChannels(
+  rows: readonly ChannelRowFull[],
+  permissions: ReadonlyMap<string, bigint>,
+): ChannelWithAccess[] {
+  const out: ChannelWithAccess[] = [];
+  for (const c of rows) {
+    const p = permissions.get(c.id) ?? 0n;
+    if (p !== 0n) out.push({ ...c, viewerPermissions: p });
+  }
+  return out;
+}
+
 /** The channels of a guild the viewer can see, in position order, in two SQL statements. */
 export async function visibleGuildChannels(
   deps: Deps,
   viewer: Viewer,
   guildId: string,
 ): Promise<ChannelWithAccess[]> {
-  const [rows, access] = await Promise.all([
-    deps.db
-      .select()
-      .from(channels)
-      .where(and(eq(channels.guildId, guildId), sql`${channels.type} <> 'THREAD'`))
-      .orderBy(channels.position, channels.id),
+  const [[rows], access] = await Promise.all([
+    guildChannelsOf(deps, [guildId]),
     loadGuildChannelsAccess(deps.db, viewer.userId, guildId, deps.now()),
   ]);
-  const out: ChannelWithAccess[] = [];
-  for (const c of rows) {
-    const p = access.permissions.get(c.id) ?? 0n;
-    if (p !== 0n) out.push({ ...c, viewerPermissions: p });
-  }
-  return out;
+  return visibleChannels(rows, access.permissions);
 }
 
 export async function channelsByIds(deps: Deps, ids: readonly string[]): Promise<ChannelRowFull[]> {

@@ -5,6 +5,7 @@ import { members } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
+import { isUuid } from '../ids.ts';
 import { has, highestPosition, Permission } from '../permissions.ts';
 import { loadGuildAccess, requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
@@ -29,15 +30,31 @@ export function encodeMemberCursor(m: MemberRow): string {
   return Buffer.from(JSON.stringify([m.joinedAtExact, m.userId])).toString('base64url');
 }
 
+/**
+ * joined_at::text as Postgres prints it, checked field by field (Date.parse takes "1", and a
+ * 31 February would reach the ::timestamptz cast, which refuses it with a masked error).
+ */
+const PG_TIMESTAMP_RE =
+  /^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,6})?[+-]\d{2}(:[0-5]\d){0,2}$/;
+
+function isPgTimestamp(s: string): boolean {
+  const m = PG_TIMESTAMP_RE.exec(s);
+  if (!m) return false;
+  const [y, mo, d, h, mi, se] = m.slice(1, 7).map(Number);
+  const day = new Date(Date.UTC(y, mo - 1, d));
+  return y >= 1 && day.getUTCMonth() === mo - 1 && day.getUTCDate() === d && h < 24 && mi < 60 && se < 60;
+}
+
 function decodeMemberCursor(cursor: string): [string, string] {
   try {
-    const v = JSON.parse(Buffer.from(cursor, 'base64url').toString());
+    const v = cursor.length <= 200 ? JSON.parse(Buffer.from(cursor, 'base64url').toString()) : null;
     if (
       Array.isArray(v) &&
       v.length === 2 &&
       typeof v[0] === 'string' &&
-      !Number.isNaN(Date.parse(v[0])) &&
-      /^[0-9a-f-]{36}$/.test(v[1])
+      isPgTimestamp(v[0]) &&
+      typeof v[1] === 'string' &&
+      isUuid(v[1])
     )
       return [v[0], v[1]];
   } catch {

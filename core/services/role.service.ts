@@ -29,6 +29,17 @@ export async function listRoles(deps: Deps, guildId: string): Promise<RoleRow[]>
     .orderBy(desc(roles.position), asc(roles.id));
 }
 
+/** The roles of each guild asked for, highest position first: one statement. */
+export async function rolesOfGuilds(deps: Deps, guildIds: readonly string[]): Promise<RoleRow[][]> {
+  if (!guildIds.length) return [];
+  const rows = await deps.db
+    .select()
+    .from(roles)
+    .where(inArray(roles.guildId, [...guildIds]))
+    .orderBy(desc(roles.position), asc(roles.id));
+  return guildIds.map((id) => rows.filter((r) => r.guildId === id));
+}
+
 export async function rolesByIds(deps: Deps, ids: readonly string[]): Promise<RoleRow[]> {
   if (!ids.length) return [];
   return deps.db
