@@ -84,7 +84,7 @@ export interface SharedSubscribeHooks {
 export async function subscribeShared(
   args: ExecutionArgs,
   hooks: SharedSubscribeHooks,
-): Promise<AsyncGenerator<ExecutionResult> | ExecutionResult> {
+): Promise<AsyncIterableIterator<ExecutionResult> | ExecutionResult> {
   const source = await createSourceEventStream(args);
   if (!(Symbol.asyncIterator in (source as object))) {
     return maskResult(source as ExecutionResult, hooks.mask);
@@ -101,51 +101,76 @@ export async function subscribeShared(
     return { result, viewerFree: result.then(() => !t.touched()) };
   };
 
-  async function* map(): AsyncGenerator<ExecutionResult> {
-    const it = iterable[Symbol.asyncIterator]();
-    try {
-      for (;;) {
+  // A hand-made iterator, not an async generator: a generator's return() waits for its pending
+  // next(), which for an idle stream is forever, so closed sockets would leak subscriptions.
+  const it = iterable[Symbol.asyncIterator]();
+  let finished = false;
+  const done = (): IteratorResult<ExecutionResult> => ({ value: undefined, done: true });
+
+  async function nextResult(payload: unknown): Promise<ExecutionResult | null> {
+    if (typeof payload !== 'object' || payload === null) {
+      const r = await run(payload).result;
+      return isGone(r) ? null : r;
+    }
+    let byDoc = perEvent.get(payload);
+    if (!byDoc) {
+      byDoc = new Map();
+      perEvent.set(payload, byDoc);
+    }
+    const existing = byDoc.get(key);
+    if (existing && (await existing.viewerFree)) {
+      const r = await existing.result;
+      if (isGone(r)) return null;
+      hooks.onResult?.(true);
+      return r;
+    }
+    const mine = run(payload);
+    if (!existing) byDoc.set(key, mine);
+    const r = await mine.result;
+    if (isGone(r)) return null;
+    hooks.onResult?.(false);
+    return r;
+  }
+
+  const mapped: AsyncIterableIterator<ExecutionResult> & {
+    return(): Promise<IteratorResult<ExecutionResult>>;
+  } = {
+    async next() {
+      while (!finished) {
         let step: IteratorResult<unknown>;
         try {
           step = await it.next();
         } catch (err) {
+          finished = true;
           hooks.onSourceError?.(err);
-          yield maskResult(
-            { errors: [new GraphQLError((err as Error).message, { originalError: err as Error })] },
-            hooks.mask,
-          );
-          return;
+          return {
+            value: maskResult(
+              { errors: [new GraphQLError((err as Error).message, { originalError: err as Error })] },
+              hooks.mask,
+            ),
+            done: false,
+          };
         }
-        if (step.done) return;
-        const payload = step.value;
-        if (typeof payload !== 'object' || payload === null) {
-          const r = await run(payload).result;
-          if (!isGone(r)) yield r;
-          continue;
-        }
-        let byDoc = perEvent.get(payload);
-        if (!byDoc) {
-          byDoc = new Map();
-          perEvent.set(payload, byDoc);
-        }
-        const existing = byDoc.get(key);
-        if (existing && (await existing.viewerFree)) {
-          const r = await existing.result;
-          if (isGone(r)) continue;
-          hooks.onResult?.(true);
-          yield r;
-          continue;
-        }
-        const mine = run(payload);
-        if (!existing) byDoc.set(key, mine);
-        const r = await mine.result;
-        if (isGone(r)) continue;
-        hooks.onResult?.(false);
-        yield r;
+        if (step.done) break;
+        const r = await nextResult(step.value);
+        if (r) return { value: r, done: false };
       }
-    } finally {
+      finished = true;
+      return done();
+    },
+    async return() {
+      finished = true;
       await it.return?.();
-    }
-  }
-  return map();
+      return done();
+    },
+    async throw(err: unknown) {
+      finished = true;
+      await it.return?.();
+      throw err;
+    },
+    [Symbol.asyncIterator]() {
+      return mapped;
+    },
+  };
+  return mapped;
 }

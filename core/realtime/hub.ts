@@ -11,7 +11,7 @@ import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, SignalTopics } from '../ports/bus.ts';
 import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
 import { assertNotExpired, headPosition, markGone, pruneEvents, readAfter, readRange } from './log.ts';
-import { type Delivered, Subscription } from './subscription.ts';
+import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
 import { ViewerAccess } from './visibility.ts';
 
 export interface HubDeps {
@@ -31,6 +31,8 @@ export interface HubObserver {
 export interface HubOptions {
   /** Log poll interval in ms, the safety net for lost rings. Default 500. */
   pollMs?: number;
+  /** Rows a subscriber may have waiting before it is cut off as a slow consumer. Default 5,000. */
+  maxPending?: number;
   /** Prune interval in ms. Default 1 hour. */
   pruneMs?: number;
   observer?: HubObserver;
@@ -47,6 +49,7 @@ const REPLAY_PAGE = 500;
 export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   const pollMs = opts.pollMs ?? 500;
   let obs = opts.observer ?? {};
+  let maxPending = opts.maxPending ?? MAX_PENDING;
   const subs = new Set<Subscription>();
   let pos: Position | undefined;
   let ready: Promise<void> | undefined;
@@ -173,6 +176,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       const head = from ? undefined : await headPosition(deps.db);
       const p = pos!;
       const sub = new Subscription(
+        maxPending,
         new ViewerAccess(deps.db, viewer.userId),
         maxPos(from ?? head!, p),
         (s, failure) => {
@@ -199,6 +203,11 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     onDisconnect(fn: (s: SignalTopics['disconnect']) => void) {
       disconnectHandlers.add(fn);
       return () => disconnectHandlers.delete(fn);
+    },
+
+    /** Changes limits at run time (tests, operators). */
+    configure(o: { maxPending?: number }) {
+      if (o.maxPending) maxPending = o.maxPending;
     },
 
     /** Sets the metrics hooks. */

@@ -33,6 +33,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   delivered = 0;
 
   constructor(
+    private maxPending: number,
     readonly access: ViewerAccess,
     /** rows at or before it are never delivered live (replay covers them) */
     public floor: Position,
@@ -45,7 +46,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (row.cursor !== null && comparePos(row, this.floor) <= 0) return;
     if (row.cursor === null && !this.live) return;
     this.input.push(row);
-    if (this.input.length + this.output.length > MAX_PENDING) {
+    if (this.input.length + this.output.length > this.maxPending) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
       return;
     }
