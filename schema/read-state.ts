@@ -12,8 +12,10 @@ import { ViewerRef } from './user.ts';
 
 const countsLoader = createContextCache(
   (ctx: Context) =>
-    new DataLoader<string, readState.ChannelCounts>((ids) =>
-      readState.channelCounts(ctx.deps.db, requireViewer(ctx).userId, ids),
+    new DataLoader<string, readState.ChannelCounts>(
+      (ids) => readState.channelCounts(ctx.deps.db, requireViewer(ctx).userId, ids),
+      // Batched within a tick, never cached: a subscription's context lives on while counts change.
+      { cache: false },
     ),
 );
 

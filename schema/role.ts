@@ -3,16 +3,18 @@ import DataLoader from 'dataloader';
 import { z } from 'zod';
 import { BanterError, notFound } from '../core/errors.ts';
 import {
+  DM_PERMISSIONS,
   PERMISSION_NAMES,
   type PermissionName,
   permissionNames,
   permissionsFromNames,
 } from '../core/permissions.ts';
 import { loadChannelAccess } from '../core/services/access.service.ts';
+import { recipientsByChannel } from '../core/services/direct.service.ts';
 import * as roleService from '../core/services/role.service.ts';
 import { builder, type Context, decodeAnyId, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
-import { GuildRef, requireGuildBatched } from './guild.ts';
+import { GuildRef, guildAccessLoader, requireGuildBatched } from './guild.ts';
 import { limit } from './limits.ts';
 import { UserRef } from './user.ts';
 
@@ -97,13 +99,29 @@ OverwriteRef.implement({
   }),
 });
 
+/** DM recipients per channel, batched (not cached: see guildAccessLoader). */
+const recipientsLoader = createContextCache(
+  (ctx: Context) =>
+    new DataLoader((ids: readonly string[]) => recipientsByChannel(ctx.deps, ids), { cache: false }),
+);
+
 builder.objectFields(ChannelRef, (t) => ({
   viewerPermissions: t.field({
     type: [PermissionEnum],
     description: 'What the viewer may do in this channel, overwrites applied',
     resolve: async (c, _a, ctx) => {
+      const v = requireViewer(ctx);
       if (c.viewerPermissions !== undefined) return names(c.viewerPermissions);
-      const a = await loadChannelAccess(ctx.deps.db, requireViewer(ctx).userId, c.id, ctx.deps.now());
+      // Batched for lists (Viewer.directChannels, a page's Message.channel); threads need their chain.
+      if (c.guildId && c.type !== 'THREAD') {
+        const a = await guildAccessLoader(ctx).load(c.guildId);
+        return names(a.permissions.get(c.id) ?? 0n);
+      }
+      if (!c.guildId) {
+        const recipients = await recipientsLoader(ctx).load(c.id);
+        return names(recipients.some((u) => u.id === v.userId) ? DM_PERMISSIONS : 0n);
+      }
+      const a = await loadChannelAccess(ctx.deps.db, v.userId, c.id, ctx.deps.now());
       return names(a?.permissions ?? 0n);
     },
   }),

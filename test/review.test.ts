@@ -168,6 +168,71 @@ describe('Viewer.guilds costs a fixed number of statements', () => {
   });
 });
 
+describe('Channel.viewerPermissions in lists', () => {
+  it('Viewer.directChannels costs the same for 2 and 5 DMs, with the per-channel answers', async () => {
+    const u = await signUp(app);
+    const Q = `{ viewer { directChannels { id viewerPermissions unreadCount } } }`;
+    const open = async () => {
+      const other = await signUp(app);
+      await ok(
+        app,
+        `mutation($ids: [ID!]!) { openDirectChannel(userIds: $ids) { id } }`,
+        { ids: [other.id] },
+        u.token,
+      );
+    };
+    const cost = async () => {
+      const before = app.deps.database.queryCount;
+      const d = await ok(app, Q, {}, u.token);
+      return { n: app.deps.database.queryCount - before, list: d.viewer.directChannels };
+    };
+    await open();
+    await open();
+    const two = await cost();
+    for (let i = 0; i < 3; i++) await open();
+    const five = await cost();
+    assert.equal(five.list.length, 5);
+    assert.equal(five.n, two.n, `2 DMs: ${two.n} statements, 5 DMs: ${five.n}`);
+    const one = await ok(
+      app,
+      `query($id: ID!) { channel(id: $id) { viewerPermissions } }`,
+      { id: five.list[0].id },
+      u.token,
+    );
+    assert.deepEqual(five.list[0].viewerPermissions, one.channel.viewerPermissions);
+    assert.ok(one.channel.viewerPermissions.includes('SEND_MESSAGES'));
+  });
+
+  it('a guild channel reached through a message answers as channel(id) does', async () => {
+    const g = await setupGuild(app);
+    const member = await signUp(app);
+    await addMember(app, g.guildId, member);
+    const everyone = await everyoneRole(g.guildId);
+    await overwrite(app, g.channelId, { roleId: everyone }, 0n, Permission.SEND_MESSAGES);
+    const sent = await ok(
+      app,
+      `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+      { i: { channelId: g.channelId, content: 'hi' } },
+      g.owner.token,
+    );
+    const viaMessage = await ok(
+      app,
+      `query($id: ID!) { message(id: $id) { channel { viewerPermissions } } }`,
+      { id: sent.sendMessage.id },
+      member.token,
+    );
+    const direct = await ok(
+      app,
+      `query($id: ID!) { channel(id: $id) { viewerPermissions } }`,
+      { id: g.channelId },
+      member.token,
+    );
+    assert.deepEqual(viaMessage.message.channel.viewerPermissions, direct.channel.viewerPermissions);
+    assert.ok(!direct.channel.viewerPermissions.includes('SEND_MESSAGES'));
+    assert.ok(direct.channel.viewerPermissions.includes('VIEW_CHANNEL'));
+  });
+});
+
 describe('input bounds and malformed values', () => {
   it('1 MB strings are BAD_USER_INPUT on register, login, profile, sessions', async () => {
     const u = await signUp(app);
