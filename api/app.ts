@@ -19,6 +19,7 @@ import {
 } from '../core/ports/rate-limit.ts';
 import type { SearchEngine } from '../core/ports/search.ts';
 import { createHub } from '../core/realtime/hub.ts';
+import { createRedisPresence } from '../core/realtime/presence.ts';
 import { createPostgresSearch } from '../core/search/postgres.search.ts';
 import type { Context } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
@@ -106,7 +107,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     },
   };
   const metrics = createMetrics(database);
-  const hub = createHub(deps);
+  const hub = createHub(deps, { presence: redis ? createRedisPresence(redis, config.redisPrefix) : undefined });
   deps.realtime = hub;
   let realtime: ReturnType<typeof attachRealtime> | undefined;
   const { authenticate } = await import('../core/services/auth.service.ts');

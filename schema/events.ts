@@ -5,6 +5,7 @@
  */
 import { BanterError } from '../core/errors.ts';
 import { messageIdOf } from '../core/realtime/log.ts';
+import type { PresenceShown } from '../core/realtime/presence.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
 import { builder, decodeId, encodeId, requireViewer } from './builder.ts';
@@ -153,11 +154,51 @@ eventType('TypingStarted', `A user started typing; show it for ${TYPING_EXPIRES_
 }));
 eventType('PresenceChanged', "A user's presence changed.", (t) => ({
   user: userField(t),
-  status: t.string({ resolve: (e: Delivered) => str(e, 'status') ?? 'OFFLINE' }),
+  status: t.field({
+    type: PresenceStatus,
+    resolve: (e: Delivered) => (str(e, 'status') ?? 'OFFLINE') as PresenceShown,
+  }),
 }));
 eventType('UnknownEvent', 'An event this server version has no type for yet.', (t) => ({
   type: t.string({ resolve: (e: Delivered) => e.type }),
 }));
+
+const PresenceStatus = builder.enumType('PresenceStatus', {
+  description: 'What others see: INVISIBLE users are shown OFFLINE.',
+  values: ['ONLINE', 'IDLE', 'DND', 'OFFLINE'] as const,
+});
+const PresenceChoice = builder.enumType('PresenceChoice', {
+  values: ['ONLINE', 'IDLE', 'DND', 'INVISIBLE'] as const,
+});
+const PresenceRef = builder.objectRef<{ status: PresenceShown }>('Presence').implement({
+  description: "A user's presence, aggregated over its devices.",
+  fields: (t) => ({ status: t.field({ type: PresenceStatus, resolve: (p) => p.status }) }),
+});
+
+builder.objectField(UserRef, 'presence', (t) =>
+  t.loadable({
+    type: PresenceRef,
+    resolve: (u) => u.id,
+    load: async (ids: string[], ctx) => {
+      const shown = ctx.deps.realtime ? await ctx.deps.realtime.presence.store.shown(ids) : new Map();
+      return ids.map((id) => ({ status: (shown.get(id) ?? 'OFFLINE') as PresenceShown }));
+    },
+  }),
+);
+
+builder.mutationField('setPresence', (t) =>
+  t.boolean({
+    description: "Sets the viewer's status on all its devices; INVISIBLE shows OFFLINE to others.",
+    args: { status: t.arg({ type: PresenceChoice, required: true }) },
+    resolve: async (_r, { status }, ctx) => {
+      const viewer = requireViewer(ctx);
+      await limit(ctx, 'mutation');
+      if (!ctx.deps.realtime) throw new BanterError('BAD_USER_INPUT', 'This process does not keep presence.');
+      await ctx.deps.realtime.presence.choose(viewer.userId, status);
+      return true;
+    },
+  }),
+);
 
 builder.subscriptionType({});
 

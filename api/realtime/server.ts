@@ -79,6 +79,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
   const wss = new WebSocketServer({ noServer: true, maxPayload: 256 * 1024 });
   const byUser = new Map<string, Set<WebSocket>>();
   const viewerOf = new Map<WebSocket, Viewer>();
+  const presenceConn = new Map<WebSocket, string>();
   const socketOfContext = new WeakMap<object, WebSocket>();
   const metrics = createRealtimeMetrics(o.registry, {
     sockets: () => wss.clients.size,
@@ -121,6 +122,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       }
       mine.add(ctx.extra.socket);
       viewerOf.set(ctx.extra.socket, viewer);
+      presenceConn.set(ctx.extra.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
       ctx.extra.viewer = viewer;
       return true;
     },
@@ -204,6 +206,9 @@ export function attachRealtime(o: RealtimeServerOptions) {
   function forget(socket: WebSocket) {
     const v = viewerOf.get(socket);
     viewerOf.delete(socket);
+    const conn = presenceConn.get(socket);
+    presenceConn.delete(socket);
+    if (v && conn) o.hub.presence.disconnected(v.userId, conn);
     if (v) {
       const set = byUser.get(v.userId);
       set?.delete(socket);

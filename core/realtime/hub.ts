@@ -11,6 +11,7 @@ import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, SignalTopics } from '../ports/bus.ts';
 import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
 import { assertNotExpired, headPosition, markGone, pruneEvents, readAfter, readRange } from './log.ts';
+import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
 import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
 import { ViewerAccess } from './visibility.ts';
 
@@ -36,6 +37,8 @@ export interface HubOptions {
   /** Prune interval in ms. Default 1 hour. */
   pruneMs?: number;
   observer?: HubObserver;
+  /** Where presence is kept. Default: in process. */
+  presence?: PresenceStore;
 }
 
 export interface SubscribeOptions {
@@ -60,6 +63,11 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let prune: NodeJS.Timeout | undefined;
   const unsubs: (() => void)[] = [];
   const disconnectHandlers = new Set<(s: SignalTopics['disconnect']) => void>();
+  const presence = createPresenceTracker(
+    opts.presence ?? createMemoryPresence(),
+    deps.bus,
+    Math.random().toString(36).slice(2, 10),
+  );
 
   async function tail() {
     if (busy) {
@@ -215,6 +223,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       obs = o;
     },
 
+    presence,
+
     /** Reads the log now (tests and the bus ring use it). */
     poke: () => tail(),
 
@@ -224,6 +234,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
 
     async stop() {
       stopped = true;
+      presence.stop();
       if (poll) clearInterval(poll);
       if (prune) clearInterval(prune);
       for (const u of unsubs) u();

@@ -4,6 +4,7 @@
  * event that can change access there, so a kick or an overwrite stops delivery at once and a
  * join starts it without reconnecting.
  */
+import { sql } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
 import { has, Permission } from '../permissions.ts';
 import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
@@ -75,6 +76,7 @@ export class ViewerAccess {
   /** Sync when cached (the common case), a promise otherwise. */
   canSee(e: Visible, replay: boolean): boolean | Promise<boolean> {
     if (e.userId) return e.userId === this.userId;
+    if (e.type === 'PRESENCE_CHANGED') return this.knows(String(e.payload.userId));
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED') return !!e.guildId && this.everIn.has(e.guildId);
     if (e.channelId && !GUILD_LEVEL.has(e.type)) return this.channelOk(e.channelId, replay);
@@ -93,6 +95,26 @@ export class ViewerAccess {
       this.channels.set(channelId, { perms, guildId, at: Date.now() });
       return has(perms, need);
     });
+  }
+
+  private known = new Map<string, { yes: boolean; at: number }>();
+
+  /** Presence is shown to users who share a guild or a DM with its subject. */
+  private knows(otherId: string): boolean | Promise<boolean> {
+    if (otherId === this.userId) return true;
+    const k = this.known.get(otherId);
+    if (k && Date.now() - k.at < CACHE_MS) return k.yes;
+    return this.db
+      .execute(sql`select (exists (select 1 from members a join members b on b.guild_id = a.guild_id
+          where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid)
+        or exists (select 1 from channel_recipients a join channel_recipients b on b.channel_id = a.channel_id
+          where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid)) as yes`)
+      .then((r) => {
+        const yes = !!(r as unknown as { rows: { yes: boolean }[] }).rows[0]?.yes;
+        if (this.known.size > 10_000) this.known.clear();
+        this.known.set(otherId, { yes, at: Date.now() });
+        return yes;
+      });
   }
 
   private member(guildId: string): boolean | Promise<boolean> {

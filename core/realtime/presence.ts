@@ -1,0 +1,164 @@
+/**
+ * Presence: a user is online while any of its sockets is open (on any instance), offline a
+ * short grace after the last one closes. The chosen status (ONLINE, IDLE, DND, INVISIBLE)
+ * applies to all of the user's devices; INVISIBLE is shown to others as OFFLINE. In Redis when
+ * configured (one hash per user, entries with deadlines refreshed by each instance), so every
+ * instance agrees; in process otherwise.
+ */
+import type { Redis } from 'ioredis';
+import type { Bus } from '../ports/bus.ts';
+
+export type PresenceChoice = 'ONLINE' | 'IDLE' | 'DND' | 'INVISIBLE';
+export type PresenceShown = 'ONLINE' | 'IDLE' | 'DND' | 'OFFLINE';
+
+/** A connection entry lives this long unless refreshed (an instance that dies drops out). */
+export const CONNECTION_TTL_MS = 60_000;
+/** Offline only after the last socket has been closed this long (a reconnect is not a flap). */
+export const OFFLINE_GRACE_MS = 5_000;
+
+export interface PresenceStore {
+  /** Marks connections alive until now + CONNECTION_TTL_MS. */
+  touch(userId: string, connIds: string[]): Promise<void>;
+  drop(userId: string, connId: string): Promise<void>;
+  choose(userId: string, choice: PresenceChoice): Promise<void>;
+  /** What others see. */
+  shown(userIds: string[]): Promise<Map<string, PresenceShown>>;
+}
+
+function show(choice: PresenceChoice | undefined, live: boolean): PresenceShown {
+  if (!live) return 'OFFLINE';
+  const c = choice ?? 'ONLINE';
+  return c === 'INVISIBLE' ? 'OFFLINE' : c;
+}
+
+export function createMemoryPresence(): PresenceStore {
+  const conns = new Map<string, Map<string, number>>();
+  const choices = new Map<string, PresenceChoice>();
+  return {
+    async touch(userId, connIds) {
+      let m = conns.get(userId);
+      if (!m) {
+        m = new Map();
+        conns.set(userId, m);
+      }
+      for (const c of connIds) m.set(c, Date.now() + CONNECTION_TTL_MS);
+    },
+    async drop(userId, connId) {
+      const m = conns.get(userId);
+      m?.delete(connId);
+      if (m && !m.size) conns.delete(userId);
+    },
+    async choose(userId, choice) {
+      choices.set(userId, choice);
+    },
+    async shown(userIds) {
+      const now = Date.now();
+      return new Map(
+        userIds.map((u) => [
+          u,
+          show(
+            choices.get(u),
+            [...(conns.get(u)?.values() ?? [])].some((t) => t > now),
+          ),
+        ]),
+      );
+    },
+  };
+}
+
+export function createRedisPresence(redis: Redis, prefix: string): PresenceStore {
+  const key = (u: string) => `${prefix}presence:${u}`;
+  const choiceKey = (u: string) => `${prefix}presence-choice:${u}`;
+  return {
+    async touch(userId, connIds) {
+      if (!connIds.length) return;
+      const until = String(Date.now() + CONNECTION_TTL_MS);
+      const m = redis.multi().hset(key(userId), ...connIds.flatMap((c) => [c, until]));
+      await m.pexpire(key(userId), CONNECTION_TTL_MS).exec();
+    },
+    async drop(userId, connId) {
+      await redis.hdel(key(userId), connId);
+    },
+    async choose(userId, choice) {
+      await redis.set(choiceKey(userId), choice, 'EX', 30 * 86_400);
+    },
+    async shown(userIds) {
+      const now = Date.now();
+      const p = redis.pipeline();
+      for (const u of userIds) p.hvals(key(u)).get(choiceKey(u));
+      const r = (await p.exec()) ?? [];
+      return new Map(
+        userIds.map((u, i) => {
+          const vals = (r[2 * i]?.[1] as string[] | null) ?? [];
+          const choice = (r[2 * i + 1]?.[1] as PresenceChoice | null) ?? undefined;
+          return [
+            u,
+            show(
+              choice,
+              vals.some((v) => Number(v) > now),
+            ),
+          ];
+        }),
+      );
+    },
+  };
+}
+
+/**
+ * Tracks this instance's sockets and announces changes of what others see. The ws layer calls
+ * connected/disconnected; the refresh timer keeps this instance's entries alive.
+ */
+export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId: string) {
+  const local = new Map<string, Set<string>>();
+  const lastShown = new Map<string, PresenceShown>();
+  let n = 0;
+
+  async function announce(userId: string) {
+    const s = (await store.shown([userId])).get(userId) ?? 'OFFLINE';
+    if (lastShown.get(userId) === s) return;
+    if (s === 'OFFLINE') lastShown.delete(userId);
+    else lastShown.set(userId, s);
+    await bus.signal('presence', { userId, status: s });
+  }
+
+  const refresh = setInterval(() => {
+    for (const [u, set] of local) void store.touch(u, [...set]).catch(() => {});
+  }, CONNECTION_TTL_MS / 3);
+  refresh.unref();
+
+  return {
+    store,
+    /** Returns the connection id to pass to disconnected. */
+    async connected(userId: string): Promise<string> {
+      const id = `${instanceId}:${++n}`;
+      let set = local.get(userId);
+      if (!set) {
+        set = new Set();
+        local.set(userId, set);
+      }
+      set.add(id);
+      await store.touch(userId, [id]);
+      await announce(userId);
+      return id;
+    },
+    disconnected(userId: string, connId: string) {
+      const set = local.get(userId);
+      set?.delete(connId);
+      if (set && !set.size) local.delete(userId);
+      setTimeout(() => {
+        void store
+          .drop(userId, connId)
+          .then(() => announce(userId))
+          .catch(() => {});
+      }, OFFLINE_GRACE_MS).unref();
+    },
+    async choose(userId: string, choice: PresenceChoice) {
+      await store.choose(userId, choice);
+      await announce(userId);
+    },
+    stop() {
+      clearInterval(refresh);
+    },
+  };
+}
+export type PresenceTracker = ReturnType<typeof createPresenceTracker>;

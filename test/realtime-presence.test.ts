@@ -1,0 +1,50 @@
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
+import { connect, guildWithChannel, invite, subscribe } from './realtime-helpers.ts';
+
+let app: TestApp;
+let url: string;
+before(async () => {
+  app = await createTestApp({ rateLimits: false });
+  url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+});
+after(() => app.destroy());
+
+const Q = `subscription { events { __typename cursor ... on PresenceChanged { user { id } status } } }`;
+const statuses = (events: any[], id: string) =>
+  events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).map((e) => e.status);
+
+it('presence: online with a socket, invisible shown offline, offline after the last socket plus grace; only to people who share a guild', {
+  timeout: 30_000,
+}, async () => {
+  const [a, b, stranger] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, b.token);
+  const cb = connect(url, b.token);
+  const cs = connect(url, stranger.token);
+  const sb = subscribe(cb.client, null, Q);
+  const ss = subscribe(cs.client, null, Q);
+  await new Promise((r) => setTimeout(r, 300));
+
+  const ca = connect(url, a.token);
+  const sa = subscribe(ca.client, null, Q);
+  await sb.until((e) => statuses(e, a.id).includes('ONLINE'), 5000, 'A online');
+  const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
+  assert.equal((await ok(app, q, { id: a.id }, b.token)).user.presence.status, 'ONLINE');
+
+  await ok(app, `mutation { setPresence(status: INVISIBLE) }`, {}, a.token);
+  await sb.until((e) => statuses(e, a.id).at(-1) === 'OFFLINE', 5000, 'A invisible');
+  assert.equal((await ok(app, q, { id: a.id }, b.token)).user.presence.status, 'OFFLINE');
+  await ok(app, `mutation { setPresence(status: DND) }`, {}, a.token);
+  await sb.until((e) => statuses(e, a.id).at(-1) === 'DND', 5000, 'A dnd');
+
+  sa.stop();
+  await ca.client.dispose();
+  await sb.until((e) => statuses(e, a.id).at(-1) === 'OFFLINE', 10_000, 'A offline after grace');
+  assert.deepEqual(statuses(sb.events, a.id), ['ONLINE', 'OFFLINE', 'DND', 'OFFLINE']);
+  assert.equal(statuses(ss.events, a.id).length, 0, 'a stranger sees nothing');
+  assert.ok(sb.events.every((e) => e.cursor === null));
+  await cb.client.dispose();
+  await cs.client.dispose();
+});
