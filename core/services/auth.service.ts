@@ -212,16 +212,38 @@ function forgetSession(id: string) {
   sessionCache.delete(id);
 }
 
-/** Verifies an access token; returns the viewer or throws UNAUTHENTICATED. */
-export async function authenticate(deps: Deps, token: string): Promise<Viewer> {
-  let sub: string;
-  let sid: string;
+/**
+ * Tokens already verified, per signing secret: a client sends the same token on every request
+ * until it expires, and verifying an HMAC through WebCrypto costs more than the rest of a small
+ * request. The token string is the credential, so a hit is as good as a fresh verification;
+ * expiry is checked on every use.
+ */
+const verifiedTokens = new WeakMap<Uint8Array, Map<string, { sub: string; sid: string; exp: number }>>();
+const MAX_VERIFIED_TOKENS = 50_000;
+
+async function verifyAccessToken(secret: Uint8Array, token: string): Promise<{ sub: string; sid: string }> {
+  let cache = verifiedTokens.get(secret);
+  if (!cache) {
+    cache = new Map();
+    verifiedTokens.set(secret, cache);
+  }
+  const hit = cache.get(token);
+  if (hit && hit.exp * 1000 > Date.now()) return hit;
   try {
-    const { payload } = await jwtVerify(token, deps.settings.jwtSecret, { algorithms: ['HS256'] });
-    if (typeof payload.sub !== 'string' || typeof payload.sid !== 'string') throw new Error('claims');
-    sub = payload.sub;
-    sid = payload.sid;
+    const { payload } = await jwtVerify(token, secret, { algorithms: ['HS256'] });
+    if (
+      typeof payload.sub !== 'string' ||
+      typeof payload.sid !== 'string' ||
+      typeof payload.exp !== 'number'
+    ) {
+      throw new Error('claims');
+    }
+    const claims = { sub: payload.sub, sid: payload.sid, exp: payload.exp };
+    if (cache.size >= MAX_VERIFIED_TOKENS) cache.clear();
+    cache.set(token, claims);
+    return claims;
   } catch (err) {
+    cache.delete(token);
     const expired = (err as { code?: string }).code === 'ERR_JWT_EXPIRED';
     throw new BanterError(
       'UNAUTHENTICATED',
@@ -229,6 +251,11 @@ export async function authenticate(deps: Deps, token: string): Promise<Viewer> {
       { cause: err },
     );
   }
+}
+
+/** Verifies an access token; returns the viewer or throws UNAUTHENTICATED. */
+export async function authenticate(deps: Deps, token: string): Promise<Viewer> {
+  const { sub, sid } = await verifyAccessToken(deps.settings.jwtSecret, token);
   const t = Date.now();
   let c = sessionCache.get(sid);
   if (!c || t - c.at > SESSION_CACHE_MS) {
