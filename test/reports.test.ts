@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { and, eq } from 'drizzle-orm';
+import { and, eq, inArray } from 'drizzle-orm';
 import {
   auditLog,
   channels,
@@ -267,6 +267,121 @@ describe('reports queue and resolveReport', () => {
     await file(2);
     const small = await cost();
     await file(10);
+    assert.equal(await cost(), small);
+  });
+
+  it('shows a guild moderator only the reports of channels where they have VIEW_CHANNEL and MANAGE_MESSAGES', async () => {
+    const g = await makeGuild();
+    const [author, mod] = [await signUp(app), await signUp(app)];
+    await join(g.raw, author, mod);
+    await giveRole(g.raw, mod, ['MANAGE_MESSAGES']);
+    const [modRole] = await app.deps.db
+      .select({ id: memberRoles.roleId })
+      .from(memberRoles)
+      .where(and(eq(memberRoles.guildId, g.raw), eq(memberRoles.userId, raw(mod.id))));
+    const [everyone] = await app.deps.db
+      .select({ id: roles.id })
+      .from(roles)
+      .where(and(eq(roles.guildId, g.raw), eq(roles.isEveryone, true)));
+    const channel = async (type: string, parentId: string | null = null) => {
+      const id = newId();
+      await app.deps.db
+        .insert(channels)
+        .values({ id, guildId: g.raw, type, name: type.toLowerCase(), parentId });
+      return id;
+    };
+    const deny = (channelId: string, targetId: string, perm: bigint) =>
+      app.deps.db
+        .insert(permissionOverwrites)
+        .values({ channelId, targetType: 'ROLE', targetId, allow: 0n, deny: perm });
+    const secret = await channel('TEXT');
+    await deny(secret, everyone.id, Permission.VIEW_CHANNEL);
+    const readOnly = await channel('TEXT');
+    await deny(readOnly, modRole.id, Permission.MANAGE_MESSAGES);
+    const secretThread = await channel('THREAD', secret);
+    const hiddenThread = await channel('THREAD', g.channel);
+    await deny(hiddenThread, everyone.id, Permission.VIEW_CHANNEL);
+    const openThread = await channel('THREAD', g.channel);
+    const byChannel = new Map<string, string>();
+    for (const c of [g.channel, secret, readOnly, secretThread, hiddenThread, openThread]) {
+      const m = await postMessage(c, g.raw, author, `text in ${c}`);
+      byChannel.set(c, (await ok(app, REPORT, { m: m.id, r: `why ${c}` }, owner.token)).reportMessage.id);
+    }
+    const visible = [openThread, g.channel].map((c) => byChannel.get(c));
+    const hidden = [secret, readOnly, secretThread, hiddenThread].map((c) => byChannel.get(c)!);
+
+    const list = async (token: string, f?: number, a?: string) =>
+      (await ok(app, LIST, { g: g.id, f, a }, token)).reports;
+    const modAll = await list(mod.token);
+    assert.deepEqual(
+      modAll.edges.map((e: any) => e.node.id),
+      visible,
+    );
+    assert.ok(!JSON.stringify(modAll).includes(secret));
+    // Filtered before paging: full pages, exact hasNextPage.
+    const p1 = await list(mod.token, 1);
+    assert.deepEqual(
+      p1.edges.map((e: any) => e.node.id),
+      [visible[0]],
+    );
+    assert.equal(p1.pageInfo.hasNextPage, true);
+    const p2 = await list(mod.token, 1, p1.pageInfo.endCursor);
+    assert.deepEqual(
+      p2.edges.map((e: any) => e.node.id),
+      [visible[1]],
+    );
+    assert.equal(p2.pageInfo.hasNextPage, false);
+    assert.equal((await list(owner.token)).edges.length, 6);
+    assert.equal((await list(admin.token)).edges.length, 6);
+
+    // One at a time (node, resolve) follows the same rule, and a refused resolve changes nothing.
+    const NODE = `query($id: ID!) { node(id: $id) { id ... on Report { reason contentSnapshot } } }`;
+    for (const id of hidden) {
+      await fails(app, 'NOT_FOUND', NODE, { id }, mod.token);
+      await fails(app, 'NOT_FOUND', RESOLVE, { id, r: 'seen' }, mod.token);
+    }
+    const stillOpen = await app.deps.db
+      .select({ status: reports.status })
+      .from(reports)
+      .where(inArray(reports.id, hidden.map(raw)));
+    assert.deepEqual(
+      stillOpen.map((r) => r.status),
+      ['OPEN', 'OPEN', 'OPEN', 'OPEN'],
+    );
+    assert.equal((await ok(app, NODE, { id: visible[0] }, mod.token)).node.id, visible[0]);
+    assert.equal(
+      (await ok(app, RESOLVE, { id: visible[0], r: 'ok' }, mod.token)).resolveReport.status,
+      'RESOLVED',
+    );
+    assert.equal(
+      (await ok(app, RESOLVE, { id: hidden[0], r: 'ok' }, admin.token)).resolveReport.status,
+      'RESOLVED',
+    );
+
+    // A moderator's page costs the same with reports spread over more (visible and hidden) channels.
+    // Without message { id }: that field checks each live message's channel on its own.
+    const cost = async () => {
+      const runs: number[] = [];
+      for (let i = 0; i < 3; i++) {
+        const before = app.deps.database.queryCount;
+        await ok(
+          app,
+          `query($g: ID!) { reports(guildId: $g) { edges { node { id reason } } } }`,
+          { g: g.id },
+          mod.token,
+        );
+        runs.push(app.deps.database.queryCount - before);
+      }
+      return Math.min(...runs);
+    };
+    const small = await cost();
+    for (let i = 0; i < 6; i++) {
+      const c = await channel('TEXT');
+      if (i % 2) await deny(c, everyone.id, Permission.VIEW_CHANNEL);
+      const m = await postMessage(c, g.raw, author, 'more');
+      await ok(app, REPORT, { m: m.id, r: 'more' }, owner.token);
+    }
+    assert.equal((await list(mod.token)).edges.length, 5);
     assert.equal(await cost(), small);
   });
 

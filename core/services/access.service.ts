@@ -298,3 +298,74 @@ export async function loadGuildsChannelsAccess(
   }
   return out;
 }
+
+/**
+ * The viewer's permissions in each of `channelIds` (any guild channel, threads included) in one
+ * SQL statement, with the same parent chain as loadChannelAccess (thread → channel → category).
+ * Lists that show many channels' content (a report queue, threads under messages) use this so
+ * their cost stays fixed. DM channels and unknown ids are absent from the map: callers treat a
+ * missing entry as hidden.
+ */
+export async function loadChannelsPermissions(
+  db: DbOrTx,
+  userId: string,
+  channelIds: readonly string[],
+  now = new Date(),
+): Promise<Map<string, bigint>> {
+  type Row = MemberCols & {
+    guild_id: string;
+    req: string[];
+    ch: { id: string; p: string | null }[];
+    ow: { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string }[];
+  };
+  const out = new Map<string, bigint>();
+  const ids = [...new Set(channelIds)].filter(isUuid);
+  if (!ids.length) return out;
+  const result = rows<Row>(
+    await db.execute(sql`
+      with req as (
+        select id, guild_id, parent_id from channels
+        where id = any(${`{${ids.join(',')}}`}::uuid[]) and guild_id is not null),
+      chain as (
+        select id, guild_id, parent_id from req
+        union select p.id, p.guild_id, p.parent_id from req join channels p on p.id = req.parent_id
+        union select gp.id, gp.guild_id, gp.parent_id
+          from req join channels p on p.id = req.parent_id join channels gp on gp.id = p.parent_id)
+      select q.id as guild_id,
+        (select json_agg(req.id) from req where req.guild_id = q.id) as req,
+        (select json_agg(json_build_object('id', chain.id, 'p', chain.parent_id))
+          from chain where chain.guild_id = q.id) as ch,
+        (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
+            'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
+          from permission_overwrites o join chain on chain.id = o.channel_id
+          where chain.guild_id = q.id) as ow,
+        ${memberQuery(userId, sql`q.id`)}
+      from (select distinct guild_id as id from req) q`),
+  );
+  for (const r of result) {
+    if (!r.owner_id) continue;
+    const input = guildInput(userId, r, now);
+    const byChannel = new Map<string, OverwriteInfo[]>();
+    for (const o of r.ow) {
+      const list = byChannel.get(o.c) ?? [];
+      list.push({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) });
+      byChannel.set(o.c, list);
+    }
+    const parentOf = new Map(r.ch.map((c) => [c.id, c.p]));
+    for (const id of r.req) {
+      // Up to two ancestors, outermost first, exactly as loadChannelAccess's chain.
+      const chain = [id];
+      for (let up = parentOf.get(id); up && chain.length < 3 && parentOf.has(up); up = parentOf.get(up)) {
+        chain.unshift(up);
+      }
+      out.set(
+        id,
+        computeChannelPermissions(
+          input,
+          chain.map((c) => byChannel.get(c) ?? []),
+        ),
+      );
+    }
+  }
+  return out;
+}

@@ -1,9 +1,11 @@
 /**
  * Message reports: any user who can see a message may report it once while the report is open;
- * the instance admin sees every report, a guild's MANAGE_MESSAGES holders see that guild's.
+ * the instance admin sees every report; a guild member with MANAGE_MESSAGES in the guild sees the
+ * reports of the channels where they also have VIEW_CHANNEL and MANAGE_MESSAGES (a reported text
+ * must not reach someone an overwrite keeps out of its channel).
  * Reports carry a snapshot of the content so deleting the message keeps the evidence.
  */
-import { and, desc, eq, inArray, isNull, lt, sql } from 'drizzle-orm';
+import { and, desc, eq, inArray, isNull, lt, type SQL, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.ts';
 import { messages, reports } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
@@ -11,7 +13,7 @@ import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
-import { loadChannelAccess, loadGuildAccess, requireGuild } from './access.service.ts';
+import { loadChannelAccess, loadChannelsPermissions, requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
 
 export type ReportRow = typeof reports.$inferSelect;
@@ -70,12 +72,22 @@ export async function reportMessage(
   });
 }
 
-/** May the viewer read (and resolve) this report? The admin always; else MANAGE_MESSAGES in its guild. */
+/** What a guild moderator needs in a report's channel to read or resolve it. */
+const MODERATE_IN_CHANNEL = Permission.VIEW_CHANNEL | Permission.MANAGE_MESSAGES;
+
+/**
+ * May the viewer read (and resolve) this report? The admin always; else MANAGE_MESSAGES in its
+ * guild and VIEW_CHANNEL + MANAGE_MESSAGES in its channel (a deleted channel: the admin only).
+ */
 async function canModerate(db: DbOrTx, deps: Deps, viewer: Viewer, r: ReportRow): Promise<boolean> {
   if (viewer.isAdmin) return true;
   if (!r.guildId) return false;
-  const a = await loadGuildAccess(db, viewer.userId, r.guildId, deps.now());
-  return !!a?.input.isMember && has(a.permissions, Permission.MANAGE_MESSAGES);
+  const a = await loadChannelAccess(db, viewer.userId, r.channelId, deps.now());
+  return (
+    !!a?.guild?.input.isMember &&
+    has(a.guild.permissions, Permission.MANAGE_MESSAGES) &&
+    has(a.permissions, MODERATE_IN_CHANNEL)
+  );
 }
 
 /** A report the viewer may moderate; NOT_FOUND otherwise (reports are not the reporter's to read back). */
@@ -87,23 +99,40 @@ export async function getReport(deps: Deps, viewer: Viewer, id: string): Promise
 
 /**
  * One page of reports, newest first, up to `first + 1` rows. Without a guild: the instance
- * admin only (FORBIDDEN for others). With one: its MANAGE_MESSAGES holders, or the admin.
+ * admin only (FORBIDDEN for others). With one: its MANAGE_MESSAGES holders (only the reports of
+ * channels where canModerate would let them in), or the admin. A moderator's page costs four
+ * statements whatever its size: guild check, reported channels, their permissions, the page.
  */
 export async function listReports(
   deps: Deps,
   viewer: Viewer,
   input: { status?: ReportStatus | null; guildId?: string | null; first: number; afterId?: string | null },
 ): Promise<ReportRow[]> {
-  if (input.guildId) {
-    if (!viewer.isAdmin) {
-      await requireGuild(deps.db, viewer.userId, input.guildId, Permission.MANAGE_MESSAGES, deps.now());
-    }
-  } else if (!viewer.isAdmin) {
+  if (!input.guildId && !viewer.isAdmin) {
     throw forbidden('Only the instance admin can list every report; pass a guildId.');
   }
-  const where = [];
+  const where: SQL[] = [];
   if (input.guildId) where.push(eq(reports.guildId, input.guildId));
   if (input.status) where.push(eq(reports.status, input.status));
+  if (input.guildId && !viewer.isAdmin) {
+    await requireGuild(deps.db, viewer.userId, input.guildId, Permission.MANAGE_MESSAGES, deps.now());
+    // Filtered in SQL, not after the fetch, so pages stay full and cursors stay exact.
+    const reported = await deps.db
+      .selectDistinct({ channelId: reports.channelId })
+      .from(reports)
+      .where(and(...where));
+    const perms = await loadChannelsPermissions(
+      deps.db,
+      viewer.userId,
+      reported.map((r) => r.channelId),
+      deps.now(),
+    );
+    const allowed = reported
+      .map((r) => r.channelId)
+      .filter((c) => has(perms.get(c) ?? 0n, MODERATE_IN_CHANNEL));
+    if (!allowed.length) return [];
+    where.push(inArray(reports.channelId, allowed));
+  }
   if (input.afterId) where.push(lt(reports.id, input.afterId));
   return deps.db
     .select()
