@@ -9,7 +9,12 @@
 import { z } from 'zod';
 import { BanterError, notFound } from '../core/errors.ts';
 import { isUuid } from '../core/ids.ts';
-import { type ChannelAccess, loadChannelAccess, requireChannel } from '../core/services/access.service.ts';
+import {
+  type ChannelAccess,
+  loadChannelAccess,
+  loadChannelsPermissions,
+  requireChannel,
+} from '../core/services/access.service.ts';
 import type { MessageRow } from '../core/services/message.service.ts';
 import * as edits from '../core/services/message-edit.service.ts';
 import * as history from '../core/services/message-history.service.ts';
@@ -194,10 +199,22 @@ MessageRef.implement({
     thread: t.loadable({
       type: ChannelRef,
       nullable: true,
-      description: 'The thread started from this message, if any',
+      description: 'The thread started from this message, if any; null when none or hidden from the viewer',
+      // A thread can carry its own overwrites, so seeing the message does not mean seeing its thread.
       load: async (ids: string[], ctx) => {
         const rows = await history.threadsOf(ctx.deps.db, ids);
-        return ids.map((id) => rows.find((r) => r.sourceMessageId === id) ?? null);
+        const perms = ctx.viewer
+          ? await loadChannelsPermissions(
+              ctx.deps.db,
+              ctx.viewer.userId,
+              rows.map((r) => r.id),
+              ctx.deps.now(),
+            )
+          : new Map<string, bigint>();
+        return ids.map((id) => {
+          const t = rows.find((r) => r.sourceMessageId === id);
+          return t && (perms.get(t.id) ?? 0n) !== 0n ? t : null;
+        });
       },
       resolve: (m) => m.id,
     }),

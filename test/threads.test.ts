@@ -91,6 +91,27 @@ it('threads follow their parent channel permissions', async () => {
   await fails(app, 'NOT_FOUND', `query($id: ID!) { channel(id: $id) { id } }`, { id: ht.id }, member.token);
 });
 
+it('Message.thread is null for a viewer the thread hides, in a page of history as by id', async () => {
+  const c = await createChannel(app, g.owner, g.guildId);
+  const open = await send(app, g.owner, c, 'open thread');
+  const shut = await send(app, g.owner, c, 'hidden thread');
+  const ot = (await ok(app, START, { m: open.id, n: 'open' }, g.owner.token)).startThread;
+  const st = (await ok(app, START, { m: shut.id, n: 'shut' }, g.owner.token)).startThread;
+  // Hidden by the thread's own overwrite; the message itself stays visible.
+  await overwrite(app, st.id, { user: member }, 0n, Permission.VIEW_CHANNEL);
+  const BY_ID = `query($id: ID!) { message(id: $id) { id thread { id name } } }`;
+  assert.equal((await ok(app, BY_ID, { id: shut.id }, member.token)).message.thread, null);
+  assert.equal((await ok(app, BY_ID, { id: open.id }, member.token)).message.thread.id, ot.id);
+  assert.equal((await ok(app, BY_ID, { id: shut.id }, g.owner.token)).message.thread.id, st.id);
+  const PAGE = `query($c: ID!) { channel(id: $c) { messages { edges { node { id thread { id name } } } } } }`;
+  const page = (await ok(app, PAGE, { c }, member.token)).channel.messages.edges.map((e: any) => e.node);
+  assert.deepEqual(page, [
+    { id: open.id, thread: { id: ot.id, name: 'open' } },
+    { id: shut.id, thread: null },
+  ]);
+  await fails(app, 'NOT_FOUND', `query($id: ID!) { channel(id: $id) { id } }`, { id: st.id }, member.token);
+});
+
 it('failure codes: FORBIDDEN, NOT_FOUND, BAD_USER_INPUT, UNAUTHENTICATED', async () => {
   const c = await createChannel(app, g.owner, g.guildId);
   const m = await send(app, g.owner, c, 'msg');
