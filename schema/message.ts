@@ -15,7 +15,7 @@ import {
   loadChannelsPermissions,
   requireChannel,
 } from '../core/services/access.service.ts';
-import type { MessageRow } from '../core/services/message.service.ts';
+import { MAX_ATTACHMENTS, type MessageRow } from '../core/services/message.service.ts';
 import * as edits from '../core/services/message-edit.service.ts';
 import * as history from '../core/services/message-history.service.ts';
 import { sendMessage } from '../core/services/message-send.service.ts';
@@ -293,7 +293,9 @@ const SendMessageInput = builder.inputType('SendMessageInput', {
     content: t.string({ description: '1-4000 characters after trimming; may be empty when forwarding' }),
     replyToId: t.id({ description: 'a message in the same channel' }),
     forwardedFromId: t.id({ description: 'a message in any channel the sender can read' }),
-    attachmentIds: t.idList({ description: "the sender's own uploads, not yet sent" }),
+    attachmentIds: t.idList({
+      description: `the sender's own uploads, not yet sent; at most ${MAX_ATTACHMENTS} (BAD_USER_INPUT above)`,
+    }),
     nonce: t.string({
       description: 'a retry with the same nonce within 10 minutes returns the first message',
     }),
@@ -314,6 +316,13 @@ const bounded = (s: string | null | undefined, max: number, field: string) => {
   return s;
 };
 
+/** A list argument's length is checked before any element is decoded (a body can hold 100k ids). */
+function boundedList<T>(list: readonly T[] | null | undefined, max: number, field: string): readonly T[] {
+  if (list && list.length > max)
+    throw new BanterError('BAD_USER_INPUT', `At most ${max} ${field}.`, { extra: { field } });
+  return list ?? [];
+}
+
 export async function sendMessageFromInput(
   ctx: Context,
   input: typeof SendMessageInput.$inferInput,
@@ -326,7 +335,9 @@ export async function sendMessageFromInput(
     forwardedFromId: input.forwardedFromId
       ? decodeId(input.forwardedFromId, 'Message', 'forwardedFromId')
       : null,
-    attachmentIds: (input.attachmentIds ?? []).map((id) => decodeId(id, 'Attachment', 'attachmentIds')),
+    attachmentIds: boundedList(input.attachmentIds, MAX_ATTACHMENTS, 'attachmentIds').map((id) =>
+      decodeId(id, 'Attachment', 'attachmentIds'),
+    ),
     nonce: bounded(input.nonce, 200, 'nonce'),
   });
 }
