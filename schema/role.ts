@@ -205,6 +205,8 @@ builder.mutationFields((t) => ({
     },
   }),
   assignRole: t.boolean({
+    description:
+      'Needs MANAGE_ROLES, a role below your highest, and a member below you (only the owner may change their own roles)',
     args: {
       guildId: t.arg.id({ required: true }),
       userId: t.arg.id({ required: true }),
@@ -217,6 +219,8 @@ builder.mutationFields((t) => ({
     },
   }),
   unassignRole: t.boolean({
+    description:
+      'Needs MANAGE_ROLES, a role below your highest, and a member below you (only the owner may change their own roles)',
     args: {
       guildId: t.arg.id({ required: true }),
       userId: t.arg.id({ required: true }),
@@ -230,7 +234,8 @@ builder.mutationFields((t) => ({
   }),
   setChannelOverwrite: t.field({
     type: OverwriteRef,
-    description: 'Needs MANAGE_ROLES in the channel; you can only allow or deny what you have there',
+    description:
+      'Needs MANAGE_ROLES in the channel; you can only allow or deny what you have there. A ROLE target must be below your highest role, a MEMBER target below you (only the owner may target themselves).',
     args: { input: t.arg({ type: SetChannelOverwriteInput, required: true }) },
     resolve: async (_r, { input }, ctx) => {
       const v = requireViewer(ctx);
@@ -245,6 +250,8 @@ builder.mutationFields((t) => ({
     },
   }),
   removeChannelOverwrite: t.boolean({
+    description:
+      "The same hierarchy as setChannelOverwrite; a former member's overwrite can always be removed.",
     args: { channelId: t.arg.id({ required: true }), targetId: t.arg.id({ required: true }) },
     resolve: async (_r, args, ctx) => {
       const v = requireViewer(ctx);

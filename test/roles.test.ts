@@ -435,3 +435,98 @@ describe('channel overwrites', () => {
     );
   });
 });
+
+describe('hierarchy on members', () => {
+  /** mod (Mod, position 2 after Peer is created below it) and peer/junior at or below them. */
+  async function ranks() {
+    const s = await setup();
+    const peer = await signUp(app);
+    const junior = await signUp(app);
+    await join(peer, s.owner, s.g.id);
+    await join(junior, s.owner, s.g.id);
+    // Same top role as the moderator: an equal.
+    await ok(app, ASSIGN, { g: s.g.id, u: peer.id, r: s.modRole.id }, s.owner.token);
+    const low = (await ok(app, CREATE, { i: { guildId: s.g.id, name: 'Low' } }, s.owner.token)).createRole;
+    await ok(app, ASSIGN, { g: s.g.id, u: junior.id, r: low.id }, s.owner.token);
+    return { ...s, peer, junior, low };
+  }
+  const memberRoleCount = async (u: TestUser) =>
+    (await rows(sql`select 1 from member_roles where user_id = ${raw(u.id)}::uuid`)).length;
+  const overwriteCount = async (channel: string) =>
+    (await rows(sql`select 1 from permission_overwrites where channel_id = ${raw(channel)}::uuid`)).length;
+
+  it('assignRole/unassignRole refuse members at or above you, the owner, and yourself', async () => {
+    const { owner, mod, peer, junior, member, g, low } = await ranks();
+    const before = await rows(sql`select 1 from audit_log where guild_id = ${raw(g.id)}::uuid`);
+    for (const target of [peer, owner, mod]) {
+      await fails(app, 'FORBIDDEN', ASSIGN, { g: g.id, u: target.id, r: low.id }, mod.token);
+    }
+    await fails(app, 'FORBIDDEN', UNASSIGN, { g: g.id, u: peer.id, r: low.id }, mod.token);
+    assert.equal(await memberRoleCount(peer), 1);
+    assert.equal(await memberRoleCount(mod), 1);
+    // Taking a role off yourself can lift a deny (a muting role), so it is refused too.
+    await ok(app, ASSIGN, { g: g.id, u: mod.id, r: low.id }, owner.token);
+    await fails(app, 'FORBIDDEN', UNASSIGN, { g: g.id, u: mod.id, r: low.id }, mod.token);
+    assert.equal(await memberRoleCount(mod), 2);
+    const after = await rows(sql`select 1 from audit_log where guild_id = ${raw(g.id)}::uuid`);
+    assert.equal(after.length, before.length + 1);
+    // Below you (a lower role, or only @everyone): allowed both ways.
+    assert.equal(
+      (await ok(app, UNASSIGN, { g: g.id, u: junior.id, r: low.id }, mod.token)).unassignRole,
+      true,
+    );
+    assert.equal((await ok(app, ASSIGN, { g: g.id, u: member.id, r: low.id }, mod.token)).assignRole, true);
+    // The owner outranks everyone, themselves included.
+    assert.equal((await ok(app, ASSIGN, { g: g.id, u: owner.id, r: low.id }, owner.token)).assignRole, true);
+    assert.equal(
+      (await ok(app, UNASSIGN, { g: g.id, u: peer.id, r: low.id }, owner.token)).unassignRole,
+      true,
+    );
+  });
+
+  it('member overwrites (set and remove) refuse members at or above you, the owner, and yourself', async () => {
+    const { owner, mod, peer, junior, g } = await ranks();
+    const set = (target: TestUser, allow: string[] = [], deny: string[] = ['SEND_MESSAGES']) => ({
+      i: { channelId: g.general, targetType: 'MEMBER', targetId: target.id, allow, deny },
+    });
+    for (const target of [peer, owner, mod]) {
+      await fails(app, 'FORBIDDEN', SET_OW, set(target), mod.token);
+    }
+    assert.equal(await overwriteCount(g.general), 0);
+    // Below you: allowed, set and removed.
+    assert.equal((await ok(app, SET_OW, set(junior), mod.token)).setChannelOverwrite.user.id, junior.id);
+    assert.equal(
+      (await ok(app, REMOVE_OW, { c: g.general, t: junior.id }, mod.token)).removeChannelOverwrite,
+      true,
+    );
+    // A deny the owner put on the moderator stays: neither replaced by an empty one nor removed.
+    await ok(app, SET_OW, set(mod), owner.token);
+    await fails(app, 'FORBIDDEN', SET_OW, set(mod, [], []), mod.token);
+    await fails(app, 'FORBIDDEN', REMOVE_OW, { c: g.general, t: mod.id }, mod.token);
+    await ok(app, SET_OW, set(peer), owner.token);
+    await fails(app, 'FORBIDDEN', REMOVE_OW, { c: g.general, t: peer.id }, mod.token);
+    const kept = await rows<{ deny: string }>(
+      sql`select deny::text from permission_overwrites where channel_id = ${raw(g.general)}::uuid`,
+    );
+    assert.deepEqual(
+      kept.map((r) => r.deny),
+      ['2', '2'],
+    );
+    // A user who left holds no roles: their leftover overwrite can be cleaned up.
+    await ok(app, SET_OW, set(junior), owner.token);
+    await rows(sql`delete from members where user_id = ${raw(junior.id)}::uuid`);
+    assert.equal(
+      (await ok(app, REMOVE_OW, { c: g.general, t: junior.id }, mod.token)).removeChannelOverwrite,
+      true,
+    );
+    // The owner may act on anyone, themselves included.
+    assert.equal(
+      (await ok(app, REMOVE_OW, { c: g.general, t: mod.id }, owner.token)).removeChannelOverwrite,
+      true,
+    );
+    assert.equal(
+      (await ok(app, SET_OW, set(owner, ['SEND_MESSAGES'], []), owner.token)).setChannelOverwrite.user.id,
+      owner.id,
+    );
+  });
+});

@@ -1,6 +1,6 @@
 /**
  * Roles, role assignment and channel permission overwrites. Every change here is guarded by the
- * role hierarchy: apart from the owner, nobody touches a role at or above their own highest role,
+ * role hierarchy: apart from the owner, nobody touches a role, or a member, at or above their own highest role,
  * nor grants a permission they do not hold. Role changes lock the guild row so concurrent edits of
  * one guild's role order serialize (positions stay dense: @everyone 0, the others 1..n).
  */
@@ -12,7 +12,7 @@ import { badInput, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, highestPosition, Permission } from '../permissions.ts';
-import { type GuildAccess, requireChannel, requireGuild } from './access.service.ts';
+import { type GuildAccess, loadGuildAccess, requireChannel, requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
 import { validateName } from './guild.service.ts';
 
@@ -65,6 +65,29 @@ async function lockAsManager(tx: Tx, deps: Deps, viewer: Viewer, guildId: string
 function requireBelow(actor: Actor, position: number) {
   if (!actor.isOwner && position >= actor.top)
     throw forbidden('You can only manage roles below your highest role.');
+}
+
+/**
+ * Acting on a member (their roles, their own channel overwrites) takes a higher top role than
+ * theirs; the owner outranks everyone and nobody outranks the owner. Yourself is at your own rank,
+ * so only the owner acts on themselves here: adding or removing one's own role, or editing one's
+ * own overwrite, can lift a deny (a muting role, a moderator's overwrite) and so escalate.
+ * A user who is not (or no longer) a member holds no roles, so only the owner rule applies.
+ */
+async function requireOutranks(
+  tx: Tx,
+  deps: Deps,
+  actor: { userId: string; access: GuildAccess },
+  targetUserId: string,
+) {
+  if (actor.userId === actor.access.ownerId) return;
+  if (targetUserId === actor.userId)
+    throw forbidden('Only the guild owner can change their own roles or overwrites.');
+  const target = await loadGuildAccess(tx, targetUserId, actor.access.guildId, deps.now());
+  if (!target) throw notFound('Guild');
+  if (target.ownerId === targetUserId) throw forbidden('Nobody can act on the guild owner.');
+  if (target.input.isMember && highestPosition(target.input) >= highestPosition(actor.access.input))
+    throw forbidden('The member has a role at or above your highest role.');
 }
 
 function requireGrantable(actor: Actor, before: bigint, after: bigint) {
@@ -272,6 +295,7 @@ export async function setMemberRole(
       .from(members)
       .where(and(eq(members.guildId, input.guildId), eq(members.userId, input.userId)));
     if (!m) throw notFound('Member');
+    await requireOutranks(tx, deps, { userId: viewer.userId, access: actor.access }, input.userId);
     const changed = assign
       ? await tx
           .insert(memberRoles)
@@ -340,7 +364,7 @@ async function overwriteGuard(tx: Tx, deps: Deps, viewer: Viewer, channelId: str
     .where(and(eq(roles.id, targetId), eq(roles.guildId, guildId)));
   if (role && !role.isEveryone && !isOwner && role.position >= highestPosition(a.guild.input))
     throw forbidden('You can only manage roles below your highest role.');
-  return { access: a, guildId, isOwner, role };
+  return { access: a, guild: a.guild, guildId, isOwner, role };
 }
 
 export async function setChannelOverwrite(
@@ -358,6 +382,7 @@ export async function setChannelOverwrite(
         .from(members)
         .where(and(eq(members.guildId, g.guildId), eq(members.userId, input.targetId)));
       if (!m) throw notFound('Member');
+      await requireOutranks(tx, deps, { userId: viewer.userId, access: g.guild }, input.targetId);
     }
     if (!g.isOwner && !has(g.access.permissions, input.allow | input.deny))
       throw forbidden('You can only allow or deny permissions you have in this channel.');
@@ -400,6 +425,8 @@ export async function removeChannelOverwrite(
 ): Promise<boolean> {
   return transact(deps, async (tx, log) => {
     const g = await overwriteGuard(tx, deps, viewer, input.channelId, input.targetId);
+    // A member's overwrite may be someone's deny placed by a higher rank: the hierarchy applies.
+    if (!g.role) await requireOutranks(tx, deps, { userId: viewer.userId, access: g.guild }, input.targetId);
     const gone = await tx
       .delete(permissionOverwrites)
       .where(
