@@ -3,16 +3,17 @@
  * hub (core/realtime); fields resolve from the database at delivery, so a replayed
  * MessageCreated shows the message as it is now.
  */
-import { BanterError } from '../core/errors.ts';
+import { BanterError, notFound } from '../core/errors.ts';
 import { messageIdOf } from '../core/realtime/log.ts';
 import type { PresenceShown } from '../core/realtime/presence.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
-import { builder, decodeId, encodeId, requireViewer } from './builder.ts';
+import { messagesByIds } from '../core/services/message-history.service.ts';
+import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
 import { GuildRef } from './guild.ts';
 import { limit } from './limits.ts';
-import { MessageRef } from './message.ts';
+import { MessageRef, type MessageRow } from './message.ts';
 import { UserRef } from './user.ts';
 
 /** Log event type -> GraphQL type name. */
@@ -65,8 +66,23 @@ function eventType(name: string, description: string, fields: (t: any) => Record
   });
 }
 
+/**
+ * The hub has already decided the viewer may see the event's channel, so the message is loaded
+ * once per event for every subscriber (not through MessageRef's per-viewer access check), which
+ * lets subscribers with the same document share one execution.
+ */
+const messageOf = new WeakMap<Delivered, Promise<MessageRow | null>>();
+function eventMessage(e: Delivered, ctx: Context): Promise<MessageRow> {
+  let p = messageOf.get(e);
+  if (!p) {
+    const id = messageIdOf(e);
+    p = id ? messagesByIds(ctx.deps.db, [id]).then((r) => r[0] ?? null) : Promise.resolve(null);
+    messageOf.set(e, p);
+  }
+  return p.then((m) => m ?? Promise.reject(notFound('Message')));
+}
 const messageField = (t: any) =>
-  t.field({ type: MessageRef, resolve: (e: Delivered) => messageIdOf(e) ?? '' });
+  t.field({ type: MessageRef, resolve: (e: Delivered, _a: unknown, ctx: Context) => eventMessage(e, ctx) });
 const channelIdField = (t: any) =>
   t.id({ resolve: (e: Delivered) => encodeId('Channel', e.channelId ?? '') });
 const guildIdField = (t: any) => t.id({ resolve: (e: Delivered) => encodeId('Guild', e.guildId ?? '') });
