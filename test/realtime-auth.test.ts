@@ -33,7 +33,10 @@ it('refuses malformed cursors with BAD_USER_INPUT as a GraphQL error, socket kep
   const { client } = connect(url, u.token);
   for (const bad of ['nope', Buffer.from('e1.x.1').toString('base64url'), 'a'.repeat(500)]) {
     const s = subscribe(client, bad);
-    await assert.rejects(s.until(() => false, 5000), /BAD_USER_INPUT/);
+    await assert.rejects(
+      s.until(() => false, 5000),
+      /BAD_USER_INPUT/,
+    );
   }
   // The same socket still works.
   const s = subscribe(client);
@@ -104,6 +107,9 @@ it('refuses a cursor from before the retention watermark with CURSOR_EXPIRED', a
   const pruned = await pruneEvents(app.deps.db, 7, new Date(Date.now() + 8 * 86_400_000));
   assert.ok(pruned >= 2);
   const r = subscribe(client, old);
-  await assert.rejects(r.until(() => false, 5000), /CURSOR_EXPIRED/);
+  await assert.rejects(
+    r.until(() => false, 5000),
+    /CURSOR_EXPIRED/,
+  );
   await client.dispose();
 });
