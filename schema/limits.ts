@@ -1,6 +1,6 @@
 /**
- * Per-user and per-IP rate limits on mutations. Each rule applies to the viewer (when signed in)
- * and to the client address; RATE_LIMITS=off turns them all off.
+ * Per-user and per-IP rate limits on mutations and on the read-heavy queries. Each rule applies
+ * to the viewer (when signed in) and to the client address; RATE_LIMITS=off turns them all off.
  */
 
 import { rateLimited } from '../core/errors.ts';
@@ -13,6 +13,8 @@ export const RULES = {
   refresh: { perIp: { limit: 60, windowSeconds: 60 } },
   sendMessage: { perUser: { limit: 600, windowSeconds: 60 }, perIp: { limit: 6000, windowSeconds: 60 } },
   mutation: { perUser: { limit: 300, windowSeconds: 60 }, perIp: { limit: 3000, windowSeconds: 60 } },
+  /** read-heavy queries (searchUsers, search): each one scans an index */
+  search: { perUser: { limit: 60, windowSeconds: 60 }, perIp: { limit: 600, windowSeconds: 60 } },
 } satisfies Record<string, { perIp?: RateLimitRule; perUser?: RateLimitRule; perKey?: RateLimitRule }>;
 
 export type RuleName = keyof typeof RULES;

@@ -4,6 +4,7 @@ import { isUuid } from '../core/ids.ts';
 import { SEARCH_HAS } from '../core/ports/search.ts';
 import { DEFAULT_SEARCH_PAGE, MAX_SEARCH_PAGE, searchMessages } from '../core/services/search.service.ts';
 import { builder, decodeId, requireViewer } from './builder.ts';
+import { limit } from './limits.ts';
 import { MessageConnection, toConnection } from './message.ts';
 
 const SearchHasEnum = builder.enumType('SearchHas', {
@@ -49,6 +50,7 @@ builder.queryField('search', (t) =>
     },
     resolve: async (_r, { input, first, after }, ctx) => {
       const v = requireViewer(ctx);
+      await limit(ctx, 'search');
       const page = await searchMessages(
         ctx.deps,
         v,

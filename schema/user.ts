@@ -214,7 +214,10 @@ builder.queryField('searchUsers', (t) =>
       prefix: t.arg.string({ required: true, validate: z.string().max(1000) }),
       first: t.arg.int(),
     },
-    resolve: (_r, { prefix, first }, ctx) =>
-      userService.searchUsers(ctx.deps, requireViewer(ctx), prefix, first),
+    resolve: async (_r, { prefix, first }, ctx) => {
+      const v = requireViewer(ctx);
+      await limit(ctx, 'search');
+      return userService.searchUsers(ctx.deps, v, prefix, first);
+    },
   }),
 );

@@ -102,6 +102,44 @@ describe('rate limits', () => {
     assert.equal(r.errors?.[0].extensions?.code, 'BAD_USER_INPUT');
   });
 
+  it('search and searchUsers share the search rule per user; another user is not affected', async () => {
+    const u = await signUp(app);
+    const SEARCH_USERS = `query($p: String!) { searchUsers(prefix: $p) { id } }`;
+    const SEARCH = `query($t: String!) { search(input: { text: $t }) { edges { cursor } } }`;
+    const half = RULES.search.perUser.limit / 2;
+    for (let i = 0; i < RULES.search.perUser.limit; i++) {
+      // Every call from its own address: the per-user count is the subject.
+      const r =
+        i < half
+          ? await gql(app, SEARCH_USERS, { p: 'user' }, { token: u.token })
+          : await gql(app, SEARCH, { t: 'hello' }, { token: u.token });
+      assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+    }
+    assertLimited(await gql(app, SEARCH_USERS, { p: 'user' }, { token: u.token }));
+    assertLimited(await gql(app, SEARCH, { t: 'hello' }, { token: u.token }));
+    const other = await signUp(app);
+    assert.equal((await gql(app, SEARCH, { t: 'hello' }, { token: other.token })).errors, undefined);
+  });
+
+  it('search is limited per IP across users', async () => {
+    const ip = `search-${randomBytes(3).toString('hex')}`;
+    const users = await Promise.all(
+      Array.from({ length: RULES.search.perIp.limit / RULES.search.perUser.limit }, () => signUp(app)),
+    );
+    const SEARCH_USERS = `query($p: String!) { searchUsers(prefix: $p) { id } }`;
+    for (const u of users) {
+      const rs = await Promise.all(
+        Array.from({ length: RULES.search.perUser.limit }, () =>
+          gql(app, SEARCH_USERS, { p: 'x' }, { token: u.token, ip }),
+        ),
+      );
+      for (const r of rs) assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+    }
+    const fresh = await signUp(app);
+    assertLimited(await gql(app, SEARCH_USERS, { p: 'x' }, { token: fresh.token, ip }));
+    assert.equal((await gql(app, SEARCH_USERS, { p: 'x' }, { token: fresh.token })).errors, undefined);
+  });
+
   it('over real HTTP, RATE_LIMITED carries a Retry-After header', async () => {
     const base = `http://127.0.0.1:${await app.start(0)}`;
     const statuses: number[] = [];
