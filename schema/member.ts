@@ -1,5 +1,4 @@
 import { z } from 'zod';
-import { BanterError } from '../core/errors.ts';
 import * as memberService from '../core/services/member.service.ts';
 import { builder, decodeId, requireViewer } from './builder.ts';
 import { GuildRef } from './guild.ts';
@@ -24,30 +23,31 @@ MemberRef.implement({
   }),
 });
 
+const MemberConnection = builder.connectionObject(
+  { type: MemberRef, name: 'MemberConnection' },
+  { name: 'MemberEdge' },
+);
+
+// Forward only (as CONTRACT.md has it): a plain field, so the SDL offers no last/before.
 builder.objectField(GuildRef, 'members', (t) =>
-  t.connection(
-    {
-      type: MemberRef,
-      description: `In join order; at most ${memberService.MAX_PAGE} per page (default ${memberService.DEFAULT_PAGE})`,
-      resolve: async (g, args, ctx) => {
-        if (args.last != null || args.before != null)
-          throw new BanterError('BAD_USER_INPUT', 'Members page forward only: use first and after.');
-        const page = await memberService.listMembers(ctx.deps, requireViewer(ctx), g.id, args);
-        const edges = page.members.map((m) => ({ cursor: memberService.encodeMemberCursor(m), node: m }));
-        return {
-          edges,
-          pageInfo: {
-            hasNextPage: page.hasNextPage,
-            hasPreviousPage: !!args.after,
-            startCursor: edges[0]?.cursor ?? null,
-            endCursor: edges.at(-1)?.cursor ?? null,
-          },
-        };
-      },
+  t.field({
+    type: MemberConnection,
+    description: `In join order; first defaults to ${memberService.DEFAULT_PAGE}, above ${memberService.MAX_PAGE} is BAD_USER_INPUT`,
+    args: { first: t.arg.int(), after: t.arg.string() },
+    resolve: async (g, args, ctx) => {
+      const page = await memberService.listMembers(ctx.deps, requireViewer(ctx), g.id, args);
+      const edges = page.members.map((m) => ({ cursor: memberService.encodeMemberCursor(m), node: m }));
+      return {
+        edges,
+        pageInfo: {
+          hasNextPage: page.hasNextPage,
+          hasPreviousPage: !!args.after,
+          startCursor: edges[0]?.cursor ?? null,
+          endCursor: edges.at(-1)?.cursor ?? null,
+        },
+      };
     },
-    { name: 'MemberConnection' },
-    { name: 'MemberEdge' },
-  ),
+  }),
 );
 
 builder.mutationField('setNickname', (t) =>

@@ -14,12 +14,17 @@ import { UserRef } from './user.ts';
 export const MAX_PAGE = 100;
 export const DEFAULT_PAGE = 50;
 
-/** Page size: default 50, capped at 100 (larger asks get 100); negative is BAD_USER_INPUT. */
+/**
+ * Page size: default 50; outside 0-100 is BAD_USER_INPUT, as Channel.messages has it, so a client
+ * never silently gets less than it asked for.
+ */
 export function pageSize(first: number | null | undefined): number {
   if (first == null) return DEFAULT_PAGE;
-  if (first < 0)
-    throw new BanterError('BAD_USER_INPUT', 'first must not be negative.', { extra: { field: 'first' } });
-  return Math.min(first, MAX_PAGE);
+  if (!Number.isInteger(first) || first < 0 || first > MAX_PAGE)
+    throw new BanterError('BAD_USER_INPUT', `first must be between 0 and ${MAX_PAGE}.`, {
+      extra: { field: 'first' },
+    });
+  return first;
 }
 
 /** Opaque cursors over UUIDv7 row ids; anything else is BAD_USER_INPUT. */
@@ -187,7 +192,7 @@ builder.objectField(GuildRef, 'auditLog', (t) =>
   t.field({
     type: AuditLogConnection,
     description:
-      'Moderation and configuration actions, newest first (VIEW_AUDIT_LOG). Pages hold at most 100.',
+      'Moderation and configuration actions, newest first (VIEW_AUDIT_LOG). first defaults to 50; above 100 is BAD_USER_INPUT.',
     args: {
       first: t.arg.int(),
       after: t.arg.string(),

@@ -64,7 +64,7 @@ builder.queryField('reports', (t) =>
   t.field({
     type: ReportConnection,
     description:
-      'Reports, newest first. Without guildId: the instance admin only. With guildId: members with MANAGE_MESSAGES there.',
+      'Reports, newest first. Without guildId: the instance admin only. With guildId: members with MANAGE_MESSAGES there, for the channels where they also have VIEW_CHANNEL and MANAGE_MESSAGES. first defaults to 50; above 100 is BAD_USER_INPUT.',
     args: {
       status: t.arg({ type: ReportStatus }),
       guildId: t.arg.id(),

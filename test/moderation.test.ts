@@ -296,7 +296,7 @@ describe('timeoutMember', () => {
 });
 
 describe('Guild.auditLog', () => {
-  it('pages newest first with global target ids, filters, and caps pages at 100', async () => {
+  it('pages newest first with global target ids, filters, and pages of at most 100', async () => {
     const g = await makeGuild(owner);
     const m = await signUp(app);
     await join(g.raw, m);
@@ -336,8 +336,9 @@ describe('Guild.auditLog', () => {
         action: 'TEST',
       })),
     );
-    const big = await ok(app, AUDIT, { g: g.id, f: 1000 }, owner.token);
+    const big = await ok(app, AUDIT, { g: g.id, f: 100 }, owner.token);
     assert.equal(big.guild.auditLog.edges.length, 100);
+    await fails(app, 'BAD_USER_INPUT', AUDIT, { g: g.id, f: 101 }, owner.token);
     const dflt = await ok(app, AUDIT, { g: g.id }, owner.token);
     assert.equal(dflt.guild.auditLog.edges.length, 50);
   });

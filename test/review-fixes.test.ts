@@ -1,6 +1,6 @@
 /**
  * Fixes for findings the API review reported but left open: list arguments bounded before any
- * work, and one page-size rule (BAD_USER_INPUT above 100) for every connection.
+ * work, and one page-size rule (default 50, BAD_USER_INPUT outside 0-100) for every connection.
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
@@ -8,7 +8,7 @@ import { eq } from 'drizzle-orm';
 import { messages } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
 import { encodeId } from '../schema/builder.ts';
-import { createTestApp, fails, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { addMember, type GuildFixture, SEND, setupGuild, uuidOf } from './message-fixtures.ts';
 
 let app: TestApp;
@@ -64,5 +64,56 @@ describe('sendMessage attachmentIds', () => {
     );
     assert.doesNotMatch(e10.message, /At most 10/);
     assert.equal(await countMessages(), before);
+  });
+});
+
+describe('one page-size rule', () => {
+  const PAGES: [string, string, (d: any) => any][] = [
+    [
+      'Channel.messages',
+      `query($id: ID!, $f: Int) { channel(id: $id) { messages(first: $f) { edges { cursor } } } }`,
+      (d) => d.channel.messages,
+    ],
+    [
+      'Guild.members',
+      `query($id: ID!, $f: Int) { guild(id: $id) { members(first: $f) { edges { cursor } } } }`,
+      (d) => d.guild.members,
+    ],
+    [
+      'Guild.auditLog',
+      `query($id: ID!, $f: Int) { guild(id: $id) { auditLog(first: $f) { edges { cursor } } } }`,
+      (d) => d.guild.auditLog,
+    ],
+    [
+      'reports',
+      `query($id: ID!, $f: Int) { reports(guildId: $id, first: $f) { edges { cursor } } }`,
+      (d) => d.reports,
+    ],
+  ];
+  for (const [name, q, pick] of PAGES) {
+    it(`${name}: 0-100 accepted, above 100 or negative is BAD_USER_INPUT`, async () => {
+      const vars = { id: name === 'Channel.messages' ? g.channelId : g.guildId };
+      for (const f of [0, 1, 100]) {
+        const d = await ok(app, q, { ...vars, f }, g.owner.token);
+        assert.ok(pick(d).edges.length <= f);
+      }
+      for (const f of [101, 100_000, -1]) {
+        const e = await fails(app, 'BAD_USER_INPUT', q, { ...vars, f }, g.owner.token);
+        assert.equal(e.extensions?.field, 'first');
+      }
+    });
+  }
+
+  it('Guild.members no longer offers last or before (forward only, as CONTRACT.md has it)', async () => {
+    for (const arg of ['last: 1', 'before: "x"']) {
+      const r = await gql(
+        app,
+        `query($g: ID!) { guild(id: $g) { members(${arg}) { edges { cursor } } } }`,
+        { g: g.guildId },
+        { token: g.owner.token },
+      );
+      assert.equal(r.data, undefined);
+      assert.match(r.errors?.[0]?.message ?? '', /Unknown argument/);
+    }
   });
 });

@@ -99,8 +99,10 @@ export async function listMembers(
   guildId: string,
   args: { first?: number | null; after?: string | null },
 ): Promise<{ members: MemberRow[]; hasNextPage: boolean }> {
-  const first = Math.min(args.first ?? DEFAULT_PAGE, MAX_PAGE);
-  if (!Number.isInteger(first) || first < 0) throw badInput('first must be 0 or more.', 'first');
+  // Refused, not clamped, as in Channel.messages: a client never silently gets less than it asked.
+  const first = args.first ?? DEFAULT_PAGE;
+  if (!Number.isInteger(first) || first < 0 || first > MAX_PAGE)
+    throw badInput(`first must be between 0 and ${MAX_PAGE}.`, 'first');
   const after = args.after ? decodeMemberCursor(args.after) : null;
   await requireGuild(deps.db, viewer.userId, guildId, 0n, deps.now());
   const res = await deps.db.execute(sql`${memberSelect}
