@@ -316,7 +316,9 @@ async function runBanter(): Promise<Result & { closes: Record<number, number>; s
   const dbUrl = new URL(ADMIN_URL);
   dbUrl.pathname = `/${dbName}`;
   const port = await freePort();
-  const server = spawn(process.execPath, ['--import', 'tsx', 'api/main.ts'], {
+  const nodeArgs = ['--import', 'tsx'];
+  if (env.BENCH_CPU_PROF) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${path.resolve(env.BENCH_CPU_PROF)}`);
+  const server = spawn(process.execPath, [...nodeArgs, 'api/main.ts'], {
     cwd: root,
     env: {
       ...env,

@@ -9,7 +9,6 @@ import type { Duplex } from 'node:stream';
 import { sql } from 'drizzle-orm';
 import { type ExecutionArgs, GraphQLError, getOperationAST } from 'graphql';
 import type { ServerOptions } from 'graphql-ws';
-import { useServer } from 'graphql-ws/use/ws';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Deps, Viewer } from '../../core/deps.ts';
 import { BanterError } from '../../core/errors.ts';
@@ -21,6 +20,7 @@ import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
 import { createRealtimeMetrics } from './metrics.ts';
 import { maskResult, subscribeShared } from './shared-execution.ts';
+import { useFanoutServer } from './ws-adapter.ts';
 
 export interface RealtimeLimits {
   /** Open sockets per user. Default 20. */
@@ -216,7 +216,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
     }
   }
 
-  const disposable = useServer(gqlws as ServerOptions, wss, limits.keepAliveMs);
+  const disposable = useFanoutServer(gqlws, wss, {
+    keepAliveMs: limits.keepAliveMs,
+    maxBufferedBytes: limits.maxBufferedBytes,
+  });
 
   // Per-IP connection rate, before the upgrade: refused with a plain HTTP 429.
   async function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer) {

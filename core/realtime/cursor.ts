@@ -31,9 +31,10 @@ export function decodeCursor(cursor: string): Position {
 
 export function comparePos(a: Position, b: Position): number {
   if (a.xid !== b.xid) {
-    const x = BigInt(a.xid);
-    const y = BigInt(b.xid);
-    return x < y ? -1 : 1;
+    // Canonical decimals (no leading zeros): longer is larger, else compare as text. Called per
+    // subscriber per row, so no BigInt parsing here.
+    if (a.xid.length !== b.xid.length) return a.xid.length - b.xid.length;
+    return a.xid < b.xid ? -1 : 1;
   }
   return a.seq - b.seq;
 }
