@@ -198,3 +198,29 @@ it('resume under load across instances with a Redis restart in the middle', {
     await pool.end();
   }
 });
+
+it('logout on one instance closes the session’s sockets on the other at once, and it cannot reconnect', {
+  skip: !onPostgres,
+  timeout: 30_000,
+}, async () => {
+  const [a, b] = apis;
+  const { token } = await setup();
+  const ca = connect(`ws://127.0.0.1:${a.port}/graphql`, token);
+  subscribe(ca.client);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(ca.closed(), undefined);
+  await http(b.port, 'mutation { logout }', {}, token);
+  const t0 = Date.now();
+  while (!ca.closed() && Date.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(ca.closed()?.code, 4403);
+  // The periodic re-check runs every 10 s: this fast, it was the bus signal.
+  assert.ok(Date.now() - t0 < 1500, `closed after ${Date.now() - t0} ms`);
+  await ca.client.dispose();
+  // Instance a had the session cached as alive; the signal dropped that too.
+  const again = connect(`ws://127.0.0.1:${a.port}/graphql`, token);
+  subscribe(again.client);
+  const t1 = Date.now();
+  while (!again.closed() && Date.now() - t1 < 5000) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(again.closed()?.code, 4403);
+  await again.client.dispose();
+});

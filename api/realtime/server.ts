@@ -15,7 +15,7 @@ import { BanterError } from '../../core/errors.ts';
 import { CloseCode } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
 import { SlowConsumerError } from '../../core/realtime/subscription.ts';
-import { authenticate } from '../../core/services/auth.service.ts';
+import { authenticate, forgetAllCachedSessions } from '../../core/services/auth.service.ts';
 import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
 import { createRealtimeMetrics } from './metrics.ts';
@@ -254,6 +254,8 @@ export function attachRealtime(o: RealtimeServerOptions) {
   // Revocation and deactivation: sockets of ended sessions are closed, here at once when told
   // over the bus, and within sessionCheckMs by a periodic check of every open session.
   const offDisconnect = o.hub.onDisconnect((d) => {
+    // This instance may have the session cached as alive: a client reconnecting here must not get in.
+    forgetAllCachedSessions();
     for (const s of byUser.get(d.userId) ?? []) {
       if (!d.sessionId || viewerOf.get(s)?.sessionId === d.sessionId) close(s, d.code, d.reason);
     }

@@ -15,7 +15,8 @@ export const CloseCode = {
 
 /**
  * Closes a user's sockets (one session's, or all) on every api instance: services call it after
- * revoking a session or deactivating an account.
+ * revoking a session or deactivating an account, once the change has committed (a socket closed
+ * earlier could reconnect and still find the session alive).
  */
 export async function disconnectUser(
   deps: Deps,
@@ -28,4 +29,9 @@ export async function disconnectUser(
     code: CloseCode.Forbidden,
     reason: opts.reason ?? 'Session ended',
   });
+}
+
+/** Closes the sockets of one session (logout, revokeSession) on every api instance. */
+export function disconnectSession(deps: Deps, userId: string, sessionId: string, reason = 'Session ended') {
+  return disconnectUser(deps, userId, { sessionId, reason });
 }

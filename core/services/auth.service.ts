@@ -10,6 +10,7 @@ import { sessions, spentRefreshTokens, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { BanterError, badInput, conflict, notFound, unauthenticated } from '../errors.ts';
 import { isUuid, newId } from '../ids.ts';
+import { disconnectSession } from '../realtime/disconnect.ts';
 
 const SCRYPT = { N: 16384, r: 8, p: 1, keylen: 32 };
 
@@ -282,11 +283,13 @@ export async function revokeSession(deps: Deps, viewer: Viewer, sessionId: strin
     .returning({ id: sessions.id });
   if (!res.length) throw notFound('Session');
   forgetSession(sessionId);
+  await disconnectSession(deps, viewer.userId, sessionId, 'Session revoked');
 }
 
 export async function logout(deps: Deps, viewer: Viewer): Promise<void> {
   await deps.db.update(sessions).set({ revokedAt: deps.now() }).where(eq(sessions.id, viewer.sessionId));
   forgetSession(viewer.sessionId);
+  await disconnectSession(deps, viewer.userId, viewer.sessionId, 'Signed out');
 }
 
 export async function listSessions(deps: Deps, viewer: Viewer) {

@@ -6,6 +6,7 @@ import { and, eq, isNull, sql } from 'drizzle-orm';
 import { relationships, sessions, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { BanterError, badInput, conflict, forbidden, notFound } from '../errors.ts';
+import { disconnectUser } from '../realtime/disconnect.ts';
 import {
   forgetAllCachedSessions,
   isUniqueViolation,
@@ -122,6 +123,7 @@ export async function deactivateAccount(deps: Deps, viewer: Viewer, password: st
   });
   // The session cache is keyed by session id, not user: drop it all rather than miss one.
   forgetAllCachedSessions();
+  await disconnectUser(deps, viewer.userId, { reason: 'Account deactivated' });
 }
 
 /** Escapes LIKE wildcards: `_` is a legal username character. */
