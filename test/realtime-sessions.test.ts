@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { connect, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -111,5 +111,61 @@ describe('ending a session closes its sockets at once', () => {
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(c.closed(), undefined);
     await Promise.all([a.client.dispose(), b.client.dispose(), c.client.dispose()]);
+  });
+});
+
+describe('a socket does not outlive its access token', () => {
+  let short: TestApp;
+  let shortUrl: string;
+  before(async () => {
+    // Below the configurable minimum (30 s), for the test only.
+    short = await createTestApp({ rateLimits: false, accessTokenTtl: 2 });
+    shortUrl = `ws://127.0.0.1:${await short.start(0)}/graphql`;
+  });
+  after(() => short.destroy());
+
+  it('closes with 4401 when the token expires; the refreshed token resumes by cursor', {
+    timeout: 20_000,
+  }, async () => {
+    const u = await signUp(short);
+    const issued = Date.now();
+    const { channelId } = await guildWithChannel(short, u.token);
+    const c = connect(shortUrl, u.token);
+    const s = subscribe(c.client);
+    await new Promise((r) => setTimeout(r, 300));
+    await send(short, u.token, channelId, 'before expiry');
+    await s.until((e) => e.some((x) => x.message?.content === 'before expiry'));
+    const deadline = Date.now() + 6000;
+    while (!c.closed() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(c.closed()?.code, 4401);
+    const lived = Date.now() - issued;
+    // exp is in whole seconds from the issue time; the sweep runs every second.
+    assert.ok(lived >= 1000 && lived < 4500, `closed after ${lived} ms`);
+    await c.client.dispose();
+
+    const r = await ok(short, `mutation($t: String!) { refreshSession(refreshToken: $t) { accessToken } }`, {
+      t: u.refreshToken,
+    });
+    const fresh = r.refreshSession.accessToken as string;
+    await send(short, fresh, channelId, 'while away');
+    const c2 = connect(shortUrl, fresh);
+    const s2 = subscribe(c2.client, s.events.at(-1).cursor);
+    await s2.until((e) => e.some((x) => x.message?.content === 'while away'));
+    assert.deepEqual(
+      s2.events.map((x) => x.message?.content),
+      ['while away'],
+    );
+    await c2.client.dispose();
+  });
+
+  it('refuses an already expired token at connection_init with 4401', { timeout: 20_000 }, async () => {
+    const u = await signUp(short);
+    await new Promise((r) => setTimeout(r, 3100));
+    const c = connect(shortUrl, u.token);
+    subscribe(c.client);
+    const deadline = Date.now() + 5000;
+    while (!c.closed() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(c.closed()?.code, 4401);
+    await c.client.dispose();
   });
 });

@@ -9,6 +9,7 @@ import type { Duplex } from 'node:stream';
 import { sql } from 'drizzle-orm';
 import { type ExecutionArgs, GraphQLError, getOperationAST } from 'graphql';
 import type { ServerOptions } from 'graphql-ws';
+import { decodeJwt } from 'jose';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Deps, Viewer } from '../../core/deps.ts';
 import { BanterError } from '../../core/errors.ts';
@@ -99,9 +100,11 @@ export function attachRealtime(o: RealtimeServerOptions) {
       const raw = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
       const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
       let viewer: Viewer;
+      let exp: number | undefined;
       try {
         if (!m) throw new BanterError('UNAUTHENTICATED');
         viewer = await authenticate(o.deps, m[1]);
+        exp = decodeJwt(m[1]).exp;
       } catch (err) {
         const revoked = err instanceof BanterError && /revoked/.test(err.message);
         close(
@@ -122,6 +125,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       }
       mine.add(ctx.extra.socket);
       viewerOf.set(ctx.extra.socket, viewer);
+      expireAt(ctx.extra.socket, exp);
       presenceConn.set(ctx.extra.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
       ctx.extra.viewer = viewer;
       return true;
@@ -203,7 +207,38 @@ export function attachRealtime(o: RealtimeServerOptions) {
     return o.mask(err, 'Unexpected error.') as GraphQLError;
   }
 
+  // A socket lives no longer than the token it authenticated with: at expiry it is closed with
+  // 4401 so the client refreshes its session and resumes by cursor. Sockets are kept in buckets by
+  // expiry second, swept once a second (one timer, not one per socket).
+  const expiring = new Map<number, Set<WebSocket>>();
+  const expiryOf = new WeakMap<WebSocket, number>();
+  function expireAt(socket: WebSocket, exp: number | undefined) {
+    if (exp === undefined) return;
+    let set = expiring.get(exp);
+    if (!set) {
+      set = new Set();
+      expiring.set(exp, set);
+    }
+    set.add(socket);
+    expiryOf.set(socket, exp);
+  }
+  const expiryTimer = setInterval(() => {
+    const now = Date.now() / 1000;
+    for (const [exp, set] of expiring) {
+      if (exp > now) continue;
+      expiring.delete(exp);
+      for (const s of set) close(s, CloseCode.Unauthorized, 'Access token expired');
+    }
+  }, 1000);
+  expiryTimer.unref();
+
   function forget(socket: WebSocket) {
+    const exp = expiryOf.get(socket);
+    if (exp !== undefined) {
+      const set = expiring.get(exp);
+      set?.delete(socket);
+      if (set && !set.size) expiring.delete(exp);
+    }
     const v = viewerOf.get(socket);
     viewerOf.delete(socket);
     const conn = presenceConn.get(socket);
@@ -289,6 +324,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
     async close() {
       o.server.off('upgrade', upgradeListener);
       clearInterval(sessionTimer);
+      clearInterval(expiryTimer);
       offDisconnect();
       await disposable.dispose();
       for (const s of wss.clients) s.terminate();

@@ -2,7 +2,10 @@ import type { Deps } from '../deps.ts';
 
 /** graphql-ws close codes Banter uses, plus its own. */
 export const CloseCode = {
-  /** bad or expired access token (graphql-ws: the client does not retry) */
+  /**
+   * bad or expired access token, at connection_init or when the token the socket authenticated
+   * with expires (graphql-ws clients do not retry: refresh the session, reconnect, resume by cursor)
+   */
   Unauthorized: 4401,
   /** session revoked, account deactivated, or disconnected by a moderator */
   Forbidden: 4403,
