@@ -20,6 +20,7 @@ import {
 import type { SearchEngine } from '../core/ports/search.ts';
 import { createHub } from '../core/realtime/hub.ts';
 import { createRedisPresence } from '../core/realtime/presence.ts';
+import { createRedisThrottle } from '../core/realtime/typing.ts';
 import { createPostgresSearch } from '../core/search/postgres.search.ts';
 import type { Context } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
@@ -107,7 +108,10 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     },
   };
   const metrics = createMetrics(database);
-  const hub = createHub(deps, { presence: redis ? createRedisPresence(redis, config.redisPrefix) : undefined });
+  const hub = createHub(deps, {
+    presence: redis ? createRedisPresence(redis, config.redisPrefix) : undefined,
+    typingThrottle: redis ? createRedisThrottle(redis, config.redisPrefix) : undefined,
+  });
   deps.realtime = hub;
   let realtime: ReturnType<typeof attachRealtime> | undefined;
   const { authenticate } = await import('../core/services/auth.service.ts');

@@ -13,6 +13,7 @@ import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
 import { assertNotExpired, headPosition, markGone, pruneEvents, readAfter, readRange } from './log.ts';
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
 import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
+import { createMemoryThrottle, type TypingThrottle } from './typing.ts';
 import { ViewerAccess } from './visibility.ts';
 
 export interface HubDeps {
@@ -39,6 +40,8 @@ export interface HubOptions {
   observer?: HubObserver;
   /** Where presence is kept. Default: in process. */
   presence?: PresenceStore;
+  /** Where the typing throttle is kept (shared with other instances in Redis). Default: in process. */
+  typingThrottle?: TypingThrottle;
 }
 
 export interface SubscribeOptions {
@@ -224,6 +227,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     },
 
     presence,
+
+    typing: opts.typingThrottle ?? createMemoryThrottle(),
 
     /** Reads the log now (tests and the bus ring use it). */
     poke: () => tail(),
