@@ -8,6 +8,7 @@ import { messageIdOf } from '../core/realtime/log.ts';
 import type { PresenceShown } from '../core/realtime/presence.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
+import { blockersAmong } from '../core/realtime/visibility.ts';
 import { messagesByIds } from '../core/services/message-history.service.ts';
 import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
@@ -187,7 +188,7 @@ const PresenceChoice = builder.enumType('PresenceChoice', {
   values: ['ONLINE', 'IDLE', 'DND', 'INVISIBLE'] as const,
 });
 const PresenceRef = builder.objectRef<{ status: PresenceShown }>('Presence').implement({
-  description: "A user's presence, aggregated over its devices.",
+  description: "A user's presence, aggregated over its devices; OFFLINE to users it has blocked.",
   fields: (t) => ({ status: t.field({ type: PresenceStatus, resolve: (p) => p.status }) }),
 });
 
@@ -196,8 +197,13 @@ builder.objectField(UserRef, 'presence', (t) =>
     type: PresenceRef,
     resolve: (u) => u.id,
     load: async (ids: string[], ctx) => {
-      const shown = ctx.deps.realtime ? await ctx.deps.realtime.presence.store.shown(ids) : new Map();
-      return ids.map((id) => ({ status: (shown.get(id) ?? 'OFFLINE') as PresenceShown }));
+      const [shown, blockers] = await Promise.all([
+        ctx.deps.realtime ? ctx.deps.realtime.presence.store.shown(ids) : new Map<string, PresenceShown>(),
+        ctx.viewer ? blockersAmong(ctx.deps.db, ctx.viewer.userId, ids) : new Set<string>(),
+      ]);
+      return ids.map((id) => ({
+        status: blockers.has(id) ? 'OFFLINE' : ((shown.get(id) ?? 'OFFLINE') as PresenceShown),
+      }));
     },
   }),
 );

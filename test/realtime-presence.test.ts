@@ -48,3 +48,38 @@ it('presence: online with a socket, invisible shown offline, offline after the l
   await cb.client.dispose();
   await cs.client.dispose();
 });
+
+it('presence respects blocks: a blocker is OFFLINE to the blocked user, who hears nothing of it', {
+  timeout: 30_000,
+}, async () => {
+  const [a, blocked, friend] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, blocked.token);
+  await invite(app, a.token, guildId, friend.token);
+  const cv = connect(url, blocked.token);
+  const cf = connect(url, friend.token);
+  const sv = subscribe(cv.client, null, Q);
+  const sf = subscribe(cf.client, null, Q);
+  await new Promise((r) => setTimeout(r, 300));
+  // The blocked user's subscription has already looked a up (shown), so the block must reach
+  // its cache, not only fresh lookups.
+  const cb0 = connect(url, a.token);
+  const sa0 = subscribe(cb0.client, null, Q);
+  await sv.until((e) => statuses(e, a.id).includes('ONLINE'), 5000, 'A online before the block');
+  await ok(app, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: blocked.id }, a.token);
+  await new Promise((r) => setTimeout(r, 700));
+  const heard = statuses(sv.events, a.id).length;
+
+  await ok(app, `mutation { setPresence(status: DND) }`, {}, a.token);
+  await sf.until((e) => statuses(e, a.id).at(-1) === 'DND', 5000, 'friend sees DND');
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(statuses(sv.events, a.id).length, heard, 'no PresenceChanged to the blocked user');
+
+  const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
+  assert.equal((await ok(app, q, { id: a.id }, friend.token)).user.presence.status, 'DND');
+  assert.equal((await ok(app, q, { id: a.id }, blocked.token)).user.presence.status, 'OFFLINE');
+  // The blocker still sees the blocked user's presence (the block is one-way).
+  assert.equal((await ok(app, q, { id: blocked.id }, a.token)).user.presence.status, 'ONLINE');
+  sa0.stop();
+  await Promise.all([cb0.client.dispose(), cv.client.dispose(), cf.client.dispose()]);
+});

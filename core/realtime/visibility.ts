@@ -4,8 +4,9 @@
  * event that can change access there, so a kick or an overwrite stops delivery at once and a
  * join starts it without reconnecting.
  */
-import { sql } from 'drizzle-orm';
-import type { Db } from '../db/client.ts';
+import { and, eq, inArray, sql } from 'drizzle-orm';
+import type { Db, DbOrTx } from '../db/client.ts';
+import { relationships } from '../db/tables.ts';
 import { has, Permission } from '../permissions.ts';
 import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
 
@@ -18,6 +19,25 @@ export interface Visible {
 }
 
 const CACHE_MS = 30_000;
+
+/**
+ * Which of `otherIds` blocked `viewerId`, in one statement (the batched isBlockedBy of
+ * relationship.service): a blocker's presence is shown to the blocked user as OFFLINE.
+ */
+export async function blockersAmong(db: DbOrTx, viewerId: string, otherIds: string[]): Promise<Set<string>> {
+  if (!otherIds.length) return new Set();
+  const r = await db
+    .select({ userId: relationships.userId })
+    .from(relationships)
+    .where(
+      and(
+        eq(relationships.targetId, viewerId),
+        eq(relationships.kind, 'BLOCKED'),
+        inArray(relationships.userId, otherIds),
+      ),
+    );
+  return new Set(r.map((x) => x.userId));
+}
 
 /** Events after which access in a guild may differ. */
 const ACCESS_CHANGING = new Set([
@@ -66,6 +86,11 @@ export class ViewerAccess {
     if (e.channelId && (e.type === 'DIRECT_CHANNEL_CREATED' || e.type === 'PERMISSIONS_CHANGED')) {
       this.channels.delete(e.channelId);
     }
+    // Someone (un)blocked this viewer: the row is theirs (never delivered here), but it changes
+    // whether their presence may be shown.
+    if (e.type === 'RELATIONSHIP_UPDATED' && e.userId && e.payload.targetId === this.userId) {
+      this.known.delete(e.userId);
+    }
   }
 
   forgetGuild(guildId: string) {
@@ -99,7 +124,7 @@ export class ViewerAccess {
 
   private known = new Map<string, { yes: boolean; at: number }>();
 
-  /** Presence is shown to users who share a guild or a DM with its subject. */
+  /** Presence is shown to users who share a guild or a DM with its subject, unless it blocked them. */
   private knows(otherId: string): boolean | Promise<boolean> {
     if (otherId === this.userId) return true;
     const k = this.known.get(otherId);
@@ -108,7 +133,9 @@ export class ViewerAccess {
       .execute(sql`select (exists (select 1 from members a join members b on b.guild_id = a.guild_id
           where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid)
         or exists (select 1 from channel_recipients a join channel_recipients b on b.channel_id = a.channel_id
-          where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid)) as yes`)
+          where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid))
+        and not exists (select 1 from relationships r where r.user_id = ${otherId}::uuid
+          and r.target_id = ${this.userId}::uuid and r.kind = 'BLOCKED') as yes`)
       .then((r) => {
         const yes = !!(r as unknown as { rows: { yes: boolean }[] }).rows[0]?.yes;
         if (this.known.size > 10_000) this.known.clear();
