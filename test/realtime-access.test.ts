@@ -127,3 +127,48 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   }
   for (const c of clients) await c.dispose();
 });
+
+it('GuildDeleted reaches every member subscribed at deletion, and members replaying later; nobody else', async () => {
+  const [owner, quiet, away, stranger] = await Promise.all(Array.from({ length: 4 }, () => signUp(app)));
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  for (const u of [quiet, away]) await invite(app, owner.token, guildId, u.token);
+  const Q = `subscription($after: String) { events(after: $after) { __typename cursor
+    ... on GuildDeleted { guildId } ... on MessageCreated { message { content } } } }`;
+  // `away` takes a cursor, then leaves before the deletion.
+  const ca = connect(url, away.token);
+  const sa = subscribe(ca.client, null, Q);
+  await settle();
+  await send(app, owner.token, channelId, 'hello');
+  await sa.until((e) => e.length > 0);
+  const cursor = sa.events.at(-1).cursor;
+  sa.stop();
+  await ca.client.dispose();
+  // `quiet` subscribes now and has seen nothing of this guild on its stream when it is deleted.
+  const cq = connect(url, quiet.token);
+  const cs = connect(url, stranger.token);
+  const sq = subscribe(cq.client, null, Q);
+  const ss = subscribe(cs.client, null, Q);
+  await settle();
+  const r = await ok(app, `mutation($g: ID!) { deleteGuild(id: $g) }`, { g: guildId }, owner.token);
+  assert.equal(r.deleteGuild, guildId);
+  await sq.until((e) => e.some((x) => x.__typename === 'GuildDeleted'), 5000, 'GuildDeleted live');
+  assert.deepEqual(sq.events, [{ __typename: 'GuildDeleted', cursor: sq.events[0].cursor, guildId }]);
+  const replay = subscribe(cq.client, cursor, Q);
+  await replay.until((e) => e.some((x) => x.__typename === 'GuildDeleted'), 5000, 'GuildDeleted replayed');
+  const ra = connect(url, away.token);
+  const ar = subscribe(ra.client, cursor, Q);
+  await ar.until(
+    (e) => e.some((x) => x.__typename === 'GuildDeleted'),
+    5000,
+    'GuildDeleted replayed to away',
+  );
+  assert.deepEqual(
+    ar.events.map((x) => x.__typename),
+    ['GuildDeleted'],
+  );
+  const rs = subscribe(cs.client, cursor, Q);
+  await settle();
+  assert.deepEqual(ss.events, [], 'a stranger hears nothing live');
+  assert.deepEqual(rs.events, [], 'nor in replay');
+  await Promise.all([cq.client.dispose(), cs.client.dispose(), ra.client.dispose()]);
+});

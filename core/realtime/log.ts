@@ -71,7 +71,8 @@ export async function readAfter(db: Db, from: Position, limit: number): Promise<
 
 /**
  * Rows in (from, to] that `userId` could possibly see: a coarse SQL prefilter (own rows, guilds
- * it is in, DMs it is in, membership events about it); exact permission is decided per row after.
+ * it is in, DMs it is in, membership events about it, deletions of guilds it was in); exact
+ * permission is decided per row after.
  */
 export async function readRange(
   db: Db,
@@ -88,7 +89,8 @@ export async function readRange(
       and (user_id = ${userId}::uuid or (user_id is null and (
         guild_id in (select guild_id from members where user_id = ${userId}::uuid)
         or channel_id in (select channel_id from channel_recipients where user_id = ${userId}::uuid)
-        or payload->>'userId' = ${userId})))
+        or payload->>'userId' = ${userId}
+        or (type = 'GUILD_DELETED' and payload->'memberIds' @> jsonb_build_array(${userId}::text)))))
     order by ${XID}, seq limit ${limit}`);
   return rows<RawRow>(r).map(toRow);
 }

@@ -69,10 +69,23 @@ const ABOUT_A_MEMBER = new Set([
   'MEMBER_UPDATED',
 ]);
 
+/** The members recorded in a GUILD_DELETED row, as a set built once per row for every subscriber. */
+const memberSets = new WeakMap<object, Set<string>>();
+function wasMember(e: Visible, userId: string): boolean | undefined {
+  const ids = e.payload.memberIds;
+  if (!Array.isArray(ids)) return undefined; // rows written before member ids were recorded
+  let set = memberSets.get(e.payload);
+  if (!set) {
+    set = new Set(ids as string[]);
+    memberSets.set(e.payload, set);
+  }
+  return set.has(userId) || e.payload.actorId === userId;
+}
+
 export class ViewerAccess {
   private channels = new Map<string, { perms: bigint; guildId: string | null; at: number }>();
   private guilds = new Map<string, { member: boolean; at: number }>();
-  /** guilds this viewer was seen in, so it hears of their deletion */
+  /** guilds this viewer was seen in: who hears of a deletion logged without member ids */
   private everIn = new Set<string>();
 
   constructor(
@@ -103,7 +116,8 @@ export class ViewerAccess {
     if (e.userId) return e.userId === this.userId;
     if (e.type === 'PRESENCE_CHANGED') return this.knows(String(e.payload.userId));
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
-    if (e.type === 'GUILD_DELETED') return !!e.guildId && this.everIn.has(e.guildId);
+    if (e.type === 'GUILD_DELETED')
+      return wasMember(e, this.userId) ?? (!!e.guildId && this.everIn.has(e.guildId));
     if (e.channelId && !GUILD_LEVEL.has(e.type)) return this.channelOk(e.channelId, replay);
     if (e.guildId) return this.member(e.guildId);
     return false;

@@ -134,12 +134,21 @@ async function requireOwner(deps: Deps, viewer: Viewer, guildId: string) {
 export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): Promise<string> {
   await requireOwner(deps, viewer, guildId);
   return transact(deps, async (tx, log) => {
+    // Members rows cascade away with the guild: the event carries who was in, so every member
+    // subscribed now (or replaying later) hears of the deletion.
+    // The guild row is locked first so a join committing meanwhile is either in the list or refused.
+    await tx.select({ id: guilds.id }).from(guilds).where(eq(guilds.id, guildId)).for('update');
+    const was = await tx.select({ userId: members.userId }).from(members).where(eq(members.guildId, guildId));
     const gone = await tx
       .delete(guilds)
       .where(and(eq(guilds.id, guildId), eq(guilds.ownerId, viewer.userId)))
       .returning({ id: guilds.id });
     if (!gone.length) throw notFound('Guild');
-    await log.append({ type: 'GUILD_DELETED', guildId, payload: { guildId, actorId: viewer.userId } });
+    await log.append({
+      type: 'GUILD_DELETED',
+      guildId,
+      payload: { guildId, actorId: viewer.userId, memberIds: was.map((m) => m.userId) },
+    });
     return guildId;
   });
 }
