@@ -230,7 +230,12 @@ builder.subscriptionField('events', (t) =>
     description:
       "The viewer's one stream of everything it may see. `after` is the last cursor the client saw: " +
       'the server replays what happened since, then goes live, with no event lost or repeated. ' +
-      'A cursor older than retention fails with CURSOR_EXPIRED.',
+      'A cursor older than retention fails with CURSOR_EXPIRED; a malformed one with BAD_USER_INPUT. ' +
+      'Without `after` the stream is live from the moment the subscription is set up: it holds ' +
+      'exactly the events of changes committed after that moment (the server registers the ' +
+      'subscriber, then takes a database snapshot; nothing committed before it is delivered, even ' +
+      'if it reaches the server later, and everything committed after it is). To also get what ' +
+      'happened before, subscribe with `after` set to the last cursor the client saw.',
     args: { after: t.arg.string() },
     subscribe: async (_r, { after }, ctx) => {
       const viewer = requireViewer(ctx);

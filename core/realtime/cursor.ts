@@ -29,14 +29,31 @@ export function decodeCursor(cursor: string): Position {
   return { xid: BigInt(m[1]).toString(), seq };
 }
 
+/** Canonical decimals (no leading zeros): longer is larger, else compare as text. */
+export function compareXid(a: string, b: string): number {
+  if (a === b) return 0;
+  if (a.length !== b.length) return a.length - b.length;
+  return a < b ? -1 : 1;
+}
+
 export function comparePos(a: Position, b: Position): number {
-  if (a.xid !== b.xid) {
-    // Canonical decimals (no leading zeros): longer is larger, else compare as text. Called per
-    // subscriber per row, so no BigInt parsing here.
-    if (a.xid.length !== b.xid.length) return a.xid.length - b.xid.length;
-    return a.xid < b.xid ? -1 : 1;
-  }
+  // Called per subscriber per row, so no BigInt parsing here.
+  if (a.xid !== b.xid) return compareXid(a.xid, b.xid);
   return a.seq - b.seq;
+}
+
+/** A database snapshot (pg_current_snapshot): which transactions had committed at one moment. */
+export interface Snapshot {
+  xmin: string;
+  xmax: string;
+  /** in progress at the moment */
+  xip: Set<string>;
+}
+
+/** True when transaction `xid` had finished when `s` was taken (its rows, if any, were committed). */
+export function finishedIn(xid: string, s: Snapshot): boolean {
+  if (compareXid(xid, s.xmin) < 0) return true;
+  return compareXid(xid, s.xmax) < 0 && !s.xip.has(xid);
 }
 
 export const maxPos = (a: Position, b: Position) => (comparePos(a, b) >= 0 ? a : b);

@@ -5,12 +5,22 @@
  * short poll (the safety net for rings lost in a Redis restart), and hands each row, the same
  * object, to every local subscriber. A subscriber with `after` registers at the tailer's position
  * P, replays (after, P] from the log, then takes live rows > max(after, P): no gap, no duplicate.
+ * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
+ * transactions finished in that snapshot are dropped, every other row is delivered.
  */
 import type { Db } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, SignalTopics } from '../ports/bus.ts';
 import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
-import { assertNotExpired, headPosition, markGone, pruneEvents, readAfter, readRange } from './log.ts';
+import {
+  assertNotExpired,
+  headPosition,
+  markGone,
+  pruneEvents,
+  readAfter,
+  readRange,
+  snapshotNow,
+} from './log.ts';
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
 import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
 import { createMemoryThrottle, type TypingThrottle } from './typing.ts';
@@ -183,13 +193,11 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       const from = after ? decodeCursor(after) : undefined;
       if (from) await assertNotExpired(deps.db, from);
       await hub.start();
-      // Live means from now: rows already finished but not yet tailed are not news to this client.
-      const head = from ? undefined : await headPosition(deps.db);
       const p = pos!;
       const sub = new Subscription(
         maxPending,
         new ViewerAccess(deps.db, viewer.userId),
-        maxPos(from ?? head!, p),
+        from ? maxPos(from, p) : p,
         (s, failure) => {
           if (subs.delete(s)) obs.subscriptions?.(-1);
           obs.delivered?.(s.delivered);
@@ -206,7 +214,17 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
             sub.fail(err);
           },
         );
-      } else sub.goLive();
+      } else {
+        // Live means from now, exactly: registered first (so no row tailed from here on is missed),
+        // then the snapshot says which of the rows that arrive were committed before this moment.
+        try {
+          sub.startAfter(await snapshotNow(deps.db));
+        } catch (err) {
+          await sub.return();
+          throw err;
+        }
+        sub.goLive();
+      }
       return sub;
     },
 

@@ -6,7 +6,7 @@
 import { sql } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
 import { BanterError } from '../errors.ts';
-import { comparePos, ORIGIN, type Position } from './cursor.ts';
+import { comparePos, ORIGIN, type Position, type Snapshot } from './cursor.ts';
 
 export interface LogRow extends Position {
   type: string;
@@ -58,6 +58,18 @@ export async function headPosition(db: Db): Promise<Position> {
     ),
   );
   return r ? { xid: String(r.xid), seq: Number(r.seq) } : ORIGIN;
+}
+
+/** The database's snapshot now: where a live-only subscriber's stream begins. */
+export async function snapshotNow(db: Db): Promise<Snapshot> {
+  const [r] = rows<{ xmin: string; xmax: string; xip: string[] | string | null }>(
+    await db.execute(sql`select pg_snapshot_xmin(s)::text as xmin, pg_snapshot_xmax(s)::text as xmax,
+      (select array_agg(x::text) from pg_snapshot_xip(s) x) as xip
+      from (select pg_current_snapshot() as s) t`),
+  );
+  const xip =
+    typeof r.xip === 'string' ? r.xip.replace(/[{}]/g, '').split(',').filter(Boolean) : (r.xip ?? []);
+  return { xmin: String(r.xmin), xmax: String(r.xmax), xip: new Set(xip.map(String)) };
 }
 
 /** Finished rows after `from`, in log order. */

@@ -3,7 +3,7 @@
  * order and handed to the consumer (graphql-ws pulls with backpressure: it awaits each send).
  * A subscriber that falls too far behind is failed as a slow consumer; it resumes by cursor.
  */
-import { comparePos, type Position } from './cursor.ts';
+import { comparePos, compareXid, finishedIn, type Position, type Snapshot } from './cursor.ts';
 import type { LogRow } from './log.ts';
 import type { ViewerAccess } from './visibility.ts';
 
@@ -53,6 +53,17 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (this.live && !this.pumping) void this.pump();
   }
 
+  /** rows of transactions finished in it are not news to a live-only subscriber */
+  private startedAt: Snapshot | undefined;
+
+  /**
+   * Live only from `s`: rows of transactions that had finished when it was taken are dropped,
+   * every later one is delivered. Called before goLive; rows pushed meanwhile are filtered too.
+   */
+  startAfter(s: Snapshot) {
+    this.startedAt = s;
+  }
+
   /** Replay is over: deliver what queued up meanwhile. */
   goLive() {
     this.live = true;
@@ -79,6 +90,11 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     try {
       while (this.input.length && !this.closed) {
         const row = this.input.shift()!;
+        if (row.cursor !== null && this.startedAt) {
+          if (finishedIn(row.xid, this.startedAt)) continue;
+          // The log is tailed in xid order: past xmax, no later row can predate the snapshot.
+          if (compareXid(row.xid, this.startedAt.xmax) >= 0) this.startedAt = undefined;
+        }
         if (row.cursor !== null) this.access.observe(row);
         if (row.gone) continue;
         let ok = this.access.canSee(row, false);
