@@ -23,9 +23,38 @@ async function closeCode(token: string | undefined): Promise<number> {
   return c.closed()?.code ?? -1;
 }
 
-it('closes sockets without a valid token with 4401', async () => {
-  assert.equal(await closeCode(undefined), 4401);
+it('closes sockets whose connection_init carries a bad token with 4401', async () => {
   assert.equal(await closeCode('not-a-jwt'), 4401);
+});
+
+it('accepts an anonymous socket; its subscribe gets UNAUTHENTICATED unless it carries a token in extensions.headers (as GraphiQL sends it)', async () => {
+  const u = await signUp(app);
+  const { client, closed } = connect(url, undefined);
+  const anon = subscribe(client);
+  await assert.rejects(
+    anon.until(() => false, 5000),
+    /UNAUTHENTICATED|Unauthorized/,
+  );
+  assert.equal(closed(), undefined);
+  const got: any[] = [];
+  const failures: unknown[] = [];
+  const stop = client.subscribe(
+    {
+      query: 'subscription { events { __typename ... on MessageCreated { message { content } } } }',
+      extensions: { headers: { authorization: `Bearer ${u.token}` } },
+    },
+    { next: (v) => got.push(v), error: (e) => failures.push(e), complete: () => {} },
+  );
+  const { channelId } = await guildWithChannel(app, u.token);
+  await new Promise((r) => setTimeout(r, 300));
+  await send(app, u.token, channelId, 'via extensions');
+  const deadline = Date.now() + 5000;
+  while (!got.some((v) => v.data?.events?.message?.content === 'via extensions') && Date.now() < deadline)
+    await new Promise((r) => setTimeout(r, 50));
+  assert.deepEqual(failures, []);
+  assert.ok(got.some((v) => v.data?.events?.message?.content === 'via extensions'));
+  stop();
+  await client.dispose();
 });
 
 it('refuses malformed cursors with BAD_USER_INPUT as a GraphQL error, socket kept', async () => {

@@ -94,45 +94,60 @@ export function attachRealtime(o: RealtimeServerOptions) {
       socket.close(code, reason);
   }
 
+  /** Authenticates a socket's viewer from an `authorization` value; true, or why not. */
+  async function bindViewer(extra: Extra, raw: unknown): Promise<true | { code: number; reason: string }> {
+    const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
+    let viewer: Viewer;
+    let exp: number | undefined;
+    try {
+      if (!m) throw new BanterError('UNAUTHENTICATED');
+      viewer = await authenticate(o.deps, m[1]);
+      exp = decodeJwt(m[1]).exp;
+    } catch (err) {
+      const revoked = err instanceof BanterError && /revoked/.test(err.message);
+      return revoked
+        ? { code: CloseCode.Forbidden, reason: 'Forbidden' }
+        : { code: CloseCode.Unauthorized, reason: 'Unauthorized' };
+    }
+    let mine = byUser.get(viewer.userId);
+    if (!mine) {
+      mine = new Set();
+      byUser.set(viewer.userId, mine);
+    }
+    if (mine.size >= limits.socketsPerUser) {
+      return { code: CloseCode.TooManyConnections, reason: 'Too many sockets for this user' };
+    }
+    mine.add(extra.socket);
+    viewerOf.set(extra.socket, viewer);
+    expireAt(extra.socket, exp);
+    presenceConn.set(extra.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
+    extra.viewer = viewer;
+    return true;
+  }
+
   const gqlws: ServerOptions<Record<string, unknown>, Extra> = {
     connectionInitWaitTimeout: 10_000,
     async onConnect(ctx) {
       const raw = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
-      const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
-      let viewer: Viewer;
-      let exp: number | undefined;
-      try {
-        if (!m) throw new BanterError('UNAUTHENTICATED');
-        viewer = await authenticate(o.deps, m[1]);
-        exp = decodeJwt(m[1]).exp;
-      } catch (err) {
-        const revoked = err instanceof BanterError && /revoked/.test(err.message);
-        close(
-          ctx.extra.socket,
-          revoked ? CloseCode.Forbidden : CloseCode.Unauthorized,
-          revoked ? 'Forbidden' : 'Unauthorized',
-        );
-        return false;
-      }
-      let mine = byUser.get(viewer.userId);
-      if (!mine) {
-        mine = new Set();
-        byUser.set(viewer.userId, mine);
-      }
-      if (mine.size >= limits.socketsPerUser) {
-        close(ctx.extra.socket, CloseCode.TooManyConnections, 'Too many sockets for this user');
-        return false;
-      }
-      mine.add(ctx.extra.socket);
-      viewerOf.set(ctx.extra.socket, viewer);
-      expireAt(ctx.extra.socket, exp);
-      presenceConn.set(ctx.extra.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
-      ctx.extra.viewer = viewer;
-      return true;
+      // No credentials at all: an anonymous socket (GraphiQL opens one with an empty payload); it
+      // may authenticate with its first subscribe (extensions.headers.authorization). A token
+      // that is present but bad still closes the socket (4401/4403).
+      if (raw === undefined) return true;
+      const outcome = await bindViewer(ctx.extra, raw);
+      if (outcome === true) return true;
+      close(ctx.extra.socket, outcome.code, outcome.reason);
+      return false;
     },
     async onSubscribe(ctx, _id, payload) {
-      if (!ctx.extra.viewer)
-        return [new GraphQLError('Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } })];
+      if (!ctx.extra.viewer) {
+        const ext = payload.extensions as { headers?: Record<string, unknown> } | undefined;
+        const raw = ext?.headers?.authorization ?? ext?.headers?.Authorization;
+        const outcome = raw === undefined ? undefined : await bindViewer(ctx.extra, raw);
+        if (outcome !== true)
+          return [
+            new GraphQLError(outcome?.reason ?? 'Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } }),
+          ];
+      }
       if (Object.keys(ctx.subscriptions).length > limits.subscriptionsPerSocket) {
         return [
           new GraphQLError(`At most ${limits.subscriptionsPerSocket} operations per socket.`, {
@@ -151,7 +166,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       if (errors.length) return errors.map(maskError);
       const contextValue: Context = {
         deps: o.deps,
-        viewer: ctx.extra.viewer,
+        viewer: ctx.extra.viewer ?? null,
         requestId: randomUUID(),
         ip: ipOf(ctx.extra.request),
       };
