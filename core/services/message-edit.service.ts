@@ -3,7 +3,7 @@
  * deletes. A delete is soft (the row keeps its id for replies and reports) but wipes everything
  * the author wrote, including edit history, and the message is NOT_FOUND from then on.
  */
-import { and, eq, isNull, sql } from 'drizzle-orm';
+import { and, eq, isNull } from 'drizzle-orm';
 import { messageEdits, messageMentions, messages } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { forbidden, notFound } from '../errors.ts';
@@ -12,7 +12,7 @@ import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
 import { writeAudit } from './audit.service.ts';
 import { lookupMentions } from './mentions.ts';
-import { type MessageRow, validateContent } from './message.service.ts';
+import { type MessageRow, validateContent, wipeMessages } from './message.service.ts';
 import { loadVisibleMessage } from './message-history.service.ts';
 
 export interface EditMessageInput {
@@ -69,22 +69,8 @@ export async function deleteMessage(deps: Deps, viewer: Viewer, id: string): Pro
   }
   const now = deps.now();
   await transact(deps, async (tx, log) => {
-    const gone = await tx
-      .update(messages)
-      .set({
-        deletedAt: now,
-        content: '',
-        // Freed so a later send may reuse it, and so a retry cannot resurrect a deleted message.
-        nonce: null,
-        embeds: sql`'[]'::jsonb`,
-        mentionEveryone: false,
-        mentionRoleIds: [],
-      })
-      .where(and(eq(messages.id, row.id), isNull(messages.deletedAt)))
-      .returning({ id: messages.id });
+    const gone = await wipeMessages(tx, eq(messages.id, row.id), now);
     if (!gone.length) throw notFound('Message');
-    await tx.delete(messageMentions).where(eq(messageMentions.messageId, row.id));
-    await tx.delete(messageEdits).where(eq(messageEdits.messageId, row.id));
     if (!own && row.guildId) {
       await writeAudit(tx, {
         guildId: row.guildId,

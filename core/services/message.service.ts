@@ -3,7 +3,9 @@
  * (message-send.service.ts), editing and deleting (message-edit.service.ts), history and batch
  * loads (message-history.service.ts), mention parsing and resolving (mentions.ts).
  */
-import type { messages } from '../db/tables.ts';
+import { and, inArray, isNull, type SQL, sql } from 'drizzle-orm';
+import type { Tx } from '../db/client.ts';
+import { messageEdits, messageMentions, messages } from '../db/tables.ts';
 import { badInput } from '../errors.ts';
 
 export type MessageRow = typeof messages.$inferSelect;
@@ -26,4 +28,35 @@ export function validateContent(raw: string, allowEmpty = false): string {
   if (content.length > MAX_CONTENT)
     throw badInput(`Message content must be at most ${MAX_CONTENT} characters.`, 'content');
   return content;
+}
+
+/**
+ * Soft-deletes the messages `where` selects, the one way Banter deletes a message (by its author,
+ * a moderator, or a ban's purge): content, nonce, embeds and mention flags wiped, mention rows and
+ * edit history removed, deleted_at set. Rows already deleted are skipped. Returns what it deleted.
+ */
+export async function wipeMessages(
+  tx: Tx,
+  where: SQL | undefined,
+  now: Date,
+): Promise<{ id: string; channelId: string }[]> {
+  const deleted = await tx
+    .update(messages)
+    .set({
+      deletedAt: now,
+      content: '',
+      // Freed so a later send may reuse it, and so a retry cannot resurrect a deleted message.
+      nonce: null,
+      embeds: sql`'[]'::jsonb`,
+      mentionEveryone: false,
+      mentionRoleIds: [],
+    })
+    .where(and(where, isNull(messages.deletedAt)))
+    .returning({ id: messages.id, channelId: messages.channelId });
+  const ids = deleted.map((m) => m.id);
+  if (ids.length) {
+    await tx.delete(messageMentions).where(inArray(messageMentions.messageId, ids));
+    await tx.delete(messageEdits).where(inArray(messageEdits.messageId, ids));
+  }
+  return deleted;
 }

@@ -3,18 +3,9 @@
  * hierarchy inside its transaction (so a concurrent role change cannot slip between check and
  * write), writes an audit row and an event in that same transaction.
  */
-import { and, desc, eq, gte, inArray, isNull, lt, sql } from 'drizzle-orm';
+import { and, desc, eq, gte, lt, sql } from 'drizzle-orm';
 import type { DbOrTx, Tx } from '../db/client.ts';
-import {
-  auditLog,
-  bans,
-  memberRoles,
-  members,
-  messageEdits,
-  messageMentions,
-  messages,
-  users,
-} from '../db/tables.ts';
+import { auditLog, bans, memberRoles, members, messages, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { type EventWriter, transact } from '../events.ts';
@@ -22,6 +13,7 @@ import { idAtTime } from '../ids.ts';
 import { has, highestPosition, Permission } from '../permissions.ts';
 import { type GuildAccess, loadGuildAccess, requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
+import { wipeMessages } from './message.service.ts';
 
 export const MAX_REASON = 512;
 /** Discord's limits: a purge reaches back at most 7 days, a timeout lasts at most 28 days. */
@@ -117,31 +109,11 @@ async function purgeMessages(
 ): Promise<number> {
   if (hours === 0) return 0;
   const since = idAtTime(now.getTime() - hours * 3600 * 1000);
-  const deleted = await tx
-    .update(messages)
-    // The same wipe deleteMessage does (message-edit.service.ts): nothing of the content survives.
-    .set({
-      deletedAt: now,
-      content: '',
-      nonce: null,
-      embeds: sql`'[]'::jsonb`,
-      mentionEveryone: false,
-      mentionRoleIds: [],
-    })
-    .where(
-      and(
-        eq(messages.guildId, guildId),
-        eq(messages.authorId, userId),
-        gte(messages.id, since),
-        isNull(messages.deletedAt),
-      ),
-    )
-    .returning({ id: messages.id, channelId: messages.channelId });
-  const ids = deleted.map((m) => m.id);
-  if (ids.length) {
-    await tx.delete(messageMentions).where(inArray(messageMentions.messageId, ids));
-    await tx.delete(messageEdits).where(inArray(messageEdits.messageId, ids));
-  }
+  const deleted = await wipeMessages(
+    tx,
+    and(eq(messages.guildId, guildId), eq(messages.authorId, userId), gte(messages.id, since)),
+    now,
+  );
   for (const m of deleted) {
     await log.append({
       type: 'MESSAGE_DELETED',
