@@ -2,6 +2,7 @@ import type { Tx } from './db/client.ts';
 import { events } from './db/tables.ts';
 import type { Deps } from './deps.ts';
 import type { LoggedEventRef } from './ports/bus.ts';
+import { observeEvents } from './services/access-cache.ts';
 
 /** Every durable event type written to the event log. */
 export type EventType =
@@ -84,6 +85,8 @@ export async function transact<T>(deps: Deps, fn: (tx: Tx, log: EventWriter) => 
  */
 export async function announce(deps: Deps, refs: LoggedEventRef[]): Promise<void> {
   if (!refs.length) return;
+  // Before anything else can run: a request this process serves after the commit sees the change.
+  observeEvents(deps.database, refs);
   try {
     await deps.bus.announce(refs);
   } catch (err) {

@@ -8,9 +8,10 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
-import type { Db } from '../db/client.ts';
+import { type Db, databaseOf } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, SignalTopics } from '../ports/bus.ts';
+import { observeEvents } from '../services/access-cache.ts';
 import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
 import {
   assertNotExpired,
@@ -64,6 +65,7 @@ const REPLAY_PAGE = 500;
 
 export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   const pollMs = opts.pollMs ?? 500;
+  const database = databaseOf(deps.db);
   let obs = opts.observer ?? {};
   let maxPending = opts.maxPending ?? MAX_PENDING;
   const subs = new Set<Subscription>();
@@ -94,6 +96,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         for (;;) {
           const batch = (await readAfter(deps.db, pos!, BATCH)) as Delivered[];
           if (!batch.length || stopped) break;
+          // Other instances' access changes reach this process's access cache here.
+          observeEvents(database, batch);
           await markGone(deps.db, batch);
           for (const r of batch) r.cursor = encodeCursor(r);
           // Position and dispatch move together, synchronously: a subscriber registering at any

@@ -16,6 +16,7 @@ import {
   type OverwriteInfo,
   type RoleInfo,
 } from '../permissions.ts';
+import { accessCacheOf } from './access-cache.ts';
 
 export interface ChannelRow {
   id: string;
@@ -127,27 +128,31 @@ function bindForRaw(text: string, params: string[]): string {
   });
 }
 
-/**
- * The viewer's access to a channel, or null when it does not exist. Overwrites come from the
- * channel, its parent and its grandparent (thread → text channel → category), outermost first.
- */
-export async function loadChannelAccess(
+type ChannelAccessRow = MemberCols & {
+  c: Record<string, unknown>;
+  ow: { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string }[];
+  chain: string[];
+  rcp: string[] | null;
+};
+
+/** The clock-independent part of a channel access, as the cache keeps it. */
+interface ChannelAccessInputs {
+  channel: ChannelRow;
+  recipientIds: string[];
+  member: MemberCols;
+  levels: OverwriteInfo[][];
+}
+
+async function fetchChannelAccessInputs(
   db: DbOrTx,
   userId: string,
   channelId: string,
-  now = new Date(),
-): Promise<ChannelAccess | null> {
-  type Row = MemberCols & {
-    c: Record<string, unknown>;
-    ow: { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string }[];
-    chain: string[];
-    rcp: string[] | null;
-  };
+): Promise<ChannelAccessInputs | null> {
   const params = [channelId, userId];
   const root = databaseOf(db);
   const r = root
-    ? (await root.prepared<Row>('banter_channel_access', CHANNEL_ACCESS_SQL, params))[0]
-    : rows<Row>(await db.execute(sql.raw(bindForRaw(CHANNEL_ACCESS_SQL, params))))[0];
+    ? (await root.prepared<ChannelAccessRow>('banter_channel_access', CHANNEL_ACCESS_SQL, params))[0]
+    : rows<ChannelAccessRow>(await db.execute(sql.raw(bindForRaw(CHANNEL_ACCESS_SQL, params))))[0];
   if (!r) return null;
   const c = r.c;
   const channel: ChannelRow = {
@@ -164,24 +169,61 @@ export async function loadChannelAccess(
     ownerId: (c.owner_id as string) ?? null,
     createdAt: new Date(c.created_at as string),
   };
-  const recipientIds = r.rcp ?? [];
-  if (!channel.guildId) {
-    const permissions = recipientIds.includes(userId) ? DM_PERMISSIONS : 0n;
-    return { channel, guild: null, permissions, recipientIds };
-  }
-  const input = guildInput(userId, r, now);
   const levels: OverwriteInfo[][] = r.chain.map((id) =>
     r.ow
       .filter((o) => o.c === id)
       .map((o) => ({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) })),
   );
+  return { channel, recipientIds: r.rcp ?? [], member: r, levels };
+}
+
+function channelAccessFrom(userId: string, x: ChannelAccessInputs, now: Date): ChannelAccess {
+  // Fresh objects every time: cached inputs are shared between requests.
+  const channel = { ...x.channel };
+  const recipientIds = [...x.recipientIds];
+  if (!channel.guildId) {
+    const permissions = recipientIds.includes(userId) ? DM_PERMISSIONS : 0n;
+    return { channel, guild: null, permissions, recipientIds };
+  }
+  const input = guildInput(userId, x.member, now);
   const guild: GuildAccess = {
     guildId: channel.guildId,
     ownerId: input.ownerId,
     input,
     permissions: computeGuildPermissions(input),
   };
-  return { channel, guild, permissions: computeChannelPermissions(input, levels), recipientIds };
+  return { channel, guild, permissions: computeChannelPermissions(input, x.levels), recipientIds };
+}
+
+export interface AccessReadOptions {
+  /**
+   * Accept inputs up to ACCESS_CACHE_MS old (core/services/access-cache.ts): for hot paths that
+   * only check, outside a transaction. Changes committed by this process are always seen.
+   */
+  cached?: boolean;
+}
+
+/**
+ * The viewer's access to a channel, or null when it does not exist. Overwrites come from the
+ * channel, its parent and its grandparent (thread → text channel → category), outermost first.
+ */
+export async function loadChannelAccess(
+  db: DbOrTx,
+  userId: string,
+  channelId: string,
+  now = new Date(),
+  opts: AccessReadOptions = {},
+): Promise<ChannelAccess | null> {
+  const root = opts.cached ? databaseOf(db) : undefined;
+  const x = root
+    ? await accessCacheOf<ChannelAccessInputs>(root).get(
+        `${userId}:${channelId}`,
+        () => fetchChannelAccessInputs(db, userId, channelId),
+        // DMs are left out: their access rules live partly outside this statement (blocks).
+        (v) => v.channel.guildId !== null,
+      )
+    : await fetchChannelAccessInputs(db, userId, channelId);
+  return x ? channelAccessFrom(userId, x, now) : null;
 }
 
 /**
@@ -194,8 +236,9 @@ export async function requireChannel(
   channelId: string,
   need = 0n,
   now = new Date(),
+  opts: AccessReadOptions = {},
 ): Promise<ChannelAccess> {
-  const a = await loadChannelAccess(db, userId, channelId, now);
+  const a = await loadChannelAccess(db, userId, channelId, now, opts);
   if (!a || a.permissions === 0n) throw notFound('Channel');
   if (need && !has(a.permissions, need)) throw forbidden();
   return a;

@@ -64,7 +64,9 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
   if (!content && !forwarding) throw badInput('Message content cannot be empty.', 'content');
 
   const now = deps.now();
-  const access = await requireChannel(deps.db, viewer.userId, input.channelId, 0n, now);
+  // Cached inputs (at most ACCESS_CACHE_MS old, never older than this process's own changes): the
+  // check is the send's only read, and a send is not a change anyone else depends on in order.
+  const access = await requireChannel(deps.db, viewer.userId, input.channelId, 0n, now, { cached: true });
   const channel = access.channel;
   if (!MESSAGE_CHANNEL_TYPES.includes(channel.type))
     throw badInput(`Messages cannot be sent in a ${channel.type} channel.`, 'channelId');
