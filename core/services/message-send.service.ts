@@ -24,6 +24,7 @@ import {
   NONCE_WINDOW_MS,
   validateContent,
 } from './message.service.ts';
+import { insertGrouped } from './message-batch.ts';
 
 export interface SendMessageInput {
   channelId: string;
@@ -162,51 +163,29 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
 }
 
 /**
- * One prepared statement: data-modifying CTEs insert the message, its mentions and its
- * MESSAGE_CREATED event together (a single statement is its own transaction), so a send costs
- * two round trips in all: the permission check and this.
+ * One statement (shared with concurrent sends, core/services/message-batch.ts): data-modifying
+ * CTEs insert the message, its mentions and its MESSAGE_CREATED event together (a single
+ * statement is its own transaction), so a send costs at most two round trips in all.
  */
-const SEND_SQL = `
-  with m as (
-    insert into messages (id, channel_id, guild_id, author_id, content, created_at, reply_to_id,
-      forwarded_from_id, nonce, mention_everyone, mention_role_ids)
-    values ($1::uuid, $2::uuid, $3::uuid, $4::uuid, $5, $6, $7::uuid, $8::uuid, $9, $10, $11::uuid[])
-    on conflict do nothing
-    returning *
-  ), mm as (
-    insert into message_mentions (message_id, user_id, channel_id)
-    select m.id, u, m.channel_id from m, unnest($12::uuid[]) as u
-  ), e as (
-    insert into events (type, guild_id, channel_id, payload)
-    select 'MESSAGE_CREATED', m.guild_id, m.channel_id, json_build_object('messageId', m.id) from m
-    returning seq
-  )
-  select row_to_json(m.*) as m, (select seq from e) as seq from m`;
-
 async function insertAtomically(
   deps: Deps,
   v: typeof messages.$inferInsert,
   mentionUserIds: string[],
 ): Promise<MessageRow | undefined> {
-  const rows = await deps.database.prepared<{ m: Record<string, unknown>; seq: string | number }>(
-    'banter_send_message',
-    SEND_SQL,
-    [
-      v.id,
-      v.channelId,
-      v.guildId ?? null,
-      v.authorId,
-      v.content,
-      v.createdAt,
-      v.replyToId ?? null,
-      v.forwardedFromId ?? null,
-      v.nonce ?? null,
-      v.mentionEveryone ?? false,
-      v.mentionRoleIds ?? [],
-      mentionUserIds,
-    ],
-  );
-  const r = rows[0];
+  const r = await insertGrouped(deps.database, {
+    id: v.id,
+    channelId: v.channelId,
+    guildId: v.guildId ?? null,
+    authorId: v.authorId,
+    content: v.content,
+    createdAt: v.createdAt ?? deps.now(),
+    replyToId: v.replyToId ?? null,
+    forwardedFromId: v.forwardedFromId ?? null,
+    nonce: v.nonce ?? null,
+    mentionEveryone: v.mentionEveryone ?? false,
+    mentionRoleIds: v.mentionRoleIds ?? [],
+    mentionUserIds,
+  });
   if (!r) return undefined;
   const row = messageFromJson(r.m);
   await announce(deps, [

@@ -1,0 +1,151 @@
+/**
+ * Group insert for the common send: concurrent sends of one process share one statement (one
+ * round trip, one commit) instead of one each. A send that finds fewer than MAX_IN_FLIGHT
+ * statements running goes out at once, alone; otherwise it waits for the next statement, which
+ * carries everything queued meanwhile. Each message's row, mentions and MESSAGE_CREATED event
+ * are still written by the same statement, so all or none of them exist.
+ *
+ * If a group statement fails, its sends are retried one per statement, so one bad row (a channel
+ * deleted meanwhile) fails only its own request.
+ */
+import type { Database } from '../db/client.ts';
+
+export interface BatchRow {
+  id: string;
+  channelId: string;
+  guildId: string | null;
+  authorId: string;
+  content: string;
+  createdAt: Date;
+  replyToId: string | null;
+  forwardedFromId: string | null;
+  nonce: string | null;
+  mentionEveryone: boolean;
+  mentionRoleIds: string[];
+  mentionUserIds: string[];
+}
+
+/** What the statement gives back for an inserted row; none when the nonce index conflicted. */
+export interface BatchResult {
+  m: Record<string, unknown>;
+  seq: string | number;
+}
+
+const MAX_IN_FLIGHT = 2;
+const MAX_BATCH = 64;
+
+const GROUP_SQL = `
+  with v as (
+    select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::timestamptz[],
+      $7::uuid[], $8::uuid[], $9::text[], $10::boolean[], $11::text[])
+      as v(id, channel_id, guild_id, author_id, content, created_at, reply_to_id, forwarded_from_id,
+        nonce, mention_everyone, mention_role_ids)
+  ), m as (
+    insert into messages (id, channel_id, guild_id, author_id, content, created_at, reply_to_id,
+      forwarded_from_id, nonce, mention_everyone, mention_role_ids)
+    select id, channel_id, guild_id, author_id, content, created_at, reply_to_id, forwarded_from_id,
+      nonce, mention_everyone, mention_role_ids::uuid[]
+    from v order by id
+    on conflict do nothing
+    returning *
+  ), mm as (
+    insert into message_mentions (message_id, user_id, channel_id)
+    select m.id, x.u, m.channel_id from m join unnest($12::uuid[], $13::uuid[]) as x(mid, u) on x.mid = m.id
+  ), e as (
+    insert into events (type, guild_id, channel_id, payload)
+    select 'MESSAGE_CREATED', m.guild_id, m.channel_id, json_build_object('messageId', m.id)
+    from m order by m.id
+    returning seq, payload->>'messageId' as mid
+  )
+  select row_to_json(m.*) as m, e.seq from m join e on e.mid = m.id::text`;
+
+interface Waiting {
+  row: BatchRow;
+  resolve(r: BatchResult | undefined): void;
+  reject(err: unknown): void;
+}
+
+class Batcher {
+  private queue: Waiting[] = [];
+  private inFlight = 0;
+
+  constructor(private database: Database) {}
+
+  insert(row: BatchRow): Promise<BatchResult | undefined> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ row, resolve, reject });
+      if (this.inFlight < MAX_IN_FLIGHT) this.flush();
+    });
+  }
+
+  private flush() {
+    const group = this.queue.splice(0, MAX_BATCH);
+    if (!group.length) return;
+    this.inFlight++;
+    this.run(group).finally(() => {
+      this.inFlight--;
+      if (this.queue.length) this.flush();
+    });
+  }
+
+  private async run(group: Waiting[]) {
+    try {
+      const results = await this.statement(group.map((w) => w.row));
+      for (const w of group) w.resolve(results.get(w.row.id));
+    } catch (err) {
+      if (group.length === 1) {
+        group[0].reject(err);
+        return;
+      }
+      await Promise.all(
+        group.map(async (w) => {
+          try {
+            w.resolve((await this.statement([w.row])).get(w.row.id));
+          } catch (e) {
+            w.reject(e);
+          }
+        }),
+      );
+    }
+  }
+
+  private async statement(rows: BatchRow[]): Promise<Map<string, BatchResult>> {
+    const mentionMessage: string[] = [];
+    const mentionUser: string[] = [];
+    for (const r of rows) {
+      for (const u of r.mentionUserIds) {
+        mentionMessage.push(r.id);
+        mentionUser.push(u);
+      }
+    }
+    const out = await this.database.prepared<BatchResult>('banter_send_messages', GROUP_SQL, [
+      rows.map((r) => r.id),
+      rows.map((r) => r.channelId),
+      rows.map((r) => r.guildId),
+      rows.map((r) => r.authorId),
+      rows.map((r) => r.content),
+      rows.map((r) => r.createdAt),
+      rows.map((r) => r.replyToId),
+      rows.map((r) => r.forwardedFromId),
+      rows.map((r) => r.nonce),
+      rows.map((r) => r.mentionEveryone),
+      // One array literal per row: unnest would flatten a two-dimensional array.
+      rows.map((r) => `{${r.mentionRoleIds.join(',')}}`),
+      mentionMessage,
+      mentionUser,
+    ]);
+    return new Map(out.map((r) => [r.m.id as string, r]));
+  }
+}
+
+const batchers = new WeakMap<Database, Batcher>();
+
+/** Inserts the message, its mentions and its event, grouped with concurrent sends. */
+export function insertGrouped(database: Database, row: BatchRow): Promise<BatchResult | undefined> {
+  let b = batchers.get(database);
+  if (!b) {
+    b = new Batcher(database);
+    batchers.set(database, b);
+  }
+  return b.insert(row);
+}
