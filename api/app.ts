@@ -139,58 +139,59 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
 
   // Yoga's own body limit pipes every body through a TransformStream (a stream pipeline and an
   // aborted AbortController per request: ~5% of a send's CPU). A declared Content-Length is
-  // enforced by Node's HTTP parser (handle() caps it and refuses chunked bodies), so only bodies
-  // without one (in-process fetch of a stream) are read here and measured.
+  // enforced by Node's HTTP parser (handle() caps it and refuses chunked bodies without one).
   const bodyLimit: Plugin = {
-    onRequestParse({ request, requestParser, setRequestParser }) {
+    onRequestParse({ request }) {
       const declared = request.headers.get('content-length');
       if (declared !== null) {
         if (!/^\d+$/.test(declared)) throw httpError(400, 'Content-Length header is invalid.');
         if (Number(declared) > config.maxBodyBytes) throw bodyTooLarge();
-        return;
       }
-      if (!requestParser || request.body === null) return;
-      const parse = requestParser;
-      setRequestParser(async (req) => {
-        const body = await req.arrayBuffer();
-        if (body.byteLength > config.maxBodyBytes) throw bodyTooLarge();
-        return parse(new Request(req.url, { method: req.method, headers: req.headers, body }));
-      });
     },
   };
 
-  const yoga = createYoga<{ req?: IncomingMessage; ip?: string }, Context>({
-    schema: buildSchema(),
-    graphqlEndpoint: '/graphql',
-    landingPage: false,
-    graphiql: config.graphiql ? { title: 'Banter GraphiQL', subscriptionsProtocol: 'WS' } : false,
-    renderGraphiQL,
-    batching: false,
-    maxRequestBodySize: false,
-    logging: {
-      debug: (...a) => log.debug({ yoga: a }),
-      info: (...a) => log.info({ yoga: a }),
-      warn: (...a) => log.warn({ yoga: a }),
-      error: (...a) => log.error({ yoga: a }),
-    },
-    maskedErrors: { maskError: createMaskError(log, metrics) },
-    plugins: [bodyLimit, ...armorPlugins({ production: config.nodeEnv === 'production' }), observe],
-    context: async ({ request, req, ip }): Promise<Context> => {
-      const store = requestStore.getStore();
-      const header = request.headers.get('authorization');
-      let viewer: Context['viewer'] = null;
-      if (header) {
-        const m = /^Bearer\s+(\S+)$/i.exec(header);
-        viewer = await authenticate(deps, m ? m[1] : '');
-      }
-      return {
-        deps,
-        viewer,
-        requestId: store?.requestId ?? randomUUID(),
-        ip: ip ?? req?.socket.remoteAddress ?? 'unknown',
-      };
-    },
-  });
+  const schema = buildSchema();
+  // The HTTP server's yoga checks the declared length (bodyLimit); app.fetch's keeps yoga's own
+  // streaming limit, as its callers' bodies declare none.
+  const makeYoga = (http: boolean) =>
+    createYoga<{ req?: IncomingMessage; ip?: string }, Context>({
+      schema,
+      graphqlEndpoint: '/graphql',
+      landingPage: false,
+      graphiql: config.graphiql ? { title: 'Banter GraphiQL', subscriptionsProtocol: 'WS' } : false,
+      renderGraphiQL,
+      batching: false,
+      maxRequestBodySize: http ? false : undefined,
+      logging: {
+        debug: (...a) => log.debug({ yoga: a }),
+        info: (...a) => log.info({ yoga: a }),
+        warn: (...a) => log.warn({ yoga: a }),
+        error: (...a) => log.error({ yoga: a }),
+      },
+      maskedErrors: { maskError: createMaskError(log, metrics) },
+      plugins: [
+        ...(http ? [bodyLimit] : []),
+        ...armorPlugins({ production: config.nodeEnv === 'production' }),
+        observe,
+      ],
+      context: async ({ request, req, ip }): Promise<Context> => {
+        const store = requestStore.getStore();
+        const header = request.headers.get('authorization');
+        let viewer: Context['viewer'] = null;
+        if (header) {
+          const m = /^Bearer\s+(\S+)$/i.exec(header);
+          viewer = await authenticate(deps, m ? m[1] : '');
+        }
+        return {
+          deps,
+          viewer,
+          requestId: store?.requestId ?? randomUUID(),
+          ip: ip ?? req?.socket.remoteAddress ?? 'unknown',
+        };
+      },
+    });
+  const yoga = makeYoga(true);
+  const inProcess = makeYoga(false);
 
   let inFlight = 0;
   let drained: (() => void) | undefined;
@@ -298,7 +299,11 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     fetch: (input, init, serverContext) =>
       requestStore.run({ requestId: randomUUID() }, async () => {
         const store = requestStore.getStore()!;
-        const res = await yoga.fetch(new URL(input, 'http://localhost'), init ?? {}, serverContext ?? {});
+        const res = await inProcess.fetch(
+          new URL(input, 'http://localhost'),
+          init ?? {},
+          serverContext ?? {},
+        );
         if (store.retryAfter) res.headers.set('retry-after', String(store.retryAfter));
         return res;
       }),

@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import type { App } from '../api/app.ts';
 import { memberRoles, members, permissionOverwrites, relationships, roles } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
+import { accessCacheOf } from '../core/services/access-cache.ts';
 import { encodeId } from '../schema/builder.ts';
 import { ok, signUp, type TestUser } from './helpers.ts';
 
@@ -29,8 +30,10 @@ export async function setupGuild(app: App): Promise<GuildFixture> {
   return { owner, guildId: d.createGuild.id, channelId: d.createGuild.channels[0].id };
 }
 
+/** Fixtures write around the event log, so nothing tells sendMessage's access cache: they drop it. */
 export async function addMember(app: App, guildId: string, user: TestUser): Promise<void> {
   await app.deps.db.insert(members).values({ guildId: uuidOf(guildId), userId: uuidOf(user.id) });
+  accessCacheOf(app.deps.database).clear();
 }
 
 /** A role (returns its uuid), optionally given to users. */
@@ -52,6 +55,7 @@ export async function addRole(
   for (const u of opts.users ?? []) {
     await app.deps.db.insert(memberRoles).values({ guildId: gid, userId: uuidOf(u.id), roleId: id });
   }
+  accessCacheOf(app.deps.database).clear();
   return id;
 }
 
@@ -69,6 +73,7 @@ export async function overwrite(
     allow,
     deny,
   });
+  accessCacheOf(app.deps.database).clear();
 }
 
 export async function block(app: App, blocker: TestUser, blocked: TestUser): Promise<void> {
