@@ -8,6 +8,11 @@ import { randomBytes } from 'node:crypto';
 let lastMs = 0;
 let counter = 0;
 
+/** Random bytes are drawn 4 KiB at a time: one syscall per 256 ids instead of one per id. */
+const POOL_SIZE = 4096;
+let pool = Buffer.alloc(0);
+let poolAt = 0;
+
 export function newId(): string {
   let ms = Date.now();
   if (ms <= lastMs) {
@@ -21,7 +26,13 @@ export function newId(): string {
     counter = 0;
   }
   lastMs = ms;
-  const b = randomBytes(16);
+  const b = Buffer.allocUnsafe(16);
+  if (poolAt + 16 > pool.length) {
+    pool = randomBytes(POOL_SIZE);
+    poolAt = 0;
+  }
+  pool.copy(b, 0, poolAt, poolAt + 16);
+  poolAt += 16;
   b.writeUIntBE(ms, 0, 6);
   b[6] = 0x70 | (counter >> 8);
   b[7] = counter & 0xff;
