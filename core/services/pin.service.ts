@@ -3,10 +3,11 @@
  * unpinned message is a no-op (no error, no event).
  */
 import { and, desc, eq, isNotNull, isNull, sql } from 'drizzle-orm';
+import type { Tx } from '../db/client.ts';
 import { channels, messages } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { conflict, notFound } from '../errors.ts';
-import { transact } from '../events.ts';
+import { type EventWriter, transact } from '../events.ts';
 import { has, Permission } from '../permissions.ts';
 import { requireChannel } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
@@ -44,22 +45,7 @@ export async function pinMessage(deps: Deps, viewer: Viewer, messageId: string):
       .set({ pinnedAt: sql`clock_timestamp()`, pinnedBy: viewer.userId })
       .where(eq(messages.id, m.id))
       .returning();
-    if (m.guildId) {
-      await writeAudit(tx, {
-        guildId: m.guildId,
-        actorId: viewer.userId,
-        action: 'MESSAGE_PIN',
-        targetType: 'MESSAGE',
-        targetId: m.id,
-        changes: { channelId: m.channelId },
-      });
-    }
-    await log.append({
-      type: 'MESSAGE_PINNED',
-      guildId: m.guildId,
-      channelId: m.channelId,
-      payload: { messageId: m.id, channelId: m.channelId, userId: viewer.userId },
-    });
+    await recordPinChange(tx, log, viewer, m, true);
     return pinned;
   });
 }
@@ -73,22 +59,7 @@ export async function unpinMessage(deps: Deps, viewer: Viewer, messageId: string
       .where(and(eq(messages.id, message.id), isNotNull(messages.pinnedAt), isNull(messages.deletedAt)))
       .returning();
     if (!unpinned) return message;
-    if (unpinned.guildId) {
-      await writeAudit(tx, {
-        guildId: unpinned.guildId,
-        actorId: viewer.userId,
-        action: 'MESSAGE_UNPIN',
-        targetType: 'MESSAGE',
-        targetId: unpinned.id,
-        changes: { channelId: unpinned.channelId },
-      });
-    }
-    await log.append({
-      type: 'MESSAGE_UNPINNED',
-      guildId: unpinned.guildId,
-      channelId: unpinned.channelId,
-      payload: { messageId: unpinned.id, channelId: unpinned.channelId, userId: viewer.userId },
-    });
+    await recordPinChange(tx, log, viewer, unpinned, false);
     return unpinned;
   });
 }
@@ -106,4 +77,30 @@ export async function pinnedMessages(deps: Deps, viewer: Viewer, channelId: stri
     .where(and(eq(messages.channelId, channelId), isNotNull(messages.pinnedAt), isNull(messages.deletedAt)))
     .orderBy(desc(messages.pinnedAt), desc(messages.id))
     .limit(MAX_PINS);
+}
+
+/** The audit row (guild channels only) and the event a pin or an unpin writes, in its transaction. */
+async function recordPinChange(
+  tx: Tx,
+  log: EventWriter,
+  viewer: Viewer,
+  m: Pick<MessageRow, 'id' | 'guildId' | 'channelId'>,
+  pinned: boolean,
+): Promise<void> {
+  if (m.guildId) {
+    await writeAudit(tx, {
+      guildId: m.guildId,
+      actorId: viewer.userId,
+      action: pinned ? 'MESSAGE_PIN' : 'MESSAGE_UNPIN',
+      targetType: 'MESSAGE',
+      targetId: m.id,
+      changes: { channelId: m.channelId },
+    });
+  }
+  await log.append({
+    type: pinned ? 'MESSAGE_PINNED' : 'MESSAGE_UNPINNED',
+    guildId: m.guildId,
+    channelId: m.channelId,
+    payload: { messageId: m.id, channelId: m.channelId, userId: viewer.userId },
+  });
 }
