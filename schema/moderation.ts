@@ -56,6 +56,11 @@ export function toConnection<T extends { id: string }>(rows: T[], first: number,
 
 const reasonArg = z.string().max(moderation.MAX_REASON);
 
+/** The (guild, user) every moderation mutation acts on, decoded from its global ids. */
+function memberTarget(a: { guildId: string; userId: string }) {
+  return { guildId: decodeId(a.guildId, 'Guild', 'guildId'), userId: decodeId(a.userId, 'User', 'userId') };
+}
+
 builder.mutationFields((t) => ({
   kickMember: t.boolean({
     args: {
@@ -67,8 +72,7 @@ builder.mutationFields((t) => ({
       const v = requireViewer(ctx);
       await limit(ctx, 'mutation');
       return moderation.kickMember(ctx.deps, v, {
-        guildId: decodeId(a.guildId, 'Guild', 'guildId'),
-        userId: decodeId(a.userId, 'User', 'userId'),
+        ...memberTarget(a),
         reason: a.reason,
       });
     },
@@ -86,8 +90,7 @@ builder.mutationFields((t) => ({
       const v = requireViewer(ctx);
       await limit(ctx, 'mutation');
       return moderation.banMember(ctx.deps, v, {
-        guildId: decodeId(a.guildId, 'Guild', 'guildId'),
-        userId: decodeId(a.userId, 'User', 'userId'),
+        ...memberTarget(a),
         reason: a.reason,
         deleteMessageHours: a.deleteMessageHours,
       });
@@ -103,8 +106,7 @@ builder.mutationFields((t) => ({
       const v = requireViewer(ctx);
       await limit(ctx, 'mutation');
       return moderation.unbanMember(ctx.deps, v, {
-        guildId: decodeId(a.guildId, 'Guild', 'guildId'),
-        userId: decodeId(a.userId, 'User', 'userId'),
+        ...memberTarget(a),
         reason: a.reason,
       });
     },
@@ -121,8 +123,7 @@ builder.mutationFields((t) => ({
       const v = requireViewer(ctx);
       await limit(ctx, 'mutation');
       return moderation.timeoutMember(ctx.deps, v, {
-        guildId: decodeId(a.guildId, 'Guild', 'guildId'),
-        userId: decodeId(a.userId, 'User', 'userId'),
+        ...memberTarget(a),
         until: a.until,
         reason: a.reason,
       });
