@@ -91,3 +91,41 @@ it('a change on another instance is honoured within a bounded time', {
     await new Promise((r) => setTimeout(r, 50));
   }
 });
+
+it('cached halves stay apart: per-user roles and per-channel overwrites never mix', async () => {
+  const { owner, member, guildId, channelId } = await setup(a);
+  const other = await signUp(a);
+  await invite(a, owner.token, guildId, other.token);
+  const quiet = await ok(
+    a,
+    'mutation($g: ID!) { createRole(input: { guildId: $g, name: "quiet" }) { id } }',
+    { g: guildId },
+    owner.token,
+  );
+  await ok(
+    a,
+    'mutation($g: ID!, $r: ID!, $u: ID!) { assignRole(guildId: $g, roleId: $r, userId: $u) }',
+    { g: guildId, r: quiet.createRole.id, u: member.id },
+    owner.token,
+  );
+  await ok(
+    a,
+    `mutation($c: ID!, $r: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $r,
+      allow: [], deny: [SEND_MESSAGES] }) { targetType } }`,
+    { c: channelId, r: quiet.createRole.id },
+    owner.token,
+  );
+  const open = await ok(
+    a,
+    'mutation($g: ID!) { createChannel(input: { guildId: $g, name: "open", type: TEXT }) { id } }',
+    { g: guildId },
+    owner.token,
+  );
+  // Twice each: the second round is served from the cache (no change happened in between).
+  for (let i = 0; i < 2; i++) {
+    await ok(a, SEND, { c: channelId, t: 'other user, same channel' }, other.token);
+    await fails(a, 'FORBIDDEN', SEND, { c: channelId, t: 'quiet here' }, member.token);
+    await ok(a, SEND, { c: open.createChannel.id, t: 'same user, other channel' }, member.token);
+    await ok(a, SEND, { c: channelId, t: 'other user again' }, other.token);
+  }
+});

@@ -162,6 +162,18 @@ describe('sendMessage', () => {
     assert.equal(await countMessages(slow), 4);
   });
 
+  it('slow mode holds for concurrent sends: one of them lands, the others wait', async () => {
+    const slow = await createChannel(app, g.owner, g.guildId, { slowmodeSeconds: 30 });
+    const results = await Promise.all(
+      Array.from({ length: 5 }, (_, i) =>
+        gql(app, SEND, { i: { channelId: slow, content: `burst ${i}` } }, { token: member.token }),
+      ),
+    );
+    const codes = results.map((r) => r.errors?.[0]?.extensions?.code ?? 'OK').sort();
+    assert.deepEqual(codes, ['OK', 'RATE_LIMITED', 'RATE_LIMITED', 'RATE_LIMITED', 'RATE_LIMITED']);
+    assert.equal(await countMessages(slow), 1);
+  });
+
   it('nonce: a retry returns the first message; concurrent retries make one; new after 10 minutes', async () => {
     const c = await createChannel(app, g.owner, g.guildId);
     const a = await send(app, member, c, 'once', { nonce: 'n-1' });

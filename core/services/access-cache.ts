@@ -38,18 +38,22 @@ export class AccessCache<T> {
   private entries = new Map<string, Entry<T>>();
   private generation = 0;
 
-  /** The cached value, or a loader result stored only if nothing was invalidated meanwhile. */
-  async get(key: string, load: () => Promise<T | null>, keep: (v: T) => boolean): Promise<T | null> {
-    const t = Date.now();
+  /** The value under `key` if it is younger than ACCESS_CACHE_MS. */
+  peek(key: string, t = Date.now()): T | undefined {
     const hit = this.entries.get(key);
-    if (hit && t - hit.at < ACCESS_CACHE_MS) return hit.value;
-    const gen = this.generation;
-    const value = await load();
-    if (value !== null && gen === this.generation && keep(value)) {
-      if (this.entries.size >= MAX_ENTRIES) this.entries.clear();
-      this.entries.set(key, { value, at: t });
-    }
-    return value;
+    return hit && t - hit.at < ACCESS_CACHE_MS ? hit.value : undefined;
+  }
+
+  /** Taken before a load; pass it to put() so that a load overtaken by an invalidation is dropped. */
+  mark(): number {
+    return this.generation;
+  }
+
+  /** Stores a value loaded at `at` (ms), unless something was invalidated since `mark`. */
+  put(key: string, value: T, mark: number, at: number): void {
+    if (mark !== this.generation) return;
+    if (this.entries.size >= MAX_ENTRIES) this.entries.clear();
+    this.entries.set(key, { value, at });
   }
 
   clear(): void {

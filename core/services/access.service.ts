@@ -3,7 +3,7 @@
  * X here". Resolvers and event delivery go through these; nothing else computes permissions.
  */
 import { sql } from 'drizzle-orm';
-import { type DbOrTx, databaseOf } from '../db/client.ts';
+import { type Database, type DbOrTx, databaseOf } from '../db/client.ts';
 import { forbidden, notFound } from '../errors.ts';
 import { isUuid } from '../ids.ts';
 import {
@@ -135,13 +135,16 @@ type ChannelAccessRow = MemberCols & {
   rcp: string[] | null;
 };
 
-/** The clock-independent part of a channel access, as the cache keeps it. */
+/** The clock-independent part of a channel access. */
 interface ChannelAccessInputs {
   channel: ChannelRow;
   recipientIds: string[];
   member: MemberCols;
   levels: OverwriteInfo[][];
 }
+
+/** The channel's half of the inputs, the same for every user: cached per channel. */
+type ChannelHalf = Omit<ChannelAccessInputs, 'member'>;
 
 async function fetchChannelAccessInputs(
   db: DbOrTx,
@@ -216,14 +219,44 @@ export async function loadChannelAccess(
 ): Promise<ChannelAccess | null> {
   const root = opts.cached ? databaseOf(db) : undefined;
   const x = root
-    ? await accessCacheOf<ChannelAccessInputs>(root).get(
-        `${userId}:${channelId}`,
-        () => fetchChannelAccessInputs(db, userId, channelId),
-        // DMs are left out: their access rules live partly outside this statement (blocks).
-        (v) => v.channel.guildId !== null,
-      )
+    ? await cachedInputs(root, db, userId, channelId)
     : await fetchChannelAccessInputs(db, userId, channelId);
   return x ? channelAccessFrom(userId, x, now) : null;
+}
+
+/**
+ * The inputs from the cache, kept in two halves: the channel's (row, overwrites) per channel and
+ * the member's (owner, timeout, roles) per guild and user, so a guild's N users in M channels
+ * cost about N + M loads per ACCESS_CACHE_MS rather than N × M. Each half is at most that old
+ * and younger than this process's last access-affecting change. A miss of either half runs the
+ * one statement and refills both. DMs are left out: their access rules live partly outside this
+ * statement (blocks).
+ */
+async function cachedInputs(
+  root: Database,
+  db: DbOrTx,
+  userId: string,
+  channelId: string,
+): Promise<ChannelAccessInputs | null> {
+  const cache = accessCacheOf<ChannelHalf | MemberCols>(root);
+  const t = Date.now();
+  const ch = cache.peek(`c:${channelId}`, t) as ChannelHalf | undefined;
+  if (ch) {
+    const member = cache.peek(`m:${ch.channel.guildId}:${userId}`, t) as MemberCols | undefined;
+    if (member) return { ...ch, member };
+  }
+  const mark = cache.mark();
+  const x = await fetchChannelAccessInputs(db, userId, channelId);
+  if (x && x.channel.guildId !== null) {
+    cache.put(
+      `c:${channelId}`,
+      { channel: x.channel, recipientIds: x.recipientIds, levels: x.levels },
+      mark,
+      t,
+    );
+    cache.put(`m:${x.channel.guildId}:${userId}`, x.member, mark, t);
+  }
+  return x;
 }
 
 /**

@@ -1,9 +1,11 @@
 /**
  * Group insert for the common send: concurrent sends of one process share one statement (one
- * round trip, one commit) instead of one each. A send that finds fewer than MAX_IN_FLIGHT
- * statements running goes out at once, alone; otherwise it waits for the next statement, which
- * carries everything queued meanwhile. Each message's row, mentions and MESSAGE_CREATED event
- * are still written by the same statement, so all or none of them exist.
+ * round trip, one commit) instead of one each. A send that finds no statement running goes out
+ * at once, alone; otherwise it waits for the running statement to finish, and the next statement
+ * carries everything queued meanwhile. Only if the running statement is slow (STALL_MS) does a
+ * second one start beside it, so one stalled statement does not stall every send. Each
+ * message's row, mentions and MESSAGE_CREATED event are still written by the same statement, so
+ * all or none of them exist.
  *
  * If a group statement fails, its sends are retried one per statement, so one bad row (a channel
  * deleted meanwhile) fails only its own request.
@@ -32,6 +34,12 @@ export interface BatchResult {
 }
 
 const MAX_IN_FLIGHT = 2;
+/**
+ * How long a queued send waits behind a running statement before a second statement starts.
+ * Waiting for the running one makes bigger groups (fewer statements and commits): measured ~10%
+ * more sends per second than always running two.
+ */
+const STALL_MS = 10;
 const MAX_BATCH = 64;
 
 const GROUP_SQL = `
@@ -68,17 +76,32 @@ interface Waiting {
 class Batcher {
   private queue: Waiting[] = [];
   private inFlight = 0;
+  private stallTimer: NodeJS.Timeout | undefined;
 
   constructor(private database: Database) {}
 
   insert(row: BatchRow): Promise<BatchResult | undefined> {
     return new Promise((resolve, reject) => {
       this.queue.push({ row, resolve, reject });
-      if (this.inFlight < MAX_IN_FLIGHT) this.flush();
+      if (this.inFlight === 0) this.flush();
+      else this.armStallTimer();
     });
   }
 
+  /** A second statement for the queue if it still waits STALL_MS from now. */
+  private armStallTimer() {
+    if (this.stallTimer || this.inFlight >= MAX_IN_FLIGHT || !this.queue.length) return;
+    this.stallTimer = setTimeout(() => {
+      this.stallTimer = undefined;
+      if (this.inFlight < MAX_IN_FLIGHT) this.flush();
+    }, STALL_MS);
+  }
+
   private flush() {
+    if (this.stallTimer) {
+      clearTimeout(this.stallTimer);
+      this.stallTimer = undefined;
+    }
     const group = this.queue.splice(0, MAX_BATCH);
     if (!group.length) return;
     this.inFlight++;
@@ -86,6 +109,8 @@ class Batcher {
       this.inFlight--;
       if (this.queue.length) this.flush();
     });
+    // More than one group queued: the rest waits for a statement to finish, or STALL_MS.
+    this.armStallTimer();
   }
 
   private async run(group: Waiting[]) {

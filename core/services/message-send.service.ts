@@ -96,12 +96,7 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
     if (!src || !has(src.permissions, Permission.VIEW_CHANNEL | Permission.READ_HISTORY))
       throw notFound('Forwarded message');
   }
-  if (slowmode && pre.last_own) {
-    // A retry of the message that started the wait is not a new message: let the nonce path answer it.
-    const wait = new Date(pre.last_own).getTime() + slowmode * 1000 - now.getTime();
-    if (wait > 0 && !pre.nonce_msg)
-      throw rateLimited(Math.ceil(wait / 1000), `Slow mode: wait ${Math.ceil(wait / 1000)} s.`);
-  }
+  if (slowmode) checkSlowMode(pre, slowmode, now);
   const mentions = content.includes('@') ? resolveMentions(parsed, access.permissions, pre) : NO_MENTIONS;
 
   const id = newId();
@@ -118,13 +113,16 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
     mentionEveryone: mentions.everyone,
     mentionRoleIds: mentions.roleIds,
   };
-  if (!attachmentIds.length) {
+  if (!attachmentIds.length && !slowmode) {
     // The common case: message, mentions and event in one statement. No row back means the nonce
     // index conflicted: the transactional path below tells a retry from a stale nonce.
     const row = await insertAtomically(deps, values, mentions.userIds);
     if (row) return row;
   }
   return transact(deps, async (tx, log) => {
+    // The preflight check above ran without a lock: two concurrent sends could both pass it.
+    // Under slow mode the author's sends to this channel take turns and check again.
+    if (slowmode) await slowModeTurn(tx, deps, viewer.userId, channel.id, slowmode, nonce, now);
     let row = await insert(tx, values);
     if (!row) {
       const dup = await nonceDuplicate(tx, viewer.userId, nonce, channel.id, now);
@@ -257,6 +255,52 @@ async function nonceDuplicate(
   return undefined;
 }
 
+/** The author's last message in the channel, and the message carrying this nonce if any. */
+function slowModeItems(deps: Deps, userId: string, channelId: string, nonce: string | null) {
+  const items = [
+    sql`(select created_at from messages where author_id = ${userId}::uuid
+      and channel_id = ${channelId}::uuid order by id desc limit 1) as last_own`,
+  ];
+  if (nonce !== null) {
+    const since = new Date(deps.now().getTime() - NONCE_WINDOW_MS);
+    items.push(sql`(select id from messages where author_id = ${userId}::uuid and nonce = ${nonce}
+      and channel_id = ${channelId}::uuid and created_at > ${since}) as nonce_msg`);
+  }
+  return items;
+}
+
+/** Throws RATE_LIMITED while the author's last message here is younger than `slowmode` seconds. */
+function checkSlowMode(pre: Preflight, slowmode: number, now: Date) {
+  if (!pre.last_own) return;
+  // A retry of the message that started the wait is not a new message: let the nonce path answer it.
+  const wait = new Date(pre.last_own).getTime() + slowmode * 1000 - now.getTime();
+  if (wait > 0 && !pre.nonce_msg)
+    throw rateLimited(Math.ceil(wait / 1000), `Slow mode: wait ${Math.ceil(wait / 1000)} s.`);
+}
+
+/**
+ * Inside the send's transaction: waits for the author's other sends to this channel (a
+ * transaction-scoped advisory lock on the pair), then checks slow mode again against what they
+ * committed.
+ */
+async function slowModeTurn(
+  tx: Tx,
+  deps: Deps,
+  userId: string,
+  channelId: string,
+  slowmode: number,
+  nonce: string | null,
+  now: Date,
+) {
+  await tx.execute(
+    sql`select pg_advisory_xact_lock(hashtextextended(${`slowmode:${channelId}:${userId}`}, 0))`,
+  );
+  const res = (await tx.execute(
+    sql`select ${sql.join(slowModeItems(deps, userId, channelId, nonce), sql`, `)}`,
+  )) as unknown as { rows: Preflight[] };
+  checkSlowMode(res.rows[0] ?? {}, slowmode, now);
+}
+
 /** One statement gathering everything the checks need; skipped when nothing needs looking up. */
 async function preflight(
   deps: Deps,
@@ -272,15 +316,7 @@ async function preflight(
     sql`(select json_build_object('c', channel_id, 'd', deleted_at is not null) from messages where id = ${id}::uuid)`;
   if (input.replyToId) items.push(sql`${ref(input.replyToId)} as reply`);
   if (input.forwardedFromId) items.push(sql`${ref(input.forwardedFromId)} as fwd`);
-  if (slowmode) {
-    items.push(sql`(select created_at from messages where author_id = ${userId}::uuid
-      and channel_id = ${access.channel.id}::uuid order by id desc limit 1) as last_own`);
-    if (nonce !== null) {
-      const since = new Date(deps.now().getTime() - NONCE_WINDOW_MS);
-      items.push(sql`(select id from messages where author_id = ${userId}::uuid and nonce = ${nonce}
-        and channel_id = ${access.channel.id}::uuid and created_at > ${since}) as nonce_msg`);
-    }
-  }
+  if (slowmode) items.push(...slowModeItems(deps, userId, access.channel.id, nonce));
   items.push(...mentionLookupSql(access, names));
   if (!items.length) return {};
   const res = (await deps.db.execute(sql`select ${sql.join(items, sql`, `)}`)) as unknown as {
