@@ -49,7 +49,7 @@ it('presence: online with a socket, invisible shown offline, offline after the l
   await cs.client.dispose();
 });
 
-it('presence respects blocks: a blocker is OFFLINE to the blocked user, who hears nothing of it', {
+it('presence respects blocks: a blocker turns OFFLINE to the blocked user, who hears nothing more of it until unblocked', {
   timeout: 30_000,
 }, async () => {
   const [a, blocked, friend] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
@@ -67,7 +67,8 @@ it('presence respects blocks: a blocker is OFFLINE to the blocked user, who hear
   const sa0 = subscribe(cb0.client, null, Q);
   await sv.until((e) => statuses(e, a.id).includes('ONLINE'), 5000, 'A online before the block');
   await ok(app, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: blocked.id }, a.token);
-  await new Promise((r) => setTimeout(r, 700));
+  await sv.until((e) => statuses(e, a.id).at(-1) === 'OFFLINE', 5000, 'A offline to the blocked user');
+  await new Promise((r) => setTimeout(r, 300));
   const heard = statuses(sv.events, a.id).length;
 
   await ok(app, `mutation { setPresence(status: DND) }`, {}, a.token);
@@ -80,6 +81,12 @@ it('presence respects blocks: a blocker is OFFLINE to the blocked user, who hear
   assert.equal((await ok(app, q, { id: a.id }, blocked.token)).user.presence.status, 'OFFLINE');
   // The blocker still sees the blocked user's presence (the block is one-way).
   assert.equal((await ok(app, q, { id: blocked.id }, a.token)).user.presence.status, 'ONLINE');
+
+  // Unblocked: the stream shows the status again, without waiting for it to change.
+  await ok(app, `mutation($u: ID!) { unblockUser(userId: $u) { kind } }`, { u: blocked.id }, a.token);
+  await sv.until((e) => statuses(e, a.id).at(-1) === 'DND', 5000, 'A shown again after the unblock');
+  assert.deepEqual(statuses(sv.events, a.id), ['ONLINE', 'OFFLINE', 'DND']);
+  assert.equal((await ok(app, q, { id: a.id }, blocked.token)).user.presence.status, 'DND');
   sa0.stop();
   await Promise.all([cb0.client.dispose(), cv.client.dispose(), cf.client.dispose()]);
 });

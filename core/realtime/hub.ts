@@ -104,6 +104,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           // moment sees either the old position and this batch, or the new one and not it.
           pos = batch[batch.length - 1];
           for (const s of subs) for (const r of batch) s.push(r);
+          for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
           if (batch.length < BATCH) break;
         }
       } while (again && !stopped);
@@ -132,18 +133,40 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
     } else if (topic === 'presence') {
       const p = payload as SignalTopics['presence'];
-      const row: Delivered = {
-        xid: '0',
-        seq: 0,
-        cursor: null,
-        type: 'PRESENCE_CHANGED',
-        guildId: null,
-        channelId: null,
-        userId: null,
-        payload: { userId: p.userId, status: p.status },
-      };
+      const row = presenceRow(p.userId, p.status);
       for (const s of subs) s.push(row);
     }
+  }
+
+  function presenceRow(userId: string, status: string, to?: string): Delivered {
+    return {
+      xid: '0',
+      seq: 0,
+      cursor: null,
+      type: 'PRESENCE_CHANGED',
+      guildId: null,
+      channelId: null,
+      userId: null,
+      payload: to ? { userId, status, to } : { userId, status },
+    };
+  }
+
+  /**
+   * A (un)block changes what its target may see of the actor's presence, and nothing else would
+   * tell the target's open streams: a block shows the actor OFFLINE to the target (as queries
+   * then answer), any other change shows the actor's status again where the target may see it.
+   */
+  async function presenceAfterBlockChange(r: Delivered) {
+    const actor = r.userId;
+    const target = r.payload.targetId;
+    if (!actor || typeof target !== 'string') return;
+    let row: Delivered;
+    if (r.payload.kind === 'BLOCKED') row = presenceRow(actor, 'OFFLINE', target);
+    else {
+      const shown = await presence.store.shown([actor]).catch(() => undefined);
+      row = presenceRow(actor, shown?.get(actor) ?? 'OFFLINE');
+    }
+    for (const s of subs) if (s.access.userId === target) s.push(row);
   }
 
   async function replay(sub: Subscription, viewerId: string, from: Position, to: Position) {

@@ -82,11 +82,16 @@ function wasMember(e: Visible, userId: string): boolean | undefined {
   return set.has(userId) || e.payload.actorId === userId;
 }
 
+/**
+ * One subscriber's view of who may see what. Its caches are made on first use: an idle
+ * subscribed socket holds none (thousands of them are what a busy instance mostly has).
+ */
 export class ViewerAccess {
-  private channels = new Map<string, { perms: bigint; guildId: string | null; at: number }>();
-  private guilds = new Map<string, { member: boolean; at: number }>();
+  private channels: Map<string, { perms: bigint; guildId: string | null; at: number }> | undefined;
+  private guilds: Map<string, { member: boolean; at: number }> | undefined;
   /** guilds this viewer was seen in: who hears of a deletion logged without member ids */
-  private everIn = new Set<string>();
+  private everIn: Set<string> | undefined;
+  private known: Map<string, { yes: boolean; at: number }> | undefined;
 
   constructor(
     private db: Db,
@@ -97,27 +102,37 @@ export class ViewerAccess {
   observe(e: Visible) {
     if (e.guildId && ACCESS_CHANGING.has(e.type)) this.forgetGuild(e.guildId);
     if (e.channelId && (e.type === 'DIRECT_CHANNEL_CREATED' || e.type === 'PERMISSIONS_CHANGED')) {
-      this.channels.delete(e.channelId);
+      this.channels?.delete(e.channelId);
     }
     // Someone (un)blocked this viewer: the row is theirs (never delivered here), but it changes
     // whether their presence may be shown.
     if (e.type === 'RELATIONSHIP_UPDATED' && e.userId && e.payload.targetId === this.userId) {
-      this.known.delete(e.userId);
+      this.known?.delete(e.userId);
     }
   }
 
+  private seenIn(guildId: string) {
+    this.everIn ??= new Set();
+    this.everIn.add(guildId);
+  }
+
   forgetGuild(guildId: string) {
-    this.guilds.delete(guildId);
-    for (const [id, c] of this.channels) if (c.guildId === guildId) this.channels.delete(id);
+    this.guilds?.delete(guildId);
+    if (this.channels)
+      for (const [id, c] of this.channels) if (c.guildId === guildId) this.channels.delete(id);
   }
 
   /** Sync when cached (the common case), a promise otherwise. */
   canSee(e: Visible, replay: boolean): boolean | Promise<boolean> {
     if (e.userId) return e.userId === this.userId;
-    if (e.type === 'PRESENCE_CHANGED') return this.knows(String(e.payload.userId));
+    if (e.type === 'PRESENCE_CHANGED') {
+      // addressed to one viewer (a blocker shown OFFLINE to whom it blocked)
+      if (typeof e.payload.to === 'string') return e.payload.to === this.userId;
+      return this.knows(String(e.payload.userId));
+    }
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED')
-      return wasMember(e, this.userId) ?? (!!e.guildId && this.everIn.has(e.guildId));
+      return wasMember(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
     if (e.channelId && !GUILD_LEVEL.has(e.type)) return this.channelOk(e.channelId, replay);
     if (e.guildId) return this.member(e.guildId);
     return false;
@@ -125,23 +140,22 @@ export class ViewerAccess {
 
   private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
     const need = replay ? Permission.VIEW_CHANNEL | Permission.READ_HISTORY : Permission.VIEW_CHANNEL;
-    const c = this.channels.get(channelId);
+    const c = this.channels?.get(channelId);
     if (c && Date.now() - c.at < CACHE_MS) return has(c.perms, need);
     return loadChannelAccess(this.db, this.userId, channelId).then((a) => {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
-      if (guildId && perms) this.everIn.add(guildId);
+      if (guildId && perms) this.seenIn(guildId);
+      this.channels ??= new Map();
       this.channels.set(channelId, { perms, guildId, at: Date.now() });
       return has(perms, need);
     });
   }
 
-  private known = new Map<string, { yes: boolean; at: number }>();
-
   /** Presence is shown to users who share a guild or a DM with its subject, unless it blocked them. */
   private knows(otherId: string): boolean | Promise<boolean> {
     if (otherId === this.userId) return true;
-    const k = this.known.get(otherId);
+    const k = this.known?.get(otherId);
     if (k && Date.now() - k.at < CACHE_MS) return k.yes;
     return this.db
       .execute(sql`select (exists (select 1 from members a join members b on b.guild_id = a.guild_id
@@ -152,6 +166,7 @@ export class ViewerAccess {
           and r.target_id = ${this.userId}::uuid and r.kind = 'BLOCKED') as yes`)
       .then((r) => {
         const yes = !!(r as unknown as { rows: { yes: boolean }[] }).rows[0]?.yes;
+        this.known ??= new Map();
         if (this.known.size > 10_000) this.known.clear();
         this.known.set(otherId, { yes, at: Date.now() });
         return yes;
@@ -159,11 +174,12 @@ export class ViewerAccess {
   }
 
   private member(guildId: string): boolean | Promise<boolean> {
-    const g = this.guilds.get(guildId);
+    const g = this.guilds?.get(guildId);
     if (g && Date.now() - g.at < CACHE_MS) return g.member;
     return loadGuildAccess(this.db, this.userId, guildId).then((a) => {
       const member = !!a?.input.isMember;
-      if (member) this.everIn.add(guildId);
+      if (member) this.seenIn(guildId);
+      this.guilds ??= new Map();
       this.guilds.set(guildId, { member, at: Date.now() });
       return member;
     });
