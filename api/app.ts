@@ -326,6 +326,12 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         registry: metrics.registry,
         mask: createMaskError(log, metrics),
         getEnveloped: yoga.getEnveloped as never,
+        limits: {
+          socketsPerUser: config.ws.socketsPerUser,
+          subscriptionsPerSocket: config.ws.operationsPerSocket,
+          connectionsPerIpPerMinute: config.ws.connectionsPerIpPerMinute,
+          connectionInitWaitMs: config.ws.initTimeoutMs,
+        },
       });
       await new Promise<void>((resolve, reject) => {
         server!.once('error', reject);

@@ -35,6 +35,13 @@ export interface Config {
   eventRetentionDays: number;
   /** Largest accepted request body in bytes. Default 1 MiB. */
   maxBodyBytes: number;
+  /** WebSocket limits: sockets per user (20), operations per socket (50), new sockets per IP per minute (120), ms to send connection_init (10 s). */
+  ws: {
+    socketsPerUser: number;
+    operationsPerSocket: number;
+    connectionsPerIpPerMinute: number;
+    initTimeoutMs: number;
+  };
   /** Set S3 endpoint etc. are read later by the storage port. */
   s3?: { endpoint: string; bucket: string; accessKeyId: string; secretAccessKey: string; region: string };
   typesense?: { url: string; apiKey: string };
@@ -133,6 +140,12 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
     motd: env.MOTD ?? '',
     eventRetentionDays: int(env, 'EVENT_RETENTION_DAYS', 7, 1, 3650),
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 1024 * 1024, 1024, 100 * 1024 * 1024),
+    ws: {
+      socketsPerUser: int(env, 'WS_MAX_SOCKETS_PER_USER', 20, 1, 100_000),
+      operationsPerSocket: int(env, 'WS_MAX_OPERATIONS_PER_SOCKET', 50, 1, 10_000),
+      connectionsPerIpPerMinute: int(env, 'WS_CONNECTIONS_PER_IP_PER_MINUTE', 120, 1, 10_000_000),
+      initTimeoutMs: int(env, 'WS_CONNECTION_INIT_TIMEOUT_MS', 10_000, 100, 600_000),
+    },
     s3: s3Endpoint
       ? {
           endpoint: s3Endpoint,

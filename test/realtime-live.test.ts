@@ -26,6 +26,10 @@ it('without after: only what commits after the subscription', async () => {
   await send(app, u.token, channelId, 'before');
   const c = connect(url, u.token);
   const s = subscribe(c.client);
+  // The protocol does not acknowledge a subscription: wait until the hub has it, then a moment
+  // for its snapshot (a loaded machine can take longer than a fixed pause).
+  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
+    await new Promise((r) => setTimeout(r, 20));
   await new Promise((r) => setTimeout(r, 300));
   await send(app, u.token, channelId, 'after');
   await s.until((e) => contents(e).includes('after'));

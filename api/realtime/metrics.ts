@@ -3,7 +3,12 @@ import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 /** Realtime metrics, on the app's registry. */
 export function createRealtimeMetrics(
   registry: Registry,
-  counts: { sockets(): number; subscriptions(): number },
+  counts: {
+    sockets(): number;
+    subscriptions(): number;
+    /** events sent so far, by whether the execution result was shared */
+    delivered(): { shared: number; own: number };
+  },
 ) {
   new Gauge({
     name: 'banter_ws_open_sockets',
@@ -21,11 +26,19 @@ export function createRealtimeMetrics(
       this.set(counts.subscriptions());
     },
   });
-  const delivered = new Counter({
+  const seen = { shared: 0, own: 0 };
+  new Counter({
     name: 'banter_events_delivered_total',
     help: 'Events sent to subscribers, by whether the execution result was shared',
     labelNames: ['shared'] as const,
     registers: [registry],
+    collect() {
+      const now = counts.delivered();
+      this.inc({ shared: 'true' }, now.shared - seen.shared);
+      this.inc({ shared: 'false' }, now.own - seen.own);
+      seen.shared = now.shared;
+      seen.own = now.own;
+    },
   });
   const replay = new Histogram({
     name: 'banter_events_replay_rows',
@@ -39,6 +52,6 @@ export function createRealtimeMetrics(
     labelNames: ['code'] as const,
     registers: [registry],
   });
-  return { delivered, replay, closes };
+  return { replay, closes };
 }
 export type RealtimeMetrics = ReturnType<typeof createRealtimeMetrics>;

@@ -8,7 +8,6 @@ import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { sql } from 'drizzle-orm';
 import { type ExecutionArgs, GraphQLError, getOperationAST } from 'graphql';
-import type { ServerOptions } from 'graphql-ws';
 import { decodeJwt } from 'jose';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Deps, Viewer } from '../../core/deps.ts';
@@ -20,8 +19,8 @@ import { authenticate, forgetAllCachedSessions } from '../../core/services/auth.
 import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
 import { createRealtimeMetrics } from './metrics.ts';
-import { maskResult, subscribeShared } from './shared-execution.ts';
-import { useFanoutServer } from './ws-adapter.ts';
+import { type Connection, type ProtocolHandlers, serveProtocol } from './protocol.ts';
+import { type DeliveryHooks, maskResult, startSubscription } from './shared-execution.ts';
 
 export interface RealtimeLimits {
   /** Open sockets per user. Default 20. */
@@ -36,6 +35,8 @@ export interface RealtimeLimits {
   keepAliveMs: number;
   /** How often sockets' sessions are re-checked for revocation, in ms. Default 10 s. */
   sessionCheckMs: number;
+  /** ms a socket may take to send connection_init before it is closed with 4408. Default 10 s. */
+  connectionInitWaitMs: number;
 }
 
 export const DEFAULT_LIMITS: RealtimeLimits = {
@@ -45,15 +46,8 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
   maxBufferedBytes: 4 * 1024 * 1024,
   keepAliveMs: 12_000,
   sessionCheckMs: 10_000,
+  connectionInitWaitMs: 10_000,
 };
-
-interface Extra {
-  socket: WebSocket;
-  request: IncomingMessage;
-  viewer?: Viewer;
-}
-
-const ipOf = (req: IncomingMessage) => req.socket.remoteAddress ?? 'unknown';
 
 export interface RealtimeServerOptions {
   server: Server;
@@ -81,10 +75,12 @@ export function attachRealtime(o: RealtimeServerOptions) {
   const byUser = new Map<string, Set<WebSocket>>();
   const viewerOf = new Map<WebSocket, Viewer>();
   const presenceConn = new Map<WebSocket, string>();
-  const socketOfContext = new WeakMap<object, WebSocket>();
+  /** events sent, counted here and read by the metrics scrape (no label lookup per delivery) */
+  const delivered = { shared: 0, own: 0 };
   const metrics = createRealtimeMetrics(o.registry, {
     sockets: () => wss.clients.size,
     subscriptions: () => o.hub.subscriberCount,
+    delivered: () => delivered,
   });
 
   o.hub.observe({ replayed: (n) => metrics.replay.observe(n) });
@@ -95,7 +91,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
   }
 
   /** Authenticates a socket's viewer from an `authorization` value; true, or why not. */
-  async function bindViewer(extra: Extra, raw: unknown): Promise<true | { code: number; reason: string }> {
+  async function bindViewer(
+    conn: Connection,
+    raw: unknown,
+  ): Promise<true | { code: number; reason: string }> {
     const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
     let viewer: Viewer;
     let exp: number | undefined;
@@ -117,45 +116,55 @@ export function attachRealtime(o: RealtimeServerOptions) {
     if (mine.size >= limits.socketsPerUser) {
       return { code: CloseCode.TooManyConnections, reason: 'Too many sockets for this user' };
     }
-    mine.add(extra.socket);
-    viewerOf.set(extra.socket, viewer);
-    expireAt(extra.socket, exp);
-    presenceConn.set(extra.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
-    extra.viewer = viewer;
+    mine.add(conn.socket);
+    viewerOf.set(conn.socket, viewer);
+    expireAt(conn.socket, exp);
+    presenceConn.set(conn.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
+    conn.viewer = viewer;
     return true;
   }
 
-  const gqlws: ServerOptions<Record<string, unknown>, Extra> = {
-    connectionInitWaitTimeout: 10_000,
-    async onConnect(ctx) {
-      const raw = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
+  const deliveryHooks: DeliveryHooks = {
+    mask: o.mask,
+    counts: delivered,
+    onSourceError(err, out) {
+      // A subscriber too far behind: the whole socket goes, its client resumes by cursor.
+      if (err instanceof SlowConsumerError) {
+        close(out.socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+      }
+    },
+  };
+
+  const handlers: ProtocolHandlers = {
+    async onConnect(conn, payload) {
+      const raw = payload.authorization ?? payload.Authorization;
       // No credentials at all: an anonymous socket (GraphiQL opens one with an empty payload); it
       // may authenticate with its first subscribe (extensions.headers.authorization). A token
       // that is present but bad still closes the socket (4401/4403).
       if (raw === undefined) return true;
-      const outcome = await bindViewer(ctx.extra, raw);
+      const outcome = await bindViewer(conn, raw);
       if (outcome === true) return true;
-      close(ctx.extra.socket, outcome.code, outcome.reason);
+      close(conn.socket, outcome.code, outcome.reason);
       return false;
     },
-    async onSubscribe(ctx, _id, payload) {
-      if (!ctx.extra.viewer) {
+    async onSubscribe(conn, _id, payload, out) {
+      if (!conn.viewer) {
         const ext = payload.extensions as { headers?: Record<string, unknown> } | undefined;
         const raw = ext?.headers?.authorization ?? ext?.headers?.Authorization;
-        const outcome = raw === undefined ? undefined : await bindViewer(ctx.extra, raw);
+        const outcome = raw === undefined ? undefined : await bindViewer(conn, raw);
         if (outcome !== true)
           return [
             new GraphQLError(outcome?.reason ?? 'Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } }),
           ];
       }
-      if (Object.keys(ctx.subscriptions).length > limits.subscriptionsPerSocket) {
+      if (conn.operations.size > limits.subscriptionsPerSocket) {
         return [
           new GraphQLError(`At most ${limits.subscriptionsPerSocket} operations per socket.`, {
             extensions: { code: 'RATE_LIMITED', retryAfter: 1 },
           }),
         ];
       }
-      const env = o.getEnveloped({ ip: ipOf(ctx.extra.request) });
+      const env = o.getEnveloped({ ip: conn.ip });
       let document: import('graphql').DocumentNode;
       try {
         document = env.parse(payload.query);
@@ -164,57 +173,36 @@ export function attachRealtime(o: RealtimeServerOptions) {
       }
       const errors = env.validate(env.schema, document);
       if (errors.length) return errors.map(maskError);
-      const contextValue: Context = {
-        deps: o.deps,
-        viewer: ctx.extra.viewer ?? null,
-        requestId: randomUUID(),
-        ip: ipOf(ctx.extra.request),
-      };
-      socketOfContext.set(contextValue, ctx.extra.socket);
-      return {
+      const op = getOperationAST(document, payload.operationName);
+      if (!op) return [new GraphQLError('Unable to identify operation')];
+      const args: ExecutionArgs = {
         schema: env.schema,
         document,
-        operationName: payload.operationName,
+        operationName: op.name?.value ?? payload.operationName,
         variableValues: payload.variables,
-        contextValue,
-        rootValue: { execute: env.execute },
+        contextValue: {
+          deps: o.deps,
+          viewer: conn.viewer ?? null,
+          requestId: randomUUID(),
+          ip: conn.ip,
+        } satisfies Context,
       };
+      if (op.operation !== 'subscription') {
+        // Queries and mutations over the socket: one result, then complete.
+        const r = (await env.execute(args)) as import('graphql').ExecutionResult;
+        out.next(maskResult(r, o.mask));
+        out.complete();
+        return { stop() {} };
+      }
+      try {
+        return await startSubscription(args, deliveryHooks, out);
+      } catch (err) {
+        return [maskError(err)];
+      }
     },
-    execute: async (args) => {
-      const r = (await (args.rootValue as { execute: (a: ExecutionArgs) => unknown }).execute({
-        ...args,
-        rootValue: undefined,
-      })) as import('graphql').ExecutionResult;
-      return maskResult(r, o.mask);
-    },
-    subscribe: async (args) => {
-      const op = getOperationAST(args.document, args.operationName);
-      const socket = socketOfContext.get(args.contextValue as object);
-      return subscribeShared(
-        { ...args, rootValue: undefined, operationName: op?.name?.value ?? args.operationName },
-        {
-          mask: o.mask,
-          onResult(shared) {
-            metrics.delivered.inc({ shared: String(shared) });
-            if (socket && socket.bufferedAmount > limits.maxBufferedBytes) {
-              close(socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
-            }
-          },
-          onSourceError(err) {
-            if (err instanceof SlowConsumerError && socket) {
-              close(socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
-            }
-          },
-        },
-      );
-    },
-    onClose(ctx, code) {
+    onClose(conn, code) {
       metrics.closes.inc({ code: String(code ?? 0) });
-      forget(ctx.extra.socket);
-    },
-    onDisconnect(ctx, code) {
-      metrics.closes.inc({ code: String(code ?? 0) });
-      forget(ctx.extra.socket);
+      forget(conn.socket);
     },
   };
 
@@ -266,9 +254,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
     }
   }
 
-  const disposable = useFanoutServer(gqlws, wss, {
+  const protocol = serveProtocol(wss, handlers, {
     keepAliveMs: limits.keepAliveMs,
     maxBufferedBytes: limits.maxBufferedBytes,
+    connectionInitWaitTimeout: limits.connectionInitWaitMs,
   });
 
   // Per-IP connection rate, before the upgrade: refused with a plain HTTP 429.
@@ -341,7 +330,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       clearInterval(sessionTimer);
       clearInterval(expiryTimer);
       offDisconnect();
-      await disposable.dispose();
+      protocol.dispose();
       for (const s of wss.clients) s.terminate();
       await new Promise<void>((r) => wss.close(() => r()));
     },

@@ -1,38 +1,89 @@
 /**
- * Subscription execution that shares work between subscribers. The hub hands every local
- * subscriber the same row object; the first subscriber to execute a given (document, variables)
- * for that row runs GraphQL with a context that records whether `viewer` was read. If it was
- * not, the result cannot differ between viewers (visibility was already decided by the hub), so
- * every other subscriber with the same document reuses it instead of executing again.
+ * Operations over the socket, with subscription work shared between subscribers. The hub hands
+ * every local subscriber the same row object; the first subscriber to execute a given (document,
+ * variables) for that row runs GraphQL with a context that records whether `viewer` was read. If
+ * it was not, the result cannot differ between viewers (visibility was already decided by the
+ * hub), so every other subscriber with the same document reuses it instead of executing again.
+ *
+ * The shared result is serialised once, and each subscriber's `next` frame is its own id prefix
+ * plus that JSON, written synchronously when the result is ready: one callback per shared
+ * execution, not one promise chain per subscriber.
  */
 import {
+  type ASTNode,
   createSourceEventStream,
   type DocumentNode,
   type ExecutionArgs,
   type ExecutionResult,
   execute,
   GraphQLError,
+  getOperationAST,
+  Kind,
+  visit,
 } from 'graphql';
+import { type Delivered, type Sink, Subscription } from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
+import type { OperationSink, Running } from './protocol.ts';
 
 type Mask = (error: unknown, message: string) => Error;
 
-interface Shared {
-  result: Promise<ExecutionResult>;
-  viewerFree: Promise<boolean>;
+export interface DeliveryHooks {
+  mask: Mask;
+  /** events sent so far, by whether the execution was shared (read by the metrics scrape) */
+  counts: { shared: number; own: number };
+  /** the source failed (e.g. slow consumer): the caller decides what to do with the socket */
+  onSourceError(err: unknown, sink: OperationSink): void;
 }
 
-const docIds = new WeakMap<DocumentNode, number>();
+interface DocInfo {
+  id: number;
+  /** variables used only in the arguments of the operation's root fields */
+  rootOnly: Set<string>;
+}
+const docs = new WeakMap<DocumentNode, DocInfo>();
 let nextDocId = 1;
-const perEvent = new WeakMap<object, Map<string, Shared>>();
+
+function variablesIn(node: ASTNode): string[] {
+  const names: string[] = [];
+  visit(node, {
+    Variable(v) {
+      names.push(v.name.value);
+    },
+  });
+  return names;
+}
+
+/**
+ * Variables that only choose the stream (e.g. `events(after: $cursor)`) cannot change how an
+ * event executes, so they are left out of the sharing key: subscribers resuming from different
+ * cursors share executions once live.
+ */
+function docInfo(args: ExecutionArgs): DocInfo {
+  let info = docs.get(args.document);
+  if (info) return info;
+  const op = getOperationAST(args.document, args.operationName);
+  const root = new Set<string>();
+  const elsewhere = new Set<string>();
+  for (const d of args.document.definitions) if (d !== op) for (const v of variablesIn(d)) elsewhere.add(v);
+  for (const sel of op?.selectionSet.selections ?? []) {
+    if (sel.kind !== Kind.FIELD) {
+      for (const v of variablesIn(sel)) elsewhere.add(v);
+      continue;
+    }
+    for (const a of sel.arguments ?? []) for (const v of variablesIn(a)) root.add(v);
+    for (const d of sel.directives ?? []) for (const v of variablesIn(d)) elsewhere.add(v);
+    if (sel.selectionSet) for (const v of variablesIn(sel.selectionSet)) elsewhere.add(v);
+  }
+  info = { id: nextDocId++, rootOnly: new Set([...root].filter((v) => !elsewhere.has(v))) };
+  docs.set(args.document, info);
+  return info;
+}
 
 function keyOf(args: ExecutionArgs): string {
-  let id = docIds.get(args.document);
-  if (!id) {
-    id = nextDocId++;
-    docIds.set(args.document, id);
-  }
-  return `${id}|${args.operationName ?? ''}|${JSON.stringify(args.variableValues ?? {})}`;
+  const info = docInfo(args);
+  const vars: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(args.variableValues ?? {})) if (!info.rootOnly.has(k)) vars[k] = v;
+  return `${info.id}|${args.operationName ?? ''}|${JSON.stringify(vars)}`;
 }
 
 /**
@@ -68,109 +119,171 @@ function tracking(ctx: Context): { ctx: Context; touched: () => boolean } {
   return { ctx: tracked, touched: () => touched };
 }
 
-export interface SharedSubscribeHooks {
-  mask: Mask;
-  /** each result sent; `shared` when it was reused from another subscriber */
-  onResult?(shared: boolean): void;
-  /** the source failed (e.g. slow consumer): the caller decides what to do with the socket */
-  onSourceError?(err: unknown): void;
+const isPromise = <T>(x: unknown): x is Promise<T> => typeof (x as Promise<T> | null)?.then === 'function';
+
+/** Replay waits while a subscriber holds this many rows not yet written. */
+const PUSH_WINDOW = 256;
+
+/**
+ * One execution of a row for a document, shared by the subscribers that wait on it. When it is
+ * done, `json` is the masked result serialised once.
+ */
+class Work {
+  done = false;
+  gone = false;
+  json = '';
+  viewerFree = false;
+  private waiters: Delivery[] = [];
+
+  constructor(
+    readonly owner: Delivery,
+    args: ExecutionArgs,
+    row: Delivered,
+    mask: Mask,
+  ) {
+    const t = tracking(args.contextValue as Context);
+    const settle = (r: ExecutionResult) => {
+      const masked = maskResult(r, mask);
+      this.gone = isGone(masked);
+      if (!this.gone) this.json = JSON.stringify(masked);
+      this.viewerFree = !t.touched();
+      this.done = true;
+      const waiters = this.waiters;
+      this.waiters = [];
+      for (const d of waiters) d.flush();
+    };
+    const failed = (err: unknown) => settle({ errors: [mask(err, 'Unexpected error.') as GraphQLError] });
+    try {
+      const r = execute({ ...args, rootValue: row, contextValue: t.ctx });
+      if (isPromise<ExecutionResult>(r)) r.then(settle, failed);
+      else settle(r);
+    } catch (err) {
+      failed(err);
+    }
+  }
+
+  wait(d: Delivery) {
+    this.waiters.push(d);
+  }
+}
+
+const works = new WeakMap<object, Map<string, Work>>();
+
+/** A subscriber's push sink: rows in, `next` frames out, in row order. */
+class Delivery implements Sink {
+  private queue: { row: Delivered; work: Work }[] = [];
+  private closed = false;
+
+  constructor(
+    private args: ExecutionArgs,
+    private key: string,
+    private hooks: DeliveryHooks,
+    private sub: Subscription,
+    private out: OperationSink,
+  ) {}
+
+  backlog() {
+    return this.queue.length;
+  }
+
+  close(failure?: unknown) {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue = [];
+    if (failure) {
+      this.hooks.onSourceError(failure, this.out);
+      this.out.next(sourceErrorResult(failure, this.hooks.mask));
+    }
+    this.out.complete();
+  }
+
+  deliver(row: Delivered) {
+    if (this.closed) return;
+    let byKey = works.get(row);
+    if (!byKey) {
+      byKey = new Map();
+      works.set(row, byKey);
+    }
+    let work = byKey.get(this.key);
+    if (!work) {
+      work = new Work(this, this.args, row, this.hooks.mask);
+      byKey.set(this.key, work);
+    }
+    this.queue.push({ row, work });
+    if (this.queue.length === 1) this.flush();
+  }
+
+  /** Writes the rows at the head of the queue whose results are ready; waits on the first that is not. */
+  flush() {
+    const q = this.queue;
+    while (q.length && !this.closed) {
+      const item = q[0];
+      if (!item.work.done) {
+        item.work.wait(this);
+        return;
+      }
+      if (item.work.owner !== this && !item.work.viewerFree) {
+        // The result depended on its viewer: this subscriber runs its own.
+        item.work = new Work(this, this.args, item.row, this.hooks.mask);
+        continue;
+      }
+      q.shift();
+      if (item.work.gone) continue;
+      this.out.write(`${this.out.framePrefix}${item.work.json}}`);
+      if (item.work.owner === this) this.hooks.counts.own++;
+      else this.hooks.counts.shared++;
+    }
+    if (q.length < PUSH_WINDOW / 2) this.sub.spaceAvailable();
+  }
+}
+
+function sourceErrorResult(err: unknown, mask: Mask): ExecutionResult {
+  return maskResult(
+    { errors: [new GraphQLError((err as Error).message, { originalError: err as Error })] },
+    mask,
+  );
 }
 
 /**
- * Like graphql's `subscribe`, with results shared between subscribers where that is provably
- * safe. Errors from the source stream (bad cursor, expired cursor) come back as a result with
- * the masked error, as the protocol expects.
+ * Runs a subscription operation: `next` frames go to `out` until the stream ends (then
+ * `complete`), or it fails (a `next` with the masked error, then `complete`). Errors from
+ * setting up the stream (bad or expired cursor) come back the same way, as the protocol expects.
  */
-export async function subscribeShared(
+export async function startSubscription(
   args: ExecutionArgs,
-  hooks: SharedSubscribeHooks,
-): Promise<AsyncIterableIterator<ExecutionResult> | ExecutionResult> {
+  hooks: DeliveryHooks,
+  out: OperationSink,
+): Promise<Running> {
   const source = await createSourceEventStream(args);
   if (!(Symbol.asyncIterator in (source as object))) {
-    return maskResult(source as ExecutionResult, hooks.mask);
+    out.next(maskResult(source as ExecutionResult, hooks.mask));
+    out.complete();
+    return { stop() {} };
   }
-  const iterable = source as AsyncIterable<unknown>;
-  const key = keyOf(args);
-  const ctx = args.contextValue as Context;
-
-  const run = (payload: unknown): Shared => {
-    const t = tracking(ctx);
-    const result = Promise.resolve(execute({ ...args, rootValue: payload, contextValue: t.ctx })).then((r) =>
-      maskResult(r, hooks.mask),
-    );
-    return { result, viewerFree: result.then(() => !t.touched()) };
-  };
-
-  // A hand-made iterator, not an async generator: a generator's return() waits for its pending
-  // next(), which for an idle stream is forever, so closed sockets would leak subscriptions.
-  const it = iterable[Symbol.asyncIterator]();
-  let finished = false;
-  const done = (): IteratorResult<ExecutionResult> => ({ value: undefined, done: true });
-
-  async function nextResult(payload: unknown): Promise<ExecutionResult | null> {
-    if (typeof payload !== 'object' || payload === null) {
-      const r = await run(payload).result;
-      return isGone(r) ? null : r;
-    }
-    let byDoc = perEvent.get(payload);
-    if (!byDoc) {
-      byDoc = new Map();
-      perEvent.set(payload, byDoc);
-    }
-    const existing = byDoc.get(key);
-    if (existing && (await existing.viewerFree)) {
-      const r = await existing.result;
-      if (isGone(r)) return null;
-      hooks.onResult?.(true);
-      return r;
-    }
-    const mine = run(payload);
-    if (!existing) byDoc.set(key, mine);
-    const r = await mine.result;
-    if (isGone(r)) return null;
-    hooks.onResult?.(false);
-    return r;
+  if (source instanceof Subscription) {
+    source.attach(new Delivery(args, keyOf(args), hooks, source, out));
+    return { stop: () => void source.return() };
   }
-
-  const mapped: AsyncIterableIterator<ExecutionResult> & {
-    return(): Promise<IteratorResult<ExecutionResult>>;
-  } = {
-    async next() {
-      while (!finished) {
-        let step: IteratorResult<unknown>;
-        try {
-          step = await it.next();
-        } catch (err) {
-          finished = true;
-          hooks.onSourceError?.(err);
-          return {
-            value: maskResult(
-              { errors: [new GraphQLError((err as Error).message, { originalError: err as Error })] },
-              hooks.mask,
-            ),
-            done: false,
-          };
-        }
-        if (step.done) break;
-        const r = await nextResult(step.value);
-        if (r) return { value: r, done: false };
+  // Any other stream: one execution per event, in order.
+  const it = (source as AsyncIterable<unknown>)[Symbol.asyncIterator]();
+  let stopped = false;
+  void (async () => {
+    try {
+      for (;;) {
+        const step = await it.next();
+        if (step.done || stopped) break;
+        const r = maskResult(await execute({ ...args, rootValue: step.value }), hooks.mask);
+        if (!stopped && !isGone(r)) out.next(r);
       }
-      finished = true;
-      return done();
-    },
-    async return() {
-      finished = true;
-      await it.return?.();
-      return done();
-    },
-    async throw(err: unknown) {
-      finished = true;
-      await it.return?.();
-      throw err;
-    },
-    [Symbol.asyncIterator]() {
-      return mapped;
+    } catch (err) {
+      if (!stopped) out.next(sourceErrorResult(err, hooks.mask));
+    }
+    out.complete();
+  })();
+  return {
+    stop() {
+      stopped = true;
+      void it.return?.();
     },
   };
-  return mapped;
 }

@@ -1,7 +1,9 @@
 /**
  * One subscriber's stream: live rows from the tailer are queued, checked for permission in log
- * order and handed to the consumer (graphql-ws pulls with backpressure: it awaits each send).
- * A subscriber that falls too far behind is failed as a slow consumer; it resumes by cursor.
+ * order and handed to the consumer. The consumer either pulls (an async iterator) or attaches a
+ * sink that rows are pushed into synchronously, in order (the WebSocket fan-out path: no promise
+ * per row per subscriber). A subscriber that falls too far behind is failed as a slow consumer;
+ * it resumes by cursor.
  */
 import { comparePos, compareXid, finishedIn, type Position, type Snapshot } from './cursor.ts';
 import type { LogRow } from './log.ts';
@@ -13,6 +15,14 @@ export interface Delivered extends LogRow {
 }
 
 export class SlowConsumerError extends Error {}
+
+/** A push consumer: takes rows in order; `backlog` is how many it holds not yet written. */
+export interface Sink {
+  deliver(row: Delivered): void;
+  backlog(): number;
+  /** the subscription ended, closed or failed (with why): write nothing more */
+  close(failure?: unknown): void;
+}
 
 /** Rows waiting for one subscriber before it is cut off. */
 export const MAX_PENDING = 5_000;
@@ -28,6 +38,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   private spaceWaiter: (() => void) | undefined;
   private live = false;
   private pumping = false;
+  private sink: Sink | undefined;
   private failure: unknown;
   closed = false;
   delivered = 0;
@@ -46,11 +57,29 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (row.cursor !== null && comparePos(row, this.floor) <= 0) return;
     if (row.cursor === null && !this.live) return;
     this.input.push(row);
-    if (this.input.length + this.output.length > this.maxPending) {
+    if (this.input.length + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
       return;
     }
-    if (this.live && !this.pumping) void this.pump();
+    if (this.live && !this.pumping) this.pump();
+  }
+
+  /**
+   * Rows go to `sink` from now on, in order, instead of to next(); rows already waiting go first.
+   * The sink hears of the end through close(); next() is not to be called any more.
+   */
+  attach(sink: Sink) {
+    this.sink = sink;
+    const waiting = this.output;
+    this.output = [];
+    for (const row of waiting) sink.deliver(row);
+  }
+
+  /** The sink's backlog went down: replay may go on. */
+  spaceAvailable() {
+    const w = this.spaceWaiter;
+    this.spaceWaiter = undefined;
+    w?.();
   }
 
   /** rows of transactions finished in it are not news to a live-only subscriber */
@@ -67,7 +96,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   /** Replay is over: deliver what queued up meanwhile. */
   goLive() {
     this.live = true;
-    void this.pump();
+    this.pump();
   }
 
   /** Replayed rows, already ordered and before every live row. */
@@ -78,14 +107,18 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (typeof ok !== 'boolean') ok = await ok;
     if (!ok || this.closed) return;
     this.emit(row);
-    if (this.output.length >= REPLAY_WINDOW) {
+    if ((this.sink ? this.sink.backlog() : this.output.length) >= REPLAY_WINDOW) {
       await new Promise<void>((r) => {
         this.spaceWaiter = r;
       });
     }
   }
 
-  private async pump() {
+  /**
+   * Checks queued rows in order and emits them; synchronous while permissions are cached (the
+   * common case), resumed from a promise when one must be loaded.
+   */
+  private pump() {
     this.pumping = true;
     try {
       while (this.input.length && !this.closed) {
@@ -97,20 +130,42 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
         }
         if (row.cursor !== null) this.access.observe(row);
         if (row.gone) continue;
-        let ok = this.access.canSee(row, false);
-        if (typeof ok !== 'boolean') ok = await ok;
-        if (ok) this.emit(row);
+        const ok = this.access.canSee(row, false);
+        if (typeof ok === 'boolean') {
+          if (ok) this.emit(row);
+          continue;
+        }
+        ok.then(
+          (yes) => {
+            try {
+              if (yes) this.emit(row);
+            } catch (err) {
+              this.pumping = false;
+              this.fail(err);
+              return;
+            }
+            this.pump();
+          },
+          (err) => {
+            this.pumping = false;
+            this.fail(err);
+          },
+        );
+        return; // still pumping: the promise resumes it
       }
     } catch (err) {
       this.fail(err);
-    } finally {
-      this.pumping = false;
     }
+    this.pumping = false;
   }
 
   private emit(row: Delivered) {
     if (this.closed) return;
     this.delivered++;
+    if (this.sink) {
+      this.sink.deliver(row);
+      return;
+    }
     const w = this.waiting;
     if (w) {
       this.waiting = undefined;
@@ -131,6 +186,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (this.closed) return;
     this.closed = true;
     this.input = [];
+    this.sink?.close(this.failure);
     this.spaceWaiter?.();
     this.spaceWaiter = undefined;
     const w = this.waiting;
@@ -149,8 +205,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
       }
       return Promise.resolve({ value, done: false });
     }
-    this.spaceWaiter?.();
-    this.spaceWaiter = undefined;
+    if (!this.sink) this.spaceAvailable();
     if (this.failure) {
       const f = this.failure;
       this.failure = undefined;

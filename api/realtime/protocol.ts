@@ -1,0 +1,299 @@
+/**
+ * The graphql-transport-ws protocol (graphql-ws's PROTOCOL.md) on `ws` sockets, written for
+ * fan-out. graphql-ws's own server keeps several suspended async functions and promise chains per
+ * subscription for as long as it lives; here a connection is one small object and an operation
+ * one entry in its map, so an idle subscribed socket costs little more than the socket itself.
+ * Results of hub subscriptions are written by the push path (shared-execution.ts) as `next`
+ * frames; this file does the protocol: init and auth, ping/pong, subscribe, complete, errors, and
+ * the close codes graphql-ws clients expect.
+ *
+ * Keep-alive is one timer for all sockets (a WebSocket ping; a socket that has not answered the
+ * previous ping by the next one is terminated). Frames are written without waiting for the kernel
+ * (the bound on `bufferedAmount` holds a slow consumer back: it is closed and resumes by cursor).
+ */
+import type { IncomingMessage } from 'node:http';
+import type { GraphQLError } from 'graphql';
+import { handleProtocols } from 'graphql-ws';
+import type { WebSocket, WebSocketServer } from 'ws';
+import { CloseCode } from '../../core/realtime/disconnect.ts';
+
+export const PROTOCOL = 'graphql-transport-ws';
+
+/** graphql-ws's protocol close codes. */
+export const ProtocolClose = {
+  InternalServerError: 4500,
+  BadRequest: 4400,
+  Unauthorized: 4401,
+  SubprotocolNotAcceptable: 4406,
+  ConnectionInitialisationTimeout: 4408,
+  SubscriberAlreadyExists: 4409,
+  TooManyInitialisationRequests: 4429,
+} as const;
+
+/** A subscribe message's payload, checked for shape. */
+export interface SubscribePayload {
+  query: string;
+  operationName?: string | null;
+  variables?: Record<string, unknown> | null;
+  extensions?: Record<string, unknown> | null;
+}
+
+/** A running operation: stopping it ends its stream and writes nothing more. */
+export interface Running {
+  stop(): void;
+}
+
+/** What an operation hands back to the protocol. */
+export interface OperationSink {
+  /** writes a `next` frame whose payload is the JSON text given */
+  nextJson(json: string): void;
+  /** writes a `next` frame with this result */
+  next(result: unknown): void;
+  /** the operation is over: writes `complete` unless the client ended it */
+  complete(): void;
+  /** the id's prefix for `next` frames, for writers that build frames themselves */
+  readonly framePrefix: string;
+  /** writes a frame built with framePrefix */
+  write(frame: string): void;
+  readonly socket: WebSocket;
+}
+
+export interface Connection {
+  readonly socket: WebSocket;
+  readonly ip: string;
+  /** set by the server's onConnect (or its first subscribe) */
+  viewer?: import('../../core/deps.ts').Viewer;
+  /** operations by id; null while one is being set up */
+  readonly operations: Map<string, Running | null>;
+}
+
+export interface ProtocolHandlers {
+  /** connection_init: true acknowledges; false closes 4403 (unless the handler closed already) */
+  onConnect(conn: Connection, payload: Record<string, unknown>): Promise<boolean>;
+  /**
+   * subscribe: starts the operation (or returns errors, sent as an `error` message). It must not
+   * write to `sink` after `stop()`.
+   */
+  onSubscribe(
+    conn: Connection,
+    id: string,
+    payload: SubscribePayload,
+    sink: OperationSink,
+  ): Promise<Running | readonly GraphQLError[]>;
+  /** the socket closed (any reason) */
+  onClose(conn: Connection, code: number): void;
+}
+
+export interface ProtocolOptions {
+  keepAliveMs: number;
+  maxBufferedBytes: number;
+  /** ms a socket may take to send connection_init. Default 10 s. */
+  connectionInitWaitTimeout?: number;
+}
+
+/**
+ * Writes one text frame without waiting for it to be flushed. A socket whose unsent bytes pass
+ * `maxBufferedBytes` is closed as a slow consumer instead (its client resumes by cursor).
+ */
+export function sendFrame(socket: WebSocket, data: string, maxBufferedBytes: number) {
+  if (socket.readyState !== socket.OPEN) return;
+  if (socket.bufferedAmount > maxBufferedBytes) {
+    socket.close(CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+    return;
+  }
+  socket.send(data);
+}
+
+const isObject = (x: unknown): x is Record<string, unknown> =>
+  typeof x === 'object' && x !== null && !Array.isArray(x);
+const optional = (x: unknown, type: 'string' | 'object') =>
+  x === undefined || x === null || (type === 'object' ? isObject(x) : typeof x === type);
+
+class Conn implements Connection {
+  viewer?: Connection['viewer'];
+  readonly operations = new Map<string, Running | null>();
+  initReceived = false;
+  acknowledged = false;
+  initTimer: NodeJS.Timeout | undefined;
+  alive = true;
+
+  constructor(
+    readonly socket: WebSocket,
+    readonly ip: string,
+  ) {}
+}
+
+export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, o: ProtocolOptions) {
+  wss.options.handleProtocols = handleProtocols;
+  const conns = new Set<Conn>();
+  const initWait = o.connectionInitWaitTimeout ?? 10_000;
+
+  const timer = setInterval(() => {
+    for (const c of conns) {
+      if (!c.alive) {
+        c.socket.terminate();
+        continue;
+      }
+      c.alive = false;
+      if (c.socket.readyState === c.socket.OPEN) c.socket.ping();
+    }
+  }, o.keepAliveMs);
+  timer.unref();
+
+  const send = (c: Conn, data: string) => sendFrame(c.socket, data, o.maxBufferedBytes);
+  const close = (c: Conn, code: number, reason: string) => {
+    if (c.socket.readyState === c.socket.OPEN || c.socket.readyState === c.socket.CONNECTING) {
+      c.socket.close(code, reason);
+    }
+  };
+
+  class Sink implements OperationSink {
+    readonly framePrefix: string;
+    constructor(
+      private c: Conn,
+      private id: string,
+    ) {
+      // one flat string (a template literal would keep a chain of pieces per operation)
+      this.framePrefix = JSON.stringify({ id, type: 'next', payload: 0 }).slice(0, -2);
+    }
+    get socket() {
+      return this.c.socket;
+    }
+    write(frame: string) {
+      send(this.c, frame);
+    }
+    nextJson(json: string) {
+      send(this.c, `${this.framePrefix}${json}}`);
+    }
+    next(result: unknown) {
+      this.nextJson(JSON.stringify(result));
+    }
+    complete() {
+      // Ended by the server: tell the client, unless it ended the operation itself.
+      if (this.c.operations.has(this.id)) {
+        this.c.operations.delete(this.id);
+        send(this.c, JSON.stringify({ id: this.id, type: 'complete' }));
+      }
+    }
+  }
+
+  async function subscribe(c: Conn, id: string, payload: SubscribePayload) {
+    const sink = new Sink(c, id);
+    const r = await handlers.onSubscribe(c, id, payload, sink);
+    if (!('stop' in r)) {
+      if (c.operations.get(id) === null) {
+        c.operations.delete(id);
+        send(c, JSON.stringify({ id, type: 'error', payload: r }));
+      }
+      return;
+    }
+    // The client completed it (or the socket closed) while it was being set up.
+    if (c.operations.get(id) !== null) r.stop();
+    else c.operations.set(id, r);
+  }
+
+  async function onMessage(c: Conn, raw: string) {
+    let m: Record<string, unknown>;
+    try {
+      m = JSON.parse(raw);
+      if (!isObject(m)) throw new Error('not an object');
+    } catch {
+      return close(c, ProtocolClose.BadRequest, 'Invalid message received');
+    }
+    switch (m.type) {
+      case 'connection_init': {
+        if (!optional(m.payload, 'object'))
+          return close(c, ProtocolClose.BadRequest, 'Invalid message received');
+        if (c.initReceived) {
+          return close(c, ProtocolClose.TooManyInitialisationRequests, 'Too many initialisation requests');
+        }
+        c.initReceived = true;
+        const ok = await handlers.onConnect(c, (m.payload as Record<string, unknown>) ?? {});
+        if (c.initTimer) clearTimeout(c.initTimer);
+        c.initTimer = undefined;
+        if (c.socket.readyState !== c.socket.OPEN) return;
+        if (!ok) return close(c, CloseCode.Forbidden, 'Forbidden');
+        c.acknowledged = true;
+        return send(c, '{"type":"connection_ack"}');
+      }
+      case 'ping':
+        if (!optional(m.payload, 'object'))
+          return close(c, ProtocolClose.BadRequest, 'Invalid message received');
+        return send(c, '{"type":"pong"}');
+      case 'pong':
+        if (!optional(m.payload, 'object'))
+          return close(c, ProtocolClose.BadRequest, 'Invalid message received');
+        return;
+      case 'subscribe': {
+        const p = m.payload;
+        if (
+          typeof m.id !== 'string' ||
+          !m.id ||
+          !isObject(p) ||
+          typeof p.query !== 'string' ||
+          !optional(p.operationName, 'string') ||
+          !optional(p.variables, 'object') ||
+          !optional(p.extensions, 'object')
+        ) {
+          return close(c, ProtocolClose.BadRequest, 'Invalid message received');
+        }
+        if (!c.acknowledged) return close(c, ProtocolClose.Unauthorized, 'Unauthorized');
+        if (c.operations.has(m.id)) {
+          return close(c, ProtocolClose.SubscriberAlreadyExists, `Subscriber for ${m.id} already exists`);
+        }
+        c.operations.set(m.id, null);
+        return subscribe(c, m.id, p as unknown as SubscribePayload);
+      }
+      case 'complete': {
+        if (typeof m.id !== 'string' || !m.id)
+          return close(c, ProtocolClose.BadRequest, 'Invalid message received');
+        const op = c.operations.get(m.id);
+        c.operations.delete(m.id);
+        op?.stop();
+        return;
+      }
+      default:
+        return close(c, ProtocolClose.BadRequest, `Unexpected message of type ${String(m.type)} received`);
+    }
+  }
+
+  wss.on('connection', (socket: WebSocket, request: IncomingMessage) => {
+    // Only the address is kept: the upgrade request (headers and all) is not held per socket.
+    const c = new Conn(socket, request.socket.remoteAddress ?? 'unknown');
+    conns.add(c);
+    socket.on('pong', () => {
+      c.alive = true;
+    });
+    socket.once('error', () => socket.terminate());
+    if (socket.protocol !== PROTOCOL) {
+      close(c, ProtocolClose.SubprotocolNotAcceptable, 'Subprotocol not acceptable');
+    } else {
+      c.initTimer = setTimeout(() => {
+        c.initTimer = undefined;
+        if (!c.acknowledged)
+          close(c, ProtocolClose.ConnectionInitialisationTimeout, 'Connection initialisation timeout');
+      }, initWait);
+    }
+    socket.on('message', (data, isBinary) => {
+      onMessage(c, isBinary ? String(data) : data.toString()).catch(() =>
+        close(c, ProtocolClose.InternalServerError, 'Internal server error'),
+      );
+    });
+    socket.once('close', (code) => {
+      conns.delete(c);
+      if (c.initTimer) clearTimeout(c.initTimer);
+      const ops = [...c.operations.values()];
+      c.operations.clear();
+      for (const op of ops) op?.stop();
+      handlers.onClose(c, code);
+    });
+  });
+
+  return {
+    /** Stops keep-alive and closes every socket with 1001. */
+    dispose() {
+      clearInterval(timer);
+      for (const c of conns) close(c, CloseCode.GoingAway, 'Going away');
+    },
+  };
+}

@@ -1,0 +1,223 @@
+/**
+ * The graphql-transport-ws protocol as Banter speaks it (api/realtime/protocol.ts), with a bare
+ * `ws` client: every message type, the close codes graphql-ws clients rely on, and the push
+ * path's frames.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import WebSocket from 'ws';
+import { createTestApp, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { guildWithChannel, send } from './realtime-helpers.ts';
+
+let app: TestApp;
+let url: string;
+let u: TestUser;
+
+before(async () => {
+  app = await createTestApp({
+    rateLimits: false,
+    ws: { socketsPerUser: 20, operationsPerSocket: 3, connectionsPerIpPerMinute: 1000, initTimeoutMs: 300 },
+  });
+  url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+  u = await signUp(app);
+});
+after(() => app.destroy());
+
+/** A raw socket that records every message and its close. */
+function open(protocol: string | null = 'graphql-transport-ws') {
+  const ws = new WebSocket(url, protocol ?? undefined);
+  const messages: any[] = [];
+  let closed: { code: number; reason: string } | undefined;
+  ws.on('message', (d) => messages.push(JSON.parse(String(d))));
+  ws.on('close', (code, reason) => {
+    closed = { code, reason: String(reason) };
+  });
+  ws.on('error', () => {});
+  const opened = new Promise<void>((resolve) => ws.once('open', () => resolve()));
+  const until = async (pred: () => boolean, what: string, ms = 5000) => {
+    const deadline = Date.now() + ms;
+    while (!pred()) {
+      if (Date.now() > deadline)
+        throw new Error(`timed out waiting for ${what}: ${JSON.stringify(messages)}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+  return {
+    ws,
+    messages,
+    closed: () => closed,
+    send: async (m: unknown) => {
+      await opened;
+      ws.send(typeof m === 'string' ? m : JSON.stringify(m));
+    },
+    until,
+    closedWith: async () => {
+      await until(() => !!closed, 'close');
+      return closed!.code;
+    },
+    async init(token = u.token) {
+      await this.send({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } });
+      await until(() => messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
+    },
+  };
+}
+
+describe('graphql-transport-ws', () => {
+  it('acknowledges connection_init, answers ping with pong, ignores pong', async () => {
+    const s = open();
+    await s.init();
+    await s.send({ type: 'pong' });
+    await s.send({ type: 'ping', payload: { x: 1 } });
+    await s.until(() => s.messages.some((m) => m.type === 'pong'), 'pong');
+    assert.equal(s.closed(), undefined);
+    s.ws.close();
+  });
+
+  it('runs a query over the socket: next, then complete', async () => {
+    const s = open();
+    await s.init();
+    await s.send({ id: 'q1', type: 'subscribe', payload: { query: '{ viewer { user { id username } } }' } });
+    await s.until(() => s.messages.some((m) => m.type === 'complete'), 'complete');
+    const [next, complete] = s.messages.filter((m) => m.id === 'q1');
+    assert.equal(next.type, 'next');
+    assert.equal(next.payload.data.viewer.user.username, u.username);
+    assert.deepEqual(complete, { id: 'q1', type: 'complete' });
+    s.ws.close();
+  });
+
+  it('streams events as next frames with the operation id, and stops after complete', async () => {
+    const { channelId } = await guildWithChannel(app, u.token);
+    const s = open();
+    await s.init();
+    const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
+    await s.send({ id: 'ev "quoted" id', type: 'subscribe', payload: { query } });
+    await new Promise((r) => setTimeout(r, 300));
+    await send(app, u.token, channelId, 'first');
+    await s.until(
+      () => s.messages.some((m) => m.payload?.data?.events?.message?.content === 'first'),
+      'first',
+    );
+    const frame = s.messages.find((m) => m.type === 'next');
+    assert.equal(frame.id, 'ev "quoted" id');
+    await s.send({ id: 'ev "quoted" id', type: 'complete' });
+    await new Promise((r) => setTimeout(r, 200));
+    const before = s.messages.length;
+    await send(app, u.token, channelId, 'second');
+    await new Promise((r) => setTimeout(r, 800));
+    assert.equal(s.messages.length, before, 'nothing after the client completed the operation');
+    assert.equal(app.deps.realtime!.subscriberCount, 0);
+    s.ws.close();
+  });
+
+  it('answers validation failures with an error message, socket kept', async () => {
+    const s = open();
+    await s.init();
+    await s.send({ id: 'bad', type: 'subscribe', payload: { query: 'subscription { nope }' } });
+    await s.until(() => s.messages.some((m) => m.type === 'error'), 'error');
+    const e = s.messages.find((m) => m.type === 'error');
+    assert.equal(e.id, 'bad');
+    assert.ok(Array.isArray(e.payload) && e.payload.length >= 1);
+    assert.equal(s.closed(), undefined);
+    s.ws.close();
+  });
+
+  it('limits operations per socket (RATE_LIMITED)', async () => {
+    const s = open();
+    await s.init();
+    const query = 'subscription { events { cursor } }';
+    for (let i = 0; i < 6; i++) await s.send({ id: `op${i}`, type: 'subscribe', payload: { query } });
+    await s.until(() => s.messages.some((m) => m.type === 'error'), 'an error');
+    const refused = s.messages.filter((m) => m.type === 'error');
+    assert.ok(refused.every((m) => m.payload[0].extensions.code === 'RATE_LIMITED'));
+    assert.ok(refused.length >= 2, `refused ${refused.length}`);
+    s.ws.close();
+  });
+
+  it('closes with 4409 when an id is reused while its operation runs', async () => {
+    const s = open();
+    await s.init();
+    const query = 'subscription { events { cursor } }';
+    await s.send({ id: 'dup', type: 'subscribe', payload: { query } });
+    await s.send({ id: 'dup', type: 'subscribe', payload: { query } });
+    assert.equal(await s.closedWith(), 4409);
+  });
+
+  it('closes with 4401 on subscribe before connection_ack', async () => {
+    const s = open();
+    await s.send({ id: 'early', type: 'subscribe', payload: { query: '{ serverInfo { name } }' } });
+    assert.equal(await s.closedWith(), 4401);
+  });
+
+  it('closes with 4429 on a second connection_init', async () => {
+    const s = open();
+    await s.init();
+    await s.send({ type: 'connection_init', payload: {} });
+    assert.equal(await s.closedWith(), 4429);
+  });
+
+  it('closes with 4400 on malformed messages', async () => {
+    for (const bad of [
+      'not json',
+      '[1,2]',
+      { type: 'subscribe', id: '', payload: { query: '{ a }' } },
+      { type: 'subscribe', id: 'x', payload: { query: 42 } },
+      { type: 'subscribe', id: 'x', payload: { query: '{ a }', variables: 'no' } },
+      { type: 'connection_init', payload: 'no' },
+      { type: 'next', id: 'x', payload: {} },
+    ]) {
+      const s = open();
+      await s.send(bad);
+      assert.equal(await s.closedWith(), 4400, JSON.stringify(bad));
+    }
+  });
+
+  it('closes with 4408 when connection_init does not come in time', async () => {
+    const s = open();
+    assert.equal(await s.closedWith(), 4408);
+  });
+
+  it('closes with 4406 without the graphql-transport-ws subprotocol', async () => {
+    const s = open(null);
+    assert.equal(await s.closedWith(), 4406);
+  });
+
+  it('shares one execution between subscribers resuming from different cursors once live', async () => {
+    const { channelId } = await guildWithChannel(app, u.token);
+    const query =
+      'subscription($after: String) { events(after: $after) { cursor ... on MessageCreated { message { content } } } }';
+    // Subscriber a is live; b and c resume from two different cursors of a's stream.
+    const a = open();
+    await a.init();
+    await a.send({ id: '1', type: 'subscribe', payload: { query } });
+    await new Promise((r) => setTimeout(r, 300));
+    await send(app, u.token, channelId, 'mark one');
+    await send(app, u.token, channelId, 'mark two');
+    await a.until(() => a.messages.filter((m) => m.type === 'next').length >= 2, 'two marks');
+    const [one, two] = a.messages.filter((m) => m.type === 'next').map((m) => m.payload.data.events.cursor);
+    const metric = async () => {
+      const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
+      return Number(/banter_events_delivered_total\{shared="true"\} (\d+)/.exec(text)?.[1] ?? 0);
+    };
+    const b = open();
+    const c = open();
+    await b.init();
+    await c.init();
+    await b.send({ id: '1', type: 'subscribe', payload: { query, variables: { after: one } } });
+    await c.send({ id: '1', type: 'subscribe', payload: { query, variables: { after: two } } });
+    await b.until(
+      () => b.messages.some((m) => m.payload?.data?.events?.message?.content === 'mark two'),
+      'replay',
+    );
+    await new Promise((r) => setTimeout(r, 300));
+    const shared0 = await metric();
+    await send(app, u.token, channelId, 'live for all');
+    for (const s of [a, b, c]) {
+      await s.until(
+        () => s.messages.some((m) => m.payload?.data?.events?.message?.content === 'live for all'),
+        'live',
+      );
+    }
+    assert.equal((await metric()) - shared0, 2, 'two of the three subscribers reused the first execution');
+    for (const s of [a, b, c]) s.ws.close();
+  });
+});
