@@ -1,455 +1,890 @@
 /**
- * Fan-out benchmark (issue 3): `node --import tsx bench/fanout.ts`. In one invocation it runs a
- * raw `ws` broadcast server (the practical limit) and Banter, each with BENCH_SOCKETS (1,000)
- * subscribed sockets held by separate client processes, and prints for both: deliveries/s
- * (saturated), p50/p99 publish-to-receive latency (saturated, and paced at 10 messages/s), server
- * CPU seconds, RSS per idle subscribed socket; then the ratios.
+ * Fan-out benchmark (issue 3): `npm run bench:fanout`. In one invocation it runs a raw `ws`
+ * broadcast server (the practical limit) and Banter, each with BENCH_SOCKETS (1,000) subscribed
+ * sockets held by separate client processes, and prints for both: deliveries/s (saturated),
+ * p50/p99 publish-to-receive latency (saturated, and paced at 10 messages/s), server CPU seconds,
+ * RSS per idle subscribed socket, what was lost; then the ratios and the issue's targets.
+ * Above 5,000 sockets it is a capacity run: no saturated phase (its backlog would take minutes
+ * to drain), only sockets open, RSS per socket and the paced phase. bench/README.md has the knobs.
  *
- * Banter runs as `node --import tsx api/main.ts` on a fresh PostgreSQL database (BENCH_PG_ADMIN_URL,
- * default the local server) with RATE_LIMITS=off; subscribers are BENCH_USERS users (20 sockets
- * each at most, the per-user limit) in one guild, all on `events` with the same document.
+ * Fairness: both servers send the same JSON (a graphql-ws `next` of a MessageCreated; the raw
+ * server broadcasts a copy of that shape as a text frame), and every client does the same work
+ * per frame: a length check and two counters; only the sampled 1-in-10 sockets decode the frame
+ * to read its timestamp. Frames too short to be a message (connection_ack, other events such as
+ * presence) take a slow path that parses them; they are counted apart, never as deliveries.
  */
-import { type ChildProcess, fork, spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
-import { Agent, createServer as createHttpServer, request } from 'node:http';
-import { createServer } from 'node:net';
-import path from 'node:path';
+import { type ChildProcess, fork } from 'node:child_process';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { createServer as createHttpServer } from 'node:http';
 import { fileURLToPath } from 'node:url';
-import pg from 'pg';
 import WebSocket, { WebSocketServer } from 'ws';
+import {
+  type BanterServer,
+  cpuSeconds,
+  env,
+  GC_ON_SIGNAL_ARGS,
+  get,
+  gql,
+  machineLine,
+  memoryAfterGc,
+  now,
+  pool,
+  post,
+  signup,
+  sleep,
+  startBanter,
+} from './common.ts';
 
-const env = process.env;
 const SOCKETS = Number(env.BENCH_SOCKETS ?? 1000);
-const USERS = Number(env.BENCH_USERS ?? 50);
-const CLIENT_PROCS = Number(env.BENCH_CLIENT_PROCS ?? 2);
+/** The server's per-user socket limit: 20 by default; WS_MAX_SOCKETS_PER_USER, where the server reads it. */
+const SOCKETS_PER_USER = Number(env.WS_MAX_SOCKETS_PER_USER || 20);
+const USERS = Number(env.BENCH_USERS ?? Math.max(50, Math.ceil(SOCKETS / SOCKETS_PER_USER)));
+const CLIENT_PROCS = Number(env.BENCH_CLIENT_PROCS ?? Math.max(2, Math.ceil(SOCKETS / 5000)));
+const CONNECT_CONCURRENCY = Number(env.BENCH_CONNECT_CONCURRENCY ?? 200);
+const CONNECT_SECONDS = Number(env.BENCH_CONNECT_SECONDS ?? 120);
+const SATURATED = env.BENCH_SATURATED ? env.BENCH_SATURATED !== '0' : SOCKETS <= 5000;
 const SAT_SECONDS = Number(env.BENCH_SECONDS ?? 5);
 const PACED_SECONDS = Number(env.BENCH_PACED_SECONDS ?? 5);
 const PUBLISHERS = Number(env.BENCH_PUBLISHERS ?? 16);
-const ADMIN_URL = env.BENCH_PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const DRAIN_SECONDS = Number(env.BENCH_DRAIN_SECONDS ?? 20);
+const PROBE_SECONDS = Number(env.BENCH_PROBE_SECONDS ?? (SOCKETS <= 5000 ? 30 : 60));
+const QUIET_SECONDS = Number(env.BENCH_QUIET_SECONDS ?? (SOCKETS <= 5000 ? 20 : 120));
+const TARGETS = (env.BENCH_TARGETS ?? 'raw,banter').split(',');
+/** Users choose INVISIBLE before connecting: no presence events when they come online. */
+const INVISIBLE = env.BENCH_INVISIBLE === '1';
+const TIMEOUT_SECONDS = Number(env.BENCH_TIMEOUT ?? 900);
 const self = fileURLToPath(import.meta.url);
-const now = () => performance.timeOrigin + performance.now();
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-// ---------------------------------------------------------------- raw ws broadcast server
+/** A frame at least this long is a message delivery; ack, pings and cursor-only events are shorter. */
+const MESSAGE_BYTES = 160;
+
+// ------------------------------------------------------------ latency histogram (2% buckets)
+const H_MIN = 0.01;
+const H_STEP = Math.log(1.02);
+const H_N = 900; // up to ~550 s
+const bucket = (ms: number) =>
+  ms <= H_MIN ? 0 : Math.min(H_N - 1, Math.ceil(Math.log(ms / H_MIN) / H_STEP));
+function percentile(h: number[], p: number): number {
+  const total = h.reduce((a, b) => a + b, 0);
+  if (!total) return Number.NaN;
+  const want = Math.max(1, Math.ceil((p / 100) * total));
+  let cum = 0;
+  for (let i = 0; i < h.length; i++) {
+    cum += h[i];
+    if (cum >= want) return H_MIN * Math.exp(i * H_STEP);
+  }
+  return Number.NaN;
+}
+
+// ------------------------------------------------------------ raw ws broadcast server
 function rawServer() {
   const http = createHttpServer((req, res) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
       const body = Buffer.concat(chunks);
-      for (const c of wss.clients) c.send(body);
+      // A text frame, as Banter sends: the client validates UTF-8 for both.
+      for (const c of wss.clients) c.send(body, { binary: false });
       res.writeHead(204).end();
     });
   });
   const wss = new WebSocketServer({ server: http });
+  wss.on('connection', (s) => s.on('error', () => s.terminate()));
+  wss.on('error', () => {});
   http.listen(0, '127.0.0.1', () => process.send!({ port: (http.address() as { port: number }).port }));
+  process.on('disconnect', () => process.exit(0));
 }
 
-// ---------------------------------------------------------------- subscriber processes
+// ------------------------------------------------------------ subscriber processes
+interface OpenCmd {
+  kind: 'raw' | 'banter';
+  url: string;
+  /** This process's share of the sockets. */
+  n: number;
+  /** Open sockets [already open, upTo) of that share. */
+  upTo: number;
+  /** Global index of this process's first socket (picks its user's token). */
+  offset: number;
+  tokens?: string[];
+  query?: string;
+  concurrency: number;
+  /** Epoch ms after which failed connects are not retried. */
+  deadline: number;
+}
+
+interface ClientStats {
+  received: number;
+  other: number;
+  firstRecv: number;
+  lastRecv: number;
+  hist?: number[];
+  /** Sampled messages published before the phase began (probes or backlog arriving late). */
+  stale: number;
+  ready: number;
+  open: number;
+  /** Subscribed sockets that never received a message. */
+  silent: number;
+  lost: number;
+  short: number;
+  extra: number;
+  closes: Record<string, number>;
+  errors: Record<string, number>;
+  odd: Record<string, number>;
+  sampleBytes: number;
+  /** One message frame as received (for BENCH_VERBOSE). */
+  sample: string;
+}
+
 function clients() {
-  const sockets: WebSocket[] = [];
+  let sockets: (WebSocket | undefined)[] = [];
+  let counts = new Uint32Array(0);
+  let readySlot = new Uint8Array(0);
+  /** Whether a socket received a message before the last reset. */
+  let everGot = new Uint8Array(0);
+  const hist = new Array<number>(H_N).fill(0);
   let received = 0;
+  let other = 0;
   let firstRecv = 0;
   let lastRecv = 0;
-  let lat: number[] = [];
-  const tsRe = /ts=(\d+(?:\.\d+)?)/;
-  process.on('message', async (m: any) => {
-    if (m.cmd === 'open') {
-      let ready = 0;
-      await new Promise<void>((resolve) => {
-        for (let i = 0; i < m.n; i++) {
-          const sample = i % 10 === 0;
-          const ws = new WebSocket(m.url, m.kind === 'banter' ? 'graphql-transport-ws' : undefined);
-          sockets.push(ws);
-          const onData = (data: Buffer) => {
-            const t = now();
-            if (m.kind === 'banter') {
-              const s = data.toString();
-              if (s.startsWith('{"type":"connection_ack"')) {
-                ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: m.query } }));
-                if (++ready === m.n) resolve();
-                return;
-              }
-              if (!s.includes('"next"')) return;
-              count(t, sample ? s : undefined);
-            } else count(t, sample ? data.toString() : undefined);
-          };
-          ws.on('message', onData);
-          ws.on('open', () => {
-            if (m.kind === 'banter') {
-              ws.send(
-                JSON.stringify({
-                  type: 'connection_init',
-                  payload: { authorization: `Bearer ${m.tokens[i % m.tokens.length]}` },
-                }),
-              );
-            } else if (++ready === m.n) resolve();
-          });
-          ws.on('close', (code) => {
-            if (code !== 1000 && code !== 1005) process.send!({ closed: code });
-          });
+  let sampleBytes = 0;
+  /** Epoch ms the phase began (reset); sampled messages published before it are stale. */
+  let since = 0;
+  let stale = 0;
+  let sample = '';
+  let closing = false;
+  const closes: Record<string, number> = {};
+  const errors: Record<string, number> = {};
+  const odd: Record<string, number> = {};
+  const bump = (o: Record<string, number>, k: string) => {
+    o[k] = (o[k] ?? 0) + 1;
+  };
+  const reply = (m: object) => {
+    if (process.connected) process.send!(m);
+  };
+  process.on('disconnect', () => process.exit(0));
+  // Last resort: a stray socket error must not end the run; it is reported instead.
+  process.on('uncaughtException', (err: NodeJS.ErrnoException) =>
+    bump(errors, `uncaught ${err.code ?? err.message}`),
+  );
+
+  function connectOnce(o: OpenCmd, i: number): Promise<{ ok: boolean; retry: boolean; why: string }> {
+    const sampled = (o.offset + i) % 10 === 0;
+    return new Promise((resolve) => {
+      let settled = false;
+      const done = (ok: boolean, retry: boolean, why: string) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve({ ok, retry, why });
+      };
+      const ws = new WebSocket(o.url, o.kind === 'banter' ? 'graphql-transport-ws' : undefined, {
+        handshakeTimeout: 10_000,
+        perMessageDeflate: false,
+      });
+      const timer = setTimeout(() => {
+        ws.terminate();
+        done(false, true, 'timeout');
+      }, 20_000);
+      const ready = () => {
+        sockets[i] = ws;
+        readySlot[i] = 1;
+        done(true, false, '');
+      };
+      ws.on('error', (err: NodeJS.ErrnoException) => bump(errors, err.code ?? err.message.slice(0, 60)));
+      ws.on('open', () => {
+        if (o.kind === 'raw') return ready();
+        const token = o.tokens![(o.offset + i) % o.tokens!.length];
+        ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } }));
+      });
+      ws.on('message', (data: Buffer) => {
+        // The per-frame work, identical for both servers.
+        if (data.length >= MESSAGE_BYTES) {
+          const t = now();
+          counts[i]++;
+          received++;
+          if (firstRecv === 0) firstRecv = t;
+          lastRecv = t;
+          if (sampled) {
+            const s = data.toString('latin1');
+            const at = s.indexOf('ts=');
+            const sent = at >= 0 ? Number.parseFloat(s.slice(at + 3, at + 24)) : Number.NaN;
+            // Published before the phase began (a late probe or backlog): not this phase's latency.
+            if (sent < since) stale++;
+            else if (sent >= since) hist[bucket(t - sent)]++;
+            if (!sample) {
+              sampleBytes = data.length;
+              sample = s;
+            }
+          }
+          return;
+        }
+        let m: { type?: string };
+        try {
+          m = JSON.parse(data.toString());
+        } catch {
+          return bump(odd, 'unparsable');
+        }
+        if (m.type === 'connection_ack') {
+          ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: o.query } }));
+          ready();
+        } else if (m.type === 'next') other++;
+        else if (m.type === 'ping') ws.send('{"type":"pong"}');
+        else bump(odd, String(m.type));
+      });
+      ws.on('close', (code) => {
+        if (!settled) done(false, code < 4000, `close ${code}`);
+        else if (sockets[i] === ws) {
+          sockets[i] = undefined;
+          if (!closing) bump(closes, String(code));
         }
       });
-      await sleep(500);
-      process.send!({ ready: sockets.length });
-    } else if (m.cmd === 'reset') {
+    });
+  }
+
+  let openedUpTo = 0;
+  async function open(o: OpenCmd) {
+    if (sockets.length !== o.n) {
+      sockets = new Array(o.n);
+      counts = new Uint32Array(o.n);
+      readySlot = new Uint8Array(o.n);
+      everGot = new Uint8Array(o.n);
+      openedUpTo = 0;
+    }
+    const from = openedUpTo;
+    openedUpTo = Math.max(from, o.upTo);
+    const failWhy: Record<string, number> = {};
+    let failed = 0;
+    let retries = 0;
+    await pool(openedUpTo - from, o.concurrency, async (j) => {
+      const i = from + j;
+      for (let attempt = 0; ; attempt++) {
+        const r = await connectOnce(o, i);
+        if (r.ok) return;
+        bump(failWhy, r.why);
+        if (!r.retry || attempt >= 7 || now() > o.deadline) {
+          failed++;
+          return;
+        }
+        retries++;
+        await sleep(Math.min(2000, 50 * 2 ** attempt) * (0.5 + Math.random()));
+      }
+    });
+    reply({ opened: { ready: readySlot.reduce((a, b) => a + b, 0), failed, retries, failWhy } });
+  }
+
+  function stats(expect: number, withHist: boolean): ClientStats {
+    let lost = 0;
+    let short = 0;
+    let extra = 0;
+    let ready = 0;
+    let open = 0;
+    let silent = 0;
+    for (let i = 0; i < counts.length; i++) {
+      if (sockets[i]) open++;
+      if (!readySlot[i]) continue;
+      ready++;
+      const c = counts[i];
+      if (!c && !everGot[i]) silent++;
+      if (c < expect) {
+        lost += expect - c;
+        short++;
+      } else extra += c - expect;
+    }
+    return {
+      received,
+      other,
+      firstRecv,
+      lastRecv,
+      hist: withHist ? hist : undefined,
+      stale,
+      ready,
+      open,
+      silent,
+      lost,
+      short,
+      extra,
+      closes,
+      errors,
+      odd,
+      sampleBytes,
+      sample,
+    };
+  }
+
+  process.on('message', (m: any) => {
+    if (m.cmd === 'open') void open(m.open);
+    else if (m.cmd === 'reset') {
+      for (let i = 0; i < counts.length; i++) if (counts[i]) everGot[i] = 1;
+      counts.fill(0);
+      hist.fill(0);
       received = 0;
+      other = 0;
+      stale = 0;
+      since = m.since ?? 0;
       firstRecv = 0;
       lastRecv = 0;
-      lat = [];
-      process.send!({ reset: true });
-    } else if (m.cmd === 'stats') {
-      process.send!({ received, firstRecv, lastRecv, lat });
-    } else if (m.cmd === 'close') {
-      for (const s of sockets) s.terminate();
-      process.exit(0);
+      reply({ reset: true });
+    } else if (m.cmd === 'stats') reply({ stats: stats(m.expect, m.hist) });
+    else if (m.cmd === 'close') {
+      closing = true;
+      for (const s of sockets) s?.terminate();
+      setTimeout(() => process.exit(0), 200);
     }
   });
-  function count(t: number, sampled?: string) {
-    received++;
-    if (!firstRecv) firstRecv = t;
-    lastRecv = t;
-    if (sampled) {
-      const x = tsRe.exec(sampled);
-      if (x) lat.push(t - Number(x[1]));
-    }
-  }
 }
 
-// ---------------------------------------------------------------- driver helpers
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
-function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / 100;
-}
-function rssBytes(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) * 1024 : 0;
-}
-const pct = (xs: number[], p: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : Number.NaN;
-};
-const agent = new Agent({ keepAlive: true, maxSockets: 64 });
-function post(port: number, p: string, body: string, token?: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const req = request(
-      {
-        host: '127.0.0.1',
-        port,
-        path: p,
-        method: 'POST',
-        agent,
-        headers: {
-          'content-type': 'application/json',
-          'content-length': Buffer.byteLength(body),
-          ...(token ? { authorization: `Bearer ${token}` } : {}),
-        },
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => resolve(Buffer.concat(chunks).toString()));
-      },
-    );
-    req.on('error', reject);
-    req.end(body);
-  });
-}
-async function gql<T = any>(port: number, query: string, variables: object, token?: string): Promise<T> {
-  const body = JSON.parse(await post(port, '/graphql', JSON.stringify({ query, variables }), token));
-  if (body.errors?.length) throw new Error(`${query.slice(0, 50)}: ${JSON.stringify(body.errors)}`);
-  return body.data;
+// ------------------------------------------------------------ driver
+const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+function merge(into: Record<string, number>, from: Record<string, number>) {
+  for (const [k, v] of Object.entries(from)) into[k] = (into[k] ?? 0) + v;
+  return into;
 }
 
 class Clients {
   procs: ChildProcess[] = [];
-  closes: Record<number, number> = {};
   constructor(n: number) {
     for (let i = 0; i < n; i++) {
       const p = fork(self, ['clients'], { execArgv: ['--import', 'tsx'] });
-      p.on('message', (m: any) => {
-        if (m.closed) this.closes[m.closed] = (this.closes[m.closed] ?? 0) + 1;
+      p.on('exit', (code) => {
+        if (code) console.error(`client process ${i} exited with ${code}`);
       });
       this.procs.push(p);
     }
   }
-  private ask(p: ChildProcess, msg: object, key: string): Promise<any> {
-    return new Promise((resolve) => {
+  private ask(p: ChildProcess, msg: object, key: string, timeoutMs = 30_000): Promise<any> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        p.off('message', on);
+        reject(new Error(`client process did not answer ${JSON.stringify(msg).slice(0, 40)}`));
+      }, timeoutMs);
       const on = (m: any) => {
         if (key in m) {
+          clearTimeout(timer);
           p.off('message', on);
-          resolve(m);
+          resolve(m[key]);
         }
       };
       p.on('message', on);
       p.send(msg);
     });
   }
-  async open(msg: object, total: number) {
+  /** Opens (more) sockets: `fraction` of each process's share of `total` is open afterwards. */
+  async open(
+    o: Omit<OpenCmd, 'n' | 'upTo' | 'offset' | 'concurrency' | 'deadline'>,
+    total: number,
+    fraction = 1,
+  ) {
     const per = Math.ceil(total / this.procs.length);
-    await Promise.all(
-      this.procs.map((p, i) =>
-        this.ask(p, { cmd: 'open', n: Math.min(per, total - i * per), ...msg }, 'ready'),
-      ),
+    const deadline = Date.now() + CONNECT_SECONDS * 1000;
+    const all = await Promise.all(
+      this.procs.map((p, i) => {
+        const n = Math.max(0, Math.min(per, total - i * per));
+        const open: OpenCmd = {
+          ...o,
+          n,
+          upTo: Math.ceil(n * fraction),
+          offset: i * per,
+          concurrency: CONNECT_CONCURRENCY,
+          deadline,
+        };
+        return this.ask(p, { cmd: 'open', open }, 'opened', (CONNECT_SECONDS + 60) * 1000);
+      }),
     );
+    return {
+      ready: sum(all.map((s) => s.ready)),
+      failed: sum(all.map((s) => s.failed)),
+      retries: sum(all.map((s) => s.retries)),
+      failWhy: all.reduce((a, s) => merge(a, s.failWhy), {}),
+    };
   }
   async reset() {
-    await Promise.all(this.procs.map((p) => this.ask(p, { cmd: 'reset' }, 'reset')));
+    await Promise.all(this.procs.map((p) => this.ask(p, { cmd: 'reset', since: now() }, 'reset')));
   }
-  async stats() {
-    const all = await Promise.all(this.procs.map((p) => this.ask(p, { cmd: 'stats' }, 'received')));
+  /** Totals over all processes; lost/short/extra are against `expect` messages per socket. */
+  async stats(expect: number, hist = false): Promise<ClientStats> {
+    const all: ClientStats[] = await Promise.all(
+      this.procs.map((p) => this.ask(p, { cmd: 'stats', expect, hist }, 'stats')),
+    );
+    const h = hist ? new Array<number>(H_N).fill(0) : undefined;
+    if (h) for (const s of all) for (let i = 0; i < H_N; i++) h[i] += s.hist![i];
     return {
-      received: all.reduce((a, s) => a + s.received, 0),
+      received: sum(all.map((s) => s.received)),
+      other: sum(all.map((s) => s.other)),
       firstRecv: Math.min(...all.map((s) => s.firstRecv || Number.POSITIVE_INFINITY)),
       lastRecv: Math.max(...all.map((s) => s.lastRecv)),
-      lat: all.flatMap((s) => s.lat as number[]),
+      hist: h,
+      ready: sum(all.map((s) => s.ready)),
+      open: sum(all.map((s) => s.open)),
+      stale: sum(all.map((s) => s.stale)),
+      silent: sum(all.map((s) => s.silent)),
+      lost: sum(all.map((s) => s.lost)),
+      short: sum(all.map((s) => s.short)),
+      extra: sum(all.map((s) => s.extra)),
+      closes: all.reduce((a, s) => merge(a, s.closes), {}),
+      errors: all.reduce((a, s) => merge(a, s.errors), {}),
+      odd: all.reduce((a, s) => merge(a, s.odd), {}),
+      sampleBytes: Math.max(...all.map((s) => s.sampleBytes)),
+      sample: all.find((s) => s.sample)?.sample ?? '',
     };
   }
   close() {
-    for (const p of this.procs) p.send({ cmd: 'close' });
+    for (const p of this.procs) if (p.connected) p.send({ cmd: 'close' });
   }
+}
+
+/**
+ * Waits until every subscribed socket has `perSocket` messages, or none arrived for 2 s, or
+ * DRAIN_SECONDS passed. Returns the last totals and how it ended.
+ */
+async function drain(c: Clients, perSocket: number) {
+  const t0 = now();
+  let last = -1;
+  let lastChange = t0;
+  for (;;) {
+    await sleep(250);
+    const s = await c.stats(perSocket);
+    if (s.lost === 0) return { s, ended: 'complete', ms: now() - t0 };
+    if (s.received + s.other !== last) {
+      last = s.received + s.other;
+      lastChange = now();
+    } else if (now() - lastChange >= 2000) return { s, ended: 'stalled 2 s', ms: now() - t0 };
+    if (now() - t0 > DRAIN_SECONDS * 1000) return { s, ended: `cut at ${DRAIN_SECONDS} s`, ms: now() - t0 };
+  }
+}
+
+/**
+ * Waits until no frame of any kind (other events such as presence included) arrived for
+ * `quietMs`, at most `maxSeconds`; resolves to a description of how long it took.
+ */
+async function quiet(c: Clients, quietMs: number, maxSeconds: number): Promise<string> {
+  const t0 = now();
+  let last = -1;
+  let lastChange = t0;
+  for (;;) {
+    await sleep(250);
+    const s = await c.stats(0);
+    if (s.received + s.other !== last) {
+      last = s.received + s.other;
+      lastChange = now();
+    } else if (now() - lastChange >= quietMs) return `quiet after ${fmt((now() - t0) / 1000)} s`;
+    if (now() - t0 > maxSeconds * 1000) return `still receiving after ${maxSeconds} s`;
+  }
+}
+
+interface Phase {
+  published: number;
+  publishErrors: number;
+  delivered: number;
+  /** Deliveries missing when the phase ended (sockets × published − delivered, per socket). */
+  lost: number;
+  shortSockets: number;
+  /** Deliveries beyond what was published in the phase: late earlier messages, or duplicates. */
+  extra: number;
+  /** Of the sampled deliveries, those published before the phase (not in its latencies). */
+  stale: number;
+  p50: number;
+  p99: number;
+  ended: string;
+  drainMs: number;
 }
 
 interface Result {
-  deliveriesPerSec: number;
-  satP50: number;
-  satP99: number;
-  pacedP50: number;
-  pacedP99: number;
-  cpuSeconds: number;
-  rssPerSocketKB: number;
-  published: number;
-  delivered: number;
-}
-
-/** Drives a publisher saturated, then paced; returns the figures. */
-async function measure(
-  pid: number,
-  c: Clients,
-  publish: (ts: number) => Promise<void>,
-): Promise<Omit<Result, 'rssPerSocketKB'>> {
-  await c.reset();
-  const cpu0 = cpuSeconds(pid);
-  const t0 = now();
-  const until = t0 + SAT_SECONDS * 1000;
-  let published = 0;
-  await Promise.all(
-    Array.from({ length: PUBLISHERS }, async () => {
-      while (now() < until) {
-        await publish(now());
-        published++;
-      }
-    }),
-  );
-  // Drain: until nothing new arrives for a second (or everything arrived).
-  let last = -1;
-  for (;;) {
-    await sleep(1000);
-    const s = await c.stats();
-    if (s.received === last || s.received >= published * SOCKETS) break;
-    last = s.received;
-  }
-  const sat = await c.stats();
-  const cpu = cpuSeconds(pid) - cpu0;
-  const deliveriesPerSec = sat.received / ((sat.lastRecv - t0) / 1000);
-  await c.reset();
-  for (let i = 0; i < PACED_SECONDS * 10; i++) {
-    const t = now();
-    await publish(t);
-    await sleep(Math.max(0, 100 - (now() - t)));
-  }
-  await sleep(1500);
-  const paced = await c.stats();
-  return {
-    deliveriesPerSec,
-    satP50: pct(sat.lat, 50),
-    satP99: pct(sat.lat, 99),
-    pacedP50: pct(paced.lat, 50),
-    pacedP99: pct(paced.lat, 99),
-    cpuSeconds: cpu,
-    published,
-    delivered: sat.received,
+  name: string;
+  connect: {
+    ready: number;
+    failed: number;
+    retries: number;
+    failWhy: Record<string, number>;
+    seconds: number;
   };
+  probes: number;
+  unprobed: number;
+  rssPerSocketKB: number;
+  /** V8 heap used + external per socket, after a full GC. */
+  heapPerSocketKB: number;
+  sat?: Phase & { deliveriesPerSec: number; cpuSeconds: number };
+  paced: Phase & { cpuSeconds: number };
+  closes: Record<string, number>;
+  errors: Record<string, number>;
+  odd: Record<string, number>;
+  other: number;
+  frameBytes: number;
+  frame: string;
+  extra?: string;
 }
 
-async function runRaw(): Promise<Result> {
-  const server = fork(self, ['raw-server'], { execArgv: ['--import', 'tsx'] });
-  const { port } = await new Promise<{ port: number }>((r) => server.once('message', r as never));
-  await sleep(500);
-  const rss0 = rssBytes(server.pid!);
+/** What one server under test provides to the measurement. */
+interface Target {
+  name: string;
+  pid: number;
+  alive: () => boolean;
+  open: Omit<OpenCmd, 'n' | 'upTo' | 'offset' | 'concurrency' | 'deadline'>;
+  publish: (ts: number) => Promise<void>;
+  /** Runs after the phases, while the sockets are still open; its line is printed with the results. */
+  after?: () => Promise<string>;
+}
+
+const fmt = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
+
+/**
+ * Opens sockets up to `fraction` of BENCH_SOCKETS, probes until each has had a message
+ * (graphql-ws does not acknowledge a subscribe, so a subscription is live only some time after
+ * it), waits for quiet, and reads the server's memory after a full GC.
+ */
+async function openIdle(t: Target, c: Clients, fraction: number) {
+  const log = (s: string) => console.log(`  ${t.name}: ${s}`);
+  let ts = now();
+  const opened = await c.open(t.open, SOCKETS, fraction);
+  const seconds = (now() - ts) / 1000;
+  log(
+    `${opened.ready}/${SOCKETS} sockets subscribed after ${fmt(seconds)} s ` +
+      `(${opened.failed} failed, ${opened.retries} retries${opened.retries ? ` ${JSON.stringify(opened.failWhy)}` : ''})`,
+  );
+  await c.reset();
+  let probes = 0;
+  let unprobed = opened.ready;
+  ts = now();
+  while (now() - ts < PROBE_SECONDS * 1000 && t.alive()) {
+    await t.publish(now()).catch(() => undefined);
+    probes++;
+    await sleep(200);
+    unprobed = (await c.stats(1)).short;
+    if (unprobed === 0) break;
+  }
+  await drain(c, probes);
+  const probeSeconds = (now() - ts) / 1000;
+  // Idle means idle: other events (the presence of all those users coming online) done too.
+  const settled = await quiet(c, 2000, QUIET_SECONDS);
+  const idle = await c.stats(0);
+  const mem = await memoryAfterGc(t.pid);
+  log(
+    `${probes} probes until every socket had one (${unprobed} never did), drained in ${fmt(probeSeconds)} s, ` +
+      `${settled}; ${idle.open} open, ${idle.silent} never received a message, ${idle.other} other events so far`,
+  );
+  return { ...opened, seconds, probes, unprobed, idle, mem };
+}
+
+async function measure(t: Target): Promise<Result> {
+  const log = (s: string) => console.log(`  ${t.name}: ${s}`);
+  // Warm the server's paths on a few sockets before its memory baseline, the same for both.
+  const warm = new Clients(1);
+  try {
+    await warm.open(t.open, 10);
+    for (let i = 0; i < 200; i++) await t.publish(now()).catch(() => undefined);
+  } finally {
+    warm.close();
+  }
+  await sleep(2000);
+  const mem0 = await memoryAfterGc(t.pid);
   const c = new Clients(CLIENT_PROCS);
-  await c.open({ url: `ws://127.0.0.1:${port}/`, kind: 'raw' }, SOCKETS);
-  await sleep(1500);
-  const rss1 = rssBytes(server.pid!);
-  const body = (ts: number) =>
-    JSON.stringify({ type: 'next', content: `bench ts=${ts.toFixed(3)} hello there` });
-  const r = await measure(server.pid!, c, async (ts) => {
-    await post(port, '/publish', body(ts));
+  try {
+    // Memory per socket is the slope from half to all of the sockets, both idle and warm: what
+    // the warm-up left behind (caches that expire, retained events) cancels out of it.
+    const half = await openIdle(t, c, 0.5);
+    const full = await openIdle(t, c, 1);
+    const connect = {
+      ready: full.ready,
+      failed: half.failed + full.failed,
+      retries: half.retries + full.retries,
+      failWhy: merge(half.failWhy, full.failWhy),
+      seconds: half.seconds + full.seconds,
+    };
+    const n = Math.max(1, full.idle.open - half.idle.open);
+    const rssPerSocketKB = (full.mem.rss - half.mem.rss) / n / 1024;
+    const heapPerSocketKB = (full.mem.heap - half.mem.heap) / n / 1024;
+    const perOpen = Math.max(1, full.idle.open);
+    log(
+      `per idle socket after GC, from ${half.idle.open} to ${full.idle.open} sockets: RSS ${fmt(rssPerSocketKB)} KB, ` +
+        `heap+external ${fmt(heapPerSocketKB)} KB (from the baseline before any socket: ` +
+        `${fmt((full.mem.rss - mem0.rss) / perOpen / 1024)} KB, ${fmt((full.mem.heap - mem0.heap) / perOpen / 1024)} KB); ` +
+        `server RSS ${fmt(full.mem.rss / 2 ** 20, 0)} MB`,
+    );
+    const probes = full.probes;
+    const unprobed = full.unprobed;
+
+    let sat: Result['sat'];
+    if (SATURATED) {
+      await c.reset();
+      const cpu0 = cpuSeconds(t.pid);
+      const t0 = now();
+      const until = t0 + SAT_SECONDS * 1000;
+      let published = 0;
+      let publishErrors = 0;
+      await Promise.all(
+        Array.from({ length: PUBLISHERS }, async () => {
+          while (now() < until && t.alive()) {
+            try {
+              await t.publish(now());
+              published++;
+            } catch {
+              publishErrors++;
+              await sleep(10);
+            }
+          }
+        }),
+      );
+      const d = await drain(c, published);
+      const cpu = cpuSeconds(t.pid) - cpu0;
+      const s = await c.stats(published, true);
+      sat = {
+        published,
+        publishErrors,
+        delivered: s.received,
+        lost: s.lost,
+        shortSockets: s.short,
+        extra: s.extra,
+        stale: s.stale,
+        p50: percentile(s.hist!, 50),
+        p99: percentile(s.hist!, 99),
+        ended: d.ended,
+        drainMs: d.ms,
+        deliveriesPerSec: s.received / ((s.lastRecv - t0) / 1000),
+        cpuSeconds: cpu,
+      };
+      log(
+        `saturated: ${published} published in ${SAT_SECONDS} s, drain ${d.ended} after ${fmt(d.ms / 1000)} s, ` +
+          `${s.lost} deliveries missing`,
+      );
+      log(`before the paced phase: ${await quiet(c, 1000, QUIET_SECONDS)}`);
+    }
+
+    await c.reset();
+    const cpu0 = cpuSeconds(t.pid);
+    let published = 0;
+    let publishErrors = 0;
+    const start = now();
+    for (let i = 0; i < PACED_SECONDS * 10 && t.alive(); i++) {
+      await sleep(Math.max(0, start + i * 100 - now()));
+      try {
+        await t.publish(now());
+        published++;
+      } catch {
+        publishErrors++;
+      }
+    }
+    const d = await drain(c, published);
+    const cpu = cpuSeconds(t.pid) - cpu0;
+    const s = await c.stats(published, true);
+    const paced = {
+      published,
+      publishErrors,
+      delivered: s.received,
+      lost: s.lost,
+      shortSockets: s.short,
+      extra: s.extra,
+      stale: s.stale,
+      p50: percentile(s.hist!, 50),
+      p99: percentile(s.hist!, 99),
+      ended: d.ended,
+      drainMs: d.ms,
+      cpuSeconds: cpu,
+    };
+    return {
+      name: t.name,
+      connect,
+      probes,
+      unprobed,
+      rssPerSocketKB,
+      heapPerSocketKB,
+      sat,
+      paced,
+      closes: s.closes,
+      errors: s.errors,
+      odd: s.odd,
+      other: s.other,
+      extra: await t.after?.(),
+      frameBytes: s.sampleBytes,
+      frame: s.sample,
+    };
+  } finally {
+    c.close();
+  }
+}
+
+async function runRaw(messageJson: (ts: number) => string): Promise<Result> {
+  const server = fork(self, ['raw-server'], { execArgv: ['--import', 'tsx', ...GC_ON_SIGNAL_ARGS] });
+  let alive = true;
+  server.once('exit', () => {
+    alive = false;
   });
-  c.close();
-  server.kill();
-  return { ...r, rssPerSocketKB: (rss1 - rss0) / SOCKETS / 1024 };
+  try {
+    const { port } = await new Promise<{ port: number }>((r) => server.once('message', r as never));
+    await sleep(500);
+    return await measure({
+      name: 'raw ws',
+      pid: server.pid!,
+      alive: () => alive,
+      open: { kind: 'raw', url: `ws://127.0.0.1:${port}/` },
+      publish: (ts) => post(port, '/publish', messageJson(ts)).then(() => undefined),
+    });
+  } finally {
+    server.kill();
+  }
 }
 
 const QUERY =
   'subscription { events { cursor ... on MessageCreated { message { id content createdAt author { id username } } } } }';
 
-async function runBanter(): Promise<Result & { closes: Record<number, number>; shared: string }> {
-  const dbName = `banter_fanout_${Date.now().toString(36)}_${randomBytes(3).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: ADMIN_URL });
-  await admin.connect();
-  await admin.query(`create database ${dbName}`);
-  await admin.end();
-  const dbUrl = new URL(ADMIN_URL);
-  dbUrl.pathname = `/${dbName}`;
-  const port = await freePort();
-  const nodeArgs = ['--import', 'tsx'];
-  if (env.BENCH_CPU_PROF) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${path.resolve(env.BENCH_CPU_PROF)}`);
-  const server = spawn(process.execPath, [...nodeArgs, 'api/main.ts'], {
-    cwd: root,
-    env: {
-      ...env,
-      PORT: String(port),
-      DATABASE_URL: dbUrl.toString(),
-      REDIS_URL: '',
-      RATE_LIMITS: 'off',
-      LOG_LEVEL: 'warn',
-      NODE_ENV: 'production',
-      JWT_SECRET: randomBytes(32).toString('hex'),
-      DATA_DIR: path.join(root, 'data', `bench-${dbName}`),
-    },
-    stdio: ['ignore', 'ignore', 'inherit'],
+async function runBanter(server: BanterServer, tokens: string[], channelId: string): Promise<Result> {
+  const { port } = server;
+  const send = (ts: number) =>
+    gql(
+      port,
+      'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }',
+      { i: { channelId, content: `bench ts=${ts.toFixed(3)} hello there` } },
+      tokens[0],
+    ).then(() => undefined);
+  return measure({
+    name: 'banter',
+    pid: server.pid,
+    alive: () => !server.exited(),
+    open: { kind: 'banter', url: `ws://127.0.0.1:${port}/graphql`, tokens, query: QUERY },
+    publish: send,
+    after: async () =>
+      (await get(port, '/metrics').catch(() => ''))
+        .split('\n')
+        .filter((l) => /^banter_(events_delivered_total|ws_closes_total|ws_open_sockets)/.test(l))
+        .join('; '),
   });
-  try {
-    for (let i = 0; ; i++) {
-      try {
-        await post(port, '/graphql', JSON.stringify({ query: '{ serverInfo { name } }' }));
-        break;
-      } catch {
-        if (i > 300) throw new Error('banter did not start');
-        await sleep(100);
-      }
-    }
-    const tag = randomBytes(3).toString('hex');
-    const tokens: string[] = [];
-    for (let i = 0; i < USERS; i += 8) {
-      const batch = await Promise.all(
-        Array.from({ length: Math.min(8, USERS - i) }, (_, j) =>
-          gql(port, 'mutation($i: RegisterInput!) { register(input: $i) { accessToken } }', {
-            i: {
-              username: `fan${tag}_${i + j}`,
-              email: `fan${tag}_${i + j}@example.test`,
-              password: 'bench password 1',
-            },
-          }).then((d) => d.register.accessToken as string),
-        ),
-      );
-      tokens.push(...batch);
-    }
-    const owner = tokens[0];
-    const g = await gql(
-      port,
-      'mutation { createGuild(input: { name: "Fanout" }) { id channels { id } } }',
-      {},
-      owner,
-    );
-    const channelId = g.createGuild.channels[0].id as string;
-    const inv = await gql(
-      port,
-      'mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }',
-      { g: g.createGuild.id },
-      owner,
-    );
-    for (const t of tokens.slice(1)) {
-      await gql(
-        port,
-        'mutation($c: String!) { joinGuild(code: $c) { id } }',
-        { c: inv.createInvite.code },
-        t,
-      );
-    }
-    const send = (ts: number) =>
-      gql(
-        port,
-        'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }',
-        {
-          i: { channelId, content: `bench ts=${ts.toFixed(3)} hello there` },
-        },
-        owner,
-      ).then(() => undefined);
-    // Warm up the paths (and one subscription) before measuring memory.
-    const warm = new Clients(1);
-    await warm.open({ url: `ws://127.0.0.1:${port}/graphql`, kind: 'banter', tokens, query: QUERY }, 10);
-    for (let i = 0; i < 200; i++) await send(now());
-    warm.close();
-    await sleep(3000);
-    const rss0 = rssBytes(server.pid!);
-    const c = new Clients(CLIENT_PROCS);
-    await c.open({ url: `ws://127.0.0.1:${port}/graphql`, kind: 'banter', tokens, query: QUERY }, SOCKETS);
-    await sleep(3000);
-    const rss1 = rssBytes(server.pid!);
-    const r = await measure(server.pid!, c, send);
-    const metrics = await new Promise<string>((resolve) =>
-      request({ host: '127.0.0.1', port, path: '/metrics' }, (res) => {
-        let s = '';
-        res.on('data', (d) => {
-          s += d;
-        });
-        res.on('end', () => resolve(s));
-      }).end(),
-    );
-    const shared = metrics
-      .split('\n')
-      .filter((l) => l.startsWith('banter_events_delivered_total'))
-      .join('; ');
-    c.close();
-    return { ...r, rssPerSocketKB: (rss1 - rss0) / SOCKETS / 1024, closes: c.closes, shared };
-  } finally {
-    server.kill('SIGTERM');
-    await new Promise((r) => server.once('exit', r));
-    const a = new pg.Client({ connectionString: ADMIN_URL });
-    await a.connect();
-    await a.query(`drop database if exists ${dbName} with (force)`);
-    await a.end();
-  }
 }
 
-function show(name: string, r: Result) {
-  const f = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : 'n/a');
-  console.log(
-    `${name.padEnd(7)} deliveries/s ${f(r.deliveriesPerSec, 0).padStart(8)}  sat p50/p99 ${f(r.satP50)}/${f(r.satP99)} ms  ` +
-      `paced p50/p99 ${f(r.pacedP50)}/${f(r.pacedP99)} ms  cpu ${f(r.cpuSeconds, 2)} s  RSS/socket ${f(r.rssPerSocketKB)} KB  ` +
-      `(${r.published} published, ${r.delivered} delivered)`,
+/** Users, one guild, everyone a member; tokens[0] owns it and publishes. */
+async function setupBanter(server: BanterServer) {
+  const ts = now();
+  const tokens = await signup(server.port, USERS, 'fan', Number(env.BENCH_SIGNUP_CONCURRENCY ?? 8));
+  const owner = tokens[0];
+  const g = await gql(
+    server.port,
+    'mutation { createGuild(input: { name: "Fanout" }) { id channels { id } } }',
+    {},
+    owner,
   );
+  const inv = await gql(
+    server.port,
+    'mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }',
+    { g: g.createGuild.id },
+    owner,
+  );
+  await pool(tokens.length - 1, 16, (i) =>
+    gql(
+      server.port,
+      'mutation($c: String!) { joinGuild(code: $c) { id } }',
+      { c: inv.createInvite.code },
+      tokens[i + 1],
+    ),
+  );
+  if (INVISIBLE) {
+    await pool(tokens.length, 16, (i) =>
+      gql(server.port, 'mutation { setPresence(status: INVISIBLE) }', {}, tokens[i]),
+    );
+  }
+  console.log(
+    `  banter: ${USERS} users signed up and joined${INVISIBLE ? ', INVISIBLE,' : ''} in ${fmt((now() - ts) / 1000)} s`,
+  );
+  return { tokens, channelId: g.createGuild.channels[0].id as string };
+}
+
+function show(r: Result) {
+  const n = r.name.padEnd(7);
+  if (r.sat) {
+    const s = r.sat;
+    console.log(
+      `${n} saturated: ${fmt(s.deliveriesPerSec, 0)} deliveries/s, p50/p99 ${fmt(s.p50)}/${fmt(s.p99)} ms, ` +
+        `cpu ${fmt(s.cpuSeconds, 2)} s; ${s.published} published (${s.publishErrors} errors), ${s.delivered} delivered, ` +
+        `${s.lost} missing on ${s.shortSockets} sockets (drain ${s.ended})`,
+    );
+  }
+  const p = r.paced;
+  console.log(
+    `${n} paced 10/s: p50/p99 ${fmt(p.p50)}/${fmt(p.p99)} ms, cpu ${fmt(p.cpuSeconds, 2)} s; ${p.published} published ` +
+      `(${p.publishErrors} errors) to ${r.connect.ready} sockets: ${p.delivered} delivered, ${p.lost} lost on ${p.shortSockets} sockets` +
+      `${p.extra ? `, ${p.extra} extra (${p.stale} sampled were published before the phase)` : ''} (drain ${p.ended})`,
+  );
+  console.log(
+    `${n} idle: ${r.connect.ready}/${SOCKETS} subscribed, per socket RSS ${fmt(r.rssPerSocketKB)} KB, heap+external ${fmt(r.heapPerSocketKB)} KB; frame ${r.frameBytes} B; ` +
+      `closes ${JSON.stringify(r.closes)}, errors ${JSON.stringify(r.errors)}, other events ${r.other}` +
+      `${Object.keys(r.odd).length ? `, odd frames ${JSON.stringify(r.odd)}` : ''}`,
+  );
+  if (r.extra) console.log(`${n} metrics: ${r.extra}`);
+  if (env.BENCH_VERBOSE) console.log(`${n} a message frame: ${r.frame}`);
 }
 
 async function main() {
+  const deadline = setTimeout(() => {
+    console.error(`fanout: gave up after ${TIMEOUT_SECONDS} s`);
+    process.exit(2); // the exit hook in common.ts kills the server; its database stays (banter_fanout_*)
+  }, TIMEOUT_SECONDS * 1000);
+  deadline.unref();
   console.log(
-    `fanout: ${SOCKETS} sockets in ${CLIENT_PROCS} client processes, ${PUBLISHERS} publishers, ${SAT_SECONDS} s saturated, ${PACED_SECONDS} s at 10/s`,
+    `fanout: ${SOCKETS} sockets in ${CLIENT_PROCS} client processes, ${USERS} users; ` +
+      (SATURATED
+        ? `${PUBLISHERS} publishers for ${SAT_SECONDS} s saturated, then `
+        : 'capacity run (no saturated phase), ') +
+      `${PACED_SECONDS} s at 10 messages/s`,
   );
-  const raw = await runRaw();
-  show('raw ws', raw);
-  const banter = await runBanter();
-  show('banter', banter);
-  console.log(`banter closes: ${JSON.stringify(banter.closes)}; ${banter.shared}`);
-  console.log(
-    `ratios banter/raw: deliveries/s ${(banter.deliveriesPerSec / raw.deliveriesPerSec).toFixed(2)}, ` +
-      `paced p99 ${(banter.pacedP99 / raw.pacedP99).toFixed(2)}x, RSS/socket ${(banter.rssPerSocketKB / raw.rssPerSocketKB).toFixed(2)}x, ` +
-      `cpu s per delivery ${(banter.cpuSeconds / banter.delivered / (raw.cpuSeconds / raw.delivered)).toFixed(2)}x`,
-  );
+  console.log(machineLine());
+  const results: Result[] = [];
+  if (TARGETS.includes('raw')) {
+    // The shape and size of Banter's frame: global ids and cursors are base64url.
+    const b64 = (s: string) => Buffer.from(s).toString('base64url');
+    const author = { id: b64(`User:${randomUUID()}`), username: `fan${randomBytes(3).toString('hex')}_0` };
+    let seq = 0;
+    const raw = await runRaw((ts) =>
+      JSON.stringify({
+        id: '1',
+        type: 'next',
+        payload: {
+          data: {
+            events: {
+              cursor: b64(`e1.${++seq}.${seq % 1000}`),
+              message: {
+                id: b64(`Message:${randomUUID()}`),
+                content: `bench ts=${ts.toFixed(3)} hello there`,
+                createdAt: new Date().toISOString(),
+                author,
+              },
+            },
+          },
+        },
+      }),
+    );
+    show(raw);
+    results.push(raw);
+  }
+  if (TARGETS.includes('banter')) {
+    const server = await startBanter('banter_fanout', {
+      env: { ACCESS_TOKEN_TTL: '3600' },
+      gcOnSignal: true,
+    });
+    try {
+      const setup = await setupBanter(server);
+      const b = await runBanter(server, setup.tokens, setup.channelId);
+      show(b);
+      results.push(b);
+    } finally {
+      await server.stop();
+    }
+  }
+  const raw = results.find((r) => r.name === 'raw ws');
+  const b = results.find((r) => r.name === 'banter');
+  if (raw && b) {
+    const cpuPer = (r: Result) => (r.sat ? r.sat.cpuSeconds / r.sat.delivered : Number.NaN);
+    console.log(
+      `ratios banter/raw: deliveries/s ${fmt((b.sat?.deliveriesPerSec ?? Number.NaN) / (raw.sat?.deliveriesPerSec ?? Number.NaN), 2)}, ` +
+        `paced p99 ${fmt(b.paced.p99 / raw.paced.p99, 2)}x, RSS/socket ${fmt(b.rssPerSocketKB / raw.rssPerSocketKB, 2)}x, ` +
+        `cpu per delivery ${fmt(cpuPer(b) / cpuPer(raw), 2)}x`,
+    );
+  }
+  if (b) {
+    const ok = (x: boolean) => (x ? 'met' : 'NOT met');
+    const ratio = raw?.sat && b.sat ? b.sat.deliveriesPerSec / raw.sat.deliveriesPerSec : Number.NaN;
+    console.log(
+      `targets: deliveries/s >= 0.5 of raw: ${Number.isNaN(ratio) ? 'not measured' : ok(ratio >= 0.5)}; ` +
+        `<= 12 KB/idle socket: ${ok(b.rssPerSocketKB <= 12)}; ` +
+        `paced p99 < 25 ms at ${b.connect.ready} sockets: ${ok(b.paced.p99 < 25 && b.paced.lost === 0)}; ` +
+        `${SOCKETS} sockets on one process: ${ok(b.connect.ready === SOCKETS && b.paced.lost === 0)}`,
+    );
+  }
   process.exit(0);
 }
 

@@ -7,9 +7,9 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
-import { createServer } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
@@ -45,12 +45,29 @@ function cpuSeconds(pid: number): number {
   return (Number(f[11]) + Number(f[12])) / CLK_TCK;
 }
 
+/** CPU seconds of every process named `postgres` (the server and its backends), from /proc. */
+function postgresCpuSeconds(): number {
+  let ticks = 0;
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      if (stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== 'postgres') continue;
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(f[11]) + Number(f[12]);
+    } catch {
+      // the process exited meanwhile
+    }
+  }
+  return ticks / CLK_TCK;
+}
+
 function percentile(sorted: number[], p: number): number {
   if (!sorted.length) return Number.NaN;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-let agent = new Agent({ keepAlive: true, maxSockets: 64 });
+const agent = new Agent({ keepAlive: true, maxSockets: 64 });
 
 function post(port: number, body: string, token?: string): Promise<{ status: number; text: string }> {
   return new Promise((resolve, reject) => {
@@ -77,6 +94,72 @@ function post(port: number, body: string, token?: string): Promise<{ status: num
     req.on('error', reject);
     req.end(body);
   });
+}
+
+/**
+ * One keep-alive HTTP/1.1 connection carrying one request at a time, for the measured sends. The
+ * load generator shares the machine's cores with the server and Postgres: this costs a fraction
+ * of http.request's CPU per request, so less of the machine goes to the generator. Same request
+ * (method, path, headers, body) as post(); the response must have a Content-Length.
+ */
+class Conn {
+  private socket: Socket;
+  private buf: Buffer = Buffer.alloc(0);
+  private waiting: { resolve(r: { status: number; text: string }): void; reject(e: Error): void } | undefined;
+  readonly ready: Promise<void>;
+
+  constructor(private port: number) {
+    this.socket = connect(port, '127.0.0.1');
+    this.socket.setNoDelay(true);
+    this.ready = new Promise((resolve, reject) => {
+      this.socket.once('connect', resolve);
+      this.socket.once('error', reject);
+    });
+    this.socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    const fail = (err?: Error) => {
+      const w = this.waiting;
+      this.waiting = undefined;
+      w?.reject(err ?? new Error('connection closed'));
+    };
+    this.socket.on('error', fail);
+    this.socket.on('close', () => fail());
+  }
+
+  post(body: string, token: string): Promise<{ status: number; text: string }> {
+    return new Promise((resolve, reject) => {
+      this.waiting = { resolve, reject };
+      this.socket.write(
+        `POST /graphql HTTP/1.1\r\nHost: 127.0.0.1:${this.port}\r\nContent-Type: application/json\r\n` +
+          `Authorization: Bearer ${token}\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+          `Connection: keep-alive\r\n\r\n${body}`,
+      );
+    });
+  }
+
+  private onData(chunk: Buffer) {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    const end = this.buf.indexOf('\r\n\r\n');
+    if (end < 0) return;
+    const head = this.buf.toString('latin1', 0, end);
+    const len = /\r\ncontent-length:\s*(\d+)/i.exec(head);
+    const w = this.waiting;
+    if (!len) {
+      this.waiting = undefined;
+      w?.reject(new Error(`response without Content-Length: ${head}`));
+      this.socket.destroy();
+      return;
+    }
+    const total = end + 4 + Number(len[1]);
+    if (this.buf.length < total) return;
+    const text = this.buf.toString('utf8', end + 4, total);
+    this.buf = this.buf.subarray(total);
+    this.waiting = undefined;
+    w?.resolve({ status: Number(head.slice(9, 12)), text });
+  }
+
+  close() {
+    this.socket.destroy();
+  }
 }
 
 async function gql<T>(port: number, query: string, variables: object, token?: string): Promise<T> {
@@ -141,7 +224,7 @@ const SEND = 'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id crea
 
 /** Keeps `inFlight` sendMessage requests going until `until`; returns per-request latencies (ms). */
 async function drive(
-  port: number,
+  conns: Conn[],
   inFlight: number,
   until: number,
   users: { tokens: string[]; channels: string[] },
@@ -151,6 +234,7 @@ async function drive(
   let firstError: string | undefined;
   let seq = 0;
   const worker = async (w: number) => {
+    const conn = conns[w];
     while (Date.now() < until) {
       const n = seq++;
       const token = users.tokens[(w + n) % users.tokens.length];
@@ -160,7 +244,7 @@ async function drive(
         variables: { i: { channelId, content: `bench message ${n} from worker ${w}: hello there` } },
       });
       const t0 = performance.now();
-      const r = await post(port, body, token);
+      const r = await conn.post(body, token);
       latencies.push(performance.now() - t0);
       if (r.status !== 200 || r.text.includes('"errors"')) {
         errors++;
@@ -172,12 +256,15 @@ async function drive(
   return { latencies, errors, firstError };
 }
 
-async function countMessages(url: string): Promise<number> {
+/** Rows in messages, and transactions committed in the database so far (one per statement outside a transaction). */
+async function countMessages(url: string): Promise<{ rows: number; commits: number }> {
   const c = new pg.Client({ connectionString: url });
   await c.connect();
   try {
-    const r = await c.query('select count(*)::int as n from messages');
-    return r.rows[0].n as number;
+    const r = await c.query(
+      'select (select count(*)::int from messages) as n, xact_commit::float8 as x from pg_stat_database where datname = current_database()',
+    );
+    return { rows: r.rows[0].n as number, commits: r.rows[0].x as number };
   } finally {
     await c.end();
   }
@@ -237,20 +324,26 @@ async function main() {
       `banter bench:send — ${USERS} users, ${CHANNELS} channels in one guild, ${SECONDS} s per level after ${WARMUP} s warm-up, PostgreSQL, server pid ${server.pid}`,
     );
     console.log(
-      'in flight | msg/s persisted | requests | errors | p50 ms | p90 ms | p99 ms | max ms | server CPU s / 1k msgs',
+      'in flight | msg/s persisted | requests | errors | p50 ms | p90 ms | p99 ms | max ms | server CPU s / 1k msgs | pg CPU s / 1k msgs | bench CPU s / 1k msgs | commits / msg',
     );
     const rows: Record<string, number>[] = [];
     for (const inFlight of LEVELS) {
-      agent.destroy();
-      agent = new Agent({ keepAlive: true, maxSockets: inFlight });
-      await drive(port, inFlight, Date.now() + WARMUP * 1000, users);
+      const conns = Array.from({ length: inFlight }, () => new Conn(port));
+      await Promise.all(conns.map((c) => c.ready));
+      await drive(conns, inFlight, Date.now() + WARMUP * 1000, users);
       const before = await countMessages(dbUrl.toString());
       const cpu0 = cpuSeconds(server.pid!);
+      const pg0 = postgresCpuSeconds();
+      const own0 = process.cpuUsage();
       const t0 = performance.now();
-      const r = await drive(port, inFlight, Date.now() + SECONDS * 1000, users);
+      const r = await drive(conns, inFlight, Date.now() + SECONDS * 1000, users);
+      for (const c of conns) c.close();
       const elapsed = (performance.now() - t0) / 1000;
       const cpu = cpuSeconds(server.pid!) - cpu0;
-      const persisted = (await countMessages(dbUrl.toString())) - before;
+      const pgCpu = postgresCpuSeconds() - pg0;
+      const own = process.cpuUsage(own0);
+      const after = await countMessages(dbUrl.toString());
+      const persisted = after.rows - before.rows;
       const lat = r.latencies.sort((a, b) => a - b);
       const row = {
         inFlight,
@@ -262,6 +355,10 @@ async function main() {
         p99: percentile(lat, 99),
         max: lat[lat.length - 1],
         cpuPer1k: (cpu / Math.max(1, persisted)) * 1000,
+        pgCpuPer1k: (pgCpu / Math.max(1, persisted)) * 1000,
+        clientCpuPer1k: ((own.user + own.system) / 1e6 / Math.max(1, persisted)) * 1000,
+        // pg_stat_database counts are flushed lazily (up to a second late): a rough figure.
+        commitsPerMsg: (after.commits - before.commits) / Math.max(1, persisted),
       };
       rows.push(row);
       console.log(
@@ -275,6 +372,9 @@ async function main() {
           row.p99.toFixed(1).padStart(6),
           row.max.toFixed(1).padStart(6),
           row.cpuPer1k.toFixed(2).padStart(22),
+          row.pgCpuPer1k.toFixed(2).padStart(18),
+          row.clientCpuPer1k.toFixed(2).padStart(21),
+          row.commitsPerMsg.toFixed(2).padStart(13),
         ].join(' | '),
       );
       if (r.firstError) console.log(`  first error: ${r.firstError}`);
