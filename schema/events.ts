@@ -73,7 +73,9 @@ function eventType(name: string, description: string, fields: (t: any) => Record
  * lets subscribers with the same document share one execution.
  */
 const messageOf = new WeakMap<Delivered, Promise<MessageRow | null>>();
-function eventMessage(e: Delivered, ctx: Context): Promise<MessageRow> {
+function eventMessage(e: Delivered, ctx: Context): MessageRow | Promise<MessageRow> {
+  // Usually read along with the row (loadMessages): no statement, and no await either.
+  if (e.message) return e.message;
   let p = messageOf.get(e);
   if (!p) {
     const id = messageIdOf(e);

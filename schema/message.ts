@@ -139,7 +139,7 @@ MessageEditRef.implement({
 MessageRef.implement({
   fields: (t) => ({
     channel: t.field({ type: ChannelRef, resolve: (m) => m.channelId }),
-    author: t.field({ type: UserRef, resolve: (m) => m.authorId }),
+    author: t.field({ type: UserRef, resolve: (m) => history.loadedAuthors.get(m) ?? m.authorId }),
     content: t.exposeString('content'),
     createdAt: t.expose('createdAt', { type: 'DateTime' }),
     editedAt: t.expose('editedAt', { type: 'DateTime', nullable: true }),

@@ -1,5 +1,11 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import { databaseOf } from '../core/db/client.ts';
+import { encodeCursor, type Position } from '../core/realtime/cursor.ts';
+import { headPosition, readAfter, readAfterWithMessages } from '../core/realtime/log.ts';
+import { loadedAuthors } from '../core/services/message-history.service.ts';
+import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
 
@@ -52,4 +58,47 @@ it('delivers created, updated, deleted live and replays them after a cursor', as
   );
   r.stop();
   await client.dispose();
+});
+
+it("the tailer's read brings each row's message and author in one statement; deleted messages mark their rows gone; a malformed id is no id", async () => {
+  const owner = await signUp(app);
+  const { channelId } = await guildWithChannel(app, owner.token);
+  const db = app.deps.db;
+  const from: Position = await headPosition(db);
+  const kept = decodeId(await send(app, owner.token, channelId, 'kept'), 'Message', 'id');
+  const gone = await send(app, owner.token, channelId, 'gone');
+  await ok(
+    app,
+    `mutation($m: ID!) { addReaction(messageId: $m, emoji: "👍") { id } }`,
+    { m: gone },
+    owner.token,
+  );
+  await ok(app, `mutation($m: ID!) { deleteMessage(id: $m) }`, { m: gone }, owner.token);
+  await db.execute(
+    sql`insert into events (type, payload) values ('MESSAGE_UPDATED', ${JSON.stringify({ id: 'not-a-uuid' })}::jsonb)`,
+  );
+  const database = databaseOf(db)!;
+  const before = database.queryCount;
+  const rows = await readAfterWithMessages(db, from, 100);
+  assert.equal(database.queryCount - before, 1);
+  // The same rows, in the same order, as the plain read.
+  const plain = await readAfter(db, from, 100);
+  assert.deepEqual(
+    rows.map((r) => encodeCursor(r)),
+    plain.map((r) => encodeCursor(r)),
+  );
+  const byType = (t: string) => rows.filter((r) => r.type === t);
+  const [createdKept, createdGone] = byType('MESSAGE_CREATED');
+  assert.equal(createdKept.message?.id, kept);
+  assert.equal(createdKept.message?.content, 'kept');
+  assert.equal(createdKept.gone, undefined);
+  assert.equal(loadedAuthors.get(createdKept.message!)?.id, decodeId(owner.id, 'User', 'id'));
+  // Created and reacted to, then deleted: both rows are gone; the deletion itself is delivered.
+  assert.equal(createdGone.gone, true);
+  assert.equal(byType('REACTION_ADDED')[0].gone, true);
+  assert.equal(byType('MESSAGE_DELETED')[0].gone, undefined);
+  // Not a message anyone can load: skipped like a deleted one, and the read did not fail.
+  const malformed = byType('MESSAGE_UPDATED')[0];
+  assert.equal(malformed.message, undefined);
+  assert.equal(malformed.gone, true);
 });

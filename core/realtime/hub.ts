@@ -16,9 +16,10 @@ import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
 import {
   assertNotExpired,
   headPosition,
-  markGone,
+  loadMessages,
   pruneEvents,
   readAfter,
+  readAfterWithMessages,
   readRange,
   snapshotNow,
 } from './log.ts';
@@ -94,11 +95,17 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       do {
         again = false;
         for (;;) {
-          const batch = (await readAfter(deps.db, pos!, BATCH)) as Delivered[];
+          // Rows reach subscribers only: with none here, nobody needs their messages.
+          const withMessages = subs.size > 0;
+          const batch = (
+            withMessages
+              ? await readAfterWithMessages(deps.db, pos!, BATCH)
+              : await readAfter(deps.db, pos!, BATCH)
+          ) as Delivered[];
           if (!batch.length || stopped) break;
           // Other instances' access changes reach this process's access cache here.
           observeEvents(database, batch);
-          await markGone(deps.db, batch);
+          if (!withMessages && subs.size) await loadMessages(deps.db, batch);
           for (const r of batch) r.cursor = encodeCursor(r);
           // Position and dispatch move together, synchronously: a subscriber registering at any
           // moment sees either the old position and this batch, or the new one and not it.
@@ -175,7 +182,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     for (;;) {
       const page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
       if (!page.length) break;
-      await markGone(deps.db, page);
+      await loadMessages(deps.db, page);
       for (const r of page) {
         if (sub.closed) return;
         r.cursor = encodeCursor(r);

@@ -3,9 +3,12 @@
  * are read (`xid < xmin` of the current snapshot): a transaction still open may hold a row with
  * a lower seq, and it will sort after every position handed out so far when it commits.
  */
-import { sql } from 'drizzle-orm';
+import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
+import { events, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
+import type { MessageRow } from '../services/message.service.ts';
+import { loadedAuthors } from '../services/message-history.service.ts';
 import { comparePos, ORIGIN, type Position, type Snapshot } from './cursor.ts';
 
 export interface LogRow extends Position {
@@ -16,6 +19,8 @@ export interface LogRow extends Position {
   payload: Record<string, unknown>;
   /** set when the message the row refers to is deleted by now (its MessageDeleted follows) */
   gone?: boolean;
+  /** the message the row refers to, as it was when the row was read (see loadMessages) */
+  message?: MessageRow;
 }
 
 interface RawRow {
@@ -81,6 +86,70 @@ export async function readAfter(db: Db, from: Position, limit: number): Promise<
   return rows<RawRow>(r).map(toRow);
 }
 
+/** The message id a row is about, in SQL, as messageIdOf and loadMessages read it (else null). */
+const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ_STATE_UPDATED') then null
+  else coalesce(${events.payload}->>'messageId',
+    case when left(${events.type}, 8) = 'MESSAGE_' then ${events.payload}->>'id' end) end`;
+/** ... as a uuid; anything else is no id (a malformed payload must not stop the tailer). */
+const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~ '^[0-9a-fA-F-]{36}$' then (${ROW_MESSAGE_ID})::uuid end)`;
+
+/**
+ * readAfter and loadMessages in one statement: the tailer's read when it has subscribers to
+ * hand the rows to (one round trip less between a commit and its delivery).
+ */
+export async function readAfterWithMessages(db: Db, from: Position, limit: number): Promise<LogRow[]> {
+  let q = withMessagesQueries.get(db);
+  if (!q) {
+    q = prepareReadAfterWithMessages(db);
+    withMessagesQueries.set(db, q);
+  }
+  const found = await q.execute({ xid: from.xid, seq: from.seq, limit });
+  return found.map(({ m, u, ...e }) => {
+    const row: LogRow = {
+      ...e,
+      xid: String(e.xid),
+      seq: Number(e.seq),
+      payload: (typeof e.payload === 'string' ? JSON.parse(e.payload) : e.payload) as Record<string, unknown>,
+    };
+    if (m) {
+      row.message = m;
+      if (u) loadedAuthors.set(m, u);
+    } else if (aboutLiveMessage(row)) row.gone = true;
+    return row;
+  });
+}
+
+// A named prepared statement: planning this join costs more than running it (~1 ms vs ~0.2).
+const prepareReadAfterWithMessages = (db: Db) =>
+  db
+    .select({
+      seq: events.seq,
+      xid: sql<string>`${events.xid}::text`,
+      type: events.type,
+      guildId: events.guildId,
+      channelId: events.channelId,
+      userId: events.userId,
+      payload: events.payload,
+      m: messages,
+      u: users,
+    })
+    .from(events)
+    .leftJoin(messages, and(eq(messages.id, ROW_MESSAGE_UUID), isNull(messages.deletedAt)))
+    .leftJoin(users, eq(users.id, messages.authorId))
+    .where(
+      sql`((${events.xid}::text::bigint), ${events.seq}) > (${sql.placeholder('xid')}::bigint, ${sql.placeholder('seq')}::bigint)
+        and ${events.xid} < pg_snapshot_xmin(pg_current_snapshot())`,
+    )
+    .orderBy(sql`(${events.xid}::text::bigint)`, events.seq)
+    .limit(sql.placeholder('limit'))
+    .prepare('banter_read_after_with_messages');
+const withMessagesQueries = new WeakMap<Db, ReturnType<typeof prepareReadAfterWithMessages>>();
+
+/** Whether a row refers to a message that must still exist for it to be delivered. */
+function aboutLiveMessage(r: LogRow): boolean {
+  return r.type !== 'MESSAGE_DELETED' && r.type !== 'READ_STATE_UPDATED' && messageIdOf(r) !== null;
+}
+
 /**
  * Rows in (from, to] that `userId` could possibly see: a coarse SQL prefilter (own rows, guilds
  * it is in, DMs it is in, membership events about it, deletions of guilds it was in); exact
@@ -115,27 +184,30 @@ export function messageIdOf(row: { type: string; payload: Record<string, unknown
   return null;
 }
 
-/** Marks rows about messages deleted by now, in one query per batch. */
-export async function markGone(db: Db, batch: LogRow[]): Promise<void> {
+/**
+ * In one query per batch: each row about a message gets that message as it is now (`message`,
+ * which delivery renders instead of loading it again per event, its author in `loadedAuthors`),
+ * or `gone` when it was deleted since (its MessageDeleted follows).
+ */
+export async function loadMessages(db: Db, batch: LogRow[]): Promise<void> {
   const ids = new Set<string>();
-  for (const r of batch) {
-    if (r.type === 'MESSAGE_DELETED' || r.type === 'READ_STATE_UPDATED') continue;
-    const id = messageIdOf(r);
-    if (id) ids.add(id);
-  }
+  for (const r of batch) if (aboutLiveMessage(r)) ids.add(messageIdOf(r)!);
   if (!ids.size) return;
-  const list = [...ids];
-  const alive = new Set(
-    rows<{ id: string }>(
-      await db.execute(
-        sql`select id from messages where id = any(${`{${list.join(',')}}`}::uuid[]) and deleted_at is null`,
-      ),
-    ).map((r) => r.id),
-  );
+  const alive = new Map<string, MessageRow>();
+  const found = await db
+    .select({ m: messages, u: users })
+    .from(messages)
+    .leftJoin(users, eq(users.id, messages.authorId))
+    .where(and(inArray(messages.id, [...ids]), isNull(messages.deletedAt)));
+  for (const { m, u } of found) {
+    alive.set(m.id, m);
+    if (u) loadedAuthors.set(m, u);
+  }
   for (const r of batch) {
-    if (r.type === 'MESSAGE_DELETED' || r.type === 'READ_STATE_UPDATED') continue;
-    const id = messageIdOf(r);
-    if (id && !alive.has(id)) r.gone = true;
+    if (!aboutLiveMessage(r)) continue;
+    const m = alive.get(messageIdOf(r)!);
+    if (m) r.message = m;
+    else r.gone = true;
   }
 }
 

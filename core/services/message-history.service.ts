@@ -157,6 +157,12 @@ export async function messagesByIds(db: DbOrTx, ids: readonly string[]): Promise
 
 export type UserRow = typeof users.$inferSelect;
 
+/**
+ * Authors read along with their messages (the event tailer reads both in one statement), so
+ * rendering `Message.author` for an event needs no statement of its own. Keyed by the row object.
+ */
+export const loadedAuthors = new WeakMap<MessageRow, UserRow>();
+
 export async function mentionedUsers(
   db: DbOrTx,
   messageIds: readonly string[],
