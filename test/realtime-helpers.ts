@@ -50,6 +50,9 @@ export function subscribe(client: Client, after?: string | null, query = EVENTS)
   const events: any[] = [];
   const errors: any[] = [];
   let wake: (() => void) | undefined;
+  // Presence is batched (up to 100 ms) and may reach a stream it did not ask about by name (the
+  // user's own ONLINE, say) at any point: only a document that names PresenceChanged collects it.
+  const presence = query.includes('PresenceChanged');
   const stream: Stream = {
     events,
     errors,
@@ -76,7 +79,7 @@ export function subscribe(client: Client, after?: string | null, query = EVENTS)
     {
       next: (r: any) => {
         if (r.errors) errors.push(...r.errors);
-        else events.push(r.data.events);
+        else if (presence || r.data.events.__typename !== 'PresenceChanged') events.push(r.data.events);
         wake?.();
       },
       error: (e: any) => {

@@ -62,6 +62,8 @@ export interface SubscribeOptions {
 }
 
 const BATCH = 1000;
+/** Longest a presence change waits to be batched with others (see flushPresence). */
+const PRESENCE_BATCH_MS = 100;
 const REPLAY_PAGE = 500;
 
 export function createHub(deps: HubDeps, opts: HubOptions = {}) {
@@ -78,6 +80,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let poll: NodeJS.Timeout | undefined;
   let prune: NodeJS.Timeout | undefined;
   const unsubs: (() => void)[] = [];
+  let presenceBatch: Map<string, string> | undefined;
+  let presenceTimer: NodeJS.Timeout | undefined;
   const disconnectHandlers = new Set<(s: SignalTopics['disconnect']) => void>();
   const presence = createPresenceTracker(
     opts.presence ?? createMemoryPresence(),
@@ -140,9 +144,29 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
     } else if (topic === 'presence') {
       const p = payload as SignalTopics['presence'];
-      const row = presenceRow(p.userId, p.status);
-      for (const s of subs) s.push(row);
+      if (!presenceBatch) {
+        presenceBatch = new Map();
+        presenceTimer = setTimeout(flushPresence, PRESENCE_BATCH_MS);
+      }
+      // The last status of each user, in the order of their last changes.
+      presenceBatch.delete(p.userId);
+      presenceBatch.set(p.userId, p.status);
     }
+  }
+
+  /**
+   * Presence changes reach subscribers in batches, at most every PRESENCE_BATCH_MS: when many
+   * users come online together (a server restart, a big guild waking up) each socket gets their
+   * changes in one write instead of one write per change, and a user's flapping within the window
+   * is one change.
+   */
+  function flushPresence() {
+    const batch = presenceBatch;
+    presenceBatch = undefined;
+    presenceTimer = undefined;
+    if (!batch || stopped) return;
+    const rows = [...batch].map(([userId, status]) => presenceRow(userId, status));
+    for (const s of subs) for (const r of rows) s.push(r);
   }
 
   function presenceRow(userId: string, status: string, to?: string): Delivered {
@@ -291,6 +315,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
 
     async stop() {
       stopped = true;
+      if (presenceTimer) clearTimeout(presenceTimer);
       presence.stop();
       if (poll) clearInterval(poll);
       if (prune) clearInterval(prune);
