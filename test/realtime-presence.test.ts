@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
 import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, subscribe } from './realtime-helpers.ts';
 
@@ -89,4 +90,34 @@ it('presence respects blocks: a blocker turns OFFLINE to the blocked user, who h
   assert.equal((await ok(app, q, { id: a.id }, blocked.token)).user.presence.status, 'DND');
   sa0.stop();
   await Promise.all([cb0.client.dispose(), cv.client.dispose(), cf.client.dispose()]);
+});
+
+it('an invisible user coming and going announces nothing; the next visible arrival is what members hear', {
+  timeout: 30_000,
+}, async () => {
+  const [a, b, c] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, b.token);
+  await invite(app, a.token, guildId, c.token);
+  await ok(app, `mutation { setPresence(status: INVISIBLE) }`, {}, a.token);
+  // (the choice itself is signalled; presence batches leave within 100 ms)
+  await new Promise((r) => setTimeout(r, 300));
+  const cb = connect(url, b.token);
+  const sb = subscribe(cb.client, null, Q);
+  await new Promise((r) => setTimeout(r, 300));
+  for (let i = 0; i < 3; i++) {
+    const ca = connect(url, a.token);
+    const sa = subscribe(ca.client, null, Q);
+    await new Promise((r) => setTimeout(r, 200));
+    sa.stop();
+    await ca.client.dispose();
+  }
+  await new Promise((r) => setTimeout(r, OFFLINE_GRACE_MS + 300));
+  const cc = connect(url, c.token);
+  const sc = subscribe(cc.client, null, Q);
+  await sb.until((e) => statuses(e, c.id).includes('ONLINE'), 5000, 'C online');
+  assert.deepEqual(statuses(sb.events, a.id), [], 'nothing of the invisible user');
+  sc.stop();
+  await cc.client.dispose();
+  await cb.client.dispose();
 });

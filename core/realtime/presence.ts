@@ -113,9 +113,14 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
   const lastShown = new Map<string, PresenceShown>();
   let n = 0;
 
-  async function announce(userId: string) {
+  /**
+   * Signals what others now see of `userId` unless this instance already showed that (nothing
+   * shown counts as OFFLINE: an invisible user's sockets coming and going say nothing). A choice
+   * is always signalled: the status it replaces may have been shown by another instance.
+   */
+  async function announce(userId: string, chosen = false) {
     const s = (await store.shown([userId])).get(userId) ?? 'OFFLINE';
-    if (lastShown.get(userId) === s) return;
+    if (!chosen && (lastShown.get(userId) ?? 'OFFLINE') === s) return;
     if (s === 'OFFLINE') lastShown.delete(userId);
     else lastShown.set(userId, s);
     await bus.signal('presence', { userId, status: s });
@@ -154,7 +159,7 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
     },
     async choose(userId: string, choice: PresenceChoice) {
       await store.choose(userId, choice);
-      await announce(userId);
+      await announce(userId, true);
     },
     stop() {
       clearInterval(refresh);
