@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
+import { presenceAudience } from '../core/realtime/visibility.ts';
+import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, subscribe } from './realtime-helpers.ts';
 
@@ -120,4 +122,30 @@ it('an invisible user coming and going announces nothing; the next visible arriv
   sc.stop();
   await cc.client.dispose();
   await cb.client.dispose();
+});
+
+it('one statement decides who may see a batch of presence changes: guild members and DM partners, not strangers, not whom the subject blocked', async () => {
+  const [a, member, dmPartner, stranger, blockedMember] = await Promise.all([
+    signUp(app),
+    signUp(app),
+    signUp(app),
+    signUp(app),
+    signUp(app),
+  ]);
+  const { guildId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, member.token);
+  await invite(app, a.token, guildId, blockedMember.token);
+  await ok(
+    app,
+    `mutation($u: [ID!]!) { openDirectChannel(userIds: $u) { id } }`,
+    { u: [dmPartner.id] },
+    a.token,
+  );
+  await ok(app, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: blockedMember.id }, a.token);
+  const id = (u: { id: string }) => decodeId(u.id, 'User', 'id');
+  const viewers = [member, dmPartner, stranger, blockedMember].map(id);
+  const audience = await presenceAudience(app.deps.db, [id(a), id(member)], viewers);
+  assert.deepEqual([...audience.get(id(a))!].sort(), [id(member), id(dmPartner)].sort());
+  // member shares the guild with blockedMember (and with itself: a viewer's own presence is decided before)
+  assert.deepEqual([...audience.get(id(member))!].sort(), [id(member), id(blockedMember)].sort());
 });

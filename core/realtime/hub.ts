@@ -26,7 +26,7 @@ import {
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
 import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
 import { createMemoryThrottle, type TypingThrottle } from './typing.ts';
-import { ViewerAccess } from './visibility.ts';
+import { presenceAudience, ViewerAccess } from './visibility.ts';
 
 export interface HubDeps {
   db: Db;
@@ -82,6 +82,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   const unsubs: (() => void)[] = [];
   let presenceBatch: Map<string, string> | undefined;
   let presenceTimer: NodeJS.Timeout | undefined;
+  let presenceDone: Promise<void> = Promise.resolve();
   const disconnectHandlers = new Set<(s: SignalTopics['disconnect']) => void>();
   const presence = createPresenceTracker(
     opts.presence ?? createMemoryPresence(),
@@ -166,7 +167,23 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     presenceTimer = undefined;
     if (!batch || stopped) return;
     const rows = [...batch].map(([userId, status]) => presenceRow(userId, status));
-    for (const s of subs) for (const r of rows) s.push(r);
+    // Batches go out in order: the next waits for this one's audience.
+    presenceDone = presenceDone.then(async () => {
+      const viewers = new Set<string>();
+      for (const s of subs) viewers.add(s.access.userId);
+      try {
+        const audience = await presenceAudience(deps.db, [...batch.keys()], [...viewers]);
+        for (const r of rows) {
+          const may = audience.get(String(r.payload.userId));
+          if (may) r.audience = { asked: viewers, may };
+        }
+      } catch (err) {
+        // Each subscriber then asks for itself (slower, still right).
+        deps.log.warn({ err }, 'presence audience failed; deciding per subscriber');
+      }
+      if (stopped) return;
+      for (const s of subs) for (const r of rows) s.push(r);
+    });
   }
 
   function presenceRow(userId: string, status: string, to?: string): Delivered {

@@ -7,10 +7,10 @@
  */
 import { comparePos, compareXid, finishedIn, type Position, type Snapshot } from './cursor.ts';
 import type { LogRow } from './log.ts';
-import type { ViewerAccess } from './visibility.ts';
+import type { ViewerAccess, Visible } from './visibility.ts';
 
 /** A row as delivered: durable rows carry their cursor, ephemeral ones (typing, presence) null. */
-export interface Delivered extends LogRow {
+export interface Delivered extends LogRow, Pick<Visible, 'audience'> {
   cursor: string | null;
 }
 

@@ -16,6 +16,39 @@ export interface Visible {
   channelId: string | null;
   userId: string | null;
   payload: Record<string, unknown>;
+  /** For presence rows: who of `asked` may see them, worked out by the hub for all its viewers at once. */
+  audience?: { asked: ReadonlySet<string>; may: ReadonlySet<string> };
+}
+
+/**
+ * Of `viewers`, who may see each subject's presence (the rule ViewerAccess.knows applies one pair
+ * at a time): they share a guild or a DM and the subject has not blocked them. One statement for
+ * a whole batch of presence changes and every viewer connected here, instead of one per pair.
+ */
+export async function presenceAudience(
+  db: DbOrTx,
+  subjects: string[],
+  viewers: string[],
+): Promise<Map<string, Set<string>>> {
+  const out = new Map<string, Set<string>>(subjects.map((s) => [s, new Set<string>()]));
+  if (!subjects.length || !viewers.length) return out;
+  const sub = `{${subjects.join(',')}}`;
+  const view = `{${viewers.join(',')}}`;
+  const r = await db.execute(sql`
+    (select a.user_id as subject, b.user_id as viewer from members a
+      join members b on b.guild_id = a.guild_id
+      where a.user_id = any(${sub}::uuid[]) and b.user_id = any(${view}::uuid[])
+    union
+    select a.user_id, b.user_id from channel_recipients a
+      join channel_recipients b on b.channel_id = a.channel_id
+      where a.user_id = any(${sub}::uuid[]) and b.user_id = any(${view}::uuid[]))
+    except
+    select r.user_id, r.target_id from relationships r
+      where r.user_id = any(${sub}::uuid[]) and r.kind = 'BLOCKED'`);
+  for (const row of (r as unknown as { rows: { subject: string; viewer: string }[] }).rows) {
+    out.get(row.subject)?.add(row.viewer);
+  }
+  return out;
 }
 
 const CACHE_MS = 30_000;
@@ -128,6 +161,8 @@ export class ViewerAccess {
     if (e.type === 'PRESENCE_CHANGED') {
       // addressed to one viewer (a blocker shown OFFLINE to whom it blocked)
       if (typeof e.payload.to === 'string') return e.payload.to === this.userId;
+      if (e.payload.userId === this.userId) return true;
+      if (e.audience?.asked.has(this.userId)) return e.audience.may.has(this.userId);
       return this.knows(String(e.payload.userId));
     }
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
