@@ -90,9 +90,14 @@ try {
     token,
   );
   await page
-    .waitForFunction(() => (document.body.textContent ?? '').includes('seen in GraphiQL'), null, {
-      timeout: 15000,
-    })
+    // (the result editor renders spaces as no-break spaces)
+    .waitForFunction(
+      () => (document.body.textContent ?? '').replace(/\u00a0/g, ' ').includes('seen in GraphiQL'),
+      null,
+      {
+        timeout: 15000,
+      },
+    )
     .catch(async (err) => {
       await page.screenshot({ path: shot });
       throw err;
