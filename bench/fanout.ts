@@ -12,12 +12,16 @@
  * per frame: a length check and two counters; only the sampled 1-in-10 sockets decode the frame
  * to read its timestamp. Frames too short to be a message (connection_ack, other events such as
  * presence) take a slow path that parses them; they are counted apart, never as deliveries.
+ * The sockets are a minimal WebSocket client on node:net (WsClient below), not the `ws` client:
+ * the client processes share the cores with the server, and their cost per frame is in every
+ * latency they measure.
  */
 import { type ChildProcess, fork } from 'node:child_process';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { createHash, randomBytes, randomFillSync, randomUUID } from 'node:crypto';
 import { createServer as createHttpServer } from 'node:http';
+import { connect, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
-import WebSocket, { WebSocketServer } from 'ws';
+import { WebSocketServer } from 'ws';
 import {
   type BanterServer,
   cpuSeconds,
@@ -25,6 +29,7 @@ import {
   GC_ON_SIGNAL_ARGS,
   get,
   gql,
+  machineBusySeconds,
   machineLine,
   memoryAfterGc,
   now,
@@ -95,6 +100,273 @@ function rawServer() {
   process.on('disconnect', () => process.exit(0));
 }
 
+// ------------------------------------------------------------ minimal WebSocket client
+/*
+ * The client processes hold thousands of sockets on the same 2 cores as the server under test,
+ * so their per-frame cost adds to every latency they measure. The `ws` library's client (a
+ * Writable stream per receiver, a Buffer per read, events per message, UTF-8 validation) used
+ * 6.5–7.5 µs of user CPU per frame here, this one 3.3–4.6 µs (the kernel's ~5 µs per read stays):
+ * it reads every socket of a process into one shared buffer (node:net `onread`) and hands each
+ * complete message to a callback as a view of that buffer. It does what the bench needs of
+ * RFC 6455 and no more: the Upgrade handshake (Sec-WebSocket-Accept and the subprotocol
+ * checked), masked client frames, unmasked server frames of any length (7/16/64-bit), split
+ * across reads or several per read, fragmented messages, ping → pong, the close handshake. No
+ * extensions (none offered), no UTF-8 validation.
+ */
+const WS_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+/** Largest message accepted (the `ws` default maxPayload). */
+const WS_MAX_PAYLOAD = 100 * 2 ** 20;
+/** Every socket of a process reads into this buffer: each read is handled synchronously before the next. */
+const READ_BUFFER = Buffer.allocUnsafe(64 * 1024);
+const EMPTY = Buffer.alloc(0);
+
+interface WsHandlers {
+  open(): void;
+  /** A complete message; `data` may be a view of the shared read buffer, valid only during the call. */
+  message(data: Buffer): void;
+  /** An error worth counting (socket error, bad handshake, protocol error, handshake timeout). */
+  error(what: string): void;
+  /** The TCP connection closed: the code of the server's close frame, 1005 if it had none, else 1006. */
+  close(code: number): void;
+}
+
+class WsClient {
+  private readonly socket: Socket;
+  private readonly key = randomBytes(16).toString('base64');
+  /** The handshake response so far (latin1); undefined once the connection is open. */
+  private response: string | undefined = '';
+  private readonly handshakeTimer: NodeJS.Timeout;
+  /** Bytes of an incomplete frame (own copies), their total, and how many make progress possible. */
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private need = 0;
+  /** Frames of a fragmented message so far (own copies). */
+  private fragments: Buffer[] | undefined;
+  private fragmentBytes = 0;
+  private closeCode = 1006;
+  /** A close frame was received or sent, or the connection failed: further frames are ignored. */
+  private done = false;
+
+  constructor(
+    url: string,
+    private readonly protocol: string | undefined,
+    private readonly h: WsHandlers,
+    handshakeMs: number,
+  ) {
+    const u = new URL(url);
+    const port = Number(u.port || 80);
+    this.socket = connect({
+      host: u.hostname,
+      port,
+      noDelay: true,
+      onread: {
+        buffer: READ_BUFFER,
+        callback: (n) => {
+          this.read(READ_BUFFER.subarray(0, n));
+          return true;
+        },
+      },
+    });
+    this.socket.on('connect', () => {
+      this.socket.write(
+        `GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+          `Sec-WebSocket-Key: ${this.key}\r\nSec-WebSocket-Version: 13\r\n` +
+          `${protocol ? `Sec-WebSocket-Protocol: ${protocol}\r\n` : ''}\r\n`,
+      );
+    });
+    this.socket.on('error', (err: NodeJS.ErrnoException) => h.error(err.code ?? err.message.slice(0, 60)));
+    this.socket.on('close', () => {
+      clearTimeout(this.handshakeTimer);
+      h.close(this.closeCode);
+    });
+    this.handshakeTimer = setTimeout(() => this.fail('handshake timeout'), handshakeMs);
+  }
+
+  /** Sends a text message. */
+  send(text: string) {
+    this.sendFrame(0x1, Buffer.from(text));
+  }
+
+  /** Drops the connection without a close handshake (the `ws` client's terminate()). */
+  terminate() {
+    this.done = true;
+    this.socket.destroy();
+  }
+
+  private fail(what: string) {
+    this.h.error(what);
+    this.terminate();
+  }
+
+  private read(chunk: Buffer) {
+    if (this.response === undefined) this.frames(chunk);
+    else this.handshake(chunk);
+  }
+
+  private handshake(chunk: Buffer) {
+    const response = this.response + chunk.toString('latin1');
+    const end = response.indexOf('\r\n\r\n');
+    if (end < 0) {
+      this.response = response;
+      if (response.length > 16_384) this.fail('handshake: response headers too long');
+      return;
+    }
+    const [status, ...lines] = response.slice(0, end).split('\r\n');
+    // Whatever followed the headers is already WebSocket frames.
+    const rest = Buffer.from(response.slice(end + 4), 'latin1');
+    this.response = undefined;
+    clearTimeout(this.handshakeTimer);
+    const code = /^HTTP\/1\.1 (\d{3})/.exec(status)?.[1];
+    if (code !== '101') return this.fail(`unexpected server response: ${code ?? status.slice(0, 30)}`);
+    const headers = new Map<string, string>();
+    for (const l of lines) {
+      const colon = l.indexOf(':');
+      if (colon > 0) headers.set(l.slice(0, colon).trim().toLowerCase(), l.slice(colon + 1).trim());
+    }
+    const accept = createHash('sha1')
+      .update(this.key + WS_GUID)
+      .digest('base64');
+    if (headers.get('upgrade')?.toLowerCase() !== 'websocket')
+      return this.fail('handshake: no Upgrade: websocket');
+    if (headers.get('sec-websocket-accept') !== accept)
+      return this.fail('handshake: wrong Sec-WebSocket-Accept');
+    if (headers.get('sec-websocket-protocol') !== this.protocol)
+      return this.fail(`handshake: subprotocol ${headers.get('sec-websocket-protocol')}`);
+    if (headers.has('sec-websocket-extensions')) return this.fail('handshake: extension not offered');
+    this.h.open();
+    if (rest.length && !this.done) this.frames(rest);
+  }
+
+  /** Parses the frames in `chunk` (which may be the shared read buffer), keeping an incomplete one. */
+  private frames(chunk: Buffer) {
+    if (this.done) return;
+    let data = chunk;
+    if (this.pendingBytes) {
+      if (this.pendingBytes + chunk.length < this.need) {
+        this.pending.push(Buffer.from(chunk));
+        this.pendingBytes += chunk.length;
+        return;
+      }
+      this.pending.push(chunk);
+      data = Buffer.concat(this.pending, this.pendingBytes + chunk.length);
+      this.pending = [];
+      this.pendingBytes = 0;
+    }
+    let off = 0;
+    while (off < data.length && !this.done) {
+      const avail = data.length - off;
+      if (avail < 2) {
+        this.need = 2;
+        break;
+      }
+      const b0 = data[off];
+      const b1 = data[off + 1];
+      if (b0 & 0x70) return this.protocolError(1002, 'RSV bits set');
+      if (b1 & 0x80) return this.protocolError(1002, 'masked server frame');
+      let len = b1 & 0x7f;
+      if (b0 & 0x08 && (len > 125 || !(b0 & 0x80))) return this.protocolError(1002, 'bad control frame');
+      let header = 2;
+      if (len === 126) {
+        header = 4;
+        if (avail < header) {
+          this.need = header;
+          break;
+        }
+        len = data.readUInt16BE(off + 2);
+      } else if (len === 127) {
+        header = 10;
+        if (avail < header) {
+          this.need = header;
+          break;
+        }
+        const high = data.readUInt32BE(off + 2);
+        if (high > 0x1f_ffff) return this.protocolError(1009, 'payload length > 2^53 - 1');
+        len = high * 2 ** 32 + data.readUInt32BE(off + 6);
+      }
+      if (len > WS_MAX_PAYLOAD) return this.protocolError(1009, 'message too big');
+      if (avail < header + len) {
+        this.need = header + len;
+        break;
+      }
+      const payload = data.subarray(off + header, off + header + len);
+      off += header + len;
+      this.frame((b0 & 0x80) !== 0, b0 & 0x0f, payload);
+    }
+    if (off < data.length && !this.done) {
+      const rest = data.subarray(off);
+      // The shared read buffer is overwritten by the next read: keep a copy.
+      this.pending = [data === chunk ? Buffer.from(rest) : rest];
+      this.pendingBytes = rest.length;
+    }
+  }
+
+  private frame(fin: boolean, opcode: number, payload: Buffer) {
+    if (opcode >= 0x8) {
+      if (opcode === 0x8) return this.closeFrame(payload);
+      if (opcode === 0x9) return this.sendFrame(0xa, payload);
+      if (opcode === 0xa) return;
+      return this.protocolError(1002, `opcode ${opcode}`);
+    }
+    if (opcode === 0x0) {
+      if (!this.fragments) return this.protocolError(1002, 'continuation without a message');
+      this.fragmentBytes += payload.length;
+      if (this.fragmentBytes > WS_MAX_PAYLOAD) return this.protocolError(1009, 'message too big');
+      this.fragments.push(Buffer.from(payload));
+      if (!fin) return;
+      const message = Buffer.concat(this.fragments, this.fragmentBytes);
+      this.fragments = undefined;
+      this.fragmentBytes = 0;
+      return this.h.message(message);
+    }
+    if (opcode !== 0x1 && opcode !== 0x2) return this.protocolError(1002, `opcode ${opcode}`);
+    if (this.fragments) return this.protocolError(1002, 'new message inside a fragmented one');
+    if (fin) return this.h.message(payload);
+    this.fragments = [Buffer.from(payload)];
+    this.fragmentBytes = payload.length;
+  }
+
+  /** The server's close frame: answer with its code and end; the server then closes TCP. */
+  private closeFrame(payload: Buffer) {
+    if (payload.length === 1) return this.protocolError(1002, 'close frame of 1 byte');
+    this.closeCode = payload.length ? payload.readUInt16BE(0) : 1005;
+    this.sendFrame(0x8, payload.length ? payload.subarray(0, 2) : EMPTY);
+    this.done = true;
+    this.socket.end();
+  }
+
+  /** What the `ws` client does on a bad frame: counts it, sends a close frame, ends (reported as 1006). */
+  private protocolError(code: number, what: string) {
+    this.h.error(`protocol: ${what}`);
+    const p = Buffer.allocUnsafe(2);
+    p.writeUInt16BE(code);
+    this.sendFrame(0x8, p);
+    this.done = true;
+    this.socket.end();
+    setTimeout(() => this.socket.destroy(), 2000).unref();
+  }
+
+  /** One masked frame; nothing after a close frame. */
+  private sendFrame(opcode: number, payload: Buffer) {
+    if (this.done || this.socket.destroyed) return;
+    const n = payload.length;
+    const header = n < 126 ? 2 : n < 65_536 ? 4 : 10;
+    const out = Buffer.allocUnsafe(header + 4 + n);
+    out[0] = 0x80 | opcode;
+    if (n < 126) out[1] = 0x80 | n;
+    else if (n < 65_536) {
+      out[1] = 0x80 | 126;
+      out.writeUInt16BE(n, 2);
+    } else {
+      out[1] = 0x80 | 127;
+      out.writeUInt32BE(Math.floor(n / 2 ** 32), 2);
+      out.writeUInt32BE(n >>> 0, 6);
+    }
+    randomFillSync(out, header, 4);
+    for (let j = 0; j < n; j++) out[header + 4 + j] = payload[j] ^ out[header + (j & 3)];
+    this.socket.write(out);
+  }
+}
+
 // ------------------------------------------------------------ subscriber processes
 interface OpenCmd {
   kind: 'raw' | 'banter';
@@ -136,7 +408,7 @@ interface ClientStats {
 }
 
 function clients() {
-  let sockets: (WebSocket | undefined)[] = [];
+  let sockets: (WsClient | undefined)[] = [];
   let counts = new Uint32Array(0);
   let readySlot = new Uint8Array(0);
   /** Whether a socket received a message before the last reset. */
@@ -177,10 +449,6 @@ function clients() {
         clearTimeout(timer);
         resolve({ ok, retry, why });
       };
-      const ws = new WebSocket(o.url, o.kind === 'banter' ? 'graphql-transport-ws' : undefined, {
-        handshakeTimeout: 10_000,
-        perMessageDeflate: false,
-      });
       const timer = setTimeout(() => {
         ws.terminate();
         done(false, true, 'timeout');
@@ -190,54 +458,63 @@ function clients() {
         readySlot[i] = 1;
         done(true, false, '');
       };
-      ws.on('error', (err: NodeJS.ErrnoException) => bump(errors, err.code ?? err.message.slice(0, 60)));
-      ws.on('open', () => {
-        if (o.kind === 'raw') return ready();
-        const token = o.tokens![(o.offset + i) % o.tokens!.length];
-        ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } }));
-      });
-      ws.on('message', (data: Buffer) => {
-        // The per-frame work, identical for both servers.
-        if (data.length >= MESSAGE_BYTES) {
-          const t = now();
-          counts[i]++;
-          received++;
-          if (firstRecv === 0) firstRecv = t;
-          lastRecv = t;
-          if (sampled) {
-            const s = data.toString('latin1');
-            const at = s.indexOf('ts=');
-            const sent = at >= 0 ? Number.parseFloat(s.slice(at + 3, at + 24)) : Number.NaN;
-            // Published before the phase began (a late probe or backlog): not this phase's latency.
-            if (sent < since) stale++;
-            else if (sent >= since) hist[bucket(t - sent)]++;
-            if (!sample) {
-              sampleBytes = data.length;
-              sample = s;
+      const ws: WsClient = new WsClient(
+        o.url,
+        o.kind === 'banter' ? 'graphql-transport-ws' : undefined,
+        {
+          error: (what) => bump(errors, what),
+          open: () => {
+            if (o.kind === 'raw') return ready();
+            const token = o.tokens![(o.offset + i) % o.tokens!.length];
+            ws.send(
+              JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } }),
+            );
+          },
+          message: (data) => {
+            // The per-frame work, identical for both servers. `data` is a view of the read buffer.
+            if (data.length >= MESSAGE_BYTES) {
+              const t = now();
+              counts[i]++;
+              received++;
+              if (firstRecv === 0) firstRecv = t;
+              lastRecv = t;
+              if (sampled) {
+                const s = data.toString('latin1');
+                const at = s.indexOf('ts=');
+                const sent = at >= 0 ? Number.parseFloat(s.slice(at + 3, at + 24)) : Number.NaN;
+                // Published before the phase began (a late probe or backlog): not this phase's latency.
+                if (sent < since) stale++;
+                else if (sent >= since) hist[bucket(t - sent)]++;
+                if (!sample) {
+                  sampleBytes = data.length;
+                  sample = s;
+                }
+              }
+              return;
             }
-          }
-          return;
-        }
-        let m: { type?: string };
-        try {
-          m = JSON.parse(data.toString());
-        } catch {
-          return bump(odd, 'unparsable');
-        }
-        if (m.type === 'connection_ack') {
-          ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: o.query } }));
-          ready();
-        } else if (m.type === 'next') other++;
-        else if (m.type === 'ping') ws.send('{"type":"pong"}');
-        else bump(odd, String(m.type));
-      });
-      ws.on('close', (code) => {
-        if (!settled) done(false, code < 4000, `close ${code}`);
-        else if (sockets[i] === ws) {
-          sockets[i] = undefined;
-          if (!closing) bump(closes, String(code));
-        }
-      });
+            let m: { type?: string };
+            try {
+              m = JSON.parse(data.toString());
+            } catch {
+              return bump(odd, 'unparsable');
+            }
+            if (m.type === 'connection_ack') {
+              ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: o.query } }));
+              ready();
+            } else if (m.type === 'next') other++;
+            else if (m.type === 'ping') ws.send('{"type":"pong"}');
+            else bump(odd, String(m.type));
+          },
+          close: (code) => {
+            if (!settled) done(false, code < 4000, `close ${code}`);
+            else if (sockets[i] === ws) {
+              sockets[i] = undefined;
+              if (!closing) bump(closes, String(code));
+            }
+          },
+        },
+        10_000,
+      );
     });
   }
 
@@ -427,6 +704,18 @@ class Clients {
       sample: all.find((s) => s.sample)?.sample ?? '',
     };
   }
+  /** CPU seconds (user + system) the client processes have used so far. */
+  cpu(): number {
+    let t = 0;
+    for (const p of this.procs) {
+      try {
+        t += cpuSeconds(p.pid!);
+      } catch {
+        // exited
+      }
+    }
+    return t;
+  }
   close() {
     for (const p of this.procs) if (p.connected) p.send({ cmd: 'close' });
   }
@@ -488,6 +777,15 @@ interface Phase {
   drainMs: number;
 }
 
+/** CPU seconds used during a phase (to the end of its drain). */
+interface PhaseCpu {
+  /** The server process. */
+  cpuSeconds: number;
+  clientCpuSeconds: number;
+  /** Everything else on the machine: Postgres, this driver, and whatever else is running. */
+  restCpuSeconds: number;
+}
+
 interface Result {
   name: string;
   connect: {
@@ -502,8 +800,8 @@ interface Result {
   rssPerSocketKB: number;
   /** V8 heap used + external per socket, after a full GC. */
   heapPerSocketKB: number;
-  sat?: Phase & { deliveriesPerSec: number; cpuSeconds: number };
-  paced: Phase & { cpuSeconds: number };
+  sat?: Phase & PhaseCpu & { deliveriesPerSec: number };
+  paced: Phase & PhaseCpu;
   closes: Record<string, number>;
   errors: Record<string, number>;
   odd: Record<string, number>;
@@ -606,6 +904,8 @@ async function measure(t: Target): Promise<Result> {
     if (SATURATED) {
       await c.reset();
       const cpu0 = cpuSeconds(t.pid);
+      const ccpu0 = c.cpu();
+      const busy0 = machineBusySeconds();
       const t0 = now();
       const until = t0 + SAT_SECONDS * 1000;
       let published = 0;
@@ -625,6 +925,8 @@ async function measure(t: Target): Promise<Result> {
       );
       const d = await drain(c, published);
       const cpu = cpuSeconds(t.pid) - cpu0;
+      const ccpu = c.cpu() - ccpu0;
+      const rest = machineBusySeconds() - busy0 - cpu - ccpu;
       const s = await c.stats(published, true);
       sat = {
         published,
@@ -640,6 +942,8 @@ async function measure(t: Target): Promise<Result> {
         drainMs: d.ms,
         deliveriesPerSec: s.received / ((s.lastRecv - t0) / 1000),
         cpuSeconds: cpu,
+        clientCpuSeconds: ccpu,
+        restCpuSeconds: rest,
       };
       log(
         `saturated: ${published} published in ${SAT_SECONDS} s, drain ${d.ended} after ${fmt(d.ms / 1000)} s, ` +
@@ -650,6 +954,8 @@ async function measure(t: Target): Promise<Result> {
 
     await c.reset();
     const cpu0 = cpuSeconds(t.pid);
+    const ccpu0 = c.cpu();
+    const busy0 = machineBusySeconds();
     let published = 0;
     let publishErrors = 0;
     const start = now();
@@ -664,6 +970,8 @@ async function measure(t: Target): Promise<Result> {
     }
     const d = await drain(c, published);
     const cpu = cpuSeconds(t.pid) - cpu0;
+    const ccpu = c.cpu() - ccpu0;
+    const rest = machineBusySeconds() - busy0 - cpu - ccpu;
     const s = await c.stats(published, true);
     const paced = {
       published,
@@ -678,6 +986,8 @@ async function measure(t: Target): Promise<Result> {
       ended: d.ended,
       drainMs: d.ms,
       cpuSeconds: cpu,
+      clientCpuSeconds: ccpu,
+      restCpuSeconds: rest,
     };
     return {
       name: t.name,
@@ -784,19 +1094,22 @@ async function setupBanter(server: BanterServer) {
   return { tokens, channelId: g.createGuild.channels[0].id as string };
 }
 
+const cpuText = (c: PhaseCpu) =>
+  `${fmt(c.cpuSeconds, 2)} s (clients ${fmt(c.clientCpuSeconds, 2)} s, rest of machine ${fmt(c.restCpuSeconds, 2)} s)`;
+
 function show(r: Result) {
   const n = r.name.padEnd(7);
   if (r.sat) {
     const s = r.sat;
     console.log(
       `${n} saturated: ${fmt(s.deliveriesPerSec, 0)} deliveries/s, p50/p99 ${fmt(s.p50)}/${fmt(s.p99)} ms, ` +
-        `cpu ${fmt(s.cpuSeconds, 2)} s; ${s.published} published (${s.publishErrors} errors), ${s.delivered} delivered, ` +
+        `cpu ${cpuText(s)}; ${s.published} published (${s.publishErrors} errors), ${s.delivered} delivered, ` +
         `${s.lost} missing on ${s.shortSockets} sockets (drain ${s.ended})`,
     );
   }
   const p = r.paced;
   console.log(
-    `${n} paced 10/s: p50/p99 ${fmt(p.p50)}/${fmt(p.p99)} ms, cpu ${fmt(p.cpuSeconds, 2)} s; ${p.published} published ` +
+    `${n} paced 10/s: p50/p99 ${fmt(p.p50)}/${fmt(p.p99)} ms, cpu ${cpuText(p)}; ${p.published} published ` +
       `(${p.publishErrors} errors) to ${r.connect.ready} sockets: ${p.delivered} delivered, ${p.lost} lost on ${p.shortSockets} sockets` +
       `${p.extra ? `, ${p.extra} extra (${p.stale} sampled were published before the phase)` : ''} (drain ${p.ended})`,
   );
