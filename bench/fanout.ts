@@ -862,6 +862,41 @@ async function openIdle(t: Target, c: Clients, fraction: number) {
   return { ...opened, seconds, probes, unprobed, idle, mem };
 }
 
+/**
+ * Starts a measured phase: resets the clients' counts and notes the CPU used so far. The function
+ * it returns drains the phase's deliveries and returns its figures and the clients' stats.
+ */
+async function beginPhase(t: Target, c: Clients) {
+  await c.reset();
+  const cpu0 = cpuSeconds(t.pid);
+  const ccpu0 = c.cpu();
+  const busy0 = machineBusySeconds();
+  return async (published: number, publishErrors: number) => {
+    const d = await drain(c, published);
+    const cpu = cpuSeconds(t.pid) - cpu0;
+    const ccpu = c.cpu() - ccpu0;
+    const rest = machineBusySeconds() - busy0 - cpu - ccpu;
+    const s = await c.stats(published, true);
+    const phase: Phase & PhaseCpu = {
+      published,
+      publishErrors,
+      delivered: s.received,
+      lost: s.lost,
+      shortSockets: s.short,
+      extra: s.extra,
+      stale: s.stale,
+      p50: percentile(s.hist!, 50),
+      p99: percentile(s.hist!, 99),
+      ended: d.ended,
+      drainMs: d.ms,
+      cpuSeconds: cpu,
+      clientCpuSeconds: ccpu,
+      restCpuSeconds: rest,
+    };
+    return { phase, s };
+  };
+}
+
 async function measure(t: Target): Promise<Result> {
   const log = (s: string) => console.log(`  ${t.name}: ${s}`);
   // Warm the server's paths on a few sockets before its memory baseline, the same for both.
@@ -902,10 +937,7 @@ async function measure(t: Target): Promise<Result> {
 
     let sat: Result['sat'];
     if (SATURATED) {
-      await c.reset();
-      const cpu0 = cpuSeconds(t.pid);
-      const ccpu0 = c.cpu();
-      const busy0 = machineBusySeconds();
+      const end = await beginPhase(t, c);
       const t0 = now();
       const until = t0 + SAT_SECONDS * 1000;
       let published = 0;
@@ -923,39 +955,16 @@ async function measure(t: Target): Promise<Result> {
           }
         }),
       );
-      const d = await drain(c, published);
-      const cpu = cpuSeconds(t.pid) - cpu0;
-      const ccpu = c.cpu() - ccpu0;
-      const rest = machineBusySeconds() - busy0 - cpu - ccpu;
-      const s = await c.stats(published, true);
-      sat = {
-        published,
-        publishErrors,
-        delivered: s.received,
-        lost: s.lost,
-        shortSockets: s.short,
-        extra: s.extra,
-        stale: s.stale,
-        p50: percentile(s.hist!, 50),
-        p99: percentile(s.hist!, 99),
-        ended: d.ended,
-        drainMs: d.ms,
-        deliveriesPerSec: s.received / ((s.lastRecv - t0) / 1000),
-        cpuSeconds: cpu,
-        clientCpuSeconds: ccpu,
-        restCpuSeconds: rest,
-      };
+      const { phase, s } = await end(published, publishErrors);
+      sat = { ...phase, deliveriesPerSec: s.received / ((s.lastRecv - t0) / 1000) };
       log(
-        `saturated: ${published} published in ${SAT_SECONDS} s, drain ${d.ended} after ${fmt(d.ms / 1000)} s, ` +
+        `saturated: ${published} published in ${SAT_SECONDS} s, drain ${phase.ended} after ${fmt(phase.drainMs / 1000)} s, ` +
           `${s.lost} deliveries missing`,
       );
       log(`before the paced phase: ${await quiet(c, 1000, QUIET_SECONDS)}`);
     }
 
-    await c.reset();
-    const cpu0 = cpuSeconds(t.pid);
-    const ccpu0 = c.cpu();
-    const busy0 = machineBusySeconds();
+    const end = await beginPhase(t, c);
     let published = 0;
     let publishErrors = 0;
     const start = now();
@@ -968,27 +977,7 @@ async function measure(t: Target): Promise<Result> {
         publishErrors++;
       }
     }
-    const d = await drain(c, published);
-    const cpu = cpuSeconds(t.pid) - cpu0;
-    const ccpu = c.cpu() - ccpu0;
-    const rest = machineBusySeconds() - busy0 - cpu - ccpu;
-    const s = await c.stats(published, true);
-    const paced = {
-      published,
-      publishErrors,
-      delivered: s.received,
-      lost: s.lost,
-      shortSockets: s.short,
-      extra: s.extra,
-      stale: s.stale,
-      p50: percentile(s.hist!, 50),
-      p99: percentile(s.hist!, 99),
-      ended: d.ended,
-      drainMs: d.ms,
-      cpuSeconds: cpu,
-      clientCpuSeconds: ccpu,
-      restCpuSeconds: rest,
-    };
+    const { phase: paced, s } = await end(published, publishErrors);
     return {
       name: t.name,
       connect,
