@@ -206,6 +206,8 @@ export async function memoryAfterGc(pid: number): Promise<{ rss: number; heap: n
 export interface BanterServer {
   port: number;
   pid: number;
+  /** Its database. */
+  dbUrl: string;
   /** Set once the process has exited. */
   exited: () => boolean;
   stop(): Promise<void>;
@@ -283,7 +285,7 @@ export async function startBanter(
     await stop();
     throw err;
   }
-  return { port, pid: server.pid!, exited: () => exited, stop };
+  return { port, pid: server.pid!, dbUrl: dbUrl.toString(), exited: () => exited, stop };
 }
 
 /**

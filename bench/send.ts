@@ -5,45 +5,20 @@
  * time. Reports rows persisted per second, latency percentiles and the server's CPU per 1,000
  * messages. See bench/README.md for the knobs.
  */
-import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
-import { Agent, request } from 'node:http';
-import { connect, createServer, type Socket } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import pg from 'pg';
+import { cpuSeconds, env, gql, signup, startBanter } from './common.ts';
 
-const env = process.env;
-const ADMIN_URL = env.BENCH_PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 const USERS = Number(env.BENCH_USERS ?? 64);
 const CHANNELS = Number(env.BENCH_CHANNELS ?? 8);
 const SECONDS = Number(env.BENCH_SECONDS ?? 10);
 const WARMUP = Number(env.BENCH_WARMUP ?? 3);
 const LEVELS = (env.BENCH_CONCURRENCY ?? '16,64').split(',').map(Number);
-/** Set to a directory to write a V8 CPU profile of the server there. */
+/** Set to a directory to write a V8 CPU profile of the server there (startBanter reads it). */
 const CPU_PROF_DIR = env.BENCH_CPU_PROF;
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLK_TCK = 100; // Linux USER_HZ; /proc/<pid>/stat counts in these ticks
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Server CPU seconds so far (user + system), from /proc. */
-function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-}
 
 /** CPU seconds of every process named `postgres` (the server and its backends), from /proc. */
 function postgresCpuSeconds(): number {
@@ -67,40 +42,11 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-const agent = new Agent({ keepAlive: true, maxSockets: 64 });
-
-function post(port: number, body: string, token?: string): Promise<{ status: number; text: string }> {
-  return new Promise((resolve, reject) => {
-    const req = request(
-      {
-        host: '127.0.0.1',
-        port,
-        path: '/graphql',
-        method: 'POST',
-        agent,
-        headers: {
-          'content-type': 'application/json',
-          'content-length': Buffer.byteLength(body),
-          ...(token ? { authorization: `Bearer ${token}` } : {}),
-        },
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString() }));
-        res.on('error', reject);
-      },
-    );
-    req.on('error', reject);
-    req.end(body);
-  });
-}
-
 /**
  * One keep-alive HTTP/1.1 connection carrying one request at a time, for the measured sends. The
  * load generator shares the machine's cores with the server and Postgres: this costs a fraction
  * of http.request's CPU per request, so less of the machine goes to the generator. Same request
- * (method, path, headers, body) as post(); the response must have a Content-Length.
+ * (method, path, headers, body) as common.ts's post(); the response must have a Content-Length.
  */
 class Conn {
   private socket: Socket;
@@ -162,31 +108,8 @@ class Conn {
   }
 }
 
-async function gql<T>(port: number, query: string, variables: object, token?: string): Promise<T> {
-  const r = await post(port, JSON.stringify({ query, variables }), token);
-  const body = JSON.parse(r.text) as { data: T; errors?: unknown[] };
-  if (body.errors?.length) throw new Error(`${query.slice(0, 40)}: ${JSON.stringify(body.errors)}`);
-  return body.data;
-}
-
 async function setup(port: number) {
-  const tag = randomBytes(3).toString('hex');
-  const reg = (i: number) =>
-    gql<{ register: { accessToken: string } }>(
-      port,
-      'mutation($i: RegisterInput!) { register(input: $i) { accessToken } }',
-      {
-        i: {
-          username: `bench${tag}_${i}`,
-          email: `bench${tag}_${i}@example.test`,
-          password: 'bench password 1',
-        },
-      },
-    ).then((d) => d.register.accessToken);
-  const tokens: string[] = [];
-  for (let i = 0; i < USERS; i += 8) {
-    tokens.push(...(await Promise.all(Array.from({ length: Math.min(8, USERS - i) }, (_, j) => reg(i + j)))));
-  }
+  const tokens = await signup(port, USERS, 'bench');
   const owner = tokens[0];
   const g = await gql<{ createGuild: { id: string; channels: { id: string }[] } }>(
     port,
@@ -271,54 +194,11 @@ async function countMessages(url: string): Promise<{ rows: number; commits: numb
 }
 
 async function main() {
-  const dbName = `banter_bench_${Date.now().toString(36)}_${randomBytes(3).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: ADMIN_URL });
-  await admin.connect();
-  await admin.query(`create database ${dbName}`);
-  await admin.end();
-  const dbUrl = new URL(ADMIN_URL);
-  dbUrl.pathname = `/${dbName}`;
-  const port = await freePort();
-  const nodeArgs = ['--import', 'tsx'];
-  if (CPU_PROF_DIR) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${path.resolve(CPU_PROF_DIR)}`);
-  const server = spawn(process.execPath, [...nodeArgs, 'api/main.ts'], {
-    cwd: root,
-    env: {
-      ...env,
-      NODE_ENV: 'production',
-      JWT_SECRET: randomBytes(32).toString('hex'),
-      DATABASE_URL: dbUrl.toString(),
-      DATABASE_POOL_SIZE: env.BENCH_POOL_SIZE ?? '20',
-      PORT: String(port),
-      RATE_LIMITS: 'off',
-      LOG_LEVEL: 'warn',
-      DATA_DIR: path.join(root, 'data', 'bench'),
-    },
-    stdio: ['ignore', 'inherit', 'inherit'],
+  const server = await startBanter('banter_bench', {
+    env: { DATABASE_POOL_SIZE: env.BENCH_POOL_SIZE ?? '20' },
   });
-  const exited = new Promise<number | null>((r) => server.once('exit', (code) => r(code)));
-  const cleanup = async () => {
-    if (server.exitCode === null) {
-      server.kill('SIGTERM');
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-    }
-    agent.destroy();
-    const c = new pg.Client({ connectionString: ADMIN_URL });
-    await c.connect();
-    await c.query(`drop database if exists ${dbName} with (force)`);
-    await c.end();
-  };
+  const { port, dbUrl } = server;
   try {
-    for (let i = 0; ; i++) {
-      if (server.exitCode !== null) throw new Error(`server exited with ${server.exitCode}`);
-      const ok = await fetch(`http://127.0.0.1:${port}/readyz`).then(
-        (r) => r.ok,
-        () => false,
-      );
-      if (ok) break;
-      if (i > 300) throw new Error('server did not become ready in 30 s');
-      await new Promise((r) => setTimeout(r, 100));
-    }
     const users = await setup(port);
     console.log(
       `banter bench:send — ${USERS} users, ${CHANNELS} channels in one guild, ${SECONDS} s per level after ${WARMUP} s warm-up, PostgreSQL, server pid ${server.pid}`,
@@ -331,18 +211,18 @@ async function main() {
       const conns = Array.from({ length: inFlight }, () => new Conn(port));
       await Promise.all(conns.map((c) => c.ready));
       await drive(conns, inFlight, Date.now() + WARMUP * 1000, users);
-      const before = await countMessages(dbUrl.toString());
-      const cpu0 = cpuSeconds(server.pid!);
+      const before = await countMessages(dbUrl);
+      const cpu0 = cpuSeconds(server.pid);
       const pg0 = postgresCpuSeconds();
       const own0 = process.cpuUsage();
       const t0 = performance.now();
       const r = await drive(conns, inFlight, Date.now() + SECONDS * 1000, users);
       for (const c of conns) c.close();
       const elapsed = (performance.now() - t0) / 1000;
-      const cpu = cpuSeconds(server.pid!) - cpu0;
+      const cpu = cpuSeconds(server.pid) - cpu0;
       const pgCpu = postgresCpuSeconds() - pg0;
       const own = process.cpuUsage(own0);
-      const after = await countMessages(dbUrl.toString());
+      const after = await countMessages(dbUrl);
       const persisted = after.rows - before.rows;
       const lat = r.latencies.sort((a, b) => a - b);
       const row = {
@@ -381,12 +261,16 @@ async function main() {
     }
     if (env.BENCH_JSON) console.log(JSON.stringify(rows));
   } finally {
-    await cleanup();
+    await server.stop();
   }
   if (CPU_PROF_DIR) console.log(`server CPU profile written to ${path.resolve(CPU_PROF_DIR)}`);
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+// (keep-alive connections of common.ts's agent would hold the process open)
+main().then(
+  () => process.exit(0),
+  (err) => {
+    console.error(err);
+    process.exit(1);
+  },
+);
