@@ -106,30 +106,27 @@ export function sendFrame(socket: WebSocket, data: string, maxBufferedBytes: num
 }
 
 /**
- * Holds a socket's writes until the current turn of the event loop has run (its synchronous work,
- * then the promise callbacks it started): the frames written to one socket in that time, a tail
- * batch of events say, leave in one system call instead of one each. The kernel's part of a write
+ * sendFrame, with each socket's writes held until the current turn of the event loop has run
+ * (its synchronous work, then the promise callbacks it started): the frames written to one socket
+ * in that time, a tail batch of events say, leave in one system call instead of one each. The kernel's part of a write
  * is most of the cost of fan-out. `ws` writes each frame with cork/uncork of its own, which nests.
  */
-function corker() {
+function corkedWriter(maxBufferedBytes: number) {
   const held = new Set<Socket>();
   const release = () => {
     for (const s of held) s.uncork();
     held.clear();
   };
-  return {
-    hold(ws: WebSocket) {
-      const s = (ws as unknown as { _socket?: Socket })._socket;
-      if (!s || held.has(s)) return;
+  return (ws: WebSocket, data: string) => {
+    const s = (ws as unknown as { _socket?: Socket })._socket;
+    if (s && !held.has(s)) {
       s.cork();
       held.add(s);
       if (held.size === 1) process.nextTick(release);
-    },
-    /** Lets a socket's held frames go now once they add up (a long replay in one turn). */
-    enough(ws: WebSocket) {
-      const s = (ws as unknown as { _socket?: Socket })._socket;
-      if (s && s.writableLength >= HOLD_BYTES && held.delete(s)) s.uncork();
-    },
+    }
+    sendFrame(ws, data, maxBufferedBytes);
+    // Held frames go at once when they add up (a long replay in one turn).
+    if (s && s.writableLength >= HOLD_BYTES && held.delete(s)) s.uncork();
   };
 }
 
@@ -171,12 +168,8 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   }, o.keepAliveMs);
   timer.unref();
 
-  const corked = corker();
-  const send = (c: Conn, data: string) => {
-    corked.hold(c.socket);
-    sendFrame(c.socket, data, o.maxBufferedBytes);
-    corked.enough(c.socket);
-  };
+  const write = corkedWriter(o.maxBufferedBytes);
+  const send = (c: Conn, data: string) => write(c.socket, data);
   const close = (c: Conn, code: number, reason: string) => {
     if (c.socket.readyState === c.socket.OPEN || c.socket.readyState === c.socket.CONNECTING) {
       c.socket.close(code, reason);
