@@ -8,7 +8,7 @@ import type { Db } from '../db/client.ts';
 import { events, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
 import type { MessageRow } from '../services/message.service.ts';
-import { loadedAuthors } from '../services/message-history.service.ts';
+import { loadedAuthors, type UserRow } from '../services/message-history.service.ts';
 import { comparePos, ORIGIN, type Position, type Snapshot } from './cursor.ts';
 
 export interface LogRow extends Position {
@@ -35,6 +35,10 @@ interface RawRow {
 
 const rows = <T>(r: unknown) => (r as { rows: T[] }).rows;
 
+/** jsonb arrives parsed from node-postgres, as text from some PGlite paths. */
+const parsePayload = (p: RawRow['payload']): Record<string, unknown> =>
+  typeof p === 'string' ? JSON.parse(p) : p;
+
 function toRow(r: RawRow): LogRow {
   return {
     seq: Number(r.seq),
@@ -43,7 +47,7 @@ function toRow(r: RawRow): LogRow {
     guildId: r.guild_id,
     channelId: r.channel_id,
     userId: r.user_id,
-    payload: typeof r.payload === 'string' ? JSON.parse(r.payload) : r.payload,
+    payload: parsePayload(r.payload),
   };
 }
 
@@ -109,12 +113,9 @@ export async function readAfterWithMessages(db: Db, from: Position, limit: numbe
       ...e,
       xid: String(e.xid),
       seq: Number(e.seq),
-      payload: (typeof e.payload === 'string' ? JSON.parse(e.payload) : e.payload) as Record<string, unknown>,
+      payload: parsePayload(e.payload as RawRow['payload']),
     };
-    if (m) {
-      row.message = m;
-      if (u) loadedAuthors.set(m, u);
-    } else if (aboutLiveMessage(row)) row.gone = true;
+    withMessage(row, m, u);
     return row;
   });
 }
@@ -148,6 +149,14 @@ const withMessagesQueries = new WeakMap<Db, ReturnType<typeof prepareReadAfterWi
 /** Whether a row refers to a message that must still exist for it to be delivered. */
 function aboutLiveMessage(r: LogRow): boolean {
   return r.type !== 'MESSAGE_DELETED' && r.type !== 'READ_STATE_UPDATED' && messageIdOf(r) !== null;
+}
+
+/** A row gets its message (and the author) as read, or is marked gone when that message is not there. */
+function withMessage(r: LogRow, m: MessageRow | null | undefined, u: UserRow | null | undefined) {
+  if (m) {
+    r.message = m;
+    if (u) loadedAuthors.set(m, u);
+  } else if (aboutLiveMessage(r)) r.gone = true;
 }
 
 /**
@@ -193,21 +202,16 @@ export async function loadMessages(db: Db, batch: LogRow[]): Promise<void> {
   const ids = new Set<string>();
   for (const r of batch) if (aboutLiveMessage(r)) ids.add(messageIdOf(r)!);
   if (!ids.size) return;
-  const alive = new Map<string, MessageRow>();
   const found = await db
     .select({ m: messages, u: users })
     .from(messages)
     .leftJoin(users, eq(users.id, messages.authorId))
     .where(and(inArray(messages.id, [...ids]), isNull(messages.deletedAt)));
-  for (const { m, u } of found) {
-    alive.set(m.id, m);
-    if (u) loadedAuthors.set(m, u);
-  }
+  const alive = new Map(found.map((f) => [f.m.id, f]));
   for (const r of batch) {
     if (!aboutLiveMessage(r)) continue;
-    const m = alive.get(messageIdOf(r)!);
-    if (m) r.message = m;
-    else r.gone = true;
+    const f = alive.get(messageIdOf(r)!);
+    withMessage(r, f?.m, f?.u);
   }
 }
 
