@@ -21,9 +21,9 @@ export interface Visible {
 }
 
 /**
- * Of `viewers`, who may see each subject's presence (the rule ViewerAccess.knows applies one pair
- * at a time): they share a guild or a DM and the subject has not blocked them. One statement for
- * a whole batch of presence changes and every viewer connected here, instead of one per pair.
+ * Of `viewers`, who may see each subject's presence: they share a guild or a DM and the subject has
+ * not blocked them. One statement for a whole batch of presence changes and every viewer
+ * connected here (ViewerAccess.knows asks it for one pair when a row comes without an audience).
  */
 export async function presenceAudience(
   db: DbOrTx,
@@ -192,20 +192,13 @@ export class ViewerAccess {
     if (otherId === this.userId) return true;
     const k = this.known?.get(otherId);
     if (k && Date.now() - k.at < CACHE_MS) return k.yes;
-    return this.db
-      .execute(sql`select (exists (select 1 from members a join members b on b.guild_id = a.guild_id
-          where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid)
-        or exists (select 1 from channel_recipients a join channel_recipients b on b.channel_id = a.channel_id
-          where a.user_id = ${this.userId}::uuid and b.user_id = ${otherId}::uuid))
-        and not exists (select 1 from relationships r where r.user_id = ${otherId}::uuid
-          and r.target_id = ${this.userId}::uuid and r.kind = 'BLOCKED') as yes`)
-      .then((r) => {
-        const yes = !!(r as unknown as { rows: { yes: boolean }[] }).rows[0]?.yes;
-        this.known ??= new Map();
-        if (this.known.size > 10_000) this.known.clear();
-        this.known.set(otherId, { yes, at: Date.now() });
-        return yes;
-      });
+    return presenceAudience(this.db, [otherId], [this.userId]).then((audience) => {
+      const yes = !!audience.get(otherId)?.has(this.userId);
+      this.known ??= new Map();
+      if (this.known.size > 10_000) this.known.clear();
+      this.known.set(otherId, { yes, at: Date.now() });
+      return yes;
+    });
   }
 
   private member(guildId: string): boolean | Promise<boolean> {
