@@ -121,29 +121,49 @@ export async function readAfterWithMessages(db: Db, from: Position, limit: numbe
 }
 
 // A named prepared statement: planning this join costs more than running it (~1 ms vs ~0.2).
-const prepareReadAfterWithMessages = (db: Db) =>
-  db
+// The page of events is read first (limit inside), each row's message id computed once there:
+// joined on that plain uuid, a plan chosen while the tables were small (a new server's first
+// generic plan: a nested loop over all messages) costs one compare per pair, not the CASE and
+// regex per pair that made a 300-row read take 190 ms on a fresh database.
+const prepareReadAfterWithMessages = (db: Db) => {
+  const page = db
     .select({
       seq: events.seq,
-      xid: sql<string>`${events.xid}::text`,
+      xid: sql<string>`${events.xid}::text`.as('xid'),
+      xorder: sql<string>`${XID}`.as('xorder'),
       type: events.type,
       guildId: events.guildId,
       channelId: events.channelId,
       userId: events.userId,
       payload: events.payload,
+      mid: sql<string | null>`${ROW_MESSAGE_UUID}`.as('mid'),
+    })
+    .from(events)
+    .where(
+      sql`(${XID}, ${events.seq}) > (${sql.placeholder('xid')}::bigint, ${sql.placeholder('seq')}::bigint)
+        and ${FINISHED}`,
+    )
+    .orderBy(XID, events.seq)
+    .limit(sql.placeholder('limit'))
+    .as('page');
+  return db
+    .select({
+      seq: page.seq,
+      xid: page.xid,
+      type: page.type,
+      guildId: page.guildId,
+      channelId: page.channelId,
+      userId: page.userId,
+      payload: page.payload,
       m: messages,
       u: users,
     })
-    .from(events)
-    .leftJoin(messages, and(eq(messages.id, ROW_MESSAGE_UUID), isNull(messages.deletedAt)))
+    .from(page)
+    .leftJoin(messages, and(eq(messages.id, page.mid), isNull(messages.deletedAt)))
     .leftJoin(users, eq(users.id, messages.authorId))
-    .where(
-      sql`((${events.xid}::text::bigint), ${events.seq}) > (${sql.placeholder('xid')}::bigint, ${sql.placeholder('seq')}::bigint)
-        and ${events.xid} < pg_snapshot_xmin(pg_current_snapshot())`,
-    )
-    .orderBy(sql`(${events.xid}::text::bigint)`, events.seq)
-    .limit(sql.placeholder('limit'))
+    .orderBy(page.xorder, page.seq)
     .prepare('banter_read_after_with_messages');
+};
 const withMessagesQueries = new WeakMap<Db, ReturnType<typeof prepareReadAfterWithMessages>>();
 
 /** Whether a row refers to a message that must still exist for it to be delivered. */
