@@ -4,8 +4,10 @@
  * path's frames.
  */
 import assert from 'node:assert/strict';
+import type { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
-import WebSocket from 'ws';
+import WebSocket, * as wsModule from 'ws';
+import { textFrame } from '../api/realtime/protocol.ts';
 import { createTestApp, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { guildWithChannel, send } from './realtime-helpers.ts';
 
@@ -106,6 +108,22 @@ describe('graphql-transport-ws', () => {
     await new Promise((r) => setTimeout(r, 800));
     assert.equal(s.messages.length, before, 'nothing after the client completed the operation');
     assert.equal(app.deps.realtime!.subscriberCount, 0);
+    s.ws.close();
+  });
+
+  it('writes long and multi-byte results as valid frames (16-bit length, UTF-8 bytes)', async () => {
+    const { channelId } = await guildWithChannel(app, u.token);
+    const s = open();
+    await s.init();
+    const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
+    await s.send({ id: 'long', type: 'subscribe', payload: { query } });
+    await new Promise((r) => setTimeout(r, 300));
+    const content = `${'ünïcødé 🎉 '.repeat(300)}end`.slice(0, 4000);
+    await send(app, u.token, channelId, content);
+    await s.until(
+      () => s.messages.some((m) => m.payload?.data?.events?.message?.content === content),
+      'long',
+    );
     s.ws.close();
   });
 
@@ -219,5 +237,31 @@ describe('graphql-transport-ws', () => {
     }
     assert.equal((await metric()) - shared0, 2, 'two of the three subscribers reused the first execution');
     for (const s of [a, b, c]) s.ws.close();
+  });
+});
+
+/** ws's frame parser (not in its type definitions). */
+const { Receiver } = wsModule as unknown as {
+  Receiver: new (o: { isServer: boolean; skipUTF8Validation: boolean }) => Writable;
+};
+
+describe('textFrame', () => {
+  it("builds frames that ws's own parser reads back, at each length encoding", async () => {
+    for (const n of [0, 1, 125, 126, 65535, 65536, 70_000]) {
+      // A valid UTF-8 payload of n bytes: 2-byte characters, then an ASCII byte if n is odd.
+      const body = Buffer.alloc(n, 'é');
+      if (n % 2) body[n - 1] = 0x61;
+      const parts = [Buffer.from('{"x":"'), body, Buffer.from('"}')];
+      const frame = textFrame(parts);
+      const got = await new Promise<string>((resolve, reject) => {
+        const r = new Receiver({ isServer: false, skipUTF8Validation: false });
+        r.on('message', (data: Buffer, isBinary: boolean) =>
+          isBinary ? reject(new Error('binary')) : resolve(String(data)),
+        );
+        r.on('error', reject);
+        r.write(frame);
+      });
+      assert.equal(got, Buffer.concat(parts).toString(), `${n} bytes`);
+    }
   });
 });

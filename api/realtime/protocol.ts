@@ -52,10 +52,11 @@ export interface OperationSink {
   next(result: unknown): void;
   /** the operation is over: writes `complete` unless the client ended it */
   complete(): void;
-  /** the id's prefix for `next` frames, for writers that build frames themselves */
-  readonly framePrefix: string;
-  /** writes a frame built with framePrefix */
-  write(frame: string): void;
+  /**
+   * writes a `next` frame whose payload is this UTF-8 JSON: the bytes are copied, so one buffer
+   * serves every subscriber of a shared result
+   */
+  nextEncoded(json: Buffer): void;
   readonly socket: WebSocket;
 }
 
@@ -106,10 +107,42 @@ export function sendFrame(socket: WebSocket, data: string, maxBufferedBytes: num
 }
 
 /**
+ * One final, unmasked text frame (RFC 6455 5.2) holding `parts` in order, as one buffer: one
+ * copy of each part and one write, where `ws` would encode the string for every socket again and
+ * write its header and payload as two pieces.
+ */
+export function textFrame(parts: readonly Buffer[]): Buffer {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const head = n < 126 ? 2 : n < 65536 ? 4 : 10;
+  const frame = Buffer.allocUnsafe(head + n);
+  frame[0] = 0x81; // FIN, text
+  if (head === 2) frame[1] = n;
+  else if (head === 4) {
+    frame[1] = 126;
+    frame.writeUInt16BE(n, 2);
+  } else {
+    frame[1] = 127;
+    frame.writeUInt32BE(Math.floor(n / 2 ** 32), 2);
+    frame.writeUInt32BE(n >>> 0, 6);
+  }
+  let at = head;
+  for (const p of parts) {
+    frame.set(p, at);
+    at += p.length;
+  }
+  return frame;
+}
+
+/**
  * sendFrame, with each socket's writes held until the current turn of the event loop has run
  * (its synchronous work, then the promise callbacks it started): the frames written to one socket
  * in that time, a tail batch of events say, leave in one system call instead of one each. The kernel's part of a write
  * is most of the cost of fan-out. `ws` writes each frame with cork/uncork of its own, which nests.
+ *
+ * `data` is text for `ws` to frame, or a frame already built (textFrame): that one goes to the
+ * TCP socket directly. Only where `ws` itself writes straight through: no extension (this server
+ * offers no compression) and nothing queued in its sender.
  */
 function corkedWriter(maxBufferedBytes: number) {
   const held = new Set<Socket>();
@@ -117,20 +150,41 @@ function corkedWriter(maxBufferedBytes: number) {
     for (const s of held) s.uncork();
     held.clear();
   };
-  return (ws: WebSocket, data: string) => {
+  return (ws: WebSocket, data: string | Buffer) => {
     const s = (ws as unknown as { _socket?: Socket })._socket;
     if (s && !held.has(s)) {
       s.cork();
       held.add(s);
       if (held.size === 1) process.nextTick(release);
     }
-    sendFrame(ws, data, maxBufferedBytes);
+    if (typeof data === 'string') sendFrame(ws, data, maxBufferedBytes);
+    else if (s && writesThrough(ws)) {
+      if (ws.bufferedAmount > maxBufferedBytes) {
+        ws.close(CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+      } else s.write(data);
+    } else if (ws.readyState === ws.OPEN) {
+      // Not expected (see above); `ws` frames the payload again, after its own queue.
+      sendFrame(ws, unframe(data), maxBufferedBytes);
+    }
     // Held frames go at once when they add up (a long replay in one turn).
     if (s && s.writableLength >= HOLD_BYTES && held.delete(s)) s.uncork();
   };
 }
 
+/** `ws` writes this socket's frames straight to it, in call order: ours may go beside them. */
+function writesThrough(ws: WebSocket): boolean {
+  const sender = (ws as unknown as { _sender?: { _state?: number; _queue?: unknown[] } })._sender;
+  return ws.readyState === ws.OPEN && ws.extensions === '' && sender?._state === 0 && !sender._queue?.length;
+}
+
+/** A textFrame's payload, as text. */
+function unframe(frame: Buffer): string {
+  const len = frame[1] & 0x7f;
+  return frame.toString('utf8', len < 126 ? 2 : len === 126 ? 4 : 10);
+}
+
 const HOLD_BYTES = 64 * 1024;
+const CLOSE_BRACE = Buffer.from('}');
 
 const isObject = (x: unknown): x is Record<string, unknown> =>
   typeof x === 'object' && x !== null && !Array.isArray(x);
@@ -169,7 +223,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   timer.unref();
 
   const write = corkedWriter(o.maxBufferedBytes);
-  const send = (c: Conn, data: string) => write(c.socket, data);
+  const send = (c: Conn, data: string | Buffer) => write(c.socket, data);
   const close = (c: Conn, code: number, reason: string) => {
     if (c.socket.readyState === c.socket.OPEN || c.socket.readyState === c.socket.CONNECTING) {
       c.socket.close(code, reason);
@@ -177,22 +231,21 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   };
 
   class Sink implements OperationSink {
-    readonly framePrefix: string;
+    /** `{"id":…,"type":"next","payload":` as UTF-8, made at the first shared result */
+    private prefix: Buffer | undefined;
     constructor(
       private c: Conn,
       private id: string,
-    ) {
-      // one flat string (a template literal would keep a chain of pieces per operation)
-      this.framePrefix = JSON.stringify({ id, type: 'next', payload: 0 }).slice(0, -2);
-    }
+    ) {}
     get socket() {
       return this.c.socket;
     }
-    write(frame: string) {
-      send(this.c, frame);
+    nextEncoded(json: Buffer) {
+      this.prefix ??= Buffer.from(JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2));
+      send(this.c, textFrame([this.prefix, json, CLOSE_BRACE]));
     }
     nextJson(json: string) {
-      send(this.c, `${this.framePrefix}${json}}`);
+      send(this.c, `${JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2)}${json}}`);
     }
     next(result: unknown) {
       this.nextJson(JSON.stringify(result));

@@ -5,9 +5,9 @@
  * it was not, the result cannot differ between viewers (visibility was already decided by the
  * hub), so every other subscriber with the same document reuses it instead of executing again.
  *
- * The shared result is serialised once, and each subscriber's `next` frame is its own id prefix
- * plus that JSON, written synchronously when the result is ready: one callback per shared
- * execution, not one promise chain per subscriber.
+ * The shared result is serialised and encoded once, and each subscriber's `next` frame is its
+ * own id prefix plus those bytes, written synchronously when the result is ready: one callback
+ * per shared execution, not one promise chain per subscriber.
  */
 import {
   type ASTNode,
@@ -132,6 +132,7 @@ class Work {
   done = false;
   gone = false;
   json = '';
+  private encoded: Buffer | undefined;
   viewerFree = false;
   private waiters: Delivery[] = [];
 
@@ -160,6 +161,12 @@ class Work {
     } catch (err) {
       failed(err);
     }
+  }
+
+  /** the result as UTF-8, encoded once for all its subscribers */
+  bytes(): Buffer {
+    this.encoded ??= Buffer.from(this.json);
+    return this.encoded;
   }
 
   wait(d: Delivery) {
@@ -229,7 +236,7 @@ class Delivery implements Sink {
       }
       q.shift();
       if (item.work.gone) continue;
-      this.out.write(`${this.out.framePrefix}${item.work.json}}`);
+      this.out.nextEncoded(item.work.bytes());
       if (item.work.owner === this) this.hooks.counts.own++;
       else this.hooks.counts.shared++;
     }
