@@ -405,6 +405,8 @@ interface ClientStats {
   sampleBytes: number;
   /** One message frame as received (for BENCH_VERBOSE). */
   sample: string;
+  /** Per message of the phase (by its publish time): the first and last sampled latency, ms. */
+  spans?: Record<string, [number, number]>;
 }
 
 function clients() {
@@ -423,6 +425,7 @@ function clients() {
   let since = 0;
   let stale = 0;
   let sample = '';
+  let spans = new Map<number, [number, number]>();
   let closing = false;
   const closes: Record<string, number> = {};
   const errors: Record<string, number> = {};
@@ -484,7 +487,12 @@ function clients() {
                 const sent = at >= 0 ? Number.parseFloat(s.slice(at + 3, at + 24)) : Number.NaN;
                 // Published before the phase began (a late probe or backlog): not this phase's latency.
                 if (sent < since) stale++;
-                else if (sent >= since) hist[bucket(t - sent)]++;
+                else if (sent >= since) {
+                  hist[bucket(t - sent)]++;
+                  const span = spans.get(sent);
+                  if (!span) spans.set(sent, [t - sent, t - sent]);
+                  else span[1] = t - sent;
+                }
                 if (!sample) {
                   sampleBytes = data.length;
                   sample = s;
@@ -573,6 +581,7 @@ function clients() {
       firstRecv,
       lastRecv,
       hist: withHist ? hist : undefined,
+      spans: withHist ? Object.fromEntries(spans) : undefined,
       stale,
       ready,
       open,
@@ -594,6 +603,7 @@ function clients() {
       for (let i = 0; i < counts.length; i++) if (counts[i]) everGot[i] = 1;
       counts.fill(0);
       hist.fill(0);
+      spans = new Map();
       received = 0;
       other = 0;
       stale = 0;
@@ -684,6 +694,13 @@ class Clients {
     );
     const h = hist ? new Array<number>(H_N).fill(0) : undefined;
     if (h) for (const s of all) for (let i = 0; i < H_N; i++) h[i] += s.hist![i];
+    const spans: Record<string, [number, number]> = {};
+    for (const s of all) {
+      for (const [k, [first, last]] of Object.entries(s.spans ?? {})) {
+        const m = spans[k];
+        spans[k] = m ? [Math.min(m[0], first), Math.max(m[1], last)] : [first, last];
+      }
+    }
     return {
       received: sum(all.map((s) => s.received)),
       other: sum(all.map((s) => s.other)),
@@ -702,6 +719,7 @@ class Clients {
       odd: all.reduce((a, s) => merge(a, s.odd), {}),
       sampleBytes: Math.max(...all.map((s) => s.sampleBytes)),
       sample: all.find((s) => s.sample)?.sample ?? '',
+      spans,
     };
   }
   /** CPU seconds (user + system) the client processes have used so far. */
@@ -773,8 +791,22 @@ interface Phase {
   stale: number;
   p50: number;
   p99: number;
+  /**
+   * Over the phase's messages, p50/p99 of each message's first sampled delivery (the time before
+   * the server's first write) and of its last (when it had written to everyone), ms.
+   */
+  first: [number, number];
+  last: [number, number];
   ended: string;
   drainMs: number;
+}
+
+/** p50 and p99 of a list (nearest rank). */
+function p50p99(xs: number[]): [number, number] {
+  if (!xs.length) return [Number.NaN, Number.NaN];
+  const sorted = [...xs].sort((a, b) => a - b);
+  const at = (p: number) => sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)];
+  return [at(0.5), at(0.99)];
 }
 
 /** CPU seconds used during a phase (to the end of its drain). */
@@ -887,6 +919,8 @@ async function beginPhase(t: Target, c: Clients) {
       stale: s.stale,
       p50: percentile(s.hist!, 50),
       p99: percentile(s.hist!, 99),
+      first: p50p99(Object.values(s.spans ?? {}).map((x) => x[0])),
+      last: p50p99(Object.values(s.spans ?? {}).map((x) => x[1])),
       ended: d.ended,
       drainMs: d.ms,
       cpuSeconds: cpu,
@@ -1098,7 +1132,8 @@ function show(r: Result) {
   }
   const p = r.paced;
   console.log(
-    `${n} paced 10/s: p50/p99 ${fmt(p.p50)}/${fmt(p.p99)} ms, cpu ${cpuText(p)}; ${p.published} published ` +
+    `${n} paced 10/s: p50/p99 ${fmt(p.p50)}/${fmt(p.p99)} ms (per message, first delivery ${fmt(p.first[0])}/${fmt(p.first[1])}, ` +
+      `last ${fmt(p.last[0])}/${fmt(p.last[1])}), cpu ${cpuText(p)}; ${p.published} published ` +
       `(${p.publishErrors} errors) to ${r.connect.ready} sockets: ${p.delivered} delivered, ${p.lost} lost on ${p.shortSockets} sockets` +
       `${p.extra ? `, ${p.extra} extra (${p.stale} sampled were published before the phase)` : ''} (drain ${p.ended})`,
   );
