@@ -4,6 +4,7 @@
  * Redis pub/sub (when REDIS_URL is set). A ring that is lost (Redis restart) costs latency only:
  * every tailer also polls the log.
  */
+import { randomUUID } from 'node:crypto';
 import type { Redis } from 'ioredis';
 
 export interface LoggedEventRef {
@@ -87,19 +88,28 @@ export function createMemoryBus(): Bus {
 /**
  * Redis pub/sub: `publisher` is shared with the rest of the app; `subscriber` is a dedicated
  * connection (a subscribed connection cannot issue other commands). Channels carry `prefix`.
+ *
+ * This instance's own listeners hear its rings at once, as on the in-process bus, not after the
+ * round trip through Redis (a hop between a commit and its delivery here): each message carries
+ * the instance's id (`o`), and its echo is skipped. Messages without one (an older instance's
+ * bare array of events) are heard as before.
  */
 export function createRedisBus(publisher: Redis, subscriber: Redis, prefix: string): Bus {
   const l = listeners();
   const chEvents = `${prefix}bus:events`;
   const chSignal = `${prefix}bus:signal`;
+  const origin = randomUUID();
   // Errors surface as reconnects; the poll covers the gap, so they are not fatal here.
   subscriber.on('error', () => {});
   subscriber.on('message', (channel: string, message: string) => {
     try {
-      if (channel === chEvents) l.fireAnnounce(JSON.parse(message));
-      else if (channel === chSignal) {
-        const m = JSON.parse(message) as { t: SignalTopic; p: unknown };
-        l.fireSignal(m.t, m.p);
+      if (channel === chEvents) {
+        const m = JSON.parse(message) as LoggedEventRef[] | { o: string; e: LoggedEventRef[] };
+        if (Array.isArray(m)) l.fireAnnounce(m);
+        else if (m.o !== origin) l.fireAnnounce(m.e);
+      } else if (channel === chSignal) {
+        const m = JSON.parse(message) as { t: SignalTopic; p: unknown; o?: string };
+        if (m.o !== origin) l.fireSignal(m.t, m.p);
       }
     } catch {
       // A malformed message is dropped; the log poll covers events.
@@ -110,16 +120,15 @@ export function createRedisBus(publisher: Redis, subscriber: Redis, prefix: stri
   const subscribed = subscriber.subscribe(chEvents, chSignal).catch(() => {});
   return {
     kind: 'redis',
+    // Not awaited: a request never waits on Redis (down, it would wait out the client's
+    // retries). Other instances that miss a ring catch up by polling; a lost signal is lost.
     async announce(events) {
-      await publisher.publish(chEvents, JSON.stringify(events)).catch(() => {
-        // Local listeners still hear it; other instances catch up by polling.
-        l.fireAnnounce(events);
-      });
+      queueMicrotask(() => l.fireAnnounce(events));
+      publisher.publish(chEvents, JSON.stringify({ o: origin, e: events })).catch(() => {});
     },
     async signal(topic, payload) {
-      await publisher.publish(chSignal, JSON.stringify({ t: topic, p: payload })).catch(() => {
-        l.fireSignal(topic, payload);
-      });
+      queueMicrotask(() => l.fireSignal(topic, payload));
+      publisher.publish(chSignal, JSON.stringify({ t: topic, p: payload, o: origin })).catch(() => {});
     },
     onAnnounce(fn) {
       l.announce.add(fn);
