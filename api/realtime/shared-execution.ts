@@ -121,6 +121,8 @@ function tracking(ctx: Context): { ctx: Context; touched: () => boolean } {
 
 const isPromise = <T>(x: unknown): x is Promise<T> => typeof (x as Promise<T> | null)?.then === 'function';
 
+const EMPTY = Buffer.alloc(0);
+
 /** Replay waits while a subscriber holds this many rows not yet written. */
 const PUSH_WINDOW = 256;
 
@@ -131,8 +133,8 @@ const PUSH_WINDOW = 256;
 class Work {
   done = false;
   gone = false;
-  json = '';
-  private encoded: Buffer | undefined;
+  /** the masked result as UTF-8 JSON, encoded once for all its subscribers */
+  bytes = EMPTY;
   viewerFree = false;
   private waiters: Delivery[] = [];
 
@@ -146,7 +148,7 @@ class Work {
     const settle = (r: ExecutionResult) => {
       const masked = maskResult(r, mask);
       this.gone = isGone(masked);
-      if (!this.gone) this.json = JSON.stringify(masked);
+      if (!this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
       this.viewerFree = !t.touched();
       this.done = true;
       const waiters = this.waiters;
@@ -161,12 +163,6 @@ class Work {
     } catch (err) {
       failed(err);
     }
-  }
-
-  /** the result as UTF-8, encoded once for all its subscribers */
-  bytes(): Buffer {
-    this.encoded ??= Buffer.from(this.json);
-    return this.encoded;
   }
 
   wait(d: Delivery) {
@@ -236,7 +232,7 @@ class Delivery implements Sink {
       }
       q.shift();
       if (item.work.gone) continue;
-      this.out.nextEncoded(item.work.bytes());
+      this.out.nextEncoded(item.work.bytes);
       if (item.work.owner === this) this.hooks.counts.own++;
       else this.hooks.counts.shared++;
     }

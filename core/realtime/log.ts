@@ -95,7 +95,7 @@ const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ
   else coalesce(${events.payload}->>'messageId',
     case when left(${events.type}, 8) = 'MESSAGE_' then ${events.payload}->>'id' end) end`;
 /** ... as a uuid; anything else is no id (a malformed payload must not stop the tailer). */
-const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~ '^[0-9a-fA-F-]{36}$' then (${ROW_MESSAGE_ID})::uuid end)`;
+const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' then (${ROW_MESSAGE_ID})::uuid end)`;
 
 /**
  * readAfter and loadMessages in one statement: the tailer's read when it has subscribers to
@@ -129,14 +129,14 @@ const prepareReadAfterWithMessages = (db: Db) => {
   const page = db
     .select({
       seq: events.seq,
-      xid: sql<string>`${events.xid}::text`.as('xid'),
-      xorder: sql<string>`${XID}`.as('xorder'),
+      xid: sql<string>`${events.xid}::text`.as('page_xid'),
+      xorder: sql<string>`${XID}`.as('page_order'),
       type: events.type,
       guildId: events.guildId,
       channelId: events.channelId,
       userId: events.userId,
       payload: events.payload,
-      mid: sql<string | null>`${ROW_MESSAGE_UUID}`.as('mid'),
+      mid: sql<string | null>`${ROW_MESSAGE_UUID}`.as('page_message_id'),
     })
     .from(events)
     .where(
