@@ -94,6 +94,8 @@ export async function readAfter(db: Db, from: Position, limit: number): Promise<
 const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ_STATE_UPDATED') then null
   else coalesce(${events.payload}->>'messageId',
     case when left(${events.type}, 8) = 'MESSAGE_' then ${events.payload}->>'id' end) end`;
+/** What Postgres casts to a uuid (either case), as ROW_MESSAGE_UUID checks it. */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 /** ... as a uuid; anything else is no id (a malformed payload must not stop the tailer). */
 const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' then (${ROW_MESSAGE_ID})::uuid end)`;
 
@@ -220,7 +222,8 @@ export function messageIdOf(row: { type: string; payload: Record<string, unknown
  */
 export async function loadMessages(db: Db, batch: LogRow[]): Promise<void> {
   const ids = new Set<string>();
-  for (const r of batch) if (aboutLiveMessage(r)) ids.add(messageIdOf(r)!);
+  // A malformed id is no message (the uuid cast would fail the whole read), as in the tailer's join.
+  for (const r of batch) if (aboutLiveMessage(r) && UUID.test(messageIdOf(r)!)) ids.add(messageIdOf(r)!);
   if (!ids.size) return;
   const found = await db
     .select({ m: messages, u: users })
