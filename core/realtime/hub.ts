@@ -12,7 +12,7 @@ import { type Db, databaseOf } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, SignalTopics } from '../ports/bus.ts';
 import { observeEvents } from '../services/access-cache.ts';
-import { decodeCursor, encodeCursor, maxPos, type Position } from './cursor.ts';
+import { decodeCursor, encodeCursor, maxPos, type Position, type Snapshot } from './cursor.ts';
 import {
   assertNotExpired,
   headPosition,
@@ -171,18 +171,26 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     presenceDone = presenceDone.then(async () => {
       const viewers = new Set<string>();
       for (const s of subs) viewers.add(s.access.userId);
+      let asked = false;
       try {
         const audience = await presenceAudience(deps.db, [...batch.keys()], [...viewers]);
         for (const r of rows) {
           const may = audience.get(String(r.payload.userId));
           if (may) r.audience = { asked: viewers, may };
         }
+        asked = true;
       } catch (err) {
         // Each subscriber then asks for itself (slower, still right).
         deps.log.warn({ err }, 'presence audience failed; deciding per subscriber');
       }
       if (stopped) return;
-      for (const s of subs) for (const r of rows) s.push(r);
+      // A user who subscribed while the audience was worked out came online after these changes
+      // (its client reads presence when it starts): not asking for it per socket keeps a crowd
+      // reconnecting from costing a statement per (socket, change).
+      for (const s of subs) {
+        if (asked && !viewers.has(s.access.userId)) continue;
+        for (const r of rows) s.push(r);
+      }
     });
   }
 
@@ -215,6 +223,34 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       row = presenceRow(actor, shown?.get(actor) ?? 'OFFLINE');
     }
     for (const s of subs) if (s.access.userId === target) s.push(row);
+  }
+
+  /**
+   * The database snapshot for subscribers going live, one statement for all that ask while one
+   * is running (a crowd reconnecting): a waiter only joins a statement sent after it asked, so
+   * every subscriber's snapshot is taken after it registered, as subscribe() requires.
+   */
+  let snapshotWaiters: { resolve(s: Snapshot): void; reject(err: unknown): void }[] = [];
+  let snapshotRunning = false;
+  function sharedSnapshot(): Promise<Snapshot> {
+    return new Promise((resolve, reject) => {
+      snapshotWaiters.push({ resolve, reject });
+      if (!snapshotRunning) void takeSnapshots();
+    });
+  }
+  async function takeSnapshots() {
+    snapshotRunning = true;
+    while (snapshotWaiters.length) {
+      const waiting = snapshotWaiters;
+      snapshotWaiters = [];
+      try {
+        const s = await snapshotNow(deps.db);
+        for (const w of waiting) w.resolve(s);
+      } catch (err) {
+        for (const w of waiting) w.reject(err);
+      }
+    }
+    snapshotRunning = false;
   }
 
   async function replay(sub: Subscription, viewerId: string, from: Position, to: Position) {
@@ -293,7 +329,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         // Live means from now, exactly: registered first (so no row tailed from here on is missed),
         // then the snapshot says which of the rows that arrive were committed before this moment.
         try {
-          sub.startAfter(await snapshotNow(deps.db));
+          sub.startAfter(await sharedSnapshot());
         } catch (err) {
           await sub.return();
           throw err;

@@ -5,10 +5,11 @@
  * join starts it without reconnecting.
  */
 import { and, eq, inArray, sql } from 'drizzle-orm';
-import type { Db, DbOrTx } from '../db/client.ts';
+import { type Db, type DbOrTx, databaseOf } from '../db/client.ts';
 import { relationships } from '../db/tables.ts';
 import { has, Permission } from '../permissions.ts';
-import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
+import { type ChannelAccess, loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
+import { accessCacheOf } from '../services/access-cache.ts';
 
 export interface Visible {
   type: string;
@@ -52,6 +53,38 @@ export async function presenceAudience(
 }
 
 const CACHE_MS = 30_000;
+
+const loading = new WeakMap<object, Map<string, Promise<ChannelAccess | null>>>();
+
+/**
+ * A viewer's access to a channel for delivery: one load shared by all of this process's
+ * subscribers asking for the same (user, channel) at once (a user's several sockets, a crowd
+ * reconnecting after a restart, caches of a busy channel's subscribers expiring together), through
+ * the per-process access cache (core/services/access-cache.ts). The access cache's generation is
+ * part of the key: the tailer clears the cache when it reads an access-changing row, before any
+ * subscriber sees that row, so a subscriber that has seen it never joins a load begun before it.
+ */
+function channelAccessShared(db: Db, userId: string, channelId: string): Promise<ChannelAccess | null> {
+  const root = databaseOf(db);
+  if (!root) return loadChannelAccess(db, userId, channelId);
+  let m = loading.get(root);
+  if (!m) {
+    m = new Map();
+    loading.set(root, m);
+  }
+  const key = `${accessCacheOf(root).mark()}:${userId}:${channelId}`;
+  let p = m.get(key);
+  if (!p) {
+    p = loadChannelAccess(db, userId, channelId, new Date(), { cached: true });
+    const inFlight = m;
+    p.then(
+      () => inFlight.delete(key),
+      () => inFlight.delete(key),
+    );
+    m.set(key, p);
+  }
+  return p;
+}
 
 /**
  * Which of `otherIds` blocked `viewerId`, in one statement (the batched isBlockedBy of
@@ -177,7 +210,7 @@ export class ViewerAccess {
     const need = replay ? Permission.VIEW_CHANNEL | Permission.READ_HISTORY : Permission.VIEW_CHANNEL;
     const c = this.channels?.get(channelId);
     if (c && Date.now() - c.at < CACHE_MS) return has(c.perms, need);
-    return loadChannelAccess(this.db, this.userId, channelId).then((a) => {
+    return channelAccessShared(this.db, this.userId, channelId).then((a) => {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
       if (guildId && perms) this.seenIn(guildId);
