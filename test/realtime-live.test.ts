@@ -6,8 +6,10 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import pg from 'pg';
+import { databaseOf } from '../core/db/client.ts';
+import { decodeId } from '../schema/builder.ts';
 import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -80,4 +82,36 @@ it('without after: a row committed before subscribing, behind a still-open older
   } finally {
     await old.end();
   }
+});
+
+it('a crowd going live together: one snapshot statement per round, one access load per user, each gets every message once', async () => {
+  const hub = app.deps.realtime!;
+  const owner = await signUp(app);
+  const { channelId, guildId } = await guildWithChannel(app, owner.token);
+  const others = [await signUp(app), await signUp(app)];
+  for (const o of others) await invite(app, owner.token, guildId, o.token);
+  await send(app, owner.token, channelId, 'before the crowd');
+  const database = databaseOf(app.deps.db)!;
+  const viewers = [owner, ...others].map((u) => ({ userId: decodeId(u.id, 'User', 'id') }));
+  // 3 users × 10 subscriptions, all asking at once.
+  const q0 = database.queryCount;
+  const subs = await Promise.all(Array.from({ length: 30 }, (_, i) => hub.subscribe(viewers[i % 3], null)));
+  const setup = database.queryCount - q0;
+  assert.ok(setup <= 4, `30 live subscriptions took ${setup} statements`);
+  const q1 = database.queryCount;
+  await send(app, owner.token, channelId, 'to the crowd');
+  const got = await Promise.all(
+    subs.map(async (s) => {
+      const r = await Promise.race([
+        s.next(),
+        new Promise<never>((_, no) => setTimeout(() => no(new Error('nothing delivered')), 10_000)),
+      ]);
+      return (r.value as { message?: { content: string } }).message?.content;
+    }),
+  );
+  assert.deepEqual(new Set(got), new Set(['to the crowd']));
+  // The send's own statements, the tail read, and one access load per user (not per subscription).
+  const delivery = database.queryCount - q1;
+  assert.ok(delivery <= 3 + 3 + 3, `delivering to 30 subscriptions of 3 users took ${delivery} statements`);
+  for (const s of subs) await s.return!();
 });
