@@ -8,7 +8,7 @@ import { and, eq, inArray, sql } from 'drizzle-orm';
 import { type Db, type DbOrTx, databaseOf } from '../db/client.ts';
 import { relationships } from '../db/tables.ts';
 import { has, Permission } from '../permissions.ts';
-import { type ChannelAccess, loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
+import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
 
 export interface Visible {
@@ -54,33 +54,30 @@ export async function presenceAudience(
 
 const CACHE_MS = 30_000;
 
-const loading = new WeakMap<object, Map<string, Promise<ChannelAccess | null>>>();
+const loading = new WeakMap<object, Map<string, Promise<unknown>>>();
 
 /**
- * A viewer's access to a channel for delivery: one load shared by all of this process's
- * subscribers asking for the same (user, channel) at once (a user's several sockets, a crowd
- * reconnecting after a restart, caches of a busy channel's subscribers expiring together), through
- * the per-process access cache (core/services/access-cache.ts). The access cache's generation is
- * part of the key: the tailer clears the cache when it reads an access-changing row, before any
- * subscriber sees that row, so a subscriber that has seen it never joins a load begun before it.
+ * A viewer's access for delivery: one load shared by all of this process's subscribers asking
+ * the same question at once (a user's several sockets, a crowd reconnecting after a restart,
+ * caches of a busy channel's subscribers expiring together). The access cache's generation is
+ * part of the key: the tailer clears that cache when it reads an access-changing row, before any
+ * subscriber sees the row, so a subscriber that has seen it never joins a load begun before it.
  */
-function channelAccessShared(db: Db, userId: string, channelId: string): Promise<ChannelAccess | null> {
+function shared<T>(db: Db, question: string, load: () => Promise<T>): Promise<T> {
   const root = databaseOf(db);
-  if (!root) return loadChannelAccess(db, userId, channelId);
+  if (!root) return load();
   let m = loading.get(root);
   if (!m) {
     m = new Map();
     loading.set(root, m);
   }
-  const key = `${accessCacheOf(root).mark()}:${userId}:${channelId}`;
-  let p = m.get(key);
+  const key = `${accessCacheOf(root).mark()}:${question}`;
+  let p = m.get(key) as Promise<T> | undefined;
   if (!p) {
-    p = loadChannelAccess(db, userId, channelId, new Date(), { cached: true });
+    p = load();
     const inFlight = m;
-    p.then(
-      () => inFlight.delete(key),
-      () => inFlight.delete(key),
-    );
+    const done = () => inFlight.delete(key);
+    p.then(done, done);
     m.set(key, p);
   }
   return p;
@@ -210,7 +207,10 @@ export class ViewerAccess {
     const need = replay ? Permission.VIEW_CHANNEL | Permission.READ_HISTORY : Permission.VIEW_CHANNEL;
     const c = this.channels?.get(channelId);
     if (c && Date.now() - c.at < CACHE_MS) return has(c.perms, need);
-    return channelAccessShared(this.db, this.userId, channelId).then((a) => {
+    // Through the per-process access cache too (core/services/access-cache.ts): the channel's
+    // half of the inputs is then loaded once for all its viewers.
+    const load = () => loadChannelAccess(this.db, this.userId, channelId, new Date(), { cached: true });
+    return shared(this.db, `c:${this.userId}:${channelId}`, load).then((a) => {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
       if (guildId && perms) this.seenIn(guildId);
@@ -225,7 +225,8 @@ export class ViewerAccess {
     if (otherId === this.userId) return true;
     const k = this.known?.get(otherId);
     if (k && Date.now() - k.at < CACHE_MS) return k.yes;
-    return presenceAudience(this.db, [otherId], [this.userId]).then((audience) => {
+    const load = () => presenceAudience(this.db, [otherId], [this.userId]);
+    return shared(this.db, `p:${this.userId}:${otherId}`, load).then((audience) => {
       const yes = !!audience.get(otherId)?.has(this.userId);
       this.known ??= new Map();
       if (this.known.size > 10_000) this.known.clear();
@@ -237,7 +238,8 @@ export class ViewerAccess {
   private member(guildId: string): boolean | Promise<boolean> {
     const g = this.guilds?.get(guildId);
     if (g && Date.now() - g.at < CACHE_MS) return g.member;
-    return loadGuildAccess(this.db, this.userId, guildId).then((a) => {
+    const load = () => loadGuildAccess(this.db, this.userId, guildId);
+    return shared(this.db, `g:${this.userId}:${guildId}`, load).then((a) => {
       const member = !!a?.input.isMember;
       if (member) this.seenIn(guildId);
       this.guilds ??= new Map();
