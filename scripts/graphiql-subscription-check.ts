@@ -6,13 +6,20 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { type AddressInfo, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const port = 5000 + Math.floor(Math.random() * 1000);
+// A port the OS says is free (a random one in 5000-5999 once was PostgreSQL's 5432).
+const port = await new Promise<number>((resolve) => {
+  const probe = createServer().listen(0, '127.0.0.1', () => {
+    const p = (probe.address() as AddressInfo).port;
+    probe.close(() => resolve(p));
+  });
+});
 const dir = mkdtempSync(path.join(tmpdir(), 'banter-graphiql-'));
 const shot = process.argv[2] ?? 'graphiql-subscription.png';
 const url = `http://localhost:${port}/graphql`;
