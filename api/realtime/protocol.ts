@@ -46,8 +46,6 @@ export interface Running {
 
 /** What an operation hands back to the protocol. */
 export interface OperationSink {
-  /** writes a `next` frame whose payload is the JSON text given */
-  nextJson(json: string): void;
   /** writes a `next` frame with this result */
   next(result: unknown): void;
   /** the operation is over: writes `complete` unless the client ended it */
@@ -96,14 +94,23 @@ export interface ProtocolOptions {
 /**
  * Writes one text frame without waiting for it to be flushed. A socket whose unsent bytes pass
  * `maxBufferedBytes` is closed as a slow consumer instead (its client resumes by cursor).
+ *
+ * `data` is text for `ws` to frame, or a frame already built (textFrame): that one goes to the
+ * TCP socket directly, where `ws` itself writes straight through (no extension, as this server
+ * offers no compression, and nothing queued in its sender); elsewhere `ws` frames it again.
  */
-export function sendFrame(socket: WebSocket, data: string, maxBufferedBytes: number) {
+export function sendFrame(socket: WebSocket, data: string | Buffer, maxBufferedBytes: number) {
   if (socket.readyState !== socket.OPEN) return;
   if (socket.bufferedAmount > maxBufferedBytes) {
     socket.close(CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
     return;
   }
-  socket.send(data);
+  if (typeof data === 'string') socket.send(data);
+  else {
+    const tcp = writesThrough(socket);
+    if (tcp) tcp.write(data);
+    else socket.send(unframe(data));
+  }
 }
 
 /**
@@ -139,10 +146,6 @@ export function textFrame(parts: readonly Buffer[]): Buffer {
  * (its synchronous work, then the promise callbacks it started): the frames written to one socket
  * in that time, a tail batch of events say, leave in one system call instead of one each. The kernel's part of a write
  * is most of the cost of fan-out. `ws` writes each frame with cork/uncork of its own, which nests.
- *
- * `data` is text for `ws` to frame, or a frame already built (textFrame): that one goes to the
- * TCP socket directly. Only where `ws` itself writes straight through: no extension (this server
- * offers no compression) and nothing queued in its sender.
  */
 function corkedWriter(maxBufferedBytes: number) {
   const held = new Set<Socket>();
@@ -157,24 +160,20 @@ function corkedWriter(maxBufferedBytes: number) {
       held.add(s);
       if (held.size === 1) process.nextTick(release);
     }
-    if (typeof data === 'string') sendFrame(ws, data, maxBufferedBytes);
-    else if (s && writesThrough(ws)) {
-      if (ws.bufferedAmount > maxBufferedBytes) {
-        ws.close(CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
-      } else s.write(data);
-    } else if (ws.readyState === ws.OPEN) {
-      // Not expected (see above); `ws` frames the payload again, after its own queue.
-      sendFrame(ws, unframe(data), maxBufferedBytes);
-    }
+    sendFrame(ws, data, maxBufferedBytes);
     // Held frames go at once when they add up (a long replay in one turn).
     if (s && s.writableLength >= HOLD_BYTES && held.delete(s)) s.uncork();
   };
 }
 
-/** `ws` writes this socket's frames straight to it, in call order: ours may go beside them. */
-function writesThrough(ws: WebSocket): boolean {
-  const sender = (ws as unknown as { _sender?: { _state?: number; _queue?: unknown[] } })._sender;
-  return ws.readyState === ws.OPEN && ws.extensions === '' && sender?._state === 0 && !sender._queue?.length;
+/**
+ * The TCP socket under `ws` when `ws` writes its frames straight to it, in call order (ours may
+ * then go beside them); undefined otherwise.
+ */
+function writesThrough(ws: WebSocket): Socket | undefined {
+  const w = ws as unknown as { _socket?: Socket; _sender?: { _state?: number; _queue?: unknown[] } };
+  const plain = ws.extensions === '' && w._sender?._state === 0 && !w._sender._queue?.length;
+  return plain ? w._socket : undefined;
 }
 
 /** A textFrame's payload, as text. */
@@ -244,11 +243,8 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       this.prefix ??= Buffer.from(JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2));
       send(this.c, textFrame([this.prefix, json, CLOSE_BRACE]));
     }
-    nextJson(json: string) {
-      send(this.c, `${JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2)}${json}}`);
-    }
     next(result: unknown) {
-      this.nextJson(JSON.stringify(result));
+      this.nextEncoded(Buffer.from(JSON.stringify(result)));
     }
     complete() {
       // Ended by the server: tell the client, unless it ended the operation itself.
