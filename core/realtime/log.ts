@@ -94,10 +94,10 @@ export async function readAfter(db: Db, from: Position, limit: number): Promise<
 const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ_STATE_UPDATED') then null
   else coalesce(${events.payload}->>'messageId',
     case when left(${events.type}, 8) = 'MESSAGE_' then ${events.payload}->>'id' end) end`;
-/** What Postgres casts to a uuid (either case), as ROW_MESSAGE_UUID checks it. */
+/** What Postgres casts to a uuid (either case): checked here and, the same pattern, in SQL. */
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 /** ... as a uuid; anything else is no id (a malformed payload must not stop the tailer). */
-const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' then (${ROW_MESSAGE_ID})::uuid end)`;
+const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~* ${sql.raw(`'${UUID.source}'`)} then (${ROW_MESSAGE_ID})::uuid end)`;
 
 /**
  * readAfter and loadMessages in one statement: the tailer's read when it has subscribers to
@@ -223,7 +223,10 @@ export function messageIdOf(row: { type: string; payload: Record<string, unknown
 export async function loadMessages(db: Db, batch: LogRow[]): Promise<void> {
   const ids = new Set<string>();
   // A malformed id is no message (the uuid cast would fail the whole read), as in the tailer's join.
-  for (const r of batch) if (aboutLiveMessage(r) && UUID.test(messageIdOf(r)!)) ids.add(messageIdOf(r)!);
+  for (const r of batch) {
+    const id = aboutLiveMessage(r) ? messageIdOf(r)! : '';
+    if (UUID.test(id)) ids.add(id);
+  }
   if (!ids.size) return;
   const found = await db
     .select({ m: messages, u: users })
