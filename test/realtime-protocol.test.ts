@@ -57,6 +57,9 @@ function open(protocol: string | null = 'graphql-transport-ws') {
       await until(() => !!closed, 'close');
       return closed!.code;
     },
+    /** until a `next` frame carries a new message with this content */
+    untilMessage: (content: string) =>
+      until(() => messages.some((m) => m.payload?.data?.events?.message?.content === content), content),
     async init(token = u.token) {
       await this.send({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } });
       await until(() => messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
@@ -87,18 +90,21 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
-  it('streams events as next frames with the operation id, and stops after complete', async () => {
+  /** A socket subscribed as `id` to new messages' content, and a new channel to send them in. */
+  async function messageStream(id: string) {
     const { channelId } = await guildWithChannel(app, u.token);
     const s = open();
     await s.init();
     const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
-    await s.send({ id: 'ev "quoted" id', type: 'subscribe', payload: { query } });
+    await s.send({ id, type: 'subscribe', payload: { query } });
     await new Promise((r) => setTimeout(r, 300));
+    return { s, channelId };
+  }
+
+  it('streams events as next frames with the operation id, and stops after complete', async () => {
+    const { s, channelId } = await messageStream('ev "quoted" id');
     await send(app, u.token, channelId, 'first');
-    await s.until(
-      () => s.messages.some((m) => m.payload?.data?.events?.message?.content === 'first'),
-      'first',
-    );
+    await s.untilMessage('first');
     const frame = s.messages.find((m) => m.type === 'next');
     assert.equal(frame.id, 'ev "quoted" id');
     await s.send({ id: 'ev "quoted" id', type: 'complete' });
@@ -112,18 +118,10 @@ describe('graphql-transport-ws', () => {
   });
 
   it('writes long and multi-byte results as valid frames (16-bit length, UTF-8 bytes)', async () => {
-    const { channelId } = await guildWithChannel(app, u.token);
-    const s = open();
-    await s.init();
-    const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
-    await s.send({ id: 'long', type: 'subscribe', payload: { query } });
-    await new Promise((r) => setTimeout(r, 300));
+    const { s, channelId } = await messageStream('long');
     const content = `${'ünïcødé 🎉 '.repeat(363)}end`; // 3,996 UTF-16 units, under the 4,000 limit
     await send(app, u.token, channelId, content);
-    await s.until(
-      () => s.messages.some((m) => m.payload?.data?.events?.message?.content === content),
-      'long',
-    );
+    await s.untilMessage(content);
     s.ws.close();
   });
 
@@ -222,19 +220,11 @@ describe('graphql-transport-ws', () => {
     await c.init();
     await b.send({ id: '1', type: 'subscribe', payload: { query, variables: { after: one } } });
     await c.send({ id: '1', type: 'subscribe', payload: { query, variables: { after: two } } });
-    await b.until(
-      () => b.messages.some((m) => m.payload?.data?.events?.message?.content === 'mark two'),
-      'replay',
-    );
+    await b.untilMessage('mark two');
     await new Promise((r) => setTimeout(r, 300));
     const shared0 = await metric();
     await send(app, u.token, channelId, 'live for all');
-    for (const s of [a, b, c]) {
-      await s.until(
-        () => s.messages.some((m) => m.payload?.data?.events?.message?.content === 'live for all'),
-        'live',
-      );
-    }
+    for (const s of [a, b, c]) await s.untilMessage('live for all');
     assert.equal((await metric()) - shared0, 2, 'two of the three subscribers reused the first execution');
     for (const s of [a, b, c]) s.ws.close();
   });
