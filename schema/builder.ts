@@ -78,6 +78,18 @@ export const builder = new SchemaBuilder<{
   },
 });
 
+/**
+ * Node types' raw ids, by type name. Pothos relay resolves every node's `id` field with an async
+ * function: a promise per object in every result, and a subscription's shared execution can
+ * never finish synchronously. buildSchema() swaps in the same encoding, synchronously, from this
+ * registry (and refuses a Node type that did not register here).
+ */
+export const nodeIdResolvers = new Map<string, (parent: never) => string>();
+export function nodeId<T>(typename: string, resolve: (parent: T) => string) {
+  nodeIdResolvers.set(typename, resolve as (parent: never) => string);
+  return { resolve };
+}
+
 /** Relay global ids: base64url of `Type:uuid`, opaque to clients. */
 export function encodeId(typename: string, id: string): string {
   return Buffer.from(`${typename}:${id}`).toString('base64url');

@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { notFound } from '../core/errors.ts';
 import { requireChannel } from '../core/services/access.service.ts';
 import * as channelService from '../core/services/channel.service.ts';
-import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
+import { builder, type Context, decodeId, encodeId, nodeId, requireViewer } from './builder.ts';
 import { canSeeGuildChannel, GuildRef, requireGuildBatched } from './guild.ts';
 import { limit } from './limits.ts';
 
@@ -19,7 +19,7 @@ export const ChannelType = builder.enumType('ChannelType', {
 export const ChannelRef = builder.loadableNodeRef<channelService.ChannelWithAccess, string, string>(
   'Channel',
   {
-    id: { resolve: (c) => c.id },
+    id: nodeId('Channel', (c) => c.id),
     load: async (ids, ctx) => {
       const rows = await channelService.channelsByIds(ctx.deps, ids);
       const byId = new Map(rows.map((r) => [r.id, r]));

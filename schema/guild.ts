@@ -11,12 +11,12 @@ import {
   requireGuild,
 } from '../core/services/access.service.ts';
 import * as guildService from '../core/services/guild.service.ts';
-import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
+import { builder, type Context, decodeId, encodeId, nodeId, requireViewer } from './builder.ts';
 import { limit } from './limits.ts';
 import { UserRef, ViewerRef } from './user.ts';
 
 export const GuildRef = builder.loadableNodeRef<guildService.GuildRow, string, string>('Guild', {
-  id: { resolve: (g) => g.id },
+  id: nodeId('Guild', (g) => g.id),
   load: async (ids, ctx) => {
     const rows = await ctx.deps.db.select().from(guilds).where(sql`${guilds.id} in ${ids}`);
     const byId = new Map(rows.map((r) => [r.id, r]));

@@ -20,7 +20,7 @@ import * as edits from '../core/services/message-edit.service.ts';
 import * as history from '../core/services/message-history.service.ts';
 import { sendMessage } from '../core/services/message-send.service.ts';
 import { startThread } from '../core/services/thread.service.ts';
-import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
+import { builder, type Context, decodeId, encodeId, nodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
 import { limit } from './limits.ts';
 import { UserRef } from './user.ts';
@@ -60,7 +60,7 @@ function viewerAccess(ctx: Context, channelId: string, known?: ChannelAccess): P
  * request (cache: false) so a long-lived context never serves an edited message's old text.
  */
 export const MessageRef = builder.loadableNodeRef<MessageRow, string, string>('Message', {
-  id: { resolve: (m) => m.id },
+  id: nodeId('Message', (m) => m.id),
   loaderOptions: { cache: false },
   load: async (ids, ctx) => {
     const rows = await history.messagesByIds(ctx.deps.db, ids);

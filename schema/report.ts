@@ -4,7 +4,7 @@
  */
 import { z } from 'zod';
 import * as reportService from '../core/services/report.service.ts';
-import { builder, decodeId, requireViewer } from './builder.ts';
+import { builder, decodeId, nodeId, requireViewer } from './builder.ts';
 import { limit } from './limits.ts';
 import { MessageRef } from './message.ts';
 import { decodeCursor, pageSize, toConnection } from './moderation.ts';
@@ -14,7 +14,7 @@ const ReportStatus = builder.enumType('ReportStatus', { values: reportService.RE
 
 /** node(id) on a report goes through the same check as the queue: moderators only. */
 export const ReportRef = builder.loadableNodeRef<reportService.ReportRow, string, string>('Report', {
-  id: { resolve: (r) => r.id },
+  id: nodeId('Report', (r) => r.id),
   load: (ids, ctx) =>
     Promise.all(
       ids.map((id) => reportService.getReport(ctx.deps, requireViewer(ctx), id).catch((e: Error) => e)),

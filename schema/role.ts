@@ -12,7 +12,7 @@ import {
 import { loadChannelAccess } from '../core/services/access.service.ts';
 import { recipientsByChannel } from '../core/services/direct.service.ts';
 import * as roleService from '../core/services/role.service.ts';
-import { builder, type Context, decodeAnyId, decodeId, encodeId, requireViewer } from './builder.ts';
+import { builder, type Context, decodeAnyId, decodeId, encodeId, nodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
 import { GuildRef, guildAccessLoader, requireGuildBatched } from './guild.ts';
 import { limit } from './limits.ts';
@@ -26,7 +26,7 @@ const bits = (list: readonly PermissionName[] | null | undefined) =>
 
 /** Roles load without a permission check: they are reached through a guild the viewer is in. */
 export const RoleRef = builder.loadableNodeRef<roleService.RoleRow, string, string>('Role', {
-  id: { resolve: (r) => r.id },
+  id: nodeId('Role', (r) => r.id),
   load: async (ids, ctx) => {
     const rows = await roleService.rolesByIds(ctx.deps, ids);
     const byId = new Map(rows.map((r) => [r.id, r]));

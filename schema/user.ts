@@ -4,13 +4,13 @@ import { users } from '../core/db/tables.ts';
 import { notFound } from '../core/errors.ts';
 import * as auth from '../core/services/auth.service.ts';
 import * as userService from '../core/services/user.service.ts';
-import { builder, decodeId, requireViewer } from './builder.ts';
+import { builder, decodeId, nodeId, requireViewer } from './builder.ts';
 import { limit } from './limits.ts';
 
 export type UserRow = typeof users.$inferSelect;
 
 export const UserRef = builder.loadableNodeRef<UserRow, string, string>('User', {
-  id: { resolve: (u) => u.id },
+  id: nodeId('User', (u) => u.id),
   load: async (ids, ctx) => {
     const rows = await ctx.deps.db.select().from(users).where(sql`${users.id} in ${ids}`);
     const byId = new Map(rows.map((r) => [r.id, r]));
