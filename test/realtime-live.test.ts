@@ -115,3 +115,36 @@ it('a crowd going live together: one snapshot statement per round, one access lo
   assert.ok(delivery <= 3 + 3 + 3, `delivering to 30 subscriptions of 3 users took ${delivery} statements`);
   for (const s of subs) await s.return!();
 });
+
+it('a send to a live subscriber: the log read queues behind the insert on its connection, and the ring starts no other read', async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const c = connect(url, u.token);
+  const s = subscribe(c.client);
+  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
+    await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 300));
+  const reads = async () => {
+    const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
+    const count = (via: string) =>
+      Number(new RegExp(`^banter_log_reads_total\\{via="${via}"\\} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+    return { follow: count('follow'), ring: count('ring') };
+  };
+  // A poll read out at the moment of the send takes its place (rare): try again.
+  let followed = false;
+  for (let attempt = 0; attempt < 5 && !followed; attempt++) {
+    const before = await reads();
+    await send(app, u.token, channelId, `message ${attempt}`);
+    await s.until((e) => contents(e).includes(`message ${attempt}`));
+    // Longer than a ring waits for the read out when it came (FOLLOW_WAIT_MS).
+    await new Promise((r) => setTimeout(r, 100));
+    const now = await reads();
+    if (now.follow - before.follow !== 1) continue;
+    followed = true;
+    assert.equal(now.ring - before.ring, 0, 'the ring of a row already read started another read');
+  }
+  assert.ok(followed, 'no send was followed by its log read');
+  const sent = contents(s.events);
+  assert.deepEqual(sent, [...new Set(sent)]);
+  await c.client.dispose();
+});

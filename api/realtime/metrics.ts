@@ -52,6 +52,12 @@ export function createRealtimeMetrics(
     labelNames: ['code'] as const,
     registers: [registry],
   });
-  return { replay, closes };
+  const reads = new Counter({
+    name: 'banter_log_reads_total',
+    help: 'Event log reads by the realtime tailer: behind a write on its connection (follow), for a bus ring, or the poll',
+    labelNames: ['via'] as const,
+    registers: [registry],
+  });
+  return { replay, closes, reads };
 }
 export type RealtimeMetrics = ReturnType<typeof createRealtimeMetrics>;

@@ -83,7 +83,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
     delivered: () => delivered,
   });
 
-  o.hub.observe({ replayed: (n) => metrics.replay.observe(n) });
+  o.hub.observe({
+    replayed: (n) => metrics.replay.observe(n),
+    read: (via) => metrics.reads.inc({ via }),
+  });
 
   function close(socket: WebSocket, code: number, reason: string) {
     if (socket.readyState === socket.OPEN || socket.readyState === socket.CONNECTING)

@@ -24,11 +24,46 @@ export interface Database {
   /**
    * Runs a hot, fixed SQL text as a named prepared statement (Postgres plans it once per
    * connection instead of on every call); PGlite runs it as a plain parameterized query.
+   * With `follow`, the statements that `follow` sends on the Db it is given queue on the same
+   * connection right behind this one: node-postgres sends them the moment this one's result
+   * arrives, before any other work of this process runs (see followCommits).
    */
-  prepared<T>(name: string, text: string, params: unknown[]): Promise<T[]>;
+  prepared<T>(name: string, text: string, params: unknown[], follow?: Follower): Promise<T[]>;
   /** Pool statistics for /metrics (zeros for PGlite). */
   poolStats(): { total: number; idle: number; waiting: number };
   close(): Promise<void>;
+}
+
+/**
+ * Statements to run on a hot write's connection right behind it: the realtime tailer's read of
+ * what that write committed. Returns what it sent (the connection is released once it settles),
+ * or nothing when it has nothing to read.
+ */
+export type Follower = (db: Db) => Promise<unknown> | undefined;
+
+const followers = new WeakMap<Database, Follower>();
+/** A follower that throws sends nothing: the write it follows goes on regardless. */
+function followSafely(follow: Follower, db: Db): Promise<unknown> | undefined {
+  try {
+    return follow(db);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Makes `fn` the follower of a database's hot writes (one per database: the realtime hub of the
+ * app using it). Returns the undo, which leaves a later registration alone.
+ */
+export function followCommits(database: Database, fn: Follower): () => void {
+  followers.set(database, fn);
+  return () => {
+    if (followers.get(database) === fn) followers.delete(database);
+  };
+}
+/** The follower for a hot write on `database`, if one is registered. */
+export function followerOf(database: Database): Follower | undefined {
+  return followers.get(database);
 }
 
 export interface DatabaseOptions {
@@ -59,6 +94,16 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
+    // A Db on one checked-out connection, for statements that must queue behind another on it.
+    const onClientDb = new WeakMap<object, Db>();
+    const onClient = (client: import('pg').PoolClient) => {
+      let d = onClientDb.get(client);
+      if (!d) {
+        d = drizzle(client, { schema: tables, logger }) as unknown as Db;
+        onClientDb.set(client, d);
+      }
+      return d;
+    };
     const database: Database = {
       db,
       kind: 'postgres',
@@ -79,9 +124,21 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
           await client.end();
         }
       },
-      async prepared<T>(name: string, text: string, params: unknown[]) {
+      async prepared<T>(name: string, text: string, params: unknown[], follow?: Follower) {
         count++;
-        return (await pool.query({ name, text, values: params })).rows as T[];
+        if (!follow) return (await pool.query({ name, text, values: params })).rows as T[];
+        const client = await pool.connect();
+        let followed: Promise<unknown> | undefined;
+        try {
+          const result = client.query({ name, text, values: params });
+          followed = followSafely(follow, onClient(client));
+          return (await result).rows as T[];
+        } finally {
+          // The connection goes back once its queued statements are done (the pool drops a broken one).
+          const release = () => client.release();
+          if (followed) followed.then(release, release);
+          else release();
+        }
       },
       poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
       close: () => pool.end(),
@@ -110,9 +167,12 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     },
     // PGlite is single-process by construction: no lock needed.
     migrate: () => migrate(drizzle(client), { migrationsFolder }),
-    async prepared<T>(_name: string, text: string, params: unknown[]) {
+    async prepared<T>(_name: string, text: string, params: unknown[], follow?: Follower) {
       count++;
-      return (await client.query<T>(text, params)).rows;
+      const result = client.query<T>(text, params);
+      // One connection, statements in order: what follow sends runs right after.
+      if (follow) followSafely(follow, db);
+      return (await result).rows;
     },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     close: () => client.close(),

@@ -8,11 +8,11 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
-import { type Db, databaseOf } from '../db/client.ts';
+import { type Db, databaseOf, followCommits } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
-import type { Bus, SignalTopics } from '../ports/bus.ts';
+import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
 import { observeEvents } from '../services/access-cache.ts';
-import { decodeCursor, encodeCursor, maxPos, type Position, type Snapshot } from './cursor.ts';
+import { comparePos, decodeCursor, encodeCursor, maxPos, type Position, type Snapshot } from './cursor.ts';
 import {
   assertNotExpired,
   headPosition,
@@ -40,6 +40,8 @@ export interface HubObserver {
   delivered?(n: number): void;
   replayed?(n: number): void;
   subscriptions?(delta: number): void;
+  /** a read of the log: behind a write on its connection, for a bus ring, or the poll */
+  read?(via: 'follow' | 'ring' | 'poll'): void;
 }
 
 export interface HubOptions {
@@ -65,6 +67,29 @@ const BATCH = 1000;
 /** Longest a presence change waits to be batched with others (see flushPresence). */
 const PRESENCE_BATCH_MS = 100;
 const REPLAY_PAGE = 500;
+/** Longest a ring waits for the follower read out when it came (see follow). */
+const FOLLOW_WAIT_MS = 25;
+
+/** The last `size` seqs added, for membership tests. */
+class RecentSeqs {
+  private set = new Set<number>();
+  private ring: number[] = [];
+  private at = 0;
+  constructor(private size: number) {}
+  add(seq: number) {
+    if (this.set.has(seq)) return;
+    if (this.ring.length < this.size) this.ring.push(seq);
+    else {
+      this.set.delete(this.ring[this.at]);
+      this.ring[this.at] = seq;
+      this.at = (this.at + 1) % this.size;
+    }
+    this.set.add(seq);
+  }
+  has(seq: number) {
+    return this.set.has(seq);
+  }
+}
 
 export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   const pollMs = opts.pollMs ?? 500;
@@ -90,7 +115,38 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     Math.random().toString(36).slice(2, 10),
   );
 
-  async function tail() {
+  /** Seqs of the rows dispatched lately: a ring for rows already read needs no read. */
+  const seen = new RecentSeqs(4096);
+  /** A read queued behind a write on its connection (follow), not yet answered. */
+  let following = false;
+  /** Rings heard while that read was out: read again for those it did not bring. */
+  let deferred: LoggedEventRef[] = [];
+  let deferTimer: NodeJS.Timeout | undefined;
+
+  /**
+   * Hands rows to every subscriber, those after the position only: two reads can be out at once
+   * (a follower and a poll), and each returns a prefix of the same order (a row finished in an
+   * older snapshot is finished in every newer one, and rows sort by xid first).
+   */
+  function dispatch(rows: Delivered[]) {
+    let from = 0;
+    while (from < rows.length && comparePos(rows[from], pos!) <= 0) from++;
+    const batch = from ? rows.slice(from) : rows;
+    if (!batch.length || stopped) return;
+    // Other instances' access changes reach this process's access cache here.
+    observeEvents(database, batch);
+    for (const r of batch) {
+      r.cursor = encodeCursor(r);
+      seen.add(r.seq);
+    }
+    // Position and dispatch move together, synchronously: a subscriber registering at any
+    // moment sees either the old position and this batch, or the new one and not it.
+    pos = batch[batch.length - 1];
+    for (const s of subs) for (const r of batch) s.push(r);
+    for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
+  }
+
+  async function tail(via: 'ring' | 'poll' = 'ring') {
     if (busy) {
       again = true;
       return;
@@ -102,21 +158,15 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         for (;;) {
           // Rows reach subscribers only: with none here, nobody needs their messages.
           const withMessages = subs.size > 0;
+          obs.read?.(via);
           const batch = (
             withMessages
               ? await readAfterWithMessages(deps.db, pos!, BATCH)
               : await readAfter(deps.db, pos!, BATCH)
           ) as Delivered[];
           if (!batch.length || stopped) break;
-          // Other instances' access changes reach this process's access cache here.
-          observeEvents(database, batch);
           if (!withMessages && subs.size) await loadMessages(deps.db, batch);
-          for (const r of batch) r.cursor = encodeCursor(r);
-          // Position and dispatch move together, synchronously: a subscriber registering at any
-          // moment sees either the old position and this batch, or the new one and not it.
-          pos = batch[batch.length - 1];
-          for (const s of subs) for (const r of batch) s.push(r);
-          for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
+          dispatch(batch);
           if (batch.length < BATCH) break;
         }
       } while (again && !stopped);
@@ -125,6 +175,51 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     } finally {
       busy = false;
     }
+  }
+
+  /**
+   * The read of a hot write's rows, queued on its connection right behind it (followCommits):
+   * its ring, heard meanwhile, waits for this read instead of starting another. Only one at a
+   * time, and only while no other read is out, so reads do not pile up under load.
+   */
+  function follow(db: Db): Promise<unknown> | undefined {
+    if (following || busy || stopped || !pos || !subs.size) return undefined;
+    following = true;
+    obs.read?.('follow');
+    const read = readAfterWithMessages(db, pos, BATCH);
+    read.then(
+      (batch) => {
+        following = false;
+        dispatch(batch as Delivered[]);
+        settleDeferred(batch.length === BATCH);
+      },
+      (err) => {
+        following = false;
+        deps.log.warn({ err }, 'event log read after a write failed; reading again');
+        settleDeferred(true);
+      },
+    );
+    return read;
+  }
+
+  /** A bus ring: read the log, unless the rows it names were read already or are being read. */
+  function onRing(refs: LoggedEventRef[]) {
+    if (following) {
+      deferred.push(...refs);
+      // A write stalled in front of its follower must not hold other rows back for long.
+      deferTimer ??= setTimeout(() => settleDeferred(true), FOLLOW_WAIT_MS);
+      return;
+    }
+    if (refs.length && refs.every((r) => seen.has(Number(r.seq)))) return;
+    void tail();
+  }
+
+  function settleDeferred(readAnyway: boolean) {
+    if (deferTimer) clearTimeout(deferTimer);
+    deferTimer = undefined;
+    const refs = deferred;
+    deferred = [];
+    if (readAnyway || refs.some((r) => !seen.has(Number(r.seq)))) void tail();
   }
 
   function onSignal<T extends keyof SignalTopics>(topic: T, payload: SignalTopics[T]) {
@@ -277,9 +372,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     start(): Promise<void> {
       ready ??= (async () => {
         pos = await headPosition(deps.db);
-        unsubs.push(deps.bus.onAnnounce(() => void tail()));
+        unsubs.push(deps.bus.onAnnounce(onRing));
+        if (database) unsubs.push(followCommits(database, follow));
         unsubs.push(deps.bus.onSignal(onSignal));
-        poll = setInterval(() => void tail(), pollMs);
+        poll = setInterval(() => void tail('poll'), pollMs);
         poll.unref();
         const runPrune = () =>
           pruneEvents(deps.db, deps.settings.eventRetentionDays).catch((err) =>
@@ -369,12 +465,13 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     async stop() {
       stopped = true;
       if (presenceTimer) clearTimeout(presenceTimer);
+      if (deferTimer) clearTimeout(deferTimer);
       presence.stop();
       if (poll) clearInterval(poll);
       if (prune) clearInterval(prune);
       for (const u of unsubs) u();
       for (const s of [...subs]) await s.return();
-      while (busy) await new Promise((r) => setTimeout(r, 10));
+      while (busy || following) await new Promise((r) => setTimeout(r, 10));
     },
   };
   return hub;

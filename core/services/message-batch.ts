@@ -10,7 +10,7 @@
  * If a group statement fails, its sends are retried one per statement, so one bad row (a channel
  * deleted meanwhile) fails only its own request.
  */
-import type { Database } from '../db/client.ts';
+import { type Database, followerOf } from '../db/client.ts';
 
 export interface BatchRow {
   id: string;
@@ -143,7 +143,7 @@ class Batcher {
         mentionUser.push(u);
       }
     }
-    const out = await this.database.prepared<BatchResult>('banter_send_messages', GROUP_SQL, [
+    const params = [
       rows.map((r) => r.id),
       rows.map((r) => r.channelId),
       rows.map((r) => r.guildId),
@@ -158,7 +158,16 @@ class Batcher {
       rows.map((r) => `{${r.mentionRoleIds.join(',')}}`),
       mentionMessage,
       mentionUser,
-    ]);
+    ];
+    // The realtime tailer's read of these rows queues right behind the insert on its connection
+    // (followCommits in core/db/client.ts): one wake-up of this process and of Postgres less
+    // between a commit and its delivery.
+    const out = await this.database.prepared<BatchResult>(
+      'banter_send_messages',
+      GROUP_SQL,
+      params,
+      followerOf(this.database),
+    );
     return new Map(out.map((r) => [r.m.id as string, r]));
   }
 }
