@@ -3,7 +3,8 @@
  *
  * The tailer reads finished rows after its own position in one query, on every bus ring and on a
  * short poll (the safety net for rings lost in a Redis restart), and hands each row, the same
- * object, to every local subscriber. A subscriber with `after` registers at the tailer's position
+ * object, to every local subscriber. A send made here queues that read behind its insert on the
+ * insert's connection (follow), and its ring then needs no read of its own. A subscriber with `after` registers at the tailer's position
  * P, replays (after, P] from the log, then takes live rows > max(after, P): no gap, no duplicate.
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
