@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { sql } from 'drizzle-orm';
+import { pruneEvents } from '../core/realtime/log.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
 let app: TestApp;
@@ -174,11 +176,51 @@ describe('guilds', () => {
       { id: g.general },
       owner.token,
     );
-    const ev = await rows(
-      sql`select 1 from events where guild_id = ${raw(g.id)}::uuid and type = 'GUILD_DELETED'`,
+    const ev = await rows<{ payload: Record<string, unknown> | string }>(
+      sql`select payload from events where guild_id = ${raw(g.id)}::uuid and type = 'GUILD_DELETED'`,
     );
     assert.equal(ev.length, 1);
+    // Who was in is kept beside the log, not in the event every replay reads.
+    const payload = typeof ev[0].payload === 'string' ? JSON.parse(ev[0].payload) : ev[0].payload;
+    assert.deepEqual(payload, { guildId: raw(g.id), actorId: raw(owner.id) });
+    const was = await rows<{ user_id: string }>(
+      sql`select user_id from former_members where guild_id = ${raw(g.id)}::uuid order by user_id`,
+    );
+    assert.deepEqual(
+      was.map((w) => w.user_id),
+      [raw(owner.id), raw(member.id)].sort(),
+    );
     await fails(app, 'NOT_FOUND', D, { id: g.id }, owner.token);
+    // The record goes with the log's retention.
+    await pruneEvents(app.deps.db, 7, new Date(Date.now() + 8 * 86_400_000));
+    assert.deepEqual(await rows(sql`select 1 from former_members where guild_id = ${raw(g.id)}::uuid`), []);
+  });
+
+  it('migration 0001 moves the members of GUILD_DELETED rows written before it into former_members', async () => {
+    const a = await signUp(app);
+    const b = await signUp(app);
+    const guildId = '0193f1a2-0000-7000-8000-00000000d001';
+    // The row as earlier versions wrote it, with one member id that is no user (any more).
+    await app.deps.db.execute(sql`insert into events (type, guild_id, payload) values ('GUILD_DELETED',
+      ${guildId}::uuid, ${JSON.stringify({ guildId, actorId: raw(a.id), memberIds: [raw(a.id), raw(b.id), '0193f1a2-0000-7000-8000-00000000d0ff'] })}::jsonb)`);
+    const file = readFileSync(new URL('../migrations/0001_former_members.sql', import.meta.url), 'utf8');
+    const moves = file
+      .split('--> statement-breakpoint')
+      .filter((st) => /^\s*(--.*\n)*\s*(INSERT|UPDATE)/.test(st));
+    assert.equal(moves.length, 2);
+    for (const st of moves) await app.deps.db.execute(sql.raw(st));
+    const was = await rows<{ user_id: string }>(
+      sql`select user_id from former_members where guild_id = ${guildId}::uuid order by user_id`,
+    );
+    assert.deepEqual(
+      was.map((w) => w.user_id),
+      [raw(a.id), raw(b.id)].sort(),
+    );
+    const [left] = await rows<{ payload: Record<string, unknown> | string }>(
+      sql`select payload from events where guild_id = ${guildId}::uuid`,
+    );
+    const payload = typeof left.payload === 'string' ? JSON.parse(left.payload) : left.payload;
+    assert.deepEqual(payload, { guildId, actorId: raw(a.id) });
   });
 });
 

@@ -450,3 +450,24 @@ export const instanceSettings = pgTable('instance_settings', {
   key: text('key').primaryKey(),
   value: jsonb('value').notNull(),
 });
+
+/**
+ * Who was in a guild when it was deleted (its members rows cascade away with it): who may see
+ * its GUILD_DELETED event, live or replayed. Kept as long as the event log (pruneEvents), instead
+ * of in the event's payload, which every replay would read whole.
+ */
+export const formerMembers = pgTable(
+  'former_members',
+  {
+    guildId: uuid('guild_id').notNull(),
+    userId: uuid('user_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    deletedAt: ts('deleted_at').notNull().defaultNow(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.guildId, t.userId] }),
+    index('former_members_user').on(t.userId),
+    index('former_members_deleted').on(t.deletedAt),
+  ],
+);

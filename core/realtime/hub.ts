@@ -17,6 +17,7 @@ import { comparePos, decodeCursor, encodeCursor, maxPos, type Position, type Sna
 import {
   assertNotExpired,
   headPosition,
+  loadFormerMembers,
   loadMessages,
   pruneEvents,
   readAfter,
@@ -70,6 +71,10 @@ const PRESENCE_BATCH_MS = 100;
 const REPLAY_PAGE = 500;
 /** Longest a ring waits for the follower read out when it came (see follow). */
 const FOLLOW_WAIT_MS = 25;
+
+/** Whether a batch has a GUILD_DELETED row still without its former members (rare: awaited only then). */
+const deletesGuild = (batch: Delivered[]) =>
+  batch.some((r) => r.type === 'GUILD_DELETED' && !r.formerMembers);
 
 /** The last `size` seqs added, for membership tests. */
 class RecentSeqs {
@@ -167,6 +172,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           ) as Delivered[];
           if (!batch.length || stopped) break;
           if (!withMessages && subs.size) await loadMessages(deps.db, batch);
+          if (deletesGuild(batch)) await loadFormerMembers(deps.db, batch);
           dispatch(batch);
           if (batch.length < BATCH) break;
         }
@@ -188,18 +194,21 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     following = true;
     obs.read?.('follow');
     const read = readAfterWithMessages(db, pos, BATCH);
-    read.then(
-      (batch) => {
-        following = false;
-        dispatch(batch as Delivered[]);
-        settleDeferred(batch.length === BATCH);
-      },
-      (err) => {
-        following = false;
-        deps.log.warn({ err }, 'event log read after a write failed; reading again');
-        settleDeferred(true);
-      },
-    );
+    const done = (batch: Delivered[]) => {
+      following = false;
+      dispatch(batch);
+      settleDeferred(batch.length === BATCH);
+    };
+    const failed = (err: unknown) => {
+      following = false;
+      deps.log.warn({ err }, 'event log read after a write failed; reading again');
+      settleDeferred(true);
+    };
+    read.then((rows) => {
+      const batch = rows as Delivered[];
+      if (!deletesGuild(batch)) done(batch);
+      else loadFormerMembers(deps.db, batch).then(() => done(batch), failed);
+    }, failed);
     return read;
   }
 

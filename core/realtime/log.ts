@@ -5,7 +5,7 @@
  */
 import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
-import { events, messages, users } from '../db/tables.ts';
+import { events, formerMembers, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
 import type { MessageRow } from '../services/message.service.ts';
 import { loadedAuthors, type UserRow } from '../services/message-history.service.ts';
@@ -21,6 +21,8 @@ export interface LogRow extends Position {
   gone?: boolean;
   /** the message the row refers to, as it was when the row was read (see loadMessages) */
   message?: MessageRow;
+  /** GUILD_DELETED: who was in the guild (loadFormerMembers), or in a replay the viewer if it was */
+  formerMembers?: ReadonlySet<string>;
 }
 
 interface RawRow {
@@ -194,17 +196,43 @@ export async function readRange(
   limit: number,
 ): Promise<LogRow[]> {
   if (comparePos(from, to) >= 0) return [];
+  const wasIn = sql`(type = 'GUILD_DELETED' and guild_id in (select guild_id from ${formerMembers} where user_id = ${userId}::uuid))`;
   const r = await db.execute(sql`
-    select ${COLS} from events
+    select ${COLS}, ${wasIn} as was_in from events
     where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint)
       and (${XID}, seq) <= (${to.xid}::bigint, ${to.seq}::bigint)
       and (user_id = ${userId}::uuid or (user_id is null and (
         guild_id in (select guild_id from members where user_id = ${userId}::uuid)
         or channel_id in (select channel_id from channel_recipients where user_id = ${userId}::uuid)
         or payload->>'userId' = ${userId}
-        or (type = 'GUILD_DELETED' and payload->'memberIds' @> jsonb_build_array(${userId}::text)))))
+        or ${wasIn})))
     order by ${XID}, seq limit ${limit}`);
-  return rows<RawRow>(r).map(toRow);
+  return rows<RawRow & { was_in: boolean }>(r).map((raw) => {
+    const row = toRow(raw);
+    // Who was in a deleted guild, as far as this viewer's replay needs to know.
+    if (row.type === 'GUILD_DELETED') row.formerMembers = new Set(raw.was_in ? [userId] : []);
+    return row;
+  });
+}
+
+/** GUILD_DELETED rows of a tailed batch get who was in each guild, in one statement. */
+export async function loadFormerMembers(db: Db, batch: LogRow[]): Promise<void> {
+  const deleted = batch.filter((r) => r.type === 'GUILD_DELETED' && r.guildId && !r.formerMembers);
+  if (!deleted.length) return;
+  const found = await db
+    .select({ guildId: formerMembers.guildId, userId: formerMembers.userId })
+    .from(formerMembers)
+    .where(inArray(formerMembers.guildId, [...new Set(deleted.map((r) => r.guildId!))]));
+  const byGuild = new Map<string, Set<string>>();
+  for (const f of found) {
+    let set = byGuild.get(f.guildId);
+    if (!set) {
+      set = new Set();
+      byGuild.set(f.guildId, set);
+    }
+    set.add(f.userId);
+  }
+  for (const r of deleted) r.formerMembers = byGuild.get(r.guildId!) ?? new Set();
 }
 
 /** The message a row is about, if any. */
@@ -264,6 +292,9 @@ export async function pruneEvents(db: Db, retentionDays: number, now = new Date(
   const cutoff = new Date(now.getTime() - retentionDays * 86_400_000);
   return db.transaction(async (tx) => {
     await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
+    await tx.execute(
+      sql`delete from ${formerMembers} where deleted_at < ${cutoff.toISOString()}::timestamptz`,
+    );
     const deleted = rows<{ xid: string; seq: string }>(
       await tx.execute(sql`delete from events where created_at < ${cutoff.toISOString()}::timestamptz
         returning xid::text as xid, seq`),

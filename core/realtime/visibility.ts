@@ -19,6 +19,8 @@ export interface Visible {
   payload: Record<string, unknown>;
   /** For presence rows: who of `asked` may see them, worked out by the hub for all its viewers at once. */
   audience?: { asked: ReadonlySet<string>; may: ReadonlySet<string> };
+  /** For GUILD_DELETED rows: who was in the guild (or, in a replay, the viewer if it was) */
+  formerMembers?: ReadonlySet<string>;
 }
 
 /**
@@ -132,17 +134,10 @@ const ABOUT_A_MEMBER = new Set([
   'MEMBER_UPDATED',
 ]);
 
-/** The members recorded in a GUILD_DELETED row, as a set built once per row for every subscriber. */
-const memberSets = new WeakMap<object, Set<string>>();
-function wasMember(e: Visible, userId: string): boolean | undefined {
-  const ids = e.payload.memberIds;
-  if (!Array.isArray(ids)) return undefined; // rows written before member ids were recorded
-  let set = memberSets.get(e.payload);
-  if (!set) {
-    set = new Set(ids as string[]);
-    memberSets.set(e.payload, set);
-  }
-  return set.has(userId) || e.payload.actorId === userId;
+/** Whether `userId` hears of a guild's deletion: it was in, or did it; undefined when not known. */
+function sawDeletion(e: Visible, userId: string): boolean | undefined {
+  if (e.payload.actorId === userId) return true;
+  return e.formerMembers?.has(userId);
 }
 
 /**
@@ -152,7 +147,7 @@ function wasMember(e: Visible, userId: string): boolean | undefined {
 export class ViewerAccess {
   private channels: Map<string, { perms: bigint; guildId: string | null; at: number }> | undefined;
   private guilds: Map<string, { member: boolean; at: number }> | undefined;
-  /** guilds this viewer was seen in: who hears of a deletion logged without member ids */
+  /** guilds this viewer was seen in: who hears of a deletion whose former members were not loaded */
   private everIn: Set<string> | undefined;
   private known: Map<string, { yes: boolean; at: number }> | undefined;
 
@@ -197,7 +192,7 @@ export class ViewerAccess {
     }
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED')
-      return wasMember(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
+      return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
     if (e.channelId && !GUILD_LEVEL.has(e.type)) return this.channelOk(e.channelId, replay);
     if (e.guildId) return this.member(e.guildId);
     return false;

@@ -1,5 +1,5 @@
-import { and, eq } from 'drizzle-orm';
-import { channels, guilds, memberRoles, members, roles } from '../db/tables.ts';
+import { and, eq, sql } from 'drizzle-orm';
+import { channels, formerMembers, guilds, memberRoles, members, roles } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
@@ -134,11 +134,13 @@ async function requireOwner(deps: Deps, viewer: Viewer, guildId: string) {
 export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): Promise<string> {
   await requireOwner(deps, viewer, guildId);
   return transact(deps, async (tx, log) => {
-    // Members rows cascade away with the guild: the event carries who was in, so every member
-    // subscribed now (or replaying later) hears of the deletion.
-    // The guild row is locked first so a join committing meanwhile is either in the list or refused.
+    // Members rows cascade away with the guild: who was in is kept in former_members (as long as
+    // the event log), so every member subscribed now, or replaying later, hears of the deletion.
+    // The guild row is locked first so a join committing meanwhile is either recorded or refused.
     await tx.select({ id: guilds.id }).from(guilds).where(eq(guilds.id, guildId)).for('update');
-    const was = await tx.select({ userId: members.userId }).from(members).where(eq(members.guildId, guildId));
+    await tx.execute(sql`insert into ${formerMembers} (guild_id, user_id)
+      select guild_id, user_id from ${members} where guild_id = ${guildId}::uuid
+      on conflict do nothing`);
     const gone = await tx
       .delete(guilds)
       .where(and(eq(guilds.id, guildId), eq(guilds.ownerId, viewer.userId)))
@@ -147,7 +149,7 @@ export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): 
     await log.append({
       type: 'GUILD_DELETED',
       guildId,
-      payload: { guildId, actorId: viewer.userId, memberIds: was.map((m) => m.userId) },
+      payload: { guildId, actorId: viewer.userId },
     });
     return guildId;
   });
