@@ -148,3 +148,48 @@ it('a send to a live subscriber: the log read queues behind the insert on its co
   assert.deepEqual(sent, [...new Set(sent)]);
   await c.client.dispose();
 });
+
+it('a connection lost while a send and its queued log read are out fails that send, not the process', {
+  skip: !onPostgres,
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const c = connect(url, u.token);
+  const s = subscribe(c.client);
+  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
+    await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 300));
+  const raw = (g: string) => Buffer.from(g, 'base64url').toString().split(':')[1];
+  // The channel row locked: the insert waits on its foreign key check, its log read queued behind.
+  const locker = new pg.Client({ connectionString: app.config.databaseUrl });
+  await locker.connect();
+  try {
+    await locker.query('begin');
+    await locker.query('select 1 from channels where id = $1 for update', [raw(channelId)]);
+    const sending = send(app, u.token, channelId, 'doomed').then(
+      () => 'sent',
+      () => 'failed',
+    );
+    let pid: number | undefined;
+    for (let i = 0; i < 200 && !pid; i++) {
+      const r = await locker.query(
+        `select pid from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
+          and query ilike '%insert into messages%'`,
+      );
+      pid = r.rows[0]?.pid;
+      if (!pid) await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(pid, 'the send never waited on the lock');
+    await locker.query('select pg_terminate_backend($1)', [pid]);
+    assert.equal(await sending, 'failed');
+    await locker.query('rollback');
+  } finally {
+    await locker.end();
+  }
+  // Still serving: the next send is stored and delivered, the lost one never was.
+  await send(app, u.token, channelId, 'after the loss');
+  await s.until((e) => contents(e).includes('after the loss'));
+  assert.deepEqual(contents(s.events), ['after the loss']);
+  await c.client.dispose();
+});

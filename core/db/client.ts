@@ -128,14 +128,24 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
         count++;
         if (!follow) return (await pool.query({ name, text, values: params })).rows as T[];
         const client = await pool.connect();
+        // A checked-out client has no error listener of its own (pool.query adds one the same
+        // way): a connection lost meanwhile fails its queries instead of crashing the process.
+        let lost: Error | undefined;
+        const onError = (err: Error) => {
+          lost = err;
+        };
+        client.on('error', onError);
         let followed: Promise<unknown> | undefined;
         try {
           const result = client.query({ name, text, values: params });
           followed = followSafely(follow, onClient(client));
           return (await result).rows as T[];
         } finally {
-          // The connection goes back once its queued statements are done (the pool drops a broken one).
-          const release = () => client.release();
+          // The connection goes back once its queued statements are done; a lost one is dropped.
+          const release = () => {
+            client.removeListener('error', onError);
+            client.release(lost);
+          };
           if (followed) followed.then(release, release);
           else release();
         }
