@@ -127,6 +127,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let following = false;
   /** Rings heard while that read was out: read again for those it did not bring. */
   let deferred: LoggedEventRef[] = [];
+  /** an empty ring came meanwhile: read once the follower is back, whatever it brought */
+  let readAfterFollow = false;
   let deferTimer: NodeJS.Timeout | undefined;
 
   /**
@@ -153,6 +155,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   }
 
   async function tail(via: 'ring' | 'poll' = 'ring') {
+    if (stopped) return;
     if (busy) {
       again = true;
       return;
@@ -191,18 +194,22 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
    */
   function follow(db: Db): Promise<unknown> | undefined {
     if (following || busy || stopped || !pos || !subs.size) return undefined;
-    following = true;
     obs.read?.('follow');
+    following = true;
     const read = readAfterWithMessages(db, pos, BATCH);
-    const done = (batch: Delivered[]) => {
-      following = false;
-      dispatch(batch);
-      settleDeferred(batch.length === BATCH);
-    };
     const failed = (err: unknown) => {
       following = false;
       deps.log.warn({ err }, 'event log read after a write failed; reading again');
       settleDeferred(true);
+    };
+    const done = (batch: Delivered[]) => {
+      try {
+        following = false;
+        dispatch(batch);
+        settleDeferred(batch.length === BATCH);
+      } catch (err) {
+        failed(err);
+      }
     };
     read.then((rows) => {
       const batch = rows as Delivered[];
@@ -215,7 +222,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   /** A bus ring: read the log, unless the rows it names were read already or are being read. */
   function onRing(refs: LoggedEventRef[]) {
     if (following) {
-      deferred.push(...refs);
+      // An empty ring (the bus reconnected: rings may have been missed) asks for a read regardless.
+      if (refs.length) deferred.push(...refs);
+      else readAfterFollow = true;
       // A write stalled in front of its follower must not hold other rows back for long.
       deferTimer ??= setTimeout(() => settleDeferred(true), FOLLOW_WAIT_MS);
       return;
@@ -229,7 +238,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     deferTimer = undefined;
     const refs = deferred;
     deferred = [];
-    if (readAnyway || refs.some((r) => !seen.has(Number(r.seq)))) void tail();
+    const asked = readAfterFollow;
+    readAfterFollow = false;
+    if (readAnyway || asked || refs.some((r) => !seen.has(Number(r.seq)))) void tail();
   }
 
   function onSignal<T extends keyof SignalTopics>(topic: T, payload: SignalTopics[T]) {

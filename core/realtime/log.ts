@@ -196,7 +196,9 @@ export async function readRange(
   limit: number,
 ): Promise<LogRow[]> {
   if (comparePos(from, to) >= 0) return [];
-  const wasIn = sql`(type = 'GUILD_DELETED' and guild_id in (select guild_id from ${formerMembers} where user_id = ${userId}::uuid))`;
+  // Rows written by an older instance still carry their members in the payload (during a rollout).
+  const wasIn = sql`(type = 'GUILD_DELETED' and (guild_id in (select guild_id from ${formerMembers} where user_id = ${userId}::uuid)
+    or payload->'memberIds' @> jsonb_build_array(${userId}::text)))`;
   const r = await db.execute(sql`
     select ${COLS}, ${wasIn} as was_in from events
     where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint)
@@ -215,7 +217,10 @@ export async function readRange(
   });
 }
 
-/** GUILD_DELETED rows of a tailed batch get who was in each guild, in one statement. */
+/**
+ * GUILD_DELETED rows of a tailed batch get who was in each guild, in one statement (left unset
+ * when nothing was recorded).
+ */
 export async function loadFormerMembers(db: Db, batch: LogRow[]): Promise<void> {
   const deleted = batch.filter((r) => r.type === 'GUILD_DELETED' && r.guildId && !r.formerMembers);
   if (!deleted.length) return;
@@ -232,7 +237,14 @@ export async function loadFormerMembers(db: Db, batch: LogRow[]): Promise<void> 
     }
     set.add(f.userId);
   }
-  for (const r of deleted) r.formerMembers = byGuild.get(r.guildId!) ?? new Set();
+  for (const r of deleted) {
+    const set = byGuild.get(r.guildId!) ?? new Set<string>();
+    // A row written by an older instance (during a rollout) has its members in the payload.
+    const ids = r.payload.memberIds;
+    if (Array.isArray(ids)) for (const id of ids) if (typeof id === 'string') set.add(id);
+    // None recorded at all (a row older than both): the subscribers' own memory decides.
+    if (set.size) r.formerMembers = set;
+  }
 }
 
 /** The message a row is about, if any. */
