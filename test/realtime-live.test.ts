@@ -8,7 +8,7 @@ import { after, before, it } from 'node:test';
 import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
 import { decodeId } from '../schema/builder.ts';
-import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -171,17 +171,7 @@ it('a connection lost while a send and its queued log read are out fails that se
       () => 'sent',
       () => 'failed',
     );
-    let pid: number | undefined;
-    for (let i = 0; i < 200 && !pid; i++) {
-      const r = await locker.query(
-        `select pid from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
-          and query ilike '%insert into messages%'`,
-      );
-      pid = r.rows[0]?.pid;
-      if (!pid) await new Promise((r) => setTimeout(r, 20));
-    }
-    assert.ok(pid, 'the send never waited on the lock');
-    await locker.query('select pg_terminate_backend($1)', [pid]);
+    await terminateWaiting(locker, '%insert into messages%');
     assert.equal(await sending, 'failed');
     await locker.query('rollback');
   } finally {
@@ -192,4 +182,59 @@ it('a connection lost while a send and its queued log read are out fails that se
   await s.until((e) => contents(e).includes('after the loss'));
   assert.deepEqual(contents(s.events), ['after the loss']);
   await c.client.dispose();
+});
+
+/** Terminates the backend waiting on a lock while running a statement like `pattern`. */
+async function terminateWaiting(admin: pg.Client, pattern: string) {
+  for (let i = 0; i < 200; i++) {
+    // Inside a transaction, pg_stat_activity is read once and kept: look again each time.
+    await admin.query('select pg_stat_clear_snapshot()');
+    const r = await admin.query(
+      `select pid from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
+        and query ilike $1`,
+      [pattern],
+    );
+    if (r.rows[0]) {
+      await admin.query('select pg_terminate_backend($1)', [r.rows[0].pid]);
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const seen = await admin.query(
+    `select state, wait_event_type, left(query, 120) as q from pg_stat_activity where datname = current_database()`,
+  );
+  assert.fail(`no statement like ${pattern} waited on the lock: ${JSON.stringify(seen.rows)}`);
+}
+
+it('a connection lost inside a transaction fails that request, not the process', {
+  skip: !onPostgres,
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const id = await send(app, u.token, channelId, 'first');
+  const raw = (g: string) => Buffer.from(g, 'base64url').toString().split(':')[1];
+  const edit = (content: string) =>
+    ok(
+      app,
+      'mutation($i: EditMessageInput!) { editMessage(input: $i) { content } }',
+      { i: { id, content } },
+      u.token,
+    );
+  const locker = new pg.Client({ connectionString: app.config.databaseUrl });
+  await locker.connect();
+  try {
+    await locker.query('begin');
+    await locker.query('select 1 from messages where id = $1 for update', [raw(id)]);
+    const editing = edit('lost').then(
+      () => 'edited',
+      () => 'failed',
+    );
+    await terminateWaiting(locker, '%from "messages"%for update%');
+    assert.equal(await editing, 'failed');
+    await locker.query('rollback');
+  } finally {
+    await locker.end();
+  }
+  assert.equal((await edit('second')).editMessage.content, 'second');
 });

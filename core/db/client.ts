@@ -93,6 +93,10 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     const pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 10 });
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
+    // Nor a checked-out one (a transaction's, a send's): pg-pool listens only while a client is
+    // idle, and an 'error' nobody hears is thrown. The statement out on it fails instead, and the
+    // pool drops the client when it comes back.
+    pool.on('connect', (client) => client.on('error', () => {}));
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
     // A Db on one checked-out connection, for statements that must queue behind another on it.
     const onClientDb = new WeakMap<object, Db>();
@@ -128,24 +132,14 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
         count++;
         if (!follow) return (await pool.query({ name, text, values: params })).rows as T[];
         const client = await pool.connect();
-        // A checked-out client has no error listener of its own (pool.query adds one the same
-        // way): a connection lost meanwhile fails its queries instead of crashing the process.
-        let lost: Error | undefined;
-        const onError = (err: Error) => {
-          lost = err;
-        };
-        client.on('error', onError);
         let followed: Promise<unknown> | undefined;
         try {
           const result = client.query({ name, text, values: params });
           followed = followSafely(follow, onClient(client));
           return (await result).rows as T[];
         } finally {
-          // The connection goes back once its queued statements are done; a lost one is dropped.
-          const release = () => {
-            client.removeListener('error', onError);
-            client.release(lost);
-          };
+          // The connection goes back once its queued statements are done (the pool drops a lost one).
+          const release = () => client.release();
           if (followed) followed.then(release, release);
           else release();
         }
