@@ -4,8 +4,9 @@
  * The tailer reads finished rows after its own position in one query, on every bus ring and on a
  * short poll (the safety net for rings lost in a Redis restart), and hands each row, the same
  * object, to every local subscriber. A send made here queues that read behind its insert on the
- * insert's connection (follow), and its ring then needs no read of its own. A subscriber with `after` registers at the tailer's position
- * P, replays (after, P] from the log, then takes live rows > max(after, P): no gap, no duplicate.
+ * insert's connection (follow), and its ring then needs no read of its own. A subscriber with
+ * `after` registers at the tailer's position P, replays (after, P] from the log, then takes live
+ * rows > max(after, P): no gap, no duplicate.
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
@@ -16,6 +17,7 @@ import { observeEvents } from '../services/access-cache.ts';
 import { comparePos, decodeCursor, encodeCursor, maxPos, type Position, type Snapshot } from './cursor.ts';
 import {
   assertNotExpired,
+  awaitsFormerMembers,
   headPosition,
   loadFormerMembers,
   loadMessages,
@@ -73,8 +75,7 @@ const REPLAY_PAGE = 500;
 const FOLLOW_WAIT_MS = 25;
 
 /** Whether a batch has a GUILD_DELETED row still without its former members (rare: awaited only then). */
-const deletesGuild = (batch: Delivered[]) =>
-  batch.some((r) => r.type === 'GUILD_DELETED' && !r.formerMembers);
+const deletesGuild = (batch: Delivered[]) => batch.some(awaitsFormerMembers);
 
 /** The last `size` seqs added, for membership tests. */
 class RecentSeqs {
@@ -229,7 +230,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       deferTimer ??= setTimeout(() => settleDeferred(true), FOLLOW_WAIT_MS);
       return;
     }
-    if (refs.length && refs.every((r) => seen.has(Number(r.seq)))) return;
+    if (refs.length && allSeen(refs)) return;
     void tail();
   }
 
@@ -240,7 +241,12 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     deferred = [];
     const asked = readAfterFollow;
     readAfterFollow = false;
-    if (readAnyway || asked || refs.some((r) => !seen.has(Number(r.seq)))) void tail();
+    if (readAnyway || asked || !allSeen(refs)) void tail();
+  }
+
+  /** Whether every row a ring names was dispatched already. */
+  function allSeen(refs: LoggedEventRef[]) {
+    return refs.every((r) => seen.has(Number(r.seq)));
   }
 
   function onSignal<T extends keyof SignalTopics>(topic: T, payload: SignalTopics[T]) {

@@ -217,12 +217,16 @@ export async function readRange(
   });
 }
 
+/** A GUILD_DELETED row whose former members loadFormerMembers has not looked up yet. */
+export const awaitsFormerMembers = (r: LogRow) =>
+  r.type === 'GUILD_DELETED' && !!r.guildId && !r.formerMembers;
+
 /**
  * GUILD_DELETED rows of a tailed batch get who was in each guild, in one statement (left unset
  * when nothing was recorded).
  */
 export async function loadFormerMembers(db: Db, batch: LogRow[]): Promise<void> {
-  const deleted = batch.filter((r) => r.type === 'GUILD_DELETED' && r.guildId && !r.formerMembers);
+  const deleted = batch.filter(awaitsFormerMembers);
   if (!deleted.length) return;
   const found = await db
     .select({ guildId: formerMembers.guildId, userId: formerMembers.userId })
