@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
@@ -176,7 +177,6 @@ it('GuildDeleted reaches every member subscribed at deletion, and members replay
 
 it('a GUILD_DELETED written the old way (members in its payload, by an instance not yet upgraded) reaches its members live and in replay; nobody else', async () => {
   const [member, stranger] = await Promise.all([signUp(app), signUp(app)]);
-  const raw = (id: string) => Buffer.from(id, 'base64url').toString().split(':')[1];
   const Q = `subscription($after: String) { events(after: $after) { __typename cursor ... on GuildDeleted { guildId } } }`;
   const { guildId, channelId } = await guildWithChannel(app, member.token);
   const cm = connect(url, member.token);
@@ -190,9 +190,9 @@ it('a GUILD_DELETED written the old way (members in its payload, by an instance 
   await before.until((e) => e.length > 0);
   const cursor = before.events.at(-1).cursor;
   // No former_members rows: the guild still exists here, only the old row says it was deleted.
-  const gid = raw(guildId);
+  const gid = decodeAnyId(guildId).id;
   await app.deps.db.execute(
-    sql`insert into events (type, guild_id, payload) values ('GUILD_DELETED', ${gid}::uuid, ${JSON.stringify({ guildId: gid, actorId: '0193f1a2-0000-7000-8000-00000000a0a0', memberIds: [raw(member.id)] })}::jsonb)`,
+    sql`insert into events (type, guild_id, payload) values ('GUILD_DELETED', ${gid}::uuid, ${JSON.stringify({ guildId: gid, actorId: '0193f1a2-0000-7000-8000-00000000a0a0', memberIds: [decodeAnyId(member.id).id] })}::jsonb)`,
   );
   await app.deps.realtime!.poke();
   await sm.until((e) => e.some((x) => x.__typename === 'GuildDeleted'), 5000, 'old-format GuildDeleted live');

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
-import { decodeId } from '../schema/builder.ts';
+import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
@@ -19,6 +19,21 @@ before(async () => {
 });
 after(() => app.destroy());
 
+/** A live events stream of `token`'s user, once the hub has it and its snapshot is taken. */
+async function liveStream(token: string) {
+  const c = connect(url, token);
+  const s = subscribe(c.client);
+  // The protocol does not acknowledge a subscription: wait until the hub has it, then a moment
+  // for its snapshot (a loaded machine can take longer than a fixed pause).
+  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
+    await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 300));
+  return { c, s };
+}
+
+/** The uuid inside a global id. */
+const raw = (globalId: string) => decodeAnyId(globalId).id;
+
 const contents = (events: any[]) =>
   events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
 
@@ -26,13 +41,7 @@ it('without after: only what commits after the subscription', async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
   await send(app, u.token, channelId, 'before');
-  const c = connect(url, u.token);
-  const s = subscribe(c.client);
-  // The protocol does not acknowledge a subscription: wait until the hub has it, then a moment
-  // for its snapshot (a loaded machine can take longer than a fixed pause).
-  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
-    await new Promise((r) => setTimeout(r, 20));
-  await new Promise((r) => setTimeout(r, 300));
+  const { c, s } = await liveStream(u.token);
   await send(app, u.token, channelId, 'after');
   await s.until((e) => contents(e).includes('after'));
   await new Promise((r) => setTimeout(r, 300));
@@ -63,7 +72,6 @@ it('without after: a row committed before subscribing, behind a still-open older
     assert.deepEqual(contents(s.events), ['committed after']);
 
     // A transaction open at subscribe time that commits after it is delivered.
-    const raw = (g: string) => Buffer.from(g, 'base64url').toString().split(':')[1];
     await old.query('begin');
     await old.query(
       `insert into events (type, user_id, channel_id, payload) values ('READ_STATE_UPDATED', $1, $2, '{}')`,
@@ -119,11 +127,7 @@ it('a crowd going live together: one snapshot statement per round, one access lo
 it('a send to a live subscriber: the log read queues behind the insert on its connection, and the ring starts no other read', async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const c = connect(url, u.token);
-  const s = subscribe(c.client);
-  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
-    await new Promise((r) => setTimeout(r, 20));
-  await new Promise((r) => setTimeout(r, 300));
+  const { c, s } = await liveStream(u.token);
   const reads = async () => {
     const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
     const count = (via: string) =>
@@ -155,12 +159,7 @@ it('a connection lost while a send and its queued log read are out fails that se
 }, async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const c = connect(url, u.token);
-  const s = subscribe(c.client);
-  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
-    await new Promise((r) => setTimeout(r, 20));
-  await new Promise((r) => setTimeout(r, 300));
-  const raw = (g: string) => Buffer.from(g, 'base64url').toString().split(':')[1];
+  const { c, s } = await liveStream(u.token);
   // The channel row locked: the insert waits on its foreign key check, its log read queued behind.
   const locker = new pg.Client({ connectionString: app.config.databaseUrl });
   await locker.connect();
@@ -213,7 +212,6 @@ it('a connection lost inside a transaction fails that request, not the process',
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
   const id = await send(app, u.token, channelId, 'first');
-  const raw = (g: string) => Buffer.from(g, 'base64url').toString().split(':')[1];
   const edit = (content: string) =>
     ok(
       app,
