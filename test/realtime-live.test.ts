@@ -5,8 +5,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
+import { newId } from '../core/ids.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
@@ -124,32 +126,102 @@ it('a crowd going live together: one snapshot statement per round, one access lo
   for (const s of subs) await s.return!();
 });
 
-it('a send to a live subscriber: the log read queues behind the insert on its connection, and the ring starts no other read', async () => {
+it('a send to a live subscriber goes out from its own result: no log read, and the ring starts none', async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
   const { c, s } = await liveStream(u.token);
-  const reads = async () => {
+  const counts = async () => {
     const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
-    const count = (via: string) =>
-      Number(new RegExp(`^banter_log_reads_total\\{via="${via}"\\} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
-    return { follow: count('follow'), ring: count('ring') };
+    const count = (name: string) => Number(new RegExp(`^${name} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+    return {
+      fromWrite: count('banter_log_writes_dispatched_total'),
+      follow: count('banter_log_reads_total\\{via="follow"\\}'),
+      ring: count('banter_log_reads_total\\{via="ring"\\}'),
+    };
   };
-  // A poll read out at the moment of the send takes its place (rare): try again.
-  let followed = false;
-  for (let attempt = 0; attempt < 5 && !followed; attempt++) {
-    const before = await reads();
+  // Another transaction in progress as the send begins (this suite's other tests, the prune, a
+  // poll) makes it read the log instead (rare): try again.
+  let direct = false;
+  for (let attempt = 0; attempt < 5 && !direct; attempt++) {
+    const before = await counts();
     await send(app, u.token, channelId, `message ${attempt}`);
     await s.until((e) => contents(e).includes(`message ${attempt}`));
-    // Longer than a ring waits for the read out when it came (FOLLOW_WAIT_MS).
+    // Longer than a ring waits for a read out when it came (FOLLOW_WAIT_MS).
     await new Promise((r) => setTimeout(r, 100));
-    const now = await reads();
-    if (now.follow - before.follow !== 1) continue;
-    followed = true;
-    assert.equal(now.ring - before.ring, 0, 'the ring of a row already read started another read');
+    const now = await counts();
+    if (now.fromWrite - before.fromWrite !== 1) continue;
+    direct = true;
+    assert.equal(now.follow - before.follow, 0, 'a send delivered from its result also read the log');
+    assert.equal(now.ring - before.ring, 0, 'the ring of a row already delivered started a read');
   }
-  assert.ok(followed, 'no send was followed by its log read');
+  assert.ok(direct, 'no send was delivered from its own result');
   const sent = contents(s.events);
   assert.deepEqual(sent, [...new Set(sent)]);
+  await c.client.dispose();
+});
+
+it('a send made while an older transaction is open goes out after it, not from its own result', {
+  skip: !onPostgres,
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId, guildId } = await guildWithChannel(app, u.token);
+  const { c, s } = await liveStream(u.token);
+  const fromWrites = async () => {
+    const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
+    return Number(/^banter_log_writes_dispatched_total (\d+)/m.exec(text)?.[1] ?? 0);
+  };
+  // An older transaction writes a message and its event, and stays open across the send.
+  const old = new pg.Client({ connectionString: app.config.databaseUrl });
+  await old.connect();
+  try {
+    await old.query('begin');
+    const id = newId();
+    await old.query(
+      `insert into messages (id, channel_id, guild_id, author_id, content) values ($1, $2, $3, $4, 'older')`,
+      [id, raw(channelId), raw(guildId), raw(u.id)],
+    );
+    await old.query(
+      `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_CREATED', $1, $2, $3)`,
+      [raw(guildId), raw(channelId), JSON.stringify({ messageId: id })],
+    );
+    const before = await fromWrites();
+    await send(app, u.token, channelId, 'newer');
+    await new Promise((r) => setTimeout(r, 300));
+    // Its row sorts after the open transaction's: nothing may go out before that one is decided.
+    assert.deepEqual(contents(s.events), []);
+    assert.equal(await fromWrites(), before, 'the send was delivered from its own result');
+    await old.query('commit');
+  } finally {
+    await old.end();
+  }
+  await s.until((e) => contents(e).length === 2);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(contents(s.events), ['older', 'newer']);
+  await c.client.dispose();
+});
+
+it('a send right after a row this process has not read yet: both go out, in log order', async () => {
+  const u = await signUp(app);
+  const { channelId, guildId } = await guildWithChannel(app, u.token);
+  const { c, s } = await liveStream(u.token);
+  for (let i = 0; i < 5; i++) {
+    // Written behind the hub's back (no ring): the send's result names it as the row before its own.
+    const id = newId();
+    await app.deps.db.execute(
+      sql`with m as (insert into messages (id, channel_id, guild_id, author_id, content)
+        values (${id}::uuid, ${raw(channelId)}::uuid, ${raw(guildId)}::uuid, ${raw(u.id)}::uuid, ${`quiet ${i}`}) returning id)
+        insert into events (type, guild_id, channel_id, payload)
+        select 'MESSAGE_CREATED', ${raw(guildId)}::uuid, ${raw(channelId)}::uuid, json_build_object('messageId', m.id) from m`,
+    );
+    await send(app, u.token, channelId, `loud ${i}`);
+  }
+  await s.until((e) => contents(e).length === 10);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(
+    contents(s.events),
+    Array.from({ length: 5 }, (_, i) => [`quiet ${i}`, `loud ${i}`]).flat(),
+  );
   await c.client.dispose();
 });
 

@@ -5,10 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
-import { inArray, sql } from 'drizzle-orm';
-import { events, messageMentions, messages } from '../core/db/tables.ts';
+import { eq, inArray, sql } from 'drizzle-orm';
+import { events, messageMentions, messages, users } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
 import { insertGrouped } from '../core/services/message-batch.ts';
+import { loadedAuthors } from '../core/services/message-history.service.ts';
 import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { guildWithChannel, invite } from './realtime-helpers.ts';
@@ -102,4 +103,34 @@ it('a bad row in a group fails alone', async () => {
       ),
     );
   assert.equal(stored.length, 6);
+});
+
+it('a send gets back its row and author exactly as a select reads them', async () => {
+  const owner = await signUp(app);
+  const { channelId: channelGid, guildId } = await guildWithChannel(app, owner.token);
+  const role = await ok(
+    app,
+    'mutation($g: ID!) { createRole(input: { guildId: $g, name: "pinged" }) { id } }',
+    { g: guildId },
+    owner.token,
+  );
+  const r = await insertGrouped(app.deps.database, {
+    id: newId(),
+    channelId: decodeId(channelGid, 'Channel', 'channelId'),
+    guildId: decodeId(guildId, 'Guild', 'guildId'),
+    authorId: decodeId(owner.id, 'User', 'authorId'),
+    content: 'ünïcode ✓ "quoted"',
+    createdAt: new Date('2026-12-03T10:11:12.345Z'),
+    replyToId: null,
+    forwardedFromId: null,
+    nonce: 'n-1',
+    mentionEveryone: true,
+    mentionRoleIds: [decodeId(role.createRole.id, 'Role', 'roleId')],
+    mentionUserIds: [],
+  });
+  assert.ok(r);
+  const [stored] = await app.deps.db.select().from(messages).where(eq(messages.id, r.message.id));
+  assert.deepEqual(r.message, stored);
+  const [author] = await app.deps.db.select().from(users).where(eq(users.id, stored.authorId));
+  assert.deepEqual(loadedAuthors.get(r.message), author);
 });

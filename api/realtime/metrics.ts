@@ -58,6 +58,11 @@ export function createRealtimeMetrics(
     labelNames: ['via'] as const,
     registers: [registry],
   });
-  return { replay, closes, reads };
+  const fromWrites = new Counter({
+    name: 'banter_log_writes_dispatched_total',
+    help: 'Writes whose own event rows went to subscribers from the write result, with no log read',
+    registers: [registry],
+  });
+  return { replay, closes, reads, fromWrites };
 }
 export type RealtimeMetrics = ReturnType<typeof createRealtimeMetrics>;

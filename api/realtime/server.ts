@@ -86,6 +86,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
   o.hub.observe({
     replayed: (n) => metrics.replay.observe(n),
     read: (via) => metrics.reads.inc({ via }),
+    fromWrite: () => metrics.fromWrites.inc(),
   });
 
   function close(socket: WebSocket, code: number, reason: string) {

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger as DrizzleLogger, ExtractTablesWithRelations } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
+import type { WrittenLog } from '../realtime/log.ts';
 import * as tables from './tables.ts';
 
 export type Tables = typeof tables;
@@ -24,28 +25,34 @@ export interface Database {
   /**
    * Runs a hot, fixed SQL text as a named prepared statement (Postgres plans it once per
    * connection instead of on every call); PGlite runs it as a plain parameterized query.
-   * With `follow`, the statements that `follow` sends on the Db it is given queue on the same
-   * connection right behind this one: node-postgres sends them the moment this one's result
-   * arrives, before any other work of this process runs (see followCommits).
+   * With `then`, that is called with the rows the moment they arrive, before they are returned,
+   * and with a Db on the same connection: what it sends there goes at once, and the connection
+   * is released when its promise settles (see followCommits).
    */
-  prepared<T>(name: string, text: string, params: unknown[], follow?: Follower): Promise<T[]>;
+  prepared<T>(name: string, text: string, params: unknown[], then?: OnResult<T>): Promise<T[]>;
   /** Pool statistics for /metrics (zeros for PGlite). */
   poolStats(): { total: number; idle: number; waiting: number };
   close(): Promise<void>;
 }
 
 /**
- * Statements to run on a hot write's connection right behind it: the realtime tailer's read of
- * what that write committed. Returns what it sent (the connection is released once it settles),
- * or nothing when it has nothing to read.
+ * Called with a statement's rows as they arrive and a Db on its connection; returns what it sent
+ * there (the connection is released once that settles), or nothing.
  */
-export type Follower = (db: Db) => Promise<unknown> | undefined;
+export type OnResult<T> = (db: Db, rows: T[]) => Promise<unknown> | undefined;
+
+/**
+ * What a hot write committed, handed to the follower the moment its result arrives: the realtime
+ * tailer delivers `written` itself when it has every row before them, else reads the log on `db`
+ * (the write's connection, idle by then). Returns what it sent there, or nothing.
+ */
+export type Follower = (db: Db, written?: WrittenLog) => Promise<unknown> | undefined;
 
 const followers = new WeakMap<Database, Follower>();
-/** A follower that throws sends nothing: the write it follows goes on regardless. */
-function followSafely(follow: Follower, db: Db): Promise<unknown> | undefined {
+/** A callback that throws sends nothing: the write goes on regardless. */
+function thenSafely<T>(then: OnResult<T>, db: Db, rows: T[]): Promise<unknown> | undefined {
   try {
-    return follow(db);
+    return then(db, rows);
   } catch {
     return undefined;
   }
@@ -128,17 +135,17 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
           await client.end();
         }
       },
-      async prepared<T>(name: string, text: string, params: unknown[], follow?: Follower) {
+      async prepared<T>(name: string, text: string, params: unknown[], then?: OnResult<T>) {
         count++;
-        if (!follow) return (await pool.query({ name, text, values: params })).rows as T[];
+        if (!then) return (await pool.query({ name, text, values: params })).rows as T[];
         const client = await pool.connect();
         let followed: Promise<unknown> | undefined;
         try {
-          const result = client.query({ name, text, values: params });
-          followed = followSafely(follow, onClient(client));
-          return (await result).rows as T[];
+          const rows = (await client.query({ name, text, values: params })).rows as T[];
+          followed = thenSafely(then, onClient(client), rows);
+          return rows;
         } finally {
-          // The connection goes back once its queued statements are done (the pool drops a lost one).
+          // The connection goes back once what `then` sent is done (the pool drops a lost one).
           const release = () => client.release();
           if (followed) followed.then(release, release);
           else release();
@@ -171,12 +178,11 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     },
     // PGlite is single-process by construction: no lock needed.
     migrate: () => migrate(drizzle(client), { migrationsFolder }),
-    async prepared<T>(_name: string, text: string, params: unknown[], follow?: Follower) {
+    async prepared<T>(_name: string, text: string, params: unknown[], then?: OnResult<T>) {
       count++;
-      const result = client.query<T>(text, params);
-      // One connection, statements in order: what follow sends runs right after.
-      if (follow) followSafely(follow, db);
-      return (await result).rows;
+      const { rows } = await client.query<T>(text, params);
+      if (then) thenSafely(then, db, rows);
+      return rows;
     },
     poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
     close: () => client.close(),

@@ -3,8 +3,9 @@
  *
  * The tailer reads finished rows after its own position in one query, on every bus ring and on a
  * short poll (the safety net for rings lost in a Redis restart), and hands each row, the same
- * object, to every local subscriber. A send made here queues that read behind its insert on the
- * insert's connection (follow), and its ring then needs no read of its own. A subscriber with
+ * object, to every local subscriber. A send made here hands its rows over as its result arrives
+ * (follow): they go out from the result itself when nothing can come before them, else the
+ * log is read on the send's connection, and its ring then needs no read of its own. A subscriber with
  * `after` registers at the tailer's position P, replays (after, P] from the log, then takes live
  * rows > max(after, P): no gap, no duplicate.
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
@@ -14,7 +15,15 @@ import { type Db, databaseOf, followCommits } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
 import { observeEvents } from '../services/access-cache.ts';
-import { comparePos, decodeCursor, encodeCursor, maxPos, type Position, type Snapshot } from './cursor.ts';
+import {
+  comparePos,
+  decodeCursor,
+  encodeCursor,
+  maxPos,
+  ORIGIN,
+  type Position,
+  type Snapshot,
+} from './cursor.ts';
 import {
   assertNotExpired,
   awaitsFormerMembers,
@@ -26,6 +35,7 @@ import {
   readAfterWithMessages,
   readRange,
   snapshotNow,
+  type WrittenLog,
 } from './log.ts';
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
 import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
@@ -46,6 +56,8 @@ export interface HubObserver {
   subscriptions?(delta: number): void;
   /** a read of the log: behind a write on its connection, for a bus ring, or the poll */
   read?(via: 'follow' | 'ring' | 'poll'): void;
+  /** a write's own rows dispatched from its result, with no read */
+  fromWrite?(): void;
 }
 
 export interface HubOptions {
@@ -189,12 +201,21 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   }
 
   /**
-   * The read of a hot write's rows, queued on its connection right behind it (followCommits):
-   * its ring, heard meanwhile, waits for this read instead of starting another. Only one at a
-   * time, and only while no other read is out, so reads do not pile up under load.
+   * A hot write's result has just arrived (followCommits). Its own rows go out at once when they
+   * come next in the log: every row ahead of them dispatched already (the write says which row
+   * that is, when no other transaction could still put one there). Otherwise the log is read on
+   * the write's connection, and its ring, heard meanwhile, waits for that read instead of
+   * starting another. Only one such read at a time, and only while no other read is out, so reads
+   * do not pile up under load.
    */
-  function follow(db: Db): Promise<unknown> | undefined {
-    if (following || busy || stopped || !pos || !subs.size) return undefined;
+  function follow(db: Db, written?: WrittenLog): Promise<unknown> | undefined {
+    if (stopped || !pos || !subs.size) return undefined;
+    if (written && comparePos(pos, written.before ?? ORIGIN) >= 0) {
+      obs.fromWrite?.();
+      dispatch(written.rows as Delivered[]);
+      return undefined;
+    }
+    if (following || busy) return undefined;
     obs.read?.('follow');
     following = true;
     const read = readAfterWithMessages(db, pos, BATCH);

@@ -25,6 +25,17 @@ export interface LogRow extends Position {
   formerMembers?: ReadonlySet<string>;
 }
 
+/**
+ * A write's own log rows, from its result, in log order, with their messages loaded. `before`
+ * is the last row of the log ahead of them (null: none). The write reports them only when no other
+ * transaction was in progress as it began: every row ahead of them was committed by then, and none
+ * can be committed ahead of them later (see the send statement in message-batch.ts).
+ */
+export interface WrittenLog {
+  rows: LogRow[];
+  before: Position | null;
+}
+
 interface RawRow {
   seq: string | number;
   xid: string;

@@ -11,6 +11,11 @@
  * deleted meanwhile) fails only its own request.
  */
 import { type Database, followerOf } from '../db/client.ts';
+import { fromRowJson } from '../db/row-json.ts';
+import { messages, users } from '../db/tables.ts';
+import type { WrittenLog } from '../realtime/log.ts';
+import type { MessageRow } from './message.service.ts';
+import { loadedAuthors } from './message-history.service.ts';
 
 export interface BatchRow {
   id: string;
@@ -27,10 +32,22 @@ export interface BatchRow {
   mentionUserIds: string[];
 }
 
-/** What the statement gives back for an inserted row; none when the nonce index conflicted. */
+/** What a send gets back: its row (author loaded) and event; none when the nonce index conflicted. */
 export interface BatchResult {
+  message: MessageRow;
+  seq: number;
+}
+
+/** One inserted message as the statement returns it. */
+interface Inserted {
   m: Record<string, unknown>;
+  u: Record<string, unknown> | null;
   seq: string | number;
+  xid: string;
+  /** no other transaction was in progress when the statement began */
+  alone: boolean;
+  before_xid: string | null;
+  before_seq: string | number | null;
 }
 
 const MAX_IN_FLIGHT = 2;
@@ -63,9 +80,49 @@ const GROUP_SQL = `
     insert into events (type, guild_id, channel_id, payload)
     select 'MESSAGE_CREATED', m.guild_id, m.channel_id, json_build_object('messageId', m.id)
     from m order by m.id
-    returning seq, payload->>'messageId' as mid
+    returning seq, xid, payload->>'messageId' as mid
+  ), w as (
+    select pg_snapshot_xmin(s) = pg_current_xact_id() and pg_snapshot_xmax(s) = pg_current_xact_id() as alone
+    from (select pg_current_snapshot() as s) t
+  ), b as (
+    select events.xid::text as xid, events.seq from events, w
+    where w.alone and (events.xid::text::bigint) < pg_current_xact_id()::text::bigint
+    order by (events.xid::text::bigint) desc, events.seq desc limit 1
   )
-  select row_to_json(m.*) as m, e.seq from m join e on e.mid = m.id::text`;
+  select row_to_json(m.*) as m, row_to_json(u.*) as u, e.seq, e.xid::text as xid, w.alone,
+    b.xid as before_xid, b.seq as before_seq
+  from m join e on e.mid = m.id::text left join users u on u.id = m.author_id
+    cross join w left join b on true`;
+
+/**
+ * The statement's rows as the realtime hub takes them, when it may (log order is xid, then seq).
+ * `w` says whether no other transaction was in progress when the statement's snapshot was taken:
+ * its xmin (the oldest one in progress, else xmax) and xmax (one past the newest finished) are
+ * both this statement's own xid, assigned after. Then every transaction with a lower xid had
+ * finished, its rows visible to this statement; `b` is the last of them, and no row can ever be
+ * committed between it and this write's rows. Otherwise the hub reads the log as for any ring.
+ */
+function writtenLog(inserted: Inserted[], results: Map<string, BatchResult>): WrittenLog | undefined {
+  const first = inserted[0];
+  if (!first?.alone) return undefined;
+  const rows = inserted
+    .map((r) => {
+      const { message } = results.get(r.m.id as string)!;
+      return {
+        xid: String(r.xid),
+        seq: Number(r.seq),
+        type: 'MESSAGE_CREATED',
+        guildId: message.guildId,
+        channelId: message.channelId,
+        userId: null,
+        payload: { messageId: message.id },
+        message,
+      };
+    })
+    .sort((a, b) => a.seq - b.seq);
+  const before = first.before_xid === null ? null : { xid: first.before_xid, seq: Number(first.before_seq) };
+  return { rows, before };
+}
 
 interface Waiting {
   row: BatchRow;
@@ -159,16 +216,30 @@ class Batcher {
       mentionMessage,
       mentionUser,
     ];
-    // The realtime tailer's read of these rows queues right behind the insert on its connection
-    // (followCommits in core/db/client.ts): one wake-up of this process and of Postgres less
-    // between a commit and its delivery.
-    const out = await this.database.prepared<BatchResult>(
+    let results: Map<string, BatchResult> | undefined;
+    const convert = (inserted: Inserted[]) => {
+      results ??= new Map(
+        inserted.map((r) => {
+          const message = fromRowJson(messages, r.m);
+          if (r.u) loadedAuthors.set(message, fromRowJson(users, r.u));
+          return [message.id, { message, seq: Number(r.seq) }];
+        }),
+      );
+      return results;
+    };
+    // The realtime hub takes these rows the moment the result arrives (followCommits in
+    // core/db/client.ts): from the result itself when it may, else by reading the log on this
+    // connection, idle by then. Either way before this process does anything else.
+    const follower = followerOf(this.database);
+    const out = await this.database.prepared<Inserted>(
       'banter_send_messages',
       GROUP_SQL,
       params,
-      followerOf(this.database),
+      follower &&
+        ((db, inserted) =>
+          inserted.length ? follower(db, writtenLog(inserted, convert(inserted))) : undefined),
     );
-    return new Map(out.map((r) => [r.m.id as string, r]));
+    return convert(out);
   }
 }
 

@@ -185,7 +185,7 @@ async function insertAtomically(
     mentionUserIds,
   });
   if (!r) return undefined;
-  const row = messageFromJson(r.m);
+  const row = r.message;
   await announce(deps, [
     {
       seq: Number(r.seq),
@@ -196,30 +196,6 @@ async function insertAtomically(
     },
   ]);
   return row;
-}
-
-const dateOrNull = (v: unknown) => (v == null ? null : new Date(v as string));
-
-/** A messages row as row_to_json gives it (snake_case, dates as strings) in drizzle's shape. */
-function messageFromJson(j: Record<string, unknown>): MessageRow {
-  return {
-    id: j.id as string,
-    channelId: j.channel_id as string,
-    guildId: (j.guild_id as string) ?? null,
-    authorId: j.author_id as string,
-    content: j.content as string,
-    createdAt: new Date(j.created_at as string),
-    editedAt: dateOrNull(j.edited_at),
-    replyToId: (j.reply_to_id as string) ?? null,
-    forwardedFromId: (j.forwarded_from_id as string) ?? null,
-    nonce: (j.nonce as string) ?? null,
-    mentionEveryone: j.mention_everyone as boolean,
-    mentionRoleIds: (j.mention_role_ids as string[]) ?? [],
-    pinnedAt: dateOrNull(j.pinned_at),
-    pinnedBy: (j.pinned_by as string) ?? null,
-    embeds: j.embeds as MessageRow['embeds'],
-    deletedAt: dateOrNull(j.deleted_at),
-  };
 }
 
 async function insert(tx: Tx, values: typeof messages.$inferInsert): Promise<MessageRow | undefined> {
