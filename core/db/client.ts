@@ -139,17 +139,21 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
         count++;
         if (!then) return (await pool.query({ name, text, values: params })).rows as T[];
         const client = await pool.connect();
-        let followed: Promise<unknown> | undefined;
+        let rows: T[];
         try {
-          const rows = (await client.query({ name, text, values: params })).rows as T[];
-          followed = thenSafely(then, onClient(client), rows);
-          return rows;
-        } finally {
-          // The connection goes back once what `then` sent is done (the pool drops a lost one).
-          const release = () => client.release();
-          if (followed) followed.then(release, release);
-          else release();
+          rows = (await client.query({ name, text, values: params })).rows as T[];
+        } catch (err) {
+          // Dropped, as pool.query does: a backend terminated mid-statement answers with its error
+          // before the socket closes, and the pool would otherwise hand the dying client out again.
+          client.release(err as Error);
+          throw err;
         }
+        const release = () => client.release();
+        const followed = thenSafely(then, onClient(client), rows);
+        // The connection goes back once what `then` sent is done (the pool drops a lost one).
+        if (followed) followed.then(release, release);
+        else release();
+        return rows;
       },
       poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
       close: () => pool.end(),
