@@ -8,7 +8,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { openSync, readFileSync, rmSync } from 'node:fs';
 import { Agent, request } from 'node:http';
 import { createServer } from 'node:net';
 import os from 'node:os';
@@ -233,6 +233,7 @@ export async function startBanter(
   const dataDir = path.join(os.tmpdir(), `banter-${dbName}`);
   const nodeArgs = ['--import', 'tsx', ...(opts.gcOnSignal ? GC_ON_SIGNAL_ARGS : [])];
   if (env.BENCH_CPU_PROF) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${path.resolve(env.BENCH_CPU_PROF)}`);
+  if (env.BENCH_SERVER_NODE_ARGS) nodeArgs.push(...env.BENCH_SERVER_NODE_ARGS.split(' '));
   const server = spawn(process.execPath, [...nodeArgs, 'api/main.ts'], {
     cwd: serverDir,
     env: {
@@ -247,7 +248,7 @@ export async function startBanter(
       DATA_DIR: dataDir,
       ...opts.env,
     },
-    stdio: ['ignore', 'ignore', 'inherit'],
+    stdio: ['ignore', env.BENCH_SERVER_STDOUT ? openSync(env.BENCH_SERVER_STDOUT, 'a') : 'ignore', 'inherit'],
   });
   let exited = false;
   const exit = new Promise((r) => server.once('exit', r)).then(() => {

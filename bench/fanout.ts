@@ -999,6 +999,7 @@ async function measure(t: Target): Promise<Result> {
     }
 
     const end = await beginPhase(t, c);
+    log(`paced phase begins at ${Date.now()}`);
     let published = 0;
     let publishErrors = 0;
     const start = now();
@@ -1076,7 +1077,11 @@ async function runBanter(server: BanterServer, tokens: string[], channelId: stri
     after: async () =>
       (await get(port, '/metrics').catch(() => ''))
         .split('\n')
-        .filter((l) => /^banter_(events_delivered_total|ws_closes_total|ws_open_sockets)/.test(l))
+        .filter((l) =>
+          /^banter_(events_delivered_total|ws_closes_total|ws_open_sockets|log_reads_total|log_writes_dispatched_total)/.test(
+            l,
+          ),
+        )
         .join('; '),
   });
 }
