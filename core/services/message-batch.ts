@@ -85,8 +85,8 @@ const GROUP_SQL = `
     select pg_snapshot_xmin(s) = pg_current_xact_id() and pg_snapshot_xmax(s) = pg_current_xact_id() as alone
     from (select pg_current_snapshot() as s) t
   ), b as (
-    select events.xid::text as xid, events.seq from events, w
-    where w.alone and (events.xid::text::bigint) < pg_current_xact_id()::text::bigint
+    select events.xid::text as xid, events.seq from events
+    where (select alone from w) and (events.xid::text::bigint) < pg_current_xact_id()::text::bigint
     order by (events.xid::text::bigint) desc, events.seq desc limit 1
   )
   select row_to_json(m.*) as m, row_to_json(u.*) as u, e.seq, e.xid::text as xid, w.alone,
@@ -100,7 +100,9 @@ const GROUP_SQL = `
  * its xmin (the oldest one in progress, else xmax) and xmax (one past the newest finished) are
  * both this statement's own xid, assigned after. Then every transaction with a lower xid had
  * finished, its rows visible to this statement; `b` is the last of them, and no row can ever be
- * committed between it and this write's rows. Otherwise the hub reads the log as for any ring.
+ * committed between it and this write's rows. Otherwise the hub reads the log as for any ring, and
+ * `b` does not run (a one-time filter: joined with `w` instead, the backward index scan went on
+ * through the whole log looking for a row to pair with `alone`).
  */
 function writtenLog(inserted: Inserted[], results: Map<string, BatchResult>): WrittenLog | undefined {
   const first = inserted[0];
