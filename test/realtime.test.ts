@@ -92,9 +92,15 @@ it("the tailer's read brings each row's message and author in one statement; del
     plain = await readAfter(db, from, 100);
   }
   const database = databaseOf(db)!;
-  const before = database.queryCount;
-  const rows = await readAfterWithMessages(db, from, plain.length);
-  assert.equal(database.queryCount - before, 1);
+  // The count is the whole process's: a poll of the hub's landing in the window adds one (try again).
+  let rows: Awaited<ReturnType<typeof readAfterWithMessages>> = [];
+  let statements = 0;
+  for (let i = 0; i < 5 && statements !== 1; i++) {
+    const before = database.queryCount;
+    rows = await readAfterWithMessages(db, from, plain.length);
+    statements = database.queryCount - before;
+  }
+  assert.equal(statements, 1);
   // The same rows, in the same order, as the plain read.
   assert.deepEqual(
     rows.map((r) => encodeCursor(r)),
