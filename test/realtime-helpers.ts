@@ -121,3 +121,17 @@ export async function send(app: App, token: string, channelId: string, content: 
   );
   return r.sendMessage.id as string;
 }
+
+/**
+ * The server's /metrics now, from its GraphQL WebSocket url: `sample('name{labels}')` is that
+ * sample's value, 0 when absent.
+ */
+export async function metricsOf(wsUrl: string): Promise<(sample: string) => number> {
+  const text = await (await fetch(wsUrl.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
+  const values = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    const at = line.lastIndexOf(' ');
+    if (at > 0 && !line.startsWith('#')) values.set(line.slice(0, at), Number(line.slice(at + 1)));
+  }
+  return (sample) => values.get(sample) ?? 0;
+}

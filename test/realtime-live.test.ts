@@ -11,7 +11,7 @@ import { databaseOf } from '../core/db/client.ts';
 import { newId } from '../core/ids.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, metricsOf, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -131,12 +131,11 @@ it('a send to a live subscriber goes out from its own result: no log read, and t
   const { channelId } = await guildWithChannel(app, u.token);
   const { c, s } = await liveStream(u.token);
   const counts = async () => {
-    const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
-    const count = (name: string) => Number(new RegExp(`^${name} (\\d+)`, 'm').exec(text)?.[1] ?? 0);
+    const count = await metricsOf(url);
     return {
       fromWrite: count('banter_log_writes_dispatched_total'),
-      follow: count('banter_log_reads_total\\{via="follow"\\}'),
-      ring: count('banter_log_reads_total\\{via="ring"\\}'),
+      follow: count('banter_log_reads_total{via="follow"}'),
+      ring: count('banter_log_reads_total{via="ring"}'),
     };
   };
   // Any transaction holding an xid anywhere in the cluster as the send begins (the test files
@@ -167,10 +166,7 @@ it('a send made while an older transaction is open goes out after it, not from i
   const u = await signUp(app);
   const { channelId, guildId } = await guildWithChannel(app, u.token);
   const { c, s } = await liveStream(u.token);
-  const fromWrites = async () => {
-    const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
-    return Number(/^banter_log_writes_dispatched_total (\d+)/m.exec(text)?.[1] ?? 0);
-  };
+  const fromWrites = async () => (await metricsOf(url))('banter_log_writes_dispatched_total');
   // An older transaction writes a message and its event, and stays open across the send.
   const old = new pg.Client({ connectionString: app.config.databaseUrl });
   await old.connect();

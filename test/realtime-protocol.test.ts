@@ -9,7 +9,7 @@ import { after, before, describe, it } from 'node:test';
 import WebSocket, * as wsModule from 'ws';
 import { textFrame } from '../api/realtime/protocol.ts';
 import { createTestApp, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel, send } from './realtime-helpers.ts';
+import { guildWithChannel, metricsOf, send } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -210,10 +210,7 @@ describe('graphql-transport-ws', () => {
     await send(app, u.token, channelId, 'mark two');
     await a.until(() => a.messages.filter((m) => m.type === 'next').length >= 2, 'two marks');
     const [one, two] = a.messages.filter((m) => m.type === 'next').map((m) => m.payload.data.events.cursor);
-    const metric = async () => {
-      const text = await (await fetch(url.replace('ws:', 'http:').replace('/graphql', '/metrics'))).text();
-      return Number(/banter_events_delivered_total\{shared="true"\} (\d+)/.exec(text)?.[1] ?? 0);
-    };
+    const metric = async () => (await metricsOf(url))('banter_events_delivered_total{shared="true"}');
     const b = open();
     const c = open();
     await b.init();
