@@ -188,7 +188,7 @@ async function insertAtomically(
   const row = r.message;
   await announce(deps, [
     {
-      seq: Number(r.seq),
+      seq: r.seq,
       type: 'MESSAGE_CREATED',
       guildId: row.guildId,
       channelId: row.channelId,
