@@ -331,6 +331,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
           subscriptionsPerSocket: config.ws.operationsPerSocket,
           connectionsPerIpPerMinute: config.ws.connectionsPerIpPerMinute,
           connectionInitWaitMs: config.ws.initTimeoutMs,
+          keepAliveMs: config.ws.keepAliveMs,
         },
       });
       await new Promise<void>((resolve, reject) => {

@@ -35,12 +35,13 @@ export interface Config {
   eventRetentionDays: number;
   /** Largest accepted request body in bytes. Default 1 MiB. */
   maxBodyBytes: number;
-  /** WebSocket limits: sockets per user (20), operations per socket (50), new sockets per IP per minute (120), ms to send connection_init (10 s). */
+  /** WebSocket limits: sockets per user (20), operations per socket (50), new sockets per IP per minute (120), ms to send connection_init (10 s), keep-alive ping interval (12 s). */
   ws: {
     socketsPerUser: number;
     operationsPerSocket: number;
     connectionsPerIpPerMinute: number;
     initTimeoutMs: number;
+    keepAliveMs: number;
   };
   /** Set S3 endpoint etc. are read later by the storage port. */
   s3?: { endpoint: string; bucket: string; accessKeyId: string; secretAccessKey: string; region: string };
@@ -145,6 +146,7 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
       operationsPerSocket: int(env, 'WS_MAX_OPERATIONS_PER_SOCKET', 50, 1, 10_000),
       connectionsPerIpPerMinute: int(env, 'WS_CONNECTIONS_PER_IP_PER_MINUTE', 120, 1, 10_000_000),
       initTimeoutMs: int(env, 'WS_CONNECTION_INIT_TIMEOUT_MS', 10_000, 100, 600_000),
+      keepAliveMs: int(env, 'WS_KEEPALIVE_MS', 12_000, 100, 600_000),
     },
     s3: s3Endpoint
       ? {

@@ -18,7 +18,13 @@ let u: TestUser;
 before(async () => {
   app = await createTestApp({
     rateLimits: false,
-    ws: { socketsPerUser: 20, operationsPerSocket: 3, connectionsPerIpPerMinute: 1000, initTimeoutMs: 300 },
+    ws: {
+      socketsPerUser: 20,
+      operationsPerSocket: 3,
+      connectionsPerIpPerMinute: 1000,
+      initTimeoutMs: 300,
+      keepAliveMs: 1000,
+    },
   });
   url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
   u = await signUp(app);
@@ -195,6 +201,47 @@ describe('graphql-transport-ws', () => {
   it('closes with 4406 without the graphql-transport-ws subprotocol', async () => {
     const s = open(null);
     assert.equal(await s.closedWith(), 4406);
+  });
+
+  it('pings every socket once per WS_KEEPALIVE_MS, spread over the interval, and terminates one that does not answer', async () => {
+    // keepAliveMs is 1,000 here: four slices, one visited every 250 ms.
+    const v = await signUp(app);
+    const mute = Array.from({ length: 8 }, () => {
+      const ws = new WebSocket(url, 'graphql-transport-ws', { autoPong: false });
+      const pings: number[] = [];
+      let closedAt: number | undefined;
+      let code: number | undefined;
+      ws.on('ping', () => pings.push(Date.now()));
+      ws.on('close', (c) => {
+        closedAt = Date.now();
+        code = c;
+      });
+      ws.on('error', () => {});
+      ws.once('open', () =>
+        ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${v.token}` } })),
+      );
+      return { pings, closed: () => closedAt, code: () => code };
+    });
+    const answering = open();
+    await answering.init(v.token);
+    let answeringPings = 0;
+    answering.ws.on('ping', () => answeringPings++);
+    const deadline = Date.now() + 5000;
+    while (mute.some((m) => m.closed() === undefined) && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 20));
+    for (const m of mute) {
+      assert.equal(m.pings.length, 1, 'pinged once, then terminated at its next turn');
+      assert.equal(m.code(), 1006, 'terminated, no close frame');
+      const waited = m.closed()! - m.pings[0];
+      assert.ok(waited >= 800 && waited < 1500, `terminated ${waited} ms after its ping`);
+    }
+    const firsts = mute.map((m) => m.pings[0]);
+    const spread = Math.max(...firsts) - Math.min(...firsts);
+    assert.ok(spread >= 400, `first pings ${spread} ms apart: the sockets are spread over the interval`);
+    await new Promise((r) => setTimeout(r, 1200));
+    assert.ok(answeringPings >= 1, 'the answering socket is pinged too');
+    assert.equal(answering.closed(), undefined, 'a socket that answers stays open');
+    answering.ws.close();
   });
 
   it('shares one execution between subscribers resuming from different cursors once live', async () => {
