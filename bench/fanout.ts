@@ -18,6 +18,7 @@
  */
 import { type ChildProcess, fork } from 'node:child_process';
 import { createHash, randomBytes, randomFillSync, randomUUID } from 'node:crypto';
+import { appendFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
@@ -1013,6 +1014,12 @@ async function measure(t: Target): Promise<Result> {
       }
     }
     const { phase: paced, s } = await end(published, publishErrors);
+    if (env.BENCH_SPANS) {
+      const lines = Object.entries(s.spans ?? {}).map(([sent, [first, last]]) =>
+        JSON.stringify({ server: t.name, sent: Number(sent), first, last }),
+      );
+      appendFileSync(env.BENCH_SPANS, `${lines.join('\n')}\n`);
+    }
     return {
       name: t.name,
       connect,

@@ -95,7 +95,7 @@ export interface ProtocolOptions {
  * Writes one text frame without waiting for it to be flushed. A socket whose unsent bytes pass
  * `maxBufferedBytes` is closed as a slow consumer instead (its client resumes by cursor).
  *
- * `data` is text for `ws` to frame, or a frame already built (textFrame): that one goes to the
+ * `data` is text for `ws` to frame, or a frame already built (nextFrame): that one goes to the
  * TCP socket directly, where `ws` itself writes straight through (no extension, as this server
  * offers no compression, and nothing queued in its sender); elsewhere `ws` frames it again.
  */
@@ -114,13 +114,22 @@ export function sendFrame(socket: WebSocket, data: string | Buffer, maxBufferedB
 }
 
 /**
- * One final, unmasked text frame (RFC 6455 5.2) holding `parts` in order, as one buffer: one
- * copy of each part and one write, where `ws` would encode the string for every socket again and
- * write its header and payload as two pieces.
+ * One final, unmasked text frame (RFC 6455 5.2) holding `prefix`, `payload` and a closing brace,
+ * as one buffer (a `next` message around a shared result): one copy of each and one write, where
+ * `ws` would encode the string for every socket again and write header and payload as two pieces.
  */
-export function textFrame(parts: readonly Buffer[]): Buffer {
-  let n = 0;
-  for (const p of parts) n += p.length;
+export function nextFrame(prefix: Buffer, payload: Buffer): Buffer {
+  const n = prefix.length + payload.length + 1;
+  const frame = allocFrame(n);
+  const at = frame.length - n;
+  frame.set(prefix, at);
+  frame.set(payload, at + prefix.length);
+  frame[frame.length - 1] = 0x7d; // }
+  return frame;
+}
+
+/** A buffer for a final text frame of `n` payload bytes, its header written. */
+function allocFrame(n: number): Buffer {
   const head = n < 126 ? 2 : n < 65536 ? 4 : 10;
   const frame = Buffer.allocUnsafe(head + n);
   frame[0] = 0x81; // FIN, text
@@ -133,11 +142,6 @@ export function textFrame(parts: readonly Buffer[]): Buffer {
     frame.writeUInt32BE(Math.floor(n / 2 ** 32), 2);
     frame.writeUInt32BE(n >>> 0, 6);
   }
-  let at = head;
-  for (const p of parts) {
-    frame.set(p, at);
-    at += p.length;
-  }
   return frame;
 }
 
@@ -148,21 +152,28 @@ export function textFrame(parts: readonly Buffer[]): Buffer {
  * is most of the cost of fan-out. `ws` writes each frame with cork/uncork of its own, which nests.
  */
 function corkedWriter(maxBufferedBytes: number) {
-  const held = new Set<Socket>();
+  // The sockets corked this turn: a list reused from turn to turn (a Set emptied each turn was
+  // rebuilt for every event fanned out); a socket is in it while `writableCorked`.
+  const held: (Socket | undefined)[] = [];
+  let n = 0;
   const release = () => {
-    for (const s of held) s.uncork();
-    held.clear();
+    for (let i = 0; i < n; i++) {
+      held[i]!.uncork();
+      held[i] = undefined;
+    }
+    n = 0;
   };
   return (ws: WebSocket, data: string | Buffer) => {
     const s = (ws as unknown as { _socket?: Socket })._socket;
-    if (s && !held.has(s)) {
+    if (s && !s.writableCorked) {
       s.cork();
-      held.add(s);
-      if (held.size === 1) process.nextTick(release);
+      held[n++] = s;
+      if (n === 1) process.nextTick(release);
     }
     sendFrame(ws, data, maxBufferedBytes);
-    // Held frames go at once when they add up (a long replay in one turn).
-    if (s && s.writableLength >= HOLD_BYTES && held.delete(s)) s.uncork();
+    // Held frames go at once when they add up (a long replay in one turn); uncorking it again
+    // at the end of the turn does nothing.
+    if (s && s.writableLength >= HOLD_BYTES) s.uncork();
   };
 }
 
@@ -176,14 +187,13 @@ function writesThrough(ws: WebSocket): Socket | undefined {
   return plain ? w._socket : undefined;
 }
 
-/** A textFrame's payload, as text. */
+/** A built frame's payload, as text. */
 function unframe(frame: Buffer): string {
   const len = frame[1] & 0x7f;
   return frame.toString('utf8', len < 126 ? 2 : len === 126 ? 4 : 10);
 }
 
 const HOLD_BYTES = 64 * 1024;
-const CLOSE_BRACE = Buffer.from('}');
 
 const isObject = (x: unknown): x is Record<string, unknown> =>
   typeof x === 'object' && x !== null && !Array.isArray(x);
@@ -277,7 +287,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
     }
     nextEncoded(json: Buffer) {
       this.prefix ??= Buffer.from(JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2));
-      send(this.c, textFrame([this.prefix, json, CLOSE_BRACE]));
+      send(this.c, nextFrame(this.prefix, json));
     }
     next(result: unknown) {
       this.nextEncoded(Buffer.from(JSON.stringify(result)));

@@ -56,6 +56,15 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (this.closed) return;
     if (row.cursor !== null && comparePos(row, this.floor) <= 0) return;
     if (row.cursor === null && !this.live) return;
+    if (this.live && !this.pumping && !this.input.length) {
+      // Nothing waits ahead of it (the common case): checked at once, without the queue.
+      if (1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
+        this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
+        return;
+      }
+      this.pump(row);
+      return;
+    }
     this.input.push(row);
     if (this.input.length + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
@@ -118,11 +127,14 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
    * Checks queued rows in order and emits them; synchronous while permissions are cached (the
    * common case), resumed from a promise when one must be loaded.
    */
-  private pump() {
+  private pump(first?: Delivered) {
     this.pumping = true;
+    let next = first;
     try {
-      while (this.input.length && !this.closed) {
-        const row = this.input.shift()!;
+      while (!this.closed) {
+        if (next === undefined && !this.input.length) break;
+        const row = next ?? this.input.shift()!;
+        next = undefined;
         if (row.cursor !== null && this.startedAt) {
           if (finishedIn(row.xid, this.startedAt)) continue;
           // The log is tailed in xid order: past xmax, no later row can predate the snapshot.
@@ -135,28 +147,33 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
           if (ok) this.emit(row);
           continue;
         }
-        ok.then(
-          (yes) => {
-            try {
-              if (yes) this.emit(row);
-            } catch (err) {
-              this.pumping = false;
-              this.fail(err);
-              return;
-            }
-            this.pump();
-          },
-          (err) => {
-            this.pumping = false;
-            this.fail(err);
-          },
-        );
+        this.resumeAfter(ok, row);
         return; // still pumping: the promise resumes it
       }
     } catch (err) {
       this.fail(err);
     }
     this.pumping = false;
+  }
+
+  /** The pump waits for a permission load, then goes on (apart: pump's rows stay out of closures). */
+  private resumeAfter(ok: Promise<boolean>, row: Delivered) {
+    ok.then(
+      (yes) => {
+        try {
+          if (yes) this.emit(row);
+        } catch (err) {
+          this.pumping = false;
+          this.fail(err);
+          return;
+        }
+        this.pump();
+      },
+      (err) => {
+        this.pumping = false;
+        this.fail(err);
+      },
+    );
   }
 
   private emit(row: Delivered) {

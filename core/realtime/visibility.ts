@@ -55,6 +55,9 @@ export async function presenceAudience(
 }
 
 const CACHE_MS = 30_000;
+/** What a channel's events need: live, to view it; replayed, its history too. */
+const LIVE = Permission.VIEW_CHANNEL;
+const REPLAY = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
 
 const loading = new WeakMap<object, Map<string, Promise<unknown>>>();
 
@@ -145,7 +148,10 @@ function sawDeletion(e: Visible, userId: string): boolean | undefined {
  * subscribed socket holds none (thousands of them are what a busy instance mostly has).
  */
 export class ViewerAccess {
-  private channels: Map<string, { perms: bigint; guildId: string | null; at: number }> | undefined;
+  /** per channel: may view it live, may read its history (replay), as booleans: no bigint work per event */
+  private channels:
+    | Map<string, { live: boolean; replay: boolean; guildId: string | null; at: number }>
+    | undefined;
   private guilds: Map<string, { member: boolean; at: number }> | undefined;
   /** guilds this viewer was seen in: who hears of a deletion whose former members were not loaded */
   private everIn: Set<string> | undefined;
@@ -199,9 +205,8 @@ export class ViewerAccess {
   }
 
   private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
-    const need = replay ? Permission.VIEW_CHANNEL | Permission.READ_HISTORY : Permission.VIEW_CHANNEL;
     const c = this.channels?.get(channelId);
-    if (c && Date.now() - c.at < CACHE_MS) return has(c.perms, need);
+    if (c && Date.now() - c.at < CACHE_MS) return replay ? c.replay : c.live;
     // Through the per-process access cache too (core/services/access-cache.ts): the channel's
     // half of the inputs is then loaded once for all its viewers.
     const load = () => loadChannelAccess(this.db, this.userId, channelId, new Date(), { cached: true });
@@ -209,9 +214,10 @@ export class ViewerAccess {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
       if (guildId && perms) this.seenIn(guildId);
+      const entry = { live: has(perms, LIVE), replay: has(perms, REPLAY), guildId, at: Date.now() };
       this.channels ??= new Map();
-      this.channels.set(channelId, { perms, guildId, at: Date.now() });
-      return has(perms, need);
+      this.channels.set(channelId, entry);
+      return replay ? entry.replay : entry.live;
     });
   }
 
