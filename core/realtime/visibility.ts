@@ -55,6 +55,12 @@ export async function presenceAudience(
 }
 
 const CACHE_MS = 30_000;
+/**
+ * When a cached answer lapses: CACHE_MS from now, give or take a quarter. The subscribers of a
+ * busy channel load their answers at the same event; with one fixed lifetime they would all lapse
+ * together, and one event every CACHE_MS would wait for all their loads at once.
+ */
+const lapseAt = () => Date.now() + CACHE_MS * (0.75 + Math.random() * 0.5);
 /** What a channel's events need: live, to view it; replayed, its history too. */
 const LIVE = Permission.VIEW_CHANNEL;
 const REPLAY = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
@@ -150,12 +156,12 @@ function sawDeletion(e: Visible, userId: string): boolean | undefined {
 export class ViewerAccess {
   /** per channel: may view it live, may read its history (replay), as booleans: no bigint work per event */
   private channels:
-    | Map<string, { live: boolean; replay: boolean; guildId: string | null; at: number }>
+    | Map<string, { live: boolean; replay: boolean; guildId: string | null; until: number }>
     | undefined;
-  private guilds: Map<string, { member: boolean; at: number }> | undefined;
+  private guilds: Map<string, { member: boolean; until: number }> | undefined;
   /** guilds this viewer was seen in: who hears of a deletion whose former members were not loaded */
   private everIn: Set<string> | undefined;
-  private known: Map<string, { yes: boolean; at: number }> | undefined;
+  private known: Map<string, { yes: boolean; until: number }> | undefined;
 
   constructor(
     private db: Db,
@@ -206,7 +212,7 @@ export class ViewerAccess {
 
   private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
     const c = this.channels?.get(channelId);
-    if (c && Date.now() - c.at < CACHE_MS) return replay ? c.replay : c.live;
+    if (c && Date.now() < c.until) return replay ? c.replay : c.live;
     // Through the per-process access cache too (core/services/access-cache.ts): the channel's
     // half of the inputs is then loaded once for all its viewers.
     const load = () => loadChannelAccess(this.db, this.userId, channelId, new Date(), { cached: true });
@@ -214,7 +220,7 @@ export class ViewerAccess {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
       if (guildId && perms) this.seenIn(guildId);
-      const entry = { live: has(perms, LIVE), replay: has(perms, REPLAY), guildId, at: Date.now() };
+      const entry = { live: has(perms, LIVE), replay: has(perms, REPLAY), guildId, until: lapseAt() };
       this.channels ??= new Map();
       this.channels.set(channelId, entry);
       return replay ? entry.replay : entry.live;
@@ -225,26 +231,26 @@ export class ViewerAccess {
   private knows(otherId: string): boolean | Promise<boolean> {
     if (otherId === this.userId) return true;
     const k = this.known?.get(otherId);
-    if (k && Date.now() - k.at < CACHE_MS) return k.yes;
+    if (k && Date.now() < k.until) return k.yes;
     const load = () => presenceAudience(this.db, [otherId], [this.userId]);
     return shared(this.db, `p:${this.userId}:${otherId}`, load).then((audience) => {
       const yes = !!audience.get(otherId)?.has(this.userId);
       this.known ??= new Map();
       if (this.known.size > 10_000) this.known.clear();
-      this.known.set(otherId, { yes, at: Date.now() });
+      this.known.set(otherId, { yes, until: lapseAt() });
       return yes;
     });
   }
 
   private member(guildId: string): boolean | Promise<boolean> {
     const g = this.guilds?.get(guildId);
-    if (g && Date.now() - g.at < CACHE_MS) return g.member;
+    if (g && Date.now() < g.until) return g.member;
     const load = () => loadGuildAccess(this.db, this.userId, guildId);
     return shared(this.db, `g:${this.userId}:${guildId}`, load).then((a) => {
       const member = !!a?.input.isMember;
       if (member) this.seenIn(guildId);
       this.guilds ??= new Map();
-      this.guilds.set(guildId, { member, at: Date.now() });
+      this.guilds.set(guildId, { member, until: lapseAt() });
       return member;
     });
   }
