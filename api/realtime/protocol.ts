@@ -153,27 +153,32 @@ function allocFrame(n: number): Buffer {
  */
 function corkedWriter(maxBufferedBytes: number) {
   // The sockets corked this turn: a list reused from turn to turn (a Set emptied each turn was
-  // rebuilt for every event fanned out); a socket is in it while `writableCorked`.
+  // rebuilt for every event fanned out). A socket is listed when it is corked, once per cork.
   const held: (Socket | undefined)[] = [];
   let n = 0;
   const release = () => {
-    for (let i = 0; i < n; i++) {
-      held[i]!.uncork();
-      held[i] = undefined;
-    }
+    const count = n;
     n = 0;
+    for (let i = 0; i < count; i++) {
+      const s = held[i]!;
+      held[i] = undefined;
+      s.uncork();
+    }
+    // A turn that held very many sockets does not keep the list that long.
+    if (held.length > 65_536) held.length = 0;
   };
   return (ws: WebSocket, data: string | Buffer) => {
     const s = (ws as unknown as { _socket?: Socket })._socket;
-    if (s && !s.writableCorked) {
+    // A socket with HOLD_BYTES unsent already is not held: its writes wait for the kernel anyway.
+    if (s && !s.writableCorked && s.writableLength < HOLD_BYTES) {
       s.cork();
       held[n++] = s;
       if (n === 1) process.nextTick(release);
     }
     sendFrame(ws, data, maxBufferedBytes);
-    // Held frames go at once when they add up (a long replay in one turn); uncorking it again
-    // at the end of the turn does nothing.
-    if (s && s.writableLength >= HOLD_BYTES) s.uncork();
+    // Held frames go at once when they add up (a long replay in one turn); the uncork at the
+    // end of the turn then does nothing.
+    if (s?.writableCorked && s.writableLength >= HOLD_BYTES) s.uncork();
   };
 }
 
@@ -230,7 +235,6 @@ const MAX_SWEEP_SLICES = 48;
 function keepAliveSweep(intervalMs: number) {
   const n = Math.max(1, Math.min(MAX_SWEEP_SLICES, Math.floor(intervalMs / SWEEP_TICK_MS)));
   const slices = Array.from({ length: n }, () => new Set<Conn>());
-  let dealt = 0;
   let visit = 0;
   const timer = setInterval(() => {
     const slice = slices[visit];
@@ -247,8 +251,11 @@ function keepAliveSweep(intervalMs: number) {
   timer.unref();
   return {
     add(c: Conn) {
-      c.slice = slices[dealt++ % n];
-      c.slice.add(c);
+      // Into the smallest slice, so the slices stay even as sockets come and go.
+      let slice = slices[0];
+      for (const x of slices) if (x.size < slice.size) slice = x;
+      c.slice = slice;
+      slice.add(c);
     },
     delete(c: Conn) {
       c.slice?.delete(c);
