@@ -1,7 +1,7 @@
 /** Slow consumers, socket and subscription limits, realtime metrics. */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
-import { SlowConsumerError } from '../core/realtime/subscription.ts';
+import { SlowConsumerError, type Subscription } from '../core/realtime/subscription.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
 
@@ -47,6 +47,42 @@ it('cuts off a subscriber that stops reading, and it can resume by cursor', asyn
     for (let i = 0; i < 8; i++) contents.push(((await resumed.next()).value as any).payload.messageId);
     assert.equal(new Set(contents).size, 8);
     await resumed.return!();
+  } finally {
+    hub.configure({ maxPending: 5000 });
+  }
+});
+
+it('a subscriber whose consumer throws as it is cut off costs the others nothing', async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const hub = app.deps.realtime!;
+  const userId = Buffer.from(u.id, 'base64url').toString().split(':')[1];
+  hub.configure({ maxPending: 1 });
+  try {
+    // Registered first, so the tailer hands it the row first: it is over its bound at once,
+    // and its consumer's close throws.
+    const broken = (await hub.subscribe({ userId }, null)) as Subscription;
+    let closes = 0;
+    broken.attach({
+      deliver() {},
+      backlog: () => 10,
+      close() {
+        closes++;
+        throw new Error('the consumer broke while closing');
+      },
+    });
+    const good = await hub.subscribe({ userId }, null);
+    await send(app, u.token, channelId, 'still delivered');
+    await hub.poke();
+    const next = await Promise.race([
+      good.next(),
+      new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 5000)),
+    ]);
+    assert.notEqual(next, 'timeout', 'the second subscriber got the row');
+    assert.equal((next as IteratorResult<{ type: string }>).value.type, 'MESSAGE_CREATED');
+    assert.equal(closes, 1);
+    assert.ok(broken.closed);
+    await good.return!();
   } finally {
     hub.configure({ maxPending: 5000 });
   }

@@ -163,7 +163,15 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     // Position and dispatch move together, synchronously: a subscriber registering at any
     // moment sees either the old position and this batch, or the new one and not it.
     pos = batch[batch.length - 1];
-    for (const s of subs) for (let i = 0; i < batch.length; i++) s.push(batch[i]);
+    for (const s of subs) {
+      try {
+        for (let i = 0; i < batch.length; i++) s.push(batch[i]);
+      } catch (err) {
+        // One subscriber's failure must not cost the others these rows (pos has moved past them).
+        deps.log.error({ err }, 'a subscriber failed while taking rows: cut off');
+        s.fail(err);
+      }
+    }
     for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
   }
 

@@ -203,13 +203,23 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (this.closed) return;
     this.closed = true;
     this.input = [];
-    this.sink?.close(this.failure);
+    // The consumer's and the owner's reactions to the end may throw; the end itself must not:
+    // it can come from push(), inside the tailer's dispatch of a row to every subscriber.
+    try {
+      this.sink?.close(this.failure);
+    } catch {
+      // the consumer is gone either way
+    }
     this.spaceWaiter?.();
     this.spaceWaiter = undefined;
     const w = this.waiting;
     this.waiting = undefined;
     this.rejectWaiting = undefined;
-    this.onClose(this, this.failure);
+    try {
+      this.onClose(this, this.failure);
+    } catch {
+      // as above
+    }
     w?.({ value: undefined, done: true });
   }
 
