@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { SlowConsumerError, type Subscription } from '../core/realtime/subscription.ts';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
 
@@ -15,12 +16,17 @@ before(async () => {
 });
 after(() => app.destroy());
 
-it('cuts off a subscriber that stops reading, and it can resume by cursor', async () => {
+/** A new user with a guild, subscribed to the hub directly, with the hub's bound at `maxPending` until the test resets it. */
+async function hubViewer(maxPending: number) {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
   const hub = app.deps.realtime!;
-  const userId = Buffer.from(u.id, 'base64url').toString().split(':')[1];
-  hub.configure({ maxPending: 5 });
+  hub.configure({ maxPending });
+  return { u, channelId, hub, userId: decodeAnyId(u.id).id };
+}
+
+it('cuts off a subscriber that stops reading, and it can resume by cursor', async () => {
+  const { u, channelId, hub, userId } = await hubViewer(5);
   try {
     const it = await hub.subscribe({ userId }, null);
     const first = send(app, u.token, channelId, 'first');
@@ -53,11 +59,7 @@ it('cuts off a subscriber that stops reading, and it can resume by cursor', asyn
 });
 
 it('a subscriber whose consumer throws as it is cut off costs the others nothing', async () => {
-  const u = await signUp(app);
-  const { channelId } = await guildWithChannel(app, u.token);
-  const hub = app.deps.realtime!;
-  const userId = Buffer.from(u.id, 'base64url').toString().split(':')[1];
-  hub.configure({ maxPending: 1 });
+  const { u, channelId, hub, userId } = await hubViewer(1);
   try {
     // Registered first, so the tailer hands it the row first: it is over its bound at once,
     // and its consumer's close throws.

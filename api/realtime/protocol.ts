@@ -8,8 +8,9 @@
  * the close codes graphql-ws clients expect.
  *
  * Keep-alive is one timer for all sockets, pinging a slice of them per tick (a WebSocket ping; a
- * socket that has not answered the previous ping by the next one is terminated). Frames are written without waiting for the kernel
- * (the bound on `bufferedAmount` holds a slow consumer back: it is closed and resumes by cursor).
+ * socket that has not answered the previous ping by the next one is terminated). Frames are
+ * written without waiting for the kernel (the bound on `bufferedAmount` holds a slow consumer
+ * back: it is closed and resumes by cursor).
  */
 import type { IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';

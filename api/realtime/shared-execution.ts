@@ -212,7 +212,7 @@ class Delivery implements Sink {
       work = new Work(this, this.args, row, this.hooks.mask);
       byKey.set(this.key, work);
     }
-    if (!this.queue.length && work.done && (work.owner === this || work.viewerFree)) {
+    if (!this.queue.length && work.done && this.mayUse(work)) {
       // Nothing waits ahead of it and its result is ready (the common case): written at once.
       this.write(work);
       this.sub.spaceAvailable();
@@ -220,6 +220,11 @@ class Delivery implements Sink {
     }
     this.queue.push({ row, work });
     if (this.queue.length === 1) this.flush();
+  }
+
+  /** Whether a done result serves this subscriber: its own, or one that did not depend on its viewer. */
+  private mayUse(work: Work) {
+    return work.owner === this || work.viewerFree;
   }
 
   private write(work: Work) {
@@ -238,7 +243,7 @@ class Delivery implements Sink {
         item.work.wait(this);
         return;
       }
-      if (item.work.owner !== this && !item.work.viewerFree) {
+      if (!this.mayUse(item.work)) {
         // The result depended on its viewer: this subscriber runs its own.
         item.work = new Work(this, this.args, item.row, this.hooks.mask);
         continue;

@@ -56,21 +56,16 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (this.closed) return;
     if (row.cursor !== null && comparePos(row, this.floor) <= 0) return;
     if (row.cursor === null && !this.live) return;
-    if (this.live && !this.pumping && !this.input.length) {
-      // Nothing waits ahead of it (the common case): checked at once, without the queue.
-      if (1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
-        this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
-        return;
-      }
-      this.pump(row);
-      return;
-    }
-    this.input.push(row);
-    if (this.input.length + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
+    if (this.input.length + 1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
       return;
     }
-    if (this.live && !this.pumping) this.pump();
+    // Nothing waits ahead of it (the common case): checked at once, without the queue.
+    if (this.live && !this.pumping && !this.input.length) this.pump(row);
+    else {
+      this.input.push(row);
+      if (this.live && !this.pumping) this.pump();
+    }
   }
 
   /**
