@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { pruneEvents } from '../core/realtime/log.ts';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
 let app: TestApp;
@@ -11,7 +12,7 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const raw = (id: string) => Buffer.from(id, 'base64url').toString().split(':')[1];
+const raw = (id: string) => decodeAnyId(id).id;
 async function rows<T = Record<string, unknown>>(q: ReturnType<typeof sql>): Promise<T[]> {
   return ((await app.deps.db.execute(q)) as unknown as { rows: T[] }).rows;
 }

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { sql } from 'drizzle-orm';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
 let app: TestApp;
@@ -9,7 +10,7 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const raw = (id: string) => Buffer.from(id, 'base64url').toString().split(':')[1];
+const raw = (id: string) => decodeAnyId(id).id;
 async function rows<T = Record<string, unknown>>(q: ReturnType<typeof sql>): Promise<T[]> {
   return ((await app.deps.db.execute(q)) as unknown as { rows: T[] }).rows;
 }

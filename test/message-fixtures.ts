@@ -7,10 +7,10 @@ import type { App } from '../api/app.ts';
 import { memberRoles, members, permissionOverwrites, relationships, roles } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
 import { accessCacheOf } from '../core/services/access-cache.ts';
-import { encodeId } from '../schema/builder.ts';
+import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { ok, signUp, type TestUser } from './helpers.ts';
 
-export const uuidOf = (globalId: string) => Buffer.from(globalId, 'base64url').toString().split(':')[1];
+export const uuidOf = (globalId: string) => decodeAnyId(globalId).id;
 
 export interface GuildFixture {
   owner: TestUser;

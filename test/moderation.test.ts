@@ -6,6 +6,7 @@ import { auditLog, bans, events, memberRoles, members, messages, roles } from '.
 import { idAtTime, newId } from '../core/ids.ts';
 import { permissionsFromNames } from '../core/permissions.ts';
 import { loadChannelAccess } from '../core/services/access.service.ts';
+import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
 let app: TestApp;
@@ -16,8 +17,8 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const raw = (globalId: string) => Buffer.from(globalId, 'base64url').toString().split(':')[1];
-const gid = (type: string, id: string) => Buffer.from(`${type}:${id}`).toString('base64url');
+const raw = (globalId: string) => decodeAnyId(globalId).id;
+const gid = encodeId;
 
 /** A guild owned by `owner` with #general; members and roles are seeded directly. */
 async function makeGuild(owner: TestUser) {

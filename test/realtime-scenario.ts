@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { comparePos, decodeCursor, encodeCursor } from '../core/realtime/cursor.ts';
+import { decodeAnyId } from '../schema/builder.ts';
 import { connect, subscribe } from './realtime-helpers.ts';
 
 export interface ScenarioApi {
@@ -26,7 +27,7 @@ const QUERY = `subscription($after: String) { events(after: $after) { __typename
   ... on ReactionRemoved { message { id content channel { id } reactions { emoji count } } }
 } }`;
 
-const decodeGid = (g: string) => Buffer.from(g, 'base64url').toString().split(':')[1];
+const decodeGid = (g: string) => decodeAnyId(g).id;
 
 export async function resumeUnderLoad(
   api: ScenarioApi,

@@ -13,6 +13,7 @@ import {
 } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
 import { Permission, permissionsFromNames } from '../core/permissions.ts';
+import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
 let app: TestApp;
@@ -26,8 +27,8 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const raw = (globalId: string) => Buffer.from(globalId, 'base64url').toString().split(':')[1];
-const gid = (type: string, id: string) => Buffer.from(`${type}:${id}`).toString('base64url');
+const raw = (globalId: string) => decodeAnyId(globalId).id;
+const gid = encodeId;
 
 async function makeGuild() {
   const d = await ok(
