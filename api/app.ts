@@ -166,7 +166,9 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         debug: (...a) => log.debug({ yoga: a }),
         info: (...a) => log.info({ yoga: a }),
         warn: (...a) => log.warn({ yoga: a }),
-        error: (...a) => log.error({ yoga: a }),
+        // Yoga logs every error its maskError replaced, a client's NOT_FOUND as much as a bug;
+        // createMaskError has already logged the unexpected ones (with the stack and path).
+        error: (...a) => (a[0] instanceof Error ? log.debug({ yoga: a }) : log.error({ yoga: a })),
       },
       maskedErrors: { maskError: createMaskError(log, metrics) },
       plugins: [

@@ -17,6 +17,8 @@ import { type App, buildApp } from '../api/app.ts';
 import { ARMOR_LIMITS } from '../api/armor.ts';
 import { loadConfig } from '../api/config.ts';
 import { createLogger } from '../api/logger.ts';
+import { newId } from '../core/ids.ts';
+import { encodeId } from '../schema/builder.ts';
 import { createTestApp, createTestDatabase, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
 
 let app: TestApp;
@@ -311,6 +313,28 @@ describe('logs and request ids', () => {
     assert.equal(r1.headers.get('x-request-id'), 'trace-abc-123');
     const r2 = await call('{ serverInfo { name } }');
     assert.match(r2.headers.get('x-request-id') ?? '', /^[0-9a-f-]{36}$/);
+  });
+
+  it("logs a client's mistakes below warn: they are not the server's errors", async () => {
+    const u = await signUp(a);
+    logged = [];
+    const body = async (query: string) =>
+      (await (
+        await fetch(url, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${u.token}` },
+          body: JSON.stringify({ query }),
+        })
+      ).json()) as { errors: { extensions: { code: string } }[] };
+    const missing = encodeId('Channel', newId());
+    const sent = await body(
+      `mutation { sendMessage(input: { channelId: "${missing}", content: "x" }) { id } }`,
+    );
+    assert.equal(sent.errors[0].extensions.code, 'NOT_FOUND');
+    const bad = await body('mutation { sendMessage(input: { channelId: "nope", content: "x" }) { id } }');
+    assert.equal(bad.errors[0].extensions.code, 'BAD_USER_INPUT');
+    const loud = logged.filter((l) => l.level >= 40);
+    assert.deepEqual(loud, []);
   });
 
   it('masks unexpected errors with the request id, logs them with the stack, ids on every line', async () => {
