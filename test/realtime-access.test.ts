@@ -208,3 +208,75 @@ it('a GUILD_DELETED written the old way (members in its payload, by an instance 
   assert.deepEqual(strangerReplay.events, []);
   await Promise.all([cm.client.dispose(), cs.client.dispose()]);
 });
+
+const ACCESS_Q = `subscription($after: String) { events(after: $after) { __typename cursor
+  ... on MessageCreated { message { id content channel { id } } }
+  ... on MessageUpdated { message { id content } }
+  ... on MessageDeleted { messageId channelId }
+  ... on ChannelUpdated { channel { id name } }
+  ... on PermissionsChanged { guildId pcChannel: channelId }
+} }`;
+
+async function everyoneRole(token: string, guildId: string): Promise<string> {
+  const r = await ok(
+    app,
+    `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
+    { g: guildId },
+    token,
+  );
+  return (r.guild.roles as { id: string; isEveryone: boolean }[]).find((x) => x.isEveryone)!.id;
+}
+
+async function overwrite(token: string, i: Record<string, unknown>) {
+  await ok(
+    app,
+    `mutation($i: SetChannelOverwriteInput!) { setChannelOverwrite(input: $i) { targetId } }`,
+    { i },
+    token,
+  );
+}
+
+it('an ownership transfer moves a channel hidden from @everyone from the old owner to the new one at once', async () => {
+  const [o, n] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, n.token);
+  const secret = (
+    await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "secret", type: TEXT }) { id } }`,
+      { g: guildId },
+      o.token,
+    )
+  ).createChannel.id as string;
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, {
+    channelId: secret,
+    targetType: 'ROLE',
+    targetId: everyone,
+    allow: [],
+    deny: ['VIEW_CHANNEL'],
+  });
+  const oc = connect(url, o.token);
+  const nc = connect(url, n.token);
+  const os = subscribe(oc.client, null, ACCESS_Q);
+  const ns = subscribe(nc.client, null, ACCESS_Q);
+  await settle();
+  // Each stream decides on the secret channel once: its answer is cached from here on.
+  await send(app, o.token, secret, 's0');
+  await send(app, o.token, general, 'g0');
+  await os.until((e) => contents(e).includes('g0'));
+  await ns.until((e) => contents(e).includes('g0'));
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!) { transferGuildOwnership(guildId: $g, userId: $u) { id } }`,
+    { g: guildId, u: n.id },
+    o.token,
+  );
+  await send(app, n.token, secret, 's1');
+  await send(app, n.token, general, 'g1');
+  await os.until((e) => contents(e).includes('g1'));
+  await ns.until((e) => contents(e).includes('g1'));
+  const got = { oldOwner: contents(os.events), newOwner: contents(ns.events) };
+  await Promise.all([oc.client.dispose(), nc.client.dispose()]);
+  assert.deepEqual(got, { oldOwner: ['s0', 'g0', 'g1'], newOwner: ['g0', 's1', 'g1'] });
+});

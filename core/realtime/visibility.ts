@@ -131,6 +131,17 @@ const ACCESS_CHANGING = new Set([
   'DIRECT_CHANNEL_CREATED',
 ]);
 
+/**
+ * Whether a GUILD_UPDATED changed who owns the guild: the owner has every permission, so access
+ * to channels hidden from its roles changes for the old and the new owner. Other guild changes
+ * (name, icon, description) change no access and keep the cached answers; a payload that does
+ * not say what changed is taken to be an ownership change.
+ */
+function changesOwner(e: Visible): boolean {
+  const changes = e.payload.changes;
+  return typeof changes !== 'object' || changes === null || 'ownerId' in changes;
+}
+
 /** Events about a guild as a whole, shown to its members (the channel may be gone or hidden). */
 const GUILD_LEVEL = new Set(['CHANNEL_DELETED', 'PERMISSIONS_CHANGED', 'GUILD_UPDATED', 'GUILD_DELETED']);
 
@@ -170,7 +181,8 @@ export class ViewerAccess {
 
   /** Called for every event in log order before deciding on it. */
   observe(e: Visible) {
-    if (e.guildId && ACCESS_CHANGING.has(e.type)) this.forgetGuild(e.guildId);
+    if (e.guildId && (ACCESS_CHANGING.has(e.type) || (e.type === 'GUILD_UPDATED' && changesOwner(e))))
+      this.forgetGuild(e.guildId);
     if (e.channelId && (e.type === 'DIRECT_CHANNEL_CREATED' || e.type === 'PERMISSIONS_CHANGED')) {
       this.channels?.delete(e.channelId);
     }
