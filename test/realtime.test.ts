@@ -1,12 +1,19 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
+import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
 import { encodeCursor, type Position } from '../core/realtime/cursor.ts';
-import { headPosition, loadMessages, readAfter, readAfterWithMessages } from '../core/realtime/log.ts';
+import {
+  headPosition,
+  loadMessages,
+  pruneEvents,
+  readAfter,
+  readAfterWithMessages,
+} from '../core/realtime/log.ts';
 import { loadedAuthors } from '../core/services/message-history.service.ts';
-import { decodeId } from '../schema/builder.ts';
-import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
+import { decodeAnyId, decodeId } from '../schema/builder.ts';
+import { createTestApp, ok, onPostgres, PG_ADMIN_URL, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -129,4 +136,104 @@ it("the tailer's read brings each row's message and author in one statement; del
     reread.filter((r) => r.type === 'MESSAGE_UPDATED').map((r) => r.gone),
     [true, true],
   );
+});
+
+const within = <T>(p: Promise<T>, ms: number) =>
+  Promise.race([p, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), ms))]);
+
+it('a replay the retention prune overtakes ends with CURSOR_EXPIRED instead of skipping the pruned rows', async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const userId = decodeAnyId(u.id).id;
+  const hub = app.deps.realtime!;
+  const live = await hub.subscribe({ userId }, null);
+  const mid = decodeAnyId(await send(app, u.token, channelId, 'first')).id;
+  await hub.poke();
+  const first = (await live.next()).value!;
+  await live.return!();
+  // 800 rows after the cursor (edits of that message: more than a replay page), tailed already.
+  const N = 800;
+  await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+    select 'MESSAGE_UPDATED', ${first.guildId}::uuid, ${decodeAnyId(channelId).id}::uuid,
+      jsonb_build_object('messageId', ${mid}::text, 'n', i) from generate_series(1, ${N}) i`);
+  await hub.poke();
+  const resumed = await hub.subscribe({ userId }, first.cursor as string);
+  let got = 0;
+  for (; got < 10; got++) assert.equal((await resumed.next()).done, false);
+  // A slow client: its replay waits inside the first page. The prune runs meanwhile (a `now` a
+  // month ahead stands for these rows reaching the retention age).
+  await new Promise((r) => setTimeout(r, 200));
+  assert.ok((await pruneEvents(app.deps.db, 7, new Date(Date.now() + 30 * 86_400_000))) >= N);
+  let failure: unknown;
+  try {
+    for (;;) {
+      const r = await within(resumed.next(), 1500);
+      if (r === 'timeout' || r.done) break;
+      got++;
+    }
+  } catch (err) {
+    failure = err;
+  }
+  await resumed.return!();
+  // Every row (the first page was read before the prune), or the error that sends the client to
+  // fetch afresh: never a stream that carries on without the pruned rows (it got 500 of 800).
+  assert.ok(
+    got === N || (failure as { code?: string } | undefined)?.code === 'CURSOR_EXPIRED',
+    `replayed ${got} of ${N} rows, failure ${failure}`,
+  );
+  assert.ok(got < N, 'this replay did lose rows to the prune, so it must have failed');
+});
+
+it('a cursor ahead of the log (another server, a restore into a younger cluster) is refused with CURSOR_EXPIRED', async () => {
+  const u = await signUp(app);
+  const userId = decodeAnyId(u.id).id;
+  const ahead = encodeCursor({ xid: '999999999999', seq: 1 });
+  await assert.rejects(app.deps.realtime!.subscribe({ userId }, ahead), { code: 'CURSOR_EXPIRED' });
+  const { client } = connect(url, u.token);
+  try {
+    await assert.rejects(
+      subscribe(client, ahead).until(() => false, 5000),
+      /CURSOR_EXPIRED/,
+    );
+  } finally {
+    await client.dispose();
+  }
+});
+
+it('a transaction open in another database of the server holds nothing back; one open in this database does', {
+  skip: !onPostgres,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const userId = decodeAnyId(u.id).id;
+  const hub = app.deps.realtime!;
+  const sub = await hub.subscribe({ userId }, null);
+  // Someone's session on the same server, in another database, idle in a transaction with an xid.
+  const elsewhere = new pg.Client({ connectionString: PG_ADMIN_URL });
+  const here = new pg.Client({ connectionString: app.config.databaseUrl });
+  await elsewhere.connect();
+  await here.connect();
+  try {
+    await elsewhere.query('begin');
+    await elsewhere.query('select pg_current_xact_id()');
+    await send(app, u.token, channelId, 'while another database waits');
+    const r = await within(sub.next(), 3000);
+    assert.notEqual(r, 'timeout', 'not delivered while a transaction of another database was open');
+    // One of this database may still write the log below the rows that follow it: they wait.
+    await here.query('begin');
+    await here.query('select pg_current_xact_id()');
+    await send(app, u.token, channelId, 'behind an open transaction of this database');
+    const held = sub.next();
+    assert.equal(await within(held, 700), 'timeout');
+    await here.query('commit');
+    await hub.poke();
+    const late = await within(held, 3000);
+    assert.notEqual(late, 'timeout');
+  } finally {
+    await elsewhere.query('commit').catch(() => {});
+    await here.query('commit').catch(() => {});
+    await elsewhere.end();
+    await here.end();
+    await sub.return!();
+  }
 });

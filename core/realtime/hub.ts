@@ -25,11 +25,13 @@ import {
   type Snapshot,
 } from './cursor.ts';
 import {
-  assertNotExpired,
+  assertAfterWatermark,
+  assertResumable,
   awaitsFormerMembers,
   headPosition,
   loadFormerMembers,
   loadMessages,
+  prunedThrough,
   pruneEvents,
   readAfter,
   readAfterWithMessages,
@@ -409,6 +411,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     let total = 0;
     for (;;) {
       const page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
+      // The prune may have run since the cursor was checked (a slow reader's replay pauses for
+      // it): rows of this page could be missing, and a replay with a hole in it is worse than
+      // none. Checked after the read, so a prune that committed before it is seen.
+      assertAfterWatermark(at, await prunedThrough(deps.db));
       if (!page.length) break;
       await loadMessages(deps.db, page);
       for (const r of page) {
@@ -454,7 +460,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       o: SubscribeOptions = {},
     ): Promise<AsyncIterableIterator<Delivered>> {
       const from = after ? decodeCursor(after) : undefined;
-      if (from) await assertNotExpired(deps.db, from);
+      if (from) await assertResumable(deps.db, from);
       await hub.start();
       const p = pos!;
       const sub = new Subscription(

@@ -1,7 +1,7 @@
 /**
- * Reading the event log in commit-safe order. Only rows whose transactions have all finished
- * are read (`xid < xmin` of the current snapshot): a transaction still open may hold a row with
- * a lower seq, and it will sort after every position handed out so far when it commits.
+ * Reading the event log in commit-safe order. Only rows below the horizon are read (see
+ * horizonSql): a transaction still open may hold a row with a lower seq, and it will sort after
+ * every position handed out so far when it commits.
  */
 import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
@@ -9,7 +9,7 @@ import { events, formerMembers, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
 import type { MessageRow } from '../services/message.service.ts';
 import { loadedAuthors, type UserRow } from '../services/message-history.service.ts';
-import { comparePos, ORIGIN, type Position, type Snapshot } from './cursor.ts';
+import { comparePos, compareXid, ORIGIN, type Position, type Snapshot } from './cursor.ts';
 
 export interface LogRow extends Position {
   type: string;
@@ -70,7 +70,21 @@ const COLS = sql`seq, xid::text as xid, type, guild_id, channel_id, user_id, pay
  * not), and an xid8 never passes 2^63. The events_order index is on this expression.
  */
 const XID = sql`(xid::text::bigint)`;
-const FINISHED = sql`xid < pg_snapshot_xmin(pg_current_snapshot())`;
+/**
+ * The first transaction id of snapshot `s` whose rows may still be coming: the oldest transaction
+ * in progress that may be this database's, else one past the newest finished (xmax). A
+ * transaction of another database on the same server (a psql session left open in a transaction,
+ * another application, a test suite beside this one) never writes this log, so it does not hold
+ * delivery back; one of this database, or one that cannot be placed (its backend gone by the
+ * time the activity is read, a prepared transaction, a backend this role may not see), does.
+ * pg_stat_activity is read only when something is in progress (~0.1 ms then).
+ */
+export const horizonSql = (s: string) => `coalesce(
+    (select min(x) from pg_snapshot_xip(${s}) x where x::xid not in (
+      select a.backend_xid from pg_stat_activity a where a.backend_xid is not null
+        and a.datid is distinct from (select oid from pg_database where datname = current_database()))),
+    pg_snapshot_xmax(${s}))`;
+const FINISHED = sql.raw(`xid < (select ${horizonSql('t.s')} from (select pg_current_snapshot() as s) t)`);
 
 /** The last finished row: where a tailer starting now begins. */
 export async function headPosition(db: Db): Promise<Position> {
@@ -303,15 +317,38 @@ export async function prunedThrough(db: Db): Promise<Position> {
   const [r] = rows<{ value: Position | string }>(
     await db.execute(sql`select value from instance_settings where key = ${WATERMARK_KEY}`),
   );
-  if (!r) return ORIGIN;
-  const v = typeof r.value === 'string' ? (JSON.parse(r.value) as Position) : r.value;
+  return r ? watermarkOf(r.value) : ORIGIN;
+}
+
+/** jsonb as node-postgres (parsed) or PGlite (text) hands it over. */
+function watermarkOf(value: Position | string): Position {
+  const v = typeof value === 'string' ? (JSON.parse(value) as Position) : value;
   return { xid: String(v.xid), seq: Number(v.seq) };
 }
 
-export async function assertNotExpired(db: Db, after: Position): Promise<void> {
-  if (comparePos(after, await prunedThrough(db)) < 0) {
-    throw new BanterError('CURSOR_EXPIRED');
+/**
+ * A cursor a resume may start from: not before the watermark (its rows may be pruned), and not
+ * ahead of the log (a transaction that has not even begun: a cursor of another server, or of
+ * this database before it was restored into a cluster whose transaction ids are lower, would
+ * otherwise be accepted and then deliver nothing, ever).
+ */
+export async function assertResumable(db: Db, after: Position): Promise<void> {
+  const [r] = rows<{ value: Position | string | null; xmax: string }>(
+    await db.execute(sql`select (select value from instance_settings where key = ${WATERMARK_KEY}) as value,
+      pg_snapshot_xmax(pg_current_snapshot())::text as xmax`),
+  );
+  if (compareXid(after.xid, String(r.xmax)) >= 0) {
+    throw new BanterError(
+      'CURSOR_EXPIRED',
+      'after: this cursor is ahead of the event log (was the database restored or moved?). Fetch afresh and subscribe without after.',
+    );
   }
+  assertAfterWatermark(after, r.value === null ? ORIGIN : watermarkOf(r.value));
+}
+
+/** CURSOR_EXPIRED when rows after `after` may have been pruned. */
+export function assertAfterWatermark(after: Position, watermark: Position): void {
+  if (comparePos(after, watermark) < 0) throw new BanterError('CURSOR_EXPIRED');
 }
 
 /** Deletes rows older than the retention and moves the watermark past them, in one transaction. */

@@ -189,9 +189,15 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   fail(err: unknown) {
     if (this.closed) return;
     this.failure = err;
+    // A consumer waiting in next() gets the error, not the end of the stream that finish() gives.
     const reject = this.rejectWaiting;
+    this.waiting = undefined;
+    this.rejectWaiting = undefined;
     this.finish();
-    if (reject) reject(err);
+    if (reject) {
+      this.failure = undefined;
+      reject(err);
+    }
   }
 
   private finish() {
