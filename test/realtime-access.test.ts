@@ -280,3 +280,63 @@ it('an ownership transfer moves a channel hidden from @everyone from the old own
   await Promise.all([oc.client.dispose(), nc.client.dispose()]);
   assert.deepEqual(got, { oldOwner: ['s0', 'g0', 'g1'], newOwner: ['g0', 's1', 'g1'] });
 });
+
+it('a member who may view a channel but not read its history gets its deletes and renames in a replay, not its history', async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, v.token);
+  await overwrite(o.token, {
+    channelId: general,
+    targetType: 'MEMBER',
+    targetId: v.id,
+    allow: [],
+    deny: ['READ_HISTORY'],
+  });
+  const vc = connect(url, v.token);
+  const vs = subscribe(vc.client, null, ACCESS_Q);
+  // A second device stays connected throughout: what live delivery sends for the same changes.
+  const lc = connect(url, v.token);
+  const ls = subscribe(lc.client, null, ACCESS_Q);
+  await settle();
+  const m1 = await send(app, o.token, general, 'm1');
+  const m0 = await send(app, o.token, general, 'm0');
+  await vs.until((e) => contents(e).includes('m0'));
+  const cursor = vs.events.at(-1).cursor;
+  await vc.client.dispose();
+  // While it is away: a message and an edit (history), a deletion and a rename (not history).
+  await send(app, o.token, general, 'm2');
+  await ok(
+    app,
+    `mutation($i: EditMessageInput!) { editMessage(input: $i) { id } }`,
+    { i: { id: m0, content: 'm0 edited' } },
+    o.token,
+  );
+  await ok(app, `mutation($id: ID!) { deleteMessage(id: $id) }`, { id: m1 }, o.token);
+  await ok(
+    app,
+    `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+    { i: { id: general, name: 'renamed' } },
+    o.token,
+  );
+  await ls.until((e) => e.some((x) => x.__typename === 'ChannelUpdated'));
+  const rc = connect(url, v.token);
+  const rs = subscribe(rc.client, cursor, ACCESS_Q);
+  await rs.until((e) => e.some((x) => x.__typename === 'ChannelUpdated'), 5000, 'the rename replayed');
+  await settle();
+  const live = ls.events.map((e) => e.__typename);
+  const replayed = rs.events;
+  await Promise.all([lc.client.dispose(), rc.client.dispose()]);
+  assert.deepEqual(live.slice(-5), [
+    'MessageCreated',
+    'MessageCreated',
+    'MessageUpdated',
+    'MessageDeleted',
+    'ChannelUpdated',
+  ]);
+  assert.deepEqual(
+    replayed.map((e) => e.__typename),
+    ['MessageDeleted', 'ChannelUpdated'],
+  );
+  assert.equal(replayed[0].messageId, m1);
+  assert.equal(replayed[1].channel.name, 'renamed');
+});

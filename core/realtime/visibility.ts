@@ -61,9 +61,20 @@ const CACHE_MS = 30_000;
  * together, and one event every CACHE_MS would wait for all their loads at once.
  */
 const lapseAt = () => Date.now() + CACHE_MS * (0.75 + Math.random() * 0.5);
-/** What a channel's events need: live, to view it; replayed, its history too. */
+/**
+ * What a channel's events need: live, to view it; replayed, its history too, unless the row
+ * carries none of it (WITHOUT_HISTORY).
+ */
 const LIVE = Permission.VIEW_CHANNEL;
 const REPLAY = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
+/**
+ * Rows about a channel that show none of its history: a member who may view the channel but not
+ * read its history still gets them in a replay, as it would have live. Its client holds the
+ * messages it saw live and the channel as it was; without these it would keep showing a deleted
+ * message, or an old name, that queries no longer show. Any other row (a message, an edit, a
+ * reaction, a pin, and any type added later) needs READ_HISTORY to be replayed.
+ */
+const WITHOUT_HISTORY = new Set(['MESSAGE_DELETED', 'CHANNEL_CREATED', 'CHANNEL_UPDATED']);
 
 const loading = new WeakMap<object, Map<string, Promise<unknown>>>();
 
@@ -217,7 +228,8 @@ export class ViewerAccess {
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED')
       return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
-    if (e.channelId && !GUILD_LEVEL.has(e.type)) return this.channelOk(e.channelId, replay);
+    if (e.channelId && !GUILD_LEVEL.has(e.type))
+      return this.channelOk(e.channelId, replay && !WITHOUT_HISTORY.has(e.type));
     if (e.guildId) return this.member(e.guildId);
     return false;
   }
