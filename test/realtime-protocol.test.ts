@@ -164,6 +164,94 @@ describe('graphql-transport-ws', () => {
     assert.equal(await s.closedWith(), 4409);
   });
 
+  it('an id completed and reused while its first setup is pending names the new operation only (it got the old one before)', async () => {
+    const { channelId } = await guildWithChannel(app, u.token);
+    const s = open();
+    await s.init();
+    // One batch: subscribe 1, complete 1, subscribe 1 again with another selection. Legal: the id
+    // is free once the client completed it.
+    s.ws.send(
+      JSON.stringify({
+        id: '1',
+        type: 'subscribe',
+        payload: { query: 'subscription { events { __typename } }' },
+      }),
+    );
+    s.ws.send(JSON.stringify({ id: '1', type: 'complete' }));
+    s.ws.send(
+      JSON.stringify({
+        id: '1',
+        type: 'subscribe',
+        payload: { query: 'subscription { events { __typename cursor } }' },
+      }),
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    await send(app, u.token, channelId, 'hello');
+    const created = () =>
+      s.messages.filter((m) => m.type === 'next' && m.payload?.data?.events?.__typename === 'MessageCreated');
+    await s.until(() => created().length > 0, 'MessageCreated');
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(created().length, 1);
+    assert.ok(
+      'cursor' in created()[0].payload.data.events,
+      `served by the completed operation: ${JSON.stringify(created())}`,
+    );
+    s.ws.close();
+  });
+
+  it("an id completed and reused: the first setup's error does not end the new operation (it did before)", async () => {
+    const { channelId } = await guildWithChannel(app, u.token);
+    const s = open();
+    await s.init();
+    s.ws.send(
+      JSON.stringify({
+        id: '1',
+        type: 'subscribe',
+        payload: { query: 'subscription { events(after: "garbage") { __typename } }' },
+      }),
+    );
+    s.ws.send(JSON.stringify({ id: '1', type: 'complete' }));
+    s.ws.send(
+      JSON.stringify({
+        id: '1',
+        type: 'subscribe',
+        payload: { query: 'subscription { events { __typename cursor } }' },
+      }),
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    await send(app, u.token, channelId, 'hello');
+    await s.until(
+      () =>
+        s.messages.some((m) => m.type === 'next' && m.payload?.data?.events?.__typename === 'MessageCreated'),
+      'MessageCreated',
+    );
+    assert.deepEqual(
+      s.messages.filter((m) => m.type === 'error' || m.type === 'complete'),
+      [],
+      'nothing of the completed operation reaches the client',
+    );
+    s.ws.close();
+  });
+
+  it('a query the client completed before its result gets no next frame (it got one before)', async () => {
+    const s = open();
+    await s.init();
+    s.ws.send(
+      JSON.stringify({ id: 'q', type: 'subscribe', payload: { query: '{ viewer { user { id } } }' } }),
+    );
+    s.ws.send(JSON.stringify({ id: 'q', type: 'complete' }));
+    s.ws.send(
+      JSON.stringify({ id: 'r', type: 'subscribe', payload: { query: '{ viewer { user { id } } }' } }),
+    );
+    await s.until(() => s.messages.some((m) => m.id === 'r' && m.type === 'complete'), 'r complete');
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(
+      s.messages.filter((m) => m.id === 'q'),
+      [],
+    );
+    s.ws.close();
+  });
+
   it('closes with 4401 on subscribe before connection_ack', async () => {
     const s = open();
     await s.send({ id: 'early', type: 'subscribe', payload: { query: '{ serverInfo { name } }' } });

@@ -59,13 +59,28 @@ export interface OperationSink {
   readonly socket: WebSocket;
 }
 
+/**
+ * One operation of a connection, from its subscribe until it ends (the client completes it, the
+ * server completes it, or the socket closes). Its identity is what the sink and the setup check:
+ * an id the client completed and then reused names a new Operation, which the old one's late
+ * setup, frames or error must not touch.
+ */
+export class Operation {
+  /** what stops it, once set up */
+  running: Running | undefined;
+  /** it ended: nothing more is written for it */
+  ended = false;
+}
+
 export interface Connection {
   readonly socket: WebSocket;
   readonly ip: string;
   /** set by the server's onConnect (or its first subscribe) */
   viewer?: import('../../core/deps.ts').Viewer;
-  /** operations by id; null while one is being set up */
-  readonly operations: Map<string, Running | null>;
+  /** operations by id, from their subscribe (still being set up or running) until they end */
+  readonly operations: Map<string, Operation>;
+  /** the socket's close event has run (onClose was called): nothing is to be registered for it */
+  readonly closed: boolean;
 }
 
 export interface ProtocolHandlers {
@@ -208,7 +223,8 @@ const optional = (x: unknown, type: 'string' | 'object') =>
 
 class Conn implements Connection {
   viewer?: Connection['viewer'];
-  readonly operations = new Map<string, Running | null>();
+  readonly operations = new Map<string, Operation>();
+  closed = false;
   initReceived = false;
   acknowledged = false;
   initTimer: NodeJS.Timeout | undefined;
@@ -283,45 +299,53 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
     }
   };
 
+  /** Ends `op`: out of its connection's map (if its id still names it), nothing more written. */
+  const end = (c: Conn, id: string, op: Operation) => {
+    op.ended = true;
+    if (c.operations.get(id) === op) c.operations.delete(id);
+  };
+
+  /** Writes for one operation, and only while it has not ended (the client may reuse its id). */
   class Sink implements OperationSink {
     /** `{"id":…,"type":"next","payload":` as UTF-8, made at the first shared result */
     private prefix: Buffer | undefined;
     constructor(
       private c: Conn,
       private id: string,
+      private op: Operation,
     ) {}
     get socket() {
       return this.c.socket;
     }
     nextEncoded(json: Buffer) {
+      if (this.op.ended) return;
       this.prefix ??= Buffer.from(JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2));
       send(this.c, nextFrame(this.prefix, json));
     }
     next(result: unknown) {
+      if (this.op.ended) return;
       this.nextEncoded(Buffer.from(JSON.stringify(result)));
     }
     complete() {
       // Ended by the server: tell the client, unless it ended the operation itself.
-      if (this.c.operations.has(this.id)) {
-        this.c.operations.delete(this.id);
-        send(this.c, JSON.stringify({ id: this.id, type: 'complete' }));
-      }
+      if (this.op.ended) return;
+      end(this.c, this.id, this.op);
+      send(this.c, JSON.stringify({ id: this.id, type: 'complete' }));
     }
   }
 
-  async function subscribe(c: Conn, id: string, payload: SubscribePayload) {
-    const sink = new Sink(c, id);
-    const r = await handlers.onSubscribe(c, id, payload, sink);
+  async function subscribe(c: Conn, id: string, op: Operation, payload: SubscribePayload) {
+    const r = await handlers.onSubscribe(c, id, payload, new Sink(c, id, op));
     if (!('stop' in r)) {
-      if (c.operations.get(id) === null) {
-        c.operations.delete(id);
+      if (!op.ended) {
+        end(c, id, op);
         send(c, JSON.stringify({ id, type: 'error', payload: r }));
       }
       return;
     }
     // The client completed it (or the socket closed) while it was being set up.
-    if (c.operations.get(id) !== null) r.stop();
-    else c.operations.set(id, r);
+    if (op.ended) r.stop();
+    else op.running = r;
   }
 
   async function onMessage(c: Conn, raw: string) {
@@ -373,15 +397,17 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
         if (c.operations.has(m.id)) {
           return close(c, ProtocolClose.SubscriberAlreadyExists, `Subscriber for ${m.id} already exists`);
         }
-        c.operations.set(m.id, null);
-        return subscribe(c, m.id, p as unknown as SubscribePayload);
+        const op = new Operation();
+        c.operations.set(m.id, op);
+        return subscribe(c, m.id, op, p as unknown as SubscribePayload);
       }
       case 'complete': {
         if (typeof m.id !== 'string' || !m.id)
           return close(c, ProtocolClose.BadRequest, 'Invalid message received');
         const op = c.operations.get(m.id);
-        c.operations.delete(m.id);
-        op?.stop();
+        if (!op) return;
+        end(c, m.id, op);
+        op.running?.stop();
         return;
       }
       default:
@@ -412,11 +438,15 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       );
     });
     socket.once('close', (code) => {
+      c.closed = true;
       keepAlive.delete(c);
       if (c.initTimer) clearTimeout(c.initTimer);
       const ops = [...c.operations.values()];
       c.operations.clear();
-      for (const op of ops) op?.stop();
+      for (const op of ops) {
+        op.ended = true;
+        op.running?.stop();
+      }
       handlers.onClose(c, code);
     });
   });
