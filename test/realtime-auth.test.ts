@@ -1,9 +1,11 @@
 /** Socket auth, cursor errors, revocation, typing. */
 import assert from 'node:assert/strict';
-import { after, before, it } from 'node:test';
+import { after, before, describe, it } from 'node:test';
+import pg from 'pg';
+import WebSocket from 'ws';
 import { pruneEvents } from '../core/realtime/log.ts';
-import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
+import { createTestApp, gql, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { connect, guildWithChannel, invite, metricsOf, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -141,4 +143,250 @@ it('refuses a cursor from before the retention watermark with CURSOR_EXPIRED', a
     /CURSOR_EXPIRED/,
   );
   await client.dispose();
+});
+
+describe('a socket authenticates once, and what it registers goes with it', () => {
+  // A server of its own: three sockets per user, so a leaked slot shows at once as a 4029.
+  let app2: TestApp;
+  let url2: string;
+  before(async () => {
+    app2 = await createTestApp({
+      rateLimits: false,
+      ws: {
+        socketsPerUser: 3,
+        operationsPerSocket: 10,
+        connectionsPerIpPerMinute: 1000,
+        initTimeoutMs: 5000,
+        keepAliveMs: 12_000,
+      },
+    });
+    url2 = `ws://127.0.0.1:${await app2.start(0)}/graphql`;
+  });
+  after(() => app2.destroy());
+
+  /** A raw socket recording its messages and its close. */
+  function raw() {
+    const ws = new WebSocket(url2, 'graphql-transport-ws');
+    const messages: any[] = [];
+    let closed: number | undefined;
+    ws.on('message', (d) => messages.push(JSON.parse(String(d))));
+    ws.on('close', (code) => {
+      closed = code;
+    });
+    ws.on('error', () => {});
+    const opened = new Promise<void>((r) => ws.once('open', () => r()));
+    const until = async (pred: () => boolean, what: string) => {
+      const deadline = Date.now() + 5000;
+      while (!pred()) {
+        if (Date.now() > deadline)
+          throw new Error(`timed out waiting for ${what}: ${JSON.stringify(messages)}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    };
+    return {
+      ws,
+      messages,
+      closed: () => closed,
+      until,
+      send: async (m: unknown) => {
+        await opened;
+        await new Promise<void>((r) => ws.send(JSON.stringify(m), () => r()));
+      },
+    };
+  }
+
+  /** A new access token of `u`: a session of its own, so its first use reads the database. */
+  async function newToken(u: TestUser) {
+    const r = await ok(
+      app2,
+      `mutation($i: LoginInput!) { login(input: $i) { accessToken } }`,
+      { i: { login: u.username, password: 'correct horse battery' } },
+      undefined,
+      `login-${u.username}-${Math.random()}`,
+    );
+    return r.login.accessToken as string;
+  }
+
+  /** Holds every read of the sessions table until the returned function is called. */
+  async function stallSessions(): Promise<() => Promise<void>> {
+    if (onPostgres) {
+      const locker = new pg.Client({ connectionString: app2.config.databaseUrl });
+      await locker.connect();
+      await locker.query('begin');
+      await locker.query('lock table sessions in access exclusive mode');
+      return async () => {
+        await locker.query('commit');
+        await locker.end();
+      };
+    }
+    // PGlite has one connection: a transaction held open holds every other query.
+    let release!: () => void;
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    let started!: () => void;
+    const inside = new Promise<void>((r) => {
+      started = r;
+    });
+    const tx = app2.deps.db.transaction(async () => {
+      started();
+      await held;
+    });
+    await inside;
+    return async () => {
+      release();
+      await tx;
+    };
+  }
+
+  async function openSockets() {
+    const deadline = Date.now() + 5000;
+    for (;;) {
+      const n = (await metricsOf(url2))('banter_ws_open_sockets');
+      if (n === 0 || Date.now() > deadline) return n;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  /** Records the presence connection ids handed out and released, for `userId`. */
+  function watchPresence(hold?: Promise<void>) {
+    const presence = app2.deps.realtime!.presence;
+    const { connected, disconnected } = presence;
+    const given: string[] = [];
+    const released: string[] = [];
+    presence.connected = async (userId) => {
+      await hold;
+      const id = await connected(userId);
+      given.push(id);
+      return id;
+    };
+    presence.disconnected = (userId, id) => {
+      released.push(id);
+      disconnected(userId, id);
+    };
+    return {
+      given,
+      released,
+      restore() {
+        presence.connected = connected;
+        presence.disconnected = disconnected;
+      },
+    };
+  }
+
+  it('a socket closed while its connection_init authenticates holds no slot of socketsPerUser (4029 forever before)', async () => {
+    const u = await signUp(app2);
+    const tokens = [await newToken(u), await newToken(u), await newToken(u)];
+    const release = await stallSessions();
+    try {
+      for (const token of tokens) {
+        const s = raw();
+        await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } });
+        await new Promise((r) => setTimeout(r, 50));
+        s.ws.terminate();
+      }
+      assert.equal(await openSockets(), 0);
+    } finally {
+      await release();
+    }
+    await new Promise((r) => setTimeout(r, 300));
+    // No socket of this user is open: a new one is accepted.
+    const s = raw();
+    await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    await s.until(
+      () => s.closed() !== undefined || s.messages.some((m) => m.type === 'connection_ack'),
+      'ack',
+    );
+    assert.equal(s.closed(), undefined, 'refused although the user has no socket open');
+    s.ws.close();
+  });
+
+  it('a socket closed while its presence is registered releases its presence connection (ONLINE forever before)', async () => {
+    const u = await signUp(app2);
+    let open!: () => void;
+    const watch = watchPresence(
+      new Promise<void>((r) => {
+        open = r;
+      }),
+    );
+    try {
+      const s = raw();
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await new Promise((r) => setTimeout(r, 200));
+      s.ws.terminate();
+      assert.equal(await openSockets(), 0);
+      open();
+      for (let i = 0; i < 50 && !watch.given.length; i++) await new Promise((r) => setTimeout(r, 20));
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(watch.given.length, 1);
+      assert.deepEqual(watch.released, watch.given, 'the connection id was never released');
+    } finally {
+      watch.restore();
+    }
+  });
+
+  it("an anonymous socket's two first subscribes with the same token authenticate it once (a second presence connection, never released, before)", async () => {
+    const u = await signUp(app2);
+    const watch = watchPresence();
+    try {
+      const s = raw();
+      await s.send({ type: 'connection_init', payload: {} });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+      const headers = { authorization: `Bearer ${u.token}` };
+      const query = 'subscription { events { __typename } }';
+      // GraphiQL's way: the token in each subscribe's extensions.headers, both sent at once.
+      s.ws.send(JSON.stringify({ id: 'a', type: 'subscribe', payload: { query, extensions: { headers } } }));
+      s.ws.send(JSON.stringify({ id: 'b', type: 'subscribe', payload: { query, extensions: { headers } } }));
+      await new Promise((r) => setTimeout(r, 500));
+      assert.deepEqual(
+        s.messages.filter((m) => m.type === 'error'),
+        [],
+        'both subscribes run',
+      );
+      assert.equal(watch.given.length, 1, 'one presence connection for one socket');
+      s.ws.close();
+      assert.equal(await openSockets(), 0);
+      assert.deepEqual(watch.released, watch.given);
+    } finally {
+      watch.restore();
+    }
+  });
+
+  it('a subscribe carrying another token than the one its socket authenticated with is refused (the socket sat in both users before)', async () => {
+    const [u, v] = [await signUp(app2), await signUp(app2)];
+    const watch = watchPresence();
+    try {
+      const s = raw();
+      await s.send({ type: 'connection_init', payload: {} });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+      const query = 'subscription { events { __typename } }';
+      const sub = (id: string, token: string) =>
+        s.ws.send(
+          JSON.stringify({
+            id,
+            type: 'subscribe',
+            payload: { query, extensions: { headers: { authorization: `Bearer ${token}` } } },
+          }),
+        );
+      sub('a', u.token);
+      sub('b', v.token); // while u's token is being checked
+      await s.until(() => s.messages.some((m) => m.type === 'error'), 'an error');
+      sub('c', v.token); // once the socket is u's
+      await s.until(() => s.messages.filter((m) => m.type === 'error').length === 2, 'two errors');
+      const errors = s.messages.filter((m) => m.type === 'error');
+      assert.deepEqual(
+        errors.map((m) => [m.id, m.payload[0].extensions.code]),
+        [
+          ['b', 'BAD_USER_INPUT'],
+          ['c', 'BAD_USER_INPUT'],
+        ],
+      );
+      assert.match(errors[0].payload[0].message, /another token/);
+      assert.equal(watch.given.length, 1, "only u's presence");
+      assert.equal(s.closed(), undefined);
+      s.ws.close();
+    } finally {
+      watch.restore();
+    }
+  });
 });

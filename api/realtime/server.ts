@@ -49,6 +49,9 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
   connectionInitWaitMs: 10_000,
 };
 
+/** A socket's authentication: true, or the close code and reason (and error code for a subscribe). */
+type BindOutcome = true | { code: number; reason: string; error?: string };
+
 export interface RealtimeServerOptions {
   server: Server;
   deps: Deps;
@@ -94,37 +97,70 @@ export function attachRealtime(o: RealtimeServerOptions) {
       socket.close(code, reason);
   }
 
-  /** Authenticates a socket's viewer from an `authorization` value; true, or why not. */
-  async function bindViewer(
-    conn: Connection,
-    raw: unknown,
-  ): Promise<true | { code: number; reason: string }> {
+  /**
+   * Each socket's authentication, once started (at connection_init, or by the first subscribe of
+   * an anonymous socket): the token and its outcome. A socket has one viewer: a second subscribe
+   * racing the first one's authentication waits for it instead of authenticating again.
+   */
+  const bindings = new WeakMap<Connection, { token: string | undefined; outcome: Promise<BindOutcome> }>();
+
+  /**
+   * Authenticates a socket's viewer from an `authorization` value; true, or why not. The same token
+   * again shares the first outcome; another token than the one the socket authenticated with is
+   * refused (a socket is one session: open another socket to use another token).
+   */
+  function bindViewer(conn: Connection, raw: unknown): Promise<BindOutcome> {
     const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
+    const token = m?.[1];
+    const current = bindings.get(conn);
+    if (current) {
+      if (current.token === token) return current.outcome;
+      return Promise.resolve({
+        code: CloseCode.Forbidden,
+        reason: 'This socket is authenticated with another token: open a new socket to use this one.',
+        error: 'BAD_USER_INPUT',
+      });
+    }
+    const outcome = bind(conn, token);
+    const entry = { token, outcome };
+    bindings.set(conn, entry);
+    // A failed authentication may be tried again (an anonymous socket's next subscribe).
+    void outcome.then((r) => {
+      if (r !== true && bindings.get(conn) === entry) bindings.delete(conn);
+    });
+    return outcome;
+  }
+
+  async function bind(conn: Connection, token: string | undefined): Promise<BindOutcome> {
     let viewer: Viewer;
     let exp: number | undefined;
     try {
-      if (!m) throw new BanterError('UNAUTHENTICATED');
-      viewer = await authenticate(o.deps, m[1]);
-      exp = decodeJwt(m[1]).exp;
+      if (!token) throw new BanterError('UNAUTHENTICATED');
+      viewer = await authenticate(o.deps, token);
+      exp = decodeJwt(token).exp;
     } catch (err) {
       const revoked = err instanceof BanterError && /revoked/.test(err.message);
       return revoked
         ? { code: CloseCode.Forbidden, reason: 'Forbidden' }
         : { code: CloseCode.Unauthorized, reason: 'Unauthorized' };
     }
-    let mine = byUser.get(viewer.userId);
-    if (!mine) {
-      mine = new Set();
-      byUser.set(viewer.userId, mine);
-    }
+    // The socket closed while its token was checked (a client that lost its network, the 4408
+    // timeout): its close handler has run already, so nothing may be registered for it now.
+    if (conn.closed) return { code: CloseCode.GoingAway, reason: 'Socket closed' };
+    const mine = byUser.get(viewer.userId) ?? new Set<WebSocket>();
     if (mine.size >= limits.socketsPerUser) {
       return { code: CloseCode.TooManyConnections, reason: 'Too many sockets for this user' };
     }
     mine.add(conn.socket);
+    byUser.set(viewer.userId, mine);
     viewerOf.set(conn.socket, viewer);
     expireAt(conn.socket, exp);
-    presenceConn.set(conn.socket, await o.hub.presence.connected(viewer.userId).catch(() => ''));
     conn.viewer = viewer;
+    const id = await o.hub.presence.connected(viewer.userId).catch(() => '');
+    // Closed meanwhile: forget() has run without this connection id, so it is released here.
+    if (conn.closed) {
+      if (id) o.hub.presence.disconnected(viewer.userId, id);
+    } else presenceConn.set(conn.socket, id);
     return true;
   }
 
@@ -152,14 +188,19 @@ export function attachRealtime(o: RealtimeServerOptions) {
       return false;
     },
     async onSubscribe(conn, _id, payload, out) {
+      const ext = payload.extensions as { headers?: Record<string, unknown> } | undefined;
+      const raw = ext?.headers?.authorization ?? ext?.headers?.Authorization;
+      // A token in the subscribe (GraphiQL's headers): it authenticates an anonymous socket, and
+      // must be the one an authenticated socket used. Without one, a subscribe waits for an
+      // authentication already under way.
+      const outcome = raw !== undefined ? await bindViewer(conn, raw) : await bindings.get(conn)?.outcome;
+      if (outcome !== undefined && outcome !== true) {
+        return [
+          new GraphQLError(outcome.reason, { extensions: { code: outcome.error ?? 'UNAUTHENTICATED' } }),
+        ];
+      }
       if (!conn.viewer) {
-        const ext = payload.extensions as { headers?: Record<string, unknown> } | undefined;
-        const raw = ext?.headers?.authorization ?? ext?.headers?.Authorization;
-        const outcome = raw === undefined ? undefined : await bindViewer(conn, raw);
-        if (outcome !== true)
-          return [
-            new GraphQLError(outcome?.reason ?? 'Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } }),
-          ];
+        return [new GraphQLError('Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } })];
       }
       if (conn.operations.size > limits.subscriptionsPerSocket) {
         return [
