@@ -5,6 +5,7 @@ import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
 import { encodeCursor, type Position } from '../core/realtime/cursor.ts';
 import {
+  discardRowsFromAnotherCluster,
   headPosition,
   loadMessages,
   pruneEvents,
@@ -235,5 +236,38 @@ it('a transaction open in another database of the server holds nothing back; one
     await elsewhere.end();
     await here.end();
     await sub.return!();
+  }
+});
+
+it('rows from another cluster (a dump restored into a server with lower transaction ids) are discarded at start, and cursors from before them refused', async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const userId = decodeAnyId(u.id).id;
+  const hub = app.deps.realtime!;
+  const live = await hub.subscribe({ userId }, null);
+  await send(app, u.token, channelId, 'before the move');
+  await hub.poke();
+  const before = (await live.next()).value!.cursor as string;
+  // What a restore leaves: rows whose xids this cluster has not reached (written here by hand).
+  await app.deps.db.execute(sql`insert into events (xid, type, guild_id, payload)
+    select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
+    from events where guild_id is not null limit 1`);
+  try {
+    assert.equal(await discardRowsFromAnotherCluster(app.deps.db), 1);
+    assert.equal(await discardRowsFromAnotherCluster(app.deps.db), 0);
+    await assert.rejects(hub.subscribe({ userId }, before), { code: 'CURSOR_EXPIRED' });
+    // The log goes on: a new message arrives live, and its cursor resumes.
+    await send(app, u.token, channelId, 'after the move');
+    await hub.poke();
+    const next = (await live.next()).value!;
+    assert.equal(next.type, 'MESSAGE_CREATED');
+    const resumed = await hub.subscribe({ userId }, next.cursor as string);
+    await send(app, u.token, channelId, 'and then');
+    await hub.poke();
+    assert.equal((await resumed.next()).value!.type, 'MESSAGE_CREATED');
+    await resumed.return!();
+  } finally {
+    await live.return!();
+    await app.deps.db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
   }
 });

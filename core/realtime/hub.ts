@@ -28,6 +28,7 @@ import {
   assertAfterWatermark,
   assertResumable,
   awaitsFormerMembers,
+  discardRowsFromAnotherCluster,
   headPosition,
   loadFormerMembers,
   loadMessages,
@@ -433,6 +434,13 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     /** Loads the starting position and begins tailing. Idempotent. */
     start(): Promise<void> {
       ready ??= (async () => {
+        const foreign = await discardRowsFromAnotherCluster(deps.db);
+        if (foreign) {
+          deps.log.warn(
+            { rows: foreign },
+            'event log rows from another cluster (a restore?) deleted; cursors from before are refused',
+          );
+        }
         pos = await headPosition(deps.db);
         unsubs.push(deps.bus.onAnnounce(onRing));
         if (database) unsubs.push(followCommits(database, follow));

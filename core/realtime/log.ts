@@ -333,17 +333,48 @@ function watermarkOf(value: Position | string): Position {
  * otherwise be accepted and then deliver nothing, ever).
  */
 export async function assertResumable(db: Db, after: Position): Promise<void> {
-  const [r] = rows<{ value: Position | string | null; xmax: string }>(
+  const [r] = rows<{ value: Position | string | null; restored: Position | string | null; xmax: string }>(
     await db.execute(sql`select (select value from instance_settings where key = ${WATERMARK_KEY}) as value,
+      (select value from instance_settings where key = ${RESTORED_KEY}) as restored,
       pg_snapshot_xmax(pg_current_snapshot())::text as xmax`),
   );
-  if (compareXid(after.xid, String(r.xmax)) >= 0) {
+  const restored = r.restored === null ? undefined : watermarkOf(r.restored);
+  if (compareXid(after.xid, String(r.xmax)) >= 0 || (restored && after.seq <= restored.seq)) {
     throw new BanterError(
       'CURSOR_EXPIRED',
-      'after: this cursor is ahead of the event log (was the database restored or moved?). Fetch afresh and subscribe without after.',
+      'after: this cursor is not from this event log as it is now (was the database restored or moved?). Fetch afresh and subscribe without after.',
     );
   }
   assertAfterWatermark(after, r.value === null ? ORIGIN : watermarkOf(r.value));
+}
+
+const RESTORED_KEY = 'events.restored_at';
+
+/**
+ * Rows whose transaction ids this cluster has not reached yet: the database was restored into a
+ * cluster whose counter is lower (a dump loaded into a new server). New rows would sort before
+ * them, and once the counter passed them they would be read, and delivered, a second time. They
+ * are deleted, and every cursor handed out before (seq up to the log's last; the sequence goes on
+ * from there after a restore) is refused with CURSOR_EXPIRED: the xids it holds mean nothing here.
+ * Run before a hub takes its starting position. Returns how many rows were deleted.
+ */
+export async function discardRowsFromAnotherCluster(db: Db): Promise<number> {
+  return db.transaction(async (tx) => {
+    await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
+    const [top] = rows<{ top: string | null; seq: string | null; xmax: string }>(
+      await tx.execute(sql`select max(${XID})::text as top, max(seq)::text as seq,
+        pg_snapshot_xmax(pg_current_snapshot())::text as xmax from events`),
+    );
+    if (top.top === null || compareXid(String(top.top), String(top.xmax)) < 0) return 0;
+    const [gone] = rows<{ n: string }>(
+      await tx.execute(sql`with d as (delete from events where ${XID} >= ${top.xmax}::bigint returning 1)
+        select count(*)::text as n from d`),
+    );
+    const mark: Position = { xid: String(top.xmax), seq: Number(top.seq) };
+    await tx.execute(sql`insert into instance_settings (key, value) values (${RESTORED_KEY}, ${JSON.stringify(mark)}::jsonb)
+      on conflict (key) do update set value = excluded.value`);
+    return Number(gone.n);
+  });
 }
 
 /** CURSOR_EXPIRED when rows after `after` may have been pruned. */
