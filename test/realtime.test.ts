@@ -15,7 +15,7 @@ import {
 import { loadedAuthors } from '../core/services/message-history.service.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, PG_ADMIN_URL, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -269,5 +269,36 @@ it('rows from another cluster (a dump restored into a server with lower transact
   } finally {
     await live.return!();
     await app.deps.db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
+  }
+});
+
+it('typing goes out after a read of the log, so a kick committed before it (not yet read here) stops it', async () => {
+  const [owner, kicked, typer] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, kicked.token);
+  await invite(app, owner.token, guildId, typer.token);
+  const c = connect(url, kicked.token);
+  const s = subscribe(c.client);
+  try {
+    await new Promise((r) => setTimeout(r, 300));
+    // The kicked user's stream has the channel's access cached.
+    await send(app, owner.token, channelId, 'warm');
+    await s.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
+    // A kick this process has not read yet (another instance's, whose ring was lost): committed
+    // without a ring or a write this hub follows, so only a read of the log brings it.
+    const [g, k] = [decodeAnyId(guildId).id, decodeAnyId(kicked.id).id];
+    await app.deps.db.execute(sql`with d as (delete from members where guild_id = ${g}::uuid and user_id = ${k}::uuid)
+      insert into events (type, guild_id, payload) values ('MEMBER_KICKED', ${g}::uuid, jsonb_build_object('userId', ${k}::text))`);
+    const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
+    assert.equal((await ok(app, m, { c: channelId }, typer.token)).startTyping, true);
+    await s.until((e) => e.some((x) => x.__typename === 'MemberKicked'), 5000);
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(
+      s.events.map((x) => x.__typename).filter((t) => t !== 'PresenceChanged'),
+      ['MessageCreated', 'MemberKicked'],
+    );
+  } finally {
+    s.stop();
+    await c.client.dispose();
   }
 });

@@ -123,6 +123,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let ready: Promise<void> | undefined;
   let busy = false;
   let again = false;
+  let tailing: Promise<void> = Promise.resolve();
   let stopped = false;
   let poll: NodeJS.Timeout | undefined;
   let prune: NodeJS.Timeout | undefined;
@@ -178,13 +179,22 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
   }
 
-  async function tail(via: 'ring' | 'poll' = 'ring') {
-    if (stopped) return;
+  /**
+   * Reads the log until it has caught up. The promise settles (never rejects) once a read that
+   * began after this call has been dispatched: a call while one is under way asks it for another.
+   */
+  function tail(via: 'ring' | 'poll' = 'ring'): Promise<void> {
+    if (stopped) return Promise.resolve();
     if (busy) {
       again = true;
-      return;
+      return tailing;
     }
     busy = true;
+    tailing = tailUntilCaughtUp(via);
+    return tailing;
+  }
+
+  async function tailUntilCaughtUp(via: 'ring' | 'poll') {
     try {
       do {
         again = false;
@@ -296,7 +306,14 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         userId: null,
         payload: { userId: t.userId, at: t.at },
       };
-      for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
+      // Typing comes over the bus at once, and a kick or an overwrite committed before it may not
+      // have been read here yet (another instance's, its ring lost or still on its way): it goes
+      // out after a read of the log that began after it came, so every subscriber observes such
+      // a change first. The reads of a burst of typing share one.
+      void tail().then(() => {
+        if (stopped) return;
+        for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
+      });
     } else if (topic === 'presence') {
       const p = payload as SignalTopics['presence'];
       if (!presenceBatch) {
