@@ -307,3 +307,64 @@ it('a connection lost inside a transaction fails that request, not the process',
   }
   assert.equal((await edit('second')).editMessage.content, 'second');
 });
+
+it('an event whose execution fails is not sent: the socket closes with 1013, and a resume from the last cursor gets it, once', {
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const { c, s } = await liveStream(u.token);
+  const m1 = await send(app, u.token, channelId, 'one');
+  await s.until((e) => contents(e).includes('one'));
+  const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
+  // The log at error level: once for the execution, with the event's cursor.
+  const logged: Record<string, unknown>[] = [];
+  const error = app.log.error;
+  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
+    if (msg?.startsWith('event execution failed')) logged.push(obj);
+  }) as typeof app.log.error;
+  // A transient failure while the ReactionAdded executes (here its table is briefly away; in
+  // production a pool timeout, a dropped connection, a statement timeout).
+  await app.deps.db.execute(sql`alter table reactions rename to reactions_away`);
+  try {
+    await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+      select 'REACTION_ADDED', guild_id, channel_id,
+        jsonb_build_object('messageId', id::text, 'emoji', 'x', 'userId', author_id::text)
+      from messages where id = ${raw(m1)}::uuid`);
+    await app.deps.realtime!.poke();
+    const deadline = Date.now() + 5000;
+    while (!c.closed() && !s.events.some((e) => e.__typename === 'ReactionAdded') && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 50));
+  } finally {
+    await app.deps.db.execute(sql`alter table reactions_away rename to reactions`);
+    app.log.error = error;
+  }
+  assert.equal(
+    c.closed()?.code,
+    1013,
+    `the socket was not closed to resume: errors ${JSON.stringify(s.errors)}`,
+  );
+  assert.deepEqual(contents(s.events), ['one'], 'nothing was sent for the failed event');
+  assert.ok(
+    s.errors.every((e) => !e.extensions),
+    `no error result was sent for it: ${JSON.stringify(s.errors)}`,
+  );
+  await c.client.dispose();
+
+  // The client resumes from the last cursor it got, which precedes the failed event.
+  const c2 = connect(url, u.token);
+  const s2 = subscribe(c2.client, last);
+  await s2.until((e) => e.some((x) => x.__typename === 'ReactionAdded'), 10_000, 'the failed event');
+  await send(app, u.token, channelId, 'two');
+  await s2.until((e) => contents(e).includes('two'));
+  const reactions = s2.events.filter((e) => e.__typename === 'ReactionAdded');
+  assert.equal(reactions.length, 1, 'the failed event comes back exactly once');
+  assert.equal(reactions[0].emoji, 'x');
+  assert.deepEqual(contents(s2.events), ['two']);
+  assert.deepEqual(
+    logged.map((l) => l.cursor),
+    [reactions[0].cursor],
+    'logged once, with its cursor',
+  );
+  await c2.client.dispose();
+});

@@ -20,7 +20,7 @@ import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
 import { createRealtimeMetrics } from './metrics.ts';
 import { type Connection, type ProtocolHandlers, serveProtocol } from './protocol.ts';
-import { type DeliveryHooks, maskResult, startSubscription } from './shared-execution.ts';
+import { type DeliveryHooks, EventFailedError, maskResult, startSubscription } from './shared-execution.ts';
 
 export interface RealtimeLimits {
   /** Open sockets per user. Default 20. */
@@ -168,10 +168,17 @@ export function attachRealtime(o: RealtimeServerOptions) {
     mask: o.mask,
     counts: delivered,
     onSourceError(err, out) {
-      // A subscriber too far behind: the whole socket goes, its client resumes by cursor.
-      if (err instanceof SlowConsumerError) {
+      // A subscriber too far behind, or one whose event failed to execute: the whole socket goes
+      // (nothing later may reach the client ahead of that event), its client resumes by cursor.
+      if (err instanceof SlowConsumerError || err instanceof EventFailedError) {
         close(out.socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
       }
+    },
+    onEventFailed(row, errors) {
+      o.log.error(
+        { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message) },
+        'event execution failed: its subscribers are closed with 1013 to resume from before it',
+      );
     },
   };
 

@@ -31,8 +31,26 @@ export interface DeliveryHooks {
   mask: Mask;
   /** events sent so far, by whether the execution was shared (read by the metrics scrape) */
   counts: { shared: number; own: number };
-  /** the source failed (e.g. slow consumer): the caller decides what to do with the socket */
+  /**
+   * the source failed (slow consumer, or an event that failed to execute: EventFailedError): the
+   * caller decides what to do with the socket
+   */
   onSourceError(err: unknown, sink: OperationSink): void;
+  /** an event's execution failed (called once per execution, whoever shares it) */
+  onEventFailed(row: Delivered, errors: readonly GraphQLError[]): void;
+}
+
+/**
+ * An event's execution failed for a reason of the server's (a pool timeout, a dropped connection,
+ * a statement timeout): its result is not sent, since with `data` null (its fields are non-null)
+ * it carries no cursor and the client's next cursor would be past an event it never got. The
+ * subscriber is cut off as a slow consumer is (1013), and resumes from its last cursor, which
+ * precedes the failed event.
+ */
+export class EventFailedError extends Error {
+  constructor(readonly cursor: string | null) {
+    super('An event could not be delivered: resume from your last cursor.');
+  }
 }
 
 interface DocInfo {
@@ -96,6 +114,17 @@ function isGone(r: ExecutionResult): boolean {
   return empty && !!r.errors?.length && r.errors.every((e) => e.extensions?.code === 'NOT_FOUND');
 }
 
+/**
+ * A masked result with an unexpected error (the server's, not an outcome of the request such as
+ * NOT_FOUND or FORBIDDEN, which executing again would only repeat): the event must not be sent.
+ */
+function failedOf(r: ExecutionResult): boolean {
+  return !!r.errors?.some((e) => {
+    const code = e.extensions?.code;
+    return code === undefined || code === 'INTERNAL_SERVER_ERROR';
+  });
+}
+
 export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
   if (!result.errors?.length) return result;
   return {
@@ -133,6 +162,8 @@ const PUSH_WINDOW = 256;
 class Work {
   done = false;
   gone = false;
+  /** the execution failed (failedOf): its subscribers are cut off to resume */
+  failed = false;
   /** the masked result as UTF-8 JSON, encoded once for all its subscribers */
   bytes = EMPTY;
   viewerFree = false;
@@ -141,14 +172,17 @@ class Work {
   constructor(
     readonly owner: Delivery,
     args: ExecutionArgs,
-    row: Delivered,
-    mask: Mask,
+    readonly row: Delivered,
+    hooks: DeliveryHooks,
   ) {
+    const mask = hooks.mask;
     const t = tracking(args.contextValue as Context);
     const settle = (r: ExecutionResult) => {
       const masked = maskResult(r, mask);
       this.gone = isGone(masked);
-      if (!this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
+      this.failed = !this.gone && failedOf(masked);
+      if (this.failed) hooks.onEventFailed(row, masked.errors ?? []);
+      else if (!this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
       this.viewerFree = !t.touched();
       this.done = true;
       const waiters = this.waiters;
@@ -195,7 +229,9 @@ class Delivery implements Sink {
     this.queue = [];
     if (failure) {
       this.hooks.onSourceError(failure, this.out);
-      this.out.next(sourceErrorResult(failure, this.hooks.mask));
+      // A failed event is logged once for all its subscribers (masking it here would log it once
+      // per subscriber), and its socket is closing: no error frame.
+      if (!(failure instanceof EventFailedError)) this.out.next(sourceErrorResult(failure, this.hooks.mask));
     }
     this.out.complete();
   }
@@ -209,7 +245,7 @@ class Delivery implements Sink {
     }
     let work = byKey.get(this.key);
     if (!work) {
-      work = new Work(this, this.args, row, this.hooks.mask);
+      work = new Work(this, this.args, row, this.hooks);
       byKey.set(this.key, work);
     }
     if (!this.queue.length && work.done && this.mayUse(work)) {
@@ -229,6 +265,12 @@ class Delivery implements Sink {
 
   private write(work: Work) {
     if (work.gone) return;
+    if (work.failed) {
+      // Not sent: the subscription fails as a slow consumer's does (the socket is closed with
+      // 1013 and nothing more goes out on it), and the client resumes from before this event.
+      this.sub.fail(new EventFailedError(work.row.cursor));
+      return;
+    }
     this.out.nextEncoded(work.bytes);
     if (work.owner === this) this.hooks.counts.own++;
     else this.hooks.counts.shared++;
@@ -245,7 +287,7 @@ class Delivery implements Sink {
       }
       if (!this.mayUse(item.work)) {
         // The result depended on its viewer: this subscriber runs its own.
-        item.work = new Work(this, this.args, item.row, this.hooks.mask);
+        item.work = new Work(this, this.args, item.row, this.hooks);
         continue;
       }
       q.shift();
@@ -291,7 +333,16 @@ export async function startSubscription(
         const step = await it.next();
         if (step.done || stopped) break;
         const r = maskResult(await execute({ ...args, rootValue: step.value }), hooks.mask);
-        if (!stopped && !isGone(r)) out.next(r);
+        if (stopped || isGone(r)) continue;
+        if (failedOf(r)) {
+          const cursor = (step.value as { cursor?: string | null } | null)?.cursor ?? null;
+          hooks.onEventFailed(step.value as Delivered, r.errors ?? []);
+          stopped = true;
+          void it.return?.();
+          hooks.onSourceError(new EventFailedError(cursor), out);
+          break;
+        }
+        out.next(r);
       }
     } catch (err) {
       if (!stopped) out.next(sourceErrorResult(err, hooks.mask));

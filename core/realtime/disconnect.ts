@@ -11,7 +11,10 @@ export const CloseCode = {
   Forbidden: 4403,
   /** too many sockets for this user, or connections from this address */
   TooManyConnections: 4029,
-  /** the socket's outgoing buffer passed its bound: resume from the last cursor */
+  /**
+   * try again: the socket's outgoing buffer passed its bound, or an event failed to execute on
+   * the server (it was not sent): resume from the last cursor
+   */
   SlowConsumer: 1013,
   GoingAway: 1001,
 } as const;
