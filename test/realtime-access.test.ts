@@ -340,3 +340,63 @@ it('a member who may view a channel but not read its history gets its deletes an
   assert.equal(replayed[0].messageId, m1);
   assert.equal(replayed[1].channel.name, 'renamed');
 });
+
+it('a channel overwrite change is told to who may see the channel or is its target, not to other members', async () => {
+  const [o, a, b] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  for (const u of [a, b]) await invite(app, o.token, guildId, u.token);
+  const secret = (
+    await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "secret", type: TEXT }) { id } }`,
+      { g: guildId },
+      o.token,
+    )
+  ).createChannel.id as string;
+  const ac = connect(url, a.token);
+  const bc = connect(url, b.token);
+  const as = subscribe(ac.client, null, ACCESS_Q);
+  const bs = subscribe(bc.client, null, ACCESS_Q);
+  await settle();
+  // For @everyone: every member may have lost sight of it, and is told.
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, {
+    channelId: secret,
+    targetType: 'ROLE',
+    targetId: everyone,
+    allow: [],
+    deny: ['VIEW_CHANNEL'],
+  });
+  const told = (e: any[]) => e.filter((x) => x.__typename === 'PermissionsChanged').length;
+  await as.until((e) => told(e) === 1);
+  await bs.until((e) => told(e) === 1);
+  const cursor = bs.events.at(-1).cursor;
+  // For `a` alone: `a` is told (it gains, then loses sight of it); `b` never saw it and still does not.
+  await overwrite(o.token, {
+    channelId: secret,
+    targetType: 'MEMBER',
+    targetId: a.id,
+    allow: ['VIEW_CHANNEL'],
+    deny: [],
+  });
+  await overwrite(o.token, {
+    channelId: secret,
+    targetType: 'MEMBER',
+    targetId: a.id,
+    allow: [],
+    deny: ['VIEW_CHANNEL'],
+  });
+  await send(app, o.token, general, 'end');
+  await as.until((e) => contents(e).includes('end'));
+  await bs.until((e) => contents(e).includes('end'));
+  const replay = subscribe(bc.client, cursor, ACCESS_Q);
+  await replay.until((e) => contents(e).includes('end'));
+  const types = (s: { events: any[] }) => s.events.map((x) => x.__typename);
+  const got = { a: types(as), b: types(bs), bReplay: types(replay) };
+  await Promise.all([ac.client.dispose(), bc.client.dispose()]);
+  assert.deepEqual(got, {
+    a: ['PermissionsChanged', 'PermissionsChanged', 'PermissionsChanged', 'MessageCreated'],
+    b: ['PermissionsChanged', 'MessageCreated'],
+    bReplay: ['MessageCreated'],
+  });
+});

@@ -228,6 +228,7 @@ export class ViewerAccess {
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED')
       return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
+    if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) return this.overwriteOk(e, e.channelId);
     if (e.channelId && !GUILD_LEVEL.has(e.type))
       return this.channelOk(e.channelId, replay && !WITHOUT_HISTORY.has(e.type));
     if (e.guildId) return this.member(e.guildId);
@@ -237,6 +238,11 @@ export class ViewerAccess {
   private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
     const c = this.channels?.get(channelId);
     if (c && Date.now() < c.until) return replay ? c.replay : c.live;
+    return this.loadChannel(channelId).then(({ entry }) => (replay ? entry.replay : entry.live));
+  }
+
+  /** The viewer's access to a channel, loaded, and remembered as channelOk answers it. */
+  private loadChannel(channelId: string) {
     // Through the per-process access cache too (core/services/access-cache.ts): the channel's
     // half of the inputs is then loaded once for all its viewers.
     const load = () => loadChannelAccess(this.db, this.userId, channelId, new Date(), { cached: true });
@@ -247,7 +253,29 @@ export class ViewerAccess {
       const entry = { live: has(perms, LIVE), replay: has(perms, REPLAY), guildId, until: lapseAt() };
       this.channels ??= new Map();
       this.channels.set(channelId, entry);
-      return replay ? entry.replay : entry.live;
+      return { access: a, entry };
+    });
+  }
+
+  /**
+   * A channel overwrite changed: told to whoever may view the channel now, and to the members the
+   * overwrite is for (the member, or the holders of the role, @everyone being every member), who
+   * may just have lost sight of it. Nobody else's access changed: a member who could not see the
+   * channel before and still cannot is not told it exists. A row that does not say whom the
+   * overwrite is for goes to every member.
+   */
+  private overwriteOk(e: Visible, channelId: string): boolean | Promise<boolean> {
+    const { targetType, targetId } = e.payload;
+    if (typeof targetId !== 'string' || (targetType !== 'MEMBER' && targetType !== 'ROLE'))
+      return this.member(e.guildId!);
+    const c = this.channels?.get(channelId);
+    if (c?.live && Date.now() < c.until) return true;
+    return this.loadChannel(channelId).then(({ access, entry }) => {
+      if (entry.live) return true;
+      const input = access?.guild?.input;
+      if (!input?.isMember) return false;
+      if (targetType === 'MEMBER') return targetId === this.userId;
+      return input.roles.some((r) => r.id === targetId);
     });
   }
 
