@@ -302,3 +302,31 @@ it('typing goes out after a read of the log, so a kick committed before it (not 
     await c.client.dispose();
   }
 });
+
+it('blocking a stranger tells the stranger nothing; blocking someone who shares a guild shows them the blocker OFFLINE', async () => {
+  const Q = `subscription { events { __typename ... on PresenceChanged { user { id } status } } }`;
+  const [a, stranger, peer] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, peer.token);
+  const sc = connect(url, stranger.token);
+  const pc = connect(url, peer.token);
+  const ac = connect(url, a.token);
+  const ss = subscribe(sc.client, null, Q);
+  const ps = subscribe(pc.client, null, Q);
+  const as = subscribe(ac.client, null, Q);
+  try {
+    await ps.until((e) => e.some((x) => x.user.id === a.id && x.status === 'ONLINE'));
+    const block = `mutation($u: ID!) { blockUser(userId: $u) { kind } }`;
+    await ok(app, block, { u: stranger.id }, a.token);
+    await ok(app, block, { u: peer.id }, a.token);
+    await ps.until((e) => e.some((x) => x.user.id === a.id && x.status === 'OFFLINE'));
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(
+      ss.events.filter((x) => x.user.id === a.id),
+      [],
+    );
+  } finally {
+    for (const s of [ss, ps, as]) s.stop();
+    await Promise.all([sc.client.dispose(), pc.client.dispose(), ac.client.dispose()]);
+  }
+});
