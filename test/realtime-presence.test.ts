@@ -1,6 +1,12 @@
 import assert from 'node:assert/strict';
-import { after, before, it } from 'node:test';
-import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
+import { after, before, it, mock } from 'node:test';
+import type { Bus } from '../core/ports/bus.ts';
+import {
+  CONNECTION_TTL_MS,
+  createMemoryPresence,
+  createPresenceTracker,
+  OFFLINE_GRACE_MS,
+} from '../core/realtime/presence.ts';
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
@@ -148,4 +154,52 @@ it('one statement decides who may see a batch of presence changes: guild members
   assert.deepEqual([...audience.get(id(a))!].sort(), [id(member), id(dmPartner)].sort());
   // member shares the guild with blockedMember (and with itself: a viewer's own presence is decided before)
   assert.deepEqual([...audience.get(id(member))!].sort(), [id(member), id(blockedMember)].sort());
+});
+
+it('a connection whose first presence write fails still gets an id, refreshed while open and released at close (ONLINE forever before)', async () => {
+  mock.timers.enable({ apis: ['setInterval', 'setTimeout'] });
+  try {
+    const memory = createMemoryPresence();
+    let down = true;
+    const touched: string[][] = [];
+    const dropped: string[] = [];
+    const store = {
+      ...memory,
+      async touch(userId: string, ids: string[]) {
+        if (down) throw new Error('presence store unreachable');
+        touched.push(ids);
+        await memory.touch(userId, ids);
+      },
+      async drop(userId: string, id: string) {
+        dropped.push(id);
+        await memory.drop(userId, id);
+      },
+    };
+    const bus = { signal: async () => {} } as unknown as Bus;
+    const tracker = createPresenceTracker(store, bus, 'i1');
+    try {
+      // The store is down when the socket connects: the caller still gets the id to release.
+      const id = await tracker.connected('u1');
+      assert.ok(id, 'an id for the caller to release');
+      down = false;
+      // The store is back: the refresh writes the entry while the socket is open.
+      mock.timers.tick(CONNECTION_TTL_MS / 3);
+      await new Promise((r) => setImmediate(r));
+      assert.deepEqual(touched, [[id]]);
+      assert.equal((await memory.shown(['u1'])).get('u1'), 'ONLINE');
+      // The socket closes: the id is dropped after the grace and refreshed no more.
+      tracker.disconnected('u1', id);
+      mock.timers.tick(OFFLINE_GRACE_MS);
+      await new Promise((r) => setImmediate(r));
+      assert.deepEqual(dropped, [id]);
+      mock.timers.tick(CONNECTION_TTL_MS);
+      await new Promise((r) => setImmediate(r));
+      assert.deepEqual(touched, [[id]], 'not refreshed after its socket closed');
+      assert.equal((await memory.shown(['u1'])).get('u1'), 'OFFLINE');
+    } finally {
+      tracker.stop();
+    }
+  } finally {
+    mock.timers.reset();
+  }
 });

@@ -133,7 +133,11 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
 
   return {
     store,
-    /** Returns the connection id to pass to disconnected. */
+    /**
+     * Returns the connection id to pass to disconnected. It does not fail: the id is this
+     * instance's from the start, so a store or bus that is down now (the entry is written again by
+     * the next refresh) still leaves the caller an id to release when the socket closes.
+     */
     async connected(userId: string): Promise<string> {
       const id = `${instanceId}:${++n}`;
       let set = local.get(userId);
@@ -142,8 +146,12 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
         local.set(userId, set);
       }
       set.add(id);
-      await store.touch(userId, [id]);
-      await announce(userId);
+      try {
+        await store.touch(userId, [id]);
+        await announce(userId);
+      } catch {
+        // the refresh timer writes the entry again; disconnected removes it
+      }
       return id;
     },
     disconnected(userId: string, connId: string) {
