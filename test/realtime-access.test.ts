@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
+import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -399,4 +399,47 @@ it('a channel overwrite change is told to who may see the channel or is its targ
     b: ['PermissionsChanged', 'MessageCreated'],
     bReplay: ['MessageCreated'],
   });
+});
+
+it('a member who loses sight of a channel moved into a category hidden from it is told, as for an overwrite', {
+  todo: 'updateChannel (core/services/channel.service.ts) must also log PERMISSIONS_CHANGED when parentId changes',
+}, async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, v.token);
+  const cat = (
+    await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "staff", type: CATEGORY }) { id } }`,
+      { g: guildId },
+      o.token,
+    )
+  ).createChannel.id as string;
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, {
+    channelId: cat,
+    targetType: 'ROLE',
+    targetId: everyone,
+    allow: [],
+    deny: ['VIEW_CHANNEL'],
+  });
+  const vc = connect(url, v.token);
+  const vs = subscribe(vc.client, null, ACCESS_Q);
+  await settle();
+  await ok(
+    app,
+    `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+    { i: { id: general, parentId: cat } },
+    o.token,
+  );
+  const r = await gql(app, `query($c: ID!) { channel(id: $c) { id } }`, { c: general }, { token: v.token });
+  assert.equal(r.errors?.[0]?.extensions?.code, 'NOT_FOUND', 'queries hide the moved channel');
+  try {
+    await vs.until(
+      (e) => e.some((x) => x.__typename === 'PermissionsChanged' && x.pcChannel === general),
+      3000,
+    );
+  } finally {
+    await vc.client.dispose();
+  }
 });
