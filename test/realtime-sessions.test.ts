@@ -77,6 +77,42 @@ describe('ending a session closes its sockets at once', () => {
     await Promise.all([mine.client.dispose(), theirs.client.dispose(), again.client.dispose()]);
   });
 
+  it("reusing a spent refresh token closes the revoked session's sockets at once (4403; up to 10 s before)", async () => {
+    const u = await signUp(app);
+    const first = await ok(
+      app,
+      `mutation($i: LoginInput!) { login(input: $i) { accessToken refreshToken } }`,
+      { i: { login: u.username, password: 'correct horse battery', deviceName: 'stolen' } },
+      undefined,
+      `login-reuse-${u.username}`,
+    );
+    const refresh = `mutation($t: String!) { refreshSession(refreshToken: $t) { accessToken refreshToken } }`;
+    const rotated = await ok(
+      app,
+      refresh,
+      { t: first.login.refreshToken },
+      undefined,
+      `refresh-${u.username}`,
+    );
+    const theirs = await open(rotated.refreshSession.accessToken);
+    const mine = await open(u.token);
+    // The spent token comes back (a thief's copy): the session is revoked.
+    const r = await app.fetch(
+      '/graphql',
+      {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ query: refresh, variables: { t: first.login.refreshToken } }),
+      },
+      { ip: `refresh-again-${u.username}` },
+    );
+    const body = (await r.json()) as { errors?: { extensions: { code: string } }[] };
+    assert.equal(body.errors?.[0].extensions.code, 'UNAUTHENTICATED');
+    assert.equal(await closedWithin(theirs, AT_ONCE_MS), 4403);
+    assert.equal(mine.closed(), undefined, 'the other session stays connected');
+    await Promise.all([mine.client.dispose(), theirs.client.dispose()]);
+  });
+
   it('a failed revokeSession closes nothing', async () => {
     const u = await signUp(app);
     const mine = await open(u.token);

@@ -169,11 +169,12 @@ export async function refreshSession(deps: Deps, refreshToken: string): Promise<
     if (!s) {
       const [spent] = await tx.select().from(spentRefreshTokens).where(eq(spentRefreshTokens.hash, hash));
       if (spent) {
-        await tx
+        const [revoked] = await tx
           .update(sessions)
           .set({ revokedAt: now })
-          .where(and(eq(sessions.id, spent.sessionId), isNull(sessions.revokedAt)));
-        return { reused: true as const, sessionId: spent.sessionId };
+          .where(and(eq(sessions.id, spent.sessionId), isNull(sessions.revokedAt)))
+          .returning({ userId: sessions.userId });
+        return { reused: true as const, sessionId: spent.sessionId, userId: revoked?.userId };
       }
       return null;
     }
@@ -190,6 +191,8 @@ export async function refreshSession(deps: Deps, refreshToken: string): Promise<
   if (!outcome) throw unauthenticated('This refresh token is not valid; sign in again.');
   if (outcome.reused) {
     forgetSession(outcome.sessionId);
+    // Its sockets close now, as at any other revocation (not at the next periodic session check).
+    if (outcome.userId) await disconnectSession(deps, outcome.userId, outcome.sessionId, 'Session revoked');
     throw unauthenticated(
       'This refresh token was already used; the session has been revoked. Sign in again.',
     );
