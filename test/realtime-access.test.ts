@@ -401,9 +401,7 @@ it('a channel overwrite change is told to who may see the channel or is its targ
   });
 });
 
-it('a member who loses sight of a channel moved into a category hidden from it is told, as for an overwrite', {
-  todo: 'updateChannel (core/services/channel.service.ts) must also log PERMISSIONS_CHANGED when parentId changes',
-}, async () => {
+it('a member who loses sight of a channel moved into a category hidden from it is told, as for an overwrite', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, v.token);

@@ -215,6 +215,16 @@ export async function updateChannel(
         channelId: c.id,
         payload: { channelId: c.id, changes: Object.keys(patch) },
       });
+      // A move changes whose overwrites apply (the category's): members who lose sight of the
+      // channel hear of it as they do of an overwrite change (the ChannelUpdated is not theirs).
+      if (patch.parentId !== undefined && patch.parentId !== c.parentId) {
+        await log.append({
+          type: 'PERMISSIONS_CHANGED',
+          guildId,
+          channelId: c.id,
+          payload: { channelId: c.id, parentId: patch.parentId },
+        });
+      }
     }
     return row;
   });
