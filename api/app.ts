@@ -26,6 +26,7 @@ import { createPostgresSearch } from '../core/search/postgres.search.ts';
 import type { Context } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
 import { armorPlugins } from './armor.ts';
+import { clientIp } from './client-ip.ts';
 import type { Config } from './config.ts';
 import { createMaskError } from './errors.ts';
 import { createLogger, type Logger } from './logger.ts';
@@ -188,7 +189,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
           deps,
           viewer,
           requestId: store?.requestId ?? randomUUID(),
-          ip: ip ?? req?.socket.remoteAddress ?? 'unknown',
+          ip: ip ?? (req ? clientIp(req, config.trustProxyHops) : 'unknown'),
         };
       },
     });
@@ -328,6 +329,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         registry: metrics.registry,
         mask: createMaskError(log, metrics),
         getEnveloped: yoga.getEnveloped as never,
+        trustProxyHops: config.trustProxyHops,
         limits: {
           socketsPerUser: config.ws.socketsPerUser,
           subscriptionsPerSocket: config.ws.operationsPerSocket,

@@ -35,6 +35,8 @@ export interface Config {
   eventRetentionDays: number;
   /** Largest accepted request body in bytes. Default 1 MiB. */
   maxBodyBytes: number;
+  /** Proxies of yours in front of Banter whose X-Forwarded-For to believe (api/client-ip.ts). Default 0. */
+  trustProxyHops: number;
   /** WebSocket limits: sockets per user (20), operations per socket (50), new sockets per IP per minute (120), ms to send connection_init (10 s), keep-alive ping interval (12 s). */
   ws: {
     socketsPerUser: number;
@@ -141,6 +143,7 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
     motd: env.MOTD ?? '',
     eventRetentionDays: int(env, 'EVENT_RETENTION_DAYS', 7, 1, 3650),
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 1024 * 1024, 1024, 100 * 1024 * 1024),
+    trustProxyHops: int(env, 'TRUST_PROXY_HOPS', 0, 0, 10),
     ws: {
       socketsPerUser: int(env, 'WS_MAX_SOCKETS_PER_USER', 20, 1, 100_000),
       operationsPerSocket: int(env, 'WS_MAX_OPERATIONS_PER_SOCKET', 50, 1, 10_000),

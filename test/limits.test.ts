@@ -1,6 +1,7 @@
 /** Rate limits (schema/limits.ts): per IP, per user, per key; Retry-After; off switch; shared in Redis. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { request as httpRequest } from 'node:http';
 import { after, before, describe, it } from 'node:test';
 import { eq } from 'drizzle-orm';
 import { users } from '../core/db/tables.ts';
@@ -208,6 +209,93 @@ describe('Redis-backed limits', { skip: !onPostgres && 'needs the postgres run (
     } finally {
       await a.destroy();
       await b.destroy();
+    }
+  });
+});
+
+describe('behind proxies (TRUST_PROXY_HOPS)', () => {
+  const registerVia = (port: number, xff: string | undefined) => {
+    const name = `px_${randomBytes(4).toString('hex')}`;
+    return fetch(`http://127.0.0.1:${port}/graphql`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...(xff ? { 'x-forwarded-for': xff } : {}) },
+      body: JSON.stringify({
+        query: REGISTER,
+        variables: {
+          i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' },
+        },
+      }),
+    }).then((r) => r.json() as Promise<{ errors?: { extensions?: Record<string, any> }[] }>);
+  };
+  const upgrade = (port: number, xff: string) =>
+    new Promise<number>((resolve, reject) => {
+      const req = httpRequest({
+        host: '127.0.0.1',
+        port,
+        path: '/graphql',
+        headers: {
+          connection: 'Upgrade',
+          upgrade: 'websocket',
+          'sec-websocket-version': '13',
+          'sec-websocket-key': randomBytes(16).toString('base64'),
+          'sec-websocket-protocol': 'graphql-transport-ws',
+          'x-forwarded-for': xff,
+        },
+      });
+      req.on('upgrade', (res, socket) => {
+        socket.destroy();
+        resolve(res.statusCode ?? 0);
+      });
+      req.on('response', (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      });
+      req.on('error', reject);
+      req.end();
+    });
+
+  it("with one proxy, limits count the address it saw (the header's last entry), not the proxy's nor a forged one", async () => {
+    const app = await createTestApp({}, { TRUST_PROXY_HOPS: '1', WS_CONNECTIONS_PER_IP_PER_MINUTE: '2' });
+    try {
+      const port = await app.start(0);
+      const n = RULES.register.perIp.limit;
+      // The client forges entries on the left; the proxy appends the address it saw.
+      for (let i = 0; i < n; i++) {
+        const r = await registerVia(port, `10.9.9.${i}, 203.0.113.7`);
+        assert.equal(r.errors, undefined, JSON.stringify(r.errors));
+      }
+      assertLimited(await registerVia(port, '203.0.113.7'));
+      // Another client behind the same proxy (the same peer address) has its own count.
+      assert.equal((await registerVia(port, '203.0.113.8')).errors, undefined);
+      // The socket connection rate, per client too.
+      assert.deepEqual(
+        [
+          await upgrade(port, '198.51.100.1'),
+          await upgrade(port, '198.51.100.1'),
+          await upgrade(port, '198.51.100.1'),
+          await upgrade(port, '198.51.100.2'),
+        ],
+        [101, 101, 429, 101],
+      );
+    } finally {
+      await app.destroy();
+    }
+  });
+
+  it('with none (the default), X-Forwarded-For is not believed', async () => {
+    const app = await createTestApp({}, { WS_CONNECTIONS_PER_IP_PER_MINUTE: '2' });
+    try {
+      const port = await app.start(0);
+      assert.deepEqual(
+        [
+          await upgrade(port, '198.51.100.1'),
+          await upgrade(port, '198.51.100.2'),
+          await upgrade(port, '198.51.100.3'),
+        ],
+        [101, 101, 429],
+      );
+    } finally {
+      await app.destroy();
     }
   });
 });

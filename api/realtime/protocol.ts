@@ -105,6 +105,8 @@ export interface ProtocolOptions {
   maxBufferedBytes: number;
   /** ms a socket may take to send connection_init. Default 10 s. */
   connectionInitWaitTimeout?: number;
+  /** A socket's address from its upgrade request (default: the peer's). */
+  ipOf?: (req: IncomingMessage) => string;
 }
 
 /**
@@ -417,7 +419,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
 
   wss.on('connection', (socket: WebSocket, request: IncomingMessage) => {
     // Only the address is kept: the upgrade request (headers and all) is not held per socket.
-    const c = new Conn(socket, request.socket.remoteAddress ?? 'unknown');
+    const c = new Conn(socket, o.ipOf ? o.ipOf(request) : (request.socket.remoteAddress ?? 'unknown'));
     keepAlive.add(c);
     socket.on('pong', () => {
       c.alive = true;

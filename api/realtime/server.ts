@@ -17,6 +17,7 @@ import type { Hub } from '../../core/realtime/hub.ts';
 import { SlowConsumerError } from '../../core/realtime/subscription.ts';
 import { authenticate, forgetAllCachedSessions } from '../../core/services/auth.service.ts';
 import type { Context } from '../../schema/builder.ts';
+import { clientIp } from '../client-ip.ts';
 import type { Logger } from '../logger.ts';
 import { createRealtimeMetrics } from './metrics.ts';
 import { type Connection, type ProtocolHandlers, serveProtocol } from './protocol.ts';
@@ -70,10 +71,13 @@ export interface RealtimeServerOptions {
     schema: import('graphql').GraphQLSchema;
   };
   limits?: Partial<RealtimeLimits>;
+  /** TRUST_PROXY_HOPS: where a socket's address comes from (api/client-ip.ts). Default 0. */
+  trustProxyHops?: number;
 }
 
 export function attachRealtime(o: RealtimeServerOptions) {
   const limits = { ...DEFAULT_LIMITS, ...o.limits };
+  const ipOf = (req: IncomingMessage) => clientIp(req, o.trustProxyHops ?? 0);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 256 * 1024 });
   const byUser = new Map<string, Set<WebSocket>>();
   const viewerOf = new Map<WebSocket, Viewer>();
@@ -307,6 +311,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
   }
 
   const protocol = serveProtocol(wss, handlers, {
+    ipOf,
     keepAliveMs: limits.keepAliveMs,
     maxBufferedBytes: limits.maxBufferedBytes,
     connectionInitWaitTimeout: limits.connectionInitWaitMs,
@@ -319,7 +324,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
       return;
     }
-    const ip = req.socket.remoteAddress ?? 'unknown';
+    const ip = ipOf(req);
     if (o.deps.rateLimitsEnabled) {
       const r = await o.deps.rateLimiter
         .hit(`ws:ip:${ip}`, { limit: limits.connectionsPerIpPerMinute, windowSeconds: 60 })
