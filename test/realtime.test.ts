@@ -201,7 +201,7 @@ it('a cursor ahead of the log (another server, a restore into a younger cluster)
   }
 });
 
-it('a transaction open in another database of the server holds nothing back; one open in this database does', {
+it('a transaction open in another database of the server delays delivery at most to the next poll; one open in this database holds it back', {
   skip: !onPostgres,
 }, async () => {
   const u = await signUp(app);

@@ -30,6 +30,7 @@ import {
   assertResumable,
   awaitsFormerMembers,
   discardRowsFromAnotherCluster,
+  type Horizon,
   headPosition,
   loadFormerMembers,
   loadMessages,
@@ -125,6 +126,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let busy = false;
   let again = false;
   let tailing: Promise<void> = Promise.resolve();
+  /** the next read is to use the exact horizon (a poll asked for it) */
+  let exactWanted = false;
   let stopped = false;
   let poll: NodeJS.Timeout | undefined;
   let prune: NodeJS.Timeout | undefined;
@@ -186,6 +189,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
    */
   function tail(via: 'ring' | 'poll' = 'ring'): Promise<void> {
     if (stopped) return Promise.resolve();
+    if (via === 'poll') exactWanted = true;
     if (busy) {
       again = true;
       return tailing;
@@ -203,10 +207,14 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           // Rows reach subscribers only: with none here, nobody needs their messages.
           const withMessages = subs.size > 0;
           obs.read?.(via);
+          // A poll's read tells this database's transactions from other databases' (see Horizon):
+          // one open elsewhere holds the other reads back, never this one.
+          const horizon: Horizon = exactWanted ? 'exact' : 'fast';
+          exactWanted = false;
           const batch = (
             withMessages
-              ? await readAfterWithMessages(deps.db, pos!, BATCH)
-              : await readAfter(deps.db, pos!, BATCH)
+              ? await readAfterWithMessages(deps.db, pos!, BATCH, horizon)
+              : await readAfter(deps.db, pos!, BATCH, horizon)
           ) as Delivered[];
           if (!batch.length || stopped) break;
           if (!withMessages && subs.size) await loadMessages(deps.db, batch);

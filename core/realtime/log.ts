@@ -1,6 +1,6 @@
 /**
  * Reading the event log in commit-safe order. Only rows below the horizon are read (see
- * horizonSql): a transaction still open may hold a row with a lower seq, and it will sort after
+ * Horizon): a transaction still open may hold a row with a lower seq, and it will sort after
  * every position handed out so far when it commits.
  */
 import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
@@ -71,26 +71,34 @@ const COLS = sql`seq, xid::text as xid, type, guild_id, channel_id, user_id, pay
  */
 const XID = sql`(xid::text::bigint)`;
 /**
- * The first transaction id of snapshot `s` whose rows may still be coming: the oldest transaction
- * in progress that may be this database's, else one past the newest finished (xmax). A
- * transaction of another database on the same server (a psql session left open in a transaction,
- * another application, a test suite beside this one) never writes this log, so it does not hold
- * delivery back; one of this database, or one that cannot be placed (its backend gone by the
- * time the activity is read, a prepared transaction, a backend this role may not see), does.
- * pg_stat_activity is read only when something is in progress (~0.1 ms then).
+ * Below which transaction id every row is final. `fast`: the snapshot's xmin, the oldest
+ * transaction in progress on the whole server. `exact`: the oldest in progress that may be this
+ * database's, else xmax: a transaction of another database on the same server (a psql session
+ * left open in a transaction, another application, a test suite beside this one) never writes
+ * this log, and with `fast` alone it would hold delivery back for as long as it stayed open; one
+ * of this database, or one that cannot be placed (its backend gone by the time the activity is
+ * read, a prepared transaction, a backend this role may not see), still does. `exact` reads
+ * pg_stat_activity whenever anything is in progress, which cost a quarter of the sends per
+ * second (bench:send, 16 in flight: 1,462 against 1,999 msg/s, Postgres CPU per message 0.35
+ * against 0.21 ms) in the send's statement: so the hub's polls (every 500 ms) and its start use
+ * `exact`, every other read `fast`. A transaction open elsewhere then delays delivery to the next
+ * poll instead of stopping it.
  */
-export const horizonSql = (s: string) => `coalesce(
-    (select min(x) from pg_snapshot_xip(${s}) x where x::xid not in (
+export type Horizon = 'fast' | 'exact';
+const FINISHED = {
+  fast: sql`xid < pg_snapshot_xmin(pg_current_snapshot())`,
+  exact: sql.raw(`xid < (select coalesce(
+    (select min(x) from pg_snapshot_xip(t.s) x where x::xid not in (
       select a.backend_xid from pg_stat_activity a where a.backend_xid is not null
         and a.datid is distinct from (select oid from pg_database where datname = current_database()))),
-    pg_snapshot_xmax(${s}))`;
-const FINISHED = sql.raw(`xid < (select ${horizonSql('t.s')} from (select pg_current_snapshot() as s) t)`);
+    pg_snapshot_xmax(t.s)) from (select pg_current_snapshot() as s) t)`),
+};
 
 /** The last finished row: where a tailer starting now begins. */
 export async function headPosition(db: Db): Promise<Position> {
   const [r] = rows<{ xid: string; seq: string }>(
     await db.execute(
-      sql`select xid::text as xid, seq from events where ${FINISHED} order by ${XID} desc, seq desc limit 1`,
+      sql`select xid::text as xid, seq from events where ${FINISHED.exact} order by ${XID} desc, seq desc limit 1`,
     ),
   );
   return r ? { xid: String(r.xid), seq: Number(r.seq) } : ORIGIN;
@@ -109,10 +117,15 @@ export async function snapshotNow(db: Db): Promise<Snapshot> {
 }
 
 /** Finished rows after `from`, in log order. */
-export async function readAfter(db: Db, from: Position, limit: number): Promise<LogRow[]> {
+export async function readAfter(
+  db: Db,
+  from: Position,
+  limit: number,
+  horizon: Horizon = 'fast',
+): Promise<LogRow[]> {
   const r = await db.execute(sql`
     select ${COLS} from events
-    where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and ${FINISHED}
+    where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and ${FINISHED[horizon]}
     order by ${XID}, seq limit ${limit}`);
   return rows<RawRow>(r).map(toRow);
 }
@@ -130,13 +143,18 @@ const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~* ${sql.raw(`'${UUID.
  * readAfter and loadMessages in one statement: the tailer's read when it has subscribers to
  * hand the rows to (one round trip less between a commit and its delivery).
  */
-export async function readAfterWithMessages(db: Db, from: Position, limit: number): Promise<LogRow[]> {
+export async function readAfterWithMessages(
+  db: Db,
+  from: Position,
+  limit: number,
+  horizon: Horizon = 'fast',
+): Promise<LogRow[]> {
   let q = withMessagesQueries.get(db);
   if (!q) {
-    q = prepareReadAfterWithMessages(db);
+    q = { fast: prepareReadAfterWithMessages(db, 'fast'), exact: prepareReadAfterWithMessages(db, 'exact') };
     withMessagesQueries.set(db, q);
   }
-  const found = await q.execute({ xid: from.xid, seq: from.seq, limit });
+  const found = await q[horizon].execute({ xid: from.xid, seq: from.seq, limit });
   return found.map(({ m, u, ...e }) => {
     const row: LogRow = {
       ...e,
@@ -154,7 +172,7 @@ export async function readAfterWithMessages(db: Db, from: Position, limit: numbe
 // joined on that plain uuid, a plan chosen while the tables were small (a new server's first
 // generic plan: a nested loop over all messages) costs one compare per pair, not the CASE and
 // regex per pair that made a 300-row read take 190 ms on a fresh database.
-const prepareReadAfterWithMessages = (db: Db) => {
+const prepareReadAfterWithMessages = (db: Db, horizon: Horizon) => {
   const page = db
     .select({
       seq: events.seq,
@@ -170,7 +188,7 @@ const prepareReadAfterWithMessages = (db: Db) => {
     .from(events)
     .where(
       sql`(${XID}, ${events.seq}) > (${sql.placeholder('xid')}::bigint, ${sql.placeholder('seq')}::bigint)
-        and ${FINISHED}`,
+        and ${FINISHED[horizon]}`,
     )
     .orderBy(XID, events.seq)
     .limit(sql.placeholder('limit'))
@@ -191,9 +209,12 @@ const prepareReadAfterWithMessages = (db: Db) => {
     .leftJoin(messages, and(eq(messages.id, page.mid), isNull(messages.deletedAt)))
     .leftJoin(users, eq(users.id, messages.authorId))
     .orderBy(page.xorder, page.seq)
-    .prepare('banter_read_after_with_messages');
+    .prepare(`banter_read_after_with_messages_${horizon}`);
 };
-const withMessagesQueries = new WeakMap<Db, ReturnType<typeof prepareReadAfterWithMessages>>();
+const withMessagesQueries = new WeakMap<
+  Db,
+  Record<Horizon, ReturnType<typeof prepareReadAfterWithMessages>>
+>();
 
 /** Whether a row refers to a message that must still exist for it to be delivered. */
 function aboutLiveMessage(r: LogRow): boolean {

@@ -13,7 +13,7 @@
 import { type Database, followerOf } from '../db/client.ts';
 import { fromRowJson } from '../db/row-json.ts';
 import { messages, users } from '../db/tables.ts';
-import { horizonSql, type WrittenLog } from '../realtime/log.ts';
+import type { WrittenLog } from '../realtime/log.ts';
 import type { MessageRow } from './message.service.ts';
 import { loadedAuthors } from './message-history.service.ts';
 
@@ -82,7 +82,7 @@ const GROUP_SQL = `
     from m order by m.id
     returning seq, xid, payload->>'messageId' as mid
   ), w as (
-    select ${horizonSql('t.s')} = pg_current_xact_id() as alone
+    select pg_snapshot_xmin(s) = pg_current_xact_id() and pg_snapshot_xmax(s) = pg_current_xact_id() as alone
     from (select pg_current_snapshot() as s) t
   ), b as (
     select events.xid::text as xid, events.seq from events
@@ -96,11 +96,12 @@ const GROUP_SQL = `
 
 /**
  * The statement's rows as the realtime hub takes them, when it may (log order is xid, then seq).
- * `w` says whether no other transaction of this database was in progress when the statement's
- * snapshot was taken: its horizon (the oldest such one in progress, else xmax, one past the newest
- * finished; see horizonSql) is this statement's own xid, assigned after. Then every transaction
- * with a lower xid that could write the log had finished, its rows visible to this statement; `b`
- * is the last of them, and no row can ever be committed between it and this write's rows. Otherwise the hub reads the log as for any ring, and
+ * `w` says whether no other transaction was in progress when the statement's snapshot was taken:
+ * its xmin (the oldest one in progress, else xmax) and xmax (one past the newest finished) are
+ * both this statement's own xid, assigned after. Then every transaction with a lower xid had
+ * finished, its rows visible to this statement; `b` is the last of them, and no row can ever be
+ * committed between it and this write's rows. (Another database's transactions count too: telling
+ * them apart reads pg_stat_activity, too dear for every send; see Horizon in log.ts.) Otherwise the hub reads the log as for any ring, and
  * `b` does not run (a one-time filter: joined with `w` instead, the backward index scan went on
  * through the whole log looking for a row to pair with `alone`).
  */
