@@ -330,3 +330,34 @@ it('blocking a stranger tells the stranger nothing; blocking someone who shares 
     await Promise.all([sc.client.dispose(), pc.client.dispose(), ac.client.dispose()]);
   }
 });
+
+// Postgres only: on PGlite the reads run on the one connection in this process, and reads back to
+// back starve the typing mutation itself.
+it('typing goes out while the tailer never catches up (reads back to back), not when it does', {
+  skip: !onPostgres,
+}, async () => {
+  const [owner, watcher] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, watcher.token);
+  const c = connect(url, watcher.token);
+  const s = subscribe(c.client);
+  const hub = app.deps.realtime!;
+  // Rings faster than a read takes (a busy cluster): every read finds another one asked for.
+  let spinning = true;
+  const spin = async () => {
+    while (spinning) await Promise.race([hub.poke(), new Promise((r) => setImmediate(r))]);
+  };
+  try {
+    await new Promise((r) => setTimeout(r, 300));
+    const spun = spin();
+    const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
+    assert.equal((await ok(app, m, { c: channelId }, owner.token)).startTyping, true);
+    await s.until((e) => e.some((x) => x.__typename === 'TypingStarted'), 3000, 'TypingStarted');
+    spinning = false;
+    await spun;
+  } finally {
+    spinning = false;
+    s.stop();
+    await c.client.dispose();
+  }
+});

@@ -128,6 +128,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let tailing: Promise<void> = Promise.resolve();
   /** the next read is to use the exact horizon (a poll asked for it) */
   let exactWanted = false;
+  /** reads of the log begun so far, and who waits for one to begin after a given count */
+  let readsBegun = 0;
+  let readWaiters: { after: number; resolve: () => void }[] = [];
   let stopped = false;
   let poll: NodeJS.Timeout | undefined;
   let prune: NodeJS.Timeout | undefined;
@@ -183,10 +186,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
   }
 
-  /**
-   * Reads the log until it has caught up. The promise settles (never rejects) once a read that
-   * began after this call has been dispatched: a call while one is under way asks it for another.
-   */
+  /** Reads the log until it has caught up; a call while a read is under way asks for another. */
   function tail(via: 'ring' | 'poll' = 'ring'): Promise<void> {
     if (stopped) return Promise.resolve();
     if (via === 'poll') exactWanted = true;
@@ -197,6 +197,28 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     busy = true;
     tailing = tailUntilCaughtUp(via);
     return tailing;
+  }
+
+  /**
+   * Settles (never rejects) once a read of the log that began after this call has been dispatched,
+   * or failed. Not when the tailer has caught up: under steady traffic that may be never.
+   */
+  function afterNextRead(): Promise<void> {
+    if (stopped) return Promise.resolve();
+    const p = new Promise<void>((resolve) => readWaiters.push({ after: readsBegun, resolve }));
+    void tail();
+    return p;
+  }
+
+  /** Read number `n` was dispatched: its waiters (those that came before it began) go on. */
+  function readDone(n: number) {
+    if (!readWaiters.length) return;
+    const left: typeof readWaiters = [];
+    for (const w of readWaiters) {
+      if (n > w.after) w.resolve();
+      else left.push(w);
+    }
+    readWaiters = left;
   }
 
   async function tailUntilCaughtUp(via: 'ring' | 'poll') {
@@ -211,20 +233,27 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           // one open elsewhere holds the other reads back, never this one.
           const horizon: Horizon = exactWanted ? 'exact' : 'fast';
           exactWanted = false;
+          const n = ++readsBegun;
           const batch = (
             withMessages
               ? await readAfterWithMessages(deps.db, pos!, BATCH, horizon)
               : await readAfter(deps.db, pos!, BATCH, horizon)
           ) as Delivered[];
-          if (!batch.length || stopped) break;
+          if (!batch.length || stopped) {
+            readDone(n);
+            break;
+          }
           if (!withMessages && subs.size) await loadMessages(deps.db, batch);
           if (deletesGuild(batch)) await loadFormerMembers(deps.db, batch);
           dispatch(batch);
+          readDone(n);
           if (batch.length < BATCH) break;
         }
       } while (again && !stopped);
     } catch (err) {
       deps.log.warn({ err }, 'event log tail failed; retrying on the next poll');
+      // What waited for a read goes on without it (typing on the access known so far).
+      readDone(Number.POSITIVE_INFINITY);
     } finally {
       busy = false;
     }
@@ -319,7 +348,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       // have been read here yet (another instance's, its ring lost or still on its way): it goes
       // out after a read of the log that began after it came, so every subscriber observes such
       // a change first. The reads of a burst of typing share one.
-      void tail().then(() => {
+      void afterNextRead().then(() => {
         if (stopped) return;
         for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
       });
@@ -573,6 +602,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
 
     async stop() {
       stopped = true;
+      readDone(Number.POSITIVE_INFINITY);
       if (presenceTimer) clearTimeout(presenceTimer);
       if (deferTimer) clearTimeout(deferTimer);
       presence.stop();
