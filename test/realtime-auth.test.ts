@@ -352,7 +352,7 @@ describe('a socket authenticates once, and what it registers goes with it', () =
     }
   });
 
-  it('a subscribe carrying another token than the one its socket authenticated with is refused (the socket sat in both users before)', async () => {
+  it("a subscribe carrying another user's token than the one its socket authenticated with is refused (the socket sat in both users before)", async () => {
     const [u, v] = [await signUp(app2), await signUp(app2)];
     const watch = watchPresence();
     try {
@@ -381,7 +381,7 @@ describe('a socket authenticates once, and what it registers goes with it', () =
           ['c', 'BAD_USER_INPUT'],
         ],
       );
-      assert.match(errors[0].payload[0].message, /another token/);
+      assert.match(errors[0].payload[0].message, /another user/);
       assert.equal(watch.given.length, 1, "only u's presence");
       assert.equal(s.closed(), undefined);
       s.ws.close();
@@ -389,4 +389,38 @@ describe('a socket authenticates once, and what it registers goes with it', () =
       watch.restore();
     }
   });
+});
+
+it("a socket authenticated at connection_init takes a subscribe carrying the same user's refreshed token (headers sent with every operation)", async () => {
+  const u = await signUp(app);
+  const c = connect(url, u.token);
+  try {
+    await new Promise((r) => setTimeout(r, 1100)); // a later iat: another JWT
+    const r = await ok(app, `mutation($t: String!) { refreshSession(refreshToken: $t) { accessToken } }`, {
+      t: u.refreshToken,
+    });
+    const fresh = r.refreshSession.accessToken as string;
+    assert.notEqual(fresh, u.token);
+    const errors: unknown[] = [];
+    let nexts = 0;
+    await new Promise<void>((resolve) => {
+      c.client.subscribe(
+        {
+          query: 'query { viewer { __typename } }',
+          extensions: { headers: { authorization: `Bearer ${fresh}` } },
+        },
+        {
+          next: () => void nexts++,
+          error: (e) => {
+            errors.push(e);
+            resolve();
+          },
+          complete: () => resolve(),
+        },
+      );
+    });
+    assert.deepEqual({ errors, nexts }, { errors: [], nexts: 1 });
+  } finally {
+    await c.client.dispose();
+  }
 });

@@ -110,8 +110,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
 
   /**
    * Authenticates a socket's viewer from an `authorization` value; true, or why not. The same token
-   * again shares the first outcome; another token than the one the socket authenticated with is
-   * refused (a socket is one session: open another socket to use another token).
+   * again shares the first outcome. Once the socket is authenticated, another token (a client that
+   * sends its headers with every operation, refreshed meanwhile) is accepted when it is the same
+   * user's, and refused when it is another's or no valid token (a socket has one viewer: open
+   * another socket for another user); the socket keeps the expiry of the token it began with.
    */
   function bindViewer(conn: Connection, raw: unknown): Promise<BindOutcome> {
     const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
@@ -119,11 +121,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
     const current = bindings.get(conn);
     if (current) {
       if (current.token === token) return current.outcome;
-      return Promise.resolve({
-        code: CloseCode.Forbidden,
-        reason: 'This socket is authenticated with another token: open a new socket to use this one.',
-        error: 'BAD_USER_INPUT',
-      });
+      return current.outcome.then((first) => (first === true ? sameViewer(conn, token) : first));
     }
     const outcome = bind(conn, token);
     const entry = { token, outcome };
@@ -133,6 +131,19 @@ export function attachRealtime(o: RealtimeServerOptions) {
       if (r !== true && bindings.get(conn) === entry) bindings.delete(conn);
     });
     return outcome;
+  }
+
+  const otherToken = {
+    code: CloseCode.Forbidden,
+    reason: "This socket is authenticated as another user: open a new socket for this token's user.",
+    error: 'BAD_USER_INPUT',
+  };
+
+  /** A further token on an authenticated socket: fine when it is a valid token of the same user. */
+  async function sameViewer(conn: Connection, token: string | undefined): Promise<BindOutcome> {
+    if (!token) return otherToken;
+    const viewer = await authenticate(o.deps, token).catch(() => undefined);
+    return viewer && viewer.userId === conn.viewer?.userId ? true : otherToken;
   }
 
   async function bind(conn: Connection, token: string | undefined): Promise<BindOutcome> {
