@@ -368,3 +368,54 @@ it('an event whose execution fails is not sent: the socket closes with 1013, and
   );
   await c2.client.dispose();
 });
+
+it('an event that fails every time closes the socket (1013) for a few rounds, then goes out with its error and the stream goes on', {
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  const c = connect(url, u.token);
+  const s = subscribe(c.client);
+  await new Promise((r) => setTimeout(r, 300));
+  await send(app, u.token, channelId, 'one');
+  await s.until((e) => e.some((x) => x.message?.content === 'one'));
+  const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
+  // A row whose resolution fails the same way every time (a payload an older writer or an
+  // operator's hand left without a valid userId: loading the user fails on the uuid cast).
+  await app.deps.db.execute(sql`insert into events (type, guild_id, payload)
+    values ('MEMBER_JOINED', ${decodeAnyId(guildId).id}::uuid, jsonb_build_object('userId', 'x'))`);
+  await send(app, u.token, channelId, 'two');
+  await app.deps.realtime!.poke();
+  const closedWith = async (cc: ReturnType<typeof connect>) => {
+    const deadline = Date.now() + 5000;
+    while (!cc.closed() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    return cc.closed()?.code;
+  };
+  const codes = [await closedWith(c)];
+  await c.client.dispose();
+  const silence = app.log.error;
+  app.log.error = (() => {}) as typeof app.log.error;
+  let got: string[] = [];
+  try {
+    // Clients resume from their last cursor, a round a second or more apart.
+    for (let i = 0; i < 4 && !got.includes('two'); i++) {
+      await new Promise((r) => setTimeout(r, 1_100));
+      const ci = connect(url, u.token);
+      const si = subscribe(ci.client, last);
+      // Until the socket closes, or the message after the failing row arrives.
+      const deadline = Date.now() + 5000;
+      const hasTwo = () => si.events.some((e) => e.message?.content === 'two');
+      while (!ci.closed() && !hasTwo() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      if (!hasTwo()) codes.push(ci.closed()?.code);
+      got = got.concat(si.events.map((e) => e.message?.content ?? e.__typename));
+      si.stop();
+      await ci.client.dispose();
+    }
+  } finally {
+    app.log.error = silence;
+  }
+  // Live, then one resume: closed both times; at the third round it is sent with its error and
+  // 'two' follows.
+  assert.deepEqual(codes, [1013, 1013]);
+  assert.ok(got.includes('two'), JSON.stringify({ codes, got }));
+});

@@ -189,10 +189,12 @@ export function attachRealtime(o: RealtimeServerOptions) {
         close(out.socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
       }
     },
-    onEventFailed(row, errors) {
+    onEventFailed(row, errors, sent) {
       o.log.error(
         { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message) },
-        'event execution failed: its subscribers are closed with 1013 to resume from before it',
+        sent
+          ? 'event execution failed again and again: sent with its errors, the stream goes on'
+          : 'event execution failed: its subscribers are closed with 1013 to resume from before it',
       );
     },
   };

@@ -36,8 +36,11 @@ export interface DeliveryHooks {
    * caller decides what to do with the socket
    */
   onSourceError(err: unknown, sink: OperationSink): void;
-  /** an event's execution failed (called once per execution, whoever shares it) */
-  onEventFailed(row: Delivered, errors: readonly GraphQLError[]): void;
+  /**
+   * an event's execution failed (called once per execution, whoever shares it); `sent`: it failed
+   * for good and goes out with its errors
+   */
+  onEventFailed(row: Delivered, errors: readonly GraphQLError[], sent: boolean): void;
 }
 
 /**
@@ -125,6 +128,32 @@ function failedOf(r: ExecutionResult): boolean {
   });
 }
 
+/**
+ * A failure that keeps coming back for the same event is no hiccup: once it has failed in
+ * REPEATS rounds (a second or more apart, however many subscribers fail at once in each), its
+ * result goes out as it is, the error in place of its data, and the stream goes on. Else every
+ * resume would meet it again and be closed again, forever. Kept per process, for the last
+ * FAILURES_KEPT events that failed.
+ */
+const REPEATS = 3;
+const ROUND_MS = 1_000;
+const FAILURES_KEPT = 1_000;
+const failures = new Map<string, { rounds: number; last: number }>();
+
+/** Counts a failure of the event at `cursor`; true once it has failed in REPEATS rounds. */
+function failsForGood(cursor: string): boolean {
+  const now = Date.now();
+  const f = failures.get(cursor) ?? { rounds: 0, last: 0 };
+  if (now - f.last >= ROUND_MS) {
+    f.rounds++;
+    f.last = now;
+  }
+  failures.delete(cursor);
+  failures.set(cursor, f);
+  if (failures.size > FAILURES_KEPT) failures.delete(failures.keys().next().value!);
+  return f.rounds >= REPEATS;
+}
+
 export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
   if (!result.errors?.length) return result;
   return {
@@ -180,9 +209,11 @@ class Work {
     const settle = (r: ExecutionResult) => {
       const masked = maskResult(r, mask);
       this.gone = isGone(masked);
-      this.failed = !this.gone && failedOf(masked);
-      if (this.failed) hooks.onEventFailed(row, masked.errors ?? []);
-      else if (!this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
+      // Only a logged event can be resumed; an ephemeral one (typing, presence) goes out as it is.
+      const failed = !this.gone && row.cursor !== null && failedOf(masked);
+      this.failed = failed && !failsForGood(row.cursor!);
+      if (failed) hooks.onEventFailed(row, masked.errors ?? [], !this.failed);
+      if (!this.failed && !this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
       this.viewerFree = !t.touched();
       this.done = true;
       const waiters = this.waiters;
@@ -334,9 +365,14 @@ export async function startSubscription(
         if (step.done || stopped) break;
         const r = maskResult(await execute({ ...args, rootValue: step.value }), hooks.mask);
         if (stopped || isGone(r)) continue;
-        if (failedOf(r)) {
-          const cursor = (step.value as { cursor?: string | null } | null)?.cursor ?? null;
-          hooks.onEventFailed(step.value as Delivered, r.errors ?? []);
+        const cursor = (step.value as { cursor?: string | null } | null)?.cursor ?? null;
+        if (cursor !== null && failedOf(r)) {
+          const forGood = failsForGood(cursor);
+          hooks.onEventFailed(step.value as Delivered, r.errors ?? [], forGood);
+          if (forGood) {
+            out.next(r);
+            continue;
+          }
           stopped = true;
           void it.return?.();
           hooks.onSourceError(new EventFailedError(cursor), out);
