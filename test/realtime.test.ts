@@ -361,3 +361,36 @@ it('typing goes out while the tailer never catches up (reads back to back), not 
     await c.client.dispose();
   }
 });
+
+it('after rows from another cluster were discarded, a row another instance committed meanwhile (its seq below the mark) still resumes', async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const userId = decodeAnyId(u.id).id;
+  const hub = app.deps.realtime!;
+  const live = await hub.subscribe({ userId }, null);
+  try {
+    await app.deps.db.execute(sql`insert into events (xid, type, guild_id, payload)
+      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
+      from events where guild_id is not null limit 1`);
+    assert.equal(await discardRowsFromAnotherCluster(app.deps.db), 1);
+    // A row whose seq was taken before the mark and which committed after it, as another
+    // instance's write racing the discard would be: the mark's seq is moved above it by hand.
+    await send(app, u.token, channelId, 'racing the discard');
+    await hub.poke();
+    const racing = (await live.next()).value!;
+    await app.deps.db.execute(sql`update instance_settings set value = jsonb_set(value, '{seq}', to_jsonb(${racing.seq + 1}::bigint))
+      where key = 'events.restored_at'`);
+    const resumed = await hub.subscribe({ userId }, racing.cursor as string);
+    await send(app, u.token, channelId, 'after it');
+    await hub.poke();
+    assert.equal((await resumed.next()).value!.type, 'MESSAGE_CREATED');
+    await resumed.return!();
+    // A cursor of a row that is gone (a discarded one) is still refused.
+    await assert.rejects(hub.subscribe({ userId }, encodeCursor({ xid: racing.xid, seq: racing.seq - 1 })), {
+      code: 'CURSOR_EXPIRED',
+    });
+  } finally {
+    await live.return!();
+    await app.deps.db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
+  }
+});

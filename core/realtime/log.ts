@@ -360,7 +360,10 @@ export async function assertResumable(db: Db, after: Position): Promise<void> {
       pg_snapshot_xmax(pg_current_snapshot())::text as xmax`),
   );
   const restored = r.restored === null ? undefined : watermarkOf(r.restored);
-  if (compareXid(after.xid, String(r.xmax)) >= 0 || (restored && after.seq <= restored.seq)) {
+  if (
+    compareXid(after.xid, String(r.xmax)) >= 0 ||
+    (restored && (await fromBeforeRestore(db, after, restored)))
+  ) {
     throw new BanterError(
       'CURSOR_EXPIRED',
       'after: this cursor is not from this event log as it is now (was the database restored or moved?). Fetch afresh and subscribe without after.',
@@ -370,6 +373,22 @@ export async function assertResumable(db: Db, after: Position): Promise<void> {
 }
 
 const RESTORED_KEY = 'events.restored_at';
+
+/**
+ * Whether a cursor was handed out before the rows from another cluster were discarded (`mark`:
+ * that snapshot's xmax and the log's last seq then). A row committed meanwhile by another instance
+ * may have a seq up to the mark too, but an xid from the mark on, and it is still there.
+ */
+async function fromBeforeRestore(db: Db, after: Position, mark: Position): Promise<boolean> {
+  if (after.seq > mark.seq) return false;
+  if (compareXid(after.xid, mark.xid) < 0) return true;
+  const found = rows<{ one: number }>(
+    await db.execute(
+      sql`select 1 as one from events where seq = ${after.seq} and ${XID} = ${after.xid}::bigint`,
+    ),
+  );
+  return found.length === 0;
+}
 
 /**
  * Rows whose transaction ids this cluster has not reached yet: the database was restored into a
@@ -382,19 +401,21 @@ const RESTORED_KEY = 'events.restored_at';
 export async function discardRowsFromAnotherCluster(db: Db): Promise<number> {
   return db.transaction(async (tx) => {
     await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
-    const [top] = rows<{ top: string | null; seq: string | null; xmax: string }>(
-      await tx.execute(sql`select max(${XID})::text as top, max(seq)::text as seq,
-        pg_snapshot_xmax(pg_current_snapshot())::text as xmax from events`),
+    // One statement, one snapshot: a row another instance commits meanwhile is not this one's to
+    // judge (its xid is past this snapshot's xmax, and it is not visible here).
+    const [top] = rows<{ top: string | null; seq: string | null; xmax: string; n: string }>(
+      await tx.execute(sql`with s as (select pg_snapshot_xmax(pg_current_snapshot())::text::bigint as xmax),
+        t as (select max(${XID}) as top, max(seq) as seq from events),
+        d as (delete from events where ${XID} >= (select xmax from s)
+          and (select top from t) >= (select xmax from s) returning 1)
+        select (select top from t)::text as top, (select seq from t)::text as seq,
+          (select xmax from s)::text as xmax, (select count(*) from d)::text as n`),
     );
     if (top.top === null || compareXid(String(top.top), String(top.xmax)) < 0) return 0;
-    const [gone] = rows<{ n: string }>(
-      await tx.execute(sql`with d as (delete from events where ${XID} >= ${top.xmax}::bigint returning 1)
-        select count(*)::text as n from d`),
-    );
     const mark: Position = { xid: String(top.xmax), seq: Number(top.seq) };
     await tx.execute(sql`insert into instance_settings (key, value) values (${RESTORED_KEY}, ${JSON.stringify(mark)}::jsonb)
       on conflict (key) do update set value = excluded.value`);
-    return Number(gone.n);
+    return Number(top.n);
   });
 }
 
