@@ -154,6 +154,20 @@ function failsForGood(cursor: string): boolean {
   return f.rounds >= REPEATS;
 }
 
+/**
+ * Whether an event's masked result is held back, its subscribers cut off to resume from before it
+ * (EventFailedError): it failed for a reason of the server's, and not yet for good. Only a logged
+ * event can be resumed; an ephemeral one (typing, presence) goes out as it is. Tells the hooks of
+ * every failure, once per execution.
+ */
+function holdsBack(row: Delivered | null | undefined, r: ExecutionResult, hooks: DeliveryHooks): boolean {
+  const cursor = row?.cursor ?? null;
+  if (cursor === null || !failedOf(r)) return false;
+  const forGood = failsForGood(cursor);
+  hooks.onEventFailed(row!, r.errors ?? [], forGood);
+  return !forGood;
+}
+
 export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
   if (!result.errors?.length) return result;
   return {
@@ -209,10 +223,7 @@ class Work {
     const settle = (r: ExecutionResult) => {
       const masked = maskResult(r, mask);
       this.gone = isGone(masked);
-      // Only a logged event can be resumed; an ephemeral one (typing, presence) goes out as it is.
-      const failed = !this.gone && row.cursor !== null && failedOf(masked);
-      this.failed = failed && !failsForGood(row.cursor!);
-      if (failed) hooks.onEventFailed(row, masked.errors ?? [], !this.failed);
+      this.failed = !this.gone && holdsBack(row, masked, hooks);
       if (!this.failed && !this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
       this.viewerFree = !t.touched();
       this.done = true;
@@ -365,17 +376,11 @@ export async function startSubscription(
         if (step.done || stopped) break;
         const r = maskResult(await execute({ ...args, rootValue: step.value }), hooks.mask);
         if (stopped || isGone(r)) continue;
-        const cursor = (step.value as { cursor?: string | null } | null)?.cursor ?? null;
-        if (cursor !== null && failedOf(r)) {
-          const forGood = failsForGood(cursor);
-          hooks.onEventFailed(step.value as Delivered, r.errors ?? [], forGood);
-          if (forGood) {
-            out.next(r);
-            continue;
-          }
+        const row = step.value as Delivered | null;
+        if (holdsBack(row, r, hooks)) {
           stopped = true;
           void it.return?.();
-          hooks.onSourceError(new EventFailedError(cursor), out);
+          hooks.onSourceError(new EventFailedError(row!.cursor), out);
           break;
         }
         out.next(r);

@@ -101,9 +101,10 @@ const GROUP_SQL = `
  * both this statement's own xid, assigned after. Then every transaction with a lower xid had
  * finished, its rows visible to this statement; `b` is the last of them, and no row can ever be
  * committed between it and this write's rows. (Another database's transactions count too: telling
- * them apart reads pg_stat_activity, too dear for every send; see Horizon in log.ts.) Otherwise the hub reads the log as for any ring, and
- * `b` does not run (a one-time filter: joined with `w` instead, the backward index scan went on
- * through the whole log looking for a row to pair with `alone`).
+ * them apart reads pg_stat_activity, too dear for every send; see Horizon in log.ts.) Otherwise
+ * the hub reads the log as for any ring, and `b` does not run (a one-time filter: joined with `w`
+ * instead, the backward index scan went on through the whole log looking for a row to pair with
+ * `alone`).
  */
 function writtenLog(inserted: Inserted[], results: Map<string, BatchResult>): WrittenLog | undefined {
   const first = inserted[0];
