@@ -11,7 +11,6 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
-import { sql } from 'drizzle-orm';
 import { type Db, databaseOf, followCommits } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
@@ -416,15 +415,6 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     };
   }
 
-  /** Whether two users are in a guild or a DM together (blocks aside). */
-  async function shareAPlace(a: string, b: string): Promise<boolean> {
-    const r = await deps.db.execute(sql`select exists (select 1 from members x join members y
-        on y.guild_id = x.guild_id where x.user_id = ${a}::uuid and y.user_id = ${b}::uuid)
-      or exists (select 1 from channel_recipients x join channel_recipients y
-        on y.channel_id = x.channel_id where x.user_id = ${a}::uuid and y.user_id = ${b}::uuid) as yes`);
-    return (r as unknown as { rows: { yes: boolean }[] }).rows[0]?.yes === true;
-  }
-
   /**
    * A (un)block changes what its target may see of the actor's presence, and nothing else would
    * tell the target's open streams: a block shows the actor OFFLINE to the target (as queries
@@ -438,7 +428,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     if (r.payload.kind === 'BLOCKED') {
       // Only a target that could see the actor's presence: a stranger would learn of the block.
       if (![...subs].some((s) => s.access.userId === target)) return;
-      if (!(await shareAPlace(actor, target).catch(() => false))) return;
+      const shared = await presenceAudience(deps.db, [actor], [target], true).catch(() => undefined);
+      if (!shared?.get(actor)?.has(target)) return;
       row = presenceRow(actor, 'OFFLINE', target);
     } else {
       const shown = await presence.store.shown([actor]).catch(() => undefined);

@@ -25,13 +25,15 @@ export interface Visible {
 
 /**
  * Of `viewers`, who may see each subject's presence: they share a guild or a DM and the subject has
- * not blocked them. One statement for a whole batch of presence changes and every viewer
- * connected here (ViewerAccess.knows asks it for one pair when a row comes without an audience).
+ * not blocked them (`blocksAside`: whether or not it has). One statement for a whole batch of
+ * presence changes and every viewer connected here (ViewerAccess.knows asks it for one pair when
+ * a row comes without an audience).
  */
 export async function presenceAudience(
   db: DbOrTx,
   subjects: string[],
   viewers: string[],
+  blocksAside = false,
 ): Promise<Map<string, Set<string>>> {
   const out = new Map<string, Set<string>>(subjects.map((s) => [s, new Set<string>()]));
   if (!subjects.length || !viewers.length) return out;
@@ -47,7 +49,7 @@ export async function presenceAudience(
       where a.user_id = any(${sub}::uuid[]) and b.user_id = any(${view}::uuid[]))
     except
     select r.user_id, r.target_id from relationships r
-      where r.user_id = any(${sub}::uuid[]) and r.kind = 'BLOCKED'`);
+      where r.user_id = any(${sub}::uuid[]) and r.kind = 'BLOCKED' and not ${blocksAside}`);
   for (const row of (r as unknown as { rows: { subject: string; viewer: string }[] }).rows) {
     out.get(row.subject)?.add(row.viewer);
   }
