@@ -2,10 +2,17 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import pg from 'pg';
-import WebSocket from 'ws';
 import { pruneEvents } from '../core/realtime/log.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { connect, guildWithChannel, invite, metricsOf, send, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  invite,
+  metricsOf,
+  rawSocket,
+  send,
+  subscribe,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -164,36 +171,7 @@ describe('a socket authenticates once, and what it registers goes with it', () =
   });
   after(() => app2.destroy());
 
-  /** A raw socket recording its messages and its close. */
-  function raw() {
-    const ws = new WebSocket(url2, 'graphql-transport-ws');
-    const messages: any[] = [];
-    let closed: number | undefined;
-    ws.on('message', (d) => messages.push(JSON.parse(String(d))));
-    ws.on('close', (code) => {
-      closed = code;
-    });
-    ws.on('error', () => {});
-    const opened = new Promise<void>((r) => ws.once('open', () => r()));
-    const until = async (pred: () => boolean, what: string) => {
-      const deadline = Date.now() + 5000;
-      while (!pred()) {
-        if (Date.now() > deadline)
-          throw new Error(`timed out waiting for ${what}: ${JSON.stringify(messages)}`);
-        await new Promise((r) => setTimeout(r, 20));
-      }
-    };
-    return {
-      ws,
-      messages,
-      closed: () => closed,
-      until,
-      send: async (m: unknown) => {
-        await opened;
-        await new Promise<void>((r) => ws.send(JSON.stringify(m), () => r()));
-      },
-    };
-  }
+  const raw = () => rawSocket(url2);
 
   /** A new access token of `u`: a session of its own, so its first use reads the database. */
   async function newToken(u: TestUser) {

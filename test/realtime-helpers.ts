@@ -135,3 +135,41 @@ export async function metricsOf(wsUrl: string): Promise<(sample: string) => numb
   }
   return (sample) => values.get(sample) ?? 0;
 }
+
+/**
+ * A raw graphql-transport-ws socket (no client library) that records every message and its close;
+ * `send` resolves once the frame is written.
+ */
+export function rawSocket(url: string, protocol: string | null = 'graphql-transport-ws') {
+  const ws = new WebSocket(url, protocol ?? undefined);
+  const messages: any[] = [];
+  let closed: { code: number; reason: string } | undefined;
+  ws.on('message', (d) => messages.push(JSON.parse(String(d))));
+  ws.on('close', (code, reason) => {
+    closed = { code, reason: String(reason) };
+  });
+  ws.on('error', () => {});
+  const opened = new Promise<void>((resolve) => ws.once('open', () => resolve()));
+  const until = async (pred: () => boolean, what: string, ms = 5000) => {
+    const deadline = Date.now() + ms;
+    while (!pred()) {
+      if (Date.now() > deadline)
+        throw new Error(`timed out waiting for ${what}: ${JSON.stringify(messages)}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+  return {
+    ws,
+    messages,
+    closed: () => closed,
+    send: async (m: unknown) => {
+      await opened;
+      await new Promise<void>((r) => ws.send(typeof m === 'string' ? m : JSON.stringify(m), () => r()));
+    },
+    until,
+    closedWith: async () => {
+      await until(() => !!closed, 'close');
+      return closed!.code;
+    },
+  };
+}

@@ -9,7 +9,7 @@ import { after, before, describe, it } from 'node:test';
 import WebSocket, * as wsModule from 'ws';
 import { nextFrame } from '../api/realtime/protocol.ts';
 import { createTestApp, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel, metricsOf, send } from './realtime-helpers.ts';
+import { guildWithChannel, metricsOf, rawSocket, send } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -31,46 +31,18 @@ before(async () => {
 });
 after(() => app.destroy());
 
-/** A raw socket that records every message and its close. */
+/** A raw socket (rawSocket) to this file's server, with an init as `u` and a wait for a message. */
 function open(protocol: string | null = 'graphql-transport-ws') {
-  const ws = new WebSocket(url, protocol ?? undefined);
-  const messages: any[] = [];
-  let closed: { code: number; reason: string } | undefined;
-  ws.on('message', (d) => messages.push(JSON.parse(String(d))));
-  ws.on('close', (code, reason) => {
-    closed = { code, reason: String(reason) };
-  });
-  ws.on('error', () => {});
-  const opened = new Promise<void>((resolve) => ws.once('open', () => resolve()));
-  const until = async (pred: () => boolean, what: string, ms = 5000) => {
-    const deadline = Date.now() + ms;
-    while (!pred()) {
-      if (Date.now() > deadline)
-        throw new Error(`timed out waiting for ${what}: ${JSON.stringify(messages)}`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  };
-  return {
-    ws,
-    messages,
-    closed: () => closed,
-    send: async (m: unknown) => {
-      await opened;
-      ws.send(typeof m === 'string' ? m : JSON.stringify(m));
-    },
-    until,
-    closedWith: async () => {
-      await until(() => !!closed, 'close');
-      return closed!.code;
-    },
+  const s = rawSocket(url, protocol);
+  return Object.assign(s, {
     /** until a `next` frame carries a new message with this content */
     untilMessage: (content: string) =>
-      until(() => messages.some((m) => m.payload?.data?.events?.message?.content === content), content),
+      s.until(() => s.messages.some((m) => m.payload?.data?.events?.message?.content === content), content),
     async init(token = u.token) {
-      await this.send({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } });
-      await until(() => messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
     },
-  };
+  });
 }
 
 describe('graphql-transport-ws', () => {
