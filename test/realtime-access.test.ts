@@ -23,14 +23,7 @@ it('delivers only what each user may see now, live and in replay; a join starts 
     Array.from({ length: 7 }, () => signUp(app)),
   );
   const { guildId, channelId: general } = await guildWithChannel(app, owner.token);
-  const secret = (
-    await ok(
-      app,
-      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "secret", type: TEXT }) { id } }`,
-      { g: guildId },
-      owner.token,
-    )
-  ).createChannel.id;
+  const secret = await createChannel(owner.token, guildId, 'secret');
   for (const u of [member, kicked, banned, denied]) await invite(app, owner.token, guildId, u.token);
   const c0Msg = await send(app, owner.token, general, 'before');
   assert.ok(c0Msg);
@@ -236,26 +229,33 @@ async function overwrite(token: string, i: Record<string, unknown>) {
   );
 }
 
+async function createChannel(token: string, guildId: string, name: string, type = 'TEXT'): Promise<string> {
+  const r = await ok(
+    app,
+    `mutation($g: ID!, $n: String!, $t: ChannelType!) { createChannel(input: { guildId: $g, name: $n, type: $t }) { id } }`,
+    { g: guildId, n: name, t: type },
+    token,
+  );
+  return r.createChannel.id as string;
+}
+
+/** Denies VIEW_CHANNEL to @everyone on the channel (or category). */
+async function hideFromEveryone(token: string, guildId: string, channelId: string) {
+  await overwrite(token, {
+    channelId,
+    targetType: 'ROLE',
+    targetId: await everyoneRole(token, guildId),
+    allow: [],
+    deny: ['VIEW_CHANNEL'],
+  });
+}
+
 it('an ownership transfer moves a channel hidden from @everyone from the old owner to the new one at once', async () => {
   const [o, n] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, n.token);
-  const secret = (
-    await ok(
-      app,
-      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "secret", type: TEXT }) { id } }`,
-      { g: guildId },
-      o.token,
-    )
-  ).createChannel.id as string;
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId: secret,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['VIEW_CHANNEL'],
-  });
+  const secret = await createChannel(o.token, guildId, 'secret');
+  await hideFromEveryone(o.token, guildId, secret);
   const oc = connect(url, o.token);
   const nc = connect(url, n.token);
   const os = subscribe(oc.client, null, ACCESS_Q);
@@ -345,28 +345,14 @@ it('a channel overwrite change is told to who may see the channel or is its targ
   const [o, a, b] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
   for (const u of [a, b]) await invite(app, o.token, guildId, u.token);
-  const secret = (
-    await ok(
-      app,
-      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "secret", type: TEXT }) { id } }`,
-      { g: guildId },
-      o.token,
-    )
-  ).createChannel.id as string;
+  const secret = await createChannel(o.token, guildId, 'secret');
   const ac = connect(url, a.token);
   const bc = connect(url, b.token);
   const as = subscribe(ac.client, null, ACCESS_Q);
   const bs = subscribe(bc.client, null, ACCESS_Q);
   await settle();
   // For @everyone: every member may have lost sight of it, and is told.
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId: secret,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['VIEW_CHANNEL'],
-  });
+  await hideFromEveryone(o.token, guildId, secret);
   const told = (e: any[]) => e.filter((x) => x.__typename === 'PermissionsChanged').length;
   await as.until((e) => told(e) === 1);
   await bs.until((e) => told(e) === 1);
@@ -405,22 +391,8 @@ it('a member who loses sight of a channel moved into a category hidden from it i
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, v.token);
-  const cat = (
-    await ok(
-      app,
-      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "staff", type: CATEGORY }) { id } }`,
-      { g: guildId },
-      o.token,
-    )
-  ).createChannel.id as string;
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId: cat,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['VIEW_CHANNEL'],
-  });
+  const cat = await createChannel(o.token, guildId, 'staff', 'CATEGORY');
+  await hideFromEveryone(o.token, guildId, cat);
   const vc = connect(url, v.token);
   const vs = subscribe(vc.client, null, ACCESS_Q);
   await settle();
