@@ -136,27 +136,23 @@ describe('graphql-transport-ws', () => {
     assert.equal(await s.closedWith(), 4409);
   });
 
+  /**
+   * One batch: subscribe 1 with `first`, complete 1, subscribe 1 again selecting the cursor too.
+   * Legal: the id is free once the client completed it.
+   */
+  const reuseId = (s: ReturnType<typeof open>, first: string) => {
+    const subscribe = (query: string) =>
+      s.ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query } }));
+    subscribe(first);
+    s.ws.send(JSON.stringify({ id: '1', type: 'complete' }));
+    subscribe('subscription { events { __typename cursor } }');
+  };
+
   it('an id completed and reused while its first setup is pending names the new operation only (it got the old one before)', async () => {
     const { channelId } = await guildWithChannel(app, u.token);
     const s = open();
     await s.init();
-    // One batch: subscribe 1, complete 1, subscribe 1 again with another selection. Legal: the id
-    // is free once the client completed it.
-    s.ws.send(
-      JSON.stringify({
-        id: '1',
-        type: 'subscribe',
-        payload: { query: 'subscription { events { __typename } }' },
-      }),
-    );
-    s.ws.send(JSON.stringify({ id: '1', type: 'complete' }));
-    s.ws.send(
-      JSON.stringify({
-        id: '1',
-        type: 'subscribe',
-        payload: { query: 'subscription { events { __typename cursor } }' },
-      }),
-    );
+    reuseId(s, 'subscription { events { __typename } }');
     await new Promise((r) => setTimeout(r, 500));
     await send(app, u.token, channelId, 'hello');
     const created = () =>
@@ -175,21 +171,7 @@ describe('graphql-transport-ws', () => {
     const { channelId } = await guildWithChannel(app, u.token);
     const s = open();
     await s.init();
-    s.ws.send(
-      JSON.stringify({
-        id: '1',
-        type: 'subscribe',
-        payload: { query: 'subscription { events(after: "garbage") { __typename } }' },
-      }),
-    );
-    s.ws.send(JSON.stringify({ id: '1', type: 'complete' }));
-    s.ws.send(
-      JSON.stringify({
-        id: '1',
-        type: 'subscribe',
-        payload: { query: 'subscription { events { __typename cursor } }' },
-      }),
-    );
+    reuseId(s, 'subscription { events(after: "garbage") { __typename } }');
     await new Promise((r) => setTimeout(r, 500));
     await send(app, u.token, channelId, 'hello');
     await s.until(
