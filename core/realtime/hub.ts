@@ -17,6 +17,7 @@ import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
 import { observeEvents } from '../services/access-cache.ts';
 import {
   comparePos,
+  compareXid,
   decodeCursor,
   encodeCursor,
   maxPos,
@@ -28,6 +29,7 @@ import {
   assertAfterWatermark,
   assertResumable,
   awaitsFormerMembers,
+  type BoundedRead,
   discardRowsFromAnotherCluster,
   type Horizon,
   headPosition,
@@ -36,6 +38,7 @@ import {
   prunedThrough,
   pruneEvents,
   readAfter,
+  readAfterBounded,
   readAfterWithMessages,
   readRange,
   snapshotNow,
@@ -87,8 +90,19 @@ const BATCH = 1000;
 /** Longest a presence change waits to be batched with others (see flushPresence). */
 const PRESENCE_BATCH_MS = 100;
 const REPLAY_PAGE = 500;
+/** Longest typing waits for the log to be read before it is dropped (see afterLogRead). */
+const LOG_READ_WAIT_MS = 3000;
 /** Longest a ring waits for the follower read out when it came (see follow). */
 const FOLLOW_WAIT_MS = 25;
+
+interface ReadWaiter {
+  /** reads begun when it came: a later read gives its bound */
+  since: number;
+  /** the xmax of the first read that began after it came (see afterLogRead) */
+  bound?: string;
+  resolve(ok: boolean): void;
+  timer: NodeJS.Timeout;
+}
 
 /** Whether a batch has a GUILD_DELETED row still without its former members (rare: awaited only then). */
 const deletesGuild = (batch: Delivered[]) => batch.some(awaitsFormerMembers);
@@ -127,9 +141,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let tailing: Promise<void> = Promise.resolve();
   /** the next read is to use the exact horizon (a poll asked for it) */
   let exactWanted = false;
-  /** reads of the log begun so far, and who waits for one to begin after a given count */
+  /** reads of the log begun so far, and what waits for the log to be read (see afterLogRead) */
   let readsBegun = 0;
-  let readWaiters: { after: number; resolve: () => void }[] = [];
+  let readWaiters: ReadWaiter[] = [];
   let stopped = false;
   let poll: NodeJS.Timeout | undefined;
   let prune: NodeJS.Timeout | undefined;
@@ -199,25 +213,53 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   }
 
   /**
-   * Settles (never rejects) once a read of the log that began after this call has been dispatched,
-   * or failed. Not when the tailer has caught up: under steady traffic that may be never.
+   * Settles true once every transaction that had committed when this was called has been read
+   * and dispatched; false if that takes longer than LOG_READ_WAIT_MS, a read fails, or the hub
+   * stops (never rejects). A read that began after the call gives the bound, its snapshot's xmax;
+   * a read whose horizon reached that bound, to its last row, settles it. Usually the first read
+   * does both; a transaction of this database still open holds it until it ends. Not "once the
+   * tailer has caught up": under steady traffic that may be never.
    */
-  function afterNextRead(): Promise<void> {
-    if (stopped) return Promise.resolve();
-    const p = new Promise<void>((resolve) => readWaiters.push({ after: readsBegun, resolve }));
+  function afterLogRead(): Promise<boolean> {
+    if (stopped) return Promise.resolve(false);
+    const p = new Promise<boolean>((resolve) => {
+      const w: ReadWaiter = {
+        since: readsBegun,
+        resolve: (ok) => {
+          clearTimeout(w.timer);
+          resolve(ok);
+        },
+        timer: setTimeout(() => {
+          readWaiters = readWaiters.filter((x) => x !== w);
+          w.resolve(false);
+        }, LOG_READ_WAIT_MS),
+      };
+      readWaiters.push(w);
+    });
     void tail();
     return p;
   }
 
-  /** Read number `n` was dispatched: its waiters (those that came before it began) go on. */
-  function readDone(n: number) {
-    if (!readWaiters.length) return;
-    const left: typeof readWaiters = [];
-    for (const w of readWaiters) {
-      if (n > w.after) w.resolve();
-      else left.push(w);
-    }
-    readWaiters = left;
+  /**
+   * Read number `n` was dispatched, `bound` saying how far it saw (only a bounded read, which the
+   * tailer makes while anything waits, decides), `whole` when it was not a full page.
+   */
+  function readDone(n: number, bound: BoundedRead | undefined, whole: boolean) {
+    if (!readWaiters.length || !bound) return;
+    readWaiters = readWaiters.filter((w) => {
+      if (n <= w.since) return true;
+      w.bound ??= bound.xmax;
+      if (!whole || compareXid(bound.horizon, w.bound) < 0) return true;
+      w.resolve(true);
+      return false;
+    });
+  }
+
+  /** Everything waiting for a read of the log gives up (a read failed, the hub stops). */
+  function abandonWaiters() {
+    const all = readWaiters;
+    readWaiters = [];
+    for (const w of all) w.resolve(false);
   }
 
   async function tailUntilCaughtUp(via: 'ring' | 'poll') {
@@ -229,30 +271,38 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           const withMessages = subs.size > 0;
           obs.read?.(via);
           // A poll's read tells this database's transactions from other databases' (see Horizon):
-          // one open elsewhere holds the other reads back, never this one.
+          // one open elsewhere holds the other reads back, never this one. So does a read something
+          // waits for (afterLogRead), which also says how far it saw.
           const horizon: Horizon = exactWanted ? 'exact' : 'fast';
           exactWanted = false;
           const n = ++readsBegun;
-          const batch = (
-            withMessages
-              ? await readAfterWithMessages(deps.db, pos!, BATCH, horizon)
-              : await readAfter(deps.db, pos!, BATCH, horizon)
-          ) as Delivered[];
+          let bound: BoundedRead | undefined;
+          let batch: Delivered[];
+          if (readWaiters.length) {
+            bound = await readAfterBounded(deps.db, pos!, BATCH);
+            batch = bound.rows as Delivered[];
+          } else {
+            batch = (
+              withMessages
+                ? await readAfterWithMessages(deps.db, pos!, BATCH, horizon)
+                : await readAfter(deps.db, pos!, BATCH, horizon)
+            ) as Delivered[];
+          }
           if (!batch.length || stopped) {
-            readDone(n);
+            readDone(n, bound, true);
             break;
           }
-          if (!withMessages && subs.size) await loadMessages(deps.db, batch);
+          if ((bound || !withMessages) && subs.size) await loadMessages(deps.db, batch);
           if (deletesGuild(batch)) await loadFormerMembers(deps.db, batch);
           dispatch(batch);
-          readDone(n);
+          readDone(n, bound, batch.length < BATCH);
           if (batch.length < BATCH) break;
         }
       } while (again && !stopped);
     } catch (err) {
       deps.log.warn({ err }, 'event log tail failed; retrying on the next poll');
-      // What waited for a read goes on without it (typing on the access known so far).
-      readDone(Number.POSITIVE_INFINITY);
+      // What waited for a read gives up (typing is dropped rather than judged on stale access).
+      abandonWaiters();
     } finally {
       busy = false;
     }
@@ -344,11 +394,12 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         payload: { userId: t.userId, at: t.at },
       };
       // Typing comes over the bus at once, and a kick or an overwrite committed before it may not
-      // have been read here yet (another instance's, its ring lost or still on its way): it goes
-      // out after a read of the log that began after it came, so every subscriber observes such
-      // a change first. The reads of a burst of typing share one.
-      void afterNextRead().then(() => {
-        if (stopped) return;
+      // have been read here yet (another instance's, its ring lost or still on its way; behind a
+      // transaction still open elsewhere): it goes out once every transaction committed before it
+      // came has been read, so every subscriber observes such a change first, or not at all. The
+      // reads of a burst of typing share one.
+      void afterLogRead().then((ok) => {
+        if (!ok || stopped) return;
         for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
       });
     } else if (topic === 'presence') {
@@ -593,7 +644,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
 
     async stop() {
       stopped = true;
-      readDone(Number.POSITIVE_INFINITY);
+      abandonWaiters();
       if (presenceTimer) clearTimeout(presenceTimer);
       if (deferTimer) clearTimeout(deferTimer);
       presence.stop();

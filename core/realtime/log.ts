@@ -85,13 +85,15 @@ const XID = sql`(xid::text::bigint)`;
  * poll instead of stopping it.
  */
 export type Horizon = 'fast' | 'exact';
-const FINISHED = {
-  fast: sql`xid < pg_snapshot_xmin(pg_current_snapshot())`,
-  exact: sql.raw(`xid < (select coalesce(
+/** The `exact` bound of snapshot `t.s`, in SQL (see Horizon). */
+const EXACT_BOUND = `coalesce(
     (select min(x) from pg_snapshot_xip(t.s) x where x::xid not in (
       select a.backend_xid from pg_stat_activity a where a.backend_xid is not null
         and a.datid is distinct from (select oid from pg_database where datname = current_database()))),
-    pg_snapshot_xmax(t.s)) from (select pg_current_snapshot() as s) t)`),
+    pg_snapshot_xmax(t.s))`;
+const FINISHED = {
+  fast: sql`xid < pg_snapshot_xmin(pg_current_snapshot())`,
+  exact: sql.raw(`xid < (select ${EXACT_BOUND} from (select pg_current_snapshot() as s) t)`),
 };
 
 /** The last finished row: where a tailer starting now begins. */
@@ -128,6 +130,38 @@ export async function readAfter(
     where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and ${FINISHED[horizon]}
     order by ${XID}, seq limit ${limit}`);
   return rows<RawRow>(r).map(toRow);
+}
+
+/** A read that says how far it saw: see readAfterBounded. */
+export interface BoundedRead {
+  rows: LogRow[];
+  /** every transaction below this had finished, and its rows after `from` are in `rows` (unless a full page) */
+  horizon: string;
+  /** the read's snapshot's xmax: every transaction committed before the read began is below it */
+  xmax: string;
+}
+
+/**
+ * readAfter with the `exact` horizon, saying where that horizon and the snapshot's xmax were.
+ * Once a read returns a horizon at or past an earlier read's xmax (and not a full page), every
+ * transaction that had committed when that earlier read began has been read: what typing waits
+ * for (see the hub). One statement, so both come from the snapshot the rows were read in.
+ */
+export async function readAfterBounded(db: Db, from: Position, limit: number): Promise<BoundedRead> {
+  const r = await db.execute(sql`
+    with t as (select pg_current_snapshot() as s),
+      b as (select ${sql.raw(EXACT_BOUND)} as h, pg_snapshot_xmax(t.s) as x from t)
+    select b.h::text as horizon, b.x::text as xmax, e.* from b left join lateral (
+      select ${COLS}, ${XID} as xorder from events
+      where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and xid < b.h
+      order by ${XID}, seq limit ${limit}) e on true
+    order by e.xorder, e.seq`);
+  const found = rows<RawRow & { horizon: string; xmax: string }>(r);
+  return {
+    rows: found.filter((f) => f.seq !== null).map(toRow),
+    horizon: String(found[0].horizon),
+    xmax: String(found[0].xmax),
+  };
 }
 
 /** The message id a row is about, in SQL, as messageIdOf and loadMessages read it (else null). */
