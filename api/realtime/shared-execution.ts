@@ -43,12 +43,16 @@ export interface DeliveryHooks {
   onEventFailed(row: Delivered, errors: readonly GraphQLError[], sent: boolean): void;
 }
 
+/** What executing events one by one needs of the hooks (executeEach; the SSE path has only these). */
+export type EventHooks = Pick<DeliveryHooks, 'mask' | 'onEventFailed'>;
+
 /**
  * An event's execution failed for a reason of the server's (a pool timeout, a dropped connection,
  * a statement timeout): its result is not sent, since with `data` null (its fields are non-null)
  * it carries no cursor and the client's next cursor would be past an event it never got. The
- * subscriber is cut off as a slow consumer is (1013), and resumes from its last cursor, which
- * precedes the failed event.
+ * subscriber is cut off, as a slow consumer is (1013 on a socket; over SSE its stream ends with
+ * this message, api/realtime/sse.ts), and resumes from its last cursor, which precedes the failed
+ * event.
  */
 export class EventFailedError extends Error {
   constructor(readonly cursor: string | null) {
@@ -160,7 +164,7 @@ function failsForGood(cursor: string): boolean {
  * event can be resumed; an ephemeral one (typing, presence) goes out as it is. Tells the hooks of
  * every failure, once per execution.
  */
-function holdsBack(row: Delivered | null | undefined, r: ExecutionResult, hooks: DeliveryHooks): boolean {
+function holdsBack(row: Delivered | null | undefined, r: ExecutionResult, hooks: EventHooks): boolean {
   const cursor = row?.cursor ?? null;
   if (cursor === null || !failedOf(r)) return false;
   const forGood = failsForGood(cursor);
@@ -367,33 +371,86 @@ export async function startSubscription(
     return { stop: () => void source.return() };
   }
   // Any other stream: one execution per event, in order.
-  const it = (source as AsyncIterable<unknown>)[Symbol.asyncIterator]();
+  const results = executeEach(args, (source as AsyncIterable<unknown>)[Symbol.asyncIterator](), hooks);
   let stopped = false;
   void (async () => {
     try {
       for (;;) {
-        const step = await it.next();
+        const step = await results.next();
         if (step.done || stopped) break;
-        const r = maskResult(await execute({ ...args, rootValue: step.value }), hooks.mask);
-        if (stopped || isGone(r)) continue;
-        const row = step.value as Delivered | null;
-        if (holdsBack(row, r, hooks)) {
-          stopped = true;
-          void it.return?.();
-          hooks.onSourceError(new EventFailedError(row!.cursor), out);
-          break;
-        }
-        out.next(r);
+        out.next(step.value);
       }
     } catch (err) {
-      if (!stopped) out.next(sourceErrorResult(err, hooks.mask));
+      // A held-back event: the hooks cut the subscriber off, with no error frame (as Delivery does).
+      if (err instanceof EventFailedError) hooks.onSourceError(err, out);
+      else if (!stopped) out.next(sourceErrorResult(err, hooks.mask));
     }
     out.complete();
   })();
   return {
     stop() {
       stopped = true;
-      void it.return?.();
+      void results.return?.();
+    },
+  };
+}
+
+/**
+ * The pull path: takes events from `source` one at a time and executes each, in order, yielding
+ * its masked result (events whose subject is gone are skipped). An event held back (holdsBack)
+ * is not yielded: the source is returned and next() rejects with EventFailedError, for the caller
+ * to end its stream so the client resumes from before it. Used by subscriptions over SSE (whose
+ * reader pulls at its own pace) and by non-hub streams on the socket.
+ *
+ * Not an async generator: return() must reach the source at once, even while next() waits on it
+ * (a generator would queue the return behind that wait, keeping an idle subscriber registered).
+ */
+export function executeEach(
+  args: ExecutionArgs,
+  source: AsyncIterator<unknown>,
+  hooks: EventHooks,
+): AsyncIterableIterator<ExecutionResult> {
+  let ended = false;
+  const end = () => {
+    if (ended) return;
+    ended = true;
+    void source.return?.();
+  };
+  const over = (): IteratorResult<ExecutionResult> => ({ done: true, value: undefined });
+  const run = async (row: unknown): Promise<ExecutionResult> => {
+    try {
+      return maskResult(await execute({ ...args, rootValue: row }), hooks.mask);
+    } catch (err) {
+      // As Work does: a throw is a failed execution, held back or sent like any other.
+      return { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] };
+    }
+  };
+  return {
+    async next() {
+      for (;;) {
+        if (ended) return over();
+        const step = await source.next();
+        if (step.done || ended) {
+          ended = true;
+          return over();
+        }
+        const r = await run(step.value);
+        if (ended) return over();
+        if (isGone(r)) continue;
+        const row = step.value as Delivered | null;
+        if (holdsBack(row, r, hooks)) {
+          end();
+          throw new EventFailedError(row!.cursor);
+        }
+        return { done: false, value: r };
+      }
+    },
+    async return() {
+      end();
+      return over();
+    },
+    [Symbol.asyncIterator]() {
+      return this;
     },
   };
 }
