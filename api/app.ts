@@ -32,6 +32,7 @@ import { createMaskError } from './errors.ts';
 import { createLogger, type Logger } from './logger.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { attachRealtime } from './realtime/server.ts';
+import { maskingOnce, sseSubscriptions } from './realtime/sse.ts';
 import { requestStore } from './request-store.ts';
 
 const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
@@ -151,6 +152,11 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     },
   };
 
+  // Subscriptions over SSE mask their results before yoga does (api/realtime/sse.ts): one mask for
+  // both, which leaves what it masked alone.
+  const maskError = maskingOnce(createMaskError(log, metrics));
+  const sse = sseSubscriptions({ mask: maskError, log });
+
   const schema = buildSchema();
   // The HTTP server's yoga checks the declared length (bodyLimit); app.fetch's keeps yoga's own
   // streaming limit, as its callers' bodies declare none.
@@ -171,11 +177,12 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         // createMaskError has already logged the unexpected ones (with the stack and path).
         error: (...a) => (a[0] instanceof Error ? log.debug({ yoga: a }) : log.error({ yoga: a })),
       },
-      maskedErrors: { maskError: createMaskError(log, metrics) },
+      maskedErrors: { maskError },
       plugins: [
         ...(http ? [bodyLimit] : []),
         ...armorPlugins({ production: config.nodeEnv === 'production' }),
         observe,
+        sse,
       ],
       context: async ({ request, req, ip }): Promise<Context> => {
         const store = requestStore.getStore();
