@@ -1,0 +1,311 @@
+/**
+ * `events(after)` over Server-Sent Events (yoga's HTTP subscriptions, POST or GET with
+ * `Accept: text/event-stream`), read by a real HTTP client (fetch) on the real server: events
+ * arrive in order with their cursors and resume by cursor, and an event whose execution failed
+ * for a reason of the server's is not sent: the stream ends with a resume error instead, as the
+ * socket closes with 1013, so that the client's last cursor still precedes it.
+ */
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, signUp, type TestApp } from './helpers.ts';
+import { EVENTS, guildWithChannel, send } from './realtime-helpers.ts';
+
+let app: TestApp;
+let httpUrl: string;
+before(async () => {
+  app = await createTestApp({ rateLimits: false });
+  httpUrl = `http://127.0.0.1:${await app.start(0)}/graphql`;
+});
+after(() => app.destroy());
+
+/** The message of the item that ends a stream for its client to resume (api/realtime/sse.ts). */
+const RESUME = 'An event could not be delivered: resume from your last cursor.';
+
+interface SseStream {
+  /** every `next` payload, in order */
+  items: any[];
+  /** `data.events` of the items that have it (presence left out) */
+  events: any[];
+  /** the errors of every item */
+  errors: any[];
+  /** the server sent `complete` */
+  completed: boolean;
+  /** the response is over (completed, cut off or stopped) */
+  ended: boolean;
+  status?: number;
+  /** resolves once `pred` holds for the stream; fails after `ms` */
+  until(pred: (s: SseStream) => boolean, what: string, ms?: number): Promise<void>;
+  stop(): void;
+}
+
+/** A subscription over SSE: POST (JSON body) or GET (query string), read as it arrives. */
+function sse(token: string, cursor?: string | null, method: 'POST' | 'GET' = 'POST'): SseStream {
+  const ac = new AbortController();
+  let wake: (() => void) | undefined;
+  let failure: unknown;
+  const variables = JSON.stringify({ after: cursor ?? null });
+  const url = method === 'GET' ? `${httpUrl}?${new URLSearchParams({ query: EVENTS, variables })}` : httpUrl;
+  const s: SseStream = {
+    items: [],
+    events: [],
+    errors: [],
+    completed: false,
+    ended: false,
+    async until(pred, what, ms = 10_000) {
+      const deadline = Date.now() + ms;
+      while (!pred(s)) {
+        if (failure) throw new Error(`the SSE stream failed: ${String(failure)}`);
+        const left = deadline - Date.now();
+        if (left <= 0)
+          throw new Error(
+            `timed out waiting for ${what}; have ${JSON.stringify({ items: s.items, ended: s.ended })}`,
+          );
+        await new Promise<void>((r) => {
+          wake = r;
+          setTimeout(r, Math.min(left, 100));
+        });
+      }
+    },
+    stop: () => ac.abort(),
+  };
+  const onBlock = (block: string) => {
+    let event = 'message';
+    const data: string[] = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith(':')) continue; // keep-alive ping
+      const at = line.indexOf(':');
+      const field = at < 0 ? line : line.slice(0, at);
+      const value = at < 0 ? '' : line.slice(at + 1).replace(/^ /, '');
+      if (field === 'event') event = value;
+      else if (field === 'data') data.push(value);
+    }
+    if (event === 'complete') s.completed = true;
+    if (event !== 'next') return;
+    const item = JSON.parse(data.join('\n'));
+    s.items.push(item);
+    if (item.errors) s.errors.push(...item.errors);
+    const e = item.data?.events;
+    if (e && e.__typename !== 'PresenceChanged') s.events.push(e);
+  };
+  void (async () => {
+    const res = await fetch(url, {
+      method,
+      headers: {
+        accept: 'text/event-stream',
+        authorization: `Bearer ${token}`,
+        ...(method === 'POST' ? { 'content-type': 'application/json' } : {}),
+      },
+      body:
+        method === 'POST'
+          ? JSON.stringify({ query: EVENTS, variables: { after: cursor ?? null } })
+          : undefined,
+      signal: ac.signal,
+    });
+    s.status = res.status;
+    const reader = res.body!.getReader();
+    const decoder = new TextDecoder();
+    let buf = '';
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
+        onBlock(buf.slice(0, i));
+        buf = buf.slice(i + 2);
+      }
+      wake?.();
+    }
+  })()
+    .catch((err) => {
+      if (!ac.signal.aborted) failure = err;
+    })
+    .finally(() => {
+      s.ended = true;
+      wake?.();
+    });
+  return s;
+}
+
+/** A live SSE stream, once the hub has its subscriber and a moment for its snapshot. */
+async function liveSse(token: string) {
+  const had = app.deps.realtime!.subscriberCount;
+  const s = sse(token);
+  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount <= had; i++)
+    await new Promise((r) => setTimeout(r, 20));
+  await new Promise((r) => setTimeout(r, 300));
+  return s;
+}
+
+const contents = (events: any[]) =>
+  events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
+const cursorOf = (s: SseStream, content: string) =>
+  s.events.find((e) => e.message?.content === content).cursor as string;
+
+/** Ends each stream it is given and waits (bounded) until the hub has let their subscribers go. */
+async function stopAll(...streams: SseStream[]) {
+  for (const s of streams) s.stop();
+  const deadline = Date.now() + 5000;
+  while (streams.some((s) => !s.ended) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+}
+
+it('over SSE, events arrive in order with their cursors, none repeated; a resume (GET) from a cursor gets what followed it, then goes live', {
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const s = await liveSse(u.token);
+  assert.equal(s.status, 200);
+  for (const c of ['a', 'b', 'c']) await send(app, u.token, channelId, c);
+  await s.until((x) => contents(x.events).includes('c'), 'c');
+  assert.deepEqual(contents(s.events), ['a', 'b', 'c']);
+  const cursors = s.events.map((e) => e.cursor);
+  assert.ok(
+    cursors.every((c) => typeof c === 'string' && c.length > 0),
+    'every durable event has a cursor',
+  );
+  assert.equal(new Set(cursors).size, cursors.length, 'no cursor repeated');
+
+  // A client that got only 'a' resumes with its cursor, over GET this time.
+  const r = sse(u.token, cursorOf(s, 'a'), 'GET');
+  await r.until((x) => contents(x.events).includes('c'), 'the replay');
+  await send(app, u.token, channelId, 'd');
+  await r.until((x) => contents(x.events).includes('d'), 'd after the replay');
+  await s.until((x) => contents(x.events).includes('d'), 'd live');
+  // Anything repeated would have arrived by now.
+  await new Promise((res) => setTimeout(res, 300));
+  assert.deepEqual(contents(r.events), ['b', 'c', 'd']);
+  assert.deepEqual(
+    r.events.slice(0, 2).map((e) => e.cursor),
+    [cursorOf(s, 'b'), cursorOf(s, 'c')],
+    'replayed with the cursors they had live',
+  );
+  assert.deepEqual(contents(s.events), ['a', 'b', 'c', 'd']);
+  assert.deepEqual(s.errors, []);
+  assert.deepEqual(r.errors, []);
+  assert.equal(s.ended, false, 'a healthy stream goes on');
+  await stopAll(s, r);
+});
+
+it('over SSE, a refused subscription (malformed cursor) answers its code and completes: not a resume', {
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const s = sse(u.token, 'not-a-cursor');
+  await s.until((x) => x.ended, 'the end of the response');
+  assert.equal(s.completed, true);
+  assert.equal(s.errors.length, 1);
+  assert.equal(s.errors[0].extensions?.code, 'BAD_USER_INPUT');
+});
+
+it('over SSE, an event whose execution fails is not sent: the stream ends with a resume error, and a resume from the last cursor gets it, once', {
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const s = await liveSse(u.token);
+  const m1 = await send(app, u.token, channelId, 'one');
+  await s.until((x) => contents(x.events).includes('one'), 'one');
+  const last = cursorOf(s, 'one');
+  // The log at error level: once for the execution, with the event's cursor.
+  const logged: Record<string, unknown>[] = [];
+  const error = app.log.error;
+  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
+    if (msg?.startsWith('event execution failed')) logged.push(obj);
+  }) as typeof app.log.error;
+  // A transient failure while the ReactionAdded executes (here its table is briefly away; in
+  // production a pool timeout, a dropped connection, a statement timeout).
+  await app.deps.db.execute(sql`alter table reactions rename to reactions_away`);
+  try {
+    await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+      select 'REACTION_ADDED', guild_id, channel_id,
+        jsonb_build_object('messageId', id::text, 'emoji', 'x', 'userId', author_id::text)
+      from messages where id = ${decodeAnyId(m1).id}::uuid`);
+    await app.deps.realtime!.poke();
+    const deadline = Date.now() + 5000;
+    while (!s.ended && s.items.length < 2 && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 50));
+  } finally {
+    await app.deps.db.execute(sql`alter table reactions_away rename to reactions`);
+    app.log.error = error;
+  }
+  assert.deepEqual(
+    s.items.slice(1),
+    [{ errors: [{ message: RESUME, extensions: { code: 'INTERNAL_SERVER_ERROR' } }] }],
+    'the failed event is not sent: one last item tells the client to resume',
+  );
+  await s.until((x) => x.ended, 'the end of the stream', 5000);
+  assert.equal(s.completed, true, 'the stream ends');
+  assert.deepEqual(contents(s.events), ['one']);
+
+  // The client resumes from the last cursor it got, which precedes the failed event.
+  const s2 = sse(u.token, last);
+  await s2.until((x) => x.events.some((e) => e.__typename === 'ReactionAdded'), 'the failed event');
+  await send(app, u.token, channelId, 'two');
+  await s2.until((x) => contents(x.events).includes('two'), 'two');
+  const reactions = s2.events.filter((e) => e.__typename === 'ReactionAdded');
+  assert.equal(reactions.length, 1, 'the failed event comes back exactly once');
+  assert.equal(reactions[0].emoji, 'x');
+  assert.ok(reactions[0].cursor, 'with its cursor');
+  assert.deepEqual(contents(s2.events), ['two']);
+  assert.deepEqual(s2.errors, []);
+  assert.deepEqual(
+    logged.map((l) => l.cursor),
+    [reactions[0].cursor],
+    'logged once, with its cursor',
+  );
+  await stopAll(s2);
+});
+
+it('over SSE, an event that fails every time ends the stream for a few rounds, then goes out with its error and the stream goes on', {
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  const s = await liveSse(u.token);
+  await send(app, u.token, channelId, 'one');
+  await s.until((x) => contents(x.events).includes('one'), 'one');
+  const last = cursorOf(s, 'one');
+  // A row whose resolution fails the same way every time (a payload without a valid userId:
+  // loading the user fails on the uuid cast).
+  await app.deps.db.execute(sql`insert into events (type, guild_id, payload)
+    values ('MEMBER_JOINED', ${decodeAnyId(guildId).id}::uuid, jsonb_build_object('userId', 'x'))`);
+  await send(app, u.token, channelId, 'two');
+  await app.deps.realtime!.poke();
+  const silence = app.log.error;
+  app.log.error = (() => {}) as typeof app.log.error;
+  /** per round: 'resume' (the stream ended so), or what the round's stream got */
+  const rounds: string[][] = [];
+  const hasTwo = (x: SseStream) => contents(x.events).includes('two');
+  try {
+    await s.until((x) => x.ended || hasTwo(x), 'the live stream to end', 5000);
+    rounds.push(s.completed && s.errors.at(-1)?.message === RESUME ? ['resume'] : s.items);
+    // Clients resume from their last cursor, a round a second or more apart.
+    for (let i = 0; i < 4 && rounds.at(-1)?.[0] === 'resume'; i++) {
+      await new Promise((r) => setTimeout(r, 1_100));
+      const si = sse(u.token, last);
+      await si.until((x) => x.ended || hasTwo(x), 'the stream to end or two', 5000);
+      if (si.completed && si.errors.at(-1)?.message === RESUME) {
+        assert.deepEqual(si.items.length, 1, 'nothing but the resume item');
+        rounds.push(['resume']);
+      } else {
+        rounds.push(
+          si.items.map((item) =>
+            item.errors
+              ? `${item.errors[0].extensions?.code}: ${item.errors[0].message}`
+              : (item.data.events.message?.content ?? item.data.events.__typename),
+          ),
+        );
+        assert.equal(si.ended, false, 'the stream goes on');
+        assert.equal(si.items[0].data, null, 'the failed event: no data, its error');
+      }
+      await stopAll(si);
+    }
+  } finally {
+    app.log.error = silence;
+  }
+  // Live, then one resume: ended both times; at the third round it is sent with its error and
+  // 'two' follows.
+  assert.deepEqual(rounds, [['resume'], ['resume'], ['INTERNAL_SERVER_ERROR: Unexpected error.', 'two']]);
+});
