@@ -89,6 +89,37 @@ export interface OverwriteInfo {
   allow: bigint;
   deny: bigint;
 }
+/**
+ * Overwrite levels as a log row's payload keeps them (JSON has no bigint): what visibility needs
+ * to decide on an event about a channel whose overwrites are gone (a CHANNEL_DELETED).
+ */
+export type StoredOverwriteLevels = { t: 'ROLE' | 'MEMBER'; id: string; a: string; d: string }[][];
+
+export function storeOverwriteLevels(levels: readonly (readonly OverwriteInfo[])[]): StoredOverwriteLevels {
+  return levels.map((level) =>
+    level.map((o) => ({ t: o.targetType, id: o.targetId, a: o.allow.toString(), d: o.deny.toString() })),
+  );
+}
+
+/** storeOverwriteLevels read back; null when `stored` is not what it writes. */
+export function readOverwriteLevels(stored: unknown): OverwriteInfo[][] | null {
+  if (!Array.isArray(stored)) return null;
+  const out: OverwriteInfo[][] = [];
+  for (const level of stored) {
+    if (!Array.isArray(level)) return null;
+    const list: OverwriteInfo[] = [];
+    for (const o of level) {
+      if (typeof o !== 'object' || o === null) return null;
+      const { t, id, a, d } = o as Record<string, unknown>;
+      if ((t !== 'ROLE' && t !== 'MEMBER') || typeof id !== 'string') return null;
+      if (typeof a !== 'string' || typeof d !== 'string' || !/^\d+$/.test(a) || !/^\d+$/.test(d)) return null;
+      list.push({ targetType: t, targetId: id, allow: BigInt(a), deny: BigInt(d) });
+    }
+    out.push(list);
+  }
+  return out;
+}
+
 export interface GuildPermissionInput {
   userId: string;
   ownerId: string;
@@ -118,7 +149,7 @@ export function computeGuildPermissions(i: GuildPermissionInput): bigint {
 export function computeChannelPermissions(
   i: GuildPermissionInput,
   /** overwrite lists, outermost first */
-  levels: OverwriteInfo[][],
+  levels: readonly (readonly OverwriteInfo[])[],
 ): bigint {
   let p = computeGuildPermissions(i);
   if (p === 0n) return 0n;

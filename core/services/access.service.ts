@@ -47,6 +47,8 @@ export interface ChannelAccess {
   permissions: bigint;
   /** for DMs: the recipients' ids */
   recipientIds: string[];
+  /** the overwrites `permissions` was computed from, outermost first (none for DMs); shared: do not change */
+  levels: readonly (readonly OverwriteInfo[])[];
 }
 
 function rows<T>(r: unknown): T[] {
@@ -186,7 +188,7 @@ function channelAccessFrom(userId: string, x: ChannelAccessInputs, now: Date): C
   const recipientIds = [...x.recipientIds];
   if (!channel.guildId) {
     const permissions = recipientIds.includes(userId) ? DM_PERMISSIONS : 0n;
-    return { channel, guild: null, permissions, recipientIds };
+    return { channel, guild: null, permissions, recipientIds, levels: x.levels };
   }
   const input = guildInput(userId, x.member, now);
   const guild: GuildAccess = {
@@ -195,7 +197,13 @@ function channelAccessFrom(userId: string, x: ChannelAccessInputs, now: Date): C
     input,
     permissions: computeGuildPermissions(input),
   };
-  return { channel, guild, permissions: computeChannelPermissions(input, x.levels), recipientIds };
+  return {
+    channel,
+    guild,
+    permissions: computeChannelPermissions(input, x.levels),
+    recipientIds,
+    levels: x.levels,
+  };
 }
 
 export interface AccessReadOptions {
