@@ -7,7 +7,14 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
 import { type Db, type DbOrTx, databaseOf } from '../db/client.ts';
 import { relationships } from '../db/tables.ts';
-import { has, Permission } from '../permissions.ts';
+import {
+  computeChannelPermissions,
+  type GuildPermissionInput,
+  has,
+  type OverwriteInfo,
+  Permission,
+  readOverwriteLevels,
+} from '../permissions.ts';
 import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
 
@@ -156,7 +163,25 @@ function changesOwner(e: Visible): boolean {
 }
 
 /** Events about a guild as a whole, shown to its members (the channel may be gone or hidden). */
-const GUILD_LEVEL = new Set(['CHANNEL_DELETED', 'PERMISSIONS_CHANGED', 'GUILD_UPDATED', 'GUILD_DELETED']);
+const GUILD_LEVEL = new Set(['PERMISSIONS_CHANGED', 'GUILD_UPDATED', 'GUILD_DELETED']);
+
+const noLevels: OverwriteInfo[][] = [];
+const deletedLevels = new WeakMap<object, OverwriteInfo[][]>();
+
+/**
+ * The overwrites a CHANNEL_DELETED recorded (channel.service's deleteChannel), read once per row
+ * for all its subscribers; undefined for a row written before they were recorded, null when the
+ * record cannot be read.
+ */
+function levelsAtDeletion(e: Visible): OverwriteInfo[][] | null | undefined {
+  if (!('overwrites' in e.payload)) return undefined;
+  let levels = deletedLevels.get(e.payload);
+  if (!levels) {
+    levels = readOverwriteLevels(e.payload.overwrites) ?? noLevels;
+    deletedLevels.set(e.payload, levels);
+  }
+  return levels === noLevels ? null : levels;
+}
 
 /** Membership events are also shown to the member they are about, who may no longer be in. */
 const ABOUT_A_MEMBER = new Set([
@@ -173,6 +198,13 @@ function sawDeletion(e: Visible, userId: string): boolean | undefined {
   return e.formerMembers?.has(userId);
 }
 
+/** A viewer's cached standing in a guild: its permission input there, null when not a member. */
+interface GuildEntry {
+  member: boolean;
+  input: GuildPermissionInput | null;
+  until: number;
+}
+
 /**
  * One subscriber's view of who may see what. Its caches are made on first use: an idle
  * subscribed socket holds none (thousands of them are what a busy instance mostly has).
@@ -182,7 +214,7 @@ export class ViewerAccess {
   private channels:
     | Map<string, { live: boolean; replay: boolean; guildId: string | null; until: number }>
     | undefined;
-  private guilds: Map<string, { member: boolean; until: number }> | undefined;
+  private guilds: Map<string, GuildEntry> | undefined;
   /** guilds this viewer was seen in: who hears of a deletion whose former members were not loaded */
   private everIn: Set<string> | undefined;
   private known: Map<string, { yes: boolean; until: number }> | undefined;
@@ -231,6 +263,7 @@ export class ViewerAccess {
     if (e.type === 'GUILD_DELETED')
       return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
     if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) return this.overwriteOk(e, e.channelId);
+    if (e.type === 'CHANNEL_DELETED' && e.guildId) return this.deletionOk(e, e.guildId);
     if (e.channelId && !GUILD_LEVEL.has(e.type))
       return this.channelOk(e.channelId, replay && !WITHOUT_HISTORY.has(e.type));
     if (e.guildId) return this.member(e.guildId);
@@ -281,6 +314,22 @@ export class ViewerAccess {
     });
   }
 
+  /**
+   * A channel was deleted: told to who could view it just before, by the viewer's roles now and
+   * the overwrites the row recorded (its own are gone with it), and to whoever deleted it. A row
+   * that recorded none (written before they were) goes to every member, as it did then; one whose
+   * record cannot be read, to the deleter only.
+   */
+  private deletionOk(e: Visible, guildId: string): boolean | Promise<boolean> {
+    if (e.payload.actorId === this.userId) return true;
+    const levels = levelsAtDeletion(e);
+    if (levels === undefined) return this.member(guildId);
+    if (levels === null) return false;
+    const could = (g: GuildEntry) => !!g.input && has(computeChannelPermissions(g.input, levels), LIVE);
+    const g = this.guild(guildId);
+    return g instanceof Promise ? g.then(could) : could(g);
+  }
+
   /** Presence is shown to users who share a guild or a DM with its subject, unless it blocked them. */
   private knows(otherId: string): boolean | Promise<boolean> {
     if (otherId === this.userId) return true;
@@ -297,15 +346,21 @@ export class ViewerAccess {
   }
 
   private member(guildId: string): boolean | Promise<boolean> {
+    const g = this.guild(guildId);
+    return g instanceof Promise ? g.then((x) => x.member) : g.member;
+  }
+
+  private guild(guildId: string): GuildEntry | Promise<GuildEntry> {
     const g = this.guilds?.get(guildId);
-    if (g && Date.now() < g.until) return g.member;
+    if (g && Date.now() < g.until) return g;
     const load = () => loadGuildAccess(this.db, this.userId, guildId);
     return shared(this.db, `g:${this.userId}:${guildId}`, load).then((a) => {
       const member = !!a?.input.isMember;
       if (member) this.seenIn(guildId);
+      const entry = { member, input: member ? a!.input : null, until: lapseAt() };
       this.guilds ??= new Map();
-      this.guilds.set(guildId, { member, until: lapseAt() });
-      return member;
+      this.guilds.set(guildId, entry);
+      return entry;
     });
   }
 }

@@ -4,8 +4,13 @@ import type { Deps, Viewer } from '../deps.ts';
 import { badInput, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
-import { Permission } from '../permissions.ts';
-import { loadGuildChannelsAccess, requireChannel, requireGuild } from './access.service.ts';
+import { Permission, storeOverwriteLevels } from '../permissions.ts';
+import {
+  loadChannelAccess,
+  loadGuildChannelsAccess,
+  requireChannel,
+  requireGuild,
+} from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
 import { validateName } from './guild.service.ts';
 
@@ -240,6 +245,10 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
   if (!c.guildId) throw forbidden();
   const guildId = c.guildId;
   return transact(deps, async (tx, log) => {
+    // The overwrites that decided who could see it, read before they go with it: visibility
+    // tells the deletion to those who could (core/realtime/visibility.ts), not to every member.
+    const before = await loadChannelAccess(tx, viewer.userId, c.id, deps.now());
+    if (!before) throw notFound('Channel');
     if (c.type === 'CATEGORY') {
       await tx.update(channels).set({ parentId: null }).where(eq(channels.parentId, c.id));
     } else {
@@ -255,7 +264,12 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
       targetId: c.id,
       changes: { name: c.name, type: c.type },
     });
-    await log.append({ type: 'CHANNEL_DELETED', guildId, channelId: c.id, payload: { channelId: c.id } });
+    await log.append({
+      type: 'CHANNEL_DELETED',
+      guildId,
+      channelId: c.id,
+      payload: { channelId: c.id, actorId: viewer.userId, overwrites: storeOverwriteLevels(before.levels) },
+    });
     return c.id;
   });
 }
