@@ -413,3 +413,154 @@ it('a member who loses sight of a channel moved into a category hidden from it i
     await vc.client.dispose();
   }
 });
+
+const DELETED_Q = `subscription($after: String) { events(after: $after) { __typename cursor
+  ... on MessageCreated { message { id content channel { id } } }
+  ... on ChannelDeleted { channelId guildId }
+} }`;
+/** The ids of the channels a stream was told were deleted, in order. */
+const deleted = (events: any[]) =>
+  events.filter((e) => e.__typename === 'ChannelDeleted').map((e) => e.channelId as string);
+
+/** A role with `permissions`, given to `userIds`. */
+async function roleFor(token: string, guildId: string, permissions: string[], userIds: string[]) {
+  const r = await ok(
+    app,
+    `mutation($g: ID!, $p: [Permission!]) { createRole(input: { guildId: $g, name: "mods", permissions: $p }) { id } }`,
+    { g: guildId, p: permissions },
+    token,
+  );
+  const roleId = r.createRole.id as string;
+  for (const u of userIds) {
+    await ok(
+      app,
+      'mutation($g: ID!, $r: ID!, $u: ID!) { assignRole(guildId: $g, roleId: $r, userId: $u) }',
+      { g: guildId, r: roleId, u },
+      token,
+    );
+  }
+  return roleId;
+}
+
+it('a ChannelDeleted is told to who could view the channel, live and in replay, and to its deleter; a public one to every member', async () => {
+  const [o, mod, seer, blind] = await Promise.all(Array.from({ length: 4 }, () => signUp(app)));
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  for (const u of [mod, seer, blind]) await invite(app, o.token, guildId, u.token);
+  // `mod` sees `secret` through its role, `seer` through its own overwrite; `blind` never did.
+  const modRole = await roleFor(o.token, guildId, ['MANAGE_CHANNELS'], [mod.id]);
+  const secret = await createChannel(o.token, guildId, 'secret');
+  const pub = await createChannel(o.token, guildId, 'public');
+  await hideFromEveryone(o.token, guildId, secret);
+  const allowView = { allow: ['VIEW_CHANNEL'], deny: [] };
+  await overwrite(o.token, { channelId: secret, targetType: 'ROLE', targetId: modRole, ...allowView });
+  await overwrite(o.token, { channelId: secret, targetType: 'MEMBER', targetId: seer.id, ...allowView });
+  const users = { o, mod, seer, blind };
+  const conns = Object.fromEntries(Object.entries(users).map(([n, u]) => [n, connect(url, u.token)]));
+  const live = Object.fromEntries(
+    Object.entries(conns).map(([n, c]) => [n, subscribe(c.client, null, DELETED_Q)]),
+  );
+  await settle();
+  await send(app, o.token, general, 'cursor');
+  await live.blind.until((e) => contents(e).includes('cursor'));
+  const cursor = live.blind.events.at(-1).cursor;
+  for (const id of [secret, pub])
+    await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, mod.token);
+  await send(app, o.token, general, 'end');
+  for (const s of Object.values(live)) await s.until((e) => contents(e).includes('end'));
+  // Taken from the deleter after the deletion: it is told of its own deletion in a replay all the same.
+  await ok(
+    app,
+    'mutation($g: ID!, $r: ID!, $u: ID!) { unassignRole(guildId: $g, roleId: $r, userId: $u) }',
+    { g: guildId, r: modRole, u: mod.id },
+    o.token,
+  );
+  const replayed: Record<string, string[]> = {};
+  for (const [n, c] of Object.entries(conns)) {
+    const r = subscribe(c.client, cursor, DELETED_Q);
+    await r.until((e) => contents(e).includes('end'), 5000, `${n}'s replay`);
+    replayed[n] = deleted(r.events);
+  }
+  const got = Object.fromEntries(Object.entries(live).map(([n, s]) => [n, deleted(s.events)]));
+  await Promise.all(Object.values(conns).map((c) => c.client.dispose()));
+  const all = [secret, pub];
+  const want = { o: all, mod: all, seer: all, blind: [pub] };
+  assert.deepEqual({ live: got, replayed }, { live: want, replayed: want });
+});
+
+it('a channel hidden by its category, and the category itself, are deleted without telling the members they were hidden from', async () => {
+  const [o, mod, blind] = await Promise.all(Array.from({ length: 3 }, () => signUp(app)));
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  for (const u of [mod, blind]) await invite(app, o.token, guildId, u.token);
+  const modRole = await roleFor(o.token, guildId, ['MANAGE_CHANNELS'], [mod.id]);
+  const cat = await createChannel(o.token, guildId, 'staff', 'CATEGORY');
+  await hideFromEveryone(o.token, guildId, cat);
+  await overwrite(o.token, {
+    channelId: cat,
+    targetType: 'ROLE',
+    targetId: modRole,
+    allow: ['VIEW_CHANNEL'],
+    deny: [],
+  });
+  const inCategory = async (name: string) => {
+    const r = await ok(
+      app,
+      `mutation($g: ID!, $n: String!, $p: ID!) { createChannel(input: { guildId: $g, name: $n, type: TEXT, parentId: $p }) { id } }`,
+      { g: guildId, n: name, p: cat },
+      o.token,
+    );
+    return r.createChannel.id as string;
+  };
+  const inner = await inCategory('inner');
+  const left = await inCategory('left');
+  const mc = connect(url, mod.token);
+  const bc = connect(url, blind.token);
+  const ms = subscribe(mc.client, null, DELETED_Q);
+  const bs = subscribe(bc.client, null, DELETED_Q);
+  await settle();
+  await send(app, o.token, general, 'cursor');
+  await bs.until((e) => contents(e).includes('cursor'));
+  const cursor = bs.events.at(-1).cursor;
+  for (const id of [inner, cat])
+    await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, mod.token);
+  // The category's other channel stays, uncategorized, and its messages still reach who may see it.
+  await send(app, o.token, left, 'still here');
+  await send(app, o.token, general, 'end');
+  await ms.until((e) => contents(e).includes('end'));
+  await bs.until((e) => contents(e).includes('end'));
+  const br = subscribe(bc.client, cursor, DELETED_Q);
+  await br.until((e) => contents(e).includes('end'), 5000, 'the replay');
+  const got = { mod: deleted(ms.events), blind: deleted(bs.events), blindReplay: deleted(br.events) };
+  const modSaw = contents(ms.events);
+  await Promise.all([mc.client.dispose(), bc.client.dispose()]);
+  assert.deepEqual(got, { mod: [inner, cat], blind: [], blindReplay: [] });
+  assert.deepEqual(modSaw, ['cursor', 'still here', 'end']);
+});
+
+it('a CHANNEL_DELETED written the old way (no overwrites in its payload, by an instance not yet upgraded) reaches every member, live and in replay', async () => {
+  const [o, member, stranger] = await Promise.all(Array.from({ length: 3 }, () => signUp(app)));
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, member.token);
+  const secret = await createChannel(o.token, guildId, 'secret');
+  await hideFromEveryone(o.token, guildId, secret);
+  const mc = connect(url, member.token);
+  const sc = connect(url, stranger.token);
+  const ms = subscribe(mc.client, null, DELETED_Q);
+  const ss = subscribe(sc.client, null, DELETED_Q);
+  await settle();
+  await send(app, o.token, general, 'cursor');
+  await ms.until((e) => contents(e).includes('cursor'));
+  const cursor = ms.events.at(-1).cursor;
+  const [gid, cid] = [decodeAnyId(guildId).id, decodeAnyId(secret).id];
+  await app.deps.db.execute(
+    sql`insert into events (type, guild_id, channel_id, payload) values ('CHANNEL_DELETED', ${gid}::uuid, ${cid}::uuid, ${JSON.stringify({ channelId: cid })}::jsonb)`,
+  );
+  await app.deps.realtime!.poke();
+  await ms.until((e) => deleted(e).includes(secret), 5000, 'old-format ChannelDeleted live');
+  const mr = subscribe(mc.client, cursor, DELETED_Q);
+  await mr.until((e) => deleted(e).includes(secret), 5000, 'old-format ChannelDeleted replayed');
+  const sr = subscribe(sc.client, cursor, DELETED_Q);
+  await settle();
+  const got = { stranger: ss.events, strangerReplay: sr.events };
+  await Promise.all([mc.client.dispose(), sc.client.dispose()]);
+  assert.deepEqual(got, { stranger: [], strangerReplay: [] });
+});
