@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
+import { createTestApp, fails, gql, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -530,10 +530,53 @@ it('a channel hidden by its category, and the category itself, are deleted witho
   const br = subscribe(bc.client, cursor, DELETED_Q);
   await br.until((e) => contents(e).includes('end'), 5000, 'the replay');
   const got = { mod: deleted(ms.events), blind: deleted(bs.events), blindReplay: deleted(br.events) };
-  const modSaw = contents(ms.events);
+  const saw = { mod: contents(ms.events), blind: contents(bs.events), blindReplay: contents(br.events) };
+  // Uncategorized, the channel keeps the category's overwrites (copied to it): still hidden.
+  const query = `query($c: ID!) { channel(id: $c) { id } }`;
+  await fails(app, 'NOT_FOUND', query, { c: left }, blind.token);
+  assert.equal((await ok(app, query, { c: left }, mod.token)).channel.id, left);
   await Promise.all([mc.client.dispose(), bc.client.dispose()]);
   assert.deepEqual(got, { mod: [inner, cat], blind: [], blindReplay: [] });
-  assert.deepEqual(modSaw, ['cursor', 'still here', 'end']);
+  assert.deepEqual(saw, {
+    mod: ['cursor', 'still here', 'end'],
+    blind: ['cursor', 'end'],
+    blindReplay: ['end'],
+  });
+});
+
+it('a category whose overwrites its channels cannot take exactly (they have their own) is not deleted: CONFLICT, nothing changed', async () => {
+  const [o] = await Promise.all([signUp(app)]);
+  const { guildId } = await guildWithChannel(app, o.token);
+  const cat = await createChannel(o.token, guildId, 'staff', 'CATEGORY');
+  await hideFromEveryone(o.token, guildId, cat);
+  const child = await ok(
+    app,
+    `mutation($g: ID!, $p: ID!) { createChannel(input: { guildId: $g, name: "own", type: TEXT, parentId: $p }) { id } }`,
+    { g: guildId, p: cat },
+    o.token,
+  );
+  const id = child.createChannel.id as string;
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, {
+    channelId: id,
+    targetType: 'ROLE',
+    targetId: everyone,
+    allow: [],
+    deny: ['SEND_MESSAGES'],
+  });
+  const e = await fails(app, 'CONFLICT', `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: cat }, o.token);
+  assert.match(e.message, /#own/);
+  const q = `query($c: ID!) { channel(id: $c) { id parent { id } } }`;
+  assert.equal((await ok(app, q, { c: id }, o.token)).channel.parent.id, cat);
+  // Once its own overwrite is cleared, the category goes and the channel keeps its copies.
+  await ok(
+    app,
+    `mutation($c: ID!, $t: ID!) { removeChannelOverwrite(channelId: $c, targetId: $t) }`,
+    { c: id, t: everyone },
+    o.token,
+  );
+  await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: cat }, o.token);
+  assert.equal((await ok(app, q, { c: id }, o.token)).channel.parent, null);
 });
 
 it('a CHANNEL_DELETED written the old way (no overwrites in its payload, by an instance not yet upgraded) reaches every member, live and in replay', async () => {

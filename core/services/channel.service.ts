@@ -1,8 +1,9 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
-import { channels } from '../db/tables.ts';
+import type { Tx } from '../db/client.ts';
+import { channels, permissionOverwrites } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
-import { badInput, forbidden, notFound } from '../errors.ts';
-import { transact } from '../events.ts';
+import { badInput, conflict, forbidden, notFound } from '../errors.ts';
+import { type EventWriter, transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { Permission, storeOverwriteLevels } from '../permissions.ts';
 import {
@@ -236,6 +237,50 @@ export async function updateChannel(
 }
 
 /**
+ * A category's overwrites apply to its channels (access.service reads the parent's level before
+ * the channel's own): left uncategorized, a channel hidden by its category would be shown to
+ * everyone it was hidden from. So its channels get copies of the category's overwrites, which
+ * keeps who may see what exactly as it was, as Discord's synced channels keep theirs. A channel
+ * with overwrites of its own cannot take them exactly (two levels do not fold into one: an
+ * @everyone deny on the channel overrides a role allow on the category, in one level it would
+ * not), so the deletion is refused until those are moved out or cleared.
+ */
+async function keepChildrenHidden(tx: Tx, log: EventWriter, guildId: string, categoryId: string) {
+  const own = await tx
+    .select()
+    .from(permissionOverwrites)
+    .where(eq(permissionOverwrites.channelId, categoryId));
+  if (!own.length) return;
+  const kids = await tx
+    .select({ id: channels.id, name: channels.name })
+    .from(channels)
+    .where(eq(channels.parentId, categoryId));
+  if (!kids.length) return;
+  const ids = kids.map((k) => k.id);
+  const theirs = await tx
+    .selectDistinct({ channelId: permissionOverwrites.channelId })
+    .from(permissionOverwrites)
+    .where(inArray(permissionOverwrites.channelId, ids));
+  if (theirs.length) {
+    const names = kids.filter((k) => theirs.some((t) => t.channelId === k.id)).map((k) => `#${k.name}`);
+    throw conflict(
+      `This category's permission overwrites apply to its channels, and ${names.join(', ')} ${names.length > 1 ? 'have' : 'has'} overwrites of its own: without the category they would be shown to members it hides them from. Clear their overwrites or move them out of the category first.`,
+    );
+  }
+  await tx
+    .insert(permissionOverwrites)
+    .values(ids.flatMap((channelId) => own.map((o) => ({ ...o, channelId }))));
+  for (const channelId of ids) {
+    await log.append({
+      type: 'PERMISSIONS_CHANGED',
+      guildId,
+      channelId,
+      payload: { channelId, parentId: null },
+    });
+  }
+}
+
+/**
  * Deletes a guild channel with its messages and threads. Channels inside a deleted category stay,
  * uncategorized (as Discord does), so deleting a category never destroys conversations.
  */
@@ -250,6 +295,7 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
     const before = await loadChannelAccess(tx, viewer.userId, c.id, deps.now());
     if (!before) throw notFound('Channel');
     if (c.type === 'CATEGORY') {
+      await keepChildrenHidden(tx, log, guildId, c.id);
       await tx.update(channels).set({ parentId: null }).where(eq(channels.parentId, c.id));
     } else {
       await tx.delete(channels).where(and(eq(channels.parentId, c.id), eq(channels.type, 'THREAD')));
