@@ -7,7 +7,8 @@
  * (follow): they go out from the result itself when nothing can come before them, else the
  * log is read on the send's connection, and its ring then needs no read of its own. A subscriber with
  * `after` registers at the tailer's position P, replays (after, P] from the log, then takes live
- * rows > max(after, P): no gap, no duplicate.
+ * rows > max(after, P): no gap, no duplicate (live rows that came faster than it could hold them
+ * during the replay are read from the log too: see catchUp).
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
@@ -517,6 +518,30 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     snapshotRunning = false;
   }
 
+  /**
+   * Replays (from, to] to a subscriber registered at `to`, then goes live. Live rows wait in the
+   * subscriber meanwhile, up to a bound (every row of the instance comes, unchecked: on a busy
+   * instance a long replay passes it). Past the bound it drops them, and once this replay ends it
+   * is registered again at the tailer's position P2, as subscribe() registers it: rows up to P2 come
+   * from the log, one more replay (to, P2], and rows after it wait again. That replay is shorter
+   * (it holds what came during the last one, only the viewer's), so the rounds shrink until one
+   * ends with every row after it held: then live. Memory stays bounded however long it takes.
+   */
+  async function catchUp(sub: Subscription, viewerId: string, from: Position, to: Position) {
+    let total = await replay(sub, viewerId, from, to);
+    while (!sub.closed && sub.behind) {
+      const at = sub.floor;
+      // Position and registration move together, synchronously, as in subscribe(): a row the
+      // tailer dispatches is either at or before P2 (this replay reads it) or after (held).
+      total += await replay(sub, viewerId, at, sub.restartAt(pos!));
+    }
+    if (sub.closed) return;
+    // Synchronous with the check above: no row can be dropped between it and going live.
+    obs.replayed?.(total);
+    sub.goLive();
+  }
+
+  /** Replays (from, to]: how many rows were read. */
   async function replay(sub: Subscription, viewerId: string, from: Position, to: Position) {
     let at = from;
     let total = 0;
@@ -529,7 +554,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       if (!page.length) break;
       await loadMessages(deps.db, page);
       for (const r of page) {
-        if (sub.closed) return;
+        if (sub.closed) return total;
         r.cursor = encodeCursor(r);
         await sub.emitReplayed(r);
       }
@@ -537,7 +562,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       at = page[page.length - 1];
       if (page.length < REPLAY_PAGE) break;
     }
-    obs.replayed?.(total);
+    return total;
   }
 
   const hub = {
@@ -590,17 +615,15 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           obs.delivered?.(s.delivered);
           if (failure) o.onFail?.(failure);
         },
+        !!from,
       );
       subs.add(sub);
       obs.subscriptions?.(1);
       if (from) {
-        replay(sub, viewer.userId, from, p).then(
-          () => sub.goLive(),
-          (err) => {
-            deps.log.warn({ err }, 'event replay failed');
-            sub.fail(err);
-          },
-        );
+        catchUp(sub, viewer.userId, from, p).catch((err) => {
+          deps.log.warn({ err }, 'event replay failed');
+          sub.fail(err);
+        });
       } else {
         // Live means from now, exactly: registered first (so no row tailed from here on is missed),
         // then the snapshot says which of the rows that arrive were committed before this moment.

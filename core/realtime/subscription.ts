@@ -4,6 +4,11 @@
  * sink that rows are pushed into synchronously, in order (the WebSocket fan-out path: no promise
  * per row per subscriber). A subscriber that falls too far behind is failed as a slow consumer;
  * it resumes by cursor.
+ *
+ * While a resuming subscriber replays, the tailer's rows (every row of the instance, not yet
+ * checked) wait for it, up to a bound; past it they are dropped, and the hub replays them from
+ * the log once this replay ends (restartAt): on a busy instance a long replay costs one more short
+ * read, not the subscriber's memory, nor a cut-off that would make it resume, and replay, again.
  */
 import { comparePos, compareXid, finishedIn, type Position, type Snapshot } from './cursor.ts';
 import type { LogRow } from './log.ts';
@@ -26,8 +31,10 @@ export interface Sink {
 
 /** Rows waiting for one subscriber before it is cut off. */
 export const MAX_PENDING = 5_000;
-/** Replay pauses while this many rows wait for the consumer. */
+/** Replay pauses while this many rows wait for the consumer (a quarter of maxPending if less). */
 const REPLAY_WINDOW = 256;
+/** Live rows a replaying subscriber holds at most (a quarter of maxPending if less); see hold(). */
+const CATCH_UP_BUFFER = 1_000;
 
 export class Subscription implements AsyncIterableIterator<Delivered> {
   /** live rows not yet checked */
@@ -40,8 +47,15 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   private pumping = false;
   private sink: Sink | undefined;
   private failure: unknown;
+  /** replayed rows waiting for the consumer before the replay pauses */
+  private readonly window: number;
+  /** while a replay runs, live rows held for after it, at most (0: no replay) */
+  private readonly holdLimit: number;
+  private dropped = false;
   closed = false;
   delivered = 0;
+  /** times the replay went on from the log because live rows had to be dropped (restartAt) */
+  restarts = 0;
 
   constructor(
     private maxPending: number,
@@ -49,23 +63,79 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     /** rows at or before it are never delivered live (replay covers them) */
     public floor: Position,
     private onClose: (s: Subscription, failure?: unknown) => void,
-  ) {}
+    /** a replay comes first: live rows past the hold limit are dropped for it to read */
+    replaying = false,
+  ) {
+    // Going live, it holds at most holdLimit + window rows, half of maxPending: a consumer that
+    // keeps up is not cut off by the live rows that come while it works through them.
+    this.window = Math.max(1, Math.min(REPLAY_WINDOW, Math.floor(maxPending / 4)));
+    this.holdLimit = replaying ? Math.max(1, Math.min(CATCH_UP_BUFFER, Math.floor(maxPending / 4))) : 0;
+  }
 
   /** From the tailer (durable, same object for every subscriber) or a signal (ephemeral). */
   push(row: Delivered) {
     if (this.closed) return;
     if (row.cursor !== null && comparePos(row, this.floor) <= 0) return;
-    if (row.cursor === null && !this.live) return;
+    if (!this.live) {
+      this.hold(row);
+      return;
+    }
     if (this.input.length + 1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
       return;
     }
     // Nothing waits ahead of it (the common case): checked at once, without the queue.
-    if (this.live && !this.pumping && !this.input.length) this.pump(row);
+    if (!this.pumping && !this.input.length) this.pump(row);
     else {
       this.input.push(row);
-      if (this.live && !this.pumping) this.pump();
+      if (!this.pumping) this.pump();
     }
+  }
+
+  /**
+   * A row before going live. Ephemeral ones are never replayed: dropped. During a replay, durable
+   * ones wait up to holdLimit; the next is dropped with all that wait, as is every one after it
+   * until restartAt (the log has them all, and they are all at or before the tailer's position
+   * then). Waiting for its snapshot (no replay) the slow-consumer bound applies, as live.
+   */
+  private hold(row: Delivered) {
+    if (row.cursor === null || this.dropped) return;
+    if (this.holdLimit) {
+      if (this.input.length < this.holdLimit) this.input.push(row);
+      else {
+        this.input = [];
+        this.dropped = true;
+      }
+      return;
+    }
+    if (this.input.length + 1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
+      this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
+      return;
+    }
+    this.input.push(row);
+  }
+
+  /** Live rows were dropped during this replay: it must go on from the log (restartAt). */
+  get behind() {
+    return this.dropped;
+  }
+
+  /**
+   * The replay goes on to `head`, the tailer's position now, read in the same synchronous step
+   * (see subscribe() in hub.ts): rows up to it come from the log, rows after it wait here again.
+   * Returns the new floor; the replay's next range is (old floor, new floor].
+   */
+  restartAt(head: Position): Position {
+    if (comparePos(head, this.floor) > 0) this.floor = head;
+    this.input = [];
+    this.dropped = false;
+    this.restarts++;
+    return this.floor;
+  }
+
+  /** A replay is under way: open, and not live yet. */
+  get replaying() {
+    return !this.live && !this.closed && this.holdLimit > 0;
   }
 
   /**
@@ -111,7 +181,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     if (typeof ok !== 'boolean') ok = await ok;
     if (!ok || this.closed) return;
     this.emit(row);
-    if ((this.sink ? this.sink.backlog() : this.output.length) >= REPLAY_WINDOW) {
+    if ((this.sink ? this.sink.backlog() : this.output.length) >= this.window) {
       await new Promise<void>((r) => {
         this.spaceWaiter = r;
       });
@@ -227,7 +297,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   next(): Promise<IteratorResult<Delivered>> {
     if (this.output.length) {
       const value = this.output.shift()!;
-      if (this.output.length < REPLAY_WINDOW / 2 && this.spaceWaiter) {
+      if (this.output.length < this.window / 2 && this.spaceWaiter) {
         this.spaceWaiter();
         this.spaceWaiter = undefined;
       }
