@@ -302,3 +302,31 @@ it('a resume over a socket on a busy instance is never closed as a slow consumer
     hub.configure({ maxPending: 5000 });
   }
 });
+
+it('a subscriber closed while it is behind in its replay ends there: unregistered, nothing more read or delivered', {
+  timeout: 60_000,
+}, async () => {
+  const hub = app.deps.realtime!;
+  const [reader, other] = await Promise.all([viewer(), viewer()]);
+  const { cursor, messageId } = await cursorOf(hub, reader);
+  const { messageId: otherMessage } = await cursorOf(hub, other);
+  hub.configure({ maxPending: 16 });
+  try {
+    await backlog(hub, reader, messageId, 30);
+    const before = hub.subscriberCount;
+    const resumed = (await hub.subscribe({ userId: reader.userId }, cursor)) as Subscription;
+    assert.notEqual(await within(resumed.next(), 5000), 'timeout');
+    await backlog(hub, other, otherMessage, 20);
+    assert.equal(resumed.behind, true);
+    await resumed.return();
+    assert.equal(hub.subscriberCount, before);
+    // The paused replay wakes to the close and stops; more rows come to nobody.
+    await backlog(hub, reader, messageId, 10);
+    await sleep(200);
+    assert.equal(resumed.replaying, false);
+    assert.deepEqual(await resumed.next(), { value: undefined, done: true });
+    assert.equal(resumed.restarts, 0, 'no second replay after the close');
+  } finally {
+    hub.configure({ maxPending: 5000 });
+  }
+});
