@@ -658,8 +658,12 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
 
     typing: opts.typingThrottle ?? createMemoryThrottle(),
 
-    /** Reads the log now (tests and the bus ring use it). */
-    poke: () => tail(),
+    /**
+     * Reads the log now, as a poll does (tests use it): with the exact horizon, so a transaction
+     * open in another database on the server (another test suite beside this one) does not hold
+     * the read back.
+     */
+    poke: () => tail('poll'),
 
     get subscriberCount() {
       return subs.size;
