@@ -3,13 +3,14 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
-import { encodeCursor, type Position } from '../core/realtime/cursor.ts';
+import { compareXid, encodeCursor, type Position } from '../core/realtime/cursor.ts';
 import {
   discardRowsFromAnotherCluster,
   headPosition,
   loadMessages,
   pruneEvents,
   readAfter,
+  readAfterBounded,
   readAfterWithMessages,
 } from '../core/realtime/log.ts';
 import { loadedAuthors } from '../core/services/message-history.service.ts';
@@ -131,6 +132,17 @@ it("the tailer's read brings each row's message and author in one statement; del
     assert.equal(malformed.message, undefined);
     assert.equal(malformed.gone, true);
   }
+  // The read typing waits on brings the same rows and messages, and how far it saw.
+  const bounded = await readAfterBounded(db, from, plain.length + 1);
+  assert.deepEqual(
+    bounded.rows.map((r) => [encodeCursor(r), r.message?.id ?? null, r.gone ?? false]),
+    rows.map((r) => [encodeCursor(r), r.message?.id ?? null, r.gone ?? false]),
+  );
+  assert.ok(compareXid(bounded.horizon, rows.at(-1)!.xid) > 0);
+  assert.ok(compareXid(bounded.xmax, bounded.horizon) >= 0);
+  const past = await readAfterBounded(db, rows.at(-1)!, 10);
+  assert.deepEqual(past.rows, []);
+  assert.match(past.horizon, /^\d+$/);
   // The separate read (replay's) skips them the same way.
   const reread = await readAfter(db, from, plain.length, 'exact');
   await loadMessages(db, reread);

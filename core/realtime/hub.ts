@@ -293,7 +293,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
             readDone(n, bound, true);
             break;
           }
-          if ((bound || !withMessages) && subs.size) await loadMessages(deps.db, batch);
+          if (!bound && !withMessages && subs.size) await loadMessages(deps.db, batch);
           if (deletesGuild(batch)) await loadFormerMembers(deps.db, batch);
           dispatch(batch);
           readDone(n, bound, batch.length < BATCH);

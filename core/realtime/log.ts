@@ -3,7 +3,7 @@
  * Horizon): a transaction still open may hold a row with a lower seq, and it will sort after
  * every position handed out so far when it commits.
  */
-import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
+import { and, eq, inArray, isNull, type SQL, sql } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
 import { events, formerMembers, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
@@ -141,29 +141,6 @@ export interface BoundedRead {
   xmax: string;
 }
 
-/**
- * readAfter with the `exact` horizon, saying where that horizon and the snapshot's xmax were.
- * Once a read returns a horizon at or past an earlier read's xmax (and not a full page), every
- * transaction that had committed when that earlier read began has been read: what typing waits
- * for (see the hub). One statement, so both come from the snapshot the rows were read in.
- */
-export async function readAfterBounded(db: Db, from: Position, limit: number): Promise<BoundedRead> {
-  const r = await db.execute(sql`
-    with t as (select pg_current_snapshot() as s),
-      b as (select ${sql.raw(EXACT_BOUND)} as h, pg_snapshot_xmax(t.s) as x from t)
-    select b.h::text as horizon, b.x::text as xmax, e.* from b left join lateral (
-      select ${COLS}, ${XID} as xorder from events
-      where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and xid < b.h
-      order by ${XID}, seq limit ${limit}) e on true
-    order by e.xorder, e.seq`);
-  const found = rows<RawRow & { horizon: string; xmax: string }>(r);
-  return {
-    rows: found.filter((f) => f.seq !== null).map(toRow),
-    horizon: String(found[0].horizon),
-    xmax: String(found[0].xmax),
-  };
-}
-
 /** The message id a row is about, in SQL, as messageIdOf and loadMessages read it (else null). */
 const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ_STATE_UPDATED') then null
   else coalesce(${events.payload}->>'messageId',
@@ -183,31 +160,18 @@ export async function readAfterWithMessages(
   limit: number,
   horizon: Horizon = 'fast',
 ): Promise<LogRow[]> {
-  let q = withMessagesQueries.get(db);
-  if (!q) {
-    q = { fast: prepareReadAfterWithMessages(db, 'fast'), exact: prepareReadAfterWithMessages(db, 'exact') };
-    withMessagesQueries.set(db, q);
-  }
-  const found = await q[horizon].execute({ xid: from.xid, seq: from.seq, limit });
-  return found.map(({ m, u, ...e }) => {
-    const row: LogRow = {
-      ...e,
-      xid: String(e.xid),
-      seq: Number(e.seq),
-      payload: parsePayload(e.payload as RawRow['payload']),
-    };
-    withMessage(row, m, u);
-    return row;
-  });
+  const found = await queriesOf(db).withMessages[horizon].execute({ xid: from.xid, seq: from.seq, limit });
+  return found.map((f) => foundRow(f)!);
 }
 
-// A named prepared statement: planning this join costs more than running it (~1 ms vs ~0.2).
+// Named prepared statements: planning these joins costs more than running them (~1 ms vs ~0.2).
 // The page of events is read first (limit inside), each row's message id computed once there:
 // joined on that plain uuid, a plan chosen while the tables were small (a new server's first
 // generic plan: a nested loop over all messages) costs one compare per pair, not the CASE and
 // regex per pair that made a 300-row read take 190 ms on a fresh database.
-const prepareReadAfterWithMessages = (db: Db, horizon: Horizon) => {
-  const page = db
+/** The page of finished rows after the placeholders' position, `finished` deciding which are. */
+const pageOf = (db: Db, finished: SQL) =>
+  db
     .select({
       seq: events.seq,
       xid: sql<string>`${events.xid}::text`.as('page_xid'),
@@ -222,33 +186,129 @@ const prepareReadAfterWithMessages = (db: Db, horizon: Horizon) => {
     .from(events)
     .where(
       sql`(${XID}, ${events.seq}) > (${sql.placeholder('xid')}::bigint, ${sql.placeholder('seq')}::bigint)
-        and ${FINISHED[horizon]}`,
+        and ${finished}`,
     )
     .orderBy(XID, events.seq)
     .limit(sql.placeholder('limit'))
     .as('page');
+
+type Page = ReturnType<typeof pageOf>;
+/** A page's columns with its message and author, as readAfterWithMessages returns them. */
+const withMessageColumns = (page: Page) => ({
+  seq: page.seq,
+  xid: page.xid,
+  type: page.type,
+  guildId: page.guildId,
+  channelId: page.channelId,
+  userId: page.userId,
+  payload: page.payload,
+  m: messages,
+  u: users,
+});
+const messageOf = (page: Page) => and(eq(messages.id, page.mid), isNull(messages.deletedAt));
+
+const prepareReadAfterWithMessages = (db: Db, horizon: Horizon) => {
+  const page = pageOf(db, FINISHED[horizon]);
   return db
-    .select({
-      seq: page.seq,
-      xid: page.xid,
-      type: page.type,
-      guildId: page.guildId,
-      channelId: page.channelId,
-      userId: page.userId,
-      payload: page.payload,
-      m: messages,
-      u: users,
-    })
+    .select(withMessageColumns(page))
     .from(page)
-    .leftJoin(messages, and(eq(messages.id, page.mid), isNull(messages.deletedAt)))
+    .leftJoin(messages, messageOf(page))
     .leftJoin(users, eq(users.id, messages.authorId))
     .orderBy(page.xorder, page.seq)
     .prepare(`banter_read_after_with_messages_${horizon}`);
 };
-const withMessagesQueries = new WeakMap<
-  Db,
-  Record<Horizon, ReturnType<typeof prepareReadAfterWithMessages>>
->();
+
+/**
+ * The exact horizon and the snapshot's xmax, once per statement, as a one-row subquery that the
+ * page reads below (lateral), so the rows and the two bounds come from one snapshot.
+ */
+const prepareReadAfterBounded = (db: Db) => {
+  const bound = db
+    .select({
+      h: sql<string>`${sql.raw(EXACT_BOUND)}`.as('bound_h'),
+      x: sql<string>`pg_snapshot_xmax(t.s)`.as('bound_x'),
+    })
+    .from(sql`(select pg_current_snapshot() as s) t`)
+    .as('bound');
+  const page = pageOf(db, sql`${events.xid} < ${bound.h}`);
+  return db
+    .select({
+      ...withMessageColumns(page),
+      horizon: sql<string>`${bound.h}::text`,
+      xmax: sql<string>`${bound.x}::text`,
+    })
+    .from(bound)
+    .leftJoinLateral(page, sql`true`)
+    .leftJoin(messages, messageOf(page))
+    .leftJoin(users, eq(users.id, messages.authorId))
+    .orderBy(page.xorder, page.seq)
+    .prepare('banter_read_after_bounded');
+};
+
+interface LogQueries {
+  withMessages: Record<Horizon, ReturnType<typeof prepareReadAfterWithMessages>>;
+  bounded: ReturnType<typeof prepareReadAfterBounded>;
+}
+const logQueries = new WeakMap<Db, LogQueries>();
+function queriesOf(db: Db): LogQueries {
+  let q = logQueries.get(db);
+  if (!q) {
+    q = {
+      withMessages: {
+        fast: prepareReadAfterWithMessages(db, 'fast'),
+        exact: prepareReadAfterWithMessages(db, 'exact'),
+      },
+      bounded: prepareReadAfterBounded(db),
+    };
+    logQueries.set(db, q);
+  }
+  return q;
+}
+
+type FoundRow = Awaited<ReturnType<LogQueries['bounded']['execute']>>[number];
+/** A found row as a LogRow with its message (withMessage), or null for the bounded read's empty page. */
+function foundRow({
+  m,
+  u,
+  horizon: _h,
+  xmax: _x,
+  ...e
+}: Partial<Pick<FoundRow, 'horizon' | 'xmax'>> & Omit<FoundRow, 'horizon' | 'xmax'>): LogRow | null {
+  if (e.seq === null) return null;
+  const row: LogRow = {
+    ...e,
+    seq: Number(e.seq),
+    xid: String(e.xid),
+    payload: parsePayload(e.payload as RawRow['payload']),
+  } as LogRow;
+  withMessage(row, m, u);
+  return row;
+}
+
+/** A read that says how far it saw: see readAfterBounded. */
+export interface BoundedRead {
+  rows: LogRow[];
+  /** every transaction below this had finished, and its rows after `from` are in `rows` (unless a full page) */
+  horizon: string;
+  /** the read's snapshot's xmax: every transaction committed before the read began is below it */
+  xmax: string;
+}
+
+/**
+ * readAfterWithMessages with the `exact` horizon, saying where that horizon and the snapshot's
+ * xmax were. Once a read returns a horizon at or past an earlier read's xmax (and not a full
+ * page), every transaction that had committed when that earlier read began has been read: what
+ * typing waits for (see the hub). One statement, so both come from the snapshot the rows were
+ * read in.
+ */
+export async function readAfterBounded(db: Db, from: Position, limit: number): Promise<BoundedRead> {
+  const found = await queriesOf(db).bounded.execute({ xid: from.xid, seq: from.seq, limit });
+  return {
+    rows: found.map(foundRow).filter((r): r is LogRow => r !== null),
+    horizon: String(found[0].horizon),
+    xmax: String(found[0].xmax),
+  };
+}
 
 /** Whether a row refers to a message that must still exist for it to be delivered. */
 function aboutLiveMessage(r: LogRow): boolean {
