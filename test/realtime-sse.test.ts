@@ -309,3 +309,60 @@ it('over SSE, an event that fails every time ends the stream for a few rounds, t
   // 'two' follows.
   assert.deepEqual(rounds, [['resume'], ['resume'], ['INTERNAL_SERVER_ERROR: Unexpected error.', 'two']]);
 });
+
+it('over SSE, a reader too far behind gets a last item telling it to resume, then complete, with every event before it in order', async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const hub = app.deps.realtime!;
+  hub.configure({ maxPending: 20 });
+  try {
+    // In process (app.fetch): a body nobody reads stops yoga pulling at once, with no socket
+    // buffers in between to fill first.
+    const had = hub.subscriberCount;
+    const res = await app.fetch(httpUrl, {
+      method: 'POST',
+      headers: {
+        accept: 'text/event-stream',
+        authorization: `Bearer ${u.token}`,
+        'content-type': 'application/json',
+      },
+      body: JSON.stringify({ query: EVENTS }),
+    });
+    for (let i = 0; i < 100 && hub.subscriberCount <= had; i++) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 300));
+    for (let i = 0; i < 40 && hub.subscriberCount > had; i++) await send(app, u.token, channelId, `m${i}`);
+    assert.equal(hub.subscriberCount, had, 'cut off');
+    const text = await Promise.race([
+      res.text(),
+      new Promise<string>((_, reject) =>
+        setTimeout(() => reject(new Error('the stream did not end')), 10_000),
+      ),
+    ]);
+    const blocks = text.split('\n\n').filter((b) => b.startsWith('event:'));
+    const items = blocks
+      .filter((b) => b.startsWith('event: next'))
+      .map((b) => JSON.parse(b.slice(b.indexOf('data:') + 5)));
+    assert.ok(blocks.at(-1)!.startsWith('event: complete'));
+    const last = items.at(-1);
+    assert.deepEqual(
+      last.errors.map((e: any) => [e.message, e.extensions.code]),
+      [
+        [
+          'Slow consumer: you are not reading your events fast enough; resume from your last cursor.',
+          'INTERNAL_SERVER_ERROR',
+        ],
+      ],
+    );
+    const got = items
+      .slice(0, -1)
+      .map((x) => x.data.events)
+      .filter((e) => e.__typename === 'MessageCreated')
+      .map((e) => e.message.content);
+    assert.deepEqual(
+      got,
+      got.map((_: string, i: number) => `m${i}`),
+    );
+  } finally {
+    hub.configure({ maxPending: 5000 });
+  }
+});

@@ -17,6 +17,7 @@ import {
   type subscribe,
 } from 'graphql';
 import type { Plugin } from 'graphql-yoga';
+import { SlowConsumerError } from '../../core/realtime/subscription.ts';
 import type { Logger } from '../logger.ts';
 import { EventFailedError, type EventHooks, executeEach } from './shared-execution.ts';
 
@@ -24,6 +25,9 @@ type Mask = EventHooks['mask'];
 
 /** The message of the last item of an SSE stream ended so that its client resumes. */
 export const RESUME_MESSAGE = new EventFailedError(null).message;
+/** ... ended because its reader fell too far behind (the socket's 1013 slow-consumer close). */
+export const SLOW_MESSAGE =
+  'Slow consumer: you are not reading your events fast enough; resume from your last cursor.';
 
 /**
  * A mask that leaves errors it made alone: SSE results are masked before yoga's own mask sees
@@ -50,9 +54,17 @@ function endingToResume(
       try {
         return await results.next();
       } catch (err) {
-        if (!(err instanceof EventFailedError)) throw err;
+        // A held-back event, or a reader too far behind (the socket's 1013): the stream's last item
+        // tells the client to resume. Anything else is yoga's to mask, log and send.
+        const message =
+          err instanceof EventFailedError
+            ? err.message
+            : err instanceof SlowConsumerError
+              ? SLOW_MESSAGE
+              : undefined;
+        if (!message) throw err;
         ended = true;
-        const resume = new GraphQLError(err.message, { extensions: { code: 'INTERNAL_SERVER_ERROR' } });
+        const resume = new GraphQLError(message, { extensions: { code: 'INTERNAL_SERVER_ERROR' } });
         return { done: false, value: { errors: [resume] } };
       }
     },
