@@ -179,3 +179,62 @@ for (const liveCount of [2, 8]) {
     }
   });
 }
+
+it('a channel deleted while an overwrite change that shows it to a member commits: the member, who could view it just before the deletion, is told of the deletion', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const [o, m] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, m.token);
+  const secret = await createChannel(o.token, guildId, 'secret');
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, { channelId: secret, targetType: 'ROLE', targetId: everyone, allow: [], deny: ['VIEW_CHANNEL'] });
+  const mc = connect(url, m.token);
+  const other = new pg.Client({ connectionString: app.config.databaseUrl });
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await other.connect();
+  await stall.connect();
+  try {
+    const live = subscribe(mc.client, null, Q);
+    await sleep(500);
+    await send(app, o.token, general, 'start');
+    await live.until((e) => contents(e).includes('start'), 10_000, 'start');
+    const [g, c, r] = [decodeAnyId(guildId).id, decodeAnyId(secret).id, decodeAnyId(everyone).id];
+    // Only to hold the deletion's transaction open after its cascade (its audit row waits).
+    await stall.query('begin');
+    await stall.query('lock table audit_log in share mode');
+    // removeChannelOverwrite's statements, its transaction still open: @everyone may view it again.
+    await other.query('begin');
+    await other.query('delete from permission_overwrites where channel_id = $1 and target_id = $2', [c, r]);
+    await other.query(
+      `insert into events (type, guild_id, channel_id, payload) values ('PERMISSIONS_CHANGED', $1::uuid, $2::uuid,
+        jsonb_build_object('channelId', $3::text, 'targetType', 'ROLE', 'targetId', $4::text))`,
+      [g, c, c, r],
+    );
+    // deleteChannel reads the overwrites (the @everyone deny: not committed away yet), then waits.
+    const deleting = ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: secret }, o.token);
+    await sleep(500);
+    await other.query('commit');
+    await sleep(500);
+    // Just before the deletion commits, `m` may view the channel: its client now shows it.
+    const seen = await ok(app, `query($c: ID!) { channel(id: $c) { id } }`, { c: secret }, m.token);
+    assert.equal(seen.channel.id, secret);
+    await stall.query('commit');
+    await deleting;
+    await send(app, o.token, general, 'end');
+    await live.until((e) => contents(e).includes('end'), 10_000, 'end');
+    assert.deepEqual(
+      live.events.filter((e) => e.deletedId === secret).map((e) => e.__typename),
+      ['ChannelDeleted'],
+      'the deletion of a channel the member could view (and had just fetched)',
+    );
+  } finally {
+    await other.query('rollback').catch(() => {});
+    await stall.query('rollback').catch(() => {});
+    await other.end();
+    await stall.end();
+    await mc.client.dispose();
+  }
+});
