@@ -533,7 +533,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       const at = sub.floor;
       // Position and registration move together, synchronously, as in subscribe(): a row the
       // tailer dispatches is either at or before P2 (this replay reads it) or after (held).
-      total += await replay(sub, viewerId, at, sub.restartAt(pos!));
+      // These rows came after it registered: judged as live rows, as they would have been held.
+      total += await replay(sub, viewerId, at, sub.restartAt(pos!), true);
     }
     if (sub.closed) return;
     // Synchronous with the check above: no row can be dropped between it and going live.
@@ -541,8 +542,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     sub.goLive();
   }
 
-  /** Replays (from, to]: how many rows were read. */
-  async function replay(sub: Subscription, viewerId: string, from: Position, to: Position) {
+  /** Replays (from, to]: how many rows were read. `live`: judge them as live rows (catchUp). */
+  async function replay(sub: Subscription, viewerId: string, from: Position, to: Position, live = false) {
     let at = from;
     let total = 0;
     for (;;) {
@@ -556,7 +557,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       for (const r of page) {
         if (sub.closed) return total;
         r.cursor = encodeCursor(r);
-        await sub.emitReplayed(r);
+        await sub.emitReplayed(r, live);
       }
       total += page.length;
       at = page[page.length - 1];

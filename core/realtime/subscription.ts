@@ -173,11 +173,15 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     this.pump();
   }
 
-  /** Replayed rows, already ordered and before every live row. */
-  async emitReplayed(row: Delivered) {
+  /**
+   * Replayed rows, already ordered and before every live row. `live`: a row that came after the
+   * subscriber registered, read from the log only because it could not be held (see hold): it is
+   * judged as live rows are, so whether it arrives does not depend on how busy the instance was.
+   */
+  async emitReplayed(row: Delivered, live = false) {
     this.access.observe(row);
     if (row.gone) return;
-    let ok = this.access.canSee(row, true);
+    let ok = this.access.canSee(row, !live);
     if (typeof ok !== 'boolean') ok = await ok;
     if (!ok || this.closed) return;
     this.emit(row);
