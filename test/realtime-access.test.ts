@@ -417,6 +417,49 @@ it('a member who loses sight of a channel moved into a category hidden from it i
   }
 });
 
+it('moving a channel hidden from a member tells that member nothing (its id included); one who can see it hears of the move', async () => {
+  const [o, blind, seer] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  for (const u of [blind, seer]) await invite(app, o.token, guildId, u.token);
+  const secret = await createChannel(o.token, guildId, 'secret');
+  await hideFromEveryone(o.token, guildId, secret);
+  await overwrite(o.token, {
+    channelId: secret,
+    targetType: 'MEMBER',
+    targetId: seer.id,
+    allow: ['VIEW_CHANNEL'],
+    deny: [],
+  });
+  const cat = await createChannel(o.token, guildId, 'lounge', 'CATEGORY');
+  const bc = connect(url, blind.token);
+  const sc = connect(url, seer.token);
+  const bs = subscribe(bc.client, null, ACCESS_Q);
+  const ss = subscribe(sc.client, null, ACCESS_Q);
+  try {
+    await settle();
+    await ok(
+      app,
+      `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+      { i: { id: secret, parentId: cat } },
+      o.token,
+    );
+    await send(app, o.token, general, 'after the move');
+    await ss.until(
+      (e) => e.some((x) => x.__typename === 'PermissionsChanged' && x.pcChannel === secret),
+      5000,
+    );
+    await bs.until((e) => contents(e).includes('after the move'), 5000);
+    assert.deepEqual(
+      bs.events.filter(
+        (x) => JSON.stringify(x).includes(decodeAnyId(secret).id) || JSON.stringify(x).includes(secret),
+      ),
+      [],
+    );
+  } finally {
+    await Promise.all([bc.client.dispose(), sc.client.dispose()]);
+  }
+});
+
 const DELETED_Q = `subscription($after: String) { events(after: $after) { __typename cursor
   ... on MessageCreated { message { id content channel { id } } }
   ... on ChannelDeleted { channelId guildId }

@@ -205,8 +205,10 @@ it('a channel deleted while an overwrite change that shows it to a member commit
     // Only to hold the deletion's transaction open after its cascade (its audit row waits).
     await stall.query('begin');
     await stall.query('lock table audit_log in share mode');
-    // removeChannelOverwrite's statements, its transaction still open: @everyone may view it again.
+    // removeChannelOverwrite's statements (overwriteGuard's lock on the channel first), its
+    // transaction still open: @everyone may view it again.
     await other.query('begin');
+    await other.query('select 1 from channels where id = $1 for share', [c]);
     await other.query('delete from permission_overwrites where channel_id = $1 and target_id = $2', [c, r]);
     await other.query(
       `insert into events (type, guild_id, channel_id, payload) values ('PERMISSIONS_CHANGED', $1::uuid, $2::uuid,

@@ -166,19 +166,20 @@ function changesOwner(e: Visible): boolean {
 const GUILD_LEVEL = new Set(['PERMISSIONS_CHANGED', 'GUILD_UPDATED', 'GUILD_DELETED']);
 
 const noLevels: OverwriteInfo[][] = [];
-const deletedLevels = new WeakMap<object, OverwriteInfo[][]>();
+const recorded = new WeakMap<object, OverwriteInfo[][]>();
 
 /**
- * The overwrites a CHANNEL_DELETED recorded (channel.service's deleteChannel), read once per row
- * for all its subscribers; undefined for a row written before they were recorded, null when the
- * record cannot be read.
+ * The overwrites a row recorded as deciding who could view its channel before it (a deletion, a
+ * move, a category's overwrites copied to its channels: channel.service), read once per row for
+ * all its subscribers; undefined for a row that recorded none (written before they were, or an
+ * overwrite change, which names its target instead), null when the record cannot be read.
  */
-function levelsAtDeletion(e: Visible): OverwriteInfo[][] | null | undefined {
+function recordedLevels(e: Visible): OverwriteInfo[][] | null | undefined {
   if (!('overwrites' in e.payload)) return undefined;
-  let levels = deletedLevels.get(e.payload);
+  let levels = recorded.get(e.payload);
   if (!levels) {
     levels = readOverwriteLevels(e.payload.overwrites) ?? noLevels;
-    deletedLevels.set(e.payload, levels);
+    recorded.set(e.payload, levels);
   }
   return levels === noLevels ? null : levels;
 }
@@ -296,17 +297,20 @@ export class ViewerAccess {
    * A channel overwrite changed: told to whoever may view the channel now, and to the members the
    * overwrite is for (the member, or the holders of the role, @everyone being every member), who
    * may just have lost sight of it. Nobody else's access changed: a member who could not see the
-   * channel before and still cannot is not told it exists. A row that does not say whom the
-   * overwrite is for goes to every member.
+   * channel before and still cannot is not told it exists. A row that instead records the
+   * overwrites that applied before (a move, a category's copied to its channels) goes to who may
+   * view it now or could by those; one that says neither (an older instance's), to every member.
    */
   private overwriteOk(e: Visible, channelId: string): boolean | Promise<boolean> {
     const { targetType, targetId } = e.payload;
-    if (typeof targetId !== 'string' || (targetType !== 'MEMBER' && targetType !== 'ROLE'))
-      return this.member(e.guildId!);
+    const aimed = typeof targetId === 'string' && (targetType === 'MEMBER' || targetType === 'ROLE');
+    const before = aimed ? undefined : recordedLevels(e);
+    if (!aimed && before === undefined) return this.member(e.guildId!);
     const c = this.channels?.get(channelId);
     if (c?.live && Date.now() < c.until) return true;
     return this.loadChannel(channelId).then(({ access, entry }) => {
       if (entry.live) return true;
+      if (!aimed) return before ? this.couldView(e.guildId!, before) : false;
       const input = access?.guild?.input;
       if (!input?.isMember) return false;
       if (targetType === 'MEMBER') return targetId === this.userId;
@@ -322,9 +326,14 @@ export class ViewerAccess {
    */
   private deletionOk(e: Visible, guildId: string): boolean | Promise<boolean> {
     if (e.payload.actorId === this.userId) return true;
-    const levels = levelsAtDeletion(e);
+    const levels = recordedLevels(e);
     if (levels === undefined) return this.member(guildId);
     if (levels === null) return false;
+    return this.couldView(guildId, levels);
+  }
+
+  /** Whether the viewer's roles in the guild now, with these overwrite levels, give VIEW_CHANNEL. */
+  private couldView(guildId: string, levels: OverwriteInfo[][]): boolean | Promise<boolean> {
     const could = (g: GuildEntry) => !!g.input && has(computeChannelPermissions(g.input, levels), LIVE);
     const g = this.guild(guildId);
     return g instanceof Promise ? g.then(could) : could(g);

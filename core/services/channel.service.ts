@@ -5,7 +5,7 @@ import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { type EventWriter, transact } from '../events.ts';
 import { newId } from '../ids.ts';
-import { Permission, storeOverwriteLevels } from '../permissions.ts';
+import { type OverwriteInfo, Permission, storeOverwriteLevels } from '../permissions.ts';
 import {
   loadChannelAccess,
   loadGuildChannelsAccess,
@@ -202,6 +202,10 @@ export async function updateChannel(
   }
   const guildId = c.guildId;
   return transact(deps, async (tx, log) => {
+    const moved =
+      patch.parentId !== undefined && patch.parentId !== c.parentId
+        ? await overwriteLevelsNow(tx, viewer.userId, c.id, deps.now())
+        : undefined;
     const [row] = Object.keys(patch).length
       ? await tx.update(channels).set(patch).where(eq(channels.id, c.id)).returning()
       : await tx.select().from(channels).where(eq(channels.id, c.id));
@@ -223,17 +227,37 @@ export async function updateChannel(
       });
       // A move changes whose overwrites apply (the category's): members who lose sight of the
       // channel hear of it as they do of an overwrite change (the ChannelUpdated is not theirs).
-      if (patch.parentId !== undefined && patch.parentId !== c.parentId) {
+      // The row records the overwrites that applied before, for visibility to tell it to who could
+      // view it then or can now, and to nobody else.
+      if (moved) {
         await log.append({
           type: 'PERMISSIONS_CHANGED',
           guildId,
           channelId: c.id,
-          payload: { channelId: c.id, parentId: patch.parentId },
+          payload: { channelId: c.id, parentId: patch.parentId, overwrites: storeOverwriteLevels(moved) },
         });
       }
     }
     return row;
   });
+}
+
+/**
+ * The overwrite levels that decide who may view a channel now (its own, its parent's, its
+ * grandparent's), read after locking those channels (FOR UPDATE; an overwrite change takes FOR
+ * SHARE on its channel first, role.service's overwriteGuard): a change committing meanwhile is
+ * read, and none commits before this transaction does. Recorded in a log row, for visibility to
+ * decide after they change (a move) or are gone (a deletion).
+ */
+async function overwriteLevelsNow(tx: Tx, viewerId: string, channelId: string, now: Date) {
+  await tx.execute(sql`select id from channels where id in (
+      select id from channels where id = ${channelId}::uuid
+      union select parent_id from channels where id = ${channelId}::uuid
+      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid)
+    order by id for update`);
+  const a = await loadChannelAccess(tx, viewerId, channelId, now);
+  if (!a) throw notFound('Channel');
+  return a.levels;
 }
 
 /**
@@ -270,12 +294,15 @@ async function keepChildrenHidden(tx: Tx, log: EventWriter, guildId: string, cat
   await tx
     .insert(permissionOverwrites)
     .values(ids.flatMap((channelId) => own.map((o) => ({ ...o, channelId }))));
+  // Nobody's access changed: told to who may view each channel (the category's overwrites applied
+  // and still do), by the levels recorded, as for a move.
+  const overwrites = storeOverwriteLevels([own as OverwriteInfo[]]);
   for (const channelId of ids) {
     await log.append({
       type: 'PERMISSIONS_CHANGED',
       guildId,
       channelId,
-      payload: { channelId, parentId: null },
+      payload: { channelId, parentId: null, overwrites },
     });
   }
 }
@@ -292,8 +319,7 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
   return transact(deps, async (tx, log) => {
     // The overwrites that decided who could see it, read before they go with it: visibility
     // tells the deletion to those who could (core/realtime/visibility.ts), not to every member.
-    const before = await loadChannelAccess(tx, viewer.userId, c.id, deps.now());
-    if (!before) throw notFound('Channel');
+    const levels = await overwriteLevelsNow(tx, viewer.userId, c.id, deps.now());
     if (c.type === 'CATEGORY') {
       await keepChildrenHidden(tx, log, guildId, c.id);
       await tx.update(channels).set({ parentId: null }).where(eq(channels.parentId, c.id));
@@ -314,7 +340,7 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
       type: 'CHANNEL_DELETED',
       guildId,
       channelId: c.id,
-      payload: { channelId: c.id, actorId: viewer.userId, overwrites: storeOverwriteLevels(before.levels) },
+      payload: { channelId: c.id, actorId: viewer.userId, overwrites: storeOverwriteLevels(levels) },
     });
     return c.id;
   });

@@ -354,6 +354,9 @@ export interface OverwriteInput {
  * channel, and a role target below the viewer's highest role (@everyone is always below).
  */
 async function overwriteGuard(tx: Tx, deps: Deps, viewer: Viewer, channelId: string, targetId: string) {
+  // Waits for a deletion or a move that is recording the channel's overwrites (lockOverwriteLevels
+  // in channel.service), and holds them off until this change commits.
+  await tx.execute(sql`select 1 from channels where id = ${channelId}::uuid for share`);
   const a = await requireChannel(tx, viewer.userId, channelId, Permission.MANAGE_ROLES, deps.now());
   if (!a.guild || !a.channel.guildId) throw forbidden();
   const guildId = a.channel.guildId;
