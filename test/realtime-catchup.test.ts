@@ -11,7 +11,7 @@ import type { Hub } from '../core/realtime/hub.ts';
 import { type Delivered, SlowConsumerError, type Subscription } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, send, sleep, subscribe, within } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -21,8 +21,6 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const within = <T>(p: Promise<T>, ms: number) => Promise.race([p, sleep(ms).then(() => 'timeout' as const)]);
 const rowsOf = <T>(r: unknown) => (r as { rows: T[] }).rows;
 
 interface Viewer {

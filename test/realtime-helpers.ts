@@ -173,3 +173,59 @@ export function rawSocket(url: string, protocol: string | null = 'graphql-transp
     },
   };
 }
+
+/**
+ * Channels and overwrites for the access tests, on the app `of()` returns when called (the tests'
+ * app is made in their before()).
+ */
+export function channelAccessHelpers(of: () => App) {
+  async function everyoneRole(token: string, guildId: string): Promise<string> {
+    const r = await ok(
+      of(),
+      `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
+      { g: guildId },
+      token,
+    );
+    return (r.guild.roles as { id: string; isEveryone: boolean }[]).find((x) => x.isEveryone)!.id;
+  }
+  async function overwrite(token: string, i: Record<string, unknown>) {
+    await ok(
+      of(),
+      `mutation($i: SetChannelOverwriteInput!) { setChannelOverwrite(input: $i) { targetId } }`,
+      { i },
+      token,
+    );
+  }
+  async function createChannel(
+    token: string,
+    guildId: string,
+    name: string,
+    type = 'TEXT',
+    parentId?: string,
+  ) {
+    const r = await ok(
+      of(),
+      `mutation($g: ID!, $n: String!, $t: ChannelType!, $p: ID) { createChannel(input: { guildId: $g, name: $n, type: $t, parentId: $p }) { id } }`,
+      { g: guildId, n: name, t: type, p: parentId ?? null },
+      token,
+    );
+    return r.createChannel.id as string;
+  }
+  /** Denies VIEW_CHANNEL to @everyone on the channel (or category). */
+  async function hideFromEveryone(token: string, guildId: string, channelId: string) {
+    const everyone = await everyoneRole(token, guildId);
+    await overwrite(token, {
+      channelId,
+      targetType: 'ROLE',
+      targetId: everyone,
+      allow: [],
+      deny: ['VIEW_CHANNEL'],
+    });
+  }
+  return { everyoneRole, overwrite, createChannel, hideFromEveryone };
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** `p`, or 'timeout' once `ms` have passed. */
+export const within = <T>(p: Promise<T>, ms: number) =>
+  Promise.race([p, sleep(ms).then(() => 'timeout' as const)]);

@@ -16,7 +16,7 @@ import {
 import { loadedAuthors } from '../core/services/message-history.service.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, PG_ADMIN_URL, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, send, subscribe, within } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -151,9 +151,6 @@ it("the tailer's read brings each row's message and author in one statement; del
     [true, true],
   );
 });
-
-const within = <T>(p: Promise<T>, ms: number) =>
-  Promise.race([p, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), ms))]);
 
 it('a replay the retention prune overtakes ends with CURSOR_EXPIRED instead of skipping the pruned rows', async () => {
   const u = await signUp(app);
