@@ -132,15 +132,6 @@ export async function readAfter(
   return rows<RawRow>(r).map(toRow);
 }
 
-/** A read that says how far it saw: see readAfterBounded. */
-export interface BoundedRead {
-  rows: LogRow[];
-  /** every transaction below this had finished, and its rows after `from` are in `rows` (unless a full page) */
-  horizon: string;
-  /** the read's snapshot's xmax: every transaction committed before the read began is below it */
-  xmax: string;
-}
-
 /** The message id a row is about, in SQL, as messageIdOf and loadMessages read it (else null). */
 const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ_STATE_UPDATED') then null
   else coalesce(${events.payload}->>'messageId',
