@@ -1,4 +1,5 @@
 /** A graphql-ws client for tests: collects every `events` payload and waits for what it needs. */
+import { sql } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
 import WebSocket from 'ws';
 import type { App } from '../api/app.ts';
@@ -229,3 +230,29 @@ export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** `p`, or 'timeout' once `ms` have passed. */
 export const within = <T>(p: Promise<T>, ms: number) =>
   Promise.race([p, sleep(ms).then(() => 'timeout' as const)]);
+
+/**
+ * Runs `during` while a ReactionAdded on message `messageId` (a uuid) is in the log and fails to
+ * execute: its table is briefly renamed away (in production a pool timeout, a dropped connection,
+ * a statement timeout). Returns the error-level log entries of failed executions meanwhile.
+ */
+export async function whileReactionFails(app: App, messageId: string, during: () => Promise<void>) {
+  const logged: Record<string, unknown>[] = [];
+  const error = app.log.error;
+  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
+    if (msg?.startsWith('event execution failed')) logged.push(obj);
+  }) as typeof app.log.error;
+  await app.deps.db.execute(sql`alter table reactions rename to reactions_away`);
+  try {
+    await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+      select 'REACTION_ADDED', guild_id, channel_id,
+        jsonb_build_object('messageId', id::text, 'emoji', 'x', 'userId', author_id::text)
+      from messages where id = ${messageId}::uuid`);
+    await app.deps.realtime!.poke();
+    await during();
+  } finally {
+    await app.deps.db.execute(sql`alter table reactions_away rename to reactions`);
+    app.log.error = error;
+  }
+  return logged;
+}

@@ -11,7 +11,15 @@ import { databaseOf } from '../core/db/client.ts';
 import { newId } from '../core/ids.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, metricsOf, send, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  invite,
+  metricsOf,
+  send,
+  subscribe,
+  whileReactionFails,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -318,27 +326,11 @@ it('an event whose execution fails is not sent: the socket closes with 1013, and
   await s.until((e) => contents(e).includes('one'));
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
   // The log at error level: once for the execution, with the event's cursor.
-  const logged: Record<string, unknown>[] = [];
-  const error = app.log.error;
-  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
-    if (msg?.startsWith('event execution failed')) logged.push(obj);
-  }) as typeof app.log.error;
-  // A transient failure while the ReactionAdded executes (here its table is briefly away; in
-  // production a pool timeout, a dropped connection, a statement timeout).
-  await app.deps.db.execute(sql`alter table reactions rename to reactions_away`);
-  try {
-    await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
-      select 'REACTION_ADDED', guild_id, channel_id,
-        jsonb_build_object('messageId', id::text, 'emoji', 'x', 'userId', author_id::text)
-      from messages where id = ${raw(m1)}::uuid`);
-    await app.deps.realtime!.poke();
+  const logged = await whileReactionFails(app, raw(m1), async () => {
     const deadline = Date.now() + 5000;
     while (!c.closed() && !s.events.some((e) => e.__typename === 'ReactionAdded') && Date.now() < deadline)
       await new Promise((r) => setTimeout(r, 50));
-  } finally {
-    await app.deps.db.execute(sql`alter table reactions_away rename to reactions`);
-    app.log.error = error;
-  }
+  });
   assert.equal(
     c.closed()?.code,
     1013,

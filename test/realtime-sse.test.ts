@@ -10,7 +10,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { EVENTS, guildWithChannel, send } from './realtime-helpers.ts';
+import { EVENTS, guildWithChannel, send, whileReactionFails } from './realtime-helpers.ts';
 
 let app: TestApp;
 let httpUrl: string;
@@ -209,27 +209,11 @@ it('over SSE, an event whose execution fails is not sent: the stream ends with a
   await s.until((x) => contents(x.events).includes('one'), 'one');
   const last = cursorOf(s, 'one');
   // The log at error level: once for the execution, with the event's cursor.
-  const logged: Record<string, unknown>[] = [];
-  const error = app.log.error;
-  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
-    if (msg?.startsWith('event execution failed')) logged.push(obj);
-  }) as typeof app.log.error;
-  // A transient failure while the ReactionAdded executes (here its table is briefly away; in
-  // production a pool timeout, a dropped connection, a statement timeout).
-  await app.deps.db.execute(sql`alter table reactions rename to reactions_away`);
-  try {
-    await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
-      select 'REACTION_ADDED', guild_id, channel_id,
-        jsonb_build_object('messageId', id::text, 'emoji', 'x', 'userId', author_id::text)
-      from messages where id = ${decodeAnyId(m1).id}::uuid`);
-    await app.deps.realtime!.poke();
+  const logged = await whileReactionFails(app, decodeAnyId(m1).id, async () => {
     const deadline = Date.now() + 5000;
     while (!s.ended && s.items.length < 2 && Date.now() < deadline)
       await new Promise((r) => setTimeout(r, 50));
-  } finally {
-    await app.deps.db.execute(sql`alter table reactions_away rename to reactions`);
-    app.log.error = error;
-  }
+  });
   assert.deepEqual(
     s.items.slice(1),
     [{ errors: [{ message: RESUME, extensions: { code: 'INTERNAL_SERVER_ERROR' } }] }],
