@@ -282,106 +282,100 @@ it('rows from another cluster (a dump restored into a server with lower transact
   }
 });
 
-it('typing goes out after a read of the log, so a kick committed before it (not yet read here) stops it', async () => {
+/**
+ * A guild with its owner, a member about to be kicked and a typist, the kicked member's and the
+ * owner's streams open, and the kicked member's access to the channel cached (a message seen).
+ */
+async function kickAndTypeScene() {
   const [owner, kicked, typer] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
   await invite(app, owner.token, guildId, kicked.token);
   await invite(app, owner.token, guildId, typer.token);
-  const c = connect(url, kicked.token);
-  const s = subscribe(c.client);
+  const kc = connect(url, kicked.token);
+  const oc = connect(url, owner.token);
+  const ks = subscribe(kc.client);
+  const os = subscribe(oc.client);
+  await new Promise((r) => setTimeout(r, 300));
+  await send(app, owner.token, channelId, 'warm');
+  await ks.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
+  return {
+    owner,
+    guildId,
+    ks,
+    os,
+    /**
+     * A kick this process has not read yet (another instance's, whose ring was lost): committed
+     * without a ring or a write this hub follows, so only a read of the log brings it.
+     */
+    kickUnread: async () => {
+      const [g, k] = [decodeAnyId(guildId).id, decodeAnyId(kicked.id).id];
+      await app.deps.db.execute(sql`with d as (delete from members where guild_id = ${g}::uuid and user_id = ${k}::uuid)
+        insert into events (type, guild_id, payload) values ('MEMBER_KICKED', ${g}::uuid, jsonb_build_object('userId', ${k}::text))`);
+    },
+    startTyping: async (c = channelId) =>
+      (await ok(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c }, typer.token)).startTyping,
+    /** What the kicked member's stream got, presence aside. */
+    kickedSaw: () => ks.events.map((x) => x.__typename).filter((t) => t !== 'PresenceChanged'),
+    close: async () => {
+      ks.stop();
+      os.stop();
+      await Promise.all([kc.client.dispose(), oc.client.dispose()]);
+    },
+  };
+}
+
+it('typing goes out after a read of the log, so a kick committed before it (not yet read here) stops it', async () => {
+  const scene = await kickAndTypeScene();
   try {
+    await scene.kickUnread();
+    assert.equal(await scene.startTyping(), true);
+    await scene.ks.until((e) => e.some((x) => x.__typename === 'MemberKicked'), 5000);
     await new Promise((r) => setTimeout(r, 300));
-    // The kicked user's stream has the channel's access cached.
-    await send(app, owner.token, channelId, 'warm');
-    await s.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
-    // A kick this process has not read yet (another instance's, whose ring was lost): committed
-    // without a ring or a write this hub follows, so only a read of the log brings it.
-    const [g, k] = [decodeAnyId(guildId).id, decodeAnyId(kicked.id).id];
-    await app.deps.db.execute(sql`with d as (delete from members where guild_id = ${g}::uuid and user_id = ${k}::uuid)
-      insert into events (type, guild_id, payload) values ('MEMBER_KICKED', ${g}::uuid, jsonb_build_object('userId', ${k}::text))`);
-    const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
-    assert.equal((await ok(app, m, { c: channelId }, typer.token)).startTyping, true);
-    await s.until((e) => e.some((x) => x.__typename === 'MemberKicked'), 5000);
-    await new Promise((r) => setTimeout(r, 300));
-    assert.deepEqual(
-      s.events.map((x) => x.__typename).filter((t) => t !== 'PresenceChanged'),
-      ['MessageCreated', 'MemberKicked'],
-    );
+    assert.deepEqual(scene.kickedSaw(), ['MessageCreated', 'MemberKicked']);
   } finally {
-    s.stop();
-    await c.client.dispose();
+    await scene.close();
   }
 });
 
 it('typing waits for the log past a transaction open in another database: a kick committed before it still stops it, the others get it', {
   skip: !onPostgres,
 }, async () => {
-  const [owner, kicked, typer] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
-  const { guildId, channelId } = await guildWithChannel(app, owner.token);
-  await invite(app, owner.token, guildId, kicked.token);
-  await invite(app, owner.token, guildId, typer.token);
-  const kc = connect(url, kicked.token);
-  const oc = connect(url, owner.token);
-  const ks = subscribe(kc.client);
-  const os = subscribe(oc.client);
+  const scene = await kickAndTypeScene();
   // Another test suite, another application on the same server: an open transaction with an xid,
   // below the kick's, in another database (what made this fail beside the PGlite suite in CI).
   const elsewhere = new pg.Client({ connectionString: PG_ADMIN_URL });
   await elsewhere.connect();
   try {
-    await new Promise((r) => setTimeout(r, 300));
-    await send(app, owner.token, channelId, 'warm');
-    await ks.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
     await elsewhere.query('begin');
     await elsewhere.query('select pg_current_xact_id()');
-    const [g, k] = [decodeAnyId(guildId).id, decodeAnyId(kicked.id).id];
-    await app.deps.db.execute(sql`with d as (delete from members where guild_id = ${g}::uuid and user_id = ${k}::uuid)
-      insert into events (type, guild_id, payload) values ('MEMBER_KICKED', ${g}::uuid, jsonb_build_object('userId', ${k}::text))`);
-    const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
-    assert.equal((await ok(app, m, { c: channelId }, typer.token)).startTyping, true);
-    await os.until((e) => e.some((x) => x.__typename === 'TypingStarted'), 5000);
-    await ks.until((e) => e.some((x) => x.__typename === 'MemberKicked'), 5000);
+    await scene.kickUnread();
+    assert.equal(await scene.startTyping(), true);
+    await scene.os.until((e) => e.some((x) => x.__typename === 'TypingStarted'), 5000);
+    await scene.ks.until((e) => e.some((x) => x.__typename === 'MemberKicked'), 5000);
     await new Promise((r) => setTimeout(r, 300));
-    assert.deepEqual(
-      ks.events.map((x) => x.__typename).filter((t) => t !== 'PresenceChanged'),
-      ['MessageCreated', 'MemberKicked'],
-    );
+    assert.deepEqual(scene.kickedSaw(), ['MessageCreated', 'MemberKicked']);
   } finally {
     await elsewhere.query('commit').catch(() => {});
     await elsewhere.end();
-    ks.stop();
-    os.stop();
-    await Promise.all([kc.client.dispose(), oc.client.dispose()]);
+    await scene.close();
   }
 });
 
 it('typing behind a kick that waits for a transaction still open (a lower xid) is dropped after a while, not sent to the kicked user', {
   skip: !onPostgres,
 }, async () => {
-  const [owner, kicked, typer] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
-  const { guildId, channelId } = await guildWithChannel(app, owner.token);
-  await invite(app, owner.token, guildId, kicked.token);
-  await invite(app, owner.token, guildId, typer.token);
-  const kc = connect(url, kicked.token);
-  const oc = connect(url, owner.token);
-  const ks = subscribe(kc.client);
-  const os = subscribe(oc.client);
+  const scene = await kickAndTypeScene();
+  const { ks, os } = scene;
   const here = new pg.Client({ connectionString: app.config.databaseUrl });
   await here.connect();
-  const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
   const typing = (e: { __typename: string }[]) => e.filter((x) => x.__typename === 'TypingStarted');
   try {
-    await new Promise((r) => setTimeout(r, 300));
-    await send(app, owner.token, channelId, 'warm');
-    await ks.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
     // A transaction of this database with a lower xid, still open: the kick after it is committed
     // but cannot be read (it sorts after whatever that transaction may still write).
     await here.query('begin');
     await here.query('select pg_current_xact_id()');
-    const [g, k] = [decodeAnyId(guildId).id, decodeAnyId(kicked.id).id];
-    await app.deps.db.execute(sql`with d as (delete from members where guild_id = ${g}::uuid and user_id = ${k}::uuid)
-      insert into events (type, guild_id, payload) values ('MEMBER_KICKED', ${g}::uuid, jsonb_build_object('userId', ${k}::text))`);
-    await ok(app, m, { c: channelId }, typer.token);
+    await scene.kickUnread();
+    await scene.startTyping();
     await new Promise((r) => setTimeout(r, 3500));
     assert.deepEqual(typing(os.events), []);
     assert.deepEqual(typing(ks.events), []);
@@ -391,19 +385,17 @@ it('typing behind a kick that waits for a transaction still open (a lower xid) i
     const other = await ok(
       app,
       `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "two", type: TEXT }) { id } }`,
-      { g: guildId },
-      owner.token,
+      { g: scene.guildId },
+      scene.owner.token,
     );
-    await ok(app, m, { c: other.createChannel.id }, typer.token);
+    await scene.startTyping(other.createChannel.id);
     await os.until((e) => typing(e).length > 0, 5000);
     await new Promise((r) => setTimeout(r, 300));
     assert.deepEqual(typing(ks.events), []);
   } finally {
     await here.query('commit').catch(() => {});
     await here.end();
-    ks.stop();
-    os.stop();
-    await Promise.all([kc.client.dispose(), oc.client.dispose()]);
+    await scene.close();
   }
 });
 
