@@ -149,7 +149,7 @@ builder.mutationFields((t) => ({
   }),
   deleteChannel: t.id({
     description:
-      "Needs MANAGE_CHANNELS. Channels in a deleted category become uncategorized and keep copies of the category's permission overwrites, so nobody sees more than before; CONFLICT when the category has overwrites and one of its channels has overwrites of its own.",
+      "Needs MANAGE_CHANNELS. A deleted channel's messages and threads go with it; each thread gets a ChannelDeleted of its own, before the channel's. Channels in a deleted category become uncategorized and keep copies of the category's permission overwrites, so nobody sees more than before; CONFLICT when the category has overwrites and one of its channels has overwrites of its own.",
     args: { id: t.arg.id({ required: true }) },
     resolve: async (_r, { id }, ctx) => {
       const v = requireViewer(ctx);

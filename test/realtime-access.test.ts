@@ -506,6 +506,65 @@ it('a ChannelDeleted is told to who could view the channel, live and in replay, 
   assert.deepEqual({ live: got, replayed }, { live: want, replayed: want });
 });
 
+it("a channel's threads are deleted with it: each is told deleted before it, to who could view that thread, live and in replay", async () => {
+  const [o, seer, blind] = await Promise.all(Array.from({ length: 3 }, () => signUp(app)));
+  const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  for (const u of [seer, blind]) await invite(app, o.token, guildId, u.token);
+  const secret = await createChannel(o.token, guildId, 'secret');
+  const pub = await createChannel(o.token, guildId, 'public');
+  await hideFromEveryone(o.token, guildId, secret);
+  const allowView = { allow: ['VIEW_CHANNEL'], deny: [] };
+  await overwrite(o.token, { channelId: secret, targetType: 'MEMBER', targetId: seer.id, ...allowView });
+  const thread = async (channelId: string, name: string) => {
+    const m = await send(app, o.token, channelId, `${name} source`);
+    const r = await ok(
+      app,
+      `mutation($m: ID!, $n: String!) { startThread(messageId: $m, name: $n) { id } }`,
+      { m, n: name },
+      o.token,
+    );
+    return r.startThread.id as string;
+  };
+  const secretThread = await thread(secret, 'hidden talk');
+  const pubThread = await thread(pub, 'open talk');
+  // A thread's own overwrite counts too: this one of the public channel is hidden from `blind`.
+  const pubHidden = await thread(pub, 'not for blind');
+  await overwrite(o.token, {
+    channelId: pubHidden,
+    targetType: 'MEMBER',
+    targetId: blind.id,
+    allow: [],
+    deny: ['VIEW_CHANNEL'],
+  });
+  const users = { o, seer, blind };
+  const conns = Object.fromEntries(Object.entries(users).map(([n, u]) => [n, connect(url, u.token)]));
+  const live = Object.fromEntries(
+    Object.entries(conns).map(([n, c]) => [n, subscribe(c.client, null, DELETED_Q)]),
+  );
+  await settle();
+  await send(app, o.token, general, 'cursor');
+  await live.blind.until((e) => contents(e).includes('cursor'));
+  const cursor = live.blind.events.at(-1).cursor;
+  for (const id of [secret, pub])
+    await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, o.token);
+  await send(app, o.token, general, 'end');
+  for (const s of Object.values(live)) await s.until((e) => contents(e).includes('end'));
+  const replayed: Record<string, string[]> = {};
+  for (const [n, c] of Object.entries(conns)) {
+    const r = subscribe(c.client, cursor, DELETED_Q);
+    await r.until((e) => contents(e).includes('end'), 5000, `${n}'s replay`);
+    replayed[n] = deleted(r.events);
+  }
+  const got = Object.fromEntries(Object.entries(live).map(([n, s]) => [n, deleted(s.events)]));
+  await Promise.all(Object.values(conns).map((c) => c.client.dispose()));
+  // Threads in the order they were started, then their channel.
+  const all = [secretThread, secret, pubThread, pubHidden, pub];
+  const want = { o: all, seer: all, blind: [pubThread, pub] };
+  assert.deepEqual({ live: got, replayed }, { live: want, replayed: want });
+  const query = `query($c: ID!) { channel(id: $c) { id } }`;
+  for (const id of [secretThread, pubThread]) await fails(app, 'NOT_FOUND', query, { c: id }, o.token);
+});
+
 it('a channel hidden by its category, and the category itself, are deleted without telling the members they were hidden from', async () => {
   const [o, mod, blind] = await Promise.all(Array.from({ length: 3 }, () => signUp(app)));
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);

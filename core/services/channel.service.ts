@@ -261,6 +261,44 @@ async function overwriteLevelsNow(tx: Tx, viewerId: string, channelId: string, n
 }
 
 /**
+ * A channel's threads go with it, each told deleted (before the channel) as a deletion of its own
+ * would be: a client holding a thread learns it is gone without knowing whose thread it was.
+ * A thread's levels are its channel's and its own overwrites; locked here as the channel's are
+ * (an overwrite change on a thread locks it FOR SHARE first), and read before they go with it.
+ */
+async function deleteThreadsOf(
+  tx: Tx,
+  log: EventWriter,
+  guildId: string,
+  actorId: string,
+  channelId: string,
+  channelLevels: readonly (readonly OverwriteInfo[])[],
+) {
+  const threads = await tx
+    .select({ id: channels.id })
+    .from(channels)
+    .where(and(eq(channels.parentId, channelId), eq(channels.type, 'THREAD')))
+    .orderBy(channels.createdAt, channels.id)
+    .for('update');
+  if (!threads.length) return;
+  const ids = threads.map((t) => t.id);
+  const own = (await tx
+    .select()
+    .from(permissionOverwrites)
+    .where(inArray(permissionOverwrites.channelId, ids))) as (OverwriteInfo & { channelId: string })[];
+  await tx.delete(channels).where(inArray(channels.id, ids));
+  for (const id of ids) {
+    const levels = [...channelLevels, own.filter((o) => o.channelId === id)];
+    await log.append({
+      type: 'CHANNEL_DELETED',
+      guildId,
+      channelId: id,
+      payload: { channelId: id, actorId, overwrites: storeOverwriteLevels(levels) },
+    });
+  }
+}
+
+/**
  * A category's overwrites apply to its channels (access.service reads the parent's level before
  * the channel's own): left uncategorized, a channel hidden by its category would be shown to
  * everyone it was hidden from. So its channels get copies of the category's overwrites, which
@@ -324,7 +362,7 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
       await keepChildrenHidden(tx, log, guildId, c.id);
       await tx.update(channels).set({ parentId: null }).where(eq(channels.parentId, c.id));
     } else {
-      await tx.delete(channels).where(and(eq(channels.parentId, c.id), eq(channels.type, 'THREAD')));
+      await deleteThreadsOf(tx, log, guildId, viewer.userId, c.id, levels);
     }
     const gone = await tx.delete(channels).where(eq(channels.id, c.id)).returning({ id: channels.id });
     if (!gone.length) throw notFound('Channel');
