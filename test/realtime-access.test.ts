@@ -889,3 +889,41 @@ it('a channel deleted while an overwrite change that shows it to a member commit
     await mc.client.dispose();
   }
 });
+
+it('a thread started while its channel is being deleted is refused, not left behind without its channel', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  const doomed = await createChannel(o.token, guildId, 'doomed');
+  const source = await send(app, o.token, doomed, 'start a thread here');
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  try {
+    // Only to hold the deletion's transaction open after it has taken its threads (its audit row waits).
+    await stall.query('begin');
+    await stall.query('lock table audit_log in share mode');
+    const deleting = ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: doomed }, o.token);
+    await sleep(500);
+    const starting = gql(
+      app,
+      `mutation($m: ID!, $n: String!) { startThread(messageId: $m, name: $n) { id } }`,
+      { m: source, n: 'too late' },
+      { token: o.token },
+    );
+    await sleep(500);
+    await stall.query('commit');
+    await deleting;
+    const started = await starting;
+    assert.equal(started.errors?.[0]?.extensions?.code, 'NOT_FOUND', JSON.stringify(started));
+    const left = await stall.query('select count(*)::int as n from channels where parent_id = $1', [
+      decodeAnyId(doomed).id,
+    ]);
+    assert.equal(left.rows[0].n, 0, 'threads left behind without their channel');
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+  }
+});
