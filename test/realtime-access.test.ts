@@ -890,40 +890,99 @@ it('a channel deleted while an overwrite change that shows it to a member commit
   }
 });
 
-it('a thread started while its channel is being deleted is refused, not left behind without its channel', {
-  skip: process.env.BANTER_TEST_DB !== 'postgres',
-  timeout: 60_000,
-}, async () => {
+/**
+ * Runs `during` while `deleteChannel(id)` is held open after its locks (a share lock on audit_log
+ * stalls its audit row), then lets the deletion commit: what `during` started settles after it.
+ */
+async function whileDeleting<T>(token: string, id: string, during: () => Promise<T>) {
   const pg = (await import('pg')).default;
-  const o = await signUp(app);
-  const { guildId } = await guildWithChannel(app, o.token);
-  const doomed = await createChannel(o.token, guildId, 'doomed');
-  const source = await send(app, o.token, doomed, 'start a thread here');
   const stall = new pg.Client({ connectionString: app.config.databaseUrl });
   await stall.connect();
   try {
-    // Only to hold the deletion's transaction open after it has taken its threads (its audit row waits).
     await stall.query('begin');
     await stall.query('lock table audit_log in share mode');
-    const deleting = ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: doomed }, o.token);
+    const deleting = ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, token);
     await sleep(500);
-    const starting = gql(
-      app,
-      `mutation($m: ID!, $n: String!) { startThread(messageId: $m, name: $n) { id } }`,
-      { m: source, n: 'too late' },
-      { token: o.token },
-    );
+    const started = during();
     await sleep(500);
     await stall.query('commit');
     await deleting;
-    const started = await starting;
-    assert.equal(started.errors?.[0]?.extensions?.code, 'NOT_FOUND', JSON.stringify(started));
-    const left = await stall.query('select count(*)::int as n from channels where parent_id = $1', [
-      decodeAnyId(doomed).id,
-    ]);
-    assert.equal(left.rows[0].n, 0, 'threads left behind without their channel');
+    return await started;
   } finally {
     await stall.query('rollback').catch(() => {});
     await stall.end();
   }
-});
+}
+
+/** How many channels have `parentId` as their parent (Postgres: a direct query). */
+async function childrenOf(parentId: string) {
+  const r = await app.deps.db.execute(
+    sql`select count(*)::int as n from channels where parent_id = ${decodeAnyId(parentId).id}::uuid`,
+  );
+  return (r as unknown as { rows: { n: number }[] }).rows[0].n;
+}
+
+const onlyPostgres = { skip: process.env.BANTER_TEST_DB !== 'postgres', timeout: 60_000 };
+
+it(
+  'a thread started while its channel is being deleted is refused, not left behind without its channel',
+  onlyPostgres,
+  async () => {
+    const o = await signUp(app);
+    const { guildId } = await guildWithChannel(app, o.token);
+    const doomed = await createChannel(o.token, guildId, 'doomed');
+    const source = await send(app, o.token, doomed, 'start a thread here');
+    const started = await whileDeleting(o.token, doomed, () =>
+      gql(
+        app,
+        `mutation($m: ID!, $n: String!) { startThread(messageId: $m, name: $n) { id } }`,
+        { m: source, n: 'too late' },
+        { token: o.token },
+      ),
+    );
+    assert.equal(started.errors?.[0]?.extensions?.code, 'NOT_FOUND', JSON.stringify(started));
+    assert.equal(await childrenOf(doomed), 0, 'threads left behind without their channel');
+  },
+);
+
+it(
+  'a channel created in, or moved into, a private category while it is being deleted is refused, not left public',
+  onlyPostgres,
+  async () => {
+    const [o, blind] = await Promise.all([signUp(app), signUp(app)]);
+    const { guildId } = await guildWithChannel(app, o.token);
+    await invite(app, o.token, guildId, blind.token);
+    const moving = await createChannel(o.token, guildId, 'moving');
+    const tries = {
+      create: (cat: string) =>
+        gql(
+          app,
+          `mutation($g: ID!, $p: ID!) { createChannel(input: { guildId: $g, name: "late", type: TEXT, parentId: $p }) { id } }`,
+          { g: guildId, p: cat },
+          { token: o.token },
+        ),
+      move: (cat: string) =>
+        gql(
+          app,
+          `mutation($c: ID!, $p: ID!) { updateChannel(input: { id: $c, parentId: $p }) { id } }`,
+          { c: moving, p: cat },
+          { token: o.token },
+        ),
+    };
+    for (const [what, attempt] of Object.entries(tries)) {
+      const cat = await createChannel(o.token, guildId, `staff-${what}`, 'CATEGORY');
+      await hideFromEveryone(o.token, guildId, cat);
+      const r = await whileDeleting(o.token, cat, () => attempt(cat));
+      assert.equal(r.errors?.[0]?.extensions?.code, 'NOT_FOUND', `${what}: ${JSON.stringify(r)}`);
+      assert.equal(await childrenOf(cat), 0, `${what}: a channel left in a deleted category`);
+    }
+    // The move was refused whole: the channel is where it was, as it was.
+    const c = await ok(
+      app,
+      `query($c: ID!) { channel(id: $c) { id parent { id } } }`,
+      { c: moving },
+      blind.token,
+    );
+    assert.deepEqual(c.channel, { id: moving, parent: null });
+  },
+);

@@ -67,6 +67,10 @@ export async function createChannel(
   }
   const id = newId();
   return transact(deps, async (tx, log) => {
+    // Its category's deletion copies the category's overwrites to the channels in it: one begun
+    // first leaves no category here (NOT_FOUND), one begun after waits for this channel to be in.
+    // Unlocked, the channel could land in a deleted category, shown to everyone it was to be hidden from.
+    if (input.parentId && !(await holdChannel(tx, input.parentId))) throw notFound('Channel');
     const [c] = await tx
       .insert(channels)
       .values({
@@ -97,6 +101,15 @@ export async function createChannel(
     });
     return c;
   });
+}
+
+/**
+ * Locks a channel FOR SHARE until the transaction ends, holding off its deletion (which locks it
+ * FOR UPDATE first); false when it is gone.
+ */
+export async function holdChannel(tx: Tx, id: string): Promise<boolean> {
+  const [held] = await tx.select({ id: channels.id }).from(channels).where(eq(channels.id, id)).for('share');
+  return !!held;
 }
 
 /** A channel row, with the viewer's permissions there when a list view already computed them. */
@@ -204,8 +217,10 @@ export async function updateChannel(
   return transact(deps, async (tx, log) => {
     const moved =
       patch.parentId !== undefined && patch.parentId !== c.parentId
-        ? await overwriteLevelsNow(tx, viewer.userId, c.id, deps.now())
+        ? await overwriteLevelsNow(tx, viewer.userId, c.id, deps.now(), patch.parentId)
         : undefined;
+    // Into a category deleted since it was checked: its overwrites would not apply, nor be copied.
+    if (moved && patch.parentId && !(await holdChannel(tx, patch.parentId))) throw notFound('Channel');
     const [row] = Object.keys(patch).length
       ? await tx.update(channels).set(patch).where(eq(channels.id, c.id)).returning()
       : await tx.select().from(channels).where(eq(channels.id, c.id));
@@ -249,12 +264,23 @@ export async function updateChannel(
  * read, and none commits before this transaction does. Recorded in a log row, for visibility to
  * decide after they change (a move) or are gone (a deletion).
  */
-async function overwriteLevelsNow(tx: Tx, viewerId: string, channelId: string, now: Date) {
+async function overwriteLevelsNow(
+  tx: Tx,
+  viewerId: string,
+  channelId: string,
+  now: Date,
+  /** a move's new category, locked with them */
+  movingTo?: string | null,
+) {
+  // Outermost first (categories, channels, threads), as every transaction locking several of
+  // these does: a category's deletion holds it while it updates its channels, a channel's deletion
+  // holds it while it deletes its threads; locked by id, a move or deletion beside either deadlocked.
   await tx.execute(sql`select id from channels where id in (
       select id from channels where id = ${channelId}::uuid
       union select parent_id from channels where id = ${channelId}::uuid
-      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid)
-    order by id for update`);
+      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid
+      union select ${movingTo ?? null}::uuid)
+    order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`);
   const a = await loadChannelAccess(tx, viewerId, channelId, now);
   if (!a) throw notFound('Channel');
   return a.levels;

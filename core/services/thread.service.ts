@@ -3,14 +3,13 @@
  * per message (channels_thread_source). Its permissions follow the parent: access.service chains
  * overwrites through parent_id, so nothing here computes them.
  */
-import { eq } from 'drizzle-orm';
 import { channels } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
-import { type ChannelRowFull, validateChannelName } from './channel.service.ts';
+import { type ChannelRowFull, holdChannel, validateChannelName } from './channel.service.ts';
 import { loadVisibleMessage } from './message-history.service.ts';
 
 /** Threads hang off guild text channels; DMs and threads themselves do not nest them. */
@@ -33,12 +32,7 @@ export async function startThread(
     // A deletion of the channel locks it first and deletes its threads with it (telling of each):
     // one begun before waits for this thread to be in, one committed first leaves no channel here,
     // and so no message to start from. Unlocked, a thread could land beside a deletion, its parent gone.
-    const [held] = await tx
-      .select({ id: channels.id })
-      .from(channels)
-      .where(eq(channels.id, parent.id))
-      .for('share');
-    if (!held) throw notFound('Message');
+    if (!(await holdChannel(tx, parent.id))) throw notFound('Message');
     const [thread] = await tx
       .insert(channels)
       .values({
