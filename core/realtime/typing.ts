@@ -7,6 +7,7 @@ import type { Redis } from 'ioredis';
 import type { Deps, Viewer } from '../deps.ts';
 import { Permission } from '../permissions.ts';
 import { requireChannel } from '../services/access.service.ts';
+import { assertCanSendInDm } from '../services/direct.service.ts';
 
 export const TYPING_EXPIRES_MS = 10_000;
 const THROTTLE_MS = 5_000;
@@ -55,6 +56,9 @@ const fallback = createMemoryThrottle();
 
 export async function startTyping(deps: Deps, viewer: Viewer, channelId: string): Promise<boolean> {
   const a = await requireChannel(deps.db, viewer.userId, channelId, Permission.SEND_MESSAGES, deps.now());
+  // Typing is the start of a send: in a 1:1 DM whose other recipient blocked the viewer, it is
+  // refused as sendMessage is, rather than shown to the blocker (who cannot get the message).
+  if (a.channel.type === 'DM') await assertCanSendInDm(deps.db, viewer.userId, a.channel);
   const throttle = deps.realtime?.typing ?? fallback;
   if (!(await throttle.claim(`${viewer.userId}:${channelId}`, THROTTLE_MS))) return true;
   await deps.bus.signal('typing', {
