@@ -8,7 +8,7 @@ import { messageIdOf } from '../core/realtime/log.ts';
 import type { PresenceShown } from '../core/realtime/presence.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
-import { blockersAmong } from '../core/realtime/visibility.ts';
+import { presenceAudience } from '../core/realtime/visibility.ts';
 import { messagesByIds } from '../core/services/message-history.service.ts';
 import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
@@ -199,12 +199,16 @@ builder.objectField(UserRef, 'presence', (t) =>
     type: PresenceRef,
     resolve: (u) => u.id,
     load: async (ids: string[], ctx) => {
-      const [shown, blockers] = await Promise.all([
+      const viewerId = ctx.viewer?.userId;
+      // Whom the stream would tell (presenceAudience: a shared guild or DM, no block by them): a
+      // stranger, or whom they blocked, reads OFFLINE, as the stream tells them nothing.
+      const [shown, audience] = await Promise.all([
         ctx.deps.realtime ? ctx.deps.realtime.presence.store.shown(ids) : new Map<string, PresenceShown>(),
-        ctx.viewer ? blockersAmong(ctx.deps.db, ctx.viewer.userId, ids) : new Set<string>(),
+        viewerId ? presenceAudience(ctx.deps.db, ids, [viewerId]) : new Map<string, Set<string>>(),
       ]);
+      const may = (id: string) => id === viewerId || (!!viewerId && !!audience.get(id)?.has(viewerId));
       return ids.map((id) => ({
-        status: blockers.has(id) ? 'OFFLINE' : ((shown.get(id) ?? 'OFFLINE') as PresenceShown),
+        status: may(id) ? ((shown.get(id) ?? 'OFFLINE') as PresenceShown) : 'OFFLINE',
       }));
     },
   }),

@@ -4,9 +4,8 @@
  * event that can change access there, so a kick or an overwrite stops delivery at once and a
  * join starts it without reconnecting.
  */
-import { and, eq, inArray, sql } from 'drizzle-orm';
+import { sql } from 'drizzle-orm';
 import { type Db, type DbOrTx, databaseOf } from '../db/client.ts';
-import { relationships } from '../db/tables.ts';
 import {
   computeChannelPermissions,
   type GuildPermissionInput,
@@ -112,25 +111,6 @@ function shared<T>(db: Db, question: string, load: () => Promise<T>): Promise<T>
     m.set(key, p);
   }
   return p;
-}
-
-/**
- * Which of `otherIds` blocked `viewerId`, in one statement (the batched isBlockedBy of
- * relationship.service): a blocker's presence is shown to the blocked user as OFFLINE.
- */
-export async function blockersAmong(db: DbOrTx, viewerId: string, otherIds: string[]): Promise<Set<string>> {
-  if (!otherIds.length) return new Set();
-  const r = await db
-    .select({ userId: relationships.userId })
-    .from(relationships)
-    .where(
-      and(
-        eq(relationships.targetId, viewerId),
-        eq(relationships.kind, 'BLOCKED'),
-        inArray(relationships.userId, otherIds),
-      ),
-    );
-  return new Set(r.map((x) => x.userId));
 }
 
 /** Events after which access in a guild may differ. */
