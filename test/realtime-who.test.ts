@@ -278,7 +278,9 @@ it('kicked, then invited again: delivery stops, then starts again on the same so
 
 // ---- defects ----
 
-it('a member who may view a channel but not read its history is not shown old messages through live reactions, pins or replies', async () => {
+it('a member who may view a channel but not read its history is not shown old messages through live reactions, pins, replies or a thread', {
+  todo: 'defect: live rows need only VIEW_CHANNEL, and MessageRef (replyTo, sourceMessage) only visibility',
+}, async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
   const everyone = await everyoneRole(o.token, guildId);
@@ -304,15 +306,28 @@ it('a member who may view a channel but not read its history is not shown old me
     );
     await ok(app, `mutation($m: ID!) { pinMessage(messageId: $m) { id } }`, { m: old }, o.token);
     await sendReply(o.token, channelId, 'a reply', old);
-    await vs.until((e) => contents(e).includes('a reply'));
-    const shown = JSON.stringify(vs.events);
-    assert.ok(!shown.includes('old secret'), `the stream shows the old message: ${shown}`);
+    const t = await ok(
+      app,
+      `mutation($m: ID!) { startThread(messageId: $m, name: "t") { id } }`,
+      { m: old },
+      o.token,
+    );
+    await vs.until(
+      (e) => contents(e).includes('a reply') && e.some((x) => x.__typename === 'ChannelCreated'),
+    );
+    const shown = vs.events.filter((x) => JSON.stringify(x).includes('old secret')).map((x) => x.__typename);
+    // The same load (MessageRef: visible is enough) serves a thread's sourceMessage to queries.
+    const q = `query($c: ID!) { channel(id: $c) { sourceMessage { content } } }`;
+    const source = (await ok(app, q, { c: t.startThread.id }, v.token)).channel.sourceMessage;
+    assert.deepEqual({ shown, source }, { shown: [], source: null }, 'the old message is shown');
   } finally {
     await vs.close();
   }
 });
 
-it('an overwrite on a channel hidden from a member by its category (for @everyone, or for a role it holds) does not name that channel to it', async () => {
+it('an overwrite on a channel hidden from a member by its category (for @everyone, or for a role it holds) does not name that channel to it', {
+  todo: 'defect: overwriteOk tells every holder of the target, whether or not it could see the channel before',
+}, async () => {
   const [o, m] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, m.token);
