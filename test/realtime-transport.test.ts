@@ -1,0 +1,450 @@
+/**
+ * The transports as a demanding client meets them: sockets and subscriptions opened and closed
+ * many times (limits and metrics come back), operations over the socket, an SSE stream whose
+ * session ends, and an api instance that stops under its open sockets and SSE streams.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { after, before, describe, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
+import {
+  connect,
+  EVENTS,
+  guildWithChannel,
+  metricsOf,
+  rawSocket,
+  send,
+  sleep,
+  subscribe,
+} from './realtime-helpers.ts';
+
+let app: TestApp;
+let url: string;
+let httpUrl: string;
+before(async () => {
+  app = await createTestApp({
+    rateLimits: false,
+    ws: {
+      socketsPerUser: 3,
+      operationsPerSocket: 4,
+      connectionsPerIpPerMinute: 1000,
+      initTimeoutMs: 2000,
+      keepAliveMs: 12_000,
+    },
+  });
+  const port = await app.start(0);
+  url = `ws://127.0.0.1:${port}/graphql`;
+  httpUrl = `http://127.0.0.1:${port}/graphql`;
+});
+after(() => app.destroy());
+
+interface Sse {
+  items: any[];
+  events: any[];
+  /** the `id:` field of each `next` block (undefined when absent) */
+  ids: (string | undefined)[];
+  completed: boolean;
+  ended: boolean;
+  until(pred: (s: Sse) => boolean, what: string, ms?: number): Promise<void>;
+  stop(): void;
+}
+
+/** A subscription over SSE (GET, as an EventSource sends it), read as it arrives. */
+function sse(base: string, token: string, cursor?: string | null, headers: Record<string, string> = {}): Sse {
+  const ac = new AbortController();
+  const variables = JSON.stringify({ after: cursor ?? null });
+  const s: Sse = {
+    items: [],
+    events: [],
+    ids: [],
+    completed: false,
+    ended: false,
+    async until(pred, what, ms = 10_000) {
+      const deadline = Date.now() + ms;
+      while (!pred(s)) {
+        if (Date.now() > deadline)
+          throw new Error(
+            `timed out waiting for ${what}; have ${JSON.stringify({ items: s.items, ended: s.ended })}`,
+          );
+        await sleep(20);
+      }
+    },
+    stop: () => ac.abort(),
+  };
+  const onBlock = (block: string) => {
+    let event = 'message';
+    let id: string | undefined;
+    const data: string[] = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith(':')) continue;
+      const at = line.indexOf(':');
+      const field = at < 0 ? line : line.slice(0, at);
+      const value = at < 0 ? '' : line.slice(at + 1).replace(/^ /, '');
+      if (field === 'event') event = value;
+      else if (field === 'data') data.push(value);
+      else if (field === 'id') id = value;
+    }
+    if (event === 'complete') s.completed = true;
+    if (event !== 'next') return;
+    const item = JSON.parse(data.join('\n'));
+    s.items.push(item);
+    s.ids.push(id);
+    const e = item.data?.events;
+    if (e && e.__typename !== 'PresenceChanged') s.events.push(e);
+  };
+  void (async () => {
+    const res = await fetch(`${base}?${new URLSearchParams({ query: EVENTS, variables })}`, {
+      headers: { accept: 'text/event-stream', authorization: `Bearer ${token}`, ...headers },
+      signal: ac.signal,
+    });
+    const reader = res.body!.getReader();
+    const decoder = new TextDecoder();
+    let buf = '';
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
+        onBlock(buf.slice(0, i));
+        buf = buf.slice(i + 2);
+      }
+    }
+  })()
+    .catch(() => {})
+    .finally(() => {
+      s.ended = true;
+    });
+  return s;
+}
+
+/**
+ * A graphql-ws reader in a process of its own: resumes `events` from `after`, reads nothing for
+ * `pauseMs`, then reads until it has `want` events or the socket closes.
+ */
+function replayReader(wsUrl: string, token: string, after: string, want: number, pauseMs: number) {
+  const script = `
+    const WebSocket = require('ws');
+    const [url, token, query, after, want, pauseMs] = process.argv.slice(1);
+    const ws = new WebSocket(url, 'graphql-transport-ws');
+    let got = 0;
+    const done = (closed) => { console.log(JSON.stringify({ got, closed })); process.exit(0); };
+    ws.on('open', () => ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: 'Bearer ' + token } })));
+    ws.on('message', (d) => {
+      const m = JSON.parse(d);
+      if (m.type === 'connection_ack') {
+        ws.send(JSON.stringify({ id: 'r', type: 'subscribe', payload: { query, variables: { after } } }));
+        ws.pause();
+        setTimeout(() => ws.resume(), Number(pauseMs));
+      } else if (m.type === 'next' && ++got >= Number(want)) done(null);
+    });
+    ws.on('close', (code) => done(code));
+    setTimeout(() => done('timeout'), 60000);`;
+  return new Promise<{ got: number; closed: number | string | null }>((resolve, reject) => {
+    execFile(
+      process.execPath,
+      ['-e', script, wsUrl, token, EVENTS, after, String(want), String(pauseMs)],
+      { timeout: 70_000 },
+      (err, out) => (err ? reject(err) : resolve(JSON.parse(out))),
+    );
+  });
+}
+
+/** Waits (bounded) for the hub to hold `n` subscribers. */
+async function subscribers(a: TestApp, n: number, ms = 5000) {
+  const deadline = Date.now() + ms;
+  while (a.deps.realtime!.subscriberCount !== n && Date.now() < deadline) await sleep(20);
+  return a.deps.realtime!.subscriberCount;
+}
+
+const contents = (events: any[]) =>
+  events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
+
+describe('churn', () => {
+  it('sockets and subscriptions opened and closed many times give back their slots, and the gauges return to zero', {
+    timeout: 60_000,
+  }, async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const base = app.deps.realtime!.subscriberCount;
+    for (let round = 0; round < 5; round++) {
+      // Up to the per-user limit (3), each with as many operations as allowed (4), some
+      // completed by the client, then the sockets closed every way a client closes them.
+      const socks = Array.from({ length: 3 }, () => rawSocket(url));
+      for (const s of socks) {
+        await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+        await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+        for (let i = 0; i < 4; i++)
+          await s.send({ id: `op${i}`, type: 'subscribe', payload: { query: EVENTS } });
+      }
+      assert.equal(await subscribers(app, base + 12), base + 12, `round ${round}: 12 subscribers`);
+      await socks[0].send({ id: 'op0', type: 'complete' });
+      await send(app, u.token, channelId, `r${round}`);
+      for (const s of socks)
+        await s.until(
+          () =>
+            s.messages.filter((m) => m.payload?.data?.events?.message?.content === `r${round}`).length >= 3,
+          `r${round} on each live operation`,
+        );
+      socks[0].ws.close(1000);
+      socks[1].ws.terminate();
+      socks[2].ws.close(4000, 'client going');
+      for (const s of socks) await s.until(() => !!s.closed(), 'close');
+      assert.equal(await subscribers(app, base), base, `round ${round}: every subscriber released`);
+    }
+    // Slots are free: three new sockets get in, a fourth is refused with 4029.
+    const again = Array.from({ length: 4 }, () => rawSocket(url));
+    for (const s of again.slice(0, 3)) {
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack after churn');
+    }
+    await again[3].send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    assert.equal(await again[3].closedWith(), 4029);
+    for (const s of again) s.ws.close();
+    for (const s of again) await s.until(() => !!s.closed(), 'close');
+    await sleep(100);
+    const m = await metricsOf(url);
+    assert.equal(m('banter_ws_open_sockets'), 0);
+    assert.equal(m('banter_ws_active_subscriptions'), 0);
+    assert.equal(m('banter_ws_closes_total{code="4029"}'), 1);
+    assert.equal(m('banter_ws_closes_total{code="1006"}'), 5, 'the terminated sockets');
+  });
+});
+
+describe('operations over the socket', () => {
+  it('a mutation over the socket runs once, answers next then complete, and its event reaches the stream', async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const s = rawSocket(url);
+    await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    await s.send({ id: 'ev', type: 'subscribe', payload: { query: EVENTS } });
+    await sleep(300);
+    await s.send({
+      id: 'm',
+      type: 'subscribe',
+      payload: {
+        query: 'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id content } }',
+        variables: { i: { channelId, content: 'over the socket' } },
+      },
+    });
+    await s.until(() => s.messages.some((m) => m.id === 'm' && m.type === 'complete'), 'the mutation');
+    const next = s.messages.filter((m) => m.id === 'm' && m.type === 'next');
+    assert.equal(next.length, 1);
+    assert.equal(next[0].payload.data.sendMessage.content, 'over the socket');
+    await s.until(
+      () =>
+        s.messages.some(
+          (m) => m.id === 'ev' && m.payload?.data?.events?.message?.content === 'over the socket',
+        ),
+      'the event',
+    );
+    s.ws.close();
+  });
+
+  it('a frame over the 256 KiB payload bound closes the socket with 1009, and its slot is released', async () => {
+    const u = await signUp(app);
+    const s = rawSocket(url);
+    await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    await s.send({
+      id: 'big',
+      type: 'subscribe',
+      payload: { query: `{ __typename }${' '.repeat(300_000)}` },
+    });
+    assert.equal(await s.closedWith(), 1009);
+    const fresh = Array.from({ length: 3 }, () => rawSocket(url));
+    for (const f of fresh) {
+      await f.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await f.until(() => f.messages.some((m) => m.type === 'connection_ack'), 'ack');
+      f.ws.close();
+    }
+  });
+});
+
+describe('a long replay to a slow reader', () => {
+  it('is paced by the reading, not cut off with 1013 before going live (README: the slow-consumer close applies once live)', {
+    timeout: 90_000,
+  }, async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const long = 'x'.repeat(4000);
+    const lc = connect(url, u.token);
+    const live = subscribe(lc.client);
+    await sleep(300);
+    const longId = await send(app, u.token, channelId, long);
+    await live.until((e) => e.length >= 1, 10_000, 'the long message');
+    await lc.client.dispose();
+    const cursor = live.events[0].cursor as string;
+    // ~12 MB of backlog after it: 3,000 events of the 4,000-character message (the log is the
+    // truth; the rows are what 3,000 sends would have written).
+    await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+      select 'MESSAGE_CREATED', m.guild_id, m.channel_id, jsonb_build_object('messageId', m.id::text)
+      from messages m, generate_series(1, 3000) where m.id = ${decodeAnyId(longId).id}::uuid`);
+    await app.deps.realtime!.poke();
+    await sleep(200);
+
+    // The reader is another process (here the server's own event loop would hold its reads
+    // back): a client on a slow link, which reads nothing for 4 s, then everything.
+    const r = await replayReader(url, u.token, cursor, 3000, 4000);
+    assert.deepEqual(r, { got: 3000, closed: null }, 'the whole replay, socket open');
+  });
+});
+
+describe('SSE and the session', () => {
+  it('an SSE stream ends when its session logs out, as its socket would (4403); it went on receiving before', {
+    timeout: 30_000,
+  }, async () => {
+    const owner = await signUp(app);
+    const u = await signUp(app);
+    const { guildId, channelId } = await guildWithChannel(app, owner.token);
+    const i = await ok(
+      app,
+      `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+      { g: guildId },
+      owner.token,
+    );
+    await ok(
+      app,
+      `mutation($c: String!) { joinGuild(code: $c) { id } }`,
+      { c: i.createInvite.code },
+      u.token,
+    );
+    const had = app.deps.realtime!.subscriberCount;
+    const s = sse(httpUrl, u.token);
+    await subscribers(app, had + 1);
+    await sleep(300);
+    await send(app, owner.token, channelId, 'before logout');
+    await s.until((x) => contents(x.events).includes('before logout'), 'before logout');
+    assert.equal((await ok(app, 'mutation { logout }', {}, u.token)).logout, true);
+    await sleep(1500);
+    await send(app, owner.token, channelId, 'after logout');
+    await sleep(1000);
+    const got = contents(s.events);
+    s.stop();
+    assert.deepEqual(got, ['before logout'], 'the logged-out session got nothing more');
+    assert.equal(s.ended, true, 'the stream of the ended session is over');
+  });
+});
+
+describe('SSE and the access token', () => {
+  let short: TestApp;
+  let shortHttp: string;
+  before(async () => {
+    // Below the configurable minimum (30 s), for the test only.
+    short = await createTestApp({ rateLimits: false, accessTokenTtl: 2 });
+    shortHttp = `http://127.0.0.1:${await short.start(0)}/graphql`;
+  });
+  after(() => short.destroy());
+
+  it('an SSE stream does not outlive its access token, as a socket does not (4401); it went on before', {
+    timeout: 30_000,
+  }, async () => {
+    const u = await signUp(short);
+    const { channelId } = await guildWithChannel(short, u.token);
+    const s = sse(shortHttp, u.token);
+    await subscribers(short, 1);
+    await sleep(300);
+    await send(short, u.token, channelId, 'before expiry');
+    await s.until((x) => contents(x.events).includes('before expiry'), 'before expiry');
+    await sleep(3500);
+    const fresh = await ok(
+      short,
+      `mutation($t: String!) { refreshSession(refreshToken: $t) { accessToken } }`,
+      {
+        t: u.refreshToken,
+      },
+    );
+    await send(short, fresh.refreshSession.accessToken, channelId, 'after expiry');
+    await sleep(1000);
+    const got = contents(s.events);
+    s.stop();
+    assert.deepEqual(got, ['before expiry'], 'nothing after the token expired');
+  });
+});
+
+describe('SSE reconnects as an EventSource does', () => {
+  it('each SSE event carries its cursor as its id, and a GET with Last-Event-ID resumes after it', {
+    timeout: 30_000,
+  }, async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const had = app.deps.realtime!.subscriberCount;
+    const s = sse(httpUrl, u.token);
+    await subscribers(app, had + 1);
+    await sleep(300);
+    for (const c of ['a', 'b']) await send(app, u.token, channelId, c);
+    await s.until((x) => contents(x.events).includes('b'), 'b');
+    s.stop();
+    const created = s.items
+      .map((item, i) => ({ e: item.data?.events, id: s.ids[i] }))
+      .filter((x) => x.e?.__typename === 'MessageCreated');
+    assert.deepEqual(
+      created.map((x) => x.id),
+      created.map((x) => x.e.cursor),
+      'the id of each event is its cursor (an EventSource resends the last as Last-Event-ID)',
+    );
+    // The EventSource reconnects to the same URL (no `after`), with the last id it saw.
+    await send(app, u.token, channelId, 'while away');
+    const r = sse(httpUrl, u.token, null, { 'last-event-id': created[0].e.cursor });
+    await r.until((x) => contents(x.events).includes('while away'), 'the replay after Last-Event-ID', 3000);
+    r.stop();
+    assert.deepEqual(contents(r.events), ['b', 'while away']);
+  });
+});
+
+describe('an instance that stops', () => {
+  it('closes its sockets with 1001 (going away: reconnect elsewhere and resume), not a bare TCP drop (1006)', {
+    timeout: 30_000,
+  }, async () => {
+    const a = await createTestApp({ rateLimits: false });
+    const aUrl = `ws://127.0.0.1:${await a.start(0)}/graphql`;
+    try {
+      const u = await signUp(a);
+      const socks = Array.from({ length: 3 }, () => connect(aUrl, u.token));
+      const streams = socks.map((c) => subscribe(c.client));
+      await subscribers(a, 3);
+      await a.stop();
+      const deadline = Date.now() + 5000;
+      while (socks.some((c) => !c.closed()) && Date.now() < deadline) await sleep(20);
+      for (const s of streams) s.stop();
+      assert.deepEqual(
+        socks.map((c) => c.closed()?.code),
+        [1001, 1001, 1001],
+      );
+      for (const c of socks) await c.client.dispose();
+    } finally {
+      await a.destroy();
+    }
+  });
+
+  it('ends its SSE streams telling their clients to resume (an error item), not with a bare complete that says the stream is over', {
+    timeout: 30_000,
+  }, async () => {
+    const a = await createTestApp({ rateLimits: false });
+    const aHttp = `http://127.0.0.1:${await a.start(0)}/graphql`;
+    try {
+      const u = await signUp(a);
+      const { channelId } = await guildWithChannel(a, u.token);
+      const s = sse(aHttp, u.token);
+      await subscribers(a, 1);
+      await sleep(300);
+      await send(a, u.token, channelId, 'before stop');
+      await s.until((x) => contents(x.events).includes('before stop'), 'before stop');
+      const started = Date.now();
+      await a.stop();
+      const took = Date.now() - started;
+      await s.until((x) => x.ended, 'the end of the stream');
+      const last = s.items.at(-1);
+      if (process.env.DBG) console.log({ took, completed: s.completed, last: JSON.stringify(last) });
+      assert.ok(
+        !s.completed || last?.errors?.length,
+        `the stream ended with a bare complete after ${JSON.stringify(last)}`,
+      );
+      assert.ok(took < 5000, `stop took ${took} ms`);
+    } finally {
+      await a.destroy();
+    }
+  });
+});
