@@ -155,7 +155,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   // Subscriptions over SSE mask their results before yoga does (api/realtime/sse.ts): one mask for
   // both, which leaves what it masked alone.
   const maskError = maskingOnce(createMaskError(log, metrics));
-  const sse = sseSubscriptions({ mask: maskError, log });
+  const sse = sseSubscriptions({ mask: maskError, log, hub });
 
   const schema = buildSchema();
   // The HTTP server's yoga checks the declared length (bodyLimit); app.fetch's keeps yoga's own

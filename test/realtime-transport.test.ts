@@ -325,6 +325,7 @@ describe('SSE and the session', () => {
     s.stop();
     assert.deepEqual(got, ['before logout'], 'the logged-out session got nothing more');
     assert.equal(s.ended, true, 'the stream of the ended session is over');
+    assert.equal(s.items.at(-1)?.errors?.[0]?.extensions?.code, 'UNAUTHENTICATED', 'its last item says why');
   });
 });
 
@@ -361,6 +362,8 @@ describe('SSE and the access token', () => {
     const got = contents(s.events);
     s.stop();
     assert.deepEqual(got, ['before expiry'], 'nothing after the token expired');
+    assert.equal(s.ended, true, 'the stream is over');
+    assert.match(s.items.at(-1)?.errors?.[0]?.message ?? '', /Access token expired/);
   });
 });
 

@@ -8,6 +8,10 @@
  * (holdsBack): the stream ends with one last item, RESUME_MESSAGE with INTERNAL_SERVER_ERROR, and
  * the client resumes from its last cursor, which precedes the failed event. After REPEATS rounds
  * of the same event failing, it goes out with its errors and the stream goes on.
+ *
+ * A stream lives no longer than its viewer's session and access token, as a socket does (closed
+ * with 4403 or 4401): its last item is then an UNAUTHENTICATED error, and the client resumes from
+ * its last cursor once signed in again or refreshed.
  */
 import {
   createSourceEventStream,
@@ -17,7 +21,10 @@ import {
   type subscribe,
 } from 'graphql';
 import type { Plugin } from 'graphql-yoga';
+import { decodeJwt } from 'jose';
+import type { Hub } from '../../core/realtime/hub.ts';
 import { SlowConsumerError } from '../../core/realtime/subscription.ts';
+import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
 import { EventFailedError, type EventHooks, executeEach } from './shared-execution.ts';
 
@@ -43,19 +50,39 @@ export function maskingOnce(mask: Mask): Mask {
   };
 }
 
-/** The results, ending with a resume item instead of a rejection when an event is held back. */
-function endingToResume(
-  results: AsyncIterableIterator<ExecutionResult>,
-): AsyncIterableIterator<ExecutionResult> {
+/** The results as a stream that can be cut off: `cutOff(error)` ends it with that error as its last item. */
+interface Ending extends AsyncIterableIterator<ExecutionResult> {
+  cutOff(error: GraphQLError): void;
+}
+
+/**
+ * The results, ending with a resume item instead of a rejection when an event is held back, or
+ * with the error it is cut off with. `release` runs once, when the stream is over.
+ */
+function endingToResume(results: AsyncIterableIterator<ExecutionResult>, release: () => void): Ending {
   let ended = false;
+  let cut: GraphQLError | undefined;
+  const finish = () => {
+    if (ended) return;
+    ended = true;
+    release();
+  };
   return {
     async next() {
       if (ended) return { done: true, value: undefined };
       try {
-        return await results.next();
+        const step = await results.next();
+        // Cut off meanwhile: a result that came with it is not sent (the client resumes before it).
+        if (cut) {
+          finish();
+          return { done: false, value: { errors: [cut] } };
+        }
+        if (step.done) finish();
+        return step;
       } catch (err) {
         // A held-back event, or a reader too far behind (the socket's 1013): the stream's last item
         // tells the client to resume. Anything else is yoga's to mask, log and send.
+        finish();
         const message =
           err instanceof EventFailedError
             ? err.message
@@ -63,14 +90,19 @@ function endingToResume(
               ? SLOW_MESSAGE
               : undefined;
         if (!message) throw err;
-        ended = true;
         const resume = new GraphQLError(message, { extensions: { code: 'INTERNAL_SERVER_ERROR' } });
         return { done: false, value: { errors: [resume] } };
       }
     },
     return() {
-      ended = true;
+      finish();
       return results.return!();
+    },
+    cutOff(error) {
+      if (ended || cut) return;
+      cut = error;
+      // A next() waiting on the source returns now, with the cut item.
+      void results.return!();
     },
     [Symbol.asyncIterator]() {
       return this;
@@ -78,11 +110,14 @@ function endingToResume(
   };
 }
 
+const unauthenticated = (message: string) =>
+  new GraphQLError(message, { extensions: { code: 'UNAUTHENTICATED' } });
+
 /**
  * The yoga plugin: every subscription it serves (SSE, and app.fetch's in-process ones) runs its
  * events through executeEach. `mask` must be the mask yoga is given too, made with maskingOnce.
  */
-export function sseSubscriptions(o: { mask: Mask; log: Logger }): Plugin {
+export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plugin {
   const hooks: EventHooks = {
     mask: o.mask,
     onEventFailed(row, errors, sent) {
@@ -94,12 +129,43 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger }): Plugin {
       );
     },
   };
+  // Open streams by user: a session revoked or an account deactivated (told to every instance
+  // over the bus, as for sockets) ends its streams.
+  const byUser = new Map<string, Set<{ sessionId: string; stream: Ending }>>();
+  o.hub.onDisconnect((d) => {
+    for (const s of byUser.get(d.userId) ?? []) {
+      if (!d.sessionId || s.sessionId === d.sessionId)
+        s.stream.cutOff(unauthenticated(`${d.reason}: sign in again, then resume from your last cursor.`));
+    }
+  });
   const subscribeHolding = async (args: ExecutionArgs) => {
     const source = await createSourceEventStream(args);
     // A refused subscription (bad cursor, not signed in): its errors, as yoga would send them.
     if (!(Symbol.asyncIterator in (source as object))) return source as ExecutionResult;
     const it = (source as AsyncIterable<unknown>)[Symbol.asyncIterator]();
-    return endingToResume(executeEach(args, it, hooks));
+    const ctx = args.contextValue as Context & { request?: Request };
+    const viewer = ctx.viewer;
+    let timer: NodeJS.Timeout | undefined;
+    const entry = { sessionId: viewer?.sessionId ?? '', stream: undefined as unknown as Ending };
+    entry.stream = endingToResume(executeEach(args, it, hooks), () => {
+      clearTimeout(timer);
+      const mine = viewer && byUser.get(viewer.userId);
+      mine?.delete(entry);
+      if (mine && !mine.size) byUser.delete(viewer.userId);
+    });
+    if (!viewer) return entry.stream;
+    const mine = byUser.get(viewer.userId) ?? new Set();
+    mine.add(entry);
+    byUser.set(viewer.userId, mine);
+    // The access token's expiry ends the stream (the request was authenticated with a valid one).
+    const token = /^Bearer\s+(\S+)$/i.exec(ctx.request?.headers.get('authorization') ?? '')?.[1];
+    const exp = token ? decodeJwt(token).exp : undefined;
+    if (exp !== undefined) {
+      const expired = unauthenticated('Access token expired: refresh it, then resume from your last cursor.');
+      timer = setTimeout(() => entry.stream.cutOff(expired), Math.min(exp * 1000 - Date.now(), 2 ** 31 - 1));
+      timer.unref();
+    }
+    return entry.stream;
   };
   return {
     onSubscribe({ setSubscribeFn }) {
