@@ -203,6 +203,14 @@ const EMPTY = Buffer.alloc(0);
 const PUSH_WINDOW = 256;
 
 /**
+ * Replay also waits while its socket has this many bytes not yet taken by the kernel, until they
+ * are: a replay is paced by the client's reading (README), where otherwise it went on at the
+ * speed of execution and a client reading slowly passed the slow-consumer bound mid-replay (1013,
+ * then the same replay again). Well below that bound (4 MiB by default).
+ */
+const REPLAY_BUFFERED_BYTES = 512 * 1024;
+
+/**
  * One execution of a row for a document, shared by the subscribers that wait on it. When it is
  * done, `json` is the masked result serialised once.
  */
@@ -256,6 +264,8 @@ const works = new WeakMap<object, Map<string, Work>>();
 class Delivery implements Sink {
   private queue: { row: Delivered; work: Work }[] = [];
   private closed = false;
+  /** the replay waits for the socket to drain (a listener is set) */
+  private draining = false;
 
   constructor(
     private args: ExecutionArgs,
@@ -266,7 +276,28 @@ class Delivery implements Sink {
   ) {}
 
   backlog() {
-    return this.queue.length;
+    return this.queue.length + (this.socketFull() ? PUSH_WINDOW : 0);
+  }
+
+  /** Replaying, with more unsent on the socket than the replay may add to. */
+  private socketFull() {
+    return this.sub.replaying && this.out.socket.bufferedAmount >= REPLAY_BUFFERED_BYTES;
+  }
+
+  /** Lets the replay go on: now, or once the socket has drained. */
+  private space() {
+    if (!this.socketFull()) {
+      this.sub.spaceAvailable();
+      return;
+    }
+    if (this.draining) return;
+    const tcp = (this.out.socket as unknown as { _socket?: import('node:net').Socket })._socket;
+    if (!tcp) return;
+    this.draining = true;
+    tcp.once('drain', () => {
+      this.draining = false;
+      this.space();
+    });
   }
 
   close(failure?: unknown) {
@@ -297,7 +328,7 @@ class Delivery implements Sink {
     if (!this.queue.length && work.done && this.mayUse(work)) {
       // Nothing waits ahead of it and its result is ready (the common case): written at once.
       this.write(work);
-      this.sub.spaceAvailable();
+      this.space();
       return;
     }
     this.queue.push({ row, work });
@@ -339,7 +370,7 @@ class Delivery implements Sink {
       q.shift();
       this.write(item.work);
     }
-    if (q.length < PUSH_WINDOW / 2) this.sub.spaceAvailable();
+    if (q.length < PUSH_WINDOW / 2) this.space();
   }
 }
 
