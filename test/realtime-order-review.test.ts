@@ -454,3 +454,61 @@ it('sends from their own results racing other sends, polls and rings: a live str
   if (process.env.DBG) console.log({ fromWrite, reads, live: liveRows.length, resumed: resumed.length });
   assert.ok(fromWrite > 0, 'some sends went out from their own results');
 });
+
+it('without after, then resumed from its own cursor: a row the live stream left out as committed before it began does not come after all', {
+  skip: !onPostgres,
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(a);
+  const userId = gid(u.id);
+  const { channelId } = await guildWithChannel(a, u.token);
+  const hub = a.deps.realtime!;
+  const take = async (sub: AsyncIterableIterator<Delivered>, ms: number) => {
+    const got: Delivered[] = [];
+    const t = setTimeout(() => void sub.return!(), ms);
+    for (;;) {
+      const r = await sub.next!();
+      if (r.done) break;
+      if (r.value.cursor !== null) got.push(r.value);
+    }
+    clearTimeout(t);
+    return got;
+  };
+  const send = (content: string) =>
+    ok(
+      a,
+      `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+      { i: { channelId, content } },
+      u.token,
+    );
+  // An older transaction with a row of its own is open: 'before' commits behind it, ahead of the subscription.
+  const old = await pool.connect();
+  try {
+    await old.query('begin');
+    await old.query(
+      `insert into events (type, user_id, channel_id, payload) values ('READ_STATE_UPDATED', $1, $2, '{}')`,
+      [userId, gid(channelId)],
+    );
+    await send('before');
+    const live = await hub.subscribe({ userId }, null);
+    const liveGot = take(live, 1500);
+    await sleep(200);
+    await old.query('commit');
+    await hub.poke();
+    const first = await liveGot;
+    // Live: the older transaction's row (it committed after the subscription), not 'before'.
+    assert.deepEqual(
+      first.map((r) => r.type),
+      ['READ_STATE_UPDATED'],
+    );
+    // The client resumes from the last cursor it was given: nothing happened since.
+    const again = await take(await hub.subscribe({ userId }, first[0].cursor), 800);
+    assert.deepEqual(
+      again.map((r) => `${r.type} ${r.message?.content ?? ''}`),
+      [],
+      'a resume from the live stream’s cursor brings what that stream left out as old',
+    );
+  } finally {
+    old.release();
+  }
+});
