@@ -14,10 +14,11 @@ import pg from 'pg';
 import { type App, buildApp } from '../api/app.ts';
 import { newId } from '../core/ids.ts';
 import { comparePos, decodeCursor } from '../core/realtime/cursor.ts';
+import { pruneEvents } from '../core/realtime/log.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, sleep } from './realtime-helpers.ts';
+import { guildWithChannel, sleep, within } from './realtime-helpers.ts';
 
 async function freePort(): Promise<number> {
   const s = createServer();
@@ -511,4 +512,54 @@ it('without after, then resumed from its own cursor: a row the live stream left 
   } finally {
     old.release();
   }
+});
+
+it('a prune that commits while a slow replay is paused between pages ends it with CURSOR_EXPIRED, never a hole', {
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(a);
+  const userId = gid(u.id);
+  const { channelId } = await guildWithChannel(a, u.token);
+  const hub = a.deps.realtime!;
+  const [top] = await query(
+    `select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
+  );
+  const start = Buffer.from(`e1.${top.xid}.${top.seq}`).toString('base64url');
+  // More than one replay page (500) of rows only this viewer may see.
+  await query(
+    `insert into events (type, user_id, channel_id, payload)
+     select 'READ_STATE_UPDATED', $1::uuid, $2::uuid, '{}'::jsonb from generate_series(1, 700)`,
+    [userId, gid(channelId)],
+  );
+  // Read by the tailer first: the rows are the replay's, not live.
+  await hub.poke();
+  hub.configure({ maxPending: 40 });
+  const got: Delivered[] = [];
+  let error: unknown;
+  try {
+    const sub = await hub.subscribe({ userId }, start);
+    // The replay pauses between its first page's rows (window 10): the prune comes meanwhile.
+    for (let i = 0; i < 5; i++) {
+      const r = await sub.next!();
+      got.push(r.value);
+    }
+    // Everything older than a day from now: every row above.
+    await pruneEvents(a.deps.db, 0, new Date(Date.now() + 86_400_000));
+    try {
+      for (;;) {
+        const r = await within(sub.next!(), 3000);
+        if (r === 'timeout' || r.done) break;
+        got.push(r.value);
+      }
+    } catch (e) {
+      error = e;
+    }
+    await sub.return!();
+  } finally {
+    hub.configure({ maxPending: 5000 });
+  }
+  const seqs = got.map((r) => r.seq);
+  for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, 'no hole');
+  if (seqs.length < 700)
+    assert.equal((error as { code?: string })?.code, 'CURSOR_EXPIRED', `after ${seqs.length} rows`);
 });
