@@ -274,23 +274,24 @@ export class ViewerAccess {
   }
 
   /**
-   * A channel overwrite changed: told to whoever may view the channel now, and to the members the
-   * overwrite is for (the member, or the holders of the role, @everyone being every member), who
-   * may just have lost sight of it. Nobody else's access changed: a member who could not see the
-   * channel before and still cannot is not told it exists. A row that instead records the
-   * overwrites that applied before (a move, a category's copied to its channels) goes to who may
-   * view it now or could by those; one that says neither (an older instance's), to every member.
+   * The overwrites that apply to a channel changed (an overwrite set or removed, a move, a
+   * category's copied to its channels): the row records those that applied before, and goes to
+   * who may view the channel now or could by those. A member who could not see the channel
+   * before and still cannot is not told it exists. Rows of older instances record none: one aimed
+   * at a member or role goes to who may view it now and to the members it is for (the member, or
+   * the holders of the role, @everyone being every member); one aimed at nobody, to every member.
    */
   private overwriteOk(e: Visible, channelId: string): boolean | Promise<boolean> {
     const { targetType, targetId } = e.payload;
     const aimed = typeof targetId === 'string' && (targetType === 'MEMBER' || targetType === 'ROLE');
-    const before = aimed ? undefined : recordedLevels(e);
+    const before = recordedLevels(e);
     if (!aimed && before === undefined) return this.member(e.guildId!);
     const c = this.channels?.get(channelId);
     if (c?.live && Date.now() < c.until) return true;
     return this.loadChannel(channelId).then(({ access, entry }) => {
       if (entry.live) return true;
-      if (!aimed) return before ? this.couldView(e.guildId!, before) : false;
+      if (before) return this.couldView(e.guildId!, before);
+      if (!aimed) return false;
       const input = access?.guild?.input;
       if (!input?.isMember) return false;
       if (targetType === 'MEMBER') return targetId === this.userId;

@@ -258,11 +258,28 @@ export async function updateChannel(
 }
 
 /**
+ * Locks a channel, its parent and grandparent (and `also`, a move's new category) FOR UPDATE:
+ * every change or record of the overwrites that apply to a channel takes these first, so none
+ * commits between another's read of them and its commit. Outermost first (categories, channels,
+ * threads), as every transaction locking several of these does: a category's deletion holds it
+ * while it updates its channels, a channel's deletion holds it while it deletes its threads;
+ * locked by id, a move or deletion beside either deadlocked.
+ */
+export async function lockOverwriteChain(tx: Tx, channelId: string, also?: string | null) {
+  await tx.execute(sql`select id from channels where id in (
+      select id from channels where id = ${channelId}::uuid
+      union select parent_id from channels where id = ${channelId}::uuid
+      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid
+      union select ${also ?? null}::uuid)
+    order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`);
+}
+
+/**
  * The overwrite levels that decide who may view a channel now (its own, its parent's, its
- * grandparent's), read after locking those channels (FOR UPDATE; an overwrite change takes FOR
- * SHARE on its channel first, role.service's overwriteGuard): a change committing meanwhile is
- * read, and none commits before this transaction does. Recorded in a log row, for visibility to
- * decide after they change (a move) or are gone (a deletion).
+ * grandparent's), read after locking those channels (lockOverwriteChain, which an overwrite
+ * change takes too, role.service's overwriteGuard): a change committing meanwhile is read, and
+ * none commits before this transaction does. Recorded in a log row, for visibility to decide
+ * after they change (a move, an overwrite change) or are gone (a deletion).
  */
 async function overwriteLevelsNow(
   tx: Tx,
@@ -272,15 +289,7 @@ async function overwriteLevelsNow(
   /** a move's new category, locked with them */
   movingTo?: string | null,
 ) {
-  // Outermost first (categories, channels, threads), as every transaction locking several of
-  // these does: a category's deletion holds it while it updates its channels, a channel's deletion
-  // holds it while it deletes its threads; locked by id, a move or deletion beside either deadlocked.
-  await tx.execute(sql`select id from channels where id in (
-      select id from channels where id = ${channelId}::uuid
-      union select parent_id from channels where id = ${channelId}::uuid
-      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid
-      union select ${movingTo ?? null}::uuid)
-    order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`);
+  await lockOverwriteChain(tx, channelId, movingTo);
   const a = await loadChannelAccess(tx, viewerId, channelId, now);
   if (!a) throw notFound('Channel');
   return a.levels;

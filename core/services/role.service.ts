@@ -11,9 +11,10 @@ import type { Deps, Viewer } from '../deps.ts';
 import { badInput, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
-import { has, highestPosition, Permission } from '../permissions.ts';
+import { has, highestPosition, Permission, storeOverwriteLevels } from '../permissions.ts';
 import { type GuildAccess, loadGuildAccess, requireChannel, requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
+import { lockOverwriteChain } from './channel.service.ts';
 import { validateName } from './guild.service.ts';
 
 export type RoleRow = typeof roles.$inferSelect;
@@ -354,9 +355,10 @@ export interface OverwriteInput {
  * channel, and a role target below the viewer's highest role (@everyone is always below).
  */
 async function overwriteGuard(tx: Tx, deps: Deps, viewer: Viewer, channelId: string, targetId: string) {
-  // Waits for a deletion or a move that is recording the channel's overwrites (lockOverwriteLevels
-  // in channel.service), and holds them off until this change commits.
-  await tx.execute(sql`select 1 from channels where id = ${channelId}::uuid for share`);
+  // Waits for a deletion, a move or another change that is recording the overwrites that apply
+  // here, and holds them off until this change commits: the levels read below (`access.levels`)
+  // are then the ones this change replaces, recorded in its row for visibility.
+  await lockOverwriteChain(tx, channelId);
   const a = await requireChannel(tx, viewer.userId, channelId, Permission.MANAGE_ROLES, deps.now());
   if (!a.guild || !a.channel.guildId) throw forbidden();
   const guildId = a.channel.guildId;
@@ -415,7 +417,12 @@ export async function setChannelOverwrite(
       type: 'PERMISSIONS_CHANGED',
       guildId: g.guildId,
       channelId: input.channelId,
-      payload: { channelId: input.channelId, targetType: input.targetType, targetId: input.targetId },
+      payload: {
+        channelId: input.channelId,
+        targetType: input.targetType,
+        targetId: input.targetId,
+        overwrites: storeOverwriteLevels(g.access.levels),
+      },
     });
     return row;
   });
@@ -452,7 +459,12 @@ export async function removeChannelOverwrite(
       type: 'PERMISSIONS_CHANGED',
       guildId: g.guildId,
       channelId: input.channelId,
-      payload: { channelId: input.channelId, targetType: gone[0].targetType, targetId: input.targetId },
+      payload: {
+        channelId: input.channelId,
+        targetType: gone[0].targetType,
+        targetId: input.targetId,
+        overwrites: storeOverwriteLevels(g.access.levels),
+      },
     });
     return true;
   });
