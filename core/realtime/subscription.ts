@@ -10,7 +10,7 @@
  * the log once this replay ends (restartAt): on a busy instance a long replay costs one more short
  * read, not the subscriber's memory, nor a cut-off that would make it resume, and replay, again.
  */
-import { comparePos, compareXid, finishedIn, type Position, type Snapshot } from './cursor.ts';
+import { comparePos, finishedIn, type Position, type Snapshot } from './cursor.ts';
 import type { LogRow } from './log.ts';
 import type { ViewerAccess, Visible } from './visibility.ts';
 
@@ -160,8 +160,12 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
   private startedAt: Snapshot | undefined;
 
   /**
-   * Live only from `s`: rows of transactions that had finished when it was taken are dropped,
-   * every later one is delivered. Called before goLive; rows pushed meanwhile are filtered too.
+   * Live only from `s`: rows of transactions that had finished when it was taken are dropped until
+   * the first row of one that had not; from there every row is delivered, whenever it committed.
+   * A cursor names a place in the log, and a resume from one brings every row after it: a row
+   * dropped after one this stream took (committed behind an older transaction still open at `s`,
+   * then read after that one's rows) would come back in a resume from that row's cursor. Called
+   * before goLive; rows pushed meanwhile are filtered too.
    */
   startAfter(s: Snapshot) {
     this.startedAt = s;
@@ -206,8 +210,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
         next = undefined;
         if (row.cursor !== null && this.startedAt) {
           if (finishedIn(row.xid, this.startedAt)) continue;
-          // The log is tailed in xid order: past xmax, no later row can predate the snapshot.
-          if (compareXid(row.xid, this.startedAt.xmax) >= 0) this.startedAt = undefined;
+          this.startedAt = undefined;
         }
         if (row.cursor !== null) this.access.observe(row);
         if (row.gone) continue;
