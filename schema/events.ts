@@ -238,16 +238,24 @@ builder.subscriptionField('events', (t) =>
       'the server replays what happened since, then goes live, with no event lost or repeated. ' +
       'A cursor older than retention fails with CURSOR_EXPIRED; a malformed one with BAD_USER_INPUT. ' +
       'Without `after` the stream is live from the moment the subscription is set up: it holds ' +
-      'exactly the events of changes committed after that moment (the server registers the ' +
-      'subscriber, then takes a database snapshot; nothing committed before it is delivered, even ' +
-      'if it reaches the server later, and everything committed after it is). To also get what ' +
-      'happened before, subscribe with `after` set to the last cursor the client saw.',
+      'the events of changes committed after that moment (the server registers the subscriber, ' +
+      'then takes a database snapshot; everything committed after it is delivered, even if it ' +
+      'reaches the server first), and from the first of those on, every later event of the log: ' +
+      'one committed just before, behind a change still in progress then, follows it, as a resume ' +
+      "from that event's cursor would bring it. To also get what happened before, subscribe with " +
+      '`after` set to the last cursor the client saw. Over SSE each event carries its cursor as ' +
+      'its id, and a request with a Last-Event-ID header resumes after that cursor instead of ' +
+      '`after` (an EventSource reconnecting to the URL it began with).',
     args: { after: t.arg.string() },
     subscribe: async (_r, { after }, ctx) => {
       const viewer = requireViewer(ctx);
       const hub = ctx.deps.realtime;
       if (!hub) throw new BanterError('BAD_USER_INPUT', 'This process does not serve subscriptions.');
-      return hub.subscribe(viewer, after);
+      // An EventSource reconnects to the URL it was given, `after` and all, with the id of the last
+      // event it got (its cursor: api/realtime/sse.ts) as Last-Event-ID: it resumes from there.
+      const request = (ctx as { request?: Request }).request;
+      const lastEventId = request?.headers.get('last-event-id') || undefined;
+      return hub.subscribe(viewer, lastEventId ?? after);
     },
     resolve: (e) => e,
   }),

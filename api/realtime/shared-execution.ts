@@ -436,6 +436,10 @@ export async function startSubscription(
  * Not an async generator: return() must reach the source at once, even while next() waits on it
  * (a generator would queue the return behind that wait, keeping an idle subscriber registered).
  */
+/** The cursor of the row an executeEach result is of (SSE sends it as the event's id). */
+const resultCursors = new WeakMap<ExecutionResult, string>();
+export const cursorOfResult = (r: ExecutionResult): string | undefined => resultCursors.get(r);
+
 export function executeEach(
   args: ExecutionArgs,
   source: AsyncIterator<unknown>,
@@ -473,6 +477,7 @@ export function executeEach(
           end();
           throw new EventFailedError(row!.cursor);
         }
+        if (row?.cursor) resultCursors.set(r, row.cursor);
         return { done: false, value: r };
       }
     },

@@ -26,7 +26,7 @@ import type { Hub } from '../../core/realtime/hub.ts';
 import { SlowConsumerError } from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
-import { EventFailedError, type EventHooks, executeEach } from './shared-execution.ts';
+import { cursorOfResult, EventFailedError, type EventHooks, executeEach } from './shared-execution.ts';
 
 type Mask = EventHooks['mask'];
 
@@ -59,7 +59,12 @@ interface Ending extends AsyncIterableIterator<ExecutionResult> {
  * The results, ending with a resume item instead of a rejection when an event is held back, or
  * with the error it is cut off with. `release` runs once, when the stream is over.
  */
-function endingToResume(results: AsyncIterableIterator<ExecutionResult>, release: () => void): Ending {
+function endingToResume(
+  results: AsyncIterableIterator<ExecutionResult>,
+  release: () => void,
+  /** each item's cursor (undefined for none) is added here as it is handed on */
+  cursors: (string | undefined)[],
+): Ending {
   let ended = false;
   let cut: GraphQLError | undefined;
   const finish = () => {
@@ -75,9 +80,11 @@ function endingToResume(results: AsyncIterableIterator<ExecutionResult>, release
         // Cut off meanwhile: a result that came with it is not sent (the client resumes before it).
         if (cut) {
           finish();
+          cursors.push(undefined);
           return { done: false, value: { errors: [cut] } };
         }
         if (step.done) finish();
+        else cursors.push(cursorOfResult(step.value));
         return step;
       } catch (err) {
         // A held-back event, or a reader too far behind (the socket's 1013): the stream's last item
@@ -91,6 +98,7 @@ function endingToResume(results: AsyncIterableIterator<ExecutionResult>, release
               : undefined;
         if (!message) throw err;
         const resume = new GraphQLError(message, { extensions: { code: 'INTERNAL_SERVER_ERROR' } });
+        cursors.push(undefined);
         return { done: false, value: { errors: [resume] } };
       }
     },
@@ -147,12 +155,18 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plug
     const viewer = ctx.viewer;
     let timer: NodeJS.Timeout | undefined;
     const entry = { sessionId: viewer?.sessionId ?? '', stream: undefined as unknown as Ending };
-    entry.stream = endingToResume(executeEach(args, it, hooks), () => {
-      clearTimeout(timer);
-      const mine = viewer && byUser.get(viewer.userId);
-      mine?.delete(entry);
-      if (mine && !mine.size) byUser.delete(viewer.userId);
-    });
+    const cursors: (string | undefined)[] = [];
+    if (ctx.request) cursorsOf.set(ctx.request, cursors);
+    entry.stream = endingToResume(
+      executeEach(args, it, hooks),
+      () => {
+        clearTimeout(timer);
+        const mine = viewer && byUser.get(viewer.userId);
+        mine?.delete(entry);
+        if (mine && !mine.size) byUser.delete(viewer.userId);
+      },
+      cursors,
+    );
     if (!viewer) return entry.stream;
     const mine = byUser.get(viewer.userId) ?? new Set();
     mine.add(entry);
@@ -171,5 +185,77 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plug
     onSubscribe({ setSubscribeFn }) {
       setSubscribeFn(subscribeHolding as unknown as typeof subscribe);
     },
+    onResultProcess({ request, result, resultProcessor, setResultProcessor }) {
+      // A subscription's results (the only async iterables here) going out as an event stream.
+      if (!resultProcessor || !(Symbol.asyncIterator in (result as object))) return;
+      if (!request.headers.get('accept')?.includes('text/event-stream')) return;
+      // The results yoga's processor is handed went through the plugins' hooks (some as new
+      // objects), one for one and in order: their cursors are those endingToResume noted.
+      const cursors = cursorsOf.get(request);
+      if (!cursors) return;
+      setResultProcessor(
+        (res, fetchAPI, type) =>
+          withEventIds(resultProcessor(res, fetchAPI, type) as Response, cursors, fetchAPI),
+        'text/event-stream',
+      );
+    },
   };
+}
+
+/** Each SSE subscription request's item cursors, for withEventIds. */
+const cursorsOf = new WeakMap<Request, (string | undefined)[]>();
+
+const DATA_LINE = Buffer.from('data: ');
+
+/**
+ * The event stream with each event's cursor as its SSE `id`: an EventSource that reconnects sends
+ * the last one back as Last-Event-ID, and the stream resumes after it (schema/events.ts), where
+ * the URL it reconnects to still says where it first began. yoga writes an item as `event: next`,
+ * then `data: <json>` (one line: JSON has no raw newline) and the blank line that ends it, in the
+ * order `cursors` was filled; the id goes on the line before each `data: `. Items without a cursor
+ * (an error) get none, and the last id the client saw stays its resume point. The complete item's
+ * line is `data:` with nothing after it.
+ */
+function withEventIds(
+  response: Response,
+  cursors: (string | undefined)[],
+  fetchAPI: {
+    ReadableStream: typeof ReadableStream;
+    TextEncoder: typeof TextEncoder;
+    Response: typeof Response;
+  },
+): Response {
+  if (!response.body) return response;
+  const encoder = new fetchAPI.TextEncoder();
+  const from = response.body.getReader();
+  let lineStart = true;
+  // Pulled only as the client reads (no buffer of its own): a reader that falls behind still
+  // holds yoga back, and the subscription's bound then cuts it off (SLOW_MESSAGE).
+  const body = new fetchAPI.ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        const { done, value } = await from.read();
+        if (done) {
+          controller.close();
+          return;
+        }
+        if (!value.byteLength) return;
+        const bytes = Buffer.from(value.buffer, value.byteOffset, value.byteLength);
+        let sent = 0;
+        for (let at = bytes.indexOf(DATA_LINE); at >= 0; at = bytes.indexOf(DATA_LINE, at + 1)) {
+          if (at === 0 ? !lineStart : bytes[at - 1] !== 0x0a) continue;
+          const cursor = cursors.shift();
+          if (!cursor) continue;
+          if (at > sent) controller.enqueue(bytes.subarray(sent, at));
+          controller.enqueue(encoder.encode(`id: ${cursor}\n`));
+          sent = at;
+        }
+        controller.enqueue(sent ? bytes.subarray(sent) : value);
+        lineStart = bytes[bytes.length - 1] === 0x0a;
+      },
+      cancel: (reason) => from.cancel(reason),
+    },
+    { highWaterMark: 0 },
+  );
+  return new fetchAPI.Response(body, { status: response.status, headers: response.headers });
 }
