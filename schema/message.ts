@@ -9,6 +9,7 @@
 import { z } from 'zod';
 import { BanterError, notFound } from '../core/errors.ts';
 import { isUuid } from '../core/ids.ts';
+import { has, Permission } from '../core/permissions.ts';
 import {
   type ChannelAccess,
   loadChannelAccess,
@@ -54,11 +55,13 @@ function viewerAccess(ctx: Context, channelId: string, known?: ChannelAccess): P
 }
 
 /**
- * Loads by id for whoever asks (node(id), replyTo, events): deleted messages and messages in
- * channels the viewer cannot see are NOT_FOUND. One statement for the rows, plus one access
+ * Loads by id for whoever asks (node(id), replyTo, forwardedFrom, a thread's sourceMessage):
+ * deleted messages and messages in channels whose history the viewer may not read (VIEW_CHANNEL
+ * and READ_HISTORY, as message(id) needs) are NOT_FOUND. One statement for the rows, plus one access
  * check per distinct channel not already checked in this request. Not cached across the
  * request (cache: false) so a long-lived context never serves an edited message's old text.
  */
+const READABLE = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
 export const MessageRef = builder.loadableNodeRef<MessageRow, string, string>('Message', {
   id: nodeId('Message', (m) => m.id),
   loaderOptions: { cache: false },
@@ -66,7 +69,7 @@ export const MessageRef = builder.loadableNodeRef<MessageRow, string, string>('M
     const rows = await history.messagesByIds(ctx.deps.db, ids);
     const channelIds = [...new Set(rows.map((r) => r.channelId))];
     const access = await Promise.all(channelIds.map((c) => viewerAccess(ctx, c)));
-    const visible = new Set(channelIds.filter((_, i) => (access[i]?.permissions ?? 0n) !== 0n));
+    const visible = new Set(channelIds.filter((_, i) => has(access[i]?.permissions ?? 0n, READABLE)));
     const byId = new Map(rows.filter((r) => visible.has(r.channelId)).map((r) => [r.id, r]));
     return ids.map((id) => byId.get(id) ?? notFound('Message'));
   },

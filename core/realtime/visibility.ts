@@ -6,6 +6,7 @@
  */
 import { sql } from 'drizzle-orm';
 import { type Db, type DbOrTx, databaseOf } from '../db/client.ts';
+import { isUuid, timeOfId } from '../ids.ts';
 import {
   computeChannelPermissions,
   type GuildPermissionInput,
@@ -83,6 +84,20 @@ const REPLAY = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
  * reaction, a pin, and any type added later) needs READ_HISTORY to be replayed.
  */
 const WITHOUT_HISTORY = new Set(['MESSAGE_DELETED', 'CHANNEL_CREATED', 'CHANNEL_UPDATED']);
+
+/**
+ * Rows about a message that already exists (its edit, a reaction, a pin), which show it as it
+ * is: live, a member who may view the channel but not read its history gets them only for a
+ * message sent since its stream began (as its MessageCreated reached it then). Older ones are
+ * history it may not read (message(id) refuses them too).
+ */
+const ABOUT_A_MESSAGE = new Set([
+  'MESSAGE_UPDATED',
+  'REACTION_ADDED',
+  'REACTION_REMOVED',
+  'MESSAGE_PINNED',
+  'MESSAGE_UNPINNED',
+]);
 
 const loading = new WeakMap<object, Map<string, Promise<unknown>>>();
 
@@ -200,6 +215,9 @@ export class ViewerAccess {
   private everIn: Set<string> | undefined;
   private known: Map<string, { yes: boolean; until: number }> | undefined;
 
+  /** when the stream began (ms), for messageOk */
+  private readonly since = Date.now();
+
   constructor(
     private db: Db,
     readonly userId: string,
@@ -245,8 +263,10 @@ export class ViewerAccess {
       return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
     if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) return this.overwriteOk(e, e.channelId);
     if (e.type === 'CHANNEL_DELETED' && e.guildId) return this.deletionOk(e, e.guildId);
-    if (e.channelId && !GUILD_LEVEL.has(e.type))
+    if (e.channelId && !GUILD_LEVEL.has(e.type)) {
+      if (!replay && ABOUT_A_MESSAGE.has(e.type)) return this.messageOk(e, e.channelId);
       return this.channelOk(e.channelId, replay && !WITHOUT_HISTORY.has(e.type));
+    }
     if (e.guildId) return this.member(e.guildId);
     return false;
   }
@@ -255,6 +275,16 @@ export class ViewerAccess {
     const c = this.channels?.get(channelId);
     if (c && Date.now() < c.until) return replay ? c.replay : c.live;
     return this.loadChannel(channelId).then(({ entry }) => (replay ? entry.replay : entry.live));
+  }
+
+  /** A live row about an existing message (ABOUT_A_MESSAGE). */
+  private messageOk(e: Visible, channelId: string): boolean | Promise<boolean> {
+    const id = e.payload.messageId ?? e.payload.id;
+    const recent = typeof id === 'string' && isUuid(id) && timeOfId(id) >= this.since;
+    const ok = (c: { live: boolean; replay: boolean }) => c.replay || (c.live && recent);
+    const c = this.channels?.get(channelId);
+    if (c && Date.now() < c.until) return ok(c);
+    return this.loadChannel(channelId).then(({ entry }) => ok(entry));
   }
 
   /** The viewer's access to a channel, loaded, and remembered as channelOk answers it. */
