@@ -236,6 +236,8 @@ it('@everyone denied, a role allowed: the role starts and stops delivery at once
     await send(app, o.token, staff, 's0');
     await assignRole(o.token, guildId, role, r.id);
     await send(app, o.token, staff, 's1');
+    // Delivery checks access when a row is delivered: s1 must reach r before the role goes.
+    await streams.r.until((e) => contents(e).includes('s1'));
     await assignRole(o.token, guildId, role, r.id, false);
     await send(app, o.token, staff, 's2');
     await send(app, o.token, general, 'end');
