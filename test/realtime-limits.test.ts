@@ -4,7 +4,7 @@ import { after, before, it } from 'node:test';
 import { SlowConsumerError, type Subscription } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, metricsOf, send, sleep, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -106,6 +106,36 @@ it('limits sockets per user (4029) and operations per socket (RATE_LIMITED)', as
   const limited = many.filter((s) => s.errors.some((e) => e.extensions?.code === 'RATE_LIMITED'));
   assert.ok(limited.length >= 1, 'the operations past the limit are refused');
   await client.dispose();
+});
+
+it('an anonymous socket that authenticates in its subscribe, its user at the socket limit, is told RATE_LIMITED (not UNAUTHENTICATED: its token is fine)', async () => {
+  const u = await signUp(app);
+  const conns = Array.from({ length: 20 }, () => connect(url, u.token));
+  const streams = conns.map((c) => subscribe(c.client));
+  const anon = connect(url, undefined);
+  try {
+    // The user's 20 sockets are in (the limit), before the anonymous one authenticates.
+    for (let i = 0; i < 100 && (await metricsOf(url))('banter_ws_open_sockets') < 20; i++) await sleep(50);
+    const failures: any[] = [];
+    const stop = anon.client.subscribe(
+      {
+        query: 'subscription { events { __typename } }',
+        extensions: { headers: { authorization: `Bearer ${u.token}` } },
+      },
+      { next: () => {}, error: (e) => failures.push(e), complete: () => {} },
+    );
+    const deadline = Date.now() + 5000;
+    while (!failures.length && Date.now() < deadline) await sleep(50);
+    stop();
+    const [e] = failures.flat() as { message: string; extensions?: Record<string, unknown> }[];
+    assert.deepEqual(
+      { message: e?.message, extensions: e?.extensions },
+      { message: 'Too many sockets for this user', extensions: { code: 'RATE_LIMITED', retryAfter: 5 } },
+    );
+  } finally {
+    for (const s of streams) s.stop();
+    await Promise.all([...conns, anon].map((c) => c.client.dispose()));
+  }
 });
 
 it('exposes realtime metrics', async () => {

@@ -164,7 +164,11 @@ export function attachRealtime(o: RealtimeServerOptions) {
     if (conn.closed) return { code: CloseCode.GoingAway, reason: 'Socket closed' };
     const mine = byUser.get(viewer.userId) ?? new Set<WebSocket>();
     if (mine.size >= limits.socketsPerUser) {
-      return { code: CloseCode.TooManyConnections, reason: 'Too many sockets for this user' };
+      return {
+        code: CloseCode.TooManyConnections,
+        reason: 'Too many sockets for this user',
+        error: 'RATE_LIMITED',
+      };
     }
     mine.add(conn.socket);
     byUser.set(viewer.userId, mine);
@@ -219,9 +223,11 @@ export function attachRealtime(o: RealtimeServerOptions) {
       // authentication already under way.
       const outcome = raw !== undefined ? await bindViewer(conn, raw) : await bindings.get(conn)?.outcome;
       if (outcome !== undefined && outcome !== true) {
-        return [
-          new GraphQLError(outcome.reason, { extensions: { code: outcome.error ?? 'UNAUTHENTICATED' } }),
-        ];
+        // An anonymous socket's subscribe is refused, the socket kept (GraphiQL's tab stays usable):
+        // at the sockets-per-user limit, RATE_LIMITED (close another socket of that user, or retry).
+        const code = outcome.error ?? 'UNAUTHENTICATED';
+        const extensions = code === 'RATE_LIMITED' ? { code, retryAfter: 5 } : { code };
+        return [new GraphQLError(outcome.reason, { extensions })];
       }
       if (!conn.viewer) {
         return [new GraphQLError('Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } })];
