@@ -155,7 +155,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   // Subscriptions over SSE mask their results before yoga does (api/realtime/sse.ts): one mask for
   // both, which leaves what it masked alone.
   const maskError = maskingOnce(createMaskError(log, metrics));
-  const sse = sseSubscriptions({ mask: maskError, log, hub });
+  const sse = sseSubscriptions({ mask: maskError, log, hub, db: deps.db });
 
   const schema = buildSchema();
   // The HTTP server's yoga checks the declared length (bodyLimit); app.fetch's keeps yoga's own
@@ -182,7 +182,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         ...(http ? [bodyLimit] : []),
         ...armorPlugins({ production: config.nodeEnv === 'production' }),
         observe,
-        sse,
+        sse.plugin,
       ],
       context: async ({ request, req, ip }): Promise<Context> => {
         const store = requestStore.getStore();
@@ -356,6 +356,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     stop() {
       stopped ??= (async () => {
         stopping = true;
+        sse.close();
         await realtime?.close();
         await hub.stop();
         if (server) {

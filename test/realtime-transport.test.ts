@@ -329,6 +329,27 @@ describe('SSE and the session', () => {
   });
 });
 
+describe('SSE and a session ended without the bus', () => {
+  it('an SSE stream whose session was revoked where no signal reached this instance ends within the periodic check (10 s), as a socket does', {
+    timeout: 30_000,
+  }, async () => {
+    const u = await signUp(app);
+    const had = app.deps.realtime!.subscriberCount;
+    const s = sse(httpUrl, u.token);
+    await subscribers(app, had + 1);
+    // Revoked straight in the database: no disconnect signal is sent, as when Redis was down.
+    await app.deps.db.execute(
+      sql`update sessions set revoked_at = now() where user_id = ${decodeAnyId(u.id).id}::uuid`,
+    );
+    const started = Date.now();
+    await s.until((x) => x.ended, 'the end of the stream', 15_000);
+    const took = Date.now() - started;
+    s.stop();
+    assert.ok(took <= 11_000, `ended after ${took} ms`);
+    assert.equal(s.items.at(-1)?.errors?.[0]?.extensions?.code, 'UNAUTHENTICATED', 'its last item says why');
+  });
+});
+
 describe('SSE and the access token', () => {
   let short: TestApp;
   let shortHttp: string;

@@ -6,13 +6,12 @@
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { sql } from 'drizzle-orm';
 import { type ExecutionArgs, GraphQLError, getOperationAST } from 'graphql';
 import { decodeJwt } from 'jose';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Deps, Viewer } from '../../core/deps.ts';
 import { BanterError } from '../../core/errors.ts';
-import { CloseCode } from '../../core/realtime/disconnect.ts';
+import { CloseCode, endedSessions, SESSION_CHECK_MS } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
 import { SlowConsumerError } from '../../core/realtime/subscription.ts';
 import { authenticate, forgetAllCachedSessions } from '../../core/services/auth.service.ts';
@@ -46,7 +45,7 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
   connectionsPerIpPerMinute: 120,
   maxBufferedBytes: 4 * 1024 * 1024,
   keepAliveMs: 12_000,
-  sessionCheckMs: 10_000,
+  sessionCheckMs: SESSION_CHECK_MS,
   connectionInitWaitMs: 10_000,
 };
 
@@ -381,13 +380,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
     const ids = [...new Set([...viewerOf.values()].map((v) => v.sessionId))];
     if (!ids.length) return;
     try {
-      const r = (await o.deps.db.execute(sql`
-        select s.id from sessions s join users u on u.id = s.user_id
-        where s.id = any(${`{${ids.join(',')}}`}::uuid[])
-          and (s.revoked_at is not null or s.expires_at <= now() or u.deactivated_at is not null)`)) as unknown as {
-        rows: { id: string }[];
-      };
-      const dead = new Set(r.rows.map((x) => x.id));
+      const dead = await endedSessions(o.deps.db, ids);
       for (const [s, v] of viewerOf)
         if (dead.has(v.sessionId)) close(s, CloseCode.Forbidden, 'Session ended');
     } catch (err) {

@@ -22,6 +22,8 @@ import {
 } from 'graphql';
 import type { Plugin } from 'graphql-yoga';
 import { decodeJwt } from 'jose';
+import type { Db } from '../../core/db/client.ts';
+import { endedSessions, SESSION_CHECK_MS } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
 import { SlowConsumerError } from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
@@ -125,7 +127,11 @@ const unauthenticated = (message: string) =>
  * The yoga plugin: every subscription it serves (SSE, and app.fetch's in-process ones) runs its
  * events through executeEach. `mask` must be the mask yoga is given too, made with maskingOnce.
  */
-export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plugin {
+export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db }): {
+  plugin: Plugin;
+  /** stops the periodic session check */
+  close(): void;
+} {
   const hooks: EventHooks = {
     mask: o.mask,
     onEventFailed(row, errors, sent) {
@@ -140,12 +146,24 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plug
   // Open streams by user: a session revoked or an account deactivated (told to every instance
   // over the bus, as for sockets) ends its streams.
   const byUser = new Map<string, Set<{ sessionId: string; stream: Ending }>>();
-  o.hub.onDisconnect((d) => {
+  const offDisconnect = o.hub.onDisconnect((d) => {
     for (const s of byUser.get(d.userId) ?? []) {
       if (!d.sessionId || s.sessionId === d.sessionId)
         s.stream.cutOff(unauthenticated(`${d.reason}: sign in again, then resume from your last cursor.`));
     }
   });
+  // And within SESSION_CHECK_MS when that signal is missed (Redis down), as sockets are.
+  const sessionTimer = setInterval(async () => {
+    const ids = [...new Set([...byUser.values()].flatMap((set) => [...set].map((s) => s.sessionId)))];
+    const dead = await endedSessions(o.db, ids.filter(Boolean)).catch((err) => {
+      o.log.warn({ err }, 'SSE session check failed');
+      return new Set<string>();
+    });
+    if (!dead.size) return;
+    const ended = unauthenticated('Session ended: sign in again, then resume from your last cursor.');
+    for (const set of byUser.values()) for (const s of set) if (dead.has(s.sessionId)) s.stream.cutOff(ended);
+  }, SESSION_CHECK_MS);
+  sessionTimer.unref();
   const subscribeHolding = async (args: ExecutionArgs) => {
     const source = await createSourceEventStream(args);
     // A refused subscription (bad cursor, not signed in): its errors, as yoga would send them.
@@ -181,7 +199,7 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plug
     }
     return entry.stream;
   };
-  return {
+  const plugin: Plugin = {
     onSubscribe({ setSubscribeFn }) {
       setSubscribeFn(subscribeHolding as unknown as typeof subscribe);
     },
@@ -198,6 +216,13 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub }): Plug
           withEventIds(resultProcessor(res, fetchAPI, type) as Response, cursors, fetchAPI),
         'text/event-stream',
       );
+    },
+  };
+  return {
+    plugin,
+    close() {
+      clearInterval(sessionTimer);
+      offDisconnect();
     },
   };
 }

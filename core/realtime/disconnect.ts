@@ -1,3 +1,5 @@
+import { sql } from 'drizzle-orm';
+import type { Db } from '../db/client.ts';
 import type { Deps } from '../deps.ts';
 
 /** graphql-ws close codes Banter uses, plus its own. */
@@ -40,4 +42,23 @@ export async function disconnectUser(
 /** Closes the sockets of one session (logout, revokeSession) on every api instance. */
 export function disconnectSession(deps: Deps, userId: string, sessionId: string, reason = 'Session ended') {
   return disconnectUser(deps, userId, { sessionId, reason });
+}
+
+/** How often open sockets and SSE streams check that their sessions are still alive. */
+export const SESSION_CHECK_MS = 10_000;
+
+/**
+ * Of these sessions, those that ended (revoked, expired, or their user deactivated), in one
+ * statement: the periodic check behind the bus's disconnect signal, which an instance can miss
+ * (Redis down), so that nothing outlives its session by more than SESSION_CHECK_MS.
+ */
+export async function endedSessions(db: Db, ids: string[]): Promise<Set<string>> {
+  if (!ids.length) return new Set();
+  const r = (await db.execute(sql`
+    select s.id from sessions s join users u on u.id = s.user_id
+    where s.id = any(${`{${ids.join(',')}}`}::uuid[])
+      and (s.revoked_at is not null or s.expires_at <= now() or u.deactivated_at is not null)`)) as unknown as {
+    rows: { id: string }[];
+  };
+  return new Set(r.rows.map((x) => x.id));
 }
