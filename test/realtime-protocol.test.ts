@@ -240,6 +240,15 @@ describe('graphql-transport-ws', () => {
     assert.equal(await s.closedWith(), 4408);
   });
 
+  it('closes with 4401 an anonymous socket that sends no token in time (connection_init without one, and no subscribe with one)', async () => {
+    const s = rawSocket(url);
+    await s.send({ type: 'connection_init', payload: {} });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'the ack');
+    const started = Date.now();
+    assert.equal(await s.closedWith(), 4401);
+    assert.ok(Date.now() - started < 2000, `closed after ${Date.now() - started} ms`);
+  });
+
   it('closes with 4406 without the graphql-transport-ws subprotocol', async () => {
     const s = open(null);
     assert.equal(await s.closedWith(), 4406);

@@ -208,7 +208,18 @@ export function attachRealtime(o: RealtimeServerOptions) {
       // No credentials at all: an anonymous socket (GraphiQL opens one with an empty payload); it
       // may authenticate with its first subscribe (extensions.headers.authorization). A token
       // that is present but bad still closes the socket (4401/4403).
-      if (raw === undefined) return true;
+      if (raw === undefined) {
+        // ... within the time allowed for connection_init, or it is closed as a bad token would be:
+        // an anonymous socket can do nothing, and would otherwise hold its place for ever.
+        const timer = setTimeout(async () => {
+          const outcome = await bindings.get(conn)?.outcome;
+          if (!conn.closed && !conn.viewer && outcome !== true)
+            close(conn.socket, CloseCode.Unauthorized, 'Unauthorized: no token in time');
+        }, limits.connectionInitWaitMs);
+        timer.unref();
+        conn.socket.once('close', () => clearTimeout(timer));
+        return true;
+      }
       const outcome = await bindViewer(conn, raw);
       if (outcome === true) return true;
       close(conn.socket, outcome.code, outcome.reason);
