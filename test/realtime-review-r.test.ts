@@ -1,0 +1,131 @@
+/**
+ * Review of the day's realtime and permission changes: defects they introduced, each shown by a
+ * test that fails on them (real Postgres, PGlite, sockets).
+ */
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
+import {
+  channelAccessHelpers,
+  connect,
+  guildWithChannel,
+  invite,
+  send,
+  sleep,
+  subscribe,
+} from './realtime-helpers.ts';
+
+let app: TestApp;
+let url: string;
+before(async () => {
+  app = await createTestApp({ rateLimits: false });
+  url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+});
+after(() => app.destroy());
+
+const { everyoneRole, overwrite } = channelAccessHelpers(() => app);
+
+const Q = `subscription($after: String) { events(after: $after) { __typename cursor
+  ... on MessageCreated { message { id content } }
+  ... on MessageUpdated { message { id content } }
+} }`;
+
+it('startThread holding its channel while the guild is deleted does not deadlock the deletion', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const o = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, o.token);
+  const m = await send(app, o.token, channelId, 'start a thread here');
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  try {
+    // An uncommitted row with the same source message (no guild: no lock on the guild row) makes
+    // startThread's insert wait, after holdChannel took its share lock on the channel.
+    await stall.query('begin');
+    await stall.query(
+      `insert into channels (id, type, source_message_id) values (gen_random_uuid(), 'THREAD', $1::uuid)`,
+      [decodeAnyId(m).id],
+    );
+    const starting = gql(
+      app,
+      `mutation($m: ID!) { startThread(messageId: $m, name: "t") { id } }`,
+      { m },
+      { token: o.token },
+    );
+    await sleep(500);
+    // The guild's deletion locks the guild row, then its cascade waits for the channel.
+    const deleting = gql(
+      app,
+      `mutation($g: ID!) { deleteGuild(id: $g) }`,
+      { g: guildId },
+      { token: o.token },
+    );
+    await sleep(500);
+    // startThread's insert goes on and checks its guild (KEY SHARE on the row deleteGuild holds).
+    await stall.query('rollback');
+    const [d, s] = await Promise.all([deleting, starting]);
+    const codes = (r: { errors?: { extensions?: { code?: string } }[] }) =>
+      (r.errors ?? []).map((e) => e.extensions?.code);
+    assert.deepEqual(codes(d), [], `deleteGuild failed: ${JSON.stringify(d.errors)}`);
+    assert.ok(
+      !codes(s).includes('INTERNAL_SERVER_ERROR') || !JSON.stringify(s).includes('deadlock'),
+      JSON.stringify(s.errors),
+    );
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+  }
+});
+
+it('a member without READ_HISTORY that resumes from the cursor of a message it got live gets that message’s later edit, as its live stream does', async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, o.token);
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, {
+    channelId,
+    targetType: 'ROLE',
+    targetId: everyone,
+    allow: [],
+    deny: ['READ_HISTORY'],
+  });
+  await invite(app, o.token, guildId, v.token);
+  const c1 = connect(url, v.token);
+  const c2 = connect(url, v.token);
+  try {
+    const live = subscribe(c1.client, null, Q);
+    await sleep(700);
+    const fresh = await send(app, o.token, channelId, 'fresh');
+    await live.until((e) => e.some((x) => x.message?.id === fresh), 10_000, 'fresh');
+    const cursor = live.events.find((x) => x.message?.id === fresh).cursor as string;
+    await sleep(50);
+    // The client reconnects (a network change, a new tab) and resumes from its last cursor.
+    const resumed = subscribe(c2.client, cursor, Q);
+    await sleep(700);
+    await ok(
+      app,
+      `mutation($i: EditMessageInput!) { editMessage(input: $i) { id } }`,
+      { i: { id: fresh, content: 'fresh, edited' } },
+      o.token,
+    );
+    const marker = await send(app, o.token, channelId, 'marker');
+    await live.until((e) => e.some((x) => x.message?.id === marker), 10_000, 'live marker');
+    await resumed.until((e) => e.some((x) => x.message?.id === marker), 10_000, 'resumed marker');
+    const after = (evs: any[]) => {
+      const i = evs.findIndex((x) => x.cursor === cursor);
+      return evs.slice(i + 1).map((x) => `${x.__typename} ${x.message?.content}`);
+    };
+    assert.deepEqual(
+      {
+        live: after(live.events),
+        resumed: resumed.events.map((x) => `${x.__typename} ${x.message?.content}`),
+      },
+      { live: ['MessageUpdated fresh, edited', 'MessageCreated marker'], resumed: after(live.events) },
+    );
+  } finally {
+    await c1.client.dispose();
+    await c2.client.dispose();
+  }
+});
