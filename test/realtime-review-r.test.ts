@@ -129,3 +129,34 @@ it('a member without READ_HISTORY that resumes from the cursor of a message it g
     await c2.client.dispose();
   }
 });
+
+it('an SSE stream served to a client that accepts anything (curl, Accept: */*) carries its cursors as ids too', {
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const ac = new AbortController();
+  const query = `subscription { events { __typename cursor ... on MessageCreated { message { content } } } }`;
+  const res = await fetch(`${url.replace('ws:', 'http:')}?${new URLSearchParams({ query })}`, {
+    headers: { accept: '*/*', authorization: `Bearer ${u.token}` },
+    signal: ac.signal,
+  });
+  try {
+    assert.match(res.headers.get('content-type') ?? '', /text\/event-stream/);
+    const reader = res.body!.getReader();
+    const decoder = new TextDecoder();
+    let text = '';
+    await sleep(700);
+    await send(app, u.token, channelId, 'hello');
+    const deadline = Date.now() + 10_000;
+    while (!text.includes('hello') && Date.now() < deadline) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+    }
+    const block = text.split('\n\n').find((b) => b.includes('hello')) ?? '';
+    assert.match(block, /^id: /m, `the event has no id:\n${block}`);
+  } finally {
+    ac.abort();
+  }
+});
