@@ -160,3 +160,53 @@ it('an SSE stream served to a client that accepts anything (curl, Accept: */*) c
     ac.abort();
   }
 });
+
+it('a member without READ_HISTORY whose live stream got a MessageCreated gets that message’s edit, though the send began before the stream', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, o.token);
+  const everyone = await everyoneRole(o.token, guildId);
+  await overwrite(o.token, {
+    channelId,
+    targetType: 'ROLE',
+    targetId: everyone,
+    allow: [],
+    deny: ['READ_HISTORY'],
+  });
+  await invite(app, o.token, guildId, v.token);
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  const c = connect(url, v.token);
+  try {
+    // The send (its id made, its row inserted) waits on its channel's row for its foreign key.
+    await stall.query('begin');
+    await stall.query('select 1 from channels where id = $1::uuid for update', [decodeAnyId(channelId).id]);
+    const sending = send(app, o.token, channelId, 'slow send');
+    await sleep(300);
+    const live = subscribe(c.client, null, Q);
+    await sleep(700);
+    await stall.query('commit');
+    const id = await sending;
+    // It committed after the stream began: the stream delivers it.
+    await live.until((e) => e.some((x) => x.message?.id === id), 10_000, 'the MessageCreated');
+    await ok(
+      app,
+      `mutation($i: EditMessageInput!) { editMessage(input: $i) { id } }`,
+      { i: { id, content: 'slow send, edited' } },
+      o.token,
+    );
+    const marker = await send(app, o.token, channelId, 'marker');
+    await live.until((e) => e.some((x) => x.message?.id === marker), 10_000, 'marker');
+    assert.deepEqual(
+      live.events.map((x) => `${x.__typename} ${x.message?.content}`),
+      ['MessageCreated slow send', 'MessageUpdated slow send, edited', 'MessageCreated marker'],
+    );
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+    await c.client.dispose();
+  }
+});
