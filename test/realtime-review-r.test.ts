@@ -11,6 +11,7 @@ import {
   connect,
   guildWithChannel,
   invite,
+  rawSocket,
   send,
   sleep,
   subscribe,
@@ -208,5 +209,45 @@ it('a member without READ_HISTORY whose live stream got a MessageCreated gets th
     await stall.query('rollback').catch(() => {});
     await stall.end();
     await c.client.dispose();
+  }
+});
+
+it('an anonymous socket told RATE_LIMITED (its user at the socket limit, its token fine) may retry: it is not closed with 4401 as one with no token', {
+  timeout: 30_000,
+}, async () => {
+  const app2 = await createTestApp({
+    rateLimits: false,
+    ws: {
+      socketsPerUser: 1,
+      operationsPerSocket: 3,
+      connectionsPerIpPerMinute: 1000,
+      initTimeoutMs: 1000,
+      keepAliveMs: 12_000,
+    },
+  });
+  try {
+    const url2 = `ws://127.0.0.1:${await app2.start(0)}/graphql`;
+    const u = await signUp(app2);
+    const first = connect(url2, u.token);
+    const s1 = subscribe(first.client, null, Q);
+    await sleep(300);
+    const anon = rawSocket(url2);
+    await anon.send({ type: 'connection_init', payload: {} });
+    await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'the ack');
+    const payload = {
+      query: 'subscription { events { __typename } }',
+      extensions: { headers: { authorization: `Bearer ${u.token}` } },
+    };
+    await anon.send({ id: 'a', type: 'subscribe', payload });
+    await anon.until(() => anon.messages.some((m) => m.type === 'error'), 'the refusal');
+    assert.equal(anon.messages.find((m) => m.type === 'error').payload[0].extensions.code, 'RATE_LIMITED');
+    // The user closes its other socket; the anonymous one retries after retryAfter.
+    s1.stop();
+    await first.client.dispose();
+    await sleep(1500);
+    assert.equal(anon.closed(), undefined, `closed: ${JSON.stringify(anon.closed())}`);
+    anon.ws.close();
+  } finally {
+    await app2.destroy();
   }
 });
