@@ -105,9 +105,10 @@ export async function createChannel(
 
 /**
  * Locks a channel FOR SHARE until the transaction ends, holding off its deletion (which locks it
- * FOR UPDATE first); false when it is gone.
+ * FOR UPDATE first); false when it is gone. Its guild first, as lockOverwriteChain has it.
  */
 export async function holdChannel(tx: Tx, id: string): Promise<boolean> {
+  await lockGuildOf(tx, id);
   const [held] = await tx.select({ id: channels.id }).from(channels).where(eq(channels.id, id)).for('share');
   return !!held;
 }
@@ -257,22 +258,45 @@ export async function updateChannel(
   });
 }
 
+/** A channel, its parent and grandparent, as a subquery of ids. */
+const chainOf = (channelId: string) => sql`select id from channels where id = ${channelId}::uuid
+      union select parent_id from channels where id = ${channelId}::uuid
+      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid`;
+
 /**
- * Locks a channel, its parent and grandparent (and `also`, a move's new category) FOR UPDATE:
- * every change or record of the overwrites that apply to a channel takes these first, so none
- * commits between another's read of them and its commit. Outermost first (categories, channels,
- * threads), as every transaction locking several of these does: a category's deletion holds it
- * while it updates its channels, a channel's deletion holds it while it deletes its threads;
- * locked by id, a move or deletion beside either deadlocked.
+ * Takes the locks that every change or record of a channel's overwrites takes, so that none
+ * commits between another's read of them and its commit: the channel, its parent and grandparent
+ * (and `also`, a move's new category) FOR UPDATE, outermost first (categories, channels, threads),
+ * as every transaction locking several of these does (a category's deletion holds it while it
+ * updates its channels, a channel's deletion holds it while it deletes its threads; locked by id,
+ * a move or deletion beside either deadlocked). Their guild goes first, FOR KEY SHARE (what this
+ * transaction's inserts would take on it later): deleteGuild locks it FOR UPDATE before its
+ * cascade reaches the channels. The chain is read again once locked: a move that committed
+ * meanwhile changed it (the locking statement saw it as it began), and its new rows are locked too.
  */
 export async function lockOverwriteChain(tx: Tx, channelId: string, also?: string | null) {
-  await tx.execute(sql`select id from channels where id in (
-      select id from channels where id = ${channelId}::uuid
-      union select parent_id from channels where id = ${channelId}::uuid
-      union select p.parent_id from channels c join channels p on p.id = c.parent_id where c.id = ${channelId}::uuid
-      union select ${also ?? null}::uuid)
-    order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`);
+  await lockGuildOf(tx, channelId);
+  for (let round = 0; round < 3; round++) {
+    const locked = new Set(
+      rowsOf<{ id: string }>(
+        await tx.execute(sql`select id from channels where id in (${chainOf(channelId)}
+          union select ${also ?? null}::uuid)
+        order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`),
+      ).map((r) => r.id),
+    );
+    const now = rowsOf<{ id: string | null }>(await tx.execute(chainOf(channelId)));
+    if (now.every((r) => !r.id || locked.has(r.id))) return;
+  }
 }
+
+/** The channel's guild, FOR KEY SHARE (see lockOverwriteChain). */
+async function lockGuildOf(tx: Tx, channelId: string) {
+  await tx.execute(
+    sql`select 1 from guilds where id = (select guild_id from channels where id = ${channelId}::uuid) for key share`,
+  );
+}
+
+const rowsOf = <T>(r: unknown) => (r as { rows: T[] }).rows;
 
 /**
  * The overwrite levels that decide who may view a channel now (its own, its parent's, its
