@@ -325,7 +325,7 @@ it('a member who may view a channel but not read its history is not shown old me
   }
 });
 
-it('a member who may view a channel but not read its history gets the edits, reactions and pins of messages sent since its stream began', async () => {
+it('a member who may view a channel but not read its history gets the edits, reactions and pins of messages sent since it joined', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
   const everyone = await everyoneRole(o.token, guildId);

@@ -88,7 +88,8 @@ const WITHOUT_HISTORY = new Set(['MESSAGE_DELETED', 'CHANNEL_CREATED', 'CHANNEL_
 /**
  * Rows about a message that already exists (its edit, a reaction, a pin), which show it as it
  * is: live, a member who may view the channel but not read its history gets them only for a
- * message sent since its stream began (as its MessageCreated reached it then). Older ones are
+ * message sent since it joined the guild (whose MessageCreated it got live, or would have had it
+ * been connected; a stream's own start would lose them for a client that resumes). Older ones are
  * history it may not read (message(id) refuses them too).
  */
 const ABOUT_A_MESSAGE = new Set([
@@ -201,22 +202,29 @@ interface GuildEntry {
   until: number;
 }
 
+/** A viewer's answers for a channel, cached: booleans, no bigint work per event. */
+interface ChannelEntry {
+  /** may view it (live rows) */
+  live: boolean;
+  /** may read its history (replayed rows) */
+  replay: boolean;
+  guildId: string | null;
+  /** when the viewer joined its guild (ms; Infinity when not a member), for messageOk */
+  joinedAt: number;
+  until: number;
+}
+
 /**
  * One subscriber's view of who may see what. Its caches are made on first use: an idle
  * subscribed socket holds none (thousands of them are what a busy instance mostly has).
  */
 export class ViewerAccess {
   /** per channel: may view it live, may read its history (replay), as booleans: no bigint work per event */
-  private channels:
-    | Map<string, { live: boolean; replay: boolean; guildId: string | null; until: number }>
-    | undefined;
+  private channels: Map<string, ChannelEntry> | undefined;
   private guilds: Map<string, GuildEntry> | undefined;
   /** guilds this viewer was seen in: who hears of a deletion whose former members were not loaded */
   private everIn: Set<string> | undefined;
   private known: Map<string, { yes: boolean; until: number }> | undefined;
-
-  /** when the stream began (ms), for messageOk */
-  private readonly since = Date.now();
 
   constructor(
     private db: Db,
@@ -280,8 +288,8 @@ export class ViewerAccess {
   /** A live row about an existing message (ABOUT_A_MESSAGE). */
   private messageOk(e: Visible, channelId: string): boolean | Promise<boolean> {
     const id = e.payload.messageId ?? e.payload.id;
-    const recent = typeof id === 'string' && isUuid(id) && timeOfId(id) >= this.since;
-    const ok = (c: { live: boolean; replay: boolean }) => c.replay || (c.live && recent);
+    const sent = typeof id === 'string' && isUuid(id) ? timeOfId(id) : -1;
+    const ok = (c: ChannelEntry) => c.replay || (c.live && sent >= c.joinedAt);
     const c = this.channels?.get(channelId);
     if (c && Date.now() < c.until) return ok(c);
     return this.loadChannel(channelId).then(({ entry }) => ok(entry));
@@ -296,7 +304,14 @@ export class ViewerAccess {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
       if (guildId && perms) this.seenIn(guildId);
-      const entry = { live: has(perms, LIVE), replay: has(perms, REPLAY), guildId, until: lapseAt() };
+      const joinedAt = a?.joinedAt ?? Number.POSITIVE_INFINITY;
+      const entry = {
+        live: has(perms, LIVE),
+        replay: has(perms, REPLAY),
+        guildId,
+        joinedAt,
+        until: lapseAt(),
+      };
       this.channels ??= new Map();
       this.channels.set(channelId, entry);
       return { access: a, entry };

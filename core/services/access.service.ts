@@ -49,6 +49,8 @@ export interface ChannelAccess {
   recipientIds: string[];
   /** the overwrites `permissions` was computed from, outermost first (none for DMs); shared: do not change */
   levels: readonly (readonly OverwriteInfo[])[];
+  /** when the viewer joined the channel's guild (ms since the epoch), if it is a member */
+  joinedAt?: number;
 }
 
 function rows<T>(r: unknown): T[] {
@@ -65,7 +67,8 @@ const memberQuery = (userId: string, guildIdSql: ReturnType<typeof sql>) => sql`
 
 interface MemberCols {
   owner_id: string | null;
-  member: { t: string | null } | null;
+  /** `j`: joined_at, read where a channel's access is (CHANNEL_ACCESS_SQL) */
+  member: { t: string | null; j?: string } | null;
   roles: { id: string; p: string; pos: number; e: boolean }[];
 }
 
@@ -114,7 +117,7 @@ const CHANNEL_ACCESS_SQL = `
     (select coalesce(json_agg(id order by depth desc), '[]'::json) from chain) as chain,
     (select json_agg(cr.user_id) from channel_recipients cr where cr.channel_id = c.id) as rcp,
     (select g.owner_id from guilds g where g.id = c.guild_id) as owner_id,
-    (select json_build_object('t', m.timeout_until) from members m
+    (select json_build_object('t', m.timeout_until, 'j', m.joined_at) from members m
        where m.guild_id = c.guild_id and m.user_id = $2::uuid) as member,
     (select coalesce(json_agg(json_build_object('id', r.id, 'p', r.permissions::text, 'pos', r.position, 'e', r.is_everyone)), '[]'::json)
        from roles r where r.guild_id = c.guild_id and (r.is_everyone or r.id in
@@ -203,6 +206,7 @@ function channelAccessFrom(userId: string, x: ChannelAccessInputs, now: Date): C
     permissions: computeChannelPermissions(input, x.levels),
     recipientIds,
     levels: x.levels,
+    joinedAt: x.member.member?.j ? Date.parse(x.member.member.j) : undefined,
   };
 }
 
