@@ -64,8 +64,8 @@ interface Ending extends AsyncIterableIterator<ExecutionResult> {
 function endingToResume(
   results: AsyncIterableIterator<ExecutionResult>,
   release: () => void,
-  /** each item's cursor (undefined for none) is added here as it is handed on */
-  cursors: (string | undefined)[],
+  /** each item's cursor (undefined for none) is queued here as it is handed on, once `on` */
+  cursors: ItemCursors,
 ): Ending {
   let ended = false;
   let cut: GraphQLError | undefined;
@@ -82,11 +82,11 @@ function endingToResume(
         // Cut off meanwhile: a result that came with it is not sent (the client resumes before it).
         if (cut) {
           finish();
-          cursors.push(undefined);
+          if (cursors.on) cursors.queue.push(undefined);
           return { done: false, value: { errors: [cut] } };
         }
         if (step.done) finish();
-        else cursors.push(cursorOfResult(step.value));
+        else if (cursors.on) cursors.queue.push(cursorOfResult(step.value));
         return step;
       } catch (err) {
         // A held-back event, or a reader too far behind (the socket's 1013): the stream's last item
@@ -100,7 +100,7 @@ function endingToResume(
               : undefined;
         if (!message) throw err;
         const resume = new GraphQLError(message, { extensions: { code: 'INTERNAL_SERVER_ERROR' } });
-        cursors.push(undefined);
+        if (cursors.on) cursors.queue.push(undefined);
         return { done: false, value: { errors: [resume] } };
       }
     },
@@ -173,7 +173,7 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
     const viewer = ctx.viewer;
     let timer: NodeJS.Timeout | undefined;
     const entry = { sessionId: viewer?.sessionId ?? '', stream: undefined as unknown as Ending };
-    const cursors: (string | undefined)[] = [];
+    const cursors: ItemCursors = { on: false, queue: [] };
     if (ctx.request) cursorsOf.set(ctx.request, cursors);
     entry.stream = endingToResume(
       executeEach(args, it, hooks),
@@ -204,18 +204,22 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
       setSubscribeFn(subscribeHolding as unknown as typeof subscribe);
     },
     onResultProcess({ request, result, resultProcessor, setResultProcessor }) {
-      // A subscription's results (the only async iterables here) going out as an event stream.
+      // A subscription's results (async iterables), going out as an event stream: for a
+      // subscription, the only processor yoga has for them (whatever the Accept said, */* too).
       if (!resultProcessor || !(Symbol.asyncIterator in (result as object))) return;
-      if (!request.headers.get('accept')?.includes('text/event-stream')) return;
       // The results yoga's processor is handed went through the plugins' hooks (some as new
-      // objects), one for one and in order: their cursors are those endingToResume noted.
+      // objects), one for one and in order: their cursors are those endingToResume queues.
       const cursors = cursorsOf.get(request);
       if (!cursors) return;
-      setResultProcessor(
-        (res, fetchAPI, type) =>
-          withEventIds(resultProcessor(res, fetchAPI, type) as Response, cursors, fetchAPI),
-        'text/event-stream',
-      );
+      setResultProcessor((res, fetchAPI, type) => {
+        cursors.on = true;
+        const response = resultProcessor(res, fetchAPI, type) as Response;
+        if (response.headers.get('content-type')?.startsWith('text/event-stream'))
+          return withEventIds(response, cursors.queue, fetchAPI);
+        cursors.on = false;
+        cursors.queue.length = 0;
+        return response;
+      }, 'text/event-stream');
     },
   };
   return {
@@ -227,8 +231,15 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
   };
 }
 
-/** Each SSE subscription request's item cursors, for withEventIds. */
-const cursorsOf = new WeakMap<Request, (string | undefined)[]>();
+/**
+ * A subscription's item cursors, in order, for withEventIds; queued only once its response is
+ * an event stream (`on`): nothing else takes them off.
+ */
+interface ItemCursors {
+  on: boolean;
+  queue: (string | undefined)[];
+}
+const cursorsOf = new WeakMap<Request, ItemCursors>();
 
 const DATA_LINE = Buffer.from('data: ');
 
