@@ -50,6 +50,9 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
 };
 
 /** A socket's authentication: true, or the close code and reason (and error code for a subscribe). */
+/** retryAfter (s) for a subscribe refused at the sockets-per-user limit */
+const SLOT_RETRY_S = 5;
+
 type BindOutcome = true | { code: number; reason: string; error?: string };
 
 export interface RealtimeServerOptions {
@@ -202,6 +205,23 @@ export function attachRealtime(o: RealtimeServerOptions) {
     },
   };
 
+  /**
+   * An anonymous socket authenticates (a subscribe's token) within the time allowed for
+   * connection_init, or it is closed as a bad token would be: it can do nothing, and would
+   * otherwise hold its place for ever. Armed again when a valid token waits for a slot.
+   */
+  const anonymousTimers = new WeakMap<Connection, NodeJS.Timeout>();
+  function anonymousDeadline(conn: Connection, ms = limits.connectionInitWaitMs) {
+    clearTimeout(anonymousTimers.get(conn));
+    const timer = setTimeout(async () => {
+      const outcome = await bindings.get(conn)?.outcome;
+      if (!conn.closed && !conn.viewer && outcome !== true)
+        close(conn.socket, CloseCode.Unauthorized, 'Unauthorized: no token in time');
+    }, ms);
+    timer.unref();
+    anonymousTimers.set(conn, timer);
+  }
+
   const handlers: ProtocolHandlers = {
     async onConnect(conn, payload) {
       const raw = payload.authorization ?? payload.Authorization;
@@ -209,15 +229,8 @@ export function attachRealtime(o: RealtimeServerOptions) {
       // may authenticate with its first subscribe (extensions.headers.authorization). A token
       // that is present but bad still closes the socket (4401/4403).
       if (raw === undefined) {
-        // ... within the time allowed for connection_init, or it is closed as a bad token would be:
-        // an anonymous socket can do nothing, and would otherwise hold its place for ever.
-        const timer = setTimeout(async () => {
-          const outcome = await bindings.get(conn)?.outcome;
-          if (!conn.closed && !conn.viewer && outcome !== true)
-            close(conn.socket, CloseCode.Unauthorized, 'Unauthorized: no token in time');
-        }, limits.connectionInitWaitMs);
-        timer.unref();
-        conn.socket.once('close', () => clearTimeout(timer));
+        anonymousDeadline(conn);
+        conn.socket.once('close', () => clearTimeout(anonymousTimers.get(conn)));
         return true;
       }
       const outcome = await bindViewer(conn, raw);
@@ -236,7 +249,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
         // An anonymous socket's subscribe is refused, the socket kept (GraphiQL's tab stays usable):
         // at the sockets-per-user limit, RATE_LIMITED (close another socket of that user, or retry).
         const code = outcome.error ?? 'UNAUTHENTICATED';
-        const extensions = code === 'RATE_LIMITED' ? { code, retryAfter: 5 } : { code };
+        const extensions = code === 'RATE_LIMITED' ? { code, retryAfter: SLOT_RETRY_S } : { code };
+        // Its token was fine: it may wait for a slot, as long again after the retry it was told.
+        if (code === 'RATE_LIMITED' && !conn.viewer && !conn.closed)
+          anonymousDeadline(conn, SLOT_RETRY_S * 1000 + limits.connectionInitWaitMs);
         return [new GraphQLError(outcome.reason, { extensions })];
       }
       if (!conn.viewer) {
