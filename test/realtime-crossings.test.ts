@@ -1,6 +1,8 @@
 /**
- * Review of the day's realtime and permission changes: defects they introduced, each shown by a
- * test that fails on them (real Postgres, PGlite, sockets).
+ * Where two rules meet: a thread started while its guild is deleted (lock order), a member without
+ * READ_HISTORY resuming or racing a send, an SSE stream served to any Accept (curl), an anonymous
+ * socket told RATE_LIMITED then waiting for a slot. Each failed on the code before its fix (a
+ * review of 2026-12-06's changes); real Postgres, PGlite, sockets.
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
