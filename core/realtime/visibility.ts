@@ -86,19 +86,34 @@ const REPLAY = Permission.VIEW_CHANNEL | Permission.READ_HISTORY;
 const WITHOUT_HISTORY = new Set(['MESSAGE_DELETED', 'CHANNEL_CREATED', 'CHANNEL_UPDATED']);
 
 /**
- * Rows about a message that already exists (its edit, a reaction, a pin), which show it as it
- * is: live, a member who may view the channel but not read its history gets them only for a
- * message sent since it joined the guild (whose MessageCreated it got live, or would have had it
- * been connected; a stream's own start would lose them for a client that resumes). Older ones are
- * history it may not read (message(id) refuses them too).
+ * Rows about a message (its creation, edit, a reaction, a pin), which show it as it is: live, a
+ * member who may view the channel but not read its history gets them only for a message sent
+ * since it joined the guild (whose MessageCreated it got live, or would have had it been
+ * connected; a stream's own start would lose them for a client that resumes). Older ones are
+ * history it may not read (message(id) refuses them too), a MessageCreated included: the log may
+ * bring a message sent just before the join after it (behind an older transaction still open),
+ * and access is judged as it is when the row is delivered.
  */
 const ABOUT_A_MESSAGE = new Set([
+  'MESSAGE_CREATED',
   'MESSAGE_UPDATED',
   'REACTION_ADDED',
   'REACTION_REMOVED',
   'MESSAGE_PINNED',
   'MESSAGE_UNPINNED',
 ]);
+
+/** When the message a row is about was sent (its UUIDv7 id's time; -1 without one), read once per row. */
+const sentTimes = new WeakMap<object, number>();
+function sentAt(e: Visible): number {
+  let t = sentTimes.get(e.payload);
+  if (t === undefined) {
+    const id = e.payload.messageId ?? e.payload.id;
+    t = typeof id === 'string' && isUuid(id) ? timeOfId(id) : -1;
+    sentTimes.set(e.payload, t);
+  }
+  return t;
+}
 
 const loading = new WeakMap<object, Map<string, Promise<unknown>>>();
 
@@ -287,12 +302,13 @@ export class ViewerAccess {
 
   /** A live row about an existing message (ABOUT_A_MESSAGE). */
   private messageOk(e: Visible, channelId: string): boolean | Promise<boolean> {
-    const id = e.payload.messageId ?? e.payload.id;
-    const sent = typeof id === 'string' && isUuid(id) ? timeOfId(id) : -1;
-    const ok = (c: ChannelEntry) => c.replay || (c.live && sent >= c.joinedAt);
+    // Who may read the history (nearly everyone) is answered as channelOk would: on the fan-out's
+    // path, the message's time is read only for a member who may not.
     const c = this.channels?.get(channelId);
-    if (c && Date.now() < c.until) return ok(c);
-    return this.loadChannel(channelId).then(({ entry }) => ok(entry));
+    if (c && Date.now() < c.until) return c.replay || (c.live && sentAt(e) >= c.joinedAt);
+    return this.loadChannel(channelId).then(
+      ({ entry }) => entry.replay || (entry.live && sentAt(e) >= entry.joinedAt),
+    );
   }
 
   /** The viewer's access to a channel, loaded, and remembered as channelOk answers it. */
