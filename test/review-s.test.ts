@@ -1,0 +1,67 @@
+/**
+ * Review of lockOverwriteChain's guild-first order and re-read loop, and of joined_at for members
+ * without READ_HISTORY (2026-12-06). Real Postgres (a second connection holds locks), PGlite.
+ */
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, gql, signUp, type TestApp } from './helpers.ts';
+import { channelAccessHelpers, guildWithChannel, sleep } from './realtime-helpers.ts';
+
+let app: TestApp;
+before(async () => {
+  app = await createTestApp({ rateLimits: false });
+  await app.start(0);
+});
+after(() => app.destroy());
+
+const { everyoneRole, createChannel } = channelAccessHelpers(() => app);
+type R = { errors?: { message?: string; extensions?: { code?: string } }[] };
+
+it('an overwrite change whose chain a move changed, beside the deletion of the category moved into, does not deadlock', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  // B made before A: its id (UUIDv7) sorts first, so the move locks B, then waits on A.
+  const b = await createChannel(o.token, guildId, 'b', 'CATEGORY');
+  const a = await createChannel(o.token, guildId, 'a', 'CATEGORY');
+  const c = await createChannel(o.token, guildId, 'c', 'TEXT', a);
+  const everyone = await everyoneRole(o.token, guildId);
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  try {
+    await stall.query('begin');
+    await stall.query('select 1 from channels where id = $1::uuid for update', [decodeAnyId(a).id]);
+    // The move of c from a into b: locks b, waits on a.
+    const moving = gql(
+      app,
+      `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+      { i: { id: c, parentId: b } },
+      { token: o.token },
+    ) as Promise<R>;
+    await sleep(400);
+    // An overwrite change on c: its chain is (a, c) as its statement began; waits on a.
+    const changing = gql(
+      app,
+      `mutation($i: SetChannelOverwriteInput!) { setChannelOverwrite(input: $i) { targetId } }`,
+      { i: { channelId: c, targetType: 'ROLE', targetId: everyone, allow: [], deny: ['ADD_REACTIONS'] } },
+      { token: o.token },
+    ) as Promise<R>;
+    await sleep(400);
+    // b's deletion: waits on b (the move holds it), then sets its channels (c by then) uncategorized.
+    const deleting = gql(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: b }, { token: o.token }) as Promise<R>;
+    await sleep(400);
+    await stall.query('rollback');
+    const [m, ch, d] = await Promise.all([moving, changing, deleting]);
+    assert.deepEqual(m.errors, undefined, `move: ${JSON.stringify(m.errors)}`);
+    // Either way round, both succeed (an INTERNAL_SERVER_ERROR here is Postgres' deadlock detected).
+    assert.deepEqual(ch.errors, undefined, `setChannelOverwrite: ${JSON.stringify(ch.errors)}`);
+    assert.deepEqual(d.errors, undefined, `deleteChannel: ${JSON.stringify(d.errors)}`);
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+  }
+});
