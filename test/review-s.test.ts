@@ -5,8 +5,8 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, gql, signUp, type TestApp } from './helpers.ts';
-import { channelAccessHelpers, guildWithChannel, sleep } from './realtime-helpers.ts';
+import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
+import { channelAccessHelpers, guildWithChannel, invite, send, sleep } from './realtime-helpers.ts';
 
 let app: TestApp;
 before(async () => {
@@ -52,7 +52,12 @@ it('an overwrite change whose chain a move changed, beside the deletion of the c
     ) as Promise<R>;
     await sleep(400);
     // b's deletion: waits on b (the move holds it), then sets its channels (c by then) uncategorized.
-    const deleting = gql(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: b }, { token: o.token }) as Promise<R>;
+    const deleting = gql(
+      app,
+      `mutation($id: ID!) { deleteChannel(id: $id) }`,
+      { id: b },
+      { token: o.token },
+    ) as Promise<R>;
     await sleep(400);
     await stall.query('rollback');
     const [m, ch, d] = await Promise.all([moving, changing, deleting]);
@@ -64,4 +69,102 @@ it('an overwrite change whose chain a move changed, beside the deletion of the c
     await stall.query('rollback').catch(() => {});
     await stall.end();
   }
+});
+
+/**
+ * `during` runs while `hold` (a statement on a second connection) holds its lock; then deleteGuild
+ * is begun, the lock released: both must succeed.
+ */
+async function besideDeleteGuild(
+  guildId: string,
+  token: string,
+  hold: string,
+  params: unknown[],
+  op: () => Promise<R>,
+) {
+  const pg = (await import('pg')).default;
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  try {
+    await stall.query('begin');
+    await stall.query(hold, params);
+    const doing = op();
+    await sleep(500);
+    const deleting = gql(
+      app,
+      `mutation($g: ID!) { deleteGuild(id: $g) }`,
+      { g: guildId },
+      { token },
+    ) as Promise<R>;
+    await sleep(500);
+    await stall.query('rollback');
+    const [x, d] = await Promise.all([doing, deleting]);
+    assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
+    // The operation may find the guild gone (NOT_FOUND), not fail (Postgres' deadlock detected).
+    assert.ok(
+      !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
+      `operation: ${JSON.stringify(x.errors)}`,
+    );
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+  }
+}
+
+it('a pin holding its channel while the guild is deleted does not deadlock (its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, o.token);
+  const m = await send(app, o.token, channelId, 'pin me');
+  // The pin locks its channel (NO KEY UPDATE), then waits for the message's row held here.
+  await besideDeleteGuild(
+    guildId,
+    o.token,
+    'select 1 from messages where id = $1::uuid for update',
+    [decodeAnyId(m).id],
+    () =>
+      gql(
+        app,
+        `mutation($m: ID!) { pinMessage(messageId: $m) { id } }`,
+        { m },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+it('a kick holding the member row while the guild is deleted does not deadlock (its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, v.token);
+  const r = await ok(
+    app,
+    `mutation($g: ID!) { createRole(input: { guildId: $g, name: "r" }) { id } }`,
+    { g: guildId },
+    o.token,
+  );
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!, $r: ID!) { assignRole(guildId: $g, userId: $u, roleId: $r) }`,
+    { g: guildId, u: v.id, r: r.createRole.id },
+    o.token,
+  );
+  // The kick deletes the member row, then waits for its role assignment's row held here.
+  await besideDeleteGuild(
+    guildId,
+    o.token,
+    'select 1 from member_roles where user_id = $1::uuid for update',
+    [decodeAnyId(v.id).id],
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!, $u: ID!) { kickMember(guildId: $g, userId: $u) }`,
+        { g: guildId, u: v.id },
+        { token: o.token },
+      ) as Promise<R>,
+  );
 });
