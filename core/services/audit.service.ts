@@ -1,3 +1,4 @@
+import { sql } from 'drizzle-orm';
 import type { Tx } from '../db/client.ts';
 import { auditLog } from '../db/tables.ts';
 import { newId } from '../ids.ts';
@@ -25,4 +26,15 @@ export async function writeAudit(tx: Tx, e: AuditEntry): Promise<void> {
     reason: e.reason ?? null,
     changes: e.changes ?? null,
   });
+}
+
+/**
+ * The guild's row FOR KEY SHARE, taken first by a transaction that locks or changes the guild's
+ * rows (a channel, a member, a message) and then writes its audit row: that insert's foreign key
+ * takes this lock, and deleteGuild, holding the guild FOR UPDATE while its cascade waits on those
+ * rows, would deadlock with it. Taken first, it waits for the deletion (and then finds nothing), or
+ * holds it off until this transaction commits.
+ */
+export async function holdGuild(tx: Tx, guildId: string): Promise<void> {
+  await tx.execute(sql`select 1 from guilds where id = ${guildId}::uuid for key share`);
 }

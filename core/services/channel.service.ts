@@ -271,23 +271,41 @@ const chainOf = (channelId: string) => sql`select id from channels where id = ${
  * updates its channels, a channel's deletion holds it while it deletes its threads; locked by id,
  * a move or deletion beside either deadlocked). Their guild goes first, FOR KEY SHARE (what this
  * transaction's inserts would take on it later): deleteGuild locks it FOR UPDATE before its
- * cascade reaches the channels. The chain is read again once locked: a move that committed
- * meanwhile changed it (the locking statement saw it as it began), and its new rows are locked too.
+ * cascade reaches the channels.
+ *
+ * The locking statement sees the chain as it was when it began: a move that committed while it
+ * waited changed it. The chain is read again once locked; when it differs, the round's locks are
+ * let go (a savepoint rolled back) and the chain as it is now is locked, outermost first again:
+ * locking the new category while holding the channel would deadlock beside that category's
+ * deletion, which holds it and waits for the channel.
  */
 export async function lockOverwriteChain(tx: Tx, channelId: string, also?: string | null) {
   await lockGuildOf(tx, channelId);
-  for (let round = 0; round < 3; round++) {
-    const locked = new Set(
-      rowsOf<{ id: string }>(
-        await tx.execute(sql`select id from channels where id in (${chainOf(channelId)}
-          union select ${also ?? null}::uuid)
-        order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`),
-      ).map((r) => r.id),
-    );
-    const now = rowsOf<{ id: string | null }>(await tx.execute(chainOf(channelId)));
-    if (now.every((r) => !r.id || locked.has(r.id))) return;
+  for (let round = 1; ; round++) {
+    const last = round === 3;
+    const settled = await tx
+      .transaction(async (sp) => {
+        const locked = new Set(
+          rowsOf<{ id: string }>(
+            await sp.execute(sql`select id from channels where id in (${chainOf(channelId)}
+              union select ${also ?? null}::uuid)
+            order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`),
+          ).map((r) => r.id),
+        );
+        const now = rowsOf<{ id: string | null }>(await sp.execute(chainOf(channelId)));
+        // Moved meanwhile (rare): let this round's locks go and lock the chain as it is now. A
+        // third round keeps what it holds rather than go on.
+        if (!last && !now.every((r) => !r.id || locked.has(r.id))) throw STALE_CHAIN;
+        return true;
+      })
+      .catch((err) => {
+        if (err === STALE_CHAIN) return false;
+        throw err;
+      });
+    if (settled) return;
   }
 }
+const STALE_CHAIN = new Error('the channel moved while its chain was locked');
 
 /** The channel's guild, FOR KEY SHARE (see lockOverwriteChain). */
 async function lockGuildOf(tx: Tx, channelId: string) {

@@ -12,7 +12,7 @@ import { type EventWriter, transact } from '../events.ts';
 import { idAtTime } from '../ids.ts';
 import { has, highestPosition, Permission } from '../permissions.ts';
 import { type GuildAccess, loadGuildAccess, requireGuild } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 import { wipeMessages } from './message.service.ts';
 
 export const MAX_REASON = 512;
@@ -71,6 +71,7 @@ export async function kickMember(
 ): Promise<boolean> {
   const reason = cleanReason(input.reason);
   return transact(deps, async (tx, log) => {
+    await holdGuild(tx, input.guildId);
     const { target } = await requireActionable(
       tx,
       deps,
@@ -136,6 +137,7 @@ export async function banMember(
     throw badInput(`deleteMessageHours must be 0-${MAX_PURGE_HOURS}.`, 'deleteMessageHours');
   }
   return transact(deps, async (tx, log) => {
+    await holdGuild(tx, input.guildId);
     await requireActionable(tx, deps, viewer, input.guildId, input.userId, Permission.BAN_MEMBERS);
     const [u] = await tx.select({ id: users.id }).from(users).where(eq(users.id, input.userId));
     if (!u) throw notFound('User');
@@ -169,6 +171,7 @@ export async function unbanMember(
 ): Promise<boolean> {
   const reason = cleanReason(input.reason);
   return transact(deps, async (tx) => {
+    await holdGuild(tx, input.guildId);
     await requireGuild(tx, viewer.userId, input.guildId, Permission.BAN_MEMBERS, deps.now());
     const gone = await tx
       .delete(bans)
@@ -203,6 +206,7 @@ export async function timeoutMember(
     throw badInput('A timeout lasts at most 28 days.', 'until');
   }
   return transact(deps, async (tx, log) => {
+    await holdGuild(tx, input.guildId);
     const { target } = await requireActionable(
       tx,
       deps,

@@ -10,7 +10,7 @@ import { conflict, notFound } from '../errors.ts';
 import { type EventWriter, transact } from '../events.ts';
 import { has, Permission } from '../permissions.ts';
 import { requireChannel } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 import type { MessageRow } from './message.service.ts';
 import { loadVisibleMessage } from './message-history.service.ts';
 
@@ -22,6 +22,7 @@ const PIN_NEEDS = Permission.PIN_MESSAGES | Permission.READ_HISTORY;
 export async function pinMessage(deps: Deps, viewer: Viewer, messageId: string): Promise<MessageRow> {
   const { row: message } = await loadVisibleMessage(deps, viewer, messageId, PIN_NEEDS);
   return transact(deps, async (tx, log) => {
+    if (message.guildId) await holdGuild(tx, message.guildId);
     // One pinner per channel at a time, so concurrent pins cannot count past MAX_PINS. NO KEY
     // UPDATE leaves the FK share locks of message inserts in this channel unblocked.
     await tx
@@ -53,6 +54,7 @@ export async function pinMessage(deps: Deps, viewer: Viewer, messageId: string):
 export async function unpinMessage(deps: Deps, viewer: Viewer, messageId: string): Promise<MessageRow> {
   const { row: message } = await loadVisibleMessage(deps, viewer, messageId, PIN_NEEDS);
   return transact(deps, async (tx, log) => {
+    if (message.guildId) await holdGuild(tx, message.guildId);
     const [unpinned] = await tx
       .update(messages)
       .set({ pinnedAt: null, pinnedBy: null })

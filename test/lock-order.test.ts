@@ -1,6 +1,8 @@
 /**
- * Review of lockOverwriteChain's guild-first order and re-read loop, and of joined_at for members
- * without READ_HISTORY (2026-12-06). Real Postgres (a second connection holds locks), PGlite.
+ * Lock order beside deleteGuild and channel moves: an overwrite change whose chain a move changed
+ * (lockOverwriteChain lets its locks go and locks again, outermost first), a pin and a kick (the
+ * guild first, holdGuild). Each deadlocked before its fix (a review of 2026-12-06's changes).
+ * Real Postgres, a second connection holding locks.
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
