@@ -211,12 +211,14 @@ export function attachRealtime(o: RealtimeServerOptions) {
    * otherwise hold its place for ever. Armed again when a valid token waits for a slot.
    */
   const anonymousTimers = new WeakMap<Connection, NodeJS.Timeout>();
-  function anonymousDeadline(conn: Connection, ms = limits.connectionInitWaitMs) {
+  function anonymousDeadline(conn: Connection, ms = limits.connectionInitWaitMs, forSlot = false) {
     clearTimeout(anonymousTimers.get(conn));
     const timer = setTimeout(async () => {
       const outcome = await bindings.get(conn)?.outcome;
-      if (!conn.closed && !conn.viewer && outcome !== true)
-        close(conn.socket, CloseCode.Unauthorized, 'Unauthorized: no token in time');
+      if (conn.closed || conn.viewer || outcome === true) return;
+      // One whose token was fine, still at its user's limit, is told so (4029), not to sign in.
+      if (forSlot) close(conn.socket, CloseCode.TooManyConnections, 'Too many sockets for this user');
+      else close(conn.socket, CloseCode.Unauthorized, 'Unauthorized: no token in time');
     }, ms);
     timer.unref();
     anonymousTimers.set(conn, timer);
@@ -252,7 +254,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
         const extensions = code === 'RATE_LIMITED' ? { code, retryAfter: SLOT_RETRY_S } : { code };
         // Its token was fine: it may wait for a slot, as long again after the retry it was told.
         if (code === 'RATE_LIMITED' && !conn.viewer && !conn.closed)
-          anonymousDeadline(conn, SLOT_RETRY_S * 1000 + limits.connectionInitWaitMs);
+          anonymousDeadline(conn, SLOT_RETRY_S * 1000 + limits.connectionInitWaitMs, true);
         return [new GraphQLError(outcome.reason, { extensions })];
       }
       if (!conn.viewer) {
