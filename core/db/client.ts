@@ -195,6 +195,11 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
   return database;
 }
 
+/** The rows of a raw `execute` result (node-postgres and PGlite both hand them over as `rows`). */
+export function resultRows<T>(r: unknown): T[] {
+  return (r as { rows: T[] }).rows;
+}
+
 /** Which Database a root drizzle handle belongs to (a transaction handle maps to nothing). */
 const roots = new WeakMap<object, Database>();
 export function databaseOf(db: DbOrTx): Database | undefined {

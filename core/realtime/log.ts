@@ -4,7 +4,7 @@
  * every position handed out so far when it commits.
  */
 import { and, eq, inArray, isNull, type SQL, sql } from 'drizzle-orm';
-import type { Db } from '../db/client.ts';
+import { type Db, resultRows } from '../db/client.ts';
 import { events, formerMembers, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
 import type { MessageRow } from '../services/message.service.ts';
@@ -45,8 +45,6 @@ interface RawRow {
   user_id: string | null;
   payload: Record<string, unknown> | string;
 }
-
-const rows = <T>(r: unknown) => (r as { rows: T[] }).rows;
 
 /** jsonb arrives parsed from node-postgres, as text from some PGlite paths. */
 const parsePayload = (p: RawRow['payload']): Record<string, unknown> =>
@@ -98,7 +96,7 @@ const FINISHED = {
 
 /** The last finished row: where a tailer starting now begins. */
 export async function headPosition(db: Db): Promise<Position> {
-  const [r] = rows<{ xid: string; seq: string }>(
+  const [r] = resultRows<{ xid: string; seq: string }>(
     await db.execute(
       sql`select xid::text as xid, seq from events where ${FINISHED.exact} order by ${XID} desc, seq desc limit 1`,
     ),
@@ -108,7 +106,7 @@ export async function headPosition(db: Db): Promise<Position> {
 
 /** The database's snapshot now: where a live-only subscriber's stream begins. */
 export async function snapshotNow(db: Db): Promise<Snapshot> {
-  const [r] = rows<{ xmin: string; xmax: string; xip: string[] | string | null }>(
+  const [r] = resultRows<{ xmin: string; xmax: string; xip: string[] | string | null }>(
     await db.execute(sql`select pg_snapshot_xmin(s)::text as xmin, pg_snapshot_xmax(s)::text as xmax,
       (select array_agg(x::text) from pg_snapshot_xip(s) x) as xip
       from (select pg_current_snapshot() as s) t`),
@@ -129,7 +127,7 @@ export async function readAfter(
     select ${COLS} from events
     where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint) and ${FINISHED[horizon]}
     order by ${XID}, seq limit ${limit}`);
-  return rows<RawRow>(r).map(toRow);
+  return resultRows<RawRow>(r).map(toRow);
 }
 
 /** The message id a row is about, in SQL, as messageIdOf and loadMessages read it (else null). */
@@ -340,7 +338,7 @@ export async function readRange(
         or payload->>'userId' = ${userId}
         or ${wasIn})))
     order by ${XID}, seq limit ${limit}`);
-  return rows<RawRow & { was_in: boolean }>(r).map((raw) => {
+  return resultRows<RawRow & { was_in: boolean }>(r).map((raw) => {
     const row = toRow(raw);
     // Who was in a deleted guild, as far as this viewer's replay needs to know.
     if (row.type === 'GUILD_DELETED') row.formerMembers = new Set(raw.was_in ? [userId] : []);
@@ -420,7 +418,7 @@ const WATERMARK_KEY = 'events.pruned_through';
 
 /** The last position pruned: a cursor before it may have lost rows. */
 export async function prunedThrough(db: Db): Promise<Position> {
-  const [r] = rows<{ value: Position | string }>(
+  const [r] = resultRows<{ value: Position | string }>(
     await db.execute(sql`select value from instance_settings where key = ${WATERMARK_KEY}`),
   );
   return r ? watermarkOf(r.value) : ORIGIN;
@@ -439,7 +437,11 @@ function watermarkOf(value: Position | string): Position {
  * otherwise be accepted and then deliver nothing, ever).
  */
 export async function assertResumable(db: Db, after: Position): Promise<void> {
-  const [r] = rows<{ value: Position | string | null; restored: Position | string | null; xmax: string }>(
+  const [r] = resultRows<{
+    value: Position | string | null;
+    restored: Position | string | null;
+    xmax: string;
+  }>(
     await db.execute(sql`select (select value from instance_settings where key = ${WATERMARK_KEY}) as value,
       (select value from instance_settings where key = ${RESTORED_KEY}) as restored,
       pg_snapshot_xmax(pg_current_snapshot())::text as xmax`),
@@ -467,7 +469,7 @@ const RESTORED_KEY = 'events.restored_at';
 async function fromBeforeRestore(db: Db, after: Position, mark: Position): Promise<boolean> {
   if (after.seq > mark.seq) return false;
   if (compareXid(after.xid, mark.xid) < 0) return true;
-  const found = rows<{ one: number }>(
+  const found = resultRows<{ one: number }>(
     await db.execute(
       sql`select 1 as one from events where seq = ${after.seq} and ${XID} = ${after.xid}::bigint`,
     ),
@@ -488,7 +490,7 @@ export async function discardRowsFromAnotherCluster(db: Db): Promise<number> {
     await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
     // One statement, one snapshot: a row another instance commits meanwhile is not this one's to
     // judge (its xid is past this snapshot's xmax, and it is not visible here).
-    const [top] = rows<{ top: string | null; seq: string | null; xmax: string; n: string }>(
+    const [top] = resultRows<{ top: string | null; seq: string | null; xmax: string; n: string }>(
       await tx.execute(sql`with s as (select pg_snapshot_xmax(pg_current_snapshot())::text::bigint as xmax),
         t as (select max(${XID}) as top, max(seq) as seq from events),
         d as (delete from events where ${XID} >= (select xmax from s)
@@ -517,7 +519,7 @@ export async function pruneEvents(db: Db, retentionDays: number, now = new Date(
     await tx.execute(
       sql`delete from ${formerMembers} where deleted_at < ${cutoff.toISOString()}::timestamptz`,
     );
-    const deleted = rows<{ xid: string; seq: string }>(
+    const deleted = resultRows<{ xid: string; seq: string }>(
       await tx.execute(sql`delete from events where created_at < ${cutoff.toISOString()}::timestamptz
         returning xid::text as xid, seq`),
     );

@@ -3,7 +3,7 @@
  * X here". Resolvers and event delivery go through these; nothing else computes permissions.
  */
 import { sql } from 'drizzle-orm';
-import { type Database, type DbOrTx, databaseOf } from '../db/client.ts';
+import { type Database, type DbOrTx, databaseOf, resultRows } from '../db/client.ts';
 import { forbidden, notFound } from '../errors.ts';
 import { isUuid } from '../ids.ts';
 import {
@@ -53,10 +53,6 @@ export interface ChannelAccess {
   joinedAt?: number;
 }
 
-function rows<T>(r: unknown): T[] {
-  return (r as { rows: T[] }).rows;
-}
-
 const memberQuery = (userId: string, guildIdSql: ReturnType<typeof sql>) => sql`
   (select g.owner_id from guilds g where g.id = ${guildIdSql}) as owner_id,
   (select json_build_object('t', m.timeout_until) from members m
@@ -92,7 +88,9 @@ export async function loadGuildAccess(
   guildId: string,
   now = new Date(),
 ): Promise<GuildAccess | null> {
-  const r = rows<MemberCols>(await db.execute(sql`select ${memberQuery(userId, sql`${guildId}::uuid`)}`))[0];
+  const r = resultRows<MemberCols>(
+    await db.execute(sql`select ${memberQuery(userId, sql`${guildId}::uuid`)}`),
+  )[0];
   if (!r?.owner_id) return null;
   const input = guildInput(userId, r, now);
   return { guildId, ownerId: r.owner_id, input, permissions: computeGuildPermissions(input) };
@@ -160,7 +158,7 @@ async function fetchChannelAccessInputs(
   const root = databaseOf(db);
   const r = root
     ? (await root.prepared<ChannelAccessRow>('banter_channel_access', CHANNEL_ACCESS_SQL, params))[0]
-    : rows<ChannelAccessRow>(await db.execute(sql.raw(bindForRaw(CHANNEL_ACCESS_SQL, params))))[0];
+    : resultRows<ChannelAccessRow>(await db.execute(sql.raw(bindForRaw(CHANNEL_ACCESS_SQL, params))))[0];
   if (!r) return null;
   const c = r.c;
   const channel: ChannelRow = {
@@ -344,7 +342,7 @@ export async function loadGuildsChannelsAccess(
   };
   const out = new Map<string, GuildChannelsAccess>();
   if (!guildIds.length) return out;
-  const result = rows<Row>(
+  const result = resultRows<Row>(
     await db.execute(sql`
       select q.id as guild_id,
         (select coalesce(json_agg(json_build_object('id', c.id, 'p', c.parent_id)), '[]'::json)
@@ -409,7 +407,7 @@ export async function loadChannelsPermissions(
   const out = new Map<string, bigint>();
   const ids = [...new Set(channelIds)].filter(isUuid);
   if (!ids.length) return out;
-  const result = rows<Row>(
+  const result = resultRows<Row>(
     await db.execute(sql`
       with req as (
         select id, guild_id, parent_id from channels

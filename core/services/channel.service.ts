@@ -1,5 +1,5 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
-import type { Tx } from '../db/client.ts';
+import { resultRows, type Tx } from '../db/client.ts';
 import { channels, permissionOverwrites } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
@@ -286,13 +286,13 @@ export async function lockOverwriteChain(tx: Tx, channelId: string, also?: strin
     const settled = await tx
       .transaction(async (sp) => {
         const locked = new Set(
-          rowsOf<{ id: string }>(
+          resultRows<{ id: string }>(
             await sp.execute(sql`select id from channels where id in (${chainOf(channelId)}
               union select ${also ?? null}::uuid)
             order by case type when 'CATEGORY' then 0 when 'THREAD' then 2 else 1 end, id for update`),
           ).map((r) => r.id),
         );
-        const now = rowsOf<{ id: string | null }>(await sp.execute(chainOf(channelId)));
+        const now = resultRows<{ id: string | null }>(await sp.execute(chainOf(channelId)));
         // Moved meanwhile (rare): let this round's locks go and lock the chain as it is now. A
         // third round keeps what it holds rather than go on.
         if (!last && !now.every((r) => !r.id || locked.has(r.id))) throw STALE_CHAIN;
@@ -313,8 +313,6 @@ async function lockGuildOf(tx: Tx, channelId: string) {
     sql`select 1 from guilds where id = (select guild_id from channels where id = ${channelId}::uuid) for key share`,
   );
 }
-
-const rowsOf = <T>(r: unknown) => (r as { rows: T[] }).rows;
 
 /**
  * The overwrite levels that decide who may view a channel now (its own, its parent's, its

@@ -5,7 +5,7 @@
  * so a new member does not inherit the whole history as unread.
  */
 import { and, eq, isNull, sql } from 'drizzle-orm';
-import type { DbOrTx } from '../db/client.ts';
+import { type DbOrTx, resultRows } from '../db/client.ts';
 import { messages, readStates } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { notFound } from '../errors.ts';
@@ -67,10 +67,6 @@ export interface ChannelCounts {
   mentionCount: number;
 }
 
-function rows<T>(r: unknown): T[] {
-  return (r as { rows: T[] }).rows;
-}
-
 /**
  * Unread and mention counts for channels picked by `where` (a condition on `c`, the channels
  * table), in one statement. Unread: live messages by others after the marker. Mentions: those
@@ -113,7 +109,7 @@ async function countChannels(
       ) x
     ) u
     ${onlyUnread ? sql`where u.unread > 0` : sql``}`);
-  return rows<Row>(result).map((r) => ({
+  return resultRows<Row>(result).map((r) => ({
     channelId: r.channel_id,
     guildId: r.guild_id,
     unreadCount: Number(r.unread),
