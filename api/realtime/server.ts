@@ -49,10 +49,10 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
   connectionInitWaitMs: 10_000,
 };
 
-/** A socket's authentication: true, or the close code and reason (and error code for a subscribe). */
 /** retryAfter (s) for a subscribe refused at the sockets-per-user limit */
 const SLOT_RETRY_S = 5;
 
+/** A socket's authentication: true, or the close code and reason (and error code for a subscribe). */
 type BindOutcome = true | { code: number; reason: string; error?: string };
 
 export interface RealtimeServerOptions {

@@ -426,6 +426,10 @@ export async function startSubscription(
   };
 }
 
+/** The cursor of the row an executeEach result is of (SSE sends it as the event's id). */
+const resultCursors = new WeakMap<ExecutionResult, string>();
+export const cursorOfResult = (r: ExecutionResult): string | undefined => resultCursors.get(r);
+
 /**
  * The pull path: takes events from `source` one at a time and executes each, in order, yielding
  * its masked result (events whose subject is gone are skipped). An event held back (holdsBack)
@@ -436,10 +440,6 @@ export async function startSubscription(
  * Not an async generator: return() must reach the source at once, even while next() waits on it
  * (a generator would queue the return behind that wait, keeping an idle subscriber registered).
  */
-/** The cursor of the row an executeEach result is of (SSE sends it as the event's id). */
-const resultCursors = new WeakMap<ExecutionResult, string>();
-export const cursorOfResult = (r: ExecutionResult): string | undefined => resultCursors.get(r);
-
 export function executeEach(
   args: ExecutionArgs,
   source: AsyncIterator<unknown>,

@@ -17,6 +17,7 @@ import {
 } from '../permissions.ts';
 import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
+import { messageIdOf } from './log.ts';
 
 export interface Visible {
   type: string;
@@ -108,8 +109,8 @@ const sentTimes = new WeakMap<object, number>();
 function sentAt(e: Visible): number {
   let t = sentTimes.get(e.payload);
   if (t === undefined) {
-    const id = e.payload.messageId ?? e.payload.id;
-    t = typeof id === 'string' && isUuid(id) ? timeOfId(id) : -1;
+    const id = messageIdOf(e);
+    t = id && isUuid(id) ? timeOfId(id) : -1;
     sentTimes.set(e.payload, t);
   }
   return t;

@@ -220,8 +220,6 @@ export async function updateChannel(
       patch.parentId !== undefined && patch.parentId !== c.parentId
         ? await overwriteLevelsNow(tx, viewer.userId, c.id, deps.now(), patch.parentId)
         : undefined;
-    // Into a category deleted since it was checked: its overwrites would not apply, nor be copied.
-    if (moved && patch.parentId && !(await holdChannel(tx, patch.parentId))) throw notFound('Channel');
     const [row] = Object.keys(patch).length
       ? await tx.update(channels).set(patch).where(eq(channels.id, c.id)).returning()
       : await tx.select().from(channels).where(eq(channels.id, c.id));
@@ -265,7 +263,7 @@ const chainOf = (channelId: string) => sql`select id from channels where id = ${
 
 /**
  * Takes the locks that every change or record of a channel's overwrites takes, so that none
- * commits between another's read of them and its commit: the channel, its parent and grandparent
+ * commits between another's read of them and its commit (the ids it locked): the channel, its parent and grandparent
  * (and `also`, a move's new category) FOR UPDATE, outermost first (categories, channels, threads),
  * as every transaction locking several of these does (a category's deletion holds it while it
  * updates its channels, a channel's deletion holds it while it deletes its threads; locked by id,
@@ -279,11 +277,15 @@ const chainOf = (channelId: string) => sql`select id from channels where id = ${
  * locking the new category while holding the channel would deadlock beside that category's
  * deletion, which holds it and waits for the channel.
  */
-export async function lockOverwriteChain(tx: Tx, channelId: string, also?: string | null) {
+export async function lockOverwriteChain(
+  tx: Tx,
+  channelId: string,
+  also?: string | null,
+): Promise<Set<string>> {
   await lockGuildOf(tx, channelId);
   for (let round = 1; ; round++) {
     const last = round === 3;
-    const settled = await tx
+    const held = await tx
       .transaction(async (sp) => {
         const locked = new Set(
           resultRows<{ id: string }>(
@@ -296,13 +298,13 @@ export async function lockOverwriteChain(tx: Tx, channelId: string, also?: strin
         // Moved meanwhile (rare): let this round's locks go and lock the chain as it is now. A
         // third round keeps what it holds rather than go on.
         if (!last && !now.every((r) => !r.id || locked.has(r.id))) throw STALE_CHAIN;
-        return true;
+        return locked;
       })
       .catch((err) => {
-        if (err === STALE_CHAIN) return false;
+        if (err === STALE_CHAIN) return undefined;
         throw err;
       });
-    if (settled) return;
+    if (held) return held;
   }
 }
 const STALE_CHAIN = new Error('the channel moved while its chain was locked');
@@ -326,10 +328,12 @@ async function overwriteLevelsNow(
   viewerId: string,
   channelId: string,
   now: Date,
-  /** a move's new category, locked with them */
+  /** a move's new category, locked with them: NOT_FOUND when it was deleted since it was checked */
   movingTo?: string | null,
 ) {
-  await lockOverwriteChain(tx, channelId, movingTo);
+  const held = await lockOverwriteChain(tx, channelId, movingTo);
+  // Into a deleted category, its overwrites would not apply, nor be copied to the channel.
+  if (movingTo && !held.has(movingTo)) throw notFound('Channel');
   const a = await loadChannelAccess(tx, viewerId, channelId, now);
   if (!a) throw notFound('Channel');
   return a.levels;
@@ -338,8 +342,8 @@ async function overwriteLevelsNow(
 /**
  * A channel's threads go with it, each told deleted (before the channel) as a deletion of its own
  * would be: a client holding a thread learns it is gone without knowing whose thread it was.
- * A thread's levels are its channel's and its own overwrites; locked here as the channel's are
- * (an overwrite change on a thread locks it FOR SHARE first), and read before they go with it.
+ * A thread's levels are its channel's and its own overwrites; locked here after the channel's
+ * (an overwrite change on a thread locks its chain, lockOverwriteChain), read before they go.
  */
 async function deleteThreadsOf(
   tx: Tx,
