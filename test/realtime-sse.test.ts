@@ -10,7 +10,14 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { EVENTS, guildWithChannel, send, whileReactionFails } from './realtime-helpers.ts';
+import {
+  EVENTS,
+  guildWithChannel,
+  type SseStream,
+  send,
+  sseStream,
+  whileReactionFails,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let httpUrl: string;
@@ -23,110 +30,9 @@ after(() => app.destroy());
 /** The message of the item that ends a stream for its client to resume (api/realtime/sse.ts). */
 const RESUME = 'An event could not be delivered: resume from your last cursor.';
 
-interface SseStream {
-  /** every `next` payload, in order */
-  items: any[];
-  /** `data.events` of the items that have it (presence left out) */
-  events: any[];
-  /** the errors of every item */
-  errors: any[];
-  /** the server sent `complete` */
-  completed: boolean;
-  /** the response is over (completed, cut off or stopped) */
-  ended: boolean;
-  status?: number;
-  /** resolves once `pred` holds for the stream; fails after `ms` */
-  until(pred: (s: SseStream) => boolean, what: string, ms?: number): Promise<void>;
-  stop(): void;
-}
-
-/** A subscription over SSE: POST (JSON body) or GET (query string), read as it arrives. */
-function sse(token: string, cursor?: string | null, method: 'POST' | 'GET' = 'POST'): SseStream {
-  const ac = new AbortController();
-  let wake: (() => void) | undefined;
-  let failure: unknown;
-  const variables = JSON.stringify({ after: cursor ?? null });
-  const url = method === 'GET' ? `${httpUrl}?${new URLSearchParams({ query: EVENTS, variables })}` : httpUrl;
-  const s: SseStream = {
-    items: [],
-    events: [],
-    errors: [],
-    completed: false,
-    ended: false,
-    async until(pred, what, ms = 10_000) {
-      const deadline = Date.now() + ms;
-      while (!pred(s)) {
-        if (failure) throw new Error(`the SSE stream failed: ${String(failure)}`);
-        const left = deadline - Date.now();
-        if (left <= 0)
-          throw new Error(
-            `timed out waiting for ${what}; have ${JSON.stringify({ items: s.items, ended: s.ended })}`,
-          );
-        await new Promise<void>((r) => {
-          wake = r;
-          setTimeout(r, Math.min(left, 100));
-        });
-      }
-    },
-    stop: () => ac.abort(),
-  };
-  const onBlock = (block: string) => {
-    let event = 'message';
-    const data: string[] = [];
-    for (const line of block.split('\n')) {
-      if (line.startsWith(':')) continue; // keep-alive ping
-      const at = line.indexOf(':');
-      const field = at < 0 ? line : line.slice(0, at);
-      const value = at < 0 ? '' : line.slice(at + 1).replace(/^ /, '');
-      if (field === 'event') event = value;
-      else if (field === 'data') data.push(value);
-    }
-    if (event === 'complete') s.completed = true;
-    if (event !== 'next') return;
-    const item = JSON.parse(data.join('\n'));
-    s.items.push(item);
-    if (item.errors) s.errors.push(...item.errors);
-    const e = item.data?.events;
-    if (e && e.__typename !== 'PresenceChanged') s.events.push(e);
-  };
-  void (async () => {
-    const res = await fetch(url, {
-      method,
-      headers: {
-        accept: 'text/event-stream',
-        authorization: `Bearer ${token}`,
-        ...(method === 'POST' ? { 'content-type': 'application/json' } : {}),
-      },
-      body:
-        method === 'POST'
-          ? JSON.stringify({ query: EVENTS, variables: { after: cursor ?? null } })
-          : undefined,
-      signal: ac.signal,
-    });
-    s.status = res.status;
-    const reader = res.body!.getReader();
-    const decoder = new TextDecoder();
-    let buf = '';
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
-        onBlock(buf.slice(0, i));
-        buf = buf.slice(i + 2);
-      }
-      wake?.();
-    }
-  })()
-    .catch((err) => {
-      if (!ac.signal.aborted) failure = err;
-    })
-    .finally(() => {
-      s.ended = true;
-      wake?.();
-    });
-  return s;
-}
+/** A subscription over SSE to this file's server: POST (JSON body) or GET (query string). */
+const sse = (token: string, cursor?: string | null, method: 'POST' | 'GET' = 'POST') =>
+  sseStream(httpUrl, token, { cursor, method });
 
 /** A live SSE stream, once the hub has its subscriber and a moment for its snapshot. */
 async function liveSse(token: string) {

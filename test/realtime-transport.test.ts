@@ -17,6 +17,7 @@ import {
   rawSocket,
   send,
   sleep,
+  sseStream,
   subscribe,
 } from './realtime-helpers.ts';
 
@@ -40,84 +41,9 @@ before(async () => {
 });
 after(() => app.destroy());
 
-interface Sse {
-  items: any[];
-  events: any[];
-  /** the `id:` field of each `next` block (undefined when absent) */
-  ids: (string | undefined)[];
-  completed: boolean;
-  ended: boolean;
-  until(pred: (s: Sse) => boolean, what: string, ms?: number): Promise<void>;
-  stop(): void;
-}
-
 /** A subscription over SSE (GET, as an EventSource sends it), read as it arrives. */
-function sse(base: string, token: string, cursor?: string | null, headers: Record<string, string> = {}): Sse {
-  const ac = new AbortController();
-  const variables = JSON.stringify({ after: cursor ?? null });
-  const s: Sse = {
-    items: [],
-    events: [],
-    ids: [],
-    completed: false,
-    ended: false,
-    async until(pred, what, ms = 10_000) {
-      const deadline = Date.now() + ms;
-      while (!pred(s)) {
-        if (Date.now() > deadline)
-          throw new Error(
-            `timed out waiting for ${what}; have ${JSON.stringify({ items: s.items, ended: s.ended })}`,
-          );
-        await sleep(20);
-      }
-    },
-    stop: () => ac.abort(),
-  };
-  const onBlock = (block: string) => {
-    let event = 'message';
-    let id: string | undefined;
-    const data: string[] = [];
-    for (const line of block.split('\n')) {
-      if (line.startsWith(':')) continue;
-      const at = line.indexOf(':');
-      const field = at < 0 ? line : line.slice(0, at);
-      const value = at < 0 ? '' : line.slice(at + 1).replace(/^ /, '');
-      if (field === 'event') event = value;
-      else if (field === 'data') data.push(value);
-      else if (field === 'id') id = value;
-    }
-    if (event === 'complete') s.completed = true;
-    if (event !== 'next') return;
-    const item = JSON.parse(data.join('\n'));
-    s.items.push(item);
-    s.ids.push(id);
-    const e = item.data?.events;
-    if (e && e.__typename !== 'PresenceChanged') s.events.push(e);
-  };
-  void (async () => {
-    const res = await fetch(`${base}?${new URLSearchParams({ query: EVENTS, variables })}`, {
-      headers: { accept: 'text/event-stream', authorization: `Bearer ${token}`, ...headers },
-      signal: ac.signal,
-    });
-    const reader = res.body!.getReader();
-    const decoder = new TextDecoder();
-    let buf = '';
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
-        onBlock(buf.slice(0, i));
-        buf = buf.slice(i + 2);
-      }
-    }
-  })()
-    .catch(() => {})
-    .finally(() => {
-      s.ended = true;
-    });
-  return s;
-}
+const sse = (base: string, token: string, cursor?: string | null, headers: Record<string, string> = {}) =>
+  sseStream(base, token, { cursor, method: 'GET', headers });
 
 /**
  * A graphql-ws reader in a process of its own: resumes `events` from `after`, reads nothing for
