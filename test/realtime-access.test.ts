@@ -224,7 +224,9 @@ const ACCESS_Q = `subscription($after: String) { events(after: $after) { __typen
   ... on PermissionsChanged { guildId pcChannel: channelId }
 } }`;
 
-const { everyoneRole, overwrite, createChannel, hideFromEveryone } = channelAccessHelpers(() => app);
+const { everyoneRole, overwrite, createChannel, hideFromEveryone, denyToEveryone } = channelAccessHelpers(
+  () => app,
+);
 
 it('an ownership transfer moves a channel hidden from @everyone from the old owner to the new one at once', async () => {
   const [o, n] = await Promise.all([signUp(app), signUp(app)]);
@@ -461,6 +463,44 @@ async function roleFor(token: string, guildId: string, permissions: string[], us
   return roleId;
 }
 
+/**
+ * Each of `users` with a stream open, `deleter` deletes `ids` in order: the channel ids each was
+ * told were deleted, live and in a replay from before the deletions (`beforeReplay` runs between).
+ * `owner` sends the messages that mark where the deletions begin and end, in `general`.
+ */
+async function deletionsTold(o: {
+  users: Record<string, TestUser>;
+  owner: TestUser;
+  general: string;
+  deleter: TestUser;
+  ids: string[];
+  beforeReplay?: () => Promise<unknown>;
+}) {
+  const conns = Object.fromEntries(Object.entries(o.users).map(([n, u]) => [n, connect(url, u.token)]));
+  const live = Object.fromEntries(
+    Object.entries(conns).map(([n, c]) => [n, subscribe(c.client, null, DELETED_Q)]),
+  );
+  await settle();
+  await send(app, o.owner.token, o.general, 'cursor');
+  const first = Object.values(live)[0];
+  await first.until((e) => contents(e).includes('cursor'));
+  const cursor = first.events.find((e) => e.message?.content === 'cursor').cursor;
+  for (const id of o.ids)
+    await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, o.deleter.token);
+  await send(app, o.owner.token, o.general, 'end');
+  for (const s of Object.values(live)) await s.until((e) => contents(e).includes('end'));
+  await o.beforeReplay?.();
+  const replayed: Record<string, string[]> = {};
+  for (const [n, c] of Object.entries(conns)) {
+    const r = subscribe(c.client, cursor, DELETED_Q);
+    await r.until((e) => contents(e).includes('end'), 5000, `${n}'s replay`);
+    replayed[n] = deleted(r.events);
+  }
+  const got = Object.fromEntries(Object.entries(live).map(([n, s]) => [n, deleted(s.events)]));
+  await Promise.all(Object.values(conns).map((c) => c.client.dispose()));
+  return { live: got, replayed };
+}
+
 it('a ChannelDeleted is told to who could view the channel, live and in replay, and to its deleter; a public one to every member', async () => {
   const [o, mod, seer, blind] = await Promise.all(Array.from({ length: 4 }, () => signUp(app)));
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
@@ -473,37 +513,24 @@ it('a ChannelDeleted is told to who could view the channel, live and in replay, 
   const allowView = { allow: ['VIEW_CHANNEL'], deny: [] };
   await overwrite(o.token, { channelId: secret, targetType: 'ROLE', targetId: modRole, ...allowView });
   await overwrite(o.token, { channelId: secret, targetType: 'MEMBER', targetId: seer.id, ...allowView });
-  const users = { o, mod, seer, blind };
-  const conns = Object.fromEntries(Object.entries(users).map(([n, u]) => [n, connect(url, u.token)]));
-  const live = Object.fromEntries(
-    Object.entries(conns).map(([n, c]) => [n, subscribe(c.client, null, DELETED_Q)]),
-  );
-  await settle();
-  await send(app, o.token, general, 'cursor');
-  await live.blind.until((e) => contents(e).includes('cursor'));
-  const cursor = live.blind.events.at(-1).cursor;
-  for (const id of [secret, pub])
-    await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, mod.token);
-  await send(app, o.token, general, 'end');
-  for (const s of Object.values(live)) await s.until((e) => contents(e).includes('end'));
-  // Taken from the deleter after the deletion: it is told of its own deletion in a replay all the same.
-  await ok(
-    app,
-    'mutation($g: ID!, $r: ID!, $u: ID!) { unassignRole(guildId: $g, roleId: $r, userId: $u) }',
-    { g: guildId, r: modRole, u: mod.id },
-    o.token,
-  );
-  const replayed: Record<string, string[]> = {};
-  for (const [n, c] of Object.entries(conns)) {
-    const r = subscribe(c.client, cursor, DELETED_Q);
-    await r.until((e) => contents(e).includes('end'), 5000, `${n}'s replay`);
-    replayed[n] = deleted(r.events);
-  }
-  const got = Object.fromEntries(Object.entries(live).map(([n, s]) => [n, deleted(s.events)]));
-  await Promise.all(Object.values(conns).map((c) => c.client.dispose()));
+  const told = await deletionsTold({
+    users: { o, mod, seer, blind },
+    owner: o,
+    general,
+    deleter: mod,
+    ids: [secret, pub],
+    // Taken from the deleter after the deletion: it is told of its own deletion in a replay all the same.
+    beforeReplay: () =>
+      ok(
+        app,
+        'mutation($g: ID!, $r: ID!, $u: ID!) { unassignRole(guildId: $g, roleId: $r, userId: $u) }',
+        { g: guildId, r: modRole, u: mod.id },
+        o.token,
+      ),
+  });
   const all = [secret, pub];
   const want = { o: all, mod: all, seer: all, blind: [pub] };
-  assert.deepEqual({ live: got, replayed }, { live: want, replayed: want });
+  assert.deepEqual(told, { live: want, replayed: want });
 });
 
 it("a channel's threads are deleted with it: each is told deleted before it, to who could view that thread, live and in replay", async () => {
@@ -536,31 +563,17 @@ it("a channel's threads are deleted with it: each is told deleted before it, to 
     allow: [],
     deny: ['VIEW_CHANNEL'],
   });
-  const users = { o, seer, blind };
-  const conns = Object.fromEntries(Object.entries(users).map(([n, u]) => [n, connect(url, u.token)]));
-  const live = Object.fromEntries(
-    Object.entries(conns).map(([n, c]) => [n, subscribe(c.client, null, DELETED_Q)]),
-  );
-  await settle();
-  await send(app, o.token, general, 'cursor');
-  await live.blind.until((e) => contents(e).includes('cursor'));
-  const cursor = live.blind.events.at(-1).cursor;
-  for (const id of [secret, pub])
-    await ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, o.token);
-  await send(app, o.token, general, 'end');
-  for (const s of Object.values(live)) await s.until((e) => contents(e).includes('end'));
-  const replayed: Record<string, string[]> = {};
-  for (const [n, c] of Object.entries(conns)) {
-    const r = subscribe(c.client, cursor, DELETED_Q);
-    await r.until((e) => contents(e).includes('end'), 5000, `${n}'s replay`);
-    replayed[n] = deleted(r.events);
-  }
-  const got = Object.fromEntries(Object.entries(live).map(([n, s]) => [n, deleted(s.events)]));
-  await Promise.all(Object.values(conns).map((c) => c.client.dispose()));
+  const told = await deletionsTold({
+    users: { o, seer, blind },
+    owner: o,
+    general,
+    deleter: o,
+    ids: [secret, pub],
+  });
   // Threads in the order they were started, then their channel.
   const all = [secretThread, secret, pubThread, pubHidden, pub];
   const want = { o: all, seer: all, blind: [pubThread, pub] };
-  assert.deepEqual({ live: got, replayed }, { live: want, replayed: want });
+  assert.deepEqual(told, { live: want, replayed: want });
   const query = `query($c: ID!) { channel(id: $c) { id } }`;
   for (const id of [secretThread, pubThread]) await fails(app, 'NOT_FOUND', query, { c: id }, o.token);
 });
@@ -751,13 +764,7 @@ async function noHistoryGuild(hub: Hub): Promise<NoHistory> {
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, v.token);
   const nohist = await createChannel(o.token, guildId, 'nohist');
-  await overwrite(o.token, {
-    channelId: nohist,
-    targetType: 'ROLE',
-    targetId: await everyoneRole(o.token, guildId),
-    allow: [],
-    deny: ['READ_HISTORY'],
-  });
+  await denyToEveryone(o.token, guildId, nohist, 'READ_HISTORY');
   const vId = decodeAnyId(v.id).id;
   const live = await hub.subscribe({ userId: vId }, null);
   try {

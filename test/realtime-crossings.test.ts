@@ -27,7 +27,7 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const { everyoneRole, overwrite } = channelAccessHelpers(() => app);
+const { denyToEveryone } = channelAccessHelpers(() => app);
 
 const Q = `subscription($after: String) { events(after: $after) { __typename cursor
   ... on MessageCreated { message { id content } }
@@ -88,14 +88,7 @@ it('startThread holding its channel while the guild is deleted does not deadlock
 it('a member without READ_HISTORY that resumes from the cursor of a message it got live gets that message’s later edit, as its live stream does', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['READ_HISTORY'],
-  });
+  await denyToEveryone(o.token, guildId, channelId, 'READ_HISTORY');
   await invite(app, o.token, guildId, v.token);
   const c1 = connect(url, v.token);
   const c2 = connect(url, v.token);
@@ -173,14 +166,7 @@ it('a member without READ_HISTORY whose live stream got a MessageCreated gets th
   const pg = (await import('pg')).default;
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['READ_HISTORY'],
-  });
+  await denyToEveryone(o.token, guildId, channelId, 'READ_HISTORY');
   await invite(app, o.token, guildId, v.token);
   const stall = new pg.Client({ connectionString: app.config.databaseUrl });
   await stall.connect();
@@ -266,14 +252,7 @@ it('a member without READ_HISTORY who joins is not shown a message sent before i
   const pg = (await import('pg')).default;
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['READ_HISTORY'],
-  });
+  await denyToEveryone(o.token, guildId, channelId, 'READ_HISTORY');
   const vc = connect(url, v.token);
   const vs = subscribe(vc.client, null, Q);
   const old = new pg.Client({ connectionString: app.config.databaseUrl });

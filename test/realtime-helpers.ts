@@ -212,18 +212,21 @@ export function channelAccessHelpers(of: () => App) {
     );
     return r.createChannel.id as string;
   }
-  /** Denies VIEW_CHANNEL to @everyone on the channel (or category). */
-  async function hideFromEveryone(token: string, guildId: string, channelId: string) {
+  /** Denies `permission` to @everyone on the channel (or category). */
+  async function denyToEveryone(token: string, guildId: string, channelId: string, permission: string) {
     const everyone = await everyoneRole(token, guildId);
     await overwrite(token, {
       channelId,
       targetType: 'ROLE',
       targetId: everyone,
       allow: [],
-      deny: ['VIEW_CHANNEL'],
+      deny: [permission],
     });
   }
-  return { everyoneRole, overwrite, createChannel, hideFromEveryone };
+  /** Denies VIEW_CHANNEL to @everyone on the channel (or category). */
+  const hideFromEveryone = (token: string, guildId: string, channelId: string) =>
+    denyToEveryone(token, guildId, channelId, 'VIEW_CHANNEL');
+  return { everyoneRole, overwrite, createChannel, hideFromEveryone, denyToEveryone };
 }
 
 export interface SseStream {

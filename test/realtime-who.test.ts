@@ -24,7 +24,9 @@ before(async () => {
 });
 after(() => app.destroy());
 
-const { everyoneRole, overwrite, createChannel, hideFromEveryone } = channelAccessHelpers(() => app);
+const { everyoneRole, overwrite, createChannel, hideFromEveryone, denyToEveryone } = channelAccessHelpers(
+  () => app,
+);
 
 const Q = `subscription($after: String) { events(after: $after) { __typename cursor
   ... on MessageCreated { message { id content channel { id } replyTo { id content } } }
@@ -293,14 +295,7 @@ it('kicked, then invited again: delivery stops, then starts again on the same so
 it('a member who may view a channel but not read its history is not shown old messages through live reactions, pins, replies or a thread', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['READ_HISTORY'],
-  });
+  await denyToEveryone(o.token, guildId, channelId, 'READ_HISTORY');
   // Sent before v joined: v never saw it, and may not read it (message(id) refuses).
   const old = await send(app, o.token, channelId, 'old secret');
   await invite(app, o.token, guildId, v.token);
@@ -338,14 +333,7 @@ it('a member who may view a channel but not read its history is not shown old me
 it('a member who may view a channel but not read its history gets the edits, reactions and pins of messages sent since it joined', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
-  const everyone = await everyoneRole(o.token, guildId);
-  await overwrite(o.token, {
-    channelId,
-    targetType: 'ROLE',
-    targetId: everyone,
-    allow: [],
-    deny: ['READ_HISTORY'],
-  });
+  await denyToEveryone(o.token, guildId, channelId, 'READ_HISTORY');
   await invite(app, o.token, guildId, v.token);
   const vs = streamOf(v);
   try {
