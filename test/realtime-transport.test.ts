@@ -77,6 +77,22 @@ function replayReader(wsUrl: string, token: string, after: string, want: number,
   });
 }
 
+/** A graphql-ws client in a process of its own that subscribes to `events`, then reads nothing more. */
+function stalledReader(wsUrl: string, token: string) {
+  const script = `
+    const WebSocket = require('ws');
+    const [url, token, query] = process.argv.slice(1);
+    const ws = new WebSocket(url, 'graphql-transport-ws');
+    ws.on('open', () => ws.send(JSON.stringify({ type: 'connection_init', payload: { authorization: 'Bearer ' + token } })));
+    ws.on('message', (d) => {
+      if (JSON.parse(d).type !== 'connection_ack') return;
+      ws.send(JSON.stringify({ id: 's', type: 'subscribe', payload: { query } }));
+      ws.pause();
+    });
+    setTimeout(() => process.exit(0), 60000);`;
+  return execFile(process.execPath, ['-e', script, wsUrl, token, EVENTS], { timeout: 70_000 });
+}
+
 /** Waits (bounded) for the hub to hold `n` subscribers. */
 async function subscribers(a: TestApp, n: number, ms = 5000) {
   const deadline = Date.now() + ms;
@@ -215,6 +231,52 @@ describe('a long replay to a slow reader', () => {
     // back): a client on a slow link, which reads nothing for 4 s, then everything.
     const r = await replayReader(url, u.token, cursor, 3000, 4000);
     assert.deepEqual(r, { got: 3000, closed: null }, 'the whole replay, socket open');
+  });
+});
+
+describe('a slow consumer', () => {
+  it('closed with 1013, gives back its socket slot at once, not when its close frame gets through (ws waits up to 30 s)', {
+    timeout: 60_000,
+  }, async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const base = app.deps.realtime!.subscriberCount;
+    // Two sockets that read, and a third (another process) that stops reading once subscribed:
+    // the user is at its limit of 3.
+    const readers = Array.from({ length: 2 }, () => rawSocket(url));
+    for (const s of readers) {
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    }
+    const stalled = stalledReader(url, u.token);
+    try {
+      assert.equal(await subscribers(app, base + 1), base + 1, 'the stalled reader subscribed');
+      const before = (await metricsOf(url))('banter_ws_closes_total{code="1013"}');
+      // ~20 MB for it, live: more than the kernel's buffers and the 4 MiB bound hold.
+      const id = await send(app, u.token, channelId, 'x'.repeat(4000));
+      await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+        select 'MESSAGE_CREATED', m.guild_id, m.channel_id, jsonb_build_object('messageId', m.id::text)
+        from messages m, generate_series(1, 5000) where m.id = ${decodeAnyId(id).id}::uuid`);
+      await app.deps.realtime!.poke();
+      // Its close frame waits behind megabytes it will not read; the server is done with it anyway.
+      assert.equal(await subscribers(app, base, 20_000), base, 'its subscription stopped');
+      const fresh = rawSocket(url);
+      await fresh.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await fresh.until(
+        () => fresh.messages.some((m) => m.type === 'connection_ack'),
+        'a new socket in its slot',
+        2000,
+      );
+      fresh.ws.close();
+      assert.equal(
+        (await metricsOf(url))('banter_ws_closes_total{code="1013"}'),
+        before + 1,
+        'closed as a slow consumer',
+      );
+    } finally {
+      stalled.kill();
+      for (const s of readers) s.ws.close();
+    }
   });
 });
 

@@ -111,17 +111,18 @@ export interface ProtocolOptions {
 
 /**
  * Writes one text frame without waiting for it to be flushed. A socket whose unsent bytes pass
- * `maxBufferedBytes` is closed as a slow consumer instead (its client resumes by cursor).
+ * `maxBufferedBytes` is closed as a slow consumer instead (its client resumes by cursor): true
+ * then.
  *
  * `data` is text for `ws` to frame, or a frame already built (nextFrame): that one goes to the
  * TCP socket directly, where `ws` itself writes straight through (no extension, as this server
  * offers no compression, and nothing queued in its sender); elsewhere `ws` frames it again.
  */
-export function sendFrame(socket: WebSocket, data: string | Buffer, maxBufferedBytes: number) {
-  if (socket.readyState !== socket.OPEN) return;
+export function sendFrame(socket: WebSocket, data: string | Buffer, maxBufferedBytes: number): boolean {
+  if (socket.readyState !== socket.OPEN) return false;
   if (socket.bufferedAmount > maxBufferedBytes) {
     socket.close(CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
-    return;
+    return true;
   }
   if (typeof data === 'string') socket.send(data);
   else {
@@ -129,6 +130,7 @@ export function sendFrame(socket: WebSocket, data: string | Buffer, maxBufferedB
     if (tcp) tcp.write(data);
     else socket.send(unframe(data));
   }
+  return false;
 }
 
 /**
@@ -193,10 +195,11 @@ function corkedWriter(maxBufferedBytes: number) {
       held[n++] = s;
       if (n === 1) process.nextTick(release);
     }
-    sendFrame(ws, data, maxBufferedBytes);
+    const cut = sendFrame(ws, data, maxBufferedBytes);
     // Held frames go at once when they add up (a long replay in one turn); the uncork at the
     // end of the turn then does nothing.
     if (s?.writableCorked && s.writableLength >= HOLD_BYTES) s.uncork();
+    return cut;
   };
 }
 
@@ -294,11 +297,37 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   const keepAlive = keepAliveSweep(o.keepAliveMs);
 
   const write = corkedWriter(o.maxBufferedBytes);
-  const send = (c: Conn, data: string | Buffer) => write(c.socket, data);
+  const send = (c: Conn, data: string | Buffer) => {
+    if (write(c.socket, data)) release(c, CloseCode.SlowConsumer);
+  };
   const close = (c: Conn, code: number, reason: string) => {
     if (c.socket.readyState === c.socket.OPEN || c.socket.readyState === c.socket.CONNECTING) {
       c.socket.close(code, reason);
     }
+    release(c, code);
+  };
+  /** Each socket's connection, for closes decided by the server (closeSocket). */
+  const conns = new WeakMap<WebSocket, Conn>();
+
+  /**
+   * The connection is over for the server once either side begins to close it: its operations
+   * stop and its handlers' onClose runs (the user's socket slot, presence), then and only once.
+   * A close of ours waits for the bytes queued ahead of its frame: for a slow consumer (up to
+   * `maxBufferedBytes`), until `ws` gives up after 30 s, and nothing of the socket may be held or
+   * executed that long. A message that arrives after it is ignored.
+   */
+  const release = (c: Conn, code: number) => {
+    if (c.closed) return;
+    c.closed = true;
+    keepAlive.delete(c);
+    if (c.initTimer) clearTimeout(c.initTimer);
+    const ops = [...c.operations.values()];
+    c.operations.clear();
+    for (const op of ops) {
+      op.ended = true;
+      op.running?.stop();
+    }
+    handlers.onClose(c, code);
   };
 
   /** Ends `op`: out of its connection's map (if its id still names it), nothing more written. */
@@ -435,25 +464,23 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       }, initWait);
     }
     socket.on('message', (data, isBinary) => {
+      if (c.closed) return;
       onMessage(c, isBinary ? String(data) : data.toString()).catch(() =>
         close(c, ProtocolClose.InternalServerError, 'Internal server error'),
       );
     });
-    socket.once('close', (code) => {
-      c.closed = true;
-      keepAlive.delete(c);
-      if (c.initTimer) clearTimeout(c.initTimer);
-      const ops = [...c.operations.values()];
-      c.operations.clear();
-      for (const op of ops) {
-        op.ended = true;
-        op.running?.stop();
-      }
-      handlers.onClose(c, code);
-    });
+    socket.once('close', (code) => release(c, code));
+    conns.set(socket, c);
   });
 
   return {
+    /** Closes a socket for a reason of the server's (revocation, expiry, limits): see release. */
+    closeSocket(socket: WebSocket, code: number, reason: string) {
+      const c = conns.get(socket);
+      if (c) close(c, code, reason);
+      else if (socket.readyState === socket.OPEN || socket.readyState === socket.CONNECTING)
+        socket.close(code, reason);
+    },
     /** Stops keep-alive and closes every socket with 1001. */
     dispose() {
       keepAlive.stop();

@@ -99,8 +99,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
   });
 
   function close(socket: WebSocket, code: number, reason: string) {
-    if (socket.readyState === socket.OPEN || socket.readyState === socket.CONNECTING)
-      socket.close(code, reason);
+    protocol.closeSocket(socket, code, reason);
   }
 
   /**
