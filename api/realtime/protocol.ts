@@ -21,6 +21,13 @@ import { CloseCode } from '../../core/realtime/disconnect.ts';
 
 export const PROTOCOL = 'graphql-transport-ws';
 
+/**
+ * How long a socket the server closes may take to send its peer the close frame, behind what it
+ * had queued, before it is cut: with a freed slot, a user could otherwise hold another
+ * `maxBufferedBytes` per new socket for `ws`'s 30 s.
+ */
+const CLOSE_GRACE_MS = 10_000;
+
 /** graphql-ws's protocol close codes. */
 export const ProtocolClose = {
   InternalServerError: 4500,
@@ -110,9 +117,9 @@ export interface ProtocolOptions {
 }
 
 /**
- * Writes one text frame without waiting for it to be flushed. A socket whose unsent bytes pass
- * `maxBufferedBytes` is closed as a slow consumer instead (its client resumes by cursor): true
- * then.
+ * Writes one text frame without waiting for it to be flushed. Not to a socket whose unsent bytes
+ * pass `maxBufferedBytes`: true then, for the caller to close it as a slow consumer (its client
+ * resumes by cursor).
  *
  * `data` is text for `ws` to frame, or a frame already built (nextFrame): that one goes to the
  * TCP socket directly, where `ws` itself writes straight through (no extension, as this server
@@ -120,10 +127,7 @@ export interface ProtocolOptions {
  */
 export function sendFrame(socket: WebSocket, data: string | Buffer, maxBufferedBytes: number): boolean {
   if (socket.readyState !== socket.OPEN) return false;
-  if (socket.bufferedAmount > maxBufferedBytes) {
-    socket.close(CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
-    return true;
-  }
+  if (socket.bufferedAmount > maxBufferedBytes) return true;
   if (typeof data === 'string') socket.send(data);
   else {
     const tcp = writesThrough(socket);
@@ -298,11 +302,14 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
 
   const write = corkedWriter(o.maxBufferedBytes);
   const send = (c: Conn, data: string | Buffer) => {
-    if (write(c.socket, data)) release(c, CloseCode.SlowConsumer);
+    if (write(c.socket, data))
+      close(c, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
   };
   const close = (c: Conn, code: number, reason: string) => {
-    if (c.socket.readyState === c.socket.OPEN || c.socket.readyState === c.socket.CONNECTING) {
-      c.socket.close(code, reason);
+    const s = c.socket;
+    if (s.readyState === s.OPEN || s.readyState === s.CONNECTING) {
+      s.close(code, reason);
+      setTimeout(() => s.readyState === s.CLOSED || s.terminate(), CLOSE_GRACE_MS).unref();
     }
     release(c, code);
   };
@@ -312,9 +319,10 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   /**
    * The connection is over for the server once either side begins to close it: its operations
    * stop and its handlers' onClose runs (the user's socket slot, presence), then and only once.
-   * A close of ours waits for the bytes queued ahead of its frame: for a slow consumer (up to
-   * `maxBufferedBytes`), until `ws` gives up after 30 s, and nothing of the socket may be held or
-   * executed that long. A message that arrives after it is ignored.
+   * A close of ours waits for the bytes queued ahead of its frame: for a slow consumer, up to
+   * `maxBufferedBytes`, which `ws` would hold for 30 s before giving up; nothing else of the
+   * socket is held meanwhile, and after CLOSE_GRACE_MS it is cut (the client sees 1006 and
+   * resumes as it would from the close code). A message that arrives after it is ignored.
    */
   const release = (c: Conn, code: number) => {
     if (c.closed) return;
