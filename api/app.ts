@@ -337,6 +337,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         mask: createMaskError(log, metrics),
         getEnveloped: yoga.getEnveloped as never,
         trustProxyHops: config.trustProxyHops,
+        alsoDelivered: sse.counts,
         limits: {
           socketsPerUser: config.ws.socketsPerUser,
           subscriptionsPerSocket: config.ws.operationsPerSocket,

@@ -13,6 +13,8 @@ import { createTestApp, signUp, type TestApp } from './helpers.ts';
 import {
   EVENTS,
   guildWithChannel,
+  invite,
+  metricsOf,
   type SseStream,
   send,
   sseStream,
@@ -257,4 +259,29 @@ it('over SSE, a reader too far behind gets a last item telling it to resume, the
   } finally {
     hub.configure({ maxPending: 5000 });
   }
+});
+
+it('over SSE, subscribers with the same query share one execution of a live event where its result does not depend on the viewer, and each gets it whole', {
+  timeout: 30_000,
+}, async () => {
+  const owner = await signUp(app);
+  const others = [await signUp(app), await signUp(app)];
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  for (const o of others) await invite(app, owner.token, guildId, o.token);
+  const streams = [
+    await liveSse(owner.token),
+    await liveSse(others[0].token),
+    await liveSse(others[1].token),
+  ];
+  const url = httpUrl.replace('http:', 'ws:');
+  const shared = async () => (await metricsOf(url))('banter_events_delivered_total{shared="true"}');
+  const own = async () => (await metricsOf(url))('banter_events_delivered_total{shared="false"}');
+  const [shared0, own0] = [await shared(), await own()];
+  await send(app, owner.token, channelId, 'for all three');
+  for (const s of streams) await s.until((x) => contents(x.events).includes('for all three'), 'the message');
+  assert.equal((await shared()) - shared0, 2, 'two of the three streams reused the first execution');
+  assert.equal((await own()) - own0, 1, 'one execution');
+  const items = streams.map((s) => s.events.find((e) => e.message?.content === 'for all three'));
+  for (const i of items) assert.deepEqual(i, items[0], 'the same event, whole, for each');
+  await stopAll(...streams);
 });

@@ -73,6 +73,8 @@ export interface RealtimeServerOptions {
     schema: import('graphql').GraphQLSchema;
   };
   limits?: Partial<RealtimeLimits>;
+  /** events sent elsewhere (SSE), counted into the same delivered metric */
+  alsoDelivered?: { shared: number; own: number };
   /** TRUST_PROXY_HOPS: where a socket's address comes from (api/client-ip.ts). Default 0. */
   trustProxyHops?: number;
 }
@@ -89,7 +91,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
   const metrics = createRealtimeMetrics(o.registry, {
     sockets: () => wss.clients.size,
     subscriptions: () => o.hub.subscriberCount,
-    delivered: () => delivered,
+    delivered: () => {
+      const also = o.alsoDelivered;
+      return also ? { shared: delivered.shared + also.shared, own: delivered.own + also.own } : delivered;
+    },
   });
 
   o.hub.observe({

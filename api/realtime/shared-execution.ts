@@ -44,7 +44,7 @@ export interface DeliveryHooks {
 }
 
 /** What executing events one by one needs of the hooks (executeEach; the SSE path has only these). */
-export type EventHooks = Pick<DeliveryHooks, 'mask' | 'onEventFailed'>;
+export type EventHooks = Pick<DeliveryHooks, 'mask' | 'onEventFailed' | 'counts'>;
 
 /**
  * An event's execution failed for a reason of the server's (a pool timeout, a dropped connection,
@@ -426,6 +426,14 @@ export async function startSubscription(
   };
 }
 
+/** An executeEach execution of a row, and whether its result serves other viewers too. */
+interface Executed {
+  result: ExecutionResult;
+  viewerFree: boolean;
+}
+/** executeEach's executions by row and document key (as `works` is for sockets). */
+const executions = new WeakMap<object, Map<string, Promise<Executed>>>();
+
 /** The cursor of the row an executeEach result is of (SSE sends it as the event's id). */
 const resultCursors = new WeakMap<ExecutionResult, string>();
 export const cursorOfResult = (r: ExecutionResult): string | undefined => resultCursors.get(r);
@@ -452,13 +460,39 @@ export function executeEach(
     void source.return?.();
   };
   const over = (): IteratorResult<ExecutionResult> => ({ done: true, value: undefined });
-  const run = async (row: unknown): Promise<ExecutionResult> => {
+  const key = keyOf(args);
+  const own = async (row: unknown): Promise<Executed> => {
+    const t = tracking(args.contextValue as Context);
     try {
-      return maskResult(await execute({ ...args, rootValue: row }), hooks.mask);
+      const result = maskResult(await execute({ ...args, rootValue: row, contextValue: t.ctx }), hooks.mask);
+      return { result, viewerFree: !t.touched() };
     } catch (err) {
       // As Work does: a throw is a failed execution, held back or sent like any other.
-      return { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] };
+      return {
+        result: { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] },
+        viewerFree: false,
+      };
     }
+  };
+  // As Work does for sockets: the first subscriber to take a row executes it, and those after
+  // it with the same document and variables take its result when it did not read the viewer
+  // (a copy: plugins downstream may set fields of their own on it). A live row is one object
+  // for all its subscribers; a replayed one is each subscriber's own, and so executed by it.
+  const run = async (row: unknown): Promise<{ r: ExecutionResult; shared: boolean }> => {
+    if (row === null || typeof row !== 'object') return { r: (await own(row)).result, shared: false };
+    let byKey = executions.get(row);
+    if (!byKey) {
+      byKey = new Map();
+      executions.set(row, byKey);
+    }
+    const first = byKey.get(key);
+    if (first) {
+      const done = await first;
+      if (done.viewerFree) return { r: { ...done.result }, shared: true };
+    }
+    const mine = own(row);
+    if (!first) byKey.set(key, mine);
+    return { r: (await mine).result, shared: false };
   };
   return {
     async next() {
@@ -469,7 +503,7 @@ export function executeEach(
           ended = true;
           return over();
         }
-        const r = await run(step.value);
+        const { r, shared } = await run(step.value);
         if (ended) return over();
         if (isGone(r)) continue;
         const row = step.value as Delivered | null;
@@ -477,6 +511,8 @@ export function executeEach(
           end();
           throw new EventFailedError(row!.cursor);
         }
+        if (shared) hooks.counts.shared++;
+        else hooks.counts.own++;
         if (row?.cursor) resultCursors.set(r, row.cursor);
         return { done: false, value: r };
       }

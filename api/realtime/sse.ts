@@ -129,11 +129,14 @@ const unauthenticated = (message: string) =>
  */
 export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db }): {
   plugin: Plugin;
+  /** events sent on these subscriptions, by whether the execution was shared (for the metrics) */
+  counts: { shared: number; own: number };
   /** stops the periodic session check */
   close(): void;
 } {
   const hooks: EventHooks = {
     mask: o.mask,
+    counts: { shared: 0, own: 0 },
     onEventFailed(row, errors, sent) {
       o.log.error(
         { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message), via: 'sse' },
@@ -224,6 +227,7 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
   };
   return {
     plugin,
+    counts: hooks.counts,
     close() {
       clearInterval(sessionTimer);
       offDisconnect();
