@@ -13,14 +13,14 @@ import type { Deps, Viewer } from '../../core/deps.ts';
 import { BanterError } from '../../core/errors.ts';
 import { CloseCode, endedSessions, SESSION_CHECK_MS } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
-import { SlowConsumerError } from '../../core/realtime/subscription.ts';
+import { EventFailedError, SlowConsumerError } from '../../core/realtime/subscription.ts';
 import { authenticate, forgetAllCachedSessions } from '../../core/services/auth.service.ts';
 import type { Context } from '../../schema/builder.ts';
 import { clientIp } from '../client-ip.ts';
 import type { Logger } from '../logger.ts';
 import { createRealtimeMetrics } from './metrics.ts';
 import { type Connection, type ProtocolHandlers, serveProtocol } from './protocol.ts';
-import { type DeliveryHooks, EventFailedError, maskResult, startSubscription } from './shared-execution.ts';
+import { type DeliveryHooks, maskResult, startSubscription } from './shared-execution.ts';
 
 export interface RealtimeLimits {
   /** Open sockets per user. Default 20. */

@@ -21,7 +21,12 @@ import {
   Kind,
   visit,
 } from 'graphql';
-import { type Delivered, type Sink, Subscription } from '../../core/realtime/subscription.ts';
+import {
+  type Delivered,
+  EventFailedError,
+  type Sink,
+  Subscription,
+} from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
 import type { OperationSink, Running } from './protocol.ts';
 
@@ -45,20 +50,6 @@ export interface DeliveryHooks {
 
 /** What executing events one by one needs of the hooks (executeEach; the SSE path has only these). */
 export type EventHooks = Pick<DeliveryHooks, 'mask' | 'onEventFailed' | 'counts'>;
-
-/**
- * An event's execution failed for a reason of the server's (a pool timeout, a dropped connection,
- * a statement timeout): its result is not sent, since with `data` null (its fields are non-null)
- * it carries no cursor and the client's next cursor would be past an event it never got. The
- * subscriber is cut off, as a slow consumer is (1013 on a socket; over SSE its stream ends with
- * this message, api/realtime/sse.ts), and resumes from its last cursor, which precedes the failed
- * event.
- */
-export class EventFailedError extends Error {
-  constructor(readonly cursor: string | null) {
-    super('An event could not be delivered: resume from your last cursor.');
-  }
-}
 
 interface DocInfo {
   id: number;

@@ -25,10 +25,10 @@ import { decodeJwt } from 'jose';
 import type { Db } from '../../core/db/client.ts';
 import { endedSessions, SESSION_CHECK_MS } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
-import { SlowConsumerError } from '../../core/realtime/subscription.ts';
+import { EventFailedError, SlowConsumerError } from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
-import { cursorOfResult, EventFailedError, type EventHooks, executeEach } from './shared-execution.ts';
+import { cursorOfResult, type EventHooks, executeEach } from './shared-execution.ts';
 
 type Mask = EventHooks['mask'];
 

@@ -46,7 +46,7 @@ import {
   type WrittenLog,
 } from './log.ts';
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
-import { type Delivered, MAX_PENDING, Subscription } from './subscription.ts';
+import { type Delivered, EventFailedError, MAX_PENDING, Subscription } from './subscription.ts';
 import { createMemoryThrottle, type TypingThrottle } from './typing.ts';
 import { presenceAudience, ViewerAccess } from './visibility.ts';
 
@@ -614,6 +614,12 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         (s, failure) => {
           if (subs.delete(s)) obs.subscriptions?.(-1);
           obs.delivered?.(s.delivered);
+          if (failure instanceof EventFailedError && failure.cause) {
+            deps.log.warn(
+              { err: failure.cause, cursor: failure.cursor },
+              'a live event could not be checked: its subscriber resumes',
+            );
+          }
           if (failure) o.onFail?.(failure);
         },
         !!from,

@@ -21,6 +21,24 @@ export interface Delivered extends LogRow, Pick<Visible, 'audience'> {
 
 export class SlowConsumerError extends Error {}
 
+/**
+ * An event could not be delivered for a reason of the server's (a pool timeout, a dropped
+ * connection, a statement timeout) while it was executed (api/realtime/shared-execution.ts) or
+ * checked against the viewer's access (`cause`: why): its result is not sent, since with `data`
+ * null (its fields are non-null) it carries no cursor and the client's next cursor would be past
+ * an event it never got. The subscriber is cut off, as a slow consumer is (1013 on a socket; over
+ * SSE its stream ends with this message, api/realtime/sse.ts), and resumes from its last cursor,
+ * which precedes the failed event.
+ */
+export class EventFailedError extends Error {
+  constructor(
+    readonly cursor: string | null,
+    cause?: unknown,
+  ) {
+    super('An event could not be delivered: resume from your last cursor.', { cause });
+  }
+}
+
 /** A push consumer: takes rows in order; `backlog` is how many it holds not yet written. */
 export interface Sink {
   deliver(row: Delivered): void;
@@ -242,8 +260,15 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
         this.pump();
       },
       (err) => {
+        // A row that could not be checked (the database away): an ephemeral one (typing, presence)
+        // is dropped, it degrades itself only; a durable one cannot be skipped, the subscriber
+        // resumes from before it.
+        if (row.cursor === null) {
+          this.pump();
+          return;
+        }
         this.pumping = false;
-        this.fail(err);
+        this.fail(new EventFailedError(row.cursor, err));
       },
     );
   }

@@ -1,0 +1,353 @@
+/**
+ * PostgreSQL going away under a running api process (a restart, a failover, its connections
+ * terminated): the process stays up, HTTP fails clearly meanwhile and /readyz says so, and once
+ * the database is back the realtime stream goes on by itself, nothing lost or repeated.
+ * Postgres only: its own server (initdb in a temp dir, another port), stopped and started again.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { after, before, it } from 'node:test';
+import pg from 'pg';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { connect, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
+
+const BIN = '/usr/lib/postgresql/15/bin';
+const skip = !onPostgres;
+
+async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as { port: number }).port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+/** Runs a Postgres binary, as the postgres OS user when this is root (initdb refuses root). */
+function pgBin(cmd: string, args: string[]) {
+  const asRoot = process.getuid?.() === 0;
+  execFileSync(
+    asRoot ? 'runuser' : `${BIN}/${cmd}`,
+    asRoot ? ['-u', 'postgres', '--', `${BIN}/${cmd}`, ...args] : args,
+    {
+      stdio: 'ignore',
+      timeout: 30_000,
+    },
+  );
+}
+
+let dir: string;
+let port: number;
+let app: TestApp;
+let wsUrl: string;
+let httpBase: string;
+const rejections: unknown[] = [];
+const onRejection = (err: unknown) => rejections.push(err);
+
+function pgStart() {
+  pgBin('pg_ctl', [
+    '-D',
+    path.join(dir, 'data'),
+    '-o',
+    `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off`,
+    '-l',
+    path.join(dir, 'log'),
+    '-w',
+    'start',
+  ]);
+}
+function pgStop() {
+  pgBin('pg_ctl', ['-D', path.join(dir, 'data'), '-m', 'fast', '-w', 'stop']);
+}
+
+before(async () => {
+  if (skip) return;
+  dir = mkdtempSync(path.join(tmpdir(), 'banter-pg-outage-'));
+  chmodSync(dir, 0o777);
+  if (process.getuid?.() === 0) execFileSync('chown', ['postgres', dir]);
+  port = await freePort();
+  pgBin('initdb', ['-D', path.join(dir, 'data'), '-A', 'trust', '-U', 'postgres']);
+  pgStart();
+  const admin = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/postgres` });
+  await admin.connect();
+  await admin.query('create database banter');
+  await admin.end();
+  process.on('unhandledRejection', onRejection);
+  process.on('uncaughtException', onRejection);
+  app = await createTestApp(
+    { rateLimits: false },
+    { DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/banter` },
+  );
+  const p = await app.start(0);
+  wsUrl = `ws://127.0.0.1:${p}/graphql`;
+  httpBase = `http://127.0.0.1:${p}`;
+});
+
+after(async () => {
+  if (skip) return;
+  try {
+    await app?.destroy();
+  } finally {
+    try {
+      pgStop();
+    } catch {
+      // already down
+    }
+    rmSync(dir, { recursive: true, force: true });
+    process.off('unhandledRejection', onRejection);
+    process.off('uncaughtException', onRejection);
+  }
+});
+
+/** Retries `fn` every 200 ms until it succeeds, for at most `ms`. */
+async function eventually<T>(fn: () => Promise<T>, ms = 15_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await sleep(200);
+    }
+  }
+}
+
+const contents = (events: any[]) =>
+  events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
+
+it('connections terminated: the stream goes on by itself, nothing lost or repeated', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null);
+  try {
+    await sleep(300);
+    await send(app, u.token, channelId, 'k1');
+    await s.until((e) => contents(e).includes('k1'));
+    const admin = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/postgres` });
+    await admin.connect();
+    try {
+      await admin.query(
+        `select pg_terminate_backend(pid) from pg_stat_activity where datname = 'banter' and pid <> pg_backend_pid()`,
+      );
+    } finally {
+      await admin.end();
+    }
+    await sleep(200);
+    for (const m of ['k2', 'k3', 'k4']) await eventually(() => send(app, u.token, channelId, m));
+    await s.until((e) => contents(e).includes('k4'));
+    await sleep(700);
+    assert.deepEqual(contents(s.events), ['k1', 'k2', 'k3', 'k4']);
+    assert.equal(c.closed(), undefined);
+    assert.deepEqual(rejections, []);
+  } finally {
+    s.stop();
+    await c.client.dispose();
+  }
+});
+
+it('database down, then back: HTTP fails clearly, readyz says so, the stream resumes exactly once', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const v = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  const inv = await ok(
+    app,
+    `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+    { g: guildId },
+    u.token,
+  );
+  await ok(
+    app,
+    `mutation($c: String!) { joinGuild(code: $c) { id } }`,
+    { c: inv.createInvite.code },
+    v.token,
+  );
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null);
+  const cv = connect(wsUrl, v.token);
+  const sv = subscribe(cv.client, null);
+  try {
+    await sleep(300);
+    await send(app, u.token, channelId, 'd1');
+    await s.until((e) => contents(e).includes('d1'));
+    await sv.until((e) => contents(e).includes('d1'));
+    const cursor = s.events.at(-1).cursor as string;
+
+    pgStop();
+    const during = await gql(
+      app,
+      `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+      { i: { channelId, content: 'lost' } },
+      { token: u.token },
+    );
+    assert.equal(during.errors?.[0]?.extensions?.code, 'INTERNAL_SERVER_ERROR', JSON.stringify(during));
+    const ready = await fetch(`${httpBase}/readyz`);
+    assert.equal(ready.status, 503);
+    const body = (await ready.json()) as { checks: Record<string, string> };
+    assert.match(body.checks.database, /^down/);
+    assert.equal((await fetch(`${httpBase}/healthz`)).status, 200);
+    // Presence and typing meanwhile (they degrade themselves only).
+    await gql(app, `mutation { setPresence(status: IDLE) }`, {}, { token: v.token });
+    await gql(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: channelId }, { token: v.token });
+    await sleep(1500);
+
+    pgStart();
+    await eventually(() => send(app, u.token, channelId, 'd2'));
+    await send(app, u.token, channelId, 'd3');
+    await s.until((e) => contents(e).includes('d3'), 15_000, 'd3 after the restart');
+    await sv.until((e) => contents(e).includes('d3'), 15_000, 'd3 after the restart (v)');
+    await sleep(700);
+    assert.deepEqual(contents(s.events), ['d1', 'd2', 'd3']);
+    assert.deepEqual(contents(sv.events), ['d1', 'd2', 'd3']);
+    assert.equal(c.closed(), undefined);
+    assert.equal(cv.closed(), undefined);
+    assert.equal((await fetch(`${httpBase}/readyz`)).status, 200);
+
+    // A resume from before the outage.
+    const cr = connect(wsUrl, u.token);
+    const r = subscribe(cr.client, cursor);
+    try {
+      await r.until((e) => contents(e).includes('d3'), 15_000, 'the resume');
+      await sleep(500);
+      assert.deepEqual(contents(r.events), ['d2', 'd3']);
+    } finally {
+      r.stop();
+      await cr.client.dispose();
+    }
+    assert.deepEqual(rejections, []);
+  } finally {
+    s.stop();
+    sv.stop();
+    await c.client.dispose();
+    await cv.client.dispose();
+  }
+});
+
+it('a row committed just before the outage arrives once it is back; typing and presence work again', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const v = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  await invite(app, u.token, guildId, v.token);
+  const q = `subscription { events { __typename cursor
+    ... on MessageCreated { message { content } }
+    ... on ReactionAdded { emoji }
+    ... on TypingStarted { user { id } }
+    ... on PresenceChanged { user { id } } } }`;
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null, q);
+  try {
+    await sleep(300);
+    const m1 = await send(app, u.token, channelId, 'e1');
+    await s.until((e) => contents(e).includes('e1'));
+    // Committed without a ring, and the event loop is held until the server is down: only a
+    // read after the outage can bring it.
+    const raw = new pg.Client({ connectionString: app.config.databaseUrl });
+    await raw.connect();
+    await raw.query(
+      `insert into events (type, guild_id, channel_id, payload)
+       select 'REACTION_ADDED', guild_id, channel_id,
+         jsonb_build_object('messageId', id::text, 'emoji', 'x', 'userId', author_id::text)
+       from messages where id = $1::uuid`,
+      [decodeAnyId(m1).id],
+    );
+    await raw.end();
+    pgStop();
+    await sleep(1500);
+    pgStart();
+    await eventually(() => send(app, u.token, channelId, 'e2'));
+    await s.until((e) => contents(e).includes('e2'), 15_000, 'e2 after the restart');
+    await eventually(() =>
+      ok(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: channelId }, v.token),
+    );
+    await s.until((e) => e.some((x) => x.__typename === 'TypingStarted'), 10_000, 'typing after the restart');
+    await ok(app, `mutation { setPresence(status: DND) }`, {}, v.token);
+    await s.until(
+      (e) => e.some((x) => x.__typename === 'PresenceChanged'),
+      10_000,
+      'presence after the restart',
+    );
+    const durable = s.events.filter((e) => e.cursor !== null);
+    assert.deepEqual(
+      durable.map((e) => (e.__typename === 'MessageCreated' ? e.message.content : e.emoji)),
+      ['e1', 'x', 'e2'],
+    );
+    assert.equal(c.closed(), undefined);
+    assert.deepEqual(s.errors, []);
+    assert.deepEqual(rejections, []);
+  } finally {
+    s.stop();
+    await c.client.dispose();
+  }
+});
+
+it('a live event whose permission check fails (a statement failing: the database away) closes the socket to resume, not the stream with an error', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const v = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  await invite(app, u.token, guildId, v.token);
+  const c = connect(wsUrl, v.token);
+  const s = subscribe(c.client, null);
+  try {
+    await sleep(300);
+    await send(app, u.token, channelId, 'f1');
+    await s.until((e) => contents(e).includes('f1'));
+    const cursor = s.events.at(-1).cursor as string;
+    const raw = new pg.Client({ connectionString: app.config.databaseUrl });
+    await raw.connect();
+    // A channel v has never been told of (made without an event): its access is loaded from the
+    // database when an event of it comes, and that load fails.
+    const x = (
+      await raw.query(
+        `insert into channels (id, guild_id, type, name) values (gen_random_uuid(), $1::uuid, 'TEXT', 'x')
+         returning id`,
+        [decodeAnyId(guildId).id],
+      )
+    ).rows[0].id as string;
+    try {
+      await raw.query('alter table channel_recipients rename to channel_recipients_away');
+      await raw.query(
+        `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_DELETED', $1::uuid, $2::uuid,
+           jsonb_build_object('messageId', gen_random_uuid()::text, 'channelId', $2::text))`,
+        [decodeAnyId(guildId).id, x],
+      );
+      await app.deps.realtime!.poke();
+      await sleep(500);
+    } finally {
+      await raw.query('alter table channel_recipients_away rename to channel_recipients');
+      await raw.end();
+    }
+    // Cut off to resume (as an event that failed to execute is): no error, the socket closed 1013.
+    assert.deepEqual(
+      s.errors.filter((e) => e.extensions),
+      [],
+    );
+    assert.equal(c.closed()?.code, 1013);
+    const c2 = connect(wsUrl, v.token);
+    const r = subscribe(c2.client, cursor);
+    try {
+      await r.until((e) => e.some((ev) => ev.__typename === 'MessageDeleted'), 10_000, 'the resume');
+    } finally {
+      r.stop();
+      await c2.client.dispose();
+    }
+  } finally {
+    s.stop();
+    await c.client.dispose();
+  }
+});
