@@ -351,3 +351,49 @@ it('a live event whose permission check fails (a statement failing: the database
     await c.client.dispose();
   }
 });
+
+it('a resume whose replay fails (a statement failing: the database away) closes the socket to resume again, not the stream with an error', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null);
+  let cursor: string;
+  try {
+    await sleep(300);
+    await send(app, u.token, channelId, 'g1');
+    await send(app, u.token, channelId, 'g2');
+    await s.until((e) => contents(e).includes('g2'));
+    cursor = s.events.find((e) => contents([e]).includes('g1')).cursor;
+  } finally {
+    s.stop();
+    await c.client.dispose();
+  }
+  // Past the access cache's life: the replay loads the viewer's access to the channel, and fails.
+  await sleep(1200);
+  const raw = new pg.Client({ connectionString: app.config.databaseUrl });
+  await raw.connect();
+  const c2 = connect(wsUrl, u.token);
+  let r: ReturnType<typeof subscribe> | undefined;
+  try {
+    await raw.query('alter table channel_recipients rename to channel_recipients_away');
+    r = subscribe(c2.client, cursor);
+    const deadline = Date.now() + 5000;
+    while (!c2.closed() && !r.errors.length && Date.now() < deadline) await sleep(50);
+  } finally {
+    await raw.query('alter table channel_recipients_away rename to channel_recipients');
+    await raw.end();
+  }
+  try {
+    assert.deepEqual(
+      r.errors.filter((e) => e.extensions),
+      [],
+    );
+    assert.equal(c2.closed()?.code, 1013);
+  } finally {
+    r.stop();
+    await c2.client.dispose();
+  }
+});

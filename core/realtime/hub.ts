@@ -14,6 +14,7 @@
  */
 import { type Db, databaseOf, followCommits } from '../db/client.ts';
 import type { CoreSettings, Log } from '../deps.ts';
+import { BanterError } from '../errors.ts';
 import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
 import { observeEvents } from '../services/access-cache.ts';
 import {
@@ -629,7 +630,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       if (from) {
         catchUp(sub, viewer.userId, from, p).catch((err) => {
           deps.log.warn({ err }, 'event replay failed');
-          sub.fail(err);
+          // CURSOR_EXPIRED is the client's to hear; a failure of the server's (the database away)
+          // cuts it off to resume again from its cursor, as a live event that failed does.
+          sub.fail(err instanceof BanterError ? err : new EventFailedError(null));
         });
       } else {
         // Live means from now, exactly: registered first (so no row tailed from here on is missed),
