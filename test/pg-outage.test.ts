@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -60,8 +60,9 @@ function pgStart() {
     'start',
   ]);
 }
-function pgStop() {
-  pgBin('pg_ctl', ['-D', path.join(dir, 'data'), '-m', 'fast', '-w', 'stop']);
+/** `immediate`: as a crash (recovery on the next start), transactions open then are lost. */
+function pgStop(mode: 'fast' | 'immediate' = 'fast') {
+  pgBin('pg_ctl', ['-D', path.join(dir, 'data'), '-m', mode, '-w', 'stop']);
 }
 
 before(async () => {
@@ -264,7 +265,7 @@ it('a row committed just before the outage arrives once it is back; typing and p
       [decodeAnyId(m1).id],
     );
     await raw.end();
-    pgStop();
+    pgStop('immediate');
     await sleep(1500);
     pgStart();
     await eventually(() => send(app, u.token, channelId, 'e2'));
@@ -395,5 +396,49 @@ it('a resume whose replay fails (a statement failing: the database away) closes 
   } finally {
     r.stop();
     await c2.client.dispose();
+  }
+});
+
+it('database hung (stopped, not gone), then going again: readyz says so meanwhile, and nothing is lost after', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null);
+  // The server's processes, all of them (the postmaster and its backends).
+  const pids = () => {
+    const main = readFileSync(path.join(dir, 'data', 'postmaster.pid'), 'utf8').split('\n')[0];
+    const kids = execFileSync('pgrep', ['-P', main], { encoding: 'utf8' }).split('\n').filter(Boolean);
+    return [main, ...kids].map(Number);
+  };
+  let stopped: number[] = [];
+  try {
+    await sleep(300);
+    await send(app, u.token, channelId, 'h1');
+    await s.until((e) => contents(e).includes('h1'));
+    stopped = pids();
+    for (const p of stopped) process.kill(p, 'SIGSTOP');
+    const pending = send(app, u.token, channelId, 'h2').catch(() => 'failed');
+    assert.equal((await fetch(`${httpBase}/healthz`)).status, 200);
+    const t0 = Date.now();
+    const ready = await fetch(`${httpBase}/readyz`);
+    assert.equal(ready.status, 503);
+    assert.ok(Date.now() - t0 < 5000);
+    await sleep(2000);
+    for (const p of stopped) process.kill(p, 'SIGCONT');
+    stopped = [];
+    const h2 = await pending;
+    await eventually(() => send(app, u.token, channelId, 'h3'));
+    await s.until((e) => contents(e).includes('h3'), 15_000, 'h3 after the hang');
+    await sleep(700);
+    assert.deepEqual(contents(s.events), h2 === 'failed' ? ['h1', 'h3'] : ['h1', 'h2', 'h3']);
+    assert.equal(c.closed(), undefined);
+    assert.deepEqual(rejections, []);
+  } finally {
+    for (const p of stopped) process.kill(p, 'SIGCONT');
+    s.stop();
+    await c.client.dispose();
   }
 });
