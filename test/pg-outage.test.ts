@@ -14,7 +14,7 @@ import { after, before, it } from 'node:test';
 import pg from 'pg';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, rawSocket, send, sleep, subscribe } from './realtime-helpers.ts';
 
 const BIN = '/usr/lib/postgresql/15/bin';
 const skip = !onPostgres;
@@ -438,6 +438,54 @@ it('database hung (stopped, not gone), then going again: readyz says so meanwhil
     assert.deepEqual(rejections, []);
   } finally {
     for (const p of stopped) process.kill(p, 'SIGCONT');
+    s.stop();
+    await c.client.dispose();
+  }
+});
+
+it('a socket opened while the database is down is told to try again (1013), not that its token is bad (4401)', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  // Never used yet: its session is not cached, authenticating it needs the database.
+  const u = await signUp(app);
+  const w = await signUp(app);
+  pgStop();
+  let code: number;
+  let refused: any;
+  try {
+    const raw = rawSocket(wsUrl);
+    await raw.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    code = await raw.closedWith();
+    // An anonymous socket authenticating with its subscribe: refused, but not as UNAUTHENTICATED.
+    const anon = rawSocket(wsUrl);
+    await anon.send({ type: 'connection_init', payload: {} });
+    await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    await anon.send({
+      id: '1',
+      type: 'subscribe',
+      payload: {
+        query: 'subscription { events { cursor } }',
+        extensions: { headers: { authorization: `Bearer ${w.token}` } },
+      },
+    });
+    await anon.until(() => anon.messages.some((m) => m.type === 'error'), 'the refusal');
+    refused = anon.messages.find((m) => m.type === 'error').payload[0];
+    anon.ws.close();
+  } finally {
+    pgStart();
+  }
+  assert.equal(code, 1013);
+  assert.equal(refused.extensions.code, 'INTERNAL_SERVER_ERROR', JSON.stringify(refused));
+  // Once it is back, the same token gets in.
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null);
+  try {
+    const { channelId } = await eventually(() => guildWithChannel(app, u.token));
+    await sleep(300);
+    await send(app, u.token, channelId, 'a1');
+    await s.until((e) => contents(e).includes('a1'));
+  } finally {
     s.stop();
     await c.client.dispose();
   }

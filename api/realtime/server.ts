@@ -145,10 +145,26 @@ export function attachRealtime(o: RealtimeServerOptions) {
     error: 'BAD_USER_INPUT',
   };
 
+  /**
+   * The token could not be checked for a reason of the server's (the database away): nothing is
+   * wrong with it, and 4401 (UNAUTHENTICATED to a subscribe) would send the client to sign in
+   * again. It reconnects (subscribes) later instead.
+   */
+  const tryAgain = {
+    code: CloseCode.SlowConsumer,
+    reason: 'Try again later: the token could not be checked',
+    error: 'INTERNAL_SERVER_ERROR',
+  };
+
   /** A further token on an authenticated socket: fine when it is a valid token of the same user. */
   async function sameViewer(conn: Connection, token: string | undefined): Promise<BindOutcome> {
     if (!token) return otherToken;
-    const viewer = await authenticate(o.deps, token).catch(() => undefined);
+    let viewer: Viewer | undefined;
+    try {
+      viewer = await authenticate(o.deps, token);
+    } catch (err) {
+      if (!(err instanceof BanterError)) return tryAgain;
+    }
     return viewer && viewer.userId === conn.viewer?.userId ? true : otherToken;
   }
 
@@ -160,7 +176,11 @@ export function attachRealtime(o: RealtimeServerOptions) {
       viewer = await authenticate(o.deps, token);
       exp = decodeJwt(token).exp;
     } catch (err) {
-      const revoked = err instanceof BanterError && /revoked/.test(err.message);
+      if (!(err instanceof BanterError)) {
+        o.log.warn({ err }, 'websocket authentication failed');
+        return tryAgain;
+      }
+      const revoked = /revoked/.test(err.message);
       return revoked
         ? { code: CloseCode.Forbidden, reason: 'Forbidden' }
         : { code: CloseCode.Unauthorized, reason: 'Unauthorized' };

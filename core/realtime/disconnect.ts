@@ -15,7 +15,8 @@ export const CloseCode = {
   TooManyConnections: 4029,
   /**
    * try again: the socket's outgoing buffer passed its bound, or an event failed to execute on
-   * the server (it was not sent): resume from the last cursor
+   * the server (it was not sent): resume from the last cursor. Also a token the server could not
+   * check (the database away): reconnect later
    */
   SlowConsumer: 1013,
   GoingAway: 1001,
