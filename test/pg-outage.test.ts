@@ -472,6 +472,9 @@ it('a socket opened while the database is down is told to try again (1013), not 
     await anon.until(() => anon.messages.some((m) => m.type === 'error'), 'the refusal');
     refused = anon.messages.find((m) => m.type === 'error').payload[0];
     anon.ws.close();
+    // Over HTTP too: masked, not UNAUTHENTICATED.
+    const x = await gql(app, '{ viewer { user { id } } }', {}, { token: w.token });
+    assert.equal(x.errors?.[0]?.extensions?.code, 'INTERNAL_SERVER_ERROR', JSON.stringify(x));
   } finally {
     pgStart();
   }
