@@ -62,6 +62,9 @@ function httpError(status: number, message: string) {
 
 const bodyTooLarge = () => httpError(413, 'Request body is too large.');
 
+/** How long a request waits on a Redis command before going on without it. */
+const REDIS_COMMAND_TIMEOUT_MS = 500;
+
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([
     p,
@@ -78,12 +81,23 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     dataDir: config.dataDir,
     poolSize: config.databasePoolSize,
   });
+  // A command Redis has not answered within REDIS_COMMAND_TIMEOUT_MS fails (down, its offline
+  // queue would hold it for seconds of reconnect backoff; paused or slow, for as long as that
+  // lasts): what Redis carries falls back or is skipped rather than holding up the request.
   const redis = config.redisUrl
-    ? new Redis(config.redisUrl, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true })
+    ? new Redis(config.redisUrl, {
+        lazyConnect: false,
+        maxRetriesPerRequest: 2,
+        enableOfflineQueue: true,
+        commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
+      })
     : undefined;
   redis?.on('error', (err) => log.warn({ err: err.message }, 'redis error'));
   // The bus needs its own subscriber connection: a subscribed Redis connection can do nothing else.
-  const bus: Bus = redis ? createRedisBus(redis, redis.duplicate(), config.redisPrefix) : createMemoryBus();
+  // It waits on its SUBSCRIBE as long as it takes (nothing waits on it).
+  const bus: Bus = redis
+    ? createRedisBus(redis, redis.duplicate({ commandTimeout: undefined }), config.redisPrefix)
+    : createMemoryBus();
   const rateLimiter: RateLimiter = redis
     ? createRedisRateLimiter(redis, config.redisPrefix)
     : createMemoryRateLimiter();

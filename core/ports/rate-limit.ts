@@ -1,6 +1,6 @@
 /**
  * Fixed-window rate limits. In-process by default; Redis keys with TTLs when REDIS_URL is set,
- * so every instance counts together.
+ * so every instance counts together (each on its own while Redis does not answer).
  */
 export interface RateLimitRule {
   /** how many hits per window */
@@ -59,21 +59,34 @@ export interface RedisLike {
   multi(): RedisMulti;
 }
 
+/**
+ * While Redis fails (down, or slower than the client's command timeout) each instance counts in
+ * process: refusing every request would take the server down with Redis, and not counting at
+ * all would lift the limits.
+ */
 export function createRedisRateLimiter(redis: RedisLike, prefix: string): RateLimiter {
+  const local = createMemoryRateLimiter();
   return {
     async hit(key, rule) {
       const k = `${prefix}rl:${key}`;
-      const res = await redis
-        .multi()
-        .incr(k)
-        .pexpire(k, rule.windowSeconds * 1000, 'NX')
-        .pttl(k)
-        .exec();
+      let res: Awaited<ReturnType<RedisMulti['exec']>>;
+      try {
+        res = await redis
+          .multi()
+          .incr(k)
+          .pexpire(k, rule.windowSeconds * 1000, 'NX')
+          .pttl(k)
+          .exec();
+      } catch {
+        return local.hit(key, rule);
+      }
       const count = Number(res?.[0]?.[1] ?? 0);
       const ttl = Number(res?.[2]?.[1] ?? rule.windowSeconds * 1000);
       if (count > rule.limit) return { ok: false, retryAfter: Math.max(1, Math.ceil(ttl / 1000)) };
       return { ok: true, retryAfter: 0 };
     },
-    async close() {},
+    async close() {
+      await local.close();
+    },
   };
 }

@@ -1,0 +1,254 @@
+/**
+ * Redis down or slow (REDIS_URL set, on PostgreSQL): a slow or failed Redis degrades what it
+ * carries (cross-instance rings, presence, shared limits), not the server. Requests answer at
+ * once, sockets connect, delivery goes on from the log, revocation still reaches other instances.
+ * Postgres + its own redis-server (killed, paused and restarted here), two instances.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { after, before, it } from 'node:test';
+import { type App, buildApp } from '../api/app.ts';
+import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { connect, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
+
+const skip = !onPostgres;
+
+async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as { port: number }).port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+let redis: ChildProcess | undefined;
+let redisPort: number;
+let a: TestApp;
+let b: App;
+let urlA: string;
+let urlB: string;
+
+function redisCli(...args: string[]): Promise<string> {
+  return new Promise((resolve) => {
+    const c = spawn('redis-cli', ['-p', String(redisPort), ...args]);
+    let out = '';
+    c.stdout.on('data', (d) => {
+      out += d;
+    });
+    c.on('close', () => resolve(out));
+  });
+}
+function startRedis() {
+  redis = spawn('redis-server', ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], {
+    stdio: 'ignore',
+  });
+}
+async function redisUp() {
+  for (let i = 0; i < 100; i++) {
+    if ((await redisCli('ping')).includes('PONG')) return;
+    await sleep(100);
+  }
+  throw new Error('redis did not start');
+}
+async function stopRedis() {
+  const r = redis;
+  redis = undefined;
+  if (!r || r.exitCode !== null) return;
+  await new Promise((done) => {
+    r.once('exit', done);
+    r.kill('SIGKILL');
+  });
+}
+
+/** Runs `fn`, returns its result and how long it took. */
+async function timed<T>(fn: () => Promise<T>): Promise<{ value: T; ms: number }> {
+  const t = Date.now();
+  const value = await fn();
+  return { value, ms: Date.now() - t };
+}
+
+const SEND = `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`;
+const LOGIN = `mutation($i: LoginInput!) { login(input: $i) { accessToken } }`;
+const PRESENCE = `query($id: ID!) { user(id: $id) { presence { status } } }`;
+const PRESENCE_EVENTS = `subscription { events { __typename cursor ... on PresenceChanged { user { id } status } ... on MessageCreated { message { id content } } } }`;
+
+before(async () => {
+  if (skip) return;
+  redisPort = await freePort();
+  startRedis();
+  await redisUp();
+  a = await createTestApp({}, { REDIS_URL: `redis://127.0.0.1:${redisPort}` });
+  // A second instance of the same deployment (database, Redis, prefix, secret).
+  b = await buildApp({ ...a.config });
+  urlA = `ws://127.0.0.1:${await a.start(0)}/graphql`;
+  urlB = `ws://127.0.0.1:${await b.start(0)}/graphql`;
+});
+after(async () => {
+  if (skip) return;
+  if (!redis) {
+    startRedis();
+    await redisUp().catch(() => {});
+  }
+  await b?.stop();
+  await a?.destroy();
+  await stopRedis();
+});
+
+it('Redis down: sends, queries, login, typing, setPresence and new sockets answer within a second or two; delivery goes on', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const [owner, member] = await Promise.all([signUp(a), signUp(a)]);
+  const { guildId, channelId } = await guildWithChannel(a, owner.token);
+  await invite(a, owner.token, guildId, member.token);
+  await stopRedis();
+  // ioredis backs off between reconnects (up to 2 s): what waits on it waits longer later on.
+  await sleep(4000);
+  try {
+    const sent = await timed(() =>
+      gql(a, SEND, { i: { channelId, content: 'while down' } }, { token: owner.token }),
+    );
+    assert.deepEqual(sent.value.errors, undefined, 'sendMessage works without Redis (limits fail open)');
+    assert.ok(sent.ms < 1500, `sendMessage took ${sent.ms} ms`);
+
+    const q = await timed(() => gql(a, PRESENCE, { id: owner.id }, { token: member.token }));
+    assert.ok(q.ms < 1500, `presence query took ${q.ms} ms`);
+    assert.deepEqual(q.value.errors, undefined, 'a query that reads presence still answers');
+
+    const login = await timed(() =>
+      gql(a, LOGIN, { i: { login: owner.username, password: 'correct horse battery' } }),
+    );
+    assert.deepEqual(login.value.errors, undefined, 'login works without Redis');
+    assert.ok(login.ms < 1500, `login took ${login.ms} ms`);
+
+    const typing = await timed(() =>
+      gql(a, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: channelId }, { token: owner.token }),
+    );
+    assert.deepEqual(typing.value.errors, undefined, 'startTyping works without Redis');
+    assert.ok(typing.ms < 1500, `startTyping took ${typing.ms} ms`);
+
+    const choose = await timed(() =>
+      gql(a, `mutation { setPresence(status: DND) }`, {}, { token: owner.token }),
+    );
+    assert.ok(choose.ms < 1500, `setPresence took ${choose.ms} ms`);
+    // The choice is kept in Redis only: it may fail (masked, as CONTRACT.md has no code for a
+    // dependency that is down), but at once.
+
+    // A new socket on the other instance connects and hears a send made on this one.
+    const c = connect(urlB, member.token);
+    const s = subscribe(c.client, null, PRESENCE_EVENTS);
+    try {
+      // (its presence entry waits out the command timeout before the subscription starts)
+      await sleep(1500);
+      const t = Date.now();
+      const id = await send(a, owner.token, channelId, 'heard on b');
+      await s.until((e) => e.some((x) => x.message?.id === id), 5000, 'the send on the other instance');
+      assert.ok(Date.now() - t < 1500, `delivery took ${Date.now() - t} ms`);
+    } finally {
+      s.stop();
+      await c.client.dispose();
+    }
+  } finally {
+    startRedis();
+    await redisUp();
+  }
+});
+
+it('Redis paused (CLIENT PAUSE 4 s): sends, queries and delivery on both instances do not wait for it', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  await redisUp();
+  const [owner, member] = await Promise.all([signUp(a), signUp(a)]);
+  const { guildId, channelId } = await guildWithChannel(a, owner.token);
+  await invite(a, owner.token, guildId, member.token);
+  const ca = connect(urlA, member.token);
+  const cb = connect(urlB, member.token);
+  const sa = subscribe(ca.client, null, PRESENCE_EVENTS);
+  const sb = subscribe(cb.client, null, PRESENCE_EVENTS);
+  try {
+    await sleep(1000);
+    const paused = Date.now();
+    await redisCli('client', 'pause', '4000', 'ALL');
+    const sent = await timed(() =>
+      gql(a, SEND, { i: { channelId, content: 'while paused' } }, { token: owner.token }),
+    );
+    assert.deepEqual(sent.value.errors, undefined);
+    assert.ok(sent.ms < 1500, `sendMessage took ${sent.ms} ms`);
+    const id = sent.value.data.sendMessage.id;
+    await sa.until((e) => e.some((x) => x.message?.id === id), 5000, 'the send on this instance');
+    await sb.until((e) => e.some((x) => x.message?.id === id), 5000, 'the send on the other instance');
+    assert.ok(Date.now() - paused < 3000, `delivered ${Date.now() - paused} ms after the pause began`);
+    const q = await timed(() => gql(a, PRESENCE, { id: owner.id }, { token: member.token }));
+    assert.deepEqual(q.value.errors, undefined);
+    assert.ok(q.ms < 1500, `presence query took ${q.ms} ms`);
+    const login = await timed(() =>
+      gql(b, LOGIN, { i: { login: member.username, password: 'correct horse battery' } }),
+    );
+    assert.deepEqual(login.value.errors, undefined);
+    assert.ok(login.ms < 1500, `login took ${login.ms} ms`);
+  } finally {
+    sa.stop();
+    sb.stop();
+    await ca.client.dispose();
+    await cb.client.dispose();
+    await redisCli('client', 'unpause');
+  }
+});
+
+it('started while Redis is down: it listens, /readyz says redis is down, requests work, it stops', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const c = await buildApp({ ...a.config, redisUrl: `redis://127.0.0.1:${await freePort()}` });
+  try {
+    const port = await Promise.race([
+      c.start(0),
+      sleep(10_000).then(() => {
+        throw new Error('start() did not finish within 10 s');
+      }),
+    ]);
+    const ready = await fetch(`http://127.0.0.1:${port}/readyz`);
+    const body = (await ready.json()) as { checks: Record<string, string> };
+    assert.equal(ready.status, 503);
+    assert.equal(body.checks.database, 'ok');
+    assert.match(body.checks.redis, /^down/);
+    const owner = await signUp(c);
+    const { channelId } = await guildWithChannel(c, owner.token);
+    const sent = await timed(() => send(c, owner.token, channelId, 'no redis'));
+    assert.ok(sent.ms < 1500, `sendMessage took ${sent.ms} ms`);
+  } finally {
+    const stop = await timed(() => c.stop());
+    assert.ok(stop.ms < 5000, `stop() took ${stop.ms} ms`);
+  }
+});
+
+it('a session ended while Redis is down: its socket on the other instance is closed by the periodic check', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  await redisUp();
+  const member = await signUp(a);
+  const cb = connect(urlB, member.token);
+  const sb = subscribe(cb.client, null, PRESENCE_EVENTS);
+  try {
+    await sleep(1000);
+    assert.equal(cb.closed(), undefined);
+    await stopRedis();
+    await ok(a, `mutation { logout }`, {}, member.token);
+    const t = Date.now();
+    // SESSION_CHECK_MS (10 s) plus slack
+    while (!cb.closed() && Date.now() - t < 15_000) await sleep(200);
+    assert.equal(cb.closed()?.code, 4403, `closed: ${JSON.stringify(cb.closed())}`);
+    const r = await gql(b, `query { viewer { __typename } }`, {}, { token: member.token });
+    assert.equal(r.errors?.[0]?.extensions?.code, 'UNAUTHENTICATED');
+  } finally {
+    sb.stop();
+    await cb.client.dispose();
+    if (!redis) {
+      startRedis();
+      await redisUp();
+    }
+  }
+});
