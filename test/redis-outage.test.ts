@@ -9,6 +9,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { after, before, it } from 'node:test';
 import { type App, buildApp } from '../api/app.ts';
+import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
 
@@ -250,5 +251,66 @@ it('a session ended while Redis is down: its socket on the other instance is clo
       startRedis();
       await redisUp();
     }
+  }
+});
+
+it('after Redis returns: who connected or left while it was down is shown as they are, to queries and streams', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  await redisUp();
+  const [owner, watcher, comer, leaver] = await Promise.all([signUp(a), signUp(a), signUp(a), signUp(a)]);
+  const { guildId } = await guildWithChannel(a, owner.token);
+  for (const u of [watcher, comer, leaver]) await invite(a, owner.token, guildId, u.token);
+  const cw = connect(urlA, watcher.token);
+  const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
+  const co = connect(urlB, owner.token);
+  const so = subscribe(co.client, null, PRESENCE_EVENTS);
+  const cl = connect(urlB, leaver.token);
+  const sl = subscribe(cl.client, null, PRESENCE_EVENTS);
+  const cc = connect(urlB, comer.token);
+  let sc: ReturnType<typeof subscribe> | undefined;
+  const statusOf = (events: any[], id: string) =>
+    events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
+  try {
+    await sw.until(
+      (e) => statusOf(e, owner.id) === 'ONLINE' && statusOf(e, leaver.id) === 'ONLINE',
+      5000,
+      'owner and leaver online',
+    );
+    await stopRedis();
+    await sleep(500);
+    // While Redis is down one comes online and one leaves (for longer than the offline grace).
+    sc = subscribe(cc.client, null, PRESENCE_EVENTS);
+    sl.stop();
+    await cl.client.dispose();
+    await sleep(OFFLINE_GRACE_MS + 1500);
+    startRedis();
+    await redisUp();
+    const t = Date.now();
+    const q = async (id: string) =>
+      (await ok(a, PRESENCE, { id }, watcher.token)).user.presence.status as string;
+    const want = { [owner.id]: 'ONLINE', [comer.id]: 'ONLINE', [leaver.id]: 'OFFLINE' };
+    const now = async () =>
+      Object.fromEntries(await Promise.all(Object.keys(want).map(async (id) => [id, await q(id)])));
+    let seen = await now();
+    while (Date.now() - t < 10_000 && JSON.stringify(seen) !== JSON.stringify(want)) {
+      await sleep(200);
+      seen = await now();
+    }
+    assert.deepEqual(seen, want, `queries ${Date.now() - t} ms after Redis came back`);
+    await sw.until(
+      (e) => statusOf(e, comer.id) === 'ONLINE' && statusOf(e, leaver.id) === 'OFFLINE',
+      5000,
+      'the stream: comer online, leaver offline',
+    );
+    assert.equal(statusOf(sw.events, owner.id), 'ONLINE');
+  } finally {
+    sw.stop();
+    so.stop();
+    sc?.stop();
+    await cw.client.dispose();
+    await co.client.dispose();
+    await cc.client.dispose();
   }
 });

@@ -23,6 +23,11 @@ export interface PresenceStore {
   choose(userId: string, choice: PresenceChoice): Promise<void>;
   /** What others see. */
   shown(userIds: string[]): Promise<Map<string, PresenceShown>>;
+  /**
+   * Calls `fn` whenever the store is back after being unreachable (it may have lost its entries,
+   * and writes made meanwhile failed). Returns a function that stops it.
+   */
+  onReconnect?(fn: () => void): () => void;
 }
 
 function show(choice: PresenceChoice | undefined, live: boolean): PresenceShown {
@@ -101,6 +106,10 @@ export function createRedisPresence(redis: Redis, prefix: string): PresenceStore
         }),
       );
     },
+    onReconnect(fn) {
+      redis.on('ready', fn);
+      return () => redis.off('ready', fn);
+    },
   };
 }
 
@@ -126,10 +135,32 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
     await bus.signal('presence', { userId, status: s });
   }
 
+  /** Connection entries whose drop failed (the store was down), dropped when it is back. */
+  const undropped = new Map<string, Set<string>>();
+
   const refresh = setInterval(() => {
     for (const [u, set] of local) void store.touch(u, [...set]).catch(() => {});
   }, CONNECTION_TTL_MS / 3);
   refresh.unref();
+
+  // Back from an outage, the store may have lost every entry (a restarted Redis) and has missed
+  // what changed meanwhile: this instance's connections are written again and the drops that
+  // failed done, and whatever others now see differently from what was last told is told.
+  const offReconnect = store.onReconnect?.(() => {
+    const users = new Set([...local.keys(), ...lastShown.keys(), ...undropped.keys()]);
+    for (const u of users) {
+      const conns = [...(local.get(u) ?? [])];
+      const gone = [...(undropped.get(u) ?? [])];
+      undropped.delete(u);
+      void (async () => {
+        await store.touch(u, conns);
+        for (const c of gone) await store.drop(u, c);
+        await announce(u);
+      })().catch(() => {
+        for (const c of gone) undropped.set(u, (undropped.get(u) ?? new Set()).add(c));
+      });
+    }
+  });
 
   return {
     store,
@@ -159,10 +190,10 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
       set?.delete(connId);
       if (set && !set.size) local.delete(userId);
       setTimeout(() => {
-        void store
-          .drop(userId, connId)
-          .then(() => announce(userId))
-          .catch(() => {});
+        void store.drop(userId, connId).then(
+          () => announce(userId).catch(() => {}),
+          () => undropped.set(userId, (undropped.get(userId) ?? new Set()).add(connId)),
+        );
       }, OFFLINE_GRACE_MS).unref();
     },
     async choose(userId: string, choice: PresenceChoice) {
@@ -171,6 +202,7 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
     },
     stop() {
       clearInterval(refresh);
+      offReconnect?.();
     },
   };
 }
