@@ -301,7 +301,7 @@ it('after Redis returns: who connected or left while it was down is shown as the
     assert.deepEqual(seen, want, `queries ${Date.now() - t} ms after Redis came back`);
     await sw.until(
       (e) => statusOf(e, comer.id) === 'ONLINE' && statusOf(e, leaver.id) === 'OFFLINE',
-      5000,
+      8000,
       'the stream: comer online, leaver offline',
     );
     assert.equal(statusOf(sw.events, owner.id), 'ONLINE');

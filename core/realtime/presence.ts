@@ -15,6 +15,12 @@ export type PresenceShown = 'ONLINE' | 'IDLE' | 'DND' | 'OFFLINE';
 export const CONNECTION_TTL_MS = 60_000;
 /** Offline only after the last socket has been closed this long (a reconnect is not a flap). */
 export const OFFLINE_GRACE_MS = 5_000;
+/**
+ * How long after the store is back its changes are told: other instances' bus subscribers
+ * reconnect too (ioredis waits up to 2 s between attempts), and a signal sent before they are
+ * back is lost.
+ */
+export const RECONNECT_SETTLE_MS = 3_000;
 
 export interface PresenceStore {
   /** Marks connections alive until now + CONNECTION_TTL_MS. */
@@ -145,21 +151,28 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
 
   // Back from an outage, the store may have lost every entry (a restarted Redis) and has missed
   // what changed meanwhile: this instance's connections are written again and the drops that
-  // failed done, and whatever others now see differently from what was last told is told.
+  // failed done at once, and whatever others now see differently from what was last told is
+  // told once other instances are listening again.
+  const toTell = new Set<string>();
+  let settle: NodeJS.Timeout | undefined;
   const offReconnect = store.onReconnect?.(() => {
-    const users = new Set([...local.keys(), ...lastShown.keys(), ...undropped.keys()]);
-    for (const u of users) {
-      const conns = [...(local.get(u) ?? [])];
+    for (const u of new Set([...local.keys(), ...lastShown.keys(), ...undropped.keys()])) {
+      toTell.add(u);
       const gone = [...(undropped.get(u) ?? [])];
       undropped.delete(u);
       void (async () => {
-        await store.touch(u, conns);
+        await store.touch(u, [...(local.get(u) ?? [])]);
         for (const c of gone) await store.drop(u, c);
-        await announce(u);
       })().catch(() => {
         for (const c of gone) undropped.set(u, (undropped.get(u) ?? new Set()).add(c));
       });
     }
+    clearTimeout(settle);
+    settle = setTimeout(() => {
+      for (const u of toTell) void announce(u).catch(() => {});
+      toTell.clear();
+    }, RECONNECT_SETTLE_MS);
+    settle.unref();
   });
 
   return {
@@ -203,6 +216,7 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
     stop() {
       clearInterval(refresh);
       offReconnect?.();
+      clearTimeout(settle);
     },
   };
 }
