@@ -189,6 +189,15 @@ it('Redis paused (CLIENT PAUSE 4 s): sends, queries and delivery on both instanc
     );
     assert.deepEqual(login.value.errors, undefined);
     assert.ok(login.ms < 1500, `login took ${login.ms} ms`);
+    // Once Redis answers again (the ring it held comes late, with the log read since): once each.
+    await sleep(4000);
+    await redisUp();
+    const after = await send(a, owner.token, channelId, 'after the pause');
+    for (const s of [sa, sb]) {
+      await s.until((e) => e.some((x) => x.message?.id === after), 5000, 'a send after the pause');
+      const ids = s.events.filter((x) => x.__typename === 'MessageCreated').map((x) => x.message.id);
+      assert.deepEqual(ids, [id, after], 'each message once, in order');
+    }
   } finally {
     sa.stop();
     sb.stop();
