@@ -80,6 +80,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     url: config.databaseUrl,
     dataDir: config.dataDir,
     poolSize: config.databasePoolSize,
+    queryTimeoutMs: config.databaseQueryTimeoutMs,
   });
   // A command Redis has not answered within REDIS_COMMAND_TIMEOUT_MS fails (down, its offline
   // queue would hold it for seconds of reconnect backoff; paused or slow, for as long as that

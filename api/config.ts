@@ -13,6 +13,12 @@ export interface Config {
   databaseUrl?: string;
   /** Default 10. */
   databasePoolSize: number;
+  /**
+   * How long a PostgreSQL statement (or a wait for a connection) may take before it fails and its
+   * connection is dropped: a connection a failover left hanging would otherwise hold its caller,
+   * the realtime tailer included, until TCP gives up (~15 min). Default 30 s; 0 turns it off.
+   */
+  databaseQueryTimeoutMs: number;
   /** redis:// URL; unset: in-process bus, presence and rate limits. */
   redisUrl?: string;
   /** Key prefix for everything Banter stores in Redis. Default `banter:`. */
@@ -131,6 +137,7 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
     dataDir,
     databaseUrl: url(env, 'DATABASE_URL', ['postgres:', 'postgresql:']),
     databasePoolSize: int(env, 'DATABASE_POOL_SIZE', 10, 1, 500),
+    databaseQueryTimeoutMs: int(env, 'DATABASE_QUERY_TIMEOUT_MS', 30_000, 0, 3_600_000),
     redisUrl: url(env, 'REDIS_URL', ['redis:', 'rediss:']),
     redisPrefix: env.REDIS_PREFIX || 'banter:',
     jwtSecret: '',

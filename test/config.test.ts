@@ -34,6 +34,7 @@ describe('loadConfig', () => {
       ['PORT', '-1'],
       ['PORT', '4000.5'],
       ['DATABASE_POOL_SIZE', '0'],
+      ['DATABASE_QUERY_TIMEOUT_MS', '-5'],
       ['DATABASE_URL', 'not a url'],
       ['DATABASE_URL', 'mysql://localhost/x'],
       ['REDIS_URL', 'http://localhost'],

@@ -6,12 +6,15 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
 import pg from 'pg';
+import { createDatabase } from '../core/db/client.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, rawSocket, send, sleep, subscribe } from './realtime-helpers.ts';
@@ -491,5 +494,112 @@ it('a socket opened while the database is down is told to try again (1013), not 
   } finally {
     s.stop();
     await c.client.dispose();
+  }
+});
+
+/**
+ * A TCP proxy to this file's Postgres whose open connections can be frozen: nothing passes either
+ * way and nothing is closed, as when a failover leaves the old primary silent. New ones pass.
+ */
+async function freezingProxy(target: number) {
+  const pairs: { a: Socket; b: Socket; frozen: boolean }[] = [];
+  const server = createServer((a) => {
+    const b = connectTcp(target, '127.0.0.1');
+    const pair = { a, b, frozen: false };
+    pairs.push(pair);
+    a.on('data', (d) => pair.frozen || b.write(d));
+    b.on('data', (d) => pair.frozen || a.write(d));
+    for (const [x, y] of [
+      [a, b],
+      [b, a],
+    ]) {
+      x.on('error', () => y.destroy());
+      x.on('close', () => y.destroy());
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return {
+    port: (server.address() as { port: number }).port,
+    freeze() {
+      for (const p of pairs) p.frozen = true;
+      return pairs.length;
+    },
+    close() {
+      server.close();
+      for (const p of pairs) p.a.destroy();
+    },
+  };
+}
+
+it('connections left hanging (a failover: no answer, no reset) are given up after DATABASE_QUERY_TIMEOUT_MS: the stream goes on, sends work again', {
+  skip,
+  timeout: 90_000,
+}, async () => {
+  const proxy = await freezingProxy(port);
+  const shared = {
+    rateLimits: false,
+    jwtSecret: randomBytes(32).toString('hex'),
+    redisPrefix: `banter-test:${randomBytes(4).toString('hex')}:`,
+  };
+  const direct = await createTestApp(shared, {
+    DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/banter`,
+  });
+  const hung = await createTestApp(
+    { ...shared, databaseQueryTimeoutMs: 1000 },
+    { DATABASE_URL: `postgres://postgres@127.0.0.1:${proxy.port}/banter` },
+  );
+  const hungWs = `ws://127.0.0.1:${await hung.start(0)}/graphql`;
+  await direct.start(0);
+  const u = await signUp(direct);
+  const { channelId } = await guildWithChannel(direct, u.token);
+  const c = connect(hungWs, u.token);
+  const s = subscribe(c.client, null);
+  try {
+    await sleep(300);
+    await send(direct, u.token, channelId, 'f1');
+    await send(hung, u.token, channelId, 'f2');
+    await s.until((e) => contents(e).includes('f2'));
+    assert.ok(proxy.freeze() > 0, 'the instance had connections open');
+    // Written by the other instance: this one must read it from the log, over a hung connection first.
+    await send(direct, u.token, channelId, 'f3');
+    await s.until((e) => contents(e).includes('f3'), 20_000);
+    // Its own sends fail while they meet hung connections, then go through new ones.
+    await eventually(() => send(hung, u.token, channelId, 'f4'), 30_000);
+    await s.until((e) => contents(e).includes('f4'), 20_000);
+    await sleep(700);
+    assert.deepEqual(contents(s.events), ['f1', 'f2', 'f3', 'f4']);
+    assert.equal(c.closed(), undefined);
+    assert.deepEqual(rejections, []);
+  } finally {
+    s.stop();
+    await c.client.dispose();
+    proxy.close();
+    await hung.destroy();
+    await direct.destroy();
+  }
+});
+
+it('a transaction whose BEGIN meets a hung connection fails at the timeout, and its connection is dropped: not kept checked out for ever (drizzle), nor handed back still waiting', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const proxy = await freezingProxy(port);
+  const database = await createDatabase({
+    url: `postgres://postgres@127.0.0.1:${proxy.port}/banter`,
+    dataDir: 'unused',
+    queryTimeoutMs: 1000,
+  });
+  try {
+    await database.db.transaction((tx) => tx.execute(sql`select 1`));
+    assert.deepEqual(database.poolStats(), { total: 1, idle: 1, waiting: 0 });
+    proxy.freeze();
+    await assert.rejects(database.db.transaction((tx) => tx.execute(sql`select 1`)));
+    assert.equal(database.poolStats().total, 0, 'the hung connection is gone');
+    // The next one opens a connection of its own and goes through.
+    await database.db.transaction((tx) => tx.execute(sql`select 1`));
+  } finally {
+    proxy.close();
+    // Bounded: a pool that lost a connection for ever would wait for it for ever.
+    await Promise.race([database.close(), sleep(3000)]);
   }
 });

@@ -2,12 +2,13 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
-import { databaseOf } from '../core/db/client.ts';
+import { databaseOf, resultRows } from '../core/db/client.ts';
 import { compareXid, encodeCursor, type Position } from '../core/realtime/cursor.ts';
 import {
   discardRowsFromAnotherCluster,
   headPosition,
   loadMessages,
+  prunedThrough,
   pruneEvents,
   readAfter,
   readAfterBounded,
@@ -489,4 +490,29 @@ it('after rows from another cluster were discarded, a row another instance commi
     await live.return!();
     await app.deps.db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
   }
+});
+
+it('a prune of a long backlog goes in batches: every expired row goes, the recent ones stay, and the watermark is past the last expired row', {
+  timeout: 120_000,
+}, async () => {
+  const db = app.deps.db;
+  const N = 12_001;
+  const [{ before }] = resultRows(
+    await db.execute(
+      sql`select count(*)::int as before from events where created_at >= now() - interval '7 days'`,
+    ),
+  ) as { before: number }[];
+  await db.execute(sql`insert into events (type, payload, created_at)
+    select 'MESSAGE_UPDATED', jsonb_build_object('n', i), now() - interval '8 days' from generate_series(1, ${N}) i`);
+  const [top] = resultRows(
+    await db.execute(sql`select xid::text as xid, seq from events where created_at < now() - interval '7 days'
+      order by xid::text::bigint desc, seq desc limit 1`),
+  ) as { xid: string; seq: string }[];
+  assert.equal(await pruneEvents(db, 7), N);
+  const [{ old, recent }] = resultRows(
+    await db.execute(sql`select count(*) filter (where created_at < now() - interval '7 days')::int as old,
+      count(*) filter (where created_at >= now() - interval '7 days')::int as recent from events`),
+  ) as { old: number; recent: number }[];
+  assert.deepEqual({ old, recent }, { old: 0, recent: before });
+  assert.deepEqual(await prunedThrough(db), { xid: top.xid, seq: Number(top.seq) });
 });

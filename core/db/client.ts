@@ -80,6 +80,11 @@ export interface DatabaseOptions {
   dataDir: string;
   /** Maximum connections in the pg pool. Default 10. */
   poolSize?: number;
+  /**
+   * ms a statement may wait for its result, and a caller for a connection, before failing (the
+   * connection is then dropped). Unset or 0: no limit.
+   */
+  queryTimeoutMs?: number;
 }
 
 export const migrationsFolder = fileURLToPath(new URL('../../migrations', import.meta.url));
@@ -97,13 +102,27 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     const { default: pg } = await import('pg');
     const { drizzle } = await import('drizzle-orm/node-postgres');
     const { migrate } = await import('drizzle-orm/node-postgres/migrator');
-    const pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 10 });
+    const limit = opts.queryTimeoutMs || undefined;
+    // A connection that hangs (a failover's old primary gone silent: no reset, no answer) fails
+    // its statement after `limit` and is dropped, rather than holding its caller until TCP gives
+    // up. TCP keep-alive finds idle ones that went that way.
+    const pool = new pg.Pool({
+      connectionString: opts.url,
+      max: opts.poolSize ?? 10,
+      query_timeout: limit,
+      connectionTimeoutMillis: limit,
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
+    });
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
     // Nor a checked-out one (a transaction's, a send's): pg-pool listens only while a client is
     // idle, and an 'error' nobody hears is thrown. The statement out on it fails instead, and the
     // pool drops the client when it comes back.
-    pool.on('connect', (client) => client.on('error', () => {}));
+    pool.on('connect', (client) => {
+      client.on('error', () => {});
+      guardClient(client);
+    });
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
     // A Db on one checked-out connection, for statements that must queue behind another on it.
     const onClientDb = new WeakMap<object, Db>();
@@ -148,11 +167,15 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
           client.release(err as Error);
           throw err;
         }
-        const release = () => client.release();
         const followed = thenSafely(then, onClient(client), rows);
-        // The connection goes back once what `then` sent is done (the pool drops a lost one).
-        if (followed) followed.then(release, release);
-        else release();
+        // The connection goes back once what `then` sent is done; dropped if that failed (a lost
+        // connection, or one whose statement timed out and still waits for its answer).
+        if (followed)
+          followed.then(
+            () => client.release(),
+            (err) => client.release(err as Error),
+          );
+        else client.release();
         return rows;
       },
       poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
@@ -193,6 +216,45 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
   };
   roots.set(db, database);
   return database;
+}
+
+/**
+ * Two failures node-postgres and drizzle leave a pool connection in, made safe here:
+ * - A statement past `query_timeout` fails, but node-postgres leaves its connection waiting for
+ *   the answer, every later statement queued behind it: a transaction's ROLLBACK would wait out
+ *   another timeout, and drizzle then hands the connection back to the pool as good. The
+ *   connection is closed at the timeout instead: what is queued on it fails at once, and the pool
+ *   drops it when it comes back.
+ * - drizzle-orm's transaction() (0.45) runs BEGIN outside the try/finally that gives its
+ *   connection back (drizzle-orm issues 6023, 6114, 6241): a BEGIN that fails (a connection hung
+ *   or lost) kept its connection checked out for ever, and a few of those emptied the pool. It is
+ *   given back here, dropped, as drizzle will not. Nothing else here runs BEGIN.
+ */
+function guardClient(client: import('pg').PoolClient) {
+  const timedOut = (err: unknown) => err instanceof Error && err.message === 'Query read timeout';
+  const isBegin = (q: unknown) =>
+    /^\s*begin\b/i.test(typeof q === 'string' ? q : ((q as { text?: string })?.text ?? ''));
+  const cut = () =>
+    (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
+  const failed = (begin: boolean, err: unknown) => {
+    if (timedOut(err)) cut();
+    if (begin) client.release(err instanceof Error ? err : new Error(String(err)));
+  };
+  const query = client.query as (...args: unknown[]) => unknown;
+  (client as unknown as { query: typeof query }).query = (...args: unknown[]) => {
+    const begin = isBegin(args[0]);
+    const last = args.length - 1;
+    const callback = args[last];
+    if (typeof callback === 'function') {
+      args[last] = (err: unknown, res: unknown) => {
+        if (err) failed(begin, err);
+        callback(err, res);
+      };
+    }
+    const r = query.apply(client, args);
+    if (r instanceof Promise) r.catch((err) => failed(begin, err));
+    return r;
+  };
 }
 
 /** The rows of a raw `execute` result (node-postgres and PGlite both hand them over as `rows`). */

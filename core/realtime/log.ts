@@ -511,26 +511,39 @@ export function assertAfterWatermark(after: Position, watermark: Position): void
   if (comparePos(after, watermark) < 0) throw new BanterError('CURSOR_EXPIRED');
 }
 
-/** Deletes rows older than the retention and moves the watermark past them, in one transaction. */
+/** Rows a prune deletes per transaction. */
+const PRUNE_BATCH = 5_000;
+
+/**
+ * Deletes rows older than the retention and moves the watermark past them: PRUNE_BATCH rows per
+ * transaction, each moving the watermark past its own, so that a long backlog (a first prune, a
+ * retention shortened) is no single statement running past the database's statement timeout,
+ * and no result of millions of rows. Returns how many were deleted.
+ */
 export async function pruneEvents(db: Db, retentionDays: number, now = new Date()): Promise<number> {
-  const cutoff = new Date(now.getTime() - retentionDays * 86_400_000);
-  return db.transaction(async (tx) => {
-    await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
-    await tx.execute(
-      sql`delete from ${formerMembers} where deleted_at < ${cutoff.toISOString()}::timestamptz`,
-    );
-    const deleted = resultRows<{ xid: string; seq: string }>(
-      await tx.execute(sql`delete from events where created_at < ${cutoff.toISOString()}::timestamptz
-        returning xid::text as xid, seq`),
-    );
-    if (!deleted.length) return 0;
-    let top: Position = await prunedThrough(tx as unknown as Db);
-    for (const d of deleted) {
-      const p = { xid: String(d.xid), seq: Number(d.seq) };
-      if (comparePos(p, top) > 0) top = p;
-    }
-    await tx.execute(sql`insert into instance_settings (key, value) values (${WATERMARK_KEY}, ${JSON.stringify(top)}::jsonb)
-      on conflict (key) do update set value = excluded.value`);
-    return deleted.length;
-  });
+  const cutoff = new Date(now.getTime() - retentionDays * 86_400_000).toISOString();
+  let total = 0;
+  for (let first = true; ; first = false) {
+    const n = await db.transaction(async (tx) => {
+      await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
+      if (first)
+        await tx.execute(sql`delete from ${formerMembers} where deleted_at < ${cutoff}::timestamptz`);
+      const deleted = resultRows<{ xid: string; seq: string }>(
+        await tx.execute(sql`delete from events where seq in (
+            select seq from events where created_at < ${cutoff}::timestamptz order by created_at limit ${PRUNE_BATCH})
+          returning xid::text as xid, seq`),
+      );
+      if (!deleted.length) return 0;
+      let top: Position = await prunedThrough(tx as unknown as Db);
+      for (const d of deleted) {
+        const p = { xid: String(d.xid), seq: Number(d.seq) };
+        if (comparePos(p, top) > 0) top = p;
+      }
+      await tx.execute(sql`insert into instance_settings (key, value) values (${WATERMARK_KEY}, ${JSON.stringify(top)}::jsonb)
+        on conflict (key) do update set value = excluded.value`);
+      return deleted.length;
+    });
+    total += n;
+    if (n < PRUNE_BATCH) return total;
+  }
 }
