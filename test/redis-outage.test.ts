@@ -323,3 +323,49 @@ it('after Redis returns: who connected or left while it was down is shown as the
     await cc.client.dispose();
   }
 });
+
+it('after Redis was paused: who connected or left meanwhile is told to streams (its writes timed out, no reconnect)', {
+  skip,
+  timeout: 90_000,
+}, async () => {
+  await redisUp();
+  const [owner, watcher, comer, leaver] = await Promise.all([signUp(a), signUp(a), signUp(a), signUp(a)]);
+  const { guildId } = await guildWithChannel(a, owner.token);
+  for (const u of [watcher, comer, leaver]) await invite(a, owner.token, guildId, u.token);
+  const cw = connect(urlA, watcher.token);
+  const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
+  const cl = connect(urlB, leaver.token);
+  const sl = subscribe(cl.client, null, PRESENCE_EVENTS);
+  const cc = connect(urlB, comer.token);
+  let sc: ReturnType<typeof subscribe> | undefined;
+  const statusOf = (events: any[], id: string) =>
+    events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
+  try {
+    await sw.until((e) => statusOf(e, leaver.id) === 'ONLINE', 5000, 'leaver online');
+    // Paused past the offline grace: the comer's entry and the leaver's drop are both written
+    // while Redis does not answer (each times out on the client, and is applied once it does).
+    await redisCli('client', 'pause', String(OFFLINE_GRACE_MS + 2500), 'ALL');
+    sc = subscribe(cc.client, null, PRESENCE_EVENTS);
+    sl.stop();
+    await cl.client.dispose();
+    await sleep(OFFLINE_GRACE_MS + 2500);
+    await redisUp();
+    const q = async (id: string) =>
+      (await ok(a, PRESENCE, { id }, watcher.token)).user.presence.status as string;
+    const t = Date.now();
+    while (Date.now() - t < 5000 && ((await q(comer.id)) !== 'ONLINE' || (await q(leaver.id)) !== 'OFFLINE'))
+      await sleep(200);
+    assert.deepEqual([await q(comer.id), await q(leaver.id)], ['ONLINE', 'OFFLINE'], 'queries');
+    await sw.until(
+      (e) => statusOf(e, comer.id) === 'ONLINE' && statusOf(e, leaver.id) === 'OFFLINE',
+      30_000,
+      'the stream: comer online, leaver offline',
+    );
+  } finally {
+    await redisCli('client', 'unpause');
+    sw.stop();
+    sc?.stop();
+    await cw.client.dispose();
+    await cc.client.dispose();
+  }
+});

@@ -143,9 +143,36 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
 
   /** Connection entries whose drop failed (the store was down), dropped when it is back. */
   const undropped = new Map<string, Set<string>>();
+  /**
+   * Users whose change was maybe not told: a store command for it failed. A store that is slow or
+   * paused fails its commands (the client's timeout) without reconnecting, so onReconnect does
+   * not come for them: the refresh does them again.
+   */
+  const unsure = new Set<string>();
+
+  /** Writes a user's entries again and does its failed drops; false when the store failed again. */
+  async function rewrite(u: string): Promise<boolean> {
+    const gone = [...(undropped.get(u) ?? [])];
+    undropped.delete(u);
+    try {
+      await store.touch(u, [...(local.get(u) ?? [])]);
+      for (const c of gone) await store.drop(u, c);
+      return true;
+    } catch {
+      for (const c of gone) undropped.set(u, (undropped.get(u) ?? new Set()).add(c));
+      return false;
+    }
+  }
 
   const refresh = setInterval(() => {
-    for (const [u, set] of local) void store.touch(u, [...set]).catch(() => {});
+    const redo = new Set([...unsure, ...undropped.keys()]);
+    for (const [u, set] of local) if (!redo.has(u)) void store.touch(u, [...set]).catch(() => {});
+    for (const u of redo) {
+      unsure.delete(u);
+      void rewrite(u)
+        .then((ok) => (ok ? announce(u) : Promise.reject()))
+        .catch(() => unsure.add(u));
+    }
   }, CONNECTION_TTL_MS / 3);
   refresh.unref();
 
@@ -156,20 +183,14 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
   const toTell = new Set<string>();
   let settle: NodeJS.Timeout | undefined;
   const offReconnect = store.onReconnect?.(() => {
-    for (const u of new Set([...local.keys(), ...lastShown.keys(), ...undropped.keys()])) {
+    for (const u of new Set([...local.keys(), ...lastShown.keys(), ...undropped.keys(), ...unsure])) {
       toTell.add(u);
-      const gone = [...(undropped.get(u) ?? [])];
-      undropped.delete(u);
-      void (async () => {
-        await store.touch(u, [...(local.get(u) ?? [])]);
-        for (const c of gone) await store.drop(u, c);
-      })().catch(() => {
-        for (const c of gone) undropped.set(u, (undropped.get(u) ?? new Set()).add(c));
-      });
+      unsure.delete(u);
+      void rewrite(u);
     }
     clearTimeout(settle);
     settle = setTimeout(() => {
-      for (const u of toTell) void announce(u).catch(() => {});
+      for (const u of toTell) void announce(u).catch(() => unsure.add(u));
       toTell.clear();
     }, RECONNECT_SETTLE_MS);
     settle.unref();
@@ -194,7 +215,8 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
         await store.touch(userId, [id]);
         await announce(userId);
       } catch {
-        // the refresh timer writes the entry again; disconnected removes it
+        // the refresh timer writes the entry again, and tells it; disconnected removes it
+        unsure.add(userId);
       }
       return id;
     },
@@ -204,7 +226,7 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
       if (set && !set.size) local.delete(userId);
       setTimeout(() => {
         void store.drop(userId, connId).then(
-          () => announce(userId).catch(() => {}),
+          () => announce(userId).catch(() => unsure.add(userId)),
           () => undropped.set(userId, (undropped.get(userId) ?? new Set()).add(connId)),
         );
       }, OFFLINE_GRACE_MS).unref();
