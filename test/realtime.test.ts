@@ -3,7 +3,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { databaseOf, resultRows } from '../core/db/client.ts';
-import { compareXid, encodeCursor, type Position } from '../core/realtime/cursor.ts';
+import { comparePos, compareXid, encodeCursor, type Position } from '../core/realtime/cursor.ts';
 import {
   discardRowsFromAnotherCluster,
   headPosition,
@@ -17,7 +17,7 @@ import {
 import { loadedAuthors } from '../core/services/message-history.service.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, PG_ADMIN_URL, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, subscribe, within } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, send, sleep, subscribe, within } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -515,4 +515,57 @@ it('a prune of a long backlog goes in batches: every expired row goes, the recen
   ) as { old: number; recent: number }[];
   assert.deepEqual({ old, recent }, { old: 0, recent: before });
   assert.deepEqual(await prunedThrough(db), { xid: top.xid, seq: Number(top.seq) });
+});
+
+it('a batched prune keeps who was in a deleted guild until its GUILD_DELETED row is pruned: a member resuming from before it still hears of it', {
+  skip: !onPostgres,
+  timeout: 60_000,
+}, async () => {
+  const db = app.deps.db;
+  // A backlog of one whole batch, older than the deletion (in time and in the log).
+  await db.execute(sql`insert into events (type, payload, created_at)
+    select 'MESSAGE_UPDATED', jsonb_build_object('n', i), now() - interval '9 days' from generate_series(1, 5000) i`);
+  const owner = await signUp(app);
+  const member = await signUp(app);
+  const { guildId } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, member.token);
+  const [last] = resultRows(
+    await db.execute(
+      sql`select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
+    ),
+  ) as { xid: string; seq: string }[];
+  const cursor = encodeCursor({ xid: last.xid, seq: Number(last.seq) });
+  await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, owner.token);
+  const raw = decodeAnyId(guildId).id;
+  await db.execute(sql`update events set created_at = now() - interval '8 days'
+    where type = 'GUILD_DELETED' and guild_id = ${raw}::uuid`);
+  await db.execute(
+    sql`update former_members set deleted_at = now() - interval '8 days' where guild_id = ${raw}::uuid`,
+  );
+  // The prune's second batch (the GUILD_DELETED row) waits on this lock: the first has committed.
+  const locker = new pg.Client({ connectionString: app.config.databaseUrl });
+  await locker.connect();
+  let pruning: Promise<number> | undefined;
+  try {
+    await locker.query('begin');
+    await locker.query(`select 1 from events where type = 'GUILD_DELETED' and guild_id = $1 for update`, [
+      raw,
+    ]);
+    const before = await prunedThrough(db);
+    pruning = pruneEvents(db, 7);
+    for (let i = 0; i < 100 && comparePos(await prunedThrough(db), before) === 0; i++) await sleep(100);
+    assert.notDeepEqual(await prunedThrough(db), before, 'the first batch committed');
+    const { client } = connect(url, member.token);
+    const s = subscribe(client, cursor);
+    try {
+      await s.until((e) => e.some((x) => x.__typename === 'GuildDeleted'), 5000, 'GuildDeleted replayed');
+    } finally {
+      s.stop();
+      await client.dispose();
+    }
+  } finally {
+    await locker.query('rollback').catch(() => {});
+    await locker.end();
+    await pruning;
+  }
 });

@@ -523,16 +523,18 @@ const PRUNE_BATCH = 5_000;
 export async function pruneEvents(db: Db, retentionDays: number, now = new Date()): Promise<number> {
   const cutoff = new Date(now.getTime() - retentionDays * 86_400_000).toISOString();
   let total = 0;
-  for (let first = true; ; first = false) {
+  for (;;) {
     const n = await db.transaction(async (tx) => {
       await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
-      if (first)
-        await tx.execute(sql`delete from ${formerMembers} where deleted_at < ${cutoff}::timestamptz`);
       const deleted = resultRows<{ xid: string; seq: string }>(
         await tx.execute(sql`delete from events where seq in (
             select seq from events where created_at < ${cutoff}::timestamptz order by created_at limit ${PRUNE_BATCH})
           returning xid::text as xid, seq`),
       );
+      // Who was in a deleted guild goes in the last batch, with the last expired rows: a
+      // GUILD_DELETED row a later batch deletes is still replayed meanwhile, and needs them.
+      if (deleted.length < PRUNE_BATCH)
+        await tx.execute(sql`delete from ${formerMembers} where deleted_at < ${cutoff}::timestamptz`);
       if (!deleted.length) return 0;
       let top: Position = await prunedThrough(tx as unknown as Db);
       for (const d of deleted) {
