@@ -1,0 +1,61 @@
+/**
+ * DATABASE_QUERY_TIMEOUT_MS bounds every statement of the pool: statements the application runs
+ * on purpose that legitimately take longer than it (a big guild's cascade) must still work.
+ * Postgres only. The bound here is 1 s and the guild small, in the proportions of the default
+ * (30 s) to a guild of a few million messages.
+ */
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { guildWithChannel } from './realtime-helpers.ts';
+
+const skip = !onPostgres;
+let app: TestApp;
+
+before(async () => {
+  if (skip) return;
+  app = await createTestApp({ rateLimits: false, databaseQueryTimeoutMs: 1000 });
+});
+after(() => app?.destroy());
+
+// todo: not fixed. The cascade is one statement (400k messages took ~7 s here: ~2M at the default
+// 30 s); it fails at the bound every time it is tried, and the guild can never be deleted.
+it('deleting a guild whose cascade takes longer than the query timeout still deletes it', {
+  skip,
+  todo: 'one DELETE cascades over every message of the guild: past DATABASE_QUERY_TIMEOUT_MS it always fails',
+  timeout: 120_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  const g = decodeAnyId(guildId).id;
+  const c = decodeAnyId(channelId).id;
+  const u = decodeAnyId(owner.id).id;
+  // Inserted by one connection without the bound (the app's pool would cut a long insert too).
+  const pg = (await import('pg')).default;
+  const direct = new pg.Client({ connectionString: app.config.databaseUrl });
+  await direct.connect();
+  try {
+    await direct.query(
+      `insert into messages (id, channel_id, guild_id, author_id, content)
+       select gen_random_uuid(), $1, $2, $3, 'm' || i from generate_series(1, 200000) i`,
+      [c, g, u],
+    );
+  } finally {
+    await direct.end();
+  }
+  const t = Date.now();
+  const r = await gql(
+    app,
+    `mutation($id: ID!) { deleteGuild(id: $id) }`,
+    { id: guildId },
+    { token: owner.token },
+  );
+  const ms = Date.now() - t;
+  assert.deepEqual(r.errors, undefined, `deleteGuild failed after ${ms} ms: ${JSON.stringify(r.errors)}`);
+  const left = await app.deps.db.execute(
+    sql`select count(*)::int as n from messages where guild_id = ${g}::uuid`,
+  );
+  assert.equal((left as unknown as { rows: { n: number }[] }).rows[0].n, 0);
+});
