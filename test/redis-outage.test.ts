@@ -369,3 +369,43 @@ it('after Redis was paused: who connected or left meanwhile is told to streams (
     await cc.client.dispose();
   }
 });
+
+// todo: not fixed. The choice lives only in Redis (presence-choice:<user>), and nothing writes it
+// again after a restarted (empty) Redis: the entries are rewritten and the change announced.
+it('after a restarted (empty) Redis, a user who chose INVISIBLE is not shown ONLINE, to queries or streams', {
+  skip,
+  todo: 'the chosen status is lost with Redis and not written again on reconnect',
+  timeout: 60_000,
+}, async () => {
+  await redisUp();
+  const [owner, watcher, hidden] = await Promise.all([signUp(a), signUp(a), signUp(a)]);
+  const { guildId } = await guildWithChannel(a, owner.token);
+  for (const u of [watcher, hidden]) await invite(a, owner.token, guildId, u.token);
+  await ok(a, `mutation { setPresence(status: INVISIBLE) }`, {}, hidden.token);
+  const cw = connect(urlA, watcher.token);
+  const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
+  const ch = connect(urlB, hidden.token);
+  const sh = subscribe(ch.client, null, PRESENCE_EVENTS);
+  const statusOf = (events: any[], id: string) =>
+    events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
+  try {
+    await sleep(1500);
+    assert.equal(statusOf(sw.events, hidden.id) ?? 'OFFLINE', 'OFFLINE', 'invisible: shown OFFLINE');
+    await stopRedis();
+    await sleep(1000);
+    startRedis();
+    await redisUp();
+    // the reconnect, its settle (RECONNECT_SETTLE_MS) and slack
+    await sleep(7000);
+    const q = await ok(a, PRESENCE, { id: hidden.id }, watcher.token);
+    assert.deepEqual(
+      { query: q.user.presence.status, stream: statusOf(sw.events, hidden.id) ?? 'OFFLINE' },
+      { query: 'OFFLINE', stream: 'OFFLINE' },
+    );
+  } finally {
+    sw.stop();
+    sh.stop();
+    await cw.client.dispose();
+    await ch.client.dispose();
+  }
+});
