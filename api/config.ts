@@ -14,9 +14,10 @@ export interface Config {
   /** Default 10. */
   databasePoolSize: number;
   /**
-   * How long a PostgreSQL statement (or a wait for a connection) may take before it fails and its
-   * connection is dropped: a connection a failover left hanging would otherwise hold its caller,
-   * the realtime tailer included, until TCP gives up (~15 min). Default 30 s; 0 turns it off.
+   * A PostgreSQL statement out this long has its backend checked from another connection, and its
+   * connection closed if the backend is gone or idle: a connection a failover left hanging would
+   * otherwise hold its caller, the realtime tailer included, until TCP gives up (~15 min). Also
+   * the longest wait for a pool connection. Default 30 s; 0 turns it off.
    */
   databaseQueryTimeoutMs: number;
   /** redis:// URL; unset: in-process bus, presence and rate limits. */

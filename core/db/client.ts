@@ -81,8 +81,8 @@ export interface DatabaseOptions {
   /** Maximum connections in the pg pool. Default 10. */
   poolSize?: number;
   /**
-   * ms a statement may wait for its result, and a caller for a connection, before failing (the
-   * connection is then dropped). Unset or 0: no limit.
+   * ms after which a statement still out has its backend checked (guardClient), and the longest
+   * wait for a connection. Unset or 0: neither.
    */
   queryTimeoutMs?: number;
 }
@@ -103,17 +103,37 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     const { drizzle } = await import('drizzle-orm/node-postgres');
     const { migrate } = await import('drizzle-orm/node-postgres/migrator');
     const limit = opts.queryTimeoutMs || undefined;
-    // A connection that hangs (a failover's old primary gone silent: no reset, no answer) fails
-    // its statement after `limit` and is dropped, rather than holding its caller until TCP gives
-    // up. TCP keep-alive finds idle ones that went that way.
+    // A caller waits at most `limit` for a connection; TCP keep-alive finds idle connections
+    // that died silently. A statement out for `limit` has its connection checked (guardClient).
     const pool = new pg.Pool({
       connectionString: opts.url,
       max: opts.poolSize ?? 10,
-      query_timeout: limit,
       connectionTimeoutMillis: limit,
       keepAlive: true,
       keepAliveInitialDelayMillis: 10_000,
     });
+    // Whether the backend of a connection is still at work on a statement, asked on a connection
+    // of its own: no answer in `limit`, or no such backend running, and it is not.
+    const working = async (pid: number) => {
+      const probe = new pg.Client({
+        connectionString: opts.url,
+        connectionTimeoutMillis: limit,
+        query_timeout: limit,
+      });
+      probe.on('error', () => {});
+      try {
+        await probe.connect();
+        const r = await probe.query(
+          `select 1 from pg_stat_activity where pid = $1 and state in ('active', 'fastpath function call')`,
+          [pid],
+        );
+        return r.rowCount === 1;
+      } catch {
+        return false;
+      } finally {
+        void probe.end().catch(() => {});
+      }
+    };
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
     // Nor a checked-out one (a transaction's, a send's): pg-pool listens only while a client is
@@ -121,7 +141,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     // pool drops the client when it comes back.
     pool.on('connect', (client) => {
       client.on('error', () => {});
-      guardClient(client);
+      guardClient(client, limit ? { every: limit, working } : undefined);
     });
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
     // A Db on one checked-out connection, for statements that must queue behind another on it.
@@ -219,40 +239,72 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
 }
 
 /**
- * Two failures node-postgres and drizzle leave a pool connection in, made safe here:
- * - A statement past `query_timeout` fails, but node-postgres leaves its connection waiting for
- *   the answer, every later statement queued behind it: a transaction's ROLLBACK would wait out
- *   another timeout, and drizzle then hands the connection back to the pool as good. The
- *   connection is closed at the timeout instead: what is queued on it fails at once, and the pool
- *   drops it when it comes back.
+ * Two failures that would keep a pool connection from its pool, made safe here:
+ * - A connection left hanging (a failover's old primary gone silent: no answer, no reset) holds
+ *   its statement, and whoever waits on it (the realtime tailer, a request), until TCP gives up,
+ *   ~15 min. A statement still out after `watch.every` has its backend checked from another
+ *   connection, and again every `every` while it is still at work: a statement that is only long
+ *   (a big guild's cascade, a lock wait) goes on; one whose backend is gone, idle (the answer
+ *   lost), or unreachable has its connection closed, so what is queued on it fails at once and
+ *   the pool drops it.
  * - drizzle-orm's transaction() (0.45) runs BEGIN outside the try/finally that gives its
- *   connection back (drizzle-orm issues 6023, 6114, 6241): a BEGIN that fails (a connection hung
- *   or lost) kept its connection checked out for ever, and a few of those emptied the pool. It is
- *   given back here, dropped, as drizzle will not. Nothing else here runs BEGIN.
+ *   connection back (drizzle-orm issues 6023, 6114, 6241): a BEGIN that fails (a connection lost
+ *   or closed as above) kept its connection checked out for ever, and a few of those emptied the
+ *   pool. It is given back here, dropped, as drizzle will not. Nothing else here runs BEGIN.
  */
-function guardClient(client: import('pg').PoolClient) {
-  const timedOut = (err: unknown) => err instanceof Error && err.message === 'Query read timeout';
+function guardClient(
+  client: import('pg').PoolClient,
+  watch?: { every: number; working: (pid: number) => Promise<boolean> },
+) {
   const isBegin = (q: unknown) =>
     /^\s*begin\b/i.test(typeof q === 'string' ? q : ((q as { text?: string })?.text ?? ''));
   const cut = () =>
     (client as unknown as { connection?: { stream?: { destroy(): void } } }).connection?.stream?.destroy();
-  const failed = (begin: boolean, err: unknown) => {
-    if (timedOut(err)) cut();
-    if (begin) client.release(err instanceof Error ? err : new Error(String(err)));
+  const pid = () => (client as unknown as { processID?: number }).processID;
+  /** Watches one statement until it settles (the returned function). */
+  const watching = () => {
+    if (!watch) return () => {};
+    let settled = false;
+    let timer: NodeJS.Timeout;
+    const check = async () => {
+      const id = pid();
+      const alive = id !== undefined && (await watch.working(id));
+      if (settled) return;
+      if (alive) arm();
+      else cut();
+    };
+    const arm = () => {
+      timer = setTimeout(check, watch.every);
+      timer.unref();
+    };
+    arm();
+    return () => {
+      settled = true;
+      clearTimeout(timer);
+    };
   };
   const query = client.query as (...args: unknown[]) => unknown;
   (client as unknown as { query: typeof query }).query = (...args: unknown[]) => {
     const begin = isBegin(args[0]);
+    const settle = watching();
+    const failed = (err: unknown) => {
+      if (begin) client.release(err instanceof Error ? err : new Error(String(err)));
+    };
     const last = args.length - 1;
     const callback = args[last];
     if (typeof callback === 'function') {
       args[last] = (err: unknown, res: unknown) => {
-        if (err) failed(begin, err);
+        settle();
+        if (err) failed(err);
         callback(err, res);
       };
     }
     const r = query.apply(client, args);
-    if (r instanceof Promise) r.catch((err) => failed(begin, err));
+    if (r instanceof Promise)
+      r.then(settle, (err) => {
+        settle();
+        failed(err);
+      });
     return r;
   };
 }
