@@ -232,17 +232,22 @@ export function attachRealtime(o: RealtimeServerOptions) {
   /**
    * An anonymous socket authenticates (a subscribe's token) within the time allowed for
    * connection_init, or it is closed as a bad token would be: it can do nothing, and would
-   * otherwise hold its place for ever. Armed again when a valid token waits for a slot.
+   * otherwise hold its place for ever. Armed again when a valid token waits for a slot, or a token
+   * could not be checked (tryAgain): closed then as it was refused, not told to sign in again.
    */
   const anonymousTimers = new WeakMap<Connection, NodeJS.Timeout>();
-  function anonymousDeadline(conn: Connection, ms = limits.connectionInitWaitMs, forSlot = false) {
+  const noToken = { code: CloseCode.Unauthorized, reason: 'Unauthorized: no token in time' };
+  const slotFull = { code: CloseCode.TooManyConnections, reason: 'Too many sockets for this user' };
+  function anonymousDeadline(
+    conn: Connection,
+    ms = limits.connectionInitWaitMs,
+    as: { code: number; reason: string } = noToken,
+  ) {
     clearTimeout(anonymousTimers.get(conn));
     const timer = setTimeout(async () => {
       const outcome = await bindings.get(conn)?.outcome;
       if (conn.closed || conn.viewer || outcome === true) return;
-      // One whose token was fine, still at its user's limit, is told so (4029), not to sign in.
-      if (forSlot) close(conn.socket, CloseCode.TooManyConnections, 'Too many sockets for this user');
-      else close(conn.socket, CloseCode.Unauthorized, 'Unauthorized: no token in time');
+      close(conn.socket, as.code, as.reason);
     }, ms);
     timer.unref();
     anonymousTimers.set(conn, timer);
@@ -277,8 +282,12 @@ export function attachRealtime(o: RealtimeServerOptions) {
         const code = outcome.error ?? 'UNAUTHENTICATED';
         const extensions = code === 'RATE_LIMITED' ? { code, retryAfter: SLOT_RETRY_S } : { code };
         // Its token was fine: it may wait for a slot, as long again after the retry it was told.
-        if (code === 'RATE_LIMITED' && !conn.viewer && !conn.closed)
-          anonymousDeadline(conn, SLOT_RETRY_S * 1000 + limits.connectionInitWaitMs, true);
+        // One that could not be checked may try again, and is closed to reconnect later (1013).
+        if (!conn.viewer && !conn.closed) {
+          if (code === 'RATE_LIMITED')
+            anonymousDeadline(conn, SLOT_RETRY_S * 1000 + limits.connectionInitWaitMs, slotFull);
+          else if (outcome === tryAgain) anonymousDeadline(conn, limits.connectionInitWaitMs, tryAgain);
+        }
         return [new GraphQLError(outcome.reason, { extensions })];
       }
       if (!conn.viewer) {
