@@ -7,8 +7,10 @@
 import assert from 'node:assert/strict';
 import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, createTestDatabase, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { rawSocket } from './realtime-helpers.ts';
+import { guildWithChannel, invite, rawSocket, send, sleep } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 const INIT_WAIT_MS = 1000;
@@ -114,5 +116,121 @@ it('an anonymous socket whose token could not be checked (the database away) is 
   } finally {
     proxy.mend();
     anon.ws.close();
+  }
+});
+
+/**
+ * An `events` subscription over SSE served in process (app.fetch): real yoga, plugin and event
+ * stream, read only when the test asks, so that its subscriber pulls its next event only then
+ * (as a reader that is behind does; over TCP the socket's buffers would have to fill first).
+ */
+async function pulledSse(token: string, query: string) {
+  const hub = app.deps.realtime!;
+  const had = hub.subscriberCount;
+  const res = await app.fetch('/graphql', {
+    method: 'POST',
+    headers: {
+      accept: 'text/event-stream',
+      authorization: `Bearer ${token}`,
+      'content-type': 'application/json',
+    },
+    body: JSON.stringify({ query }),
+  });
+  for (let i = 0; i < 100 && hub.subscriberCount <= had; i++) await sleep(20);
+  const reader = res.body!.getReader();
+  const decoder = new TextDecoder();
+  const items: any[] = [];
+  let buf = '';
+  let ended = false;
+  return {
+    items,
+    ended: () => ended,
+    /** reads until `pred` holds for the items or the stream ends; bounded by `ms` */
+    async readUntil(pred: (items: any[]) => boolean, ms = 10_000) {
+      const deadline = Date.now() + ms;
+      while (!ended && !pred(items)) {
+        const left = deadline - Date.now();
+        if (left <= 0) throw new Error(`timed out reading: ${JSON.stringify(items)}`);
+        const r = await Promise.race([reader.read(), sleep(left).then(() => 'timeout' as const)]);
+        if (r === 'timeout') continue;
+        if (r.done) {
+          ended = true;
+          break;
+        }
+        buf += decoder.decode(r.value, { stream: true });
+        for (let i = buf.indexOf('\n\n'); i >= 0; i = buf.indexOf('\n\n')) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          if (!block.startsWith('event: next')) continue;
+          items.push(JSON.parse(block.slice(block.indexOf('data:') + 5)));
+        }
+      }
+    },
+    stop: () => reader.cancel().catch(() => {}),
+  };
+}
+
+it('over SSE, one failed execution shared by later readers is not counted as the event failing again: it never goes out with its errors to a reader whose own execution would work', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  // Viewer-free (so shared), and failing while the attachments table is away.
+  const query = `subscription { events { __typename cursor
+    ... on MessageCreated { message { id content } }
+    ... on MessageUpdated { message { id attachments { id } } } } }`;
+  const owner = await signUp(app);
+  const others = [await signUp(app), await signUp(app)];
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  for (const o of others) await invite(app, owner.token, guildId, o.token);
+  const [a, b, c] = [
+    await pulledSse(owner.token, query),
+    await pulledSse(others[0].token, query),
+    await pulledSse(others[1].token, query),
+  ];
+  await sleep(300);
+  try {
+    const m1 = await send(app, owner.token, channelId, 'first');
+    // B and C are not read yet (their streams pull no further than a little ahead of their
+    // readers, behind these 30 messages); A reads as they come.
+    for (let i = 0; i < 30; i++) await send(app, owner.token, channelId, i === 29 ? 'third' : 'second');
+    const has = (content: string) => (items: any[]) =>
+      items.some((i) => i.data?.events?.message?.content === content);
+    await a.readUntil(has('third'));
+    // The event fails to execute for A, the fast reader (its stream ends for it to resume)...
+    await app.deps.db.execute(sql`alter table attachments rename to attachments_away`);
+    try {
+      await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+        select 'MESSAGE_UPDATED', guild_id, channel_id, jsonb_build_object('messageId', id::text)
+        from messages where id = ${decodeAnyId(m1).id}::uuid`);
+      await app.deps.realtime!.poke();
+      await a.readUntil((items) => items.some((i) => i.errors));
+    } finally {
+      await app.deps.db.execute(sql`alter table attachments_away rename to attachments`);
+    }
+    assert.equal(
+      a.items.at(-1).errors[0].message,
+      'An event could not be delivered: resume from your last cursor.',
+    );
+    // ...and the database is fine again when B, then C, reach it, each a round (1 s) later.
+    const updated = (items: any[]) =>
+      items.some((i) => i.errors || i.data?.events?.__typename === 'MessageUpdated');
+    await sleep(1100);
+    await b.readUntil(updated);
+    await sleep(1100);
+    await c.readUntil(updated);
+    console.log('B', JSON.stringify(b.items), 'C', JSON.stringify(c.items));
+    // Each executes it again and gets it whole. Before: both took A's failed execution, each
+    // counted as a further round, so B was cut off and C, the third round, got the event's errors
+    // in place of its data with its stream going on past it (its next cursor would skip it).
+    for (const [name, s] of [
+      ['B', b],
+      ['C', c],
+    ] as const) {
+      const last = s.items.at(-1);
+      assert.equal(last.data?.events?.__typename, 'MessageUpdated', `${name} got ${JSON.stringify(last)}`);
+      assert.deepEqual(last.data.events.message.attachments, []);
+    }
+  } finally {
+    for (const s of [a, b, c]) await s.stop();
   }
 });

@@ -421,6 +421,10 @@ export async function startSubscription(
 interface Executed {
   result: ExecutionResult;
   viewerFree: boolean;
+  /** its subject is gone (isGone): skipped */
+  gone: boolean;
+  /** it failed and is held back (holdsBack, decided once for the execution) */
+  held: boolean;
 }
 /** executeEach's executions by row and document key (as `works` is for sockets). */
 const executions = new WeakMap<object, Map<string, Promise<Executed>>>();
@@ -454,36 +458,44 @@ export function executeEach(
   const key = keyOf(args);
   const own = async (row: unknown): Promise<Executed> => {
     const t = tracking(args.contextValue as Context);
+    let result: ExecutionResult;
+    let viewerFree = false;
     try {
-      const result = maskResult(await execute({ ...args, rootValue: row, contextValue: t.ctx }), hooks.mask);
-      return { result, viewerFree: !t.touched() };
+      result = maskResult(await execute({ ...args, rootValue: row, contextValue: t.ctx }), hooks.mask);
+      viewerFree = !t.touched();
     } catch (err) {
       // As Work does: a throw is a failed execution, held back or sent like any other.
-      return {
-        result: { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] },
-        viewerFree: false,
-      };
+      result = { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] };
     }
+    // As Work does, a failure is counted (holdsBack) once per execution, not per subscriber.
+    const gone = isGone(result);
+    return { result, viewerFree, gone, held: !gone && holdsBack(row as Delivered | null, result, hooks) };
   };
   // As Work does for sockets: the first subscriber to take a row executes it, and those after
   // it with the same document and variables take its result when it did not read the viewer
   // (a copy: plugins downstream may set fields of their own on it). A live row is one object
   // for all its subscribers; a replayed one is each subscriber's own, and so executed by it.
-  const run = async (row: unknown): Promise<{ r: ExecutionResult; shared: boolean }> => {
-    if (row === null || typeof row !== 'object') return { r: (await own(row)).result, shared: false };
+  // A failure held back is not taken: a reader that comes to the row later (it pulls at its own
+  // pace) executes it again, rather than counting the one failure as the event failing again
+  // until it goes out with its errors (holdsBack's REPEATS) when the database is long back.
+  const run = async (row: unknown): Promise<{ x: Executed; shared: boolean }> => {
+    if (row === null || typeof row !== 'object') return { x: await own(row), shared: false };
     let byKey = executions.get(row);
     if (!byKey) {
       byKey = new Map();
       executions.set(row, byKey);
     }
     const first = byKey.get(key);
+    let replaces = !first;
     if (first) {
       const done = await first;
-      if (done.viewerFree) return { r: { ...done.result }, shared: true };
+      if (done.viewerFree && !done.held) return { x: { ...done, result: { ...done.result } }, shared: true };
+      // Those after this one take its execution instead, if the first's failed (and still stands).
+      replaces = done.held && byKey.get(key) === first;
     }
     const mine = own(row);
-    if (!first) byKey.set(key, mine);
-    return { r: (await mine).result, shared: false };
+    if (replaces) byKey.set(key, mine);
+    return { x: await mine, shared: false };
   };
   return {
     async next() {
@@ -494,11 +506,12 @@ export function executeEach(
           ended = true;
           return over();
         }
-        const { r, shared } = await run(step.value);
+        const { x, shared } = await run(step.value);
+        const r = x.result;
         if (ended) return over();
-        if (isGone(r)) continue;
+        if (x.gone) continue;
         const row = step.value as Delivered | null;
-        if (holdsBack(row, r, hooks)) {
+        if (x.held) {
           end();
           throw new EventFailedError(row!.cursor);
         }
