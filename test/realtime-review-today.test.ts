@@ -9,16 +9,22 @@ import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, createTestDatabase, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, invite, rawSocket, send, sleep } from './realtime-helpers.ts';
+import { createTestApp, createTestDatabase, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { connect, guildWithChannel, invite, rawSocket, send, sleep, subscribe } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 const INIT_WAIT_MS = 1000;
 
-/** A TCP proxy to the test Postgres: `cut()` drops its connections and refuses new ones until `mend()`. */
+/**
+ * A TCP proxy to the test Postgres: `cut()` drops its connections and refuses new ones until
+ * `mend()`; `freeze()` holds what either side sends (nothing is closed: a database hung) until
+ * `thaw()`.
+ */
 async function cuttableProxy(target: URL) {
   const open = new Set<Socket>();
   let down = false;
+  let frozen = false;
+  const held: (() => void)[] = [];
   const server = createServer((a) => {
     if (down) {
       a.destroy();
@@ -30,7 +36,7 @@ async function cuttableProxy(target: URL) {
       [b, a],
     ]) {
       open.add(x);
-      x.pipe(y);
+      x.on('data', (d) => (frozen ? held.push(() => y.write(d)) : y.write(d)));
       x.on('error', () => y.destroy());
       x.on('close', () => {
         open.delete(x);
@@ -50,6 +56,13 @@ async function cuttableProxy(target: URL) {
     mend() {
       down = false;
     },
+    freeze() {
+      frozen = true;
+    },
+    thaw() {
+      frozen = false;
+      for (const w of held.splice(0)) w();
+    },
     close() {
       server.close();
       for (const s of open) s.destroy();
@@ -68,7 +81,11 @@ before(async () => {
   proxy = await cuttableProxy(new URL(db.url));
   app = await createTestApp(
     { rateLimits: false },
-    { DATABASE_URL: proxy.url, WS_CONNECTION_INIT_TIMEOUT_MS: String(INIT_WAIT_MS) },
+    {
+      DATABASE_URL: proxy.url,
+      WS_CONNECTION_INIT_TIMEOUT_MS: String(INIT_WAIT_MS),
+      WS_MAX_SOCKETS_PER_USER: '1',
+    },
   );
   const p = await app.start(0);
   wsUrl = `ws://127.0.0.1:${p}/graphql`;
@@ -232,5 +249,58 @@ it('over SSE, one failed execution shared by later readers is not counted as the
     }
   } finally {
     for (const s of [a, b, c]) await s.stop();
+  }
+});
+
+it('a socket the server closes while its subscribe is authenticating (the database slow) registers nothing when that ends: no slot, no presence', {
+  skip,
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  const userId = decodeAnyId(u.id).id;
+  // A session of theirs not used yet (not cached): checking its token needs the database.
+  const fresh = (
+    await ok(app, 'mutation($i: LoginInput!) { login(input: $i) { accessToken } }', {
+      i: { login: u.username, password: 'correct horse battery' },
+    })
+  ).login.accessToken as string;
+  const anon = rawSocket(wsUrl);
+  await anon.send({ type: 'connection_init', payload: {} });
+  await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
+  proxy.freeze();
+  try {
+    await anon.send({
+      id: '1',
+      type: 'subscribe',
+      payload: {
+        query: 'subscription { events { cursor } }',
+        extensions: { headers: { authorization: `Bearer ${fresh}` } },
+      },
+    });
+    await sleep(200);
+    // Closed by the server (a bad message) while the token is being checked.
+    await anon.send({ type: 'nonsense' });
+    assert.equal(await anon.closedWith(), 4400);
+  } finally {
+    proxy.thaw();
+  }
+  await sleep(1000);
+  const shown = await app.deps.realtime!.presence.store.shown([userId]);
+  assert.equal(shown.get(userId) ?? 'OFFLINE', 'OFFLINE', 'no presence for the closed socket');
+  // Its user's one slot (WS_MAX_SOCKETS_PER_USER=1) is free: a socket of theirs gets in and gets events.
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(
+    c.client,
+    null,
+    'subscription { events { __typename ... on MessageCreated { message { content } } } }',
+  );
+  try {
+    await sleep(500);
+    await send(app, u.token, channelId, 'in');
+    await s.until((e) => e.some((x) => x.message?.content === 'in'));
+  } finally {
+    s.stop();
+    await c.client.dispose();
   }
 });
