@@ -136,6 +136,48 @@ it('an anonymous socket whose token could not be checked (the database away) is 
   }
 });
 
+it('an anonymous socket told to try again, whose next token is bad, is closed at its deadline as Unauthorized (4401), not to try again', {
+  skip,
+  timeout: 30_000,
+}, async () => {
+  const u = await signUp(app);
+  const anon = rawSocket(wsUrl);
+  const sub = (id: string, token: string) =>
+    anon.send({
+      id,
+      type: 'subscribe',
+      payload: {
+        query: 'subscription { events { cursor } }',
+        extensions: { headers: { authorization: `Bearer ${token}` } },
+      },
+    });
+  const refusal = async (id: string) => {
+    await anon.until(
+      () => anon.messages.some((m) => m.type === 'error' && m.id === id),
+      `refusal ${id}`,
+      10_000,
+    );
+    return anon.messages.find((m) => m.type === 'error' && m.id === id).payload[0].extensions.code;
+  };
+  try {
+    await anon.send({ type: 'connection_init', payload: {} });
+    await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    proxy.cut();
+    try {
+      await sub('1', u.token);
+      assert.equal(await refusal('1'), 'INTERNAL_SERVER_ERROR');
+    } finally {
+      proxy.mend();
+    }
+    await sub('2', 'not-a-token');
+    assert.equal(await refusal('2'), 'UNAUTHENTICATED');
+    await anon.until(() => !!anon.closed(), 'the close', 4 * INIT_WAIT_MS + 3000);
+    assert.equal(anon.closed()!.code, 4401, `closed with ${JSON.stringify(anon.closed())}`);
+  } finally {
+    anon.ws.close();
+  }
+});
+
 /**
  * An `events` subscription over SSE served in process (app.fetch): real yoga, plugin and event
  * stream, read only when the test asks, so that its subscriber pulls its next event only then

@@ -236,18 +236,19 @@ export function attachRealtime(o: RealtimeServerOptions) {
    * could not be checked (tryAgain): closed then as it was refused, not told to sign in again.
    */
   const anonymousTimers = new WeakMap<Connection, NodeJS.Timeout>();
+  type Close = { code: number; reason: string };
   const noToken = { code: CloseCode.Unauthorized, reason: 'Unauthorized: no token in time' };
   const slotFull = { code: CloseCode.TooManyConnections, reason: 'Too many sockets for this user' };
-  function anonymousDeadline(
-    conn: Connection,
-    ms = limits.connectionInitWaitMs,
-    as: { code: number; reason: string } = noToken,
-  ) {
+  /** How the deadline closes the socket: as its last token was refused (4401 by default). */
+  const deadlineCloses = new WeakMap<Connection, Close>();
+  function anonymousDeadline(conn: Connection, ms = limits.connectionInitWaitMs, as: Close = noToken) {
     clearTimeout(anonymousTimers.get(conn));
+    deadlineCloses.set(conn, as);
     const timer = setTimeout(async () => {
       const outcome = await bindings.get(conn)?.outcome;
       if (conn.closed || conn.viewer || outcome === true) return;
-      close(conn.socket, as.code, as.reason);
+      const c = deadlineCloses.get(conn) ?? noToken;
+      close(conn.socket, c.code, c.reason);
     }, ms);
     timer.unref();
     anonymousTimers.set(conn, timer);
@@ -287,6 +288,8 @@ export function attachRealtime(o: RealtimeServerOptions) {
           if (code === 'RATE_LIMITED')
             anonymousDeadline(conn, SLOT_RETRY_S * 1000 + limits.connectionInitWaitMs, slotFull);
           else if (outcome === tryAgain) anonymousDeadline(conn, limits.connectionInitWaitMs, tryAgain);
+          // A token refused for itself: the deadline (not moved) closes as for a bad token.
+          else deadlineCloses.set(conn, noToken);
         }
         return [new GraphQLError(outcome.reason, { extensions })];
       }
