@@ -317,8 +317,9 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   const conns = new WeakMap<WebSocket, Conn>();
 
   /**
-   * The connection is over for the server once either side begins to close it: its operations
-   * stop and its handlers' onClose runs (the user's socket slot, presence), then and only once.
+   * The connection is over for the server once the server begins to close it, or `ws` reports it
+   * closed (a close the client began is seen only then): its operations stop and its handlers'
+   * onClose runs (the user's socket slot, presence), then and only once.
    * A close of ours waits for the bytes queued ahead of its frame: for a slow consumer, up to
    * `maxBufferedBytes`, which `ws` would hold for 30 s before giving up; nothing else of the
    * socket is held meanwhile, and after CLOSE_GRACE_MS it is cut (the client sees 1006 and
