@@ -13,6 +13,7 @@ import { after, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { createTestDatabase, onPostgres } from './helpers.ts';
+import { connect, subscribe } from './realtime-helpers.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const SECRET = randomBytes(32).toString('hex');
@@ -227,5 +228,76 @@ describe('graceful shutdown', () => {
     assert.equal(await s.exited, 0, s.output());
     const rows = await holder.query(`select count(*)::int as n from guilds where name = 'Late'`);
     assert.equal(rows.rows[0].n, 1);
+  });
+});
+
+describe('presence across a restart', () => {
+  it('a user who chose INVISIBLE is still shown OFFLINE after the server restarts (the choice is kept in the database, not only in the process)', {
+    timeout: 90_000,
+  }, async () => {
+    const env = await storage();
+    const user = async (base: string) => {
+      const name = `p_${randomBytes(3).toString('hex')}`;
+      const r = await gqlHttp(
+        base,
+        'mutation($i: RegisterInput!) { register(input: $i) { accessToken user { id } } }',
+        { i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' } },
+      );
+      return {
+        token: r.body.data.register.accessToken as string,
+        id: r.body.data.register.user.id as string,
+      };
+    };
+    let s = await startServer(env);
+    const [hidden, watcher] = [await user(s.base), await user(s.base)];
+    const g = await gqlHttp(
+      s.base,
+      'mutation { createGuild(input: { name: "G" }) { id } }',
+      {},
+      hidden.token,
+    );
+    const inv = await gqlHttp(
+      s.base,
+      'mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }',
+      { g: g.body.data.createGuild.id },
+      hidden.token,
+    );
+    await gqlHttp(
+      s.base,
+      'mutation($c: String!) { joinGuild(code: $c) { id } }',
+      { c: inv.body.data.createInvite.code },
+      watcher.token,
+    );
+    const chosen = await gqlHttp(s.base, 'mutation { setPresence(status: INVISIBLE) }', {}, hidden.token);
+    assert.equal(chosen.body.errors, undefined, JSON.stringify(chosen.body.errors));
+    s.child.kill('SIGTERM');
+    assert.equal(await s.exited, 0, s.output());
+
+    s = await startServer(env);
+    const c = connect(`${s.base.replace('http', 'ws')}/graphql`, hidden.token);
+    const sub = subscribe(c.client, null);
+    try {
+      // Its socket is up (its own stream answers), then what the watcher is shown.
+      await new Promise((r) => setTimeout(r, 1500));
+      const q = await gqlHttp(
+        s.base,
+        'query($id: ID!) { user(id: $id) { presence { status } } }',
+        { id: hidden.id },
+        watcher.token,
+      );
+      assert.equal(q.body.data.user.presence.status, 'OFFLINE', 'invisible after the restart');
+      const own = await gqlHttp(
+        s.base,
+        'query($id: ID!) { user(id: $id) { presence { status } } }',
+        { id: hidden.id },
+        hidden.token,
+      );
+      assert.equal(own.body.data.user.presence.status, 'OFFLINE', 'its own view says so too');
+    } finally {
+      sub.stop();
+      await c.client.dispose();
+      s.child.kill('SIGTERM');
+      await s.exited;
+    }
   });
 });

@@ -39,6 +39,12 @@ export const users = pgTable(
     isAdmin: boolean('is_admin').notNull().default(false),
     isBot: boolean('is_bot').notNull().default(false),
     deactivatedAt: ts('deactivated_at'),
+    /**
+     * The presence status the user chose (setPresence; null: ONLINE). The presence store (Redis,
+     * or the process) holds a copy, written again from here when a socket connects and after the
+     * store was away, so that a restarted Redis or process does not show an invisible user.
+     */
+    presenceChoice: text('presence_choice').$type<'ONLINE' | 'IDLE' | 'DND' | 'INVISIBLE'>(),
     createdAt: createdAt(),
   },
   (t) => [

@@ -12,7 +12,9 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
+import { eq } from 'drizzle-orm';
 import { type Db, databaseOf, followCommits } from '../db/client.ts';
+import { users } from '../db/tables.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import { BanterError } from '../errors.ts';
 import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
@@ -158,6 +160,18 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     opts.presence ?? createMemoryPresence(),
     deps.bus,
     Math.random().toString(36).slice(2, 10),
+    {
+      async load(userId) {
+        const [u] = await deps.db
+          .select({ choice: users.presenceChoice })
+          .from(users)
+          .where(eq(users.id, userId));
+        return u?.choice ?? null;
+      },
+      async save(userId, choice) {
+        await deps.db.update(users).set({ presenceChoice: choice }).where(eq(users.id, userId));
+      },
+    },
   );
 
   /** Seqs of the rows dispatched lately: a ring for rows already read needs no read. */

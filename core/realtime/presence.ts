@@ -123,7 +123,16 @@ export function createRedisPresence(redis: Redis, prefix: string): PresenceStore
  * Tracks this instance's sockets and announces changes of what others see. The ws layer calls
  * connected/disconnected; the refresh timer keeps this instance's entries alive.
  */
-export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId: string) {
+export function createPresenceTracker(
+  store: PresenceStore,
+  bus: Bus,
+  instanceId: string,
+  /** where the status a user chose is kept for good (the database); null: ONLINE */
+  kept?: {
+    load(userId: string): Promise<PresenceChoice | null>;
+    save(userId: string, choice: PresenceChoice): Promise<void>;
+  },
+) {
   const local = new Map<string, Set<string>>();
   const lastShown = new Map<string, PresenceShown>();
   let n = 0;
@@ -150,11 +159,21 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
    */
   const unsure = new Set<string>();
 
+  /**
+   * Writes the user's chosen status into the store from where it is kept: the store's copy may be
+   * gone (a restarted Redis or process, its 30-day expiry) or behind (a choice whose write failed),
+   * and an invisible user must not show as ONLINE. Before its entries, so it never does meanwhile.
+   */
+  async function restoreChoice(u: string) {
+    if (kept) await store.choose(u, (await kept.load(u)) ?? 'ONLINE');
+  }
+
   /** Writes a user's entries again and does its failed drops; false when the store failed again. */
   async function rewrite(u: string): Promise<boolean> {
     const gone = [...(undropped.get(u) ?? [])];
     undropped.delete(u);
     try {
+      await restoreChoice(u);
       await store.touch(u, [...(local.get(u) ?? [])]);
       for (const c of gone) await store.drop(u, c);
       return true;
@@ -212,6 +231,7 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
       }
       set.add(id);
       try {
+        await restoreChoice(userId);
         await store.touch(userId, [id]);
         await announce(userId);
       } catch {
@@ -231,9 +251,18 @@ export function createPresenceTracker(store: PresenceStore, bus: Bus, instanceId
         );
       }, OFFLINE_GRACE_MS).unref();
     },
+    /**
+     * Kept for good first (a failure there is the caller's), then into the store and told. When
+     * the store fails, the refresh writes it again from where it is kept, and tells it.
+     */
     async choose(userId: string, choice: PresenceChoice) {
-      await store.choose(userId, choice);
-      await announce(userId, true);
+      await kept?.save(userId, choice);
+      try {
+        await store.choose(userId, choice);
+        await announce(userId, true);
+      } catch {
+        unsure.add(userId);
+      }
     },
     stop() {
       clearInterval(refresh);
