@@ -23,8 +23,11 @@ export const OFFLINE_GRACE_MS = 5_000;
 export const RECONNECT_SETTLE_MS = 3_000;
 
 export interface PresenceStore {
-  /** Marks connections alive until now + CONNECTION_TTL_MS. */
-  touch(userId: string, connIds: string[]): Promise<void>;
+  /**
+   * Marks connections alive until now + CONNECTION_TTL_MS; with `choice`, sets the user's chosen
+   * status first, in the same write (a Redis that answers late applies both, in that order).
+   */
+  touch(userId: string, connIds: string[], choice?: PresenceChoice): Promise<void>;
   drop(userId: string, connId: string): Promise<void>;
   choose(userId: string, choice: PresenceChoice): Promise<void>;
   /** What others see. */
@@ -46,7 +49,8 @@ export function createMemoryPresence(): PresenceStore {
   const conns = new Map<string, Map<string, number>>();
   const choices = new Map<string, PresenceChoice>();
   return {
-    async touch(userId, connIds) {
+    async touch(userId, connIds, choice) {
+      if (choice) choices.set(userId, choice);
       let m = conns.get(userId);
       if (!m) {
         m = new Map();
@@ -77,21 +81,28 @@ export function createMemoryPresence(): PresenceStore {
   };
 }
 
+/** How long Redis keeps its copy of a chosen status (written again at every connection). */
+const CHOICE_TTL_S = 30 * 86_400;
+
 export function createRedisPresence(redis: Redis, prefix: string): PresenceStore {
   const key = (u: string) => `${prefix}presence:${u}`;
   const choiceKey = (u: string) => `${prefix}presence-choice:${u}`;
   return {
-    async touch(userId, connIds) {
-      if (!connIds.length) return;
-      const until = String(Date.now() + CONNECTION_TTL_MS);
-      const m = redis.multi().hset(key(userId), ...connIds.flatMap((c) => [c, until]));
-      await m.pexpire(key(userId), CONNECTION_TTL_MS).exec();
+    async touch(userId, connIds, choice) {
+      if (!connIds.length && !choice) return;
+      const m = redis.multi();
+      if (choice) m.set(choiceKey(userId), choice, 'EX', CHOICE_TTL_S);
+      if (connIds.length) {
+        const until = String(Date.now() + CONNECTION_TTL_MS);
+        m.hset(key(userId), ...connIds.flatMap((c) => [c, until])).pexpire(key(userId), CONNECTION_TTL_MS);
+      }
+      await m.exec();
     },
     async drop(userId, connId) {
       await redis.hdel(key(userId), connId);
     },
     async choose(userId, choice) {
-      await redis.set(choiceKey(userId), choice, 'EX', 30 * 86_400);
+      await redis.set(choiceKey(userId), choice, 'EX', CHOICE_TTL_S);
     },
     async shown(userIds) {
       const now = Date.now();
@@ -160,12 +171,13 @@ export function createPresenceTracker(
   const unsure = new Set<string>();
 
   /**
-   * Writes the user's chosen status into the store from where it is kept: the store's copy may be
-   * gone (a restarted Redis or process, its 30-day expiry) or behind (a choice whose write failed),
-   * and an invisible user must not show as ONLINE. Before its entries, so it never does meanwhile.
+   * Writes a user's connection entries, with its chosen status from where it is kept: the store's
+   * copy may be gone (a restarted Redis or process, its expiry) or behind (a choice whose write
+   * failed), and an invisible user must not show as ONLINE. In the same write, before the
+   * entries, so it never does meanwhile.
    */
-  async function restoreChoice(u: string) {
-    if (kept) await store.choose(u, (await kept.load(u)) ?? 'ONLINE');
+  async function enter(u: string, connIds: string[]) {
+    await store.touch(u, connIds, kept ? ((await kept.load(u)) ?? 'ONLINE') : undefined);
   }
 
   /** Writes a user's entries again and does its failed drops; false when the store failed again. */
@@ -173,8 +185,7 @@ export function createPresenceTracker(
     const gone = [...(undropped.get(u) ?? [])];
     undropped.delete(u);
     try {
-      await restoreChoice(u);
-      await store.touch(u, [...(local.get(u) ?? [])]);
+      await enter(u, [...(local.get(u) ?? [])]);
       for (const c of gone) await store.drop(u, c);
       return true;
     } catch {
@@ -231,8 +242,7 @@ export function createPresenceTracker(
       }
       set.add(id);
       try {
-        await restoreChoice(userId);
-        await store.touch(userId, [id]);
+        await enter(userId, [id]);
         await announce(userId);
       } catch {
         // the refresh timer writes the entry again, and tells it; disconnected removes it
