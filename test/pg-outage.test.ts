@@ -17,18 +17,19 @@ import pg from 'pg';
 import { createDatabase } from '../core/db/client.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, rawSocket, send, sleep, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  freePort,
+  guildWithChannel,
+  invite,
+  rawSocket,
+  send,
+  sleep,
+  subscribe,
+} from './realtime-helpers.ts';
 
 const BIN = '/usr/lib/postgresql/15/bin';
 const skip = !onPostgres;
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 /** Runs a Postgres binary, as the postgres OS user when this is root (initdb refuses root). */
 function pgBin(cmd: string, args: string[]) {

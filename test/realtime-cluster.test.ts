@@ -7,24 +7,15 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, it } from 'node:test';
 import pg from 'pg';
 import { createTestDatabase, onPostgres } from './helpers.ts';
-import { connect, subscribe } from './realtime-helpers.ts';
+import { connect, freePort, subscribe } from './realtime-helpers.ts';
 import { resumeUnderLoad } from './realtime-scenario.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 async function waitFor(fn: () => Promise<boolean>, ms: number, what: string) {
   const deadline = Date.now() + ms;

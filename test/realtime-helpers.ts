@@ -1,4 +1,5 @@
 /** A graphql-ws client for tests: collects every `events` payload and waits for what it needs. */
+import { createServer } from 'node:net';
 import { sql } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
 import WebSocket from 'ws';
@@ -347,6 +348,18 @@ export function sseStream(
       wake?.();
     });
   return s;
+}
+
+/** A TCP port on 127.0.0.1 that nothing listens on just now. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

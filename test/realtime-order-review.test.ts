@@ -8,7 +8,6 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { after, before, it } from 'node:test';
 import pg from 'pg';
 import { type App, buildApp } from '../api/app.ts';
@@ -18,15 +17,7 @@ import { pruneEvents } from '../core/realtime/log.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, send, sleep, within } from './realtime-helpers.ts';
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
+import { freePort, guildWithChannel, send, sleep, within } from './realtime-helpers.ts';
 
 let a: TestApp;
 let b: App;

@@ -6,22 +6,13 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { after, before, it } from 'node:test';
 import { type App, buildApp } from '../api/app.ts';
 import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
+import { connect, freePort, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 let redis: ChildProcess | undefined;
 let redisPort: number;
