@@ -8,7 +8,6 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, it } from 'node:test';
@@ -22,6 +21,7 @@ import {
   freePort,
   guildWithChannel,
   invite,
+  postgresProxy,
   rawSocket,
   send,
   sleep,
@@ -498,49 +498,11 @@ it('a socket opened while the database is down is told to try again (1013), not 
   }
 });
 
-/**
- * A TCP proxy to this file's Postgres whose open connections can be frozen, as a failover leaves
- * them: the server's end is gone (its backends exit), the application's end stays open and hears
- * nothing more, no reset. New connections pass.
- */
-async function freezingProxy(target: number) {
-  const pairs: { a: Socket; b: Socket; frozen: boolean }[] = [];
-  const server = createServer((a) => {
-    const b = connectTcp(target, '127.0.0.1');
-    const pair = { a, b, frozen: false };
-    pairs.push(pair);
-    a.on('data', (d) => pair.frozen || b.write(d));
-    b.on('data', (d) => pair.frozen || a.write(d));
-    for (const [x, y] of [
-      [a, b],
-      [b, a],
-    ]) {
-      x.on('error', () => pair.frozen || y.destroy());
-      x.on('close', () => pair.frozen || y.destroy());
-    }
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  return {
-    port: (server.address() as { port: number }).port,
-    freeze() {
-      for (const p of pairs) {
-        p.frozen = true;
-        p.b.destroy();
-      }
-      return pairs.length;
-    },
-    close() {
-      server.close();
-      for (const p of pairs) p.a.destroy();
-    },
-  };
-}
-
 it('connections left hanging (a failover: no answer, no reset) are given up once DATABASE_QUERY_TIMEOUT_MS shows their backend gone: the stream goes on, sends work again', {
   skip,
   timeout: 90_000,
 }, async () => {
-  const proxy = await freezingProxy(port);
+  const proxy = await postgresProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
   const shared = {
     rateLimits: false,
     jwtSecret: randomBytes(32).toString('hex'),
@@ -549,10 +511,7 @@ it('connections left hanging (a failover: no answer, no reset) are given up once
   const direct = await createTestApp(shared, {
     DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/banter`,
   });
-  const hung = await createTestApp(
-    { ...shared, databaseQueryTimeoutMs: 1000 },
-    { DATABASE_URL: `postgres://postgres@127.0.0.1:${proxy.port}/banter` },
-  );
+  const hung = await createTestApp({ ...shared, databaseQueryTimeoutMs: 1000 }, { DATABASE_URL: proxy.url });
   const hungWs = `ws://127.0.0.1:${await hung.start(0)}/graphql`;
   await direct.start(0);
   const u = await signUp(direct);
@@ -564,7 +523,7 @@ it('connections left hanging (a failover: no answer, no reset) are given up once
     await send(direct, u.token, channelId, 'f1');
     await send(hung, u.token, channelId, 'f2');
     await s.until((e) => contents(e).includes('f2'));
-    assert.ok(proxy.freeze() > 0, 'the instance had connections open');
+    assert.ok(proxy.hang() > 0, 'the instance had connections open');
     // Written by the other instance: this one must read it from the log, over a hung connection first.
     await send(direct, u.token, channelId, 'f3');
     await s.until((e) => contents(e).includes('f3'), 20_000);
@@ -588,16 +547,16 @@ it('a transaction whose BEGIN meets a hung connection fails once its backend is 
   skip,
   timeout: 60_000,
 }, async () => {
-  const proxy = await freezingProxy(port);
+  const proxy = await postgresProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
   const database = await createDatabase({
-    url: `postgres://postgres@127.0.0.1:${proxy.port}/banter`,
+    url: proxy.url,
     dataDir: 'unused',
     queryTimeoutMs: 1000,
   });
   try {
     await database.db.transaction((tx) => tx.execute(sql`select 1`));
     assert.deepEqual(database.poolStats(), { total: 1, idle: 1, waiting: 0 });
-    proxy.freeze();
+    proxy.hang();
     await assert.rejects(database.db.transaction((tx) => tx.execute(sql`select 1`)));
     assert.equal(database.poolStats().total, 0, 'the hung connection is gone');
     // The next one opens a connection of its own and goes through.

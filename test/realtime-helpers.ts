@@ -1,5 +1,5 @@
 /** A graphql-ws client for tests: collects every `events` payload and waits for what it needs. */
-import { createServer } from 'node:net';
+import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { sql } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
 import WebSocket from 'ws';
@@ -348,6 +348,81 @@ export function sseStream(
       wake?.();
     });
   return s;
+}
+
+/**
+ * A TCP proxy to a Postgres server (`target`: a database URL; `url` is the same through the proxy),
+ * for the database going away under an app:
+ * - `cut()` drops its connections and refuses new ones until `mend()` (the database away);
+ * - `hold()` holds what either side sends (nothing is closed: a database hung) until `release()`;
+ * - `hang()` leaves the open connections as a failover does: the server's end is gone (its
+ *   backends exit), the application's end stays open and hears nothing more, no reset. New
+ *   connections pass. Returns how many connections the proxy has had.
+ */
+export async function postgresProxy(target: string) {
+  const to = new URL(target);
+  const pairs: { a: Socket; b: Socket; hung: boolean }[] = [];
+  let down = false;
+  let holding = false;
+  const held: (() => void)[] = [];
+  const server = createServer((a) => {
+    if (down) {
+      a.destroy();
+      return;
+    }
+    const b = connectTcp(Number(to.port || 5432), to.hostname);
+    const pair = { a, b, hung: false };
+    pairs.push(pair);
+    for (const [x, y] of [
+      [a, b],
+      [b, a],
+    ]) {
+      x.on('data', (d) => {
+        if (pair.hung) return;
+        if (holding) held.push(() => y.write(d));
+        else y.write(d);
+      });
+      x.on('error', () => pair.hung || y.destroy());
+      x.on('close', () => pair.hung || y.destroy());
+    }
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const url = new URL(to);
+  url.host = `127.0.0.1:${(server.address() as { port: number }).port}`;
+  const destroyAll = () => {
+    for (const p of pairs) {
+      p.a.destroy();
+      p.b.destroy();
+    }
+  };
+  return {
+    url: url.toString(),
+    cut() {
+      down = true;
+      destroyAll();
+    },
+    mend() {
+      down = false;
+    },
+    hold() {
+      holding = true;
+    },
+    release() {
+      holding = false;
+      for (const w of held.splice(0)) w();
+    },
+    hang() {
+      for (const p of pairs) {
+        p.hung = true;
+        p.b.destroy();
+      }
+      return pairs.length;
+    },
+    close() {
+      server.close();
+      destroyAll();
+    },
+  };
 }
 
 /** A TCP port on 127.0.0.1 that nothing listens on just now. */

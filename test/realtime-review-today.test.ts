@@ -1,84 +1,37 @@
 /**
  * Review of the day's realtime changes (the server's closes releasing at once, SSE sharing
  * executions, 1013 for a token that could not be checked): each test here failed before its fix.
- * Postgres only: the app reaches its database through a TCP proxy of this file's that can cut it
- * off (the database away) and let it through again.
+ * Postgres only: the app reaches its database through a TCP proxy (postgresProxy) that can cut it
+ * off (the database away) and let it through again, or hold it (a database hung).
  */
 import assert from 'node:assert/strict';
-import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, createTestDatabase, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, rawSocket, send, sleep, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  invite,
+  postgresProxy,
+  rawSocket,
+  send,
+  sleep,
+  subscribe,
+} from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 const INIT_WAIT_MS = 1000;
 
-/**
- * A TCP proxy to the test Postgres: `cut()` drops its connections and refuses new ones until
- * `mend()`; `freeze()` holds what either side sends (nothing is closed: a database hung) until
- * `thaw()`.
- */
-async function cuttableProxy(target: URL) {
-  const open = new Set<Socket>();
-  let down = false;
-  let frozen = false;
-  const held: (() => void)[] = [];
-  const server = createServer((a) => {
-    if (down) {
-      a.destroy();
-      return;
-    }
-    const b = connectTcp(Number(target.port || 5432), target.hostname);
-    for (const [x, y] of [
-      [a, b],
-      [b, a],
-    ]) {
-      open.add(x);
-      x.on('data', (d) => (frozen ? held.push(() => y.write(d)) : y.write(d)));
-      x.on('error', () => y.destroy());
-      x.on('close', () => {
-        open.delete(x);
-        y.destroy();
-      });
-    }
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
-  const url = new URL(target);
-  url.host = `127.0.0.1:${(server.address() as { port: number }).port}`;
-  return {
-    url: url.toString(),
-    cut() {
-      down = true;
-      for (const s of open) s.destroy();
-    },
-    mend() {
-      down = false;
-    },
-    freeze() {
-      frozen = true;
-    },
-    thaw() {
-      frozen = false;
-      for (const w of held.splice(0)) w();
-    },
-    close() {
-      server.close();
-      for (const s of open) s.destroy();
-    },
-  };
-}
-
 let db: { url: string; drop(): Promise<void> };
-let proxy: Awaited<ReturnType<typeof cuttableProxy>>;
+let proxy: Awaited<ReturnType<typeof postgresProxy>>;
 let app: TestApp;
 let wsUrl: string;
 
 before(async () => {
   if (skip) return;
   db = await createTestDatabase();
-  proxy = await cuttableProxy(new URL(db.url));
+  proxy = await postgresProxy(db.url);
   app = await createTestApp(
     { rateLimits: false },
     {
@@ -310,7 +263,7 @@ it('a socket the server closes while its subscribe is authenticating (the databa
   const anon = rawSocket(wsUrl);
   await anon.send({ type: 'connection_init', payload: {} });
   await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
-  proxy.freeze();
+  proxy.hold();
   try {
     await anon.send({
       id: '1',
@@ -325,7 +278,7 @@ it('a socket the server closes while its subscribe is authenticating (the databa
     await anon.send({ type: 'nonsense' });
     assert.equal(await anon.closedWith(), 4400);
   } finally {
-    proxy.thaw();
+    proxy.release();
   }
   await sleep(1000);
   const shown = await app.deps.realtime!.presence.store.shown([userId]);
