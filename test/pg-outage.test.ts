@@ -298,6 +298,19 @@ it('a row committed just before the outage arrives once it is back; typing and p
   }
 });
 
+/**
+ * Runs `during` with channel_recipients renamed away over `raw` (a statement that reads it fails,
+ * as one does while the database is away), then puts it back.
+ */
+async function whileRecipientsAway<T>(raw: pg.Client, during: () => Promise<T>): Promise<T> {
+  await raw.query('alter table channel_recipients rename to channel_recipients_away');
+  try {
+    return await during();
+  } finally {
+    await raw.query('alter table channel_recipients_away rename to channel_recipients');
+  }
+}
+
 it('a live event whose permission check fails (a statement failing: the database away) closes the socket to resume, not the stream with an error', {
   skip,
   timeout: 60_000,
@@ -325,16 +338,16 @@ it('a live event whose permission check fails (a statement failing: the database
       )
     ).rows[0].id as string;
     try {
-      await raw.query('alter table channel_recipients rename to channel_recipients_away');
-      await raw.query(
-        `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_DELETED', $1::uuid, $2::uuid,
-           jsonb_build_object('messageId', gen_random_uuid()::text, 'channelId', $2::text))`,
-        [decodeAnyId(guildId).id, x],
-      );
-      await app.deps.realtime!.poke();
-      await sleep(500);
+      await whileRecipientsAway(raw, async () => {
+        await raw.query(
+          `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_DELETED', $1::uuid, $2::uuid,
+             jsonb_build_object('messageId', gen_random_uuid()::text, 'channelId', $2::text))`,
+          [decodeAnyId(guildId).id, x],
+        );
+        await app.deps.realtime!.poke();
+        await sleep(500);
+      });
     } finally {
-      await raw.query('alter table channel_recipients_away rename to channel_recipients');
       await raw.end();
     }
     // Cut off to resume (as an event that failed to execute is): no error, the socket closed 1013.
@@ -383,12 +396,13 @@ it('a resume whose replay fails (a statement failing: the database away) closes 
   const c2 = connect(wsUrl, u.token);
   let r: ReturnType<typeof subscribe> | undefined;
   try {
-    await raw.query('alter table channel_recipients rename to channel_recipients_away');
-    r = subscribe(c2.client, cursor);
-    const deadline = Date.now() + 5000;
-    while (!c2.closed() && !r.errors.length && Date.now() < deadline) await sleep(50);
+    r = await whileRecipientsAway(raw, async () => {
+      const sub = subscribe(c2.client, cursor);
+      const deadline = Date.now() + 5000;
+      while (!c2.closed() && !sub.errors.length && Date.now() < deadline) await sleep(50);
+      return sub;
+    });
   } finally {
-    await raw.query('alter table channel_recipients_away rename to channel_recipients');
     await raw.end();
   }
   try {
