@@ -65,6 +65,10 @@ const LOGIN = `mutation($i: LoginInput!) { login(input: $i) { accessToken } }`;
 const PRESENCE = `query($id: ID!) { user(id: $id) { presence { status } } }`;
 const PRESENCE_EVENTS = `subscription { events { __typename cursor ... on PresenceChanged { user { id } status } ... on MessageCreated { message { id content } } } }`;
 
+/** What the last PresenceChanged for user `id` among `events` says (undefined: none yet). */
+const statusOf = (events: any[], id: string) =>
+  events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
+
 before(async () => {
   if (skip) return;
   redisPort = await freePort();
@@ -286,8 +290,6 @@ it('after Redis returns: who connected or left while it was down is shown as the
   const sl = subscribe(cl.client, null, PRESENCE_EVENTS);
   const cc = connect(urlB, comer.token);
   let sc: ReturnType<typeof subscribe> | undefined;
-  const statusOf = (events: any[], id: string) =>
-    events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
   try {
     await sw.until(
       (e) => statusOf(e, owner.id) === 'ONLINE' && statusOf(e, leaver.id) === 'ONLINE',
@@ -345,8 +347,6 @@ it('after Redis was paused: who connected or left meanwhile is told to streams (
   const sl = subscribe(cl.client, null, PRESENCE_EVENTS);
   const cc = connect(urlB, comer.token);
   let sc: ReturnType<typeof subscribe> | undefined;
-  const statusOf = (events: any[], id: string) =>
-    events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
   try {
     await sw.until((e) => statusOf(e, leaver.id) === 'ONLINE', 5000, 'leaver online');
     // Paused past the offline grace: the comer's entry and the leaver's drop are both written
@@ -393,8 +393,6 @@ it('after a restarted (empty) Redis, a user who chose INVISIBLE is not shown ONL
   const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
   const ch = connect(urlB, hidden.token);
   const sh = subscribe(ch.client, null, PRESENCE_EVENTS);
-  const statusOf = (events: any[], id: string) =>
-    events.filter((e) => e.__typename === 'PresenceChanged' && e.user.id === id).at(-1)?.status;
   try {
     await sleep(1500);
     assert.equal(statusOf(sw.events, hidden.id) ?? 'OFFLINE', 'OFFLINE', 'invisible: shown OFFLINE');
