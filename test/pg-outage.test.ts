@@ -26,6 +26,7 @@ import {
   send,
   sleep,
   subscribe,
+  subscribeFrame,
 } from './realtime-helpers.ts';
 
 const BIN = '/usr/lib/postgresql/15/bin';
@@ -479,14 +480,7 @@ it('a socket opened while the database is down is told to try again (1013), not 
     const anon = rawSocket(wsUrl);
     await anon.send({ type: 'connection_init', payload: {} });
     await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
-    await anon.send({
-      id: '1',
-      type: 'subscribe',
-      payload: {
-        query: 'subscription { events { cursor } }',
-        extensions: { headers: { authorization: `Bearer ${w.token}` } },
-      },
-    });
+    await anon.send(subscribeFrame(w.token));
     await anon.until(() => anon.messages.some((m) => m.type === 'error'), 'the refusal');
     refused = anon.messages.find((m) => m.type === 'error').payload[0];
     anon.ws.close();

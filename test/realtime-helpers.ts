@@ -177,6 +177,21 @@ export function rawSocket(url: string, protocol: string | null = 'graphql-transp
 }
 
 /**
+ * A graphql-transport-ws `subscribe` frame for `events { cursor }` carrying its own token (as an
+ * anonymous socket authenticates with its subscribe), for `rawSocket(...).send`.
+ */
+export function subscribeFrame(token: string, id = '1') {
+  return {
+    id,
+    type: 'subscribe',
+    payload: {
+      query: 'subscription { events { cursor } }',
+      extensions: { headers: { authorization: `Bearer ${token}` } },
+    },
+  };
+}
+
+/**
  * Channels and overwrites for the access tests, on the app `of()` returns when called (the tests'
  * app is made in their before()).
  */

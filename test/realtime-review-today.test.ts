@@ -18,6 +18,7 @@ import {
   send,
   sleep,
   subscribe,
+  subscribeFrame,
 } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
@@ -65,14 +66,7 @@ it('an anonymous socket whose token could not be checked (the database away) is 
   try {
     await anon.send({ type: 'connection_init', payload: {} });
     await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
-    await anon.send({
-      id: '1',
-      type: 'subscribe',
-      payload: {
-        query: 'subscription { events { cursor } }',
-        extensions: { headers: { authorization: `Bearer ${u.token}` } },
-      },
-    });
+    await anon.send(subscribeFrame(u.token));
     await anon.until(() => anon.messages.some((m) => m.type === 'error'), 'the refusal', 10_000);
     assert.equal(
       anon.messages.find((m) => m.type === 'error').payload[0].extensions.code,
@@ -95,15 +89,7 @@ it('an anonymous socket told to try again, whose next token is bad, is closed at
 }, async () => {
   const u = await signUp(app);
   const anon = rawSocket(wsUrl);
-  const sub = (id: string, token: string) =>
-    anon.send({
-      id,
-      type: 'subscribe',
-      payload: {
-        query: 'subscription { events { cursor } }',
-        extensions: { headers: { authorization: `Bearer ${token}` } },
-      },
-    });
+  const sub = (id: string, token: string) => anon.send(subscribeFrame(token, id));
   const refusal = async (id: string) => {
     await anon.until(
       () => anon.messages.some((m) => m.type === 'error' && m.id === id),
@@ -265,14 +251,7 @@ it('a socket the server closes while its subscribe is authenticating (the databa
   await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'ack');
   proxy.hold();
   try {
-    await anon.send({
-      id: '1',
-      type: 'subscribe',
-      payload: {
-        query: 'subscription { events { cursor } }',
-        extensions: { headers: { authorization: `Bearer ${fresh}` } },
-      },
-    });
+    await anon.send(subscribeFrame(fresh));
     await sleep(200);
     // Closed by the server (a bad message) while the token is being checked.
     await anon.send({ type: 'nonsense' });
