@@ -59,3 +59,39 @@ it('deleting a guild whose cascade takes longer than the query timeout still del
   );
   assert.equal((left as unknown as { rows: { n: number }[] }).rows[0].n, 0);
 });
+
+// The check's own connection can be refused while the statement's is fine: a role (or server) at
+// its connection limit, as a pool sized to it is under load. A refusal says the server is there;
+// cutting then killed a healthy statement (its backend went on, holding its slot, while the pool
+// opened another connection to replace it).
+it('a long statement goes on when the check cannot get a connection (the role at its limit)', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const { createDatabase } = await import('../core/db/client.ts');
+  const { createTestDatabase, PG_ADMIN_URL } = await import('./helpers.ts');
+  const pg = (await import('pg')).default;
+  const tdb = await createTestDatabase();
+  const role = `banter_lim_${Math.random().toString(36).slice(2, 8)}`;
+  const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
+  await admin.connect();
+  await admin.query(`create role ${role} login connection limit 1`);
+  const url = new URL(tdb.url);
+  url.username = role;
+  const database = await createDatabase({
+    url: url.toString(),
+    dataDir: '',
+    poolSize: 1,
+    queryTimeoutMs: 300,
+  });
+  try {
+    const t = Date.now();
+    await database.db.execute(sql`select pg_sleep(1.5)`);
+    assert.ok(Date.now() - t >= 1400);
+  } finally {
+    await database.close();
+    await tdb.drop();
+    await admin.query(`drop role if exists ${role}`);
+    await admin.end();
+  }
+});

@@ -113,7 +113,9 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
       keepAliveInitialDelayMillis: 10_000,
     });
     // Whether the backend of a connection is still at work on a statement, asked on a connection
-    // of its own: no answer in `limit`, or no such backend running, and it is not.
+    // of its own: no answer in `limit`, or no such backend running, and it is not. A server that
+    // refuses the connection for want of resources (class 53: at max_connections or the role's
+    // connection limit, as a pool sized to it is under load) is there: asked again next period.
     const working = async (pid: number) => {
       const probe = new pg.Client({
         connectionString: opts.url,
@@ -128,8 +130,8 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
           [pid],
         );
         return r.rowCount === 1;
-      } catch {
-        return false;
+      } catch (err) {
+        return String((err as { code?: unknown }).code ?? '').startsWith('53');
       } finally {
         void probe.end().catch(() => {});
       }
