@@ -1,16 +1,20 @@
 import assert from 'node:assert/strict';
 import { after, before, it, mock } from 'node:test';
+import { Redis } from 'ioredis';
+import { createDatabase } from '../core/db/client.ts';
 import type { Bus } from '../core/ports/bus.ts';
+import { createHub } from '../core/realtime/hub.ts';
 import {
   CONNECTION_TTL_MS,
   createMemoryPresence,
   createPresenceTracker,
+  createRedisPresence,
   OFFLINE_GRACE_MS,
 } from '../core/realtime/presence.ts';
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { decodeId } from '../schema/builder.ts';
-import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, subscribe } from './realtime-helpers.ts';
+import { createTestApp, ok, onPostgres, signUp, TEST_REDIS_URL, type TestApp } from './helpers.ts';
+import { connect, guildWithChannel, invite, postgresProxy, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -201,5 +205,79 @@ it('a connection whose first presence write fails still gets an id, refreshed wh
     }
   } finally {
     mock.timers.reset();
+  }
+});
+
+// Two instances: the user chooses INVISIBLE on A while a socket of theirs connects on B. B read
+// the choice (ONLINE) from the database before A saved it, and its write of that copy, with the
+// connection's entries, reached Redis after A's: the stale ONLINE stayed in the store (the
+// refresh touches without a choice), shown to queries and announced to streams, while the
+// database said INVISIBLE.
+it('a status chosen on one instance while a socket connects on another is not overwritten with the old one', {
+  skip: !onPostgres,
+}, async () => {
+  const user = await signUp(app);
+  const uid = decodeId(user.id, 'User');
+  const dbB = await createDatabase({ url: app.config.databaseUrl, dataDir: '' });
+  const redisB = new Redis(TEST_REDIS_URL);
+  const hubB = createHub(
+    { ...app.deps, db: dbB.db },
+    { presence: createRedisPresence(redisB, app.config.redisPrefix) },
+  );
+  try {
+    // B's Redis connection is busy for 1 s (a blocking pop), as a loaded instance's is: what B
+    // sends meanwhile reaches Redis after it.
+    const busy = redisB.blpop(`${app.config.redisPrefix}nothing`, 1);
+    const entering = hubB.presence.connected(uid);
+    await new Promise((r) => setTimeout(r, 300)); // B has read the choice; its write waits
+    await ok(app, 'mutation { setPresence(status: INVISIBLE) }', {}, user.token);
+    await busy;
+    const conn = await entering;
+    const shown = await app.deps.realtime!.presence.store.shown([uid]);
+    hubB.presence.disconnected(uid, conn);
+    assert.equal(shown.get(uid), 'OFFLINE', 'an invisible user shown to others');
+  } finally {
+    await hubB.stop();
+    redisB.disconnect();
+    await dbB.close();
+  }
+});
+
+// A choose() whose store write failed (Redis unreachable, its data kept) leaves the store with
+// the status it replaced: the redo once Redis is back writes the kept one over it. (Passed before
+// the fix above too; it guards that path.)
+it('a status chosen while Redis is unreachable (its data kept) replaces the old one there once it is back', {
+  skip: !onPostgres,
+  timeout: 60_000,
+}, async () => {
+  const proxy = await postgresProxy(TEST_REDIS_URL);
+  const app2 = await createTestApp({ rateLimits: false }, { REDIS_URL: proxy.url });
+  const direct = new Redis(TEST_REDIS_URL);
+  const store = createRedisPresence(direct, app2.config.redisPrefix);
+  try {
+    const url2 = `ws://127.0.0.1:${await app2.start(0)}/graphql`;
+    const user = await signUp(app2);
+    const uid = decodeId(user.id, 'User');
+    await ok(app2, `mutation { setPresence(status: DND) }`, {}, user.token);
+    const c = connect(url2, user.token);
+    const sub = subscribe(c.client, null, Q);
+    try {
+      const shown = async () => (await store.shown([uid])).get(uid);
+      for (let i = 0; i < 50 && (await shown()) !== 'DND'; i++) await new Promise((r) => setTimeout(r, 100));
+      assert.equal(await shown(), 'DND');
+      proxy.cut();
+      await ok(app2, `mutation { setPresence(status: INVISIBLE) }`, {}, user.token);
+      proxy.mend();
+      for (let i = 0; i < 100 && (await shown()) !== 'OFFLINE'; i++)
+        await new Promise((r) => setTimeout(r, 100));
+      assert.equal(await shown(), 'OFFLINE', 'the invisible user still shown with the status it replaced');
+    } finally {
+      sub.stop();
+      await c.client.dispose();
+    }
+  } finally {
+    direct.disconnect();
+    await app2.destroy();
+    proxy.close();
   }
 });

@@ -174,10 +174,16 @@ export function createPresenceTracker(
    * Writes a user's connection entries, with its chosen status from where it is kept: the store's
    * copy may be gone (a restarted Redis or process, its expiry) or behind (a choice whose write
    * failed), and an invisible user must not show as ONLINE. In the same write, before the
-   * entries, so it never does meanwhile.
+   * entries, so it never does meanwhile. Read again after: a choose() (on another instance) that
+   * saved its choice after the read and wrote the store before this write was overwritten with
+   * the old one, which is put right from what is kept now.
    */
   async function enter(u: string, connIds: string[]) {
-    await store.touch(u, connIds, kept ? ((await kept.load(u)) ?? 'ONLINE') : undefined);
+    if (!kept) return store.touch(u, connIds);
+    const choice = (await kept.load(u)) ?? 'ONLINE';
+    await store.touch(u, connIds, choice);
+    const now = (await kept.load(u)) ?? 'ONLINE';
+    if (now !== choice) await store.choose(u, now);
   }
 
   /** Writes a user's entries again and does its failed drops; false when the store failed again. */
