@@ -563,7 +563,7 @@ it('a transaction whose BEGIN meets a hung connection fails once its backend is 
   });
   try {
     await database.db.transaction((tx) => tx.execute(sql`select 1`));
-    assert.deepEqual(database.poolStats(), { total: 1, idle: 1, waiting: 0 });
+    assert.deepEqual(database.poolStats(), { total: 1, idle: 1, waiting: 0, checks: 0 });
     proxy.hang();
     await assert.rejects(database.db.transaction((tx) => tx.execute(sql`select 1`)));
     assert.equal(database.poolStats().total, 0, 'the hung connection is gone');

@@ -95,3 +95,39 @@ it('a long statement goes on when the check cannot get a connection (the role at
     await admin.end();
   }
 });
+
+// Many statements past the bound at once (a lock storm): their checks share one connection at a
+// time. One each would open as many connections again as the pool holds, every period, crowding
+// other instances' pools out of max_connections.
+it('statements held past the bound by a lock are checked over one connection at a time, and go on', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const { createDatabase } = await import('../core/db/client.ts');
+  const { createTestDatabase } = await import('./helpers.ts');
+  const pg = (await import('pg')).default;
+  const tdb = await createTestDatabase();
+  const database = await createDatabase({ url: tdb.url, dataDir: '', poolSize: 6, queryTimeoutMs: 200 });
+  const holder = new pg.Client({ connectionString: tdb.url });
+  await holder.connect();
+  try {
+    await database.db.execute(sql`create table storm (n int)`);
+    await holder.query('begin');
+    await holder.query('lock table storm in access exclusive mode');
+    // (drizzle runs a query when it is awaited: then() starts them now)
+    const waiting = Array.from({ length: 5 }, () =>
+      database.db.execute(sql`select count(*) from storm`).then(() => {}),
+    );
+    // Held 1.5 s: 7 periods of 200 ms, for 5 statements (35 checks, one connection each, before).
+    await new Promise((r) => setTimeout(r, 1500));
+    await holder.query('commit');
+    await Promise.all(waiting);
+    const { checks } = database.poolStats();
+    assert.ok(checks > 0, 'the statements were checked');
+    assert.ok(checks <= 8, `${checks} check connections for 5 statements over 7 periods`);
+  } finally {
+    await holder.end();
+    await database.close();
+    await tdb.drop();
+  }
+});

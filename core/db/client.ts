@@ -30,8 +30,11 @@ export interface Database {
    * is released when its promise settles (see followCommits).
    */
   prepared<T>(name: string, text: string, params: unknown[], then?: OnResult<T>): Promise<T[]>;
-  /** Pool statistics for /metrics (zeros for PGlite). */
-  poolStats(): { total: number; idle: number; waiting: number };
+  /**
+   * Pool statistics for /metrics (zeros for PGlite), and how many connections have checked on
+   * statements out past the bound so far.
+   */
+  poolStats(): { total: number; idle: number; waiting: number; checks: number };
   close(): Promise<void>;
 }
 
@@ -112,30 +115,69 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
       keepAlive: true,
       keepAliveInitialDelayMillis: 10_000,
     });
-    // Whether the backend of a connection is still at work on a statement, asked on a connection
-    // of its own: no answer in `limit`, or no such backend running, and it is not. A server that
-    // refuses the connection for want of resources (class 53: at max_connections or the role's
-    // connection limit, as a pool sized to it is under load) is there: asked again next period.
-    const working = async (pid: number) => {
-      const probe = new pg.Client({
+    // Which of these backends are still at work on a statement, asked on a connection of its
+    // own: no answer in `limit`, or no such backend running, and it is not. A server that refuses
+    // the connection for want of resources (class 53: at max_connections or the role's connection
+    // limit, as a pool sized to it is under load) is there: all are, until the next period.
+    let checks = 0;
+    const probe = async (pids: number[]): Promise<Set<number> | 'all'> => {
+      checks++;
+      const c = new pg.Client({
         connectionString: opts.url,
         connectionTimeoutMillis: limit,
         query_timeout: limit,
       });
-      probe.on('error', () => {});
+      c.on('error', () => {});
       try {
-        await probe.connect();
-        const r = await probe.query(
-          `select 1 from pg_stat_activity where pid = $1 and state in ('active', 'fastpath function call')`,
-          [pid],
+        await c.connect();
+        const r = await c.query<{ pid: number }>(
+          `select pid from pg_stat_activity where pid = any($1::int[]) and state in ('active', 'fastpath function call')`,
+          [pids],
         );
-        return r.rowCount === 1;
+        return new Set(r.rows.map((x) => x.pid));
       } catch (err) {
-        return String((err as { code?: unknown }).code ?? '').startsWith('53');
+        return String((err as { code?: unknown }).code ?? '').startsWith('53') ? 'all' : new Set();
       } finally {
-        void probe.end().catch(() => {});
+        void c.end().catch(() => {});
       }
     };
+    // The statements out on this pool's connections. Every `limit`, those out that long are
+    // checked together, over one connection: a lock storm holding many statements costs one
+    // check a period, not one each (which would crowd other pools out of max_connections).
+    const out = new Set<Watched>();
+    let ticker: NodeJS.Timeout | undefined;
+    let checking = false;
+    const checkOut = async () => {
+      if (checking || !limit) return;
+      const now = Date.now();
+      const due = [...out].filter((w) => now - w.since >= limit && w.pid() !== undefined);
+      if (!due.length) return;
+      checking = true;
+      try {
+        const working = await probe([...new Set(due.map((w) => w.pid()!))]);
+        for (const w of due) if (out.has(w) && working !== 'all' && !working.has(w.pid()!)) w.cut();
+      } finally {
+        checking = false;
+      }
+    };
+    const watch: Watch | undefined = limit
+      ? {
+          add(w) {
+            out.add(w);
+            if (!ticker) {
+              ticker = setInterval(() => void checkOut(), limit);
+              ticker.unref();
+            }
+          },
+          remove(w) {
+            out.delete(w);
+            if (!out.size && ticker) {
+              clearInterval(ticker);
+              ticker = undefined;
+            }
+          },
+        }
+      : undefined;
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
     // Nor a checked-out one (a transaction's, a send's): pg-pool listens only while a client is
@@ -143,7 +185,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     // pool drops the client when it comes back.
     pool.on('connect', (client) => {
       client.on('error', () => {});
-      guardClient(client, limit ? { every: limit, working } : undefined);
+      guardClient(client, watch);
     });
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
     // A Db on one checked-out connection, for statements that must queue behind another on it.
@@ -200,7 +242,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
         else client.release();
         return rows;
       },
-      poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }),
+      poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount, checks }),
       close: () => pool.end(),
     };
     roots.set(db, database);
@@ -233,19 +275,31 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
       if (then) thenSafely(then, db, rows);
       return rows;
     },
-    poolStats: () => ({ total: 1, idle: 1, waiting: 0 }),
+    poolStats: () => ({ total: 1, idle: 1, waiting: 0, checks: 0 }),
     close: () => client.close(),
   };
   roots.set(db, database);
   return database;
 }
 
+/** A statement out on a pool connection, as the pool's check sees it. */
+interface Watched {
+  since: number;
+  pid(): number | undefined;
+  /** closes its connection */
+  cut(): void;
+}
+interface Watch {
+  add(w: Watched): void;
+  remove(w: Watched): void;
+}
+
 /**
  * Two failures that would keep a pool connection from its pool, made safe here:
  * - A connection left hanging (a failover's old primary gone silent: no answer, no reset) holds
  *   its statement, and whoever waits on it (the realtime tailer, a request), until TCP gives up,
- *   ~15 min. A statement still out after `watch.every` has its backend checked from another
- *   connection, and again every `every` while it is still at work: a statement that is only long
+ *   ~15 min. A statement out past the bound has its backend checked by the pool's watch (one
+ *   connection for all such statements, every period) while it is out: a statement that is only long
  *   (a big guild's cascade, a lock wait) goes on; one whose backend is gone, idle (the answer
  *   lost), or unreachable has its connection closed, so what is queued on it fails at once and
  *   the pool drops it.
@@ -254,10 +308,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
  *   or closed as above) kept its connection checked out for ever, and a few of those emptied the
  *   pool. It is given back here, dropped, as drizzle will not. Nothing else here runs BEGIN.
  */
-function guardClient(
-  client: import('pg').PoolClient,
-  watch?: { every: number; working: (pid: number) => Promise<boolean> },
-) {
+function guardClient(client: import('pg').PoolClient, watch?: Watch) {
   const isBegin = (q: unknown) =>
     /^\s*begin\b/i.test(typeof q === 'string' ? q : ((q as { text?: string })?.text ?? ''));
   const cut = () =>
@@ -266,24 +317,9 @@ function guardClient(
   /** Watches one statement until it settles (the returned function). */
   const watching = () => {
     if (!watch) return () => {};
-    let settled = false;
-    let timer: NodeJS.Timeout;
-    const check = async () => {
-      const id = pid();
-      const alive = id !== undefined && (await watch.working(id));
-      if (settled) return;
-      if (alive) arm();
-      else cut();
-    };
-    const arm = () => {
-      timer = setTimeout(check, watch.every);
-      timer.unref();
-    };
-    arm();
-    return () => {
-      settled = true;
-      clearTimeout(timer);
-    };
+    const w: Watched = { since: Date.now(), pid, cut };
+    watch.add(w);
+    return () => watch.remove(w);
   };
   const query = client.query as (...args: unknown[]) => unknown;
   (client as unknown as { query: typeof query }).query = (...args: unknown[]) => {
