@@ -145,7 +145,6 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     // checked together, over one connection: a lock storm holding many statements costs one
     // check a period, not one each (which would crowd other pools out of max_connections).
     const out = new Set<Watched>();
-    let ticker: NodeJS.Timeout | undefined;
     let checking = false;
     const checkOut = async () => {
       if (checking || !limit) return;
@@ -160,24 +159,8 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
         checking = false;
       }
     };
-    const watch: Watch | undefined = limit
-      ? {
-          add(w) {
-            out.add(w);
-            if (!ticker) {
-              ticker = setInterval(() => void checkOut(), limit);
-              ticker.unref();
-            }
-          },
-          remove(w) {
-            out.delete(w);
-            if (!out.size && ticker) {
-              clearInterval(ticker);
-              ticker = undefined;
-            }
-          },
-        }
-      : undefined;
+    const ticker = limit ? setInterval(() => void checkOut(), limit) : undefined;
+    ticker?.unref();
     // An idle client losing its connection must not crash the process.
     pool.on('error', () => {});
     // Nor a checked-out one (a transaction's, a send's): pg-pool listens only while a client is
@@ -185,7 +168,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     // pool drops the client when it comes back.
     pool.on('connect', (client) => {
       client.on('error', () => {});
-      guardClient(client, watch);
+      guardClient(client, limit ? out : undefined);
     });
     const db = drizzle(pool, { schema: tables, logger }) as unknown as Db;
     // A Db on one checked-out connection, for statements that must queue behind another on it.
@@ -243,7 +226,10 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
         return rows;
       },
       poolStats: () => ({ total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount, checks }),
-      close: () => pool.end(),
+      close: () => {
+        clearInterval(ticker);
+        return pool.end();
+      },
     };
     roots.set(db, database);
     return database;
@@ -289,11 +275,6 @@ interface Watched {
   /** closes its connection */
   cut(): void;
 }
-interface Watch {
-  add(w: Watched): void;
-  remove(w: Watched): void;
-}
-
 /**
  * Two failures that would keep a pool connection from its pool, made safe here:
  * - A connection left hanging (a failover's old primary gone silent: no answer, no reset) holds
@@ -308,7 +289,7 @@ interface Watch {
  *   or closed as above) kept its connection checked out for ever, and a few of those emptied the
  *   pool. It is given back here, dropped, as drizzle will not. Nothing else here runs BEGIN.
  */
-function guardClient(client: import('pg').PoolClient, watch?: Watch) {
+function guardClient(client: import('pg').PoolClient, watched?: Set<Watched>) {
   const isBegin = (q: unknown) =>
     /^\s*begin\b/i.test(typeof q === 'string' ? q : ((q as { text?: string })?.text ?? ''));
   const cut = () =>
@@ -316,10 +297,10 @@ function guardClient(client: import('pg').PoolClient, watch?: Watch) {
   const pid = () => (client as unknown as { processID?: number }).processID;
   /** Watches one statement until it settles (the returned function). */
   const watching = () => {
-    if (!watch) return () => {};
+    if (!watched) return () => {};
     const w: Watched = { since: Date.now(), pid, cut };
-    watch.add(w);
-    return () => watch.remove(w);
+    watched.add(w);
+    return () => watched.delete(w);
   };
   const query = client.query as (...args: unknown[]) => unknown;
   (client as unknown as { query: typeof query }).query = (...args: unknown[]) => {
