@@ -487,8 +487,6 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
     closeSocket(socket: WebSocket, code: number, reason: string) {
       const c = conns.get(socket);
       if (c) close(c, code, reason);
-      else if (socket.readyState === socket.OPEN || socket.readyState === socket.CONNECTING)
-        socket.close(code, reason);
     },
     /** Stops keep-alive and closes every socket with 1001. */
     dispose() {
