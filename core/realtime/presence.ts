@@ -163,6 +163,7 @@ export function createPresenceTracker(
 
   /** Connection entries whose drop failed (the store was down), dropped when it is back. */
   const undropped = new Map<string, Set<string>>();
+  const keepUndropped = (u: string, c: string) => undropped.set(u, (undropped.get(u) ?? new Set()).add(c));
   /**
    * Users whose change was maybe not told: a store command for it failed. A store that is slow or
    * paused fails its commands (the client's timeout) without reconnecting, so onReconnect does
@@ -195,7 +196,7 @@ export function createPresenceTracker(
       for (const c of gone) await store.drop(u, c);
       return true;
     } catch {
-      for (const c of gone) undropped.set(u, (undropped.get(u) ?? new Set()).add(c));
+      for (const c of gone) keepUndropped(u, c);
       return false;
     }
   }
@@ -263,7 +264,7 @@ export function createPresenceTracker(
       setTimeout(() => {
         void store.drop(userId, connId).then(
           () => announce(userId).catch(() => unsure.add(userId)),
-          () => undropped.set(userId, (undropped.get(userId) ?? new Set()).add(connId)),
+          () => keepUndropped(userId, connId),
         );
       }, OFFLINE_GRACE_MS).unref();
     },
