@@ -575,3 +575,53 @@ it('a transaction whose BEGIN meets a hung connection fails once its backend is 
     await Promise.race([database.close(), sleep(3000)]);
   }
 });
+
+it('a connection_init whose token check outlasts the init timeout (the database slow) is told to try again (1013), not that it sent no connection_init (4408)', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  const proxy = await postgresProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
+  const slow = await createTestApp(
+    {
+      rateLimits: false,
+      ws: {
+        socketsPerUser: 20,
+        operationsPerSocket: 50,
+        connectionsPerIpPerMinute: 1000,
+        initTimeoutMs: 500,
+        keepAliveMs: 12_000,
+      },
+    },
+    { DATABASE_URL: proxy.url },
+  );
+  try {
+    const slowWs = `ws://127.0.0.1:${await slow.start(0)}/graphql`;
+    // Never used yet: its session is not cached, authenticating it needs the database.
+    const u = await signUp(slow);
+    proxy.hold();
+    const raw = rawSocket(slowWs);
+    await raw.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    const code = await raw.closedWith();
+    proxy.release();
+    assert.equal(code, 1013);
+    // A socket that sends nothing is still told 4408.
+    const mute = rawSocket(slowWs);
+    assert.equal(await mute.closedWith(), 4408);
+    // And the token gets in once the database answers.
+    const c = connect(slowWs, u.token);
+    const s = subscribe(c.client, null);
+    try {
+      const { channelId } = await guildWithChannel(slow, u.token);
+      await sleep(300);
+      await send(slow, u.token, channelId, 'i1');
+      await s.until((e) => contents(e).includes('i1'));
+    } finally {
+      s.stop();
+      await c.client.dispose();
+    }
+  } finally {
+    proxy.release();
+    proxy.close();
+    await slow.destroy();
+  }
+});

@@ -466,10 +466,15 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
     if (socket.protocol !== PROTOCOL) {
       close(c, ProtocolClose.SubprotocolNotAcceptable, 'Subprotocol not acceptable');
     } else {
+      // 4408 is for a client that sent no connection_init in time. One that did, whose token is
+      // still being checked (the database slow), is told to come back (1013), as when the check
+      // fails for a reason of the server's: the socket holds nothing meanwhile either way.
       c.initTimer = setTimeout(() => {
         c.initTimer = undefined;
-        if (!c.acknowledged)
-          close(c, ProtocolClose.ConnectionInitialisationTimeout, 'Connection initialisation timeout');
+        if (c.acknowledged) return;
+        if (c.initReceived)
+          close(c, CloseCode.SlowConsumer, 'Try again later: the token could not be checked in time');
+        else close(c, ProtocolClose.ConnectionInitialisationTimeout, 'Connection initialisation timeout');
       }, initWait);
     }
     socket.on('message', (data, isBinary) => {

@@ -185,7 +185,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
         ? { code: CloseCode.Forbidden, reason: 'Forbidden' }
         : { code: CloseCode.Unauthorized, reason: 'Unauthorized' };
     }
-    // The socket closed while its token was checked (a client that lost its network, the 4408
+    // The socket closed while its token was checked (a client that lost its network, the init
     // timeout): its close handler has run already, so nothing may be registered for it now.
     if (conn.closed) return { code: CloseCode.GoingAway, reason: 'Socket closed' };
     const mine = byUser.get(viewer.userId) ?? new Set<WebSocket>();
