@@ -243,6 +243,45 @@ describe('reports queue and resolveReport', () => {
     assert.equal(e.node.contentSnapshot, 'evidence');
   });
 
+  it('a reported message does not stop its channel or guild from being deleted; the report stays for the admin, its snapshot kept', async () => {
+    const g = await makeGuild();
+    const [author, reporter] = [await signUp(app), await signUp(app)];
+    await join(g.raw, author, reporter);
+    const second = await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "second", type: TEXT }) { id } }`,
+      { g: g.id },
+      owner.token,
+    );
+    const inChannel = await postMessage(g.channel, g.raw, author, 'in the channel');
+    const inSecond = await postMessage(raw(second.createChannel.id), g.raw, author, 'in the guild');
+    const r1 = (await ok(app, REPORT, { m: inChannel.id, r: 'bad' }, reporter.token)).reportMessage;
+    const r2 = (await ok(app, REPORT, { m: inSecond.id, r: 'bad' }, reporter.token)).reportMessage;
+    // Both failed with INTERNAL_SERVER_ERROR (the reports' foreign key on the message) before.
+    await ok(
+      app,
+      `mutation($id: ID!) { deleteChannel(id: $id) }`,
+      { id: gid('Channel', g.channel) },
+      owner.token,
+    );
+    await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: g.id }, owner.token);
+    const left = await app.deps.db
+      .select({ id: messages.id })
+      .from(messages)
+      .where(eq(messages.guildId, g.raw));
+    assert.deepEqual(left, []);
+    const list = (await ok(app, LIST, {}, admin.token)).reports.edges.map((e: any) => e.node);
+    for (const [r, text] of [
+      [r1, 'in the channel'],
+      [r2, 'in the guild'],
+    ] as const) {
+      const n = list.find((x: any) => x.id === r.id);
+      assert.ok(n, 'the admin still has the report');
+      assert.equal(n.contentSnapshot, text);
+      assert.equal(n.message, null);
+    }
+  });
+
   it('lists a page in a fixed number of statements, however many reports it holds', async () => {
     const g = await makeGuild();
     const [author, reporter] = [await signUp(app), await signUp(app)];

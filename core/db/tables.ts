@@ -401,9 +401,12 @@ export const reports = pgTable(
   'reports',
   {
     id: uuid('id').primaryKey(),
-    messageId: uuid('message_id')
-      .notNull()
-      .references(() => messages.id),
+    /**
+     * No foreign key: a report outlives its message (contentSnapshot is the evidence), also when
+     * the message goes with its channel or guild, which a reference refused (it made both
+     * undeletable once anything in them had been reported).
+     */
+    messageId: uuid('message_id').notNull(),
     channelId: uuid('channel_id').notNull(),
     guildId: uuid('guild_id'),
     reporterId: uuid('reporter_id')
