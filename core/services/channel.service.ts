@@ -14,6 +14,7 @@ import {
 } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
 import { validateName } from './guild.service.ts';
+import { deleteMessagesOf } from './message.service.ts';
 
 export type ChannelRowFull = typeof channels.$inferSelect;
 export const GUILD_CHANNEL_TYPES = ['TEXT', 'VOICE', 'ANNOUNCEMENT', 'CATEGORY'] as const;
@@ -433,6 +434,13 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
   const c = a.channel;
   if (!c.guildId) throw forbidden();
   const guildId = c.guildId;
+  if (c.type !== 'CATEGORY') {
+    const threads = await deps.db
+      .select({ id: channels.id })
+      .from(channels)
+      .where(and(eq(channels.parentId, c.id), eq(channels.type, 'THREAD')));
+    await deleteMessagesOf(deps.db, { channelIds: [c.id, ...threads.map((t) => t.id)] });
+  }
   return transact(deps, async (tx, log) => {
     // The overwrites that decided who could see it, read before they go with it: visibility
     // tells the deletion to those who could (core/realtime/visibility.ts), not to every member.

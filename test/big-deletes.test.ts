@@ -1,0 +1,112 @@
+/**
+ * Deleting a big channel or guild must not hold up the realtime delivery of every other guild.
+ * The log delivers nothing committed after a transaction still in progress (core/realtime/log.ts,
+ * Horizon), so one long statement holding an xid (the cascade over all of a guild's messages)
+ * held every stream of every guild for its whole length. Postgres only: PGlite runs one
+ * statement at a time anyway.
+ */
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import pg from 'pg';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, gql, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { connect, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
+
+const skip = !onPostgres;
+/** Enough that the deletion takes seconds here (the cascade: ~5 s per 100k on these VMs). */
+const BIG = 100_000;
+let app: TestApp;
+let wsUrl: string;
+
+before(async () => {
+  if (skip) return;
+  app = await createTestApp({ rateLimits: false });
+  wsUrl = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+});
+after(() => app?.destroy());
+
+/** BIG messages in the channel, written directly (one statement, not through the app). */
+async function fill(channelId: string, guildId: string, author: TestUser) {
+  const c = new pg.Client({ connectionString: app.config.databaseUrl });
+  await c.connect();
+  try {
+    await c.query(
+      `insert into messages (id, channel_id, guild_id, author_id, content)
+       select gen_random_uuid(), $1, $2, $3, 'm' || i from generate_series(1, ${BIG}) i`,
+      [decodeAnyId(channelId).id, decodeAnyId(guildId).id, decodeAnyId(author.id).id],
+    );
+  } finally {
+    await c.end();
+  }
+}
+
+async function count(q: string, id: string): Promise<number> {
+  const c = new pg.Client({ connectionString: app.config.databaseUrl });
+  await c.connect();
+  try {
+    return (await c.query(q, [decodeAnyId(id).id])).rows[0].n;
+  } finally {
+    await c.end();
+  }
+}
+
+/**
+ * Starts `deletion`, sends a message in another guild while it runs, and returns whether the
+ * deleted thing still existed when that message arrived (it was delivered during the deletion),
+ * with the deletion's result.
+ */
+async function deliveredMeanwhile(deletion: () => Promise<any>, stillThere: () => Promise<number>) {
+  const bystander = await signUp(app);
+  const elsewhere = await guildWithChannel(app, bystander.token);
+  const c = connect(wsUrl, bystander.token);
+  const s = subscribe(c.client, null);
+  try {
+    await sleep(300);
+    const deleting = deletion();
+    await sleep(300);
+    await send(app, bystander.token, elsewhere.channelId, 'meanwhile');
+    await s.until(
+      (e) => e.some((x) => x.__typename === 'MessageCreated' && x.message.content === 'meanwhile'),
+      60_000,
+    );
+    const there = await stillThere();
+    const r = await deleting;
+    return { there, r };
+  } finally {
+    s.stop();
+    await c.client.dispose();
+  }
+}
+
+it('a message sent elsewhere while a big guild is deleted arrives during the deletion, not after it', {
+  skip,
+  timeout: 180_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  await fill(channelId, guildId, owner);
+  const { there, r } = await deliveredMeanwhile(
+    () => gql(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, { token: owner.token }),
+    () => count('select count(*)::int as n from guilds where id = $1', guildId),
+  );
+  assert.deepEqual(r.errors, undefined);
+  assert.equal(there, 1, 'delivered only once the deletion had committed');
+  assert.equal(await count('select count(*)::int as n from messages where guild_id = $1', guildId), 0);
+});
+
+it('a message sent elsewhere while a big channel is deleted arrives during the deletion, not after it', {
+  skip,
+  timeout: 180_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  await fill(channelId, guildId, owner);
+  const { there, r } = await deliveredMeanwhile(
+    () =>
+      gql(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: channelId }, { token: owner.token }),
+    () => count('select count(*)::int as n from channels where id = $1', channelId),
+  );
+  assert.deepEqual(r.errors, undefined);
+  assert.equal(there, 1, 'delivered only once the deletion had committed');
+  assert.equal(await count('select count(*)::int as n from messages where channel_id = $1', channelId), 0);
+});
