@@ -62,7 +62,7 @@ export async function wipeMessages(
 }
 
 /** Messages removed per statement by deleteMessagesOf. */
-export const PURGE_BATCH = 1_000;
+export const PURGE_BATCH = 500;
 
 /**
  * Removes the messages of channels or of a guild about to be deleted, PURGE_BATCH per statement,
