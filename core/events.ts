@@ -43,6 +43,12 @@ export interface NewEvent {
 export interface EventWriter {
   /** Appends a row to the event log inside the current transaction. */
   append(e: NewEvent): Promise<void>;
+  /**
+   * Appends rows in one statement, in this order. For many rows (a ban's purge): one statement
+   * per row kept the transaction, and with it every realtime stream (log.ts, Horizon), open for
+   * a round trip per row (10k rows: ~10 s).
+   */
+  appendMany(es: readonly NewEvent[]): Promise<void>;
 }
 
 /**
@@ -52,27 +58,29 @@ export interface EventWriter {
 export async function transact<T>(deps: Deps, fn: (tx: Tx, log: EventWriter) => Promise<T>): Promise<T> {
   const written: LoggedEventRef[] = [];
   const result = await deps.db.transaction(async (tx) => {
-    const log: EventWriter = {
-      async append(e) {
-        const [row] = await tx
-          .insert(events)
-          .values({
+    const appendMany = async (es: readonly NewEvent[]) => {
+      if (!es.length) return;
+      const rows = await tx
+        .insert(events)
+        .values(
+          es.map((e) => ({
             type: e.type,
             guildId: e.guildId ?? null,
             channelId: e.channelId ?? null,
             userId: e.userId ?? null,
             payload: e.payload,
-          })
-          .returning({ seq: events.seq });
-        written.push({
-          seq: row.seq,
-          type: e.type,
-          guildId: e.guildId ?? null,
-          channelId: e.channelId ?? null,
-          userId: e.userId ?? null,
+          })),
+        )
+        .returning({
+          seq: events.seq,
+          type: events.type,
+          guildId: events.guildId,
+          channelId: events.channelId,
+          userId: events.userId,
         });
-      },
+      written.push(...rows);
     };
+    const log: EventWriter = { append: (e) => appendMany([e]), appendMany };
     return fn(tx, log);
   });
   await announce(deps, written);

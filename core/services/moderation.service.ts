@@ -115,14 +115,16 @@ async function purgeMessages(
     and(eq(messages.guildId, guildId), eq(messages.authorId, userId), gte(messages.id, since)),
     now,
   );
-  for (const m of deleted) {
-    await log.append({
+  // Log order is the messages' own (wipeMessages returns them in no set order).
+  deleted.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  await log.appendMany(
+    deleted.map((m) => ({
       type: 'MESSAGE_DELETED',
       guildId,
       channelId: m.channelId,
       payload: { messageId: m.id, channelId: m.channelId },
-    });
-  }
+    })),
+  );
   return deleted.length;
 }
 
