@@ -21,12 +21,12 @@ import {
   freePort,
   guildWithChannel,
   invite,
-  postgresProxy,
   rawSocket,
   send,
   sleep,
   subscribe,
   subscribeFrame,
+  tcpProxy,
 } from './realtime-helpers.ts';
 
 const BIN = '/usr/lib/postgresql/15/bin';
@@ -510,7 +510,7 @@ it('connections left hanging (a failover: no answer, no reset) are given up once
   skip,
   timeout: 90_000,
 }, async () => {
-  const proxy = await postgresProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
+  const proxy = await tcpProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
   const shared = {
     rateLimits: false,
     jwtSecret: randomBytes(32).toString('hex'),
@@ -555,7 +555,7 @@ it('a transaction whose BEGIN meets a hung connection fails once its backend is 
   skip,
   timeout: 60_000,
 }, async () => {
-  const proxy = await postgresProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
+  const proxy = await tcpProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
   const database = await createDatabase({
     url: proxy.url,
     dataDir: 'unused',

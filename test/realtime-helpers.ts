@@ -366,16 +366,18 @@ export function sseStream(
 }
 
 /**
- * A TCP proxy to a Postgres server (`target`: a database URL; `url` is the same through the proxy),
- * for the database going away under an app:
- * - `cut()` drops its connections and refuses new ones until `mend()` (the database away);
- * - `hold()` holds what either side sends (nothing is closed: a database hung) until `release()`;
+ * A TCP proxy to a Postgres or Redis server (`target`: its URL; `url` is the same through the
+ * proxy), for the server going away under an app:
+ * - `cut()` drops its connections and refuses new ones until `mend()` (the server away);
+ * - `hold()` holds what either side sends, on open and new connections (nothing is closed: a
+ *   server hung, a network partition that drops packets) until `release()` delivers it all;
  * - `hang()` leaves the open connections as a failover does: the server's end is gone (its
  *   backends exit), the application's end stays open and hears nothing more, no reset. New
- *   connections pass. Returns how many connections the proxy has had.
+ *   connections pass (once released, when held). Returns how many connections the proxy has had.
  */
-export async function postgresProxy(target: string) {
+export async function tcpProxy(target: string) {
   const to = new URL(target);
+  const defaultPort = to.protocol.startsWith('redis') ? 6379 : 5432;
   const pairs: { a: Socket; b: Socket; hung: boolean }[] = [];
   let down = false;
   let holding = false;
@@ -385,7 +387,7 @@ export async function postgresProxy(target: string) {
       a.destroy();
       return;
     }
-    const b = connectTcp(Number(to.port || 5432), to.hostname);
+    const b = connectTcp(Number(to.port || defaultPort), to.hostname);
     const pair = { a, b, hung: false };
     pairs.push(pair);
     for (const [x, y] of [
@@ -394,7 +396,7 @@ export async function postgresProxy(target: string) {
     ]) {
       x.on('data', (d) => {
         if (pair.hung) return;
-        if (holding) held.push(() => y.write(d));
+        if (holding) held.push(() => pair.hung || y.write(d));
         else y.write(d);
       });
       x.on('error', () => pair.hung || y.destroy());

@@ -14,7 +14,7 @@ import {
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, TEST_REDIS_URL, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, postgresProxy, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, subscribe, tcpProxy } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -250,7 +250,7 @@ it('a status chosen while Redis is unreachable (its data kept) replaces the old 
   skip: !onPostgres,
   timeout: 60_000,
 }, async () => {
-  const proxy = await postgresProxy(TEST_REDIS_URL);
+  const proxy = await tcpProxy(TEST_REDIS_URL);
   const app2 = await createTestApp({ rateLimits: false }, { REDIS_URL: proxy.url });
   const direct = new Redis(TEST_REDIS_URL);
   const store = createRedisPresence(direct, app2.config.redisPrefix);

@@ -1,7 +1,7 @@
 /**
  * Review of the day's realtime changes (the server's closes releasing at once, SSE sharing
  * executions, 1013 for a token that could not be checked): each test here failed before its fix.
- * Postgres only: the app reaches its database through a TCP proxy (postgresProxy) that can cut it
+ * Postgres only: the app reaches its database through a TCP proxy (tcpProxy) that can cut it
  * off (the database away) and let it through again, or hold it (a database hung).
  */
 import assert from 'node:assert/strict';
@@ -13,26 +13,26 @@ import {
   connect,
   guildWithChannel,
   invite,
-  postgresProxy,
   rawSocket,
   send,
   sleep,
   subscribe,
   subscribeFrame,
+  tcpProxy,
 } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 const INIT_WAIT_MS = 1000;
 
 let db: { url: string; drop(): Promise<void> };
-let proxy: Awaited<ReturnType<typeof postgresProxy>>;
+let proxy: Awaited<ReturnType<typeof tcpProxy>>;
 let app: TestApp;
 let wsUrl: string;
 
 before(async () => {
   if (skip) return;
   db = await createTestDatabase();
-  proxy = await postgresProxy(db.url);
+  proxy = await tcpProxy(db.url);
   app = await createTestApp(
     { rateLimits: false },
     {
