@@ -44,6 +44,8 @@ export interface App {
   deps: Deps;
   log: Logger;
   metrics: Metrics;
+  /** The shared Redis client (REDIS_URL set): tests look at its queues. */
+  redis?: Redis;
   /** GraphQL over the Fetch API, in process (tests use it for queries and mutations). */
   fetch: (input: string, init?: RequestInit, serverContext?: { ip?: string }) => Promise<Response>;
   /** Applies migrations and listens; resolves to the bound port. */
@@ -64,6 +66,15 @@ const bodyTooLarge = () => httpError(413, 'Request body is too large.');
 
 /** How long a request waits on a Redis command before going on without it. */
 const REDIS_COMMAND_TIMEOUT_MS = 500;
+/**
+ * How long a Redis connection may leave a command unanswered, hearing nothing at all, before it is
+ * taken for dead and replaced. A peer gone silent without a reset (a network partition, a frozen
+ * VM, a failover that left the old connection open) is otherwise kept for as long as TCP takes to
+ * give up: forever when the path still acknowledges, ~15 min of retransmissions when it does not.
+ * Meanwhile each command, though timed out for its caller, stays queued on it (memory grows with
+ * traffic) and the bus's subscriber hears no other instance. Above any pause a healthy Redis makes.
+ */
+const REDIS_SOCKET_TIMEOUT_MS = 5_000;
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([
@@ -91,11 +102,13 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         maxRetriesPerRequest: 2,
         enableOfflineQueue: true,
         commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
+        socketTimeout: REDIS_SOCKET_TIMEOUT_MS,
       })
     : undefined;
   redis?.on('error', (err) => log.warn({ err: err.message }, 'redis error'));
   // The bus needs its own subscriber connection: a subscribed Redis connection can do nothing else.
-  // It waits on its SUBSCRIBE as long as it takes (nothing waits on it).
+  // It waits on its SUBSCRIBE as long as it takes (nothing waits on it); it keeps socketTimeout,
+  // which the bus's heartbeat PING arms.
   const bus: Bus = redis
     ? createRedisBus(redis, redis.duplicate({ commandTimeout: undefined }), config.redisPrefix)
     : createMemoryBus();
@@ -321,6 +334,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     deps,
     log,
     metrics,
+    redis,
     fetch: (input, init, serverContext) =>
       requestStore.run({ requestId: randomUUID() }, async () => {
         const store = requestStore.getStore()!;

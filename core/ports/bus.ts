@@ -85,6 +85,9 @@ export function createMemoryBus(): Bus {
   };
 }
 
+/** How often the bus's subscriber connection is checked (see createRedisBus). */
+const HEARTBEAT_MS = 2_000;
+
 /**
  * Redis pub/sub: `publisher` is shared with the rest of the app; `subscriber` is a dedicated
  * connection (a subscribed connection cannot issue other commands). Channels carry `prefix`.
@@ -96,6 +99,24 @@ export function createMemoryBus(): Bus {
  */
 export function createRedisBus(publisher: Redis, subscriber: Redis, prefix: string): Bus {
   const l = listeners();
+  // A subscribed connection only listens: one whose peer went silent without a reset (a network
+  // partition, a frozen VM, a failover that left it open) looks like a quiet one, and this instance
+  // would miss every other instance's rings and signals (typing, presence, disconnects) until TCP
+  // gave up, which it never does on a connection that writes nothing. A PING now and then gives the
+  // client's socketTimeout (set by the caller) something to wait on: unanswered, the connection is
+  // replaced, and its 'ready' asks for a log read below. One at a time, so none pile up.
+  let pinging = false;
+  const heartbeat = setInterval(() => {
+    if (pinging || subscriber.status !== 'ready') return;
+    pinging = true;
+    subscriber
+      .ping()
+      .catch(() => {})
+      .finally(() => {
+        pinging = false;
+      });
+  }, HEARTBEAT_MS);
+  heartbeat.unref();
   const chEvents = `${prefix}bus:events`;
   const chSignal = `${prefix}bus:signal`;
   const origin = randomUUID();
@@ -139,6 +160,7 @@ export function createRedisBus(publisher: Redis, subscriber: Redis, prefix: stri
       return () => l.signal.delete(fn);
     },
     async close() {
+      clearInterval(heartbeat);
       await subscribed;
       l.announce.clear();
       l.signal.clear();
