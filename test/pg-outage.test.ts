@@ -580,7 +580,7 @@ it('a connection_init whose token check outlasts the init timeout (the database 
   skip,
   timeout: 60_000,
 }, async () => {
-  const proxy = await postgresProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
+  const proxy = await tcpProxy(`postgres://postgres@127.0.0.1:${port}/banter`);
   const slow = await createTestApp(
     {
       rateLimits: false,
