@@ -21,6 +21,7 @@ import {
   Kind,
   visit,
 } from 'graphql';
+import { RepeatedFailures } from '../../core/realtime/failures.ts';
 import {
   type Delivered,
   EventFailedError,
@@ -124,30 +125,10 @@ function failedOf(r: ExecutionResult): boolean {
 }
 
 /**
- * A failure that keeps coming back for the same event is no hiccup: once it has failed in
- * REPEATS rounds (a second or more apart, however many subscribers fail at once in each), its
- * result goes out as it is, the error in place of its data, and the stream goes on. Else every
- * resume would meet it again and be closed again, forever. Kept per process, for the last
- * FAILURES_KEPT events that failed.
+ * Executions that failed, by event (core/realtime/failures.ts): one that fails in REPEATS rounds
+ * goes out as it is, the error in place of its data, and the stream goes on.
  */
-const REPEATS = 3;
-const ROUND_MS = 1_000;
-const FAILURES_KEPT = 1_000;
-const failures = new Map<string, { rounds: number; last: number }>();
-
-/** Counts a failure of the event at `cursor`; true once it has failed in REPEATS rounds. */
-function failsForGood(cursor: string): boolean {
-  const now = Date.now();
-  const f = failures.get(cursor) ?? { rounds: 0, last: 0 };
-  if (now - f.last >= ROUND_MS) {
-    f.rounds++;
-    f.last = now;
-  }
-  failures.delete(cursor);
-  failures.set(cursor, f);
-  if (failures.size > FAILURES_KEPT) failures.delete(failures.keys().next().value!);
-  return f.rounds >= REPEATS;
-}
+const executionFailures = new RepeatedFailures();
 
 /**
  * Whether an event's masked result is held back, its subscribers cut off to resume from before it
@@ -158,7 +139,7 @@ function failsForGood(cursor: string): boolean {
 function holdsBack(row: Delivered | null | undefined, r: ExecutionResult, hooks: EventHooks): boolean {
   const cursor = row?.cursor ?? null;
   if (cursor === null || !failedOf(r)) return false;
-  const forGood = failsForGood(cursor);
+  const forGood = executionFailures.failsForGood(cursor);
   hooks.onEventFailed(row!, r.errors ?? [], forGood);
   return !forGood;
 }
@@ -477,7 +458,8 @@ export function executeEach(
   // for all its subscribers; a replayed one is each subscriber's own, and so executed by it.
   // A failure held back is not taken: a reader that comes to the row later (it pulls at its own
   // pace) executes it again, rather than counting the one failure as the event failing again
-  // until it goes out with its errors (holdsBack's REPEATS) when the database is long back.
+  // until it goes out with its errors (holdsBack; REPEATS: core/realtime/failures.ts) when the
+  // database is long back.
   const run = async (row: unknown): Promise<{ x: Executed; shared: boolean }> => {
     if (row === null || typeof row !== 'object') return { x: await own(row), shared: false };
     let byKey = executions.get(row);

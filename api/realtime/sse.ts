@@ -7,7 +7,9 @@
  * the socket's pull path does, so such an event is held back by the same rule and counting
  * (holdsBack): the stream ends with one last item, RESUME_MESSAGE with INTERNAL_SERVER_ERROR, and
  * the client resumes from its last cursor, which precedes the failed event. After REPEATS rounds
- * of the same event failing, it goes out with its errors and the stream goes on.
+ * of the same event failing, it goes out with its errors and the stream goes on. An event whose
+ * access check fails at delivery ends the stream the same way (the subscription fails with
+ * EventFailedError), and after REPEATS rounds is skipped (core/realtime/failures.ts, hub.ts).
  *
  * A stream lives no longer than its viewer's session and access token, as a socket does (closed
  * with 4403 or 4401): its last item is then an UNAUTHENTICATED error, and the client resumes from

@@ -29,6 +29,7 @@ import {
   type Position,
   type Snapshot,
 } from './cursor.ts';
+import { RepeatedFailures } from './failures.ts';
 import {
   assertAfterWatermark,
   assertResumable,
@@ -51,7 +52,7 @@ import {
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
 import { type Delivered, EventFailedError, MAX_PENDING, Subscription } from './subscription.ts';
 import { createMemoryThrottle, type TypingThrottle } from './typing.ts';
-import { presenceAudience, ViewerAccess } from './visibility.ts';
+import { accessAnswers, presenceAudience, ViewerAccess } from './visibility.ts';
 
 export interface HubDeps {
   db: Db;
@@ -173,6 +174,37 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       },
     },
   );
+
+  /** Checks that failed, by event (failures.ts): one that fails for good is skipped. */
+  const checkFailures = new RepeatedFailures();
+  /** the accessAnswers control under way, for every subscriber whose check failed meanwhile */
+  let control: Promise<boolean> | undefined;
+
+  /**
+   * Whether a logged row whose access check failed is skipped, for every subscriber whose check
+   * of it fails from now on: it failed in REPEATS rounds, each while the access statements answered
+   * for a subject that does not exist (accessAnswers). Its subscribers could otherwise never get
+   * past it: each resume would meet it and be closed again. It is not delivered: who may see it
+   * cannot be told. A failure while the control fails too (the database away or restarting, a
+   * table of the checks away: every check fails) is not counted, so that is never a reason to skip
+   * a row, however long it lasts. Logged at error level once per row.
+   */
+  async function skipsUnchecked(row: Delivered, err: unknown): Promise<boolean> {
+    const cursor = row.cursor!;
+    if (checkFailures.failedForGood(cursor)) return true;
+    control ??= accessAnswers(deps.db).finally(() => {
+      control = undefined;
+    });
+    const answers = await control;
+    // Decided while this waited (another subscriber of the same row): already logged.
+    if (checkFailures.failedForGood(cursor)) return true;
+    if (!answers || !checkFailures.failsForGood(cursor)) return false;
+    deps.log.error(
+      { err, cursor, type: row.type, guildId: row.guildId, channelId: row.channelId },
+      'an event could not be checked again and again while other checks could: skipped, not delivered; streams go on past it',
+    );
+    return true;
+  }
 
   /** Seqs of the rows dispatched lately: a ring for rows already read needs no read. */
   const seen = new RecentSeqs(4096);
@@ -632,21 +664,25 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           if (failure instanceof EventFailedError && failure.cause) {
             deps.log.warn(
               { err: failure.cause, cursor: failure.cursor },
-              'a live event could not be checked: its subscriber resumes',
+              'an event could not be checked: its subscriber resumes',
             );
           }
           if (failure) o.onFail?.(failure);
         },
         !!from,
+        skipsUnchecked,
       );
       subs.add(sub);
       obs.subscriptions?.(1);
       if (from) {
         catchUp(sub, viewer.userId, from, p).catch((err) => {
-          deps.log.warn({ err }, 'event replay failed');
+          // A row whose check failed is logged as the subscriber closes (with its cursor).
+          if (!(err instanceof EventFailedError)) deps.log.warn({ err }, 'event replay failed');
           // CURSOR_EXPIRED is the client's to hear; a failure of the server's (the database away)
           // cuts it off to resume again from its cursor, as a live event that failed does.
-          sub.fail(err instanceof BanterError ? err : new EventFailedError(null));
+          sub.fail(
+            err instanceof BanterError || err instanceof EventFailedError ? err : new EventFailedError(null),
+          );
         });
       } else {
         // Live means from now, exactly: registered first (so no row tailed from here on is missed),

@@ -28,7 +28,8 @@ export class SlowConsumerError extends Error {}
  * null (its fields are non-null) it carries no cursor and the client's next cursor would be past
  * an event it never got. The subscriber is cut off, as a slow consumer is (1013 on a socket; over
  * SSE its stream ends with this message, api/realtime/sse.ts), and resumes from its last cursor,
- * which precedes the failed event.
+ * which precedes the failed event. One that fails so in every round is passed in the end
+ * (failures.ts): an execution goes out with its error, a check's row is skipped.
  */
 export class EventFailedError extends Error {
   constructor(
@@ -83,6 +84,11 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     private onClose: (s: Subscription, failure?: unknown) => void,
     /** a replay comes first: live rows past the hold limit are dropped for it to read */
     replaying = false,
+    /**
+     * Whether a logged row whose check failed (the error given) is skipped, not delivered: its
+     * check fails for good (skipsUnchecked in hub.ts). Otherwise the subscriber resumes.
+     */
+    private skipsUnchecked: (row: Delivered, err: unknown) => Promise<boolean> = async () => false,
   ) {
     // Going live, it holds at most holdLimit + window rows, half of maxPending: a consumer that
     // keeps up is not cut off by the live rows that come while it works through them.
@@ -204,7 +210,15 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     this.access.observe(row);
     if (row.gone) return;
     let ok = this.access.canSee(row, !live);
-    if (typeof ok !== 'boolean') ok = await ok;
+    if (typeof ok !== 'boolean') {
+      try {
+        ok = await ok;
+      } catch (err) {
+        // As a live row (resumeAfter): the subscriber resumes from before it, or it is skipped.
+        if (await this.skipsUnchecked(row, err)) return;
+        throw new EventFailedError(row.cursor, err);
+      }
+    }
     if (!ok || this.closed) return;
     this.emit(row);
     if ((this.sink ? this.sink.backlog() : this.output.length) >= this.window) {
@@ -262,13 +276,16 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
       (err) => {
         // A row that could not be checked (the database away): an ephemeral one (typing, presence)
         // is dropped, it degrades itself only; a durable one cannot be skipped, the subscriber
-        // resumes from before it.
+        // resumes from before it, unless its check fails for good. Rows behind it wait meanwhile.
         if (row.cursor === null) {
           this.pump();
           return;
         }
-        this.pumping = false;
-        this.fail(new EventFailedError(row.cursor, err));
+        const resume = () => {
+          this.pumping = false;
+          this.fail(new EventFailedError(row.cursor, err));
+        };
+        this.skipsUnchecked(row, err).then((skip) => (skip ? this.pump() : resume()), resume);
       },
     );
   }

@@ -64,6 +64,24 @@ export async function presenceAudience(
   return out;
 }
 
+/** No channel, guild or user has this id (theirs are UUIDv7): the subject of accessAnswers. */
+const NOBODY = '00000000-0000-0000-0000-000000000000';
+
+/**
+ * Whether access checks answer: the statements a check runs (a channel's, a guild's), asked about
+ * a subject that does not exist. A check that failed while these work failed on its own subject
+ * (its rows make the statement fail, or the code on what it returned), not because the database
+ * is away or every check fails (a table of theirs away, a failover): see skipsUnchecked in hub.ts.
+ */
+export async function accessAnswers(db: Db): Promise<boolean> {
+  try {
+    await Promise.all([loadChannelAccess(db, NOBODY, NOBODY), loadGuildAccess(db, NOBODY, NOBODY)]);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 const CACHE_MS = 30_000;
 /**
  * When a cached answer lapses: CACHE_MS from now, give or take a quarter. The subscribers of a
