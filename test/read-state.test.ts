@@ -278,9 +278,16 @@ describe('read state', () => {
       );
       return { n: app.deps.database.queryCount - before, channels: r.guild.channels.length };
     };
-    const first = await cost();
+    // The access cache lives 1 s: on a loaded machine one of two measures found it lapsed (one
+    // statement more) and the other not. Each is the lesser of two asked back to back.
+    const warm = async () => {
+      const a = await cost();
+      const b = await cost();
+      return a.n <= b.n ? a : b;
+    };
+    const first = await warm();
     for (let i = 0; i < 5; i++) await send(alice, await newChannel());
-    const more = await cost();
+    const more = await warm();
     assert.equal(more.channels, first.channels + 5);
     assert.equal(
       more.n,
