@@ -85,6 +85,22 @@ it('a message sent elsewhere while a big guild is deleted arrives during the del
   const owner = await signUp(app);
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
   await fill(channelId, guildId, owner);
+  // Its audit log and read states go in batches too.
+  const c = new pg.Client({ connectionString: app.config.databaseUrl });
+  await c.connect();
+  try {
+    await c.query(
+      `insert into audit_log (id, guild_id, actor_id, action)
+       select gen_random_uuid(), $1, $2, 'CHANNEL_UPDATE' from generate_series(1, 20000)`,
+      [decodeAnyId(guildId).id, decodeAnyId(owner.id).id],
+    );
+    await c.query(`insert into read_states (user_id, channel_id) values ($1, $2)`, [
+      decodeAnyId(owner.id).id,
+      decodeAnyId(channelId).id,
+    ]);
+  } finally {
+    await c.end();
+  }
   const { there, r } = await deliveredMeanwhile(
     () => gql(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, { token: owner.token }),
     () => count('select count(*)::int as n from guilds where id = $1', guildId),
@@ -92,6 +108,8 @@ it('a message sent elsewhere while a big guild is deleted arrives during the del
   assert.deepEqual(r.errors, undefined);
   assert.equal(there, 1, 'delivered only once the deletion had committed');
   assert.equal(await count('select count(*)::int as n from messages where guild_id = $1', guildId), 0);
+  assert.equal(await count('select count(*)::int as n from audit_log where guild_id = $1', guildId), 0);
+  assert.equal(await count('select count(*)::int as n from read_states where channel_id = $1', channelId), 0);
 });
 
 it('a message sent elsewhere while a big channel is deleted arrives during the deletion, not after it', {

@@ -14,7 +14,7 @@ import {
 } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
 import { validateName } from './guild.service.ts';
-import { deleteMessagesOf } from './message.service.ts';
+import { purgeBeforeDeletion } from './purge.service.ts';
 
 export type ChannelRowFull = typeof channels.$inferSelect;
 export const GUILD_CHANNEL_TYPES = ['TEXT', 'VOICE', 'ANNOUNCEMENT', 'CATEGORY'] as const;
@@ -439,7 +439,7 @@ export async function deleteChannel(deps: Deps, viewer: Viewer, id: string): Pro
       .select({ id: channels.id })
       .from(channels)
       .where(and(eq(channels.parentId, c.id), eq(channels.type, 'THREAD')));
-    await deleteMessagesOf(deps.db, { channelIds: [c.id, ...threads.map((t) => t.id)] });
+    await purgeBeforeDeletion(deps.db, { channelIds: [c.id, ...threads.map((t) => t.id)] });
   }
   return transact(deps, async (tx, log) => {
     // The overwrites that decided who could see it, read before they go with it: visibility

@@ -7,7 +7,7 @@ import { newId } from '../ids.ts';
 import { DEFAULT_EVERYONE, Permission } from '../permissions.ts';
 import { requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
-import { deleteMessagesOf } from './message.service.ts';
+import { purgeBeforeDeletion } from './purge.service.ts';
 
 export type GuildRow = typeof guilds.$inferSelect;
 
@@ -134,7 +134,7 @@ async function requireOwner(deps: Deps, viewer: Viewer, guildId: string) {
  */
 export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): Promise<string> {
   await requireOwner(deps, viewer, guildId);
-  await deleteMessagesOf(deps.db, { guildId });
+  await purgeBeforeDeletion(deps.db, { guildId });
   return transact(deps, async (tx, log) => {
     // Members rows cascade away with the guild: who was in is kept in former_members (as long as
     // the event log), so every member subscribed now, or replaying later, hears of the deletion.

@@ -4,7 +4,7 @@
  * loads (message-history.service.ts), mention parsing and resolving (mentions.ts).
  */
 import { and, inArray, isNull, type SQL, sql } from 'drizzle-orm';
-import { type Db, resultRows, type Tx } from '../db/client.ts';
+import type { Tx } from '../db/client.ts';
 import { messageEdits, messageMentions, messages } from '../db/tables.ts';
 import { badInput } from '../errors.ts';
 
@@ -59,33 +59,4 @@ export async function wipeMessages(
     await tx.delete(messageEdits).where(inArray(messageEdits.messageId, ids));
   }
   return deleted;
-}
-
-/** Messages removed per statement by deleteMessagesOf. */
-export const PURGE_BATCH = 500;
-
-/**
- * Removes the messages of channels or of a guild about to be deleted, PURGE_BATCH per statement,
- * each statement its own transaction (their reactions, edits, mentions and attachments go with
- * them). The deletion's cascade did this in one statement, and the realtime log delivers nothing
- * committed after a transaction still in progress (log.ts, Horizon): deleting a guild of 200k
- * messages held every stream of every guild for ~10 s. A batch holds delivery back for its own
- * length only (tens of ms). The rows' log events stay: delivery finds their messages gone and
- * skips them, then the channel's deletion hides them. Sends that land meanwhile go with the
- * cascade. Until then the channel or guild is still there, its history thinning.
- */
-export async function deleteMessagesOf(db: Db, of: { channelIds: string[] } | { guildId: string }) {
-  const where =
-    'guildId' in of
-      ? sql`guild_id = ${of.guildId}::uuid`
-      : sql`channel_id = any(${`{${of.channelIds.join(',')}}`}::uuid[])`;
-  if ('channelIds' in of && !of.channelIds.length) return;
-  for (;;) {
-    const [r] = resultRows<{ n: number }>(
-      await db.execute(sql`with d as (
-        delete from messages where id in (select id from messages where ${where} limit ${PURGE_BATCH})
-        returning 1) select count(*)::int as n from d`),
-    );
-    if (Number(r.n) < PURGE_BATCH) return;
-  }
 }
