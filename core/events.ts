@@ -55,11 +55,16 @@ export interface EventWriter {
  * Runs `fn` in one transaction with an event writer; after commit, rings the bus for the rows
  * written. Nothing is announced for a transaction that rolls back.
  */
+/** Rows per insert in appendMany: 5 parameters each, and a statement carries at most 65,535. */
+const APPEND_CHUNK = 1_000;
+
 export async function transact<T>(deps: Deps, fn: (tx: Tx, log: EventWriter) => Promise<T>): Promise<T> {
   const written: LoggedEventRef[] = [];
   const result = await deps.db.transaction(async (tx) => {
-    const appendMany = async (es: readonly NewEvent[]) => {
-      if (!es.length) return;
+    const appendMany = async (all: readonly NewEvent[]) => {
+      for (let i = 0; i < all.length; i += APPEND_CHUNK) await appendChunk(all.slice(i, i + APPEND_CHUNK));
+    };
+    const appendChunk = async (es: readonly NewEvent[]) => {
       const rows = await tx
         .insert(events)
         .values(

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
-import { and, eq } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 import { auditLog, bans, events, memberRoles, members, messages, roles } from '../core/db/tables.ts';
 import { idAtTime, newId } from '../core/ids.ts';
 import { permissionsFromNames } from '../core/permissions.ts';
@@ -179,6 +179,27 @@ describe('banMember / unbanMember', () => {
     const [ban] = await app.deps.db.select().from(bans).where(eq(bans.guildId, g.raw));
     assert.equal(ban.userId, raw(m.id));
     await fails(app, 'CONFLICT', BAN, { g: g.id, u: m.id }, owner.token);
+  });
+
+  it('purges more messages than one statement can carry parameters for (14,000), each logged once in order', async () => {
+    const g = await makeGuild(owner);
+    const m = await signUp(app);
+    await join(g.raw, m);
+    const N = 14_000;
+    const ids = Array.from({ length: N }, () => newId());
+    await app.deps.db.execute(sql`insert into messages (id, channel_id, guild_id, author_id, content)
+      select i, ${g.channel}::uuid, ${g.raw}::uuid, ${raw(m.id)}::uuid, 'spam'
+      from unnest(${`{${ids.join(',')}}`}::uuid[]) i`);
+    // One MESSAGE_DELETED per message: 5 parameters each, past the protocol's 65,535 in one insert
+    // (INTERNAL_SERVER_ERROR before).
+    await ok(app, BAN, { g: g.id, u: m.id, h: 1 }, owner.token);
+    const logged = (await eventsOf(g.raw, 'MESSAGE_DELETED'))
+      .sort((x, y) => x.seq - y.seq)
+      .map((e) => (e.payload as { messageId: string }).messageId);
+    assert.equal(logged.length, N);
+    assert.deepEqual(logged, [...ids].sort());
+    const [a] = await audits(g.raw, 'MEMBER_BAN');
+    assert.equal((a.changes as { deletedMessages: number }).deletedMessages, N);
   });
 
   it('bans a non-member pre-emptively (joinGuild then refuses them) and unbans', async () => {

@@ -3,7 +3,7 @@
  * (message-send.service.ts), editing and deleting (message-edit.service.ts), history and batch
  * loads (message-history.service.ts), mention parsing and resolving (mentions.ts).
  */
-import { and, inArray, isNull, type SQL, sql } from 'drizzle-orm';
+import { and, isNull, type SQL, sql } from 'drizzle-orm';
 import type { Tx } from '../db/client.ts';
 import { messageEdits, messageMentions, messages } from '../db/tables.ts';
 import { badInput } from '../errors.ts';
@@ -53,10 +53,11 @@ export async function wipeMessages(
     })
     .where(and(where, isNull(messages.deletedAt)))
     .returning({ id: messages.id, channelId: messages.channelId });
-  const ids = deleted.map((m) => m.id);
-  if (ids.length) {
-    await tx.delete(messageMentions).where(inArray(messageMentions.messageId, ids));
-    await tx.delete(messageEdits).where(inArray(messageEdits.messageId, ids));
+  // One array parameter: a ban's purge can wipe more messages than a statement has parameters.
+  const ids = sql`${`{${deleted.map((m) => m.id).join(',')}}`}::uuid[]`;
+  if (deleted.length) {
+    await tx.delete(messageMentions).where(sql`${messageMentions.messageId} = any(${ids})`);
+    await tx.delete(messageEdits).where(sql`${messageEdits.messageId} = any(${ids})`);
   }
   return deleted;
 }
