@@ -92,6 +92,33 @@ it('a change on another instance is honoured within a bounded time', {
   }
 });
 
+// Another instance checked the send against its cached access (its tailer had not read the
+// deletion yet, or the deletion committed after its check): the insert then met the channel's
+// foreign key and the sender was told INTERNAL_SERVER_ERROR ("Unexpected error") instead of
+// NOT_FOUND. Found by realtime-model (a send racing deleteChannel on two instances).
+it('a send checked against access cached before its channel was deleted is refused with NOT_FOUND, not an internal error', {
+  skip: !onPostgres,
+  timeout: 30_000,
+}, async () => {
+  // An instance whose tailer does not run: its cache is dropped only by its own changes and age.
+  const other = await buildApp({ ...a.config });
+  try {
+    const { owner, member, guildId } = await setup(a);
+    const doomed = await ok(
+      a,
+      'mutation($g: ID!) { createChannel(input: { guildId: $g, name: "doomed", type: TEXT }) { id } }',
+      { g: guildId },
+      owner.token,
+    );
+    const c = doomed.createChannel.id;
+    await ok(other, SEND, { c, t: 'warm' }, member.token);
+    await ok(a, 'mutation($c: ID!) { deleteChannel(id: $c) }', { c }, owner.token);
+    await fails(other, 'NOT_FOUND', SEND, { c, t: 'after the deletion' }, member.token);
+  } finally {
+    await other.stop();
+  }
+});
+
 it('cached halves stay apart: per-user roles and per-channel overwrites never mix', async () => {
   const { owner, member, guildId, channelId } = await setup(a);
   const other = await signUp(a);

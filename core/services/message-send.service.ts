@@ -113,51 +113,70 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
     mentionEveryone: mentions.everyone,
     mentionRoleIds: mentions.roleIds,
   };
-  if (!attachmentIds.length && !slowmode) {
-    // The common case: message, mentions and event in one statement. No row back means the nonce
-    // index conflicted: the transactional path below tells a retry from a stale nonce.
-    const row = await insertAtomically(deps, values, mentions.userIds);
-    if (row) return row;
-  }
-  return transact(deps, async (tx, log) => {
-    // The preflight check above ran without a lock: two concurrent sends could both pass it.
-    // Under slow mode the author's sends to this channel take turns and check again.
-    if (slowmode) await slowModeTurn(tx, deps, viewer.userId, channel.id, slowmode, nonce, now);
-    let row = await insert(tx, values);
-    if (!row) {
-      const dup = await nonceDuplicate(tx, viewer.userId, nonce, channel.id, now);
-      if (dup) return dup;
-      row = await insert(tx, values);
-      if (!row) throw new Error('message insert conflicted twice');
+  try {
+    if (!attachmentIds.length && !slowmode) {
+      // The common case: message, mentions and event in one statement. No row back means the nonce
+      // index conflicted: the transactional path below tells a retry from a stale nonce.
+      const row = await insertAtomically(deps, values, mentions.userIds);
+      if (row) return row;
     }
-    if (mentions.userIds.length) {
-      await tx
-        .insert(messageMentions)
-        .values(mentions.userIds.map((userId) => ({ messageId: id, userId, channelId: channel.id })));
-    }
-    if (attachmentIds.length) {
-      const linked = await tx
-        .update(attachments)
-        .set({ messageId: id })
-        .where(
-          and(
-            inArray(attachments.id, attachmentIds),
-            eq(attachments.uploaderId, viewer.userId),
-            isNull(attachments.messageId),
-          ),
-        )
-        .returning({ id: attachments.id });
-      if (linked.length !== attachmentIds.length)
-        throw badInput('attachmentIds must be your own uploads not yet sent.', 'attachmentIds');
-    }
-    await log.append({
-      type: 'MESSAGE_CREATED',
-      guildId: channel.guildId,
-      channelId: channel.id,
-      payload: { messageId: id },
+    return await transact(deps, async (tx, log) => {
+      // The preflight check above ran without a lock: two concurrent sends could both pass it.
+      // Under slow mode the author's sends to this channel take turns and check again.
+      if (slowmode) await slowModeTurn(tx, deps, viewer.userId, channel.id, slowmode, nonce, now);
+      let row = await insert(tx, values);
+      if (!row) {
+        const dup = await nonceDuplicate(tx, viewer.userId, nonce, channel.id, now);
+        if (dup) return dup;
+        row = await insert(tx, values);
+        if (!row) throw new Error('message insert conflicted twice');
+      }
+      if (mentions.userIds.length) {
+        await tx
+          .insert(messageMentions)
+          .values(mentions.userIds.map((userId) => ({ messageId: id, userId, channelId: channel.id })));
+      }
+      if (attachmentIds.length) {
+        const linked = await tx
+          .update(attachments)
+          .set({ messageId: id })
+          .where(
+            and(
+              inArray(attachments.id, attachmentIds),
+              eq(attachments.uploaderId, viewer.userId),
+              isNull(attachments.messageId),
+            ),
+          )
+          .returning({ id: attachments.id });
+        if (linked.length !== attachmentIds.length)
+          throw badInput('attachmentIds must be your own uploads not yet sent.', 'attachmentIds');
+      }
+      await log.append({
+        type: 'MESSAGE_CREATED',
+        guildId: channel.guildId,
+        channelId: channel.id,
+        payload: { messageId: id },
+      });
+      return row;
     });
-    return row;
-  });
+  } catch (err) {
+    // The access check took no lock (and may have used another instance's cached inputs): the
+    // channel can be deleted before the insert, whose foreign key then refuses it. The sender is
+    // told what a send a moment later is told.
+    if (channelGone(err)) throw notFound('Channel');
+    throw err;
+  }
+}
+
+/** The message's channel was deleted under the insert (its foreign key; drizzle wraps pg's error). */
+function channelGone(err: unknown): boolean {
+  let e: unknown = err;
+  for (let i = 0; i < 4 && e; i++) {
+    const x = e as { code?: string; constraint?: string; cause?: unknown };
+    if (x.code === '23503' && x.constraint === 'messages_channel_id_channels_id_fk') return true;
+    e = x.cause;
+  }
+  return false;
 }
 
 /**
