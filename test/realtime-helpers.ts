@@ -48,7 +48,13 @@ export function connect(url: string, token: string | undefined, opts: { retry?: 
   return { client, closed: () => closeEvent };
 }
 
-export function subscribe(client: Client, after?: string | null, query = EVENTS): Stream {
+/** `onEvent` hears each collected event as it arrives (e.g. to stamp its receipt time). */
+export function subscribe(
+  client: Client,
+  after?: string | null,
+  query = EVENTS,
+  onEvent?: (event: any) => void,
+): Stream {
   const events: any[] = [];
   const errors: any[] = [];
   let wake: (() => void) | undefined;
@@ -81,7 +87,10 @@ export function subscribe(client: Client, after?: string | null, query = EVENTS)
     {
       next: (r: any) => {
         if (r.errors) errors.push(...r.errors);
-        else if (presence || r.data.events.__typename !== 'PresenceChanged') events.push(r.data.events);
+        else if (presence || r.data.events.__typename !== 'PresenceChanged') {
+          events.push(r.data.events);
+          onEvent?.(r.data.events);
+        }
         wake?.();
       },
       error: (e: any) => {
