@@ -4,7 +4,7 @@
  * by invite, a role with channel overwrites granted and revoked, overwrites for @everyone, a role
  * or a member set and removed, channels created and deleted), and readers (the owner, members, a
  * non-member) disconnect and resume with their last cursor at random moments on random instances
- * (two app instances on Postgres + Redis, one on PGlite).
+ * (two app instances on Postgres + Redis, one on PGlite); two more stay connected throughout.
  *
  * Each mutation's request and response times are recorded; after each permission change (they
  * run one at a time) who may view each channel is read from the database. A change's effect on
@@ -200,6 +200,7 @@ async function runModel(seed: number) {
   const msgs: { gid: string; uuid: string; author: number; channel: string; deleted: boolean }[] = [];
   const reacted = new Set<string>(); // `${actor}|${message uuid}|${emoji}`
   let n = 0;
+  let writes = 0;
   const run = async (actor: number, r: () => number, what: string, q: string, v: Record<string, unknown>) => {
     const req = now();
     const res = await gql(on(r), q, v, { token: users[actor].token });
@@ -279,6 +280,7 @@ async function runModel(seed: number) {
           op.key = `${adding ? 'RA' : 'RR'}:${m.uuid}:${emoji}:${uid[actor]}`;
         }
       }
+      writes++;
       await sleep(r() * 20);
     }
   };
@@ -286,7 +288,8 @@ async function runModel(seed: number) {
   // --- the owner changes access, one change at a time ------------------------------------------
   let writing = true;
   let failure: unknown;
-  const overwrites = new Set<string>(); // `${channel uuid}|${target id}`
+  /** `${channel uuid}|${target id}` → what removes it */
+  const overwrites = new Map<string, { c: string; t: string; channel: string }>();
   const channelDeleted = new Map<string, number>(); // channel uuid → its deletion's request
   // A loop that fails stops the others: the run ends with its error, not at the test's timeout.
   const stop = (err: unknown) => {
@@ -302,7 +305,10 @@ async function runModel(seed: number) {
       const res = now();
       states.push({ what, req, res, views: await views() });
     };
-    while (writing) {
+    // Access changes stop at four fifths of the writes, after undoing what hides channels from
+    // members: the rows of the last fifth are owed to every member (liveness judges only rows in
+    // channels a reader may view from before their request to the end).
+    while (writing && writes < STEPS * 0.8) {
       await sleep(10 + r() * 60);
       if (!writing) break;
       const x = r();
@@ -389,7 +395,7 @@ async function runModel(seed: number) {
         // An overwrite is set for members only; a former member's can still be removed.
         if (targetType === 'MEMBER' && z < 0.8 && membership[m] !== 'in') continue;
         if (z >= 0.8 && !overwrites.has(k)) continue;
-        if (z < 0.8) overwrites.add(k);
+        if (z < 0.8) overwrites.set(k, { c: c.gid, t: targetId, channel: c.uuid });
         else overwrites.delete(k);
         if (z < 0.4)
           await mutate(
@@ -426,10 +432,39 @@ async function runModel(seed: number) {
         for (const msg of msgs) if (msg.channel === c.uuid) msg.deleted = true;
       }
     }
+    for (const m of [1, 2, 3]) {
+      if (membership[m] === 'banned')
+        await mutate(`unban ${m}`, `mutation($g: ID!, $u: ID!) { unbanMember(guildId: $g, userId: $u) }`, {
+          g: guildId,
+          u: users[m].id,
+        });
+      if (membership[m] !== 'in')
+        await mutate(
+          `join ${m}`,
+          `mutation($c: String!) { joinGuild(code: $c) { id } }`,
+          { c: code },
+          users[m].token,
+        );
+      membership[m] = 'in';
+    }
+    for (const [k, o] of overwrites) {
+      overwrites.delete(k);
+      if (channels.find((c) => c.uuid === o.channel)?.alive)
+        await mutate(
+          `clear ${o.t.slice(-4)} in ${o.channel.slice(-4)}`,
+          `mutation($c: ID!, $t: ID!) { removeChannelOverwrite(channelId: $c, targetId: $t) }`,
+          { c: o.c, t: o.t },
+        );
+    }
   };
 
   // --- readers: resume with the last cursor at random moments, on random instances -------------
-  const got: Got[][] = users.map(() => []);
+  // Reader i reads as user READERS[i]; the last two (second devices) stay connected throughout.
+  const READERS = [0, 1, 2, 3, 4, 1, 3];
+  const steady = (i: number) => i >= 5;
+  const got: Got[][] = READERS.map(() => []);
+  /** per reader, the seqs it must get (liveness), known once the writes are over */
+  let owed: Set<number>[] | undefined;
   const errors: string[] = [];
   let reading = true;
   let sessions = 0;
@@ -441,21 +476,22 @@ async function runModel(seed: number) {
     for (;;) {
       const last = !reading;
       const url = urls[Math.floor(r() * urls.length)];
-      const c = connect(url, users[i].token);
+      const c = connect(url, users[READERS[i]].token);
       const mine = session++;
       const s = subscribe(c.client, cursor, QUERY, (e) => {
         if (e.cursor) got[i].push({ cursor: e.cursor, t: now(), session: mine });
       });
-      if (last && failure === undefined) {
-        // Drain: stay until every row it must get has come (judged after), or 20 s.
+      if (steady(i)) while (reading) await sleep(50);
+      if ((last || steady(i)) && failure === undefined) {
+        // Drain: stay until every row it must get has come, or 20 s; then a little longer for any
+        // it must not.
         const until = performance.now() + 20_000;
-        let quiet = 0;
-        let seen = -1;
-        while (performance.now() < until && quiet < (onPostgres ? 8 : 15)) {
-          await sleep(100);
-          quiet = got[i].length === seen ? quiet + 1 : 0;
-          seen = got[i].length;
-        }
+        const has = () => {
+          const seqs = new Set(got[i].map((g) => decodeCursor(g.cursor).seq));
+          return [...owed![i]].every((q) => seqs.has(q));
+        };
+        while (performance.now() < until && !has()) await sleep(100);
+        await sleep(300);
       } else {
         // Now and then a session ends before its replay can have: a resume from mid-replay.
         await sleep(r() < 0.2 ? 10 + r() * 40 : lo + r() * (hi - lo));
@@ -465,12 +501,12 @@ async function runModel(seed: number) {
       sessions++;
       if (s.errors.length) errors.push(`reader ${i} session ${mine}: ${JSON.stringify(s.errors)}`);
       if (got[i].length) cursor = got[i].at(-1)!.cursor;
-      if (last) return;
+      if (last || steady(i)) return;
       await sleep(r() * 200);
     }
   };
 
-  const readers = users.map((_, i) => reader(i).catch((err) => stop(err)));
+  const readers = READERS.map((_, i) => reader(i).catch((err) => stop(err)));
   await sleep(300);
   const per = Math.ceil(STEPS / 4);
   const adminDone = admin().catch(stop);
@@ -478,9 +514,11 @@ async function runModel(seed: number) {
   writing = false;
   await adminDone;
   const end = now();
-  reading = false;
-  await Promise.all(readers);
-  if (failure !== undefined) throw failure;
+  if (failure !== undefined) {
+    reading = false;
+    await Promise.all(readers);
+    throw failure;
+  }
 
   // --- judge ---------------------------------------------------------------------------------
   const rows = await sql(
@@ -534,9 +572,29 @@ async function runModel(seed: number) {
     return k;
   };
 
+  // Liveness: every row in a channel the reader could view from before the request to the end.
+  owed = READERS.map((u) => {
+    const out = new Set<number>();
+    for (const row of rows) {
+      const op = opOf.get(Number(row.seq));
+      if (!op) continue;
+      const mid = row.payload.messageId;
+      if (row.type !== 'MESSAGE_DELETED' && (deletedMsgs.has(mid) || gone.has(mid))) continue;
+      let always = true;
+      for (let s = stateAt(op.req); s < states.length && always; s++)
+        always = states[s].views[u].has(row.channel_id);
+      if (always) out.add(Number(row.seq));
+    }
+    return out;
+  });
+  reading = false;
+  await Promise.all(readers);
+  if (failure !== undefined) throw failure;
+
   const problems: string[] = [...errors];
   let checked = 0;
-  for (let i = 0; i < users.length; i++) {
+  for (let i = 0; i < READERS.length; i++) {
+    const u = READERS[i];
     const mine = got[i];
     const seen = new Set<number>();
     for (let k = 0; k < mine.length; k++) {
@@ -544,14 +602,14 @@ async function runModel(seed: number) {
       const pos = decodeCursor(e.cursor);
       const row = bySeq.get(pos.seq);
       if (!row || row.xid !== pos.xid) {
-        problems.push(`reader ${i}: cursor ${JSON.stringify(pos)} names no row of the log`);
+        problems.push(`reader ${i} (user ${u}): cursor ${JSON.stringify(pos)} names no row of the log`);
         continue;
       }
-      if (seen.has(pos.seq)) problems.push(`reader ${i}: seq ${pos.seq} (${row.type}) twice`);
+      if (seen.has(pos.seq)) problems.push(`reader ${i} (user ${u}): seq ${pos.seq} (${row.type}) twice`);
       seen.add(pos.seq);
       if (k > 0 && comparePos(decodeCursor(mine[k - 1].cursor), pos) >= 0)
         problems.push(
-          `reader ${i}: out of order, ${JSON.stringify(decodeCursor(mine[k - 1].cursor))} then ${JSON.stringify(pos)} (session ${mine[k - 1].session} → ${e.session})`,
+          `reader ${i} (user ${u}): out of order, ${JSON.stringify(decodeCursor(mine[k - 1].cursor))} then ${JSON.stringify(pos)} (session ${mine[k - 1].session} → ${e.session})`,
         );
       const op = opOf.get(pos.seq);
       if (!op) continue;
@@ -559,27 +617,21 @@ async function runModel(seed: number) {
       const from = stateAt(op.req);
       const to = lastBy(e.t);
       let could = false;
-      for (let s = from; s <= to && !could; s++) could = states[s].views[i].has(row.channel_id);
+      for (let s = from; s <= to && !could; s++) could = states[s].views[u].has(row.channel_id);
       if (!could)
         problems.push(
-          `reader ${i}: got ${row.type} seq ${pos.seq} in ${String(row.channel_id).slice(-4)} (${op.what} by ${op.actor}, [${op.req.toFixed(0)}, ${op.res.toFixed(0)}], got at ${e.t.toFixed(0)}, session ${e.session}) it could not view: states ${from}..${to}`,
+          `reader ${i} (user ${u}): got ${row.type} seq ${pos.seq} in ${String(row.channel_id).slice(-4)} (${op.what} by ${op.actor}, [${op.req.toFixed(0)}, ${op.res.toFixed(0)}], got at ${e.t.toFixed(0)}, session ${e.session}) it could not view: states ${from}..${to}`,
         );
     }
-    // Liveness: every row in a channel it could view from before the request to the end.
-    for (const row of rows) {
-      const op = opOf.get(Number(row.seq));
-      if (!op) continue;
-      checked++;
-      const mid = row.payload.messageId;
-      if (row.type !== 'MESSAGE_DELETED' && (deletedMsgs.has(mid) || gone.has(mid))) continue;
-      let always = true;
-      for (let s = stateAt(op.req); s < states.length && always; s++)
-        always = states[s].views[i].has(row.channel_id);
-      if (always && !seen.has(Number(row.seq)))
-        problems.push(
-          `reader ${i}: lost ${row.type} seq ${row.seq} in ${String(row.channel_id).slice(-4)} (${op.what} by ${op.actor}, [${op.req.toFixed(0)}, ${op.res.toFixed(0)}])`,
-        );
+    for (const seq of owed[i]) {
+      if (seen.has(seq)) continue;
+      const row = bySeq.get(seq);
+      const op = opOf.get(seq)!;
+      problems.push(
+        `reader ${i} (user ${u}): lost ${row.type} seq ${seq} in ${String(row.channel_id).slice(-4)} (${op.what} by ${op.actor}, [${op.req.toFixed(0)}, ${op.res.toFixed(0)}])`,
+      );
     }
+    checked += opOf.size;
   }
   const stats = {
     seed,
@@ -589,6 +641,7 @@ async function runModel(seed: number) {
     accessChanges: states.length - 1,
     rows: rows.length,
     messageRowsJudged: checked,
+    owed: owed.map((o) => o.size),
     received: got.map((g) => g.length),
     sessions,
     wroteUntilMs: Math.round(end),
