@@ -44,7 +44,7 @@ export interface Config {
   maxBodyBytes: number;
   /** Proxies of yours in front of Banter whose X-Forwarded-For to believe (api/client-ip.ts). Default 0. */
   trustProxyHops: number;
-  /** WebSocket limits: sockets per user (20), operations per socket (50), new sockets per IP per minute (120), ms to send connection_init (10 s), keep-alive ping interval (12 s). */
+  /** WebSocket limits: sockets per user (20), operations per socket (50), new sockets per IP per minute (6000: see DEFAULT_LIMITS in api/realtime/server.ts), ms to send connection_init (10 s), keep-alive ping interval (12 s). */
   ws: {
     socketsPerUser: number;
     operationsPerSocket: number;
@@ -155,7 +155,7 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
     ws: {
       socketsPerUser: int(env, 'WS_MAX_SOCKETS_PER_USER', 20, 1, 100_000),
       operationsPerSocket: int(env, 'WS_MAX_OPERATIONS_PER_SOCKET', 50, 1, 10_000),
-      connectionsPerIpPerMinute: int(env, 'WS_CONNECTIONS_PER_IP_PER_MINUTE', 120, 1, 10_000_000),
+      connectionsPerIpPerMinute: int(env, 'WS_CONNECTIONS_PER_IP_PER_MINUTE', 6000, 1, 10_000_000),
       initTimeoutMs: int(env, 'WS_CONNECTION_INIT_TIMEOUT_MS', 10_000, 100, 600_000),
       keepAliveMs: int(env, 'WS_KEEPALIVE_MS', 12_000, 100, 600_000),
     },

@@ -27,7 +27,14 @@ export interface RealtimeLimits {
   socketsPerUser: number;
   /** Concurrent operations per socket. Default 50. */
   subscriptionsPerSocket: number;
-  /** New connections per IP per minute. Default 120. */
+  /**
+   * New connections per IP per minute. Default 6000: every client behind one address (an office's
+   * NAT, a proxy not named in TRUST_PROXY_HOPS) reconnects at once when its instance restarts, and
+   * in a rolling deploy twice within the minute; at 120, all but 120 of them were refused, and a
+   * graphql-ws client with its default settings gives up on a refused upgrade for good. Sockets
+   * per user bound what one account holds; this bounds how fast one address can make the server
+   * authenticate (6000 a minute is the per-IP budget of sendMessage too).
+   */
   connectionsPerIpPerMinute: number;
   /** Outgoing bytes a socket may have queued before it is closed as a slow consumer. Default 4 MiB. */
   maxBufferedBytes: number;
@@ -42,7 +49,7 @@ export interface RealtimeLimits {
 export const DEFAULT_LIMITS: RealtimeLimits = {
   socketsPerUser: 20,
   subscriptionsPerSocket: 50,
-  connectionsPerIpPerMinute: 120,
+  connectionsPerIpPerMinute: 6000,
   maxBufferedBytes: 4 * 1024 * 1024,
   keepAliveMs: 12_000,
   sessionCheckMs: SESSION_CHECK_MS,
