@@ -1,9 +1,10 @@
 /** Rate limits (schema/limits.ts): per IP, per user, per key; Retry-After; off switch; shared in Redis. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { request as httpRequest } from 'node:http';
 import { after, before, describe, it } from 'node:test';
 import { eq } from 'drizzle-orm';
+import { type Client, createClient } from 'graphql-ws';
+import WebSocket from 'ws';
 import { users } from '../core/db/tables.ts';
 import { RULES } from '../schema/limits.ts';
 import { createTestApp, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
@@ -227,31 +228,24 @@ describe('behind proxies (TRUST_PROXY_HOPS)', () => {
       }),
     }).then((r) => r.json() as Promise<{ errors?: { extensions?: Record<string, any> }[] }>);
   };
+  /** 101 for a socket let in (it answers a ping), else the close code or HTTP status it got. */
   const upgrade = (port: number, xff: string) =>
     new Promise<number>((resolve, reject) => {
-      const req = httpRequest({
-        host: '127.0.0.1',
-        port,
-        path: '/graphql',
-        headers: {
-          connection: 'Upgrade',
-          upgrade: 'websocket',
-          'sec-websocket-version': '13',
-          'sec-websocket-key': randomBytes(16).toString('base64'),
-          'sec-websocket-protocol': 'graphql-transport-ws',
-          'x-forwarded-for': xff,
-        },
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws', {
+        headers: { 'x-forwarded-for': xff },
       });
-      req.on('upgrade', (res, socket) => {
-        socket.destroy();
-        resolve(res.statusCode ?? 0);
+      ws.on('open', () => ws.send('{"type":"ping"}'));
+      ws.on('message', () => {
+        resolve(101);
+        ws.terminate();
       });
-      req.on('response', (res) => {
+      ws.on('close', (code) => resolve(code));
+      ws.on('unexpected-response', (_req, res) => {
         res.resume();
         resolve(res.statusCode ?? 0);
+        ws.terminate();
       });
-      req.on('error', reject);
-      req.end();
+      ws.on('error', reject);
     });
 
   it("with one proxy, limits count the address it saw (the header's last entry), not the proxy's nor a forged one", async () => {
@@ -275,7 +269,7 @@ describe('behind proxies (TRUST_PROXY_HOPS)', () => {
           await upgrade(port, '198.51.100.1'),
           await upgrade(port, '198.51.100.2'),
         ],
-        [101, 101, 429, 101],
+        [101, 101, 4029, 101],
       );
     } finally {
       await app.destroy();
@@ -292,9 +286,67 @@ describe('behind proxies (TRUST_PROXY_HOPS)', () => {
           await upgrade(port, '198.51.100.2'),
           await upgrade(port, '198.51.100.3'),
         ],
-        [101, 101, 429],
+        [101, 101, 4029],
       );
     } finally {
+      await app.destroy();
+    }
+  });
+});
+
+describe('the socket connection rate, as graphql-ws clients meet it', () => {
+  it("a socket over the per-IP rate is closed with 4029, which graphql-ws's client retries by default (an HTTP 429 it takes as final)", async () => {
+    const app = await createTestApp({}, { WS_CONNECTIONS_PER_IP_PER_MINUTE: '1' });
+    const clients: Client[] = [];
+    try {
+      const port = await app.start(0);
+      const user = await signUp(app);
+      const open = () => {
+        const seen = {
+          connecting: 0,
+          connected: 0,
+          closes: [] as number[],
+          reasons: [] as string[],
+          errors: [] as string[],
+        };
+        const client = createClient({
+          url: `ws://127.0.0.1:${port}/graphql`,
+          webSocketImpl: WebSocket,
+          connectionParams: { authorization: `Bearer ${user.token}` },
+          lazy: false,
+          // Its default retryWait (1 s and up): only the wait is shortened, what it retries is its own.
+          retryWait: () => new Promise((r) => setTimeout(r, 50)),
+          on: {
+            connecting: () => seen.connecting++,
+            connected: () => seen.connected++,
+            closed: (e) => {
+              seen.closes.push((e as { code: number }).code);
+              seen.reasons.push(String((e as { reason: string }).reason));
+            },
+          },
+          onNonLazyError: (e) =>
+            seen.errors.push(String((e as Error).message ?? (e as { code: number }).code)),
+        });
+        clients.push(client);
+        return seen;
+      };
+      const waitFor = async (pred: () => boolean) => {
+        const deadline = Date.now() + 10_000;
+        while (!pred() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      };
+      const first = open();
+      await waitFor(() => first.connected > 0);
+      assert.equal(first.connected, 1);
+      const second = open();
+      await waitFor(() => second.connecting >= 3 || second.errors.length > 0);
+      assert.deepEqual(second.errors, []);
+      assert.equal(second.connected, 0);
+      assert.ok(second.connecting >= 3, `tried ${second.connecting} times`);
+      assert.equal(second.closes[0], 4029);
+      assert.match(second.reasons[0], /Too many connections from this address: try again in \d+ s/);
+    } finally {
+      // dispose awaits a connection attempt under way, and throws its close: not this test's subject
+      for (const c of clients) await Promise.resolve(c.dispose()).catch(() => {});
       await app.destroy();
     }
   });

@@ -56,6 +56,9 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
   connectionInitWaitMs: 10_000,
 };
 
+/** How long a socket refused by the per-IP connection rate may take to answer its close frame. */
+const REFUSED_GRACE_MS = 2000;
+
 /** retryAfter (s) for a subscribe refused at the sockets-per-user limit */
 const SLOT_RETRY_S = 5;
 
@@ -407,7 +410,13 @@ export function attachRealtime(o: RealtimeServerOptions) {
     connectionInitWaitTimeout: limits.connectionInitWaitMs,
   });
 
-  // Per-IP connection rate, before the upgrade: refused with a plain HTTP 429.
+  /**
+   * Per-IP connection rate, checked before anything else. A connection over it is upgraded and
+   * closed at once with 4029, the seconds to wait in the reason: an HTTP 429 reaches a browser's
+   * WebSocket as a bare error (no status, no Retry-After), and graphql-ws's client, by default,
+   * gives up on an error for good where it retries a close, with its backoff. The refused socket
+   * is cut if its client has not answered the close within REFUSED_GRACE_MS.
+   */
   async function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer) {
     const path = (req.url ?? '/').split('?')[0];
     if (path !== '/graphql') {
@@ -420,10 +429,15 @@ export function attachRealtime(o: RealtimeServerOptions) {
         .hit(`ws:ip:${ip}`, { limit: limits.connectionsPerIpPerMinute, windowSeconds: 60 })
         .catch(() => ({ ok: true, retryAfter: 0 }));
       if (!r.ok) {
+        // counted under the label it had as an HTTP 429
         metrics.closes.inc({ code: '429' });
-        socket.end(
-          `HTTP/1.1 429 Too Many Requests\r\nRetry-After: ${r.retryAfter}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`,
-        );
+        wss.handleUpgrade(req, socket, head, (ws) => {
+          ws.close(
+            CloseCode.TooManyConnections,
+            `Too many connections from this address: try again in ${r.retryAfter} s`,
+          );
+          setTimeout(() => ws.terminate(), REFUSED_GRACE_MS).unref();
+        });
         return;
       }
     }
