@@ -282,6 +282,19 @@ describe('reports queue and resolveReport', () => {
     }
   });
 
+  it('the admin resolves a report whose guild was deleted since (its audit row has no guild to go to)', async () => {
+    const g = await makeGuild();
+    const [author, reporter] = [await signUp(app), await signUp(app)];
+    await join(g.raw, author, reporter);
+    const m = await postMessage(g.channel, g.raw, author, 'spam');
+    const r = (await ok(app, REPORT, { m: m.id, r: 'bad' }, reporter.token)).reportMessage;
+    await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: g.id }, owner.token);
+    // INTERNAL_SERVER_ERROR before (the audit row's foreign key on the guild): open for good.
+    const done = (await ok(app, RESOLVE, { id: r.id, r: 'guild gone' }, admin.token)).resolveReport;
+    assert.equal(done.status, 'RESOLVED');
+    assert.equal(done.resolution, 'guild gone');
+  });
+
   it('lists a page in a fixed number of statements, however many reports it holds', async () => {
     const g = await makeGuild();
     const [author, reporter] = [await signUp(app), await signUp(app)];

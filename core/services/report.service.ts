@@ -7,7 +7,7 @@
  */
 import { and, desc, eq, inArray, isNull, lt, type SQL, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.ts';
-import { messages, reports } from '../db/tables.ts';
+import { guilds, messages, reports } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
@@ -158,9 +158,14 @@ export async function resolveReport(
       .set({ status: 'RESOLVED', resolvedBy: viewer.userId, resolvedAt: deps.now(), resolution })
       .where(eq(reports.id, r.id))
       .returning();
-    if (r.guildId) {
+    // A report outlives its guild (the admin resolves it after): its audit row then has no guild
+    // to go to. Held FOR KEY SHARE so a deletion meanwhile waits for this or comes first.
+    const guild = r.guildId
+      ? (await tx.select({ id: guilds.id }).from(guilds).where(eq(guilds.id, r.guildId)).for('key share'))[0]
+      : undefined;
+    if (guild) {
       await writeAudit(tx, {
-        guildId: r.guildId,
+        guildId: guild.id,
         actorId: viewer.userId,
         action: 'REPORT_RESOLVE',
         targetType: 'MESSAGE',
