@@ -33,3 +33,36 @@ export class RepeatedFailures {
     return (this.failures.get(cursor)?.rounds ?? 0) >= REPEATS;
   }
 }
+
+/**
+ * SQLSTATE classes of failures that pass, whatever the statement was about: connection (08),
+ * transaction rollback (40: serialization, deadlock), resources (53), object not in prerequisite
+ * state (55: lock_timeout's 55P03), operator intervention (57: a statement_timeout or a cancel,
+ * 57014; shutdown), system (58).
+ */
+const PASSING = new Set(['08', '40', '53', '55', '57', '58']);
+/** A SQLSTATE (Postgres' classes), not a Node error code such as EPIPE. */
+const SQLSTATE = /^(?:[0-9][0-9A-Z]|F0|HV|P0|XX)[0-9A-Z]{3}$/;
+
+/**
+ * Whether a check's failure is its own: the statement failed on what it read (a SQLSTATE of
+ * another class, such as 21000 for a guild with two rows) or the code on what came back (a
+ * TypeError; a SyntaxError of BigInt or JSON.parse on a malformed value). Not a failure that
+ * passes (PASSING), nor one without a SQLSTATE, from the driver, the pool or the socket (a
+ * connection lost, EPIPE, the wait for a connection timed out): the database can answer the
+ * control an instant later and fail this row's check again in the next round for the same
+ * passing reason, and counting those skipped a row that a subscriber may see.
+ */
+export function isOwnFailure(err: unknown): boolean {
+  for (let e = err, depth = 0; e && typeof e === 'object' && depth < 5; depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && SQLSTATE.test(code)) return !PASSING.has(code.slice(0, 2));
+    e = (e as { cause?: unknown }).cause;
+  }
+  return (
+    err instanceof TypeError ||
+    err instanceof RangeError ||
+    err instanceof ReferenceError ||
+    err instanceof SyntaxError
+  );
+}

@@ -29,7 +29,7 @@ import {
   type Position,
   type Snapshot,
 } from './cursor.ts';
-import { RepeatedFailures } from './failures.ts';
+import { isOwnFailure, RepeatedFailures } from './failures.ts';
 import {
   assertAfterWatermark,
   assertResumable,
@@ -191,6 +191,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
    */
   async function skipsUnchecked(row: Delivered, err: unknown): Promise<boolean> {
     const cursor = row.cursor!;
+    // A failure that passes (a statement cancelled, a connection lost) is no reason to skip a row,
+    // however often it comes: the subscriber resumes.
+    if (!isOwnFailure(err)) return false;
     if (checkFailures.failedForGood(cursor)) return true;
     control ??= accessAnswers(deps.db).finally(() => {
       control = undefined;
