@@ -128,3 +128,47 @@ it('a message sent elsewhere while a big channel is deleted arrives during the d
   assert.equal(there, 1, 'delivered only once the deletion had committed');
   assert.equal(await count('select count(*)::int as n from messages where channel_id = $1', channelId), 0);
 });
+
+it('an ownership transferred while a guild is being deleted does not leave the heir a gutted guild', {
+  skip,
+  timeout: 180_000,
+}, async () => {
+  const owner = await signUp(app);
+  const heir = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  const c = new pg.Client({ connectionString: app.config.databaseUrl });
+  await c.connect();
+  try {
+    const g = decodeAnyId(guildId).id;
+    await c.query('insert into members (guild_id, user_id) values ($1, $2)', [g, decodeAnyId(heir.id).id]);
+    await c.query(
+      `insert into messages (id, channel_id, guild_id, author_id, content)
+       select gen_random_uuid(), $1, $2, $3, 'm' || i from generate_series(1, 30000) i`,
+      [decodeAnyId(channelId).id, g, decodeAnyId(owner.id).id],
+    );
+    const left = async () =>
+      (await c.query('select count(*)::int as n from messages where guild_id = $1', [g])).rows[0].n as number;
+    const deleting = gql(
+      app,
+      `mutation($id: ID!) { deleteGuild(id: $id) }`,
+      { id: guildId },
+      { token: owner.token },
+    );
+    // The purge under way (its first batches gone), the owner hands the guild over.
+    for (let i = 0; i < 500 && (await left()) === 30000; i++) await sleep(10);
+    await gql(
+      app,
+      `mutation($g: ID!, $u: ID!) { transferGuildOwnership(guildId: $g, userId: $u) { id } }`,
+      { g: guildId, u: heir.id },
+      { token: owner.token },
+    );
+    const r = await deleting;
+    const there = (await c.query('select 1 from guilds where id = $1', [g])).rows.length;
+    // Before: the deletion refused (NOT_FOUND, the owner no longer the owner) after its purge,
+    // and the heir got the guild with no messages.
+    assert.deepEqual({ errors: r.errors, there }, { errors: undefined, there: 0 });
+    assert.equal(await left(), 0);
+  } finally {
+    await c.end();
+  }
+});

@@ -143,10 +143,10 @@ export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): 
     await tx.execute(sql`insert into ${formerMembers} (guild_id, user_id)
       select guild_id, user_id from ${members} where guild_id = ${guildId}::uuid
       on conflict do nothing`);
-    const gone = await tx
-      .delete(guilds)
-      .where(and(eq(guilds.id, guildId), eq(guilds.ownerId, viewer.userId)))
-      .returning({ id: guilds.id });
+    // Not "while the viewer still owns it": the purge above has begun the deletion for good. An
+    // ownership transferred meanwhile made this refuse and left the guild to its heir gutted, its
+    // messages and audit log gone; the owner's deletion, begun first, now completes.
+    const gone = await tx.delete(guilds).where(eq(guilds.id, guildId)).returning({ id: guilds.id });
     if (!gone.length) throw notFound('Guild');
     await log.append({
       type: 'GUILD_DELETED',
