@@ -23,7 +23,9 @@ async function inBatches(db: Db, table: SQL, where: SQL) {
         delete from ${table} where ctid = any(array(select ctid from ${table} where ${where} limit ${PURGE_BATCH}))
         returning 1) select count(*)::int as n from d`),
     );
-    if (Number(r.n) < PURGE_BATCH) return;
+    // Until a batch finds nothing: one that deleted fewer (rows another deletion of the same
+    // thing took, or updated under it) would leave the rest to the cascade.
+    if (Number(r.n) === 0) return;
   }
 }
 
