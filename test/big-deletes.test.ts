@@ -18,36 +18,31 @@ const BIG = 100_000;
 let app: TestApp;
 let wsUrl: string;
 
+/** One connection of the test's own, outside the app (its pool would cut a long insert). */
+let direct: pg.Client;
 before(async () => {
   if (skip) return;
   app = await createTestApp({ rateLimits: false });
   wsUrl = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+  direct = new pg.Client({ connectionString: app.config.databaseUrl });
+  await direct.connect();
 });
-after(() => app?.destroy());
+after(async () => {
+  await direct?.end();
+  await app?.destroy();
+});
 
 /** BIG messages in the channel, written directly (one statement, not through the app). */
-async function fill(channelId: string, guildId: string, author: TestUser) {
-  const c = new pg.Client({ connectionString: app.config.databaseUrl });
-  await c.connect();
-  try {
-    await c.query(
-      `insert into messages (id, channel_id, guild_id, author_id, content)
-       select gen_random_uuid(), $1, $2, $3, 'm' || i from generate_series(1, ${BIG}) i`,
-      [decodeAnyId(channelId).id, decodeAnyId(guildId).id, decodeAnyId(author.id).id],
-    );
-  } finally {
-    await c.end();
-  }
+async function fill(channelId: string, guildId: string, author: TestUser, n = BIG) {
+  await direct.query(
+    `insert into messages (id, channel_id, guild_id, author_id, content)
+     select gen_random_uuid(), $1, $2, $3, 'm' || i from generate_series(1, ${n}) i`,
+    [decodeAnyId(channelId).id, decodeAnyId(guildId).id, decodeAnyId(author.id).id],
+  );
 }
 
 async function count(q: string, id: string): Promise<number> {
-  const c = new pg.Client({ connectionString: app.config.databaseUrl });
-  await c.connect();
-  try {
-    return (await c.query(q, [decodeAnyId(id).id])).rows[0].n;
-  } finally {
-    await c.end();
-  }
+  return (await direct.query(q, [decodeAnyId(id).id])).rows[0].n;
 }
 
 /**
@@ -86,21 +81,15 @@ it('a message sent elsewhere while a big guild is deleted arrives during the del
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
   await fill(channelId, guildId, owner);
   // Its audit log and read states go in batches too.
-  const c = new pg.Client({ connectionString: app.config.databaseUrl });
-  await c.connect();
-  try {
-    await c.query(
-      `insert into audit_log (id, guild_id, actor_id, action)
-       select gen_random_uuid(), $1, $2, 'CHANNEL_UPDATE' from generate_series(1, 20000)`,
-      [decodeAnyId(guildId).id, decodeAnyId(owner.id).id],
-    );
-    await c.query(`insert into read_states (user_id, channel_id) values ($1, $2)`, [
-      decodeAnyId(owner.id).id,
-      decodeAnyId(channelId).id,
-    ]);
-  } finally {
-    await c.end();
-  }
+  await direct.query(
+    `insert into audit_log (id, guild_id, actor_id, action)
+     select gen_random_uuid(), $1, $2, 'CHANNEL_UPDATE' from generate_series(1, 20000)`,
+    [decodeAnyId(guildId).id, decodeAnyId(owner.id).id],
+  );
+  await direct.query(`insert into read_states (user_id, channel_id) values ($1, $2)`, [
+    decodeAnyId(owner.id).id,
+    decodeAnyId(channelId).id,
+  ]);
   const { there, r } = await deliveredMeanwhile(
     () => gql(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, { token: owner.token }),
     () => count('select count(*)::int as n from guilds where id = $1', guildId),
@@ -136,39 +125,28 @@ it('an ownership transferred while a guild is being deleted does not leave the h
   const owner = await signUp(app);
   const heir = await signUp(app);
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
-  const c = new pg.Client({ connectionString: app.config.databaseUrl });
-  await c.connect();
-  try {
-    const g = decodeAnyId(guildId).id;
-    await c.query('insert into members (guild_id, user_id) values ($1, $2)', [g, decodeAnyId(heir.id).id]);
-    await c.query(
-      `insert into messages (id, channel_id, guild_id, author_id, content)
-       select gen_random_uuid(), $1, $2, $3, 'm' || i from generate_series(1, 30000) i`,
-      [decodeAnyId(channelId).id, g, decodeAnyId(owner.id).id],
-    );
-    const left = async () =>
-      (await c.query('select count(*)::int as n from messages where guild_id = $1', [g])).rows[0].n as number;
-    const deleting = gql(
-      app,
-      `mutation($id: ID!) { deleteGuild(id: $id) }`,
-      { id: guildId },
-      { token: owner.token },
-    );
-    // The purge under way (its first batches gone), the owner hands the guild over.
-    for (let i = 0; i < 500 && (await left()) === 30000; i++) await sleep(10);
-    await gql(
-      app,
-      `mutation($g: ID!, $u: ID!) { transferGuildOwnership(guildId: $g, userId: $u) { id } }`,
-      { g: guildId, u: heir.id },
-      { token: owner.token },
-    );
-    const r = await deleting;
-    const there = (await c.query('select 1 from guilds where id = $1', [g])).rows.length;
-    // Before: the deletion refused (NOT_FOUND, the owner no longer the owner) after its purge,
-    // and the heir got the guild with no messages.
-    assert.deepEqual({ errors: r.errors, there }, { errors: undefined, there: 0 });
-    assert.equal(await left(), 0);
-  } finally {
-    await c.end();
-  }
+  const g = decodeAnyId(guildId).id;
+  await direct.query('insert into members (guild_id, user_id) values ($1, $2)', [g, decodeAnyId(heir.id).id]);
+  await fill(channelId, guildId, owner, 30000);
+  const left = () => count('select count(*)::int as n from messages where guild_id = $1', guildId);
+  const deleting = gql(
+    app,
+    `mutation($id: ID!) { deleteGuild(id: $id) }`,
+    { id: guildId },
+    { token: owner.token },
+  );
+  // The purge under way (its first batches gone), the owner hands the guild over.
+  for (let i = 0; i < 500 && (await left()) === 30000; i++) await sleep(10);
+  await gql(
+    app,
+    `mutation($g: ID!, $u: ID!) { transferGuildOwnership(guildId: $g, userId: $u) { id } }`,
+    { g: guildId, u: heir.id },
+    { token: owner.token },
+  );
+  const r = await deleting;
+  const there = (await direct.query('select 1 from guilds where id = $1', [g])).rows.length;
+  // Before: the deletion refused (NOT_FOUND, the owner no longer the owner) after its purge,
+  // and the heir got the guild with no messages.
+  assert.deepEqual({ errors: r.errors, there }, { errors: undefined, there: 0 });
+  assert.equal(await left(), 0);
 });
