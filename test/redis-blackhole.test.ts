@@ -101,17 +101,35 @@ after(async () => {
   server?.kill('SIGKILL');
 });
 
-it('a black hole of 6 s on B: requests answer at once, delivery goes on once each, revocation reaches B, signals come back', {
-  skip,
-  timeout: 90_000,
-}, async (t) => {
+/**
+ * Four users of a guild made on A; the member and the leaver subscribed on B (the leaver's
+ * session is the one revoked).
+ */
+async function cast() {
   const [owner, member, typer, leaver] = await Promise.all([signUp(a), signUp(a), signUp(a), signUp(a)]);
   const { guildId, channelId } = await guildWithChannel(a, owner.token);
   for (const u of [member, typer, leaver]) await invite(a, owner.token, guildId, u.token);
   const cb = connect(urlB, member.token);
-  const sb = subscribe(cb.client);
   const cl = connect(urlB, leaver.token);
-  const sl = subscribe(cl.client);
+  return {
+    owner,
+    member,
+    typer,
+    leaver,
+    guildId,
+    channelId,
+    cb,
+    sb: subscribe(cb.client),
+    cl,
+    sl: subscribe(cl.client),
+  };
+}
+
+it('a black hole of 6 s on B: requests answer at once, delivery goes on once each, revocation reaches B, signals come back', {
+  skip,
+  timeout: 90_000,
+}, async (t) => {
+  const { owner, member, typer, leaver, guildId, channelId, cb, sb, cl, sl } = await cast();
   try {
     await sleep(1000);
     t.diagnostic(`typing A -> B before: ${await typingReaches(sb, typer, channelId, 3000)} ms`);
@@ -163,13 +181,7 @@ it('the old connections stay silent for good, new ones pass (a failover): B reco
   skip,
   timeout: 90_000,
 }, async (t) => {
-  const [owner, member, typer, leaver] = await Promise.all([signUp(a), signUp(a), signUp(a), signUp(a)]);
-  const { guildId, channelId } = await guildWithChannel(a, owner.token);
-  for (const u of [member, typer, leaver]) await invite(a, owner.token, guildId, u.token);
-  const cb = connect(urlB, member.token);
-  const sb = subscribe(cb.client);
-  const cl = connect(urlB, leaver.token);
-  const sl = subscribe(cl.client);
+  const { owner, member, typer, leaver, guildId, channelId, cb, sb, cl, sl } = await cast();
   let emptyRings = 0;
   let emptyAt = 0;
   const off = b.deps.bus.onAnnounce((refs) => {
