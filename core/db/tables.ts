@@ -405,7 +405,10 @@ export const readStates = pgTable(
     lastReadMessageId: uuid('last_read_message_id'),
     updatedAt: ts('updated_at').notNull().defaultNow(),
   },
-  (t) => [primaryKey({ columns: [t.userId, t.channelId] }), index('read_states_channel').on(t.channelId)],
+  (t) => [
+    primaryKey({ columns: [t.userId, t.channelId] }),
+    index('read_states_channel').on(t.channelId, t.userId),
+  ],
 );
 
 export const reports = pgTable(

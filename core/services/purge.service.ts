@@ -14,32 +14,42 @@ import { type Db, resultRows } from '../db/client.ts';
 
 export const PURGE_BATCH = 500;
 
-/** Deletes the rows of `table` that `where` selects, PURGE_BATCH per statement. */
-async function inBatches(db: Db, table: SQL, where: SQL) {
+/**
+ * Deletes the rows of `table` that `where` selects, PURGE_BATCH per statement, in the order of
+ * `key` (a uuid column that an index on the `where` columns then `key` orders): each batch
+ * starts where the last ended. Selecting "any 500 left" instead walked the index over every
+ * entry deleted so far (dead until vacuumed), each batch longer than the last: a guild of 200k
+ * messages took 14.7 s to delete in batches that way, against 6.8 s for the cascade.
+ */
+async function inBatches(db: Db, table: SQL, key: SQL, where: SQL) {
+  let after = '00000000-0000-0000-0000-000000000000';
   for (;;) {
-    // By ctid: one statement shape for every table, whatever its key.
-    const [r] = resultRows<{ n: number }>(
+    const [r] = resultRows<{ n: number; last: string | null }>(
       await db.execute(sql`with d as (
-        delete from ${table} where ctid = any(array(select ctid from ${table} where ${where} limit ${PURGE_BATCH}))
-        returning 1) select count(*)::int as n from d`),
+        delete from ${table} where ${where} and ${key} in (
+          select ${key} from ${table} where ${where} and ${key} > ${after}::uuid order by ${key} limit ${PURGE_BATCH})
+        returning ${key} as k) select count(*)::int as n, max(k::text) as last from d`),
     );
-    // Until a batch finds nothing: one that deleted fewer (rows another deletion of the same
-    // thing took, or updated under it) would leave the rest to the cascade.
-    if (Number(r.n) === 0) return;
+    // Until a batch finds nothing: rows written meanwhile (later ids) are taken too, and the
+    // few left behind (another deletion of the same thing took a batch's rows first) go with
+    // the cascade.
+    if (Number(r.n) === 0 || !r.last) return;
+    after = r.last;
   }
 }
 
 /** Clears the bulk of channels (with their threads, given) or of a guild ahead of its deletion. */
 export async function purgeBeforeDeletion(db: Db, of: { channelIds: string[] } | { guildId: string }) {
-  if ('guildId' in of) {
-    const g = sql`${of.guildId}::uuid`;
-    await inBatches(db, sql`messages`, sql`guild_id = ${g}`);
-    await inBatches(db, sql`read_states`, sql`channel_id in (select id from channels where guild_id = ${g})`);
-    await inBatches(db, sql`audit_log`, sql`guild_id = ${g}`);
-    return;
+  const channelIds =
+    'guildId' in of
+      ? resultRows<{ id: string }>(
+          await db.execute(sql`select id from channels where guild_id = ${of.guildId}::uuid`),
+        ).map((r) => r.id)
+      : of.channelIds;
+  for (const c of channelIds) {
+    const here = sql`channel_id = ${c}::uuid`;
+    await inBatches(db, sql`messages`, sql`id`, here);
+    await inBatches(db, sql`read_states`, sql`user_id`, here);
   }
-  if (!of.channelIds.length) return;
-  const ids = sql`${`{${of.channelIds.join(',')}}`}::uuid[]`;
-  await inBatches(db, sql`messages`, sql`channel_id = any(${ids})`);
-  await inBatches(db, sql`read_states`, sql`channel_id = any(${ids})`);
+  if ('guildId' in of) await inBatches(db, sql`audit_log`, sql`id`, sql`guild_id = ${of.guildId}::uuid`);
 }
