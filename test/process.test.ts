@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -278,6 +279,64 @@ describe('presence across a restart', () => {
     } finally {
       sub.stop();
       await c.client.dispose();
+      s.child.kill('SIGTERM');
+      await s.exited;
+    }
+  });
+});
+
+describe('the per-IP socket rate', () => {
+  // A socket over WS_CONNECTIONS_PER_IP_PER_MINUTE is upgraded and closed with 4029. It never
+  // reached the protocol's connection handler, so it had no 'error' listener: a client that then
+  // sent a bad frame (here unmasked, which RFC 6455 forbids from a client) made ws emit an error
+  // nobody handled, and the process exited.
+  it('a refused socket that sends a bad frame is dropped; the process stays up', {
+    timeout: 60_000,
+  }, async () => {
+    const s = await startServer({ WS_CONNECTIONS_PER_IP_PER_MINUTE: '1', ...(await storage()) });
+    try {
+      const port = Number(new URL(s.base).port);
+      const raw = () =>
+        new Promise<string>((resolve) => {
+          const sock = netConnect(port, '127.0.0.1');
+          let got = '';
+          let sent = false;
+          const timer = setTimeout(() => {
+            sock.destroy();
+            resolve(got);
+          }, 10_000);
+          sock.on('connect', () =>
+            sock.write(
+              'GET /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n' +
+                `Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\n` +
+                'Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n',
+            ),
+          );
+          sock.on('data', (d) => {
+            got += d.toString('latin1');
+            // After the 101: a text frame "a" without a mask.
+            if (!sent && got.includes('\r\n\r\n')) {
+              sent = true;
+              sock.write(Buffer.from([0x81, 0x01, 0x61]));
+            }
+          });
+          sock.on('error', () => {});
+          sock.on('close', () => {
+            clearTimeout(timer);
+            resolve(got);
+          });
+        });
+      assert.match(await raw(), /^HTTP\/1\.1 101/, 'the first socket is let in');
+      assert.match(await raw(), /^HTTP\/1\.1 101/, 'the second is upgraded, to be closed with 4029');
+      // Bounded: the process would have exited within this while reading the frame.
+      await new Promise((r) => setTimeout(r, 500));
+      assert.equal(s.child.exitCode, null, s.output());
+      const health = await fetch(`${s.base}/healthz`).then(
+        (r) => r.status,
+        (e) => String(e),
+      );
+      assert.equal(health, 200, s.output());
+    } finally {
       s.child.kill('SIGTERM');
       await s.exited;
     }

@@ -432,6 +432,9 @@ export function attachRealtime(o: RealtimeServerOptions) {
         // counted under the label it had as an HTTP 429
         metrics.closes.inc({ code: '429' });
         wss.handleUpgrade(req, socket, head, (ws) => {
+          // It never reaches the protocol's handler, which listens for errors: a bad frame from
+          // its client would otherwise be an unhandled 'error' event, and end the process.
+          ws.on('error', () => ws.terminate());
           ws.close(
             CloseCode.TooManyConnections,
             `Too many connections from this address: try again in ${r.retryAfter} s`,
