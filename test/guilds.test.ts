@@ -313,6 +313,40 @@ describe('channels', () => {
     assert.equal(audit.length, 2);
   });
 
+  // Its channels get copies of the category's overwrites: one insert of (channels x overwrites)
+  // rows, 5 parameters each, failed past the protocol's 65,535 parameters per statement (here
+  // 2 x 6,600 rows: 66,000), and the deletion answered INTERNAL_SERVER_ERROR.
+  it('a category with many member overwrites is deleted, its channels keeping copies of them', {
+    timeout: 60_000,
+  }, async () => {
+    const owner = await signUp(app);
+    const g = await makeGuild(owner);
+    const cat = await ok(app, CREATE_CHANNEL, { g: g.id, n: 'Cat', t: 'CATEGORY' }, owner.token);
+    const kids: string[] = [];
+    for (const n of ['a', 'b']) {
+      const k = await ok(
+        app,
+        CREATE_CHANNEL,
+        { g: g.id, n, t: 'TEXT', p: cat.createChannel.id },
+        owner.token,
+      );
+      kids.push(raw(k.createChannel.id));
+    }
+    const OVERWRITES = 6_600;
+    await app.deps.db.execute(
+      sql`insert into permission_overwrites (channel_id, target_type, target_id, allow, deny)
+        select ${raw(cat.createChannel.id)}::uuid, 'MEMBER', gen_random_uuid(), 0, 0
+        from generate_series(1, ${OVERWRITES})`,
+    );
+    await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat.createChannel.id }, owner.token);
+    for (const k of kids) {
+      const [r] = await rows<{ n: number }>(
+        sql`select count(*)::int as n from permission_overwrites where channel_id = ${k}::uuid`,
+      );
+      assert.equal(r.n, OVERWRITES);
+    }
+  });
+
   it('deletes channels; a deleted category leaves its channels uncategorized', async () => {
     const owner = await signUp(app);
     const member = await signUp(app);

@@ -378,6 +378,9 @@ async function deleteThreadsOf(
   }
 }
 
+/** Rows per insert when a deleted category's overwrites are copied to its channels (5 parameters a row). */
+const OVERWRITE_COPY_CHUNK = 10_000;
+
 /**
  * A category's overwrites apply to its channels (access.service reads the parent's level before
  * the channel's own): left uncategorized, a channel hidden by its category would be shown to
@@ -409,9 +412,10 @@ async function keepChildrenHidden(tx: Tx, log: EventWriter, guildId: string, cat
       `This category's permission overwrites apply to its channels, and ${names.join(', ')} ${names.length > 1 ? 'have' : 'has'} overwrites of its own: without the category they would be shown to members it hides them from. Clear their overwrites or move them out of the category first.`,
     );
   }
-  await tx
-    .insert(permissionOverwrites)
-    .values(ids.flatMap((channelId) => own.map((o) => ({ ...o, channelId }))));
+  // Channels x overwrites rows, 5 parameters each: in statements under the protocol's 65,535.
+  const copies = ids.flatMap((channelId) => own.map((o) => ({ ...o, channelId })));
+  for (let i = 0; i < copies.length; i += OVERWRITE_COPY_CHUNK)
+    await tx.insert(permissionOverwrites).values(copies.slice(i, i + OVERWRITE_COPY_CHUNK));
   // Nobody's access changed: told to who may view each channel (the category's overwrites applied
   // and still do), by the levels recorded, as for a move.
   const overwrites = storeOverwriteLevels([own as OverwriteInfo[]]);
