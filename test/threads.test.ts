@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
-import { and, eq } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 import { channels, events } from '../core/db/tables.ts';
 import { Permission } from '../core/permissions.ts';
 import { createTestApp, fails, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
@@ -144,4 +144,33 @@ it('failure codes: FORBIDDEN, NOT_FOUND, BAD_USER_INPUT, UNAUTHENTICATED', async
     .from(channels)
     .where(eq(channels.parentId, uuidOf(c)));
   assert.equal(threads.length, 1);
+});
+
+// A channel's threads are deleted with it, each logged CHANNEL_DELETED. Their ids went into the
+// statements one parameter each (inArray): past the protocol's 65,535 threads the deletion
+// answered INTERNAL_SERVER_ERROR, and the channel could not be deleted at all.
+it('a channel with more threads than a statement has parameters is deleted, each thread logged once', {
+  timeout: 120_000,
+}, async () => {
+  const c = await createChannel(app, g.owner, g.guildId, { name: 'busy' });
+  const THREADS = 65_600;
+  // Written directly (one statement): each stands for a message that started a thread.
+  await app.deps.db.execute(
+    sql`insert into channels (id, guild_id, type, name, parent_id, source_message_id, owner_id)
+      select gen_random_uuid(), ${uuidOf(g.guildId)}::uuid, 'THREAD', 't' || i, ${uuidOf(c)}::uuid,
+        gen_random_uuid(), ${uuidOf(g.owner.id)}::uuid
+      from generate_series(1, ${THREADS}) i`,
+  );
+  const before = await app.deps.db.select({ n: sql<number>`max(seq)` }).from(events);
+  await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: c }, g.owner.token);
+  const left = await app.deps.db
+    .select({ n: sql<number>`count(*)::int` })
+    .from(channels)
+    .where(eq(channels.parentId, uuidOf(c)));
+  assert.equal(left[0].n, 0);
+  const logged = await app.deps.db
+    .select({ n: sql<number>`count(distinct channel_id)::int` })
+    .from(events)
+    .where(and(eq(events.type, 'CHANNEL_DELETED'), sql`${events.seq} > ${before[0].n ?? 0}`));
+  assert.equal(logged[0].n, THREADS + 1);
 });

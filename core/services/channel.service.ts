@@ -362,20 +362,30 @@ async function deleteThreadsOf(
     .for('update');
   if (!threads.length) return;
   const ids = threads.map((t) => t.id);
+  // One array parameter, not one per thread: a channel's threads are not bounded, a statement's
+  // parameters are (65,535).
+  const idArray = sql`${`{${ids.join(',')}}`}::uuid[]`;
   const own = (await tx
     .select()
     .from(permissionOverwrites)
-    .where(inArray(permissionOverwrites.channelId, ids))) as (OverwriteInfo & { channelId: string })[];
-  await tx.delete(channels).where(inArray(channels.id, ids));
-  for (const id of ids) {
-    const levels = [...channelLevels, own.filter((o) => o.channelId === id)];
-    await log.append({
+    .where(sql`${permissionOverwrites.channelId} = any(${idArray})`)) as (OverwriteInfo & {
+    channelId: string;
+  })[];
+  await tx.delete(channels).where(sql`${channels.id} = any(${idArray})`);
+  const ownOf = new Map<string, OverwriteInfo[]>();
+  for (const o of own) ownOf.set(o.channelId, [...(ownOf.get(o.channelId) ?? []), o]);
+  await log.appendMany(
+    ids.map((id) => ({
       type: 'CHANNEL_DELETED',
       guildId,
       channelId: id,
-      payload: { channelId: id, actorId, overwrites: storeOverwriteLevels(levels) },
-    });
-  }
+      payload: {
+        channelId: id,
+        actorId,
+        overwrites: storeOverwriteLevels([...channelLevels, ownOf.get(id) ?? []]),
+      },
+    })),
+  );
 }
 
 /** Rows per insert when a deleted category's overwrites are copied to its channels (5 parameters a row). */
