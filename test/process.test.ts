@@ -12,8 +12,8 @@ import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import { createTestDatabase, onPostgres } from './helpers.ts';
-import { connect, freePort, subscribe } from './realtime-helpers.ts';
+import { createTestDatabase, onPostgres, TEST_REDIS_URL } from './helpers.ts';
+import { connect, freePort, subscribe, tcpProxy } from './realtime-helpers.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const SECRET = randomBytes(32).toString('hex');
@@ -339,6 +339,57 @@ describe('the per-IP socket rate', () => {
     } finally {
       s.child.kill('SIGTERM');
       await s.exited;
+    }
+  });
+});
+
+describe('an upgrade waiting on the connection rate', () => {
+  // The rate is checked in Redis before the upgrade: meanwhile the socket, handed over by Node's
+  // HTTP server, has no 'error' listener (the server removes its own at an upgrade, and ws adds
+  // one only in handleUpgrade). A client that reset its connection then, Redis slow, ended the
+  // process with an unhandled ECONNRESET.
+  it('a client that resets its connection while the rate is checked does not end the process', {
+    skip: !onPostgres,
+    timeout: 60_000,
+  }, async () => {
+    const redis = await tcpProxy(TEST_REDIS_URL);
+    const s = await startServer({
+      REDIS_URL: redis.url,
+      REDIS_PREFIX: `banter-test:${randomBytes(4).toString('hex')}:`,
+      ...(await storage()),
+    });
+    try {
+      const port = Number(new URL(s.base).port);
+      redis.hold();
+      await new Promise<void>((resolve) => {
+        const sock = netConnect(port, '127.0.0.1', () => {
+          sock.write(
+            'GET /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n' +
+              `Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\n` +
+              'Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n',
+          );
+          // The server is in the rate check by now (Redis held): the client goes, with a reset.
+          setTimeout(() => {
+            sock.resetAndDestroy();
+            resolve();
+          }, 100);
+        });
+        sock.on('error', () => {});
+      });
+      // Bounded: the reset is read at once, the rate check gives up on Redis within 500 ms.
+      await new Promise((r) => setTimeout(r, 1000));
+      redis.release();
+      assert.equal(s.child.exitCode, null, s.output());
+      const health = await fetch(`${s.base}/healthz`).then(
+        (r) => r.status,
+        (e) => String(e),
+      );
+      assert.equal(health, 200, s.output());
+    } finally {
+      redis.release();
+      s.child.kill('SIGTERM');
+      await s.exited;
+      redis.close();
     }
   });
 });

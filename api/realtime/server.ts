@@ -418,6 +418,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
    * is cut if its client has not answered the close within REFUSED_GRACE_MS.
    */
   async function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer) {
+    // Node's HTTP server takes its 'error' listener off a socket it hands over, and ws adds its
+    // own only in handleUpgrade: a reset while the rate is checked (in Redis) would otherwise be
+    // an unhandled 'error' event, and end the process.
+    socket.on('error', () => socket.destroy());
     const path = (req.url ?? '/').split('?')[0];
     if (path !== '/graphql') {
       socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
