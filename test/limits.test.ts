@@ -1,6 +1,7 @@
 /** Rate limits (schema/limits.ts): per IP, per user, per key; Retry-After; off switch; shared in Redis. */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { connect as netConnect } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { eq } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
@@ -8,6 +9,7 @@ import WebSocket from 'ws';
 import { users } from '../core/db/tables.ts';
 import { RULES } from '../schema/limits.ts';
 import { createTestApp, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { metricsOf } from './realtime-helpers.ts';
 
 const REGISTER = `mutation($i: RegisterInput!) { register(input: $i) { accessToken } }`;
 const LOGIN = `mutation($i: LoginInput!) { login(input: $i) { accessToken } }`;
@@ -347,6 +349,50 @@ describe('the socket connection rate, as graphql-ws clients meet it', () => {
     } finally {
       // dispose awaits a connection attempt under way, and throws its close: not this test's subject
       for (const c of clients) await Promise.resolve(c.dispose()).catch(() => {});
+      await app.destroy();
+    }
+  });
+
+  // A refused socket is upgraded only to be told 4029, and lives until its client answers the
+  // close (at most 2 s): it was counted in banter_ws_open_sockets meanwhile, so a flood of refused
+  // upgrades read as that many open sockets.
+  it('a refused socket waiting for its close is not counted as an open socket', async () => {
+    const app = await createTestApp({}, { WS_CONNECTIONS_PER_IP_PER_MINUTE: '1' });
+    const url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+    const kept = new WebSocket(url, 'graphql-transport-ws');
+    const raw = netConnect(Number(new URL(url).port), '127.0.0.1');
+    raw.on('error', () => {});
+    try {
+      await new Promise<void>((resolve, reject) => {
+        kept.once('open', () => resolve());
+        kept.once('error', reject);
+      });
+      // Upgraded, then not a word back: its close frame (0x88) is left unanswered.
+      let got = Buffer.alloc(0);
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(
+          () => reject(new Error(`no close frame: ${got.toString('latin1')}`)),
+          10_000,
+        );
+        raw.on('data', (d) => {
+          got = Buffer.concat([got, d]);
+          const body = got.indexOf('\r\n\r\n');
+          if (body > 0 && got[body + 4] === 0x88) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+        raw.write(
+          'GET /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n' +
+            `Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\n` +
+            'Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n',
+        );
+      });
+      assert.match(got.toString('latin1'), /^HTTP\/1\.1 101/);
+      assert.equal((await metricsOf(url))('banter_ws_open_sockets'), 1);
+    } finally {
+      kept.terminate();
+      raw.destroy();
       await app.destroy();
     }
   });

@@ -93,6 +93,12 @@ export function attachRealtime(o: RealtimeServerOptions) {
   const limits = { ...DEFAULT_LIMITS, ...o.limits };
   const ipOf = (req: IncomingMessage) => clientIp(req, o.trustProxyHops ?? 0);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 256 * 1024 });
+  /**
+   * Sockets refused by the per-IP rate, upgraded only to be closed with 4029: apart from wss, so
+   * they are not counted as open sockets while their close is answered; a close frame is all they
+   * may send.
+   */
+  const refusals = new WebSocketServer({ noServer: true, maxPayload: 125 });
   const byUser = new Map<string, Set<WebSocket>>();
   const viewerOf = new Map<WebSocket, Viewer>();
   const presenceConn = new Map<WebSocket, string>();
@@ -435,7 +441,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       if (!r.ok) {
         // counted under the label it had as an HTTP 429
         metrics.closes.inc({ code: '429' });
-        wss.handleUpgrade(req, socket, head, (ws) => {
+        refusals.handleUpgrade(req, socket, head, (ws) => {
           // It never reaches the protocol's handler, which listens for errors: a bad frame from
           // its client would otherwise be an unhandled 'error' event, and end the process.
           ws.on('error', () => ws.terminate());
@@ -493,8 +499,9 @@ export function attachRealtime(o: RealtimeServerOptions) {
       clearInterval(expiryTimer);
       offDisconnect();
       protocol.dispose();
-      for (const s of wss.clients) s.terminate();
+      for (const s of [...wss.clients, ...refusals.clients]) s.terminate();
       await new Promise<void>((r) => wss.close(() => r()));
+      await new Promise<void>((r) => refusals.close(() => r()));
     },
   };
 }
