@@ -13,8 +13,8 @@ import { createTestApp, gql, onPostgres, signUp, type TestApp, type TestUser } f
 import { connect, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
-/** Enough that the deletion takes seconds here (the cascade: ~5 s per 100k on these VMs). */
-const BIG = 100_000;
+/** Enough that the deletion takes seconds here (the cascade: ~2 s per 50k on these VMs). */
+const BIG = 50_000;
 let app: TestApp;
 let wsUrl: string;
 

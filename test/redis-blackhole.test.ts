@@ -198,10 +198,11 @@ it('the old connections stay silent for good, new ones pass (a failover): B reco
     proxy.hang();
     proxy.release();
     const hung = Date.now();
-    // Traffic on B meanwhile (a send every 200 ms).
+    // Traffic on B meanwhile (a send every 200 ms), until the checks are done.
     let sends = 0;
+    let done = false;
     const traffic = (async () => {
-      while (Date.now() - hung < 20_000) {
+      while (!done && Date.now() - hung < 20_000) {
         await gql(b, SEND, { i: { channelId, content: `b ${sends++}` } }, { token: member.token });
         await sleep(200);
       }
@@ -234,6 +235,7 @@ it('the old connections stay silent for good, new ones pass (a failover): B reco
       const closed = await until(() => !!cl.closed(), 3000, 'socket of the revoked session on B');
       t.diagnostic(`revoked session's socket on B closed after ${closed} ms`);
     } finally {
+      done = true;
       await traffic;
       t.diagnostic(`${sends} sends on B; its Redis client holds ${queued(b)} commands at the end`);
     }

@@ -3,7 +3,7 @@ import { after, before, it } from 'node:test';
 import { and, eq, sql } from 'drizzle-orm';
 import { channels, events } from '../core/db/tables.ts';
 import { Permission } from '../core/permissions.ts';
-import { createTestApp, fails, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { createTestApp, fails, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
   addMember,
   createChannel,
@@ -149,7 +149,10 @@ it('failure codes: FORBIDDEN, NOT_FOUND, BAD_USER_INPUT, UNAUTHENTICATED', async
 // A channel's threads are deleted with it, each logged CHANNEL_DELETED. Their ids went into the
 // statements one parameter each (inArray): past the protocol's 65,535 threads the deletion
 // answered INTERNAL_SERVER_ERROR, and the channel could not be deleted at all.
+// Postgres only: the bound is the wire protocol's, the code the same on PGlite, where making
+// 65,600 threads took 20 s of the suite.
 it('a channel with more threads than a statement has parameters is deleted, each thread logged once', {
+  skip: !onPostgres,
   timeout: 120_000,
 }, async () => {
   const c = await createChannel(app, g.owner, g.guildId, { name: 'busy' });
