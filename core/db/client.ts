@@ -1,7 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Logger as DrizzleLogger, ExtractTablesWithRelations } from 'drizzle-orm';
+import { type Logger as DrizzleLogger, type ExtractTablesWithRelations, type SQL, sql } from 'drizzle-orm';
 import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
 import type { WrittenLog } from '../realtime/log.ts';
 import * as tables from './tables.ts';
@@ -326,6 +326,29 @@ function guardClient(client: import('pg').PoolClient, watched?: Set<Watched>) {
       });
     return r;
   };
+}
+
+/** A list of ids as one uuid[] parameter: a statement carries at most 65,535 parameters. */
+export function uuidArray(ids: readonly string[]): SQL {
+  return sql`${`{${ids.join(',')}}`}::uuid[]`;
+}
+
+/** A SQLSTATE (Postgres' classes), not a Node error code such as EPIPE. */
+const SQLSTATE = /^(?:[0-9][0-9A-Z]|F0|HV|P0|XX)[0-9A-Z]{3}$/;
+
+/**
+ * The database's error inside `err` (drizzle wraps the driver's in `cause`): the first in the
+ * chain carrying a SQLSTATE, or undefined (a driver, pool or socket failure has none).
+ */
+export function databaseErrorOf(
+  err: unknown,
+): { code: string; constraint?: string; message?: string } | undefined {
+  for (let e = err, depth = 0; e && typeof e === 'object' && depth < 5; depth++) {
+    const x = e as { code?: unknown; constraint?: string; message?: string; cause?: unknown };
+    if (typeof x.code === 'string' && SQLSTATE.test(x.code)) return x as { code: string };
+    e = x.cause;
+  }
+  return undefined;
 }
 
 /** The rows of a raw `execute` result (node-postgres and PGlite both hand them over as `rows`). */

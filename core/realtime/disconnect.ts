@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { type Db, resultRows } from '../db/client.ts';
+import { type Db, resultRows, uuidArray } from '../db/client.ts';
 import type { Deps } from '../deps.ts';
 
 /** graphql-ws close codes Banter uses, plus its own. */
@@ -57,7 +57,7 @@ export async function endedSessions(db: Db, ids: string[]): Promise<Set<string>>
   if (!ids.length) return new Set();
   const r = await db.execute(sql`
     select s.id from sessions s join users u on u.id = s.user_id
-    where s.id = any(${`{${ids.join(',')}}`}::uuid[])
+    where s.id = any(${uuidArray(ids)})
       and (s.revoked_at is not null or s.expires_at <= now() or u.deactivated_at is not null)`);
   return new Set(resultRows<{ id: string }>(r).map((x) => x.id));
 }

@@ -7,6 +7,8 @@
  * past it: an execution goes out with its error (api/realtime/shared-execution.ts), a check is
  * skipped (hub.ts). Kept per process, for the last FAILURES_KEPT events that failed.
  */
+import { databaseErrorOf } from '../db/client.ts';
+
 export const REPEATS = 3;
 export const ROUND_MS = 1_000;
 const FAILURES_KEPT = 1_000;
@@ -41,9 +43,6 @@ export class RepeatedFailures {
  * 57014; shutdown), system (58).
  */
 const PASSING = new Set(['08', '40', '53', '55', '57', '58']);
-/** A SQLSTATE (Postgres' classes), not a Node error code such as EPIPE. */
-const SQLSTATE = /^(?:[0-9][0-9A-Z]|F0|HV|P0|XX)[0-9A-Z]{3}$/;
-
 /**
  * Whether a check's failure is its own: the statement failed on what it read (a SQLSTATE of
  * another class, such as 21000 for a guild with two rows) or the code on what came back (a
@@ -54,11 +53,8 @@ const SQLSTATE = /^(?:[0-9][0-9A-Z]|F0|HV|P0|XX)[0-9A-Z]{3}$/;
  * passing reason, and counting those skipped a row that a subscriber may see.
  */
 export function isOwnFailure(err: unknown): boolean {
-  for (let e = err, depth = 0; e && typeof e === 'object' && depth < 5; depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && SQLSTATE.test(code)) return !PASSING.has(code.slice(0, 2));
-    e = (e as { cause?: unknown }).cause;
-  }
+  const db = databaseErrorOf(err);
+  if (db) return !PASSING.has(db.code.slice(0, 2));
   return (
     err instanceof TypeError ||
     err instanceof RangeError ||

@@ -3,7 +3,7 @@
  * X here". Resolvers and event delivery go through these; nothing else computes permissions.
  */
 import { sql } from 'drizzle-orm';
-import { type Database, type DbOrTx, databaseOf, resultRows } from '../db/client.ts';
+import { type Database, type DbOrTx, databaseOf, resultRows, uuidArray } from '../db/client.ts';
 import { forbidden, notFound } from '../errors.ts';
 import { isUuid } from '../ids.ts';
 import {
@@ -352,7 +352,7 @@ export async function loadGuildsChannelsAccess(
           from permission_overwrites o join channels c on c.id = o.channel_id
           where c.guild_id = q.id and c.type <> 'THREAD') as ow,
         ${memberQuery(userId, sql`q.id`)}
-      from unnest(${`{${guildIds.join(',')}}`}::uuid[]) as q(id)`),
+      from unnest(${uuidArray(guildIds)}) as q(id)`),
   );
   for (const r of result) {
     const permissions = new Map<string, bigint>();
@@ -411,7 +411,7 @@ export async function loadChannelsPermissions(
     await db.execute(sql`
       with req as (
         select id, guild_id, parent_id from channels
-        where id = any(${`{${ids.join(',')}}`}::uuid[]) and guild_id is not null),
+        where id = any(${uuidArray(ids)}) and guild_id is not null),
       chain as (
         select id, guild_id, parent_id from req
         union select p.id, p.guild_id, p.parent_id from req join channels p on p.id = req.parent_id

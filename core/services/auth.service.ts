@@ -6,6 +6,7 @@
 import { createHash, randomBytes, scrypt as scryptCb, timingSafeEqual } from 'node:crypto';
 import { and, eq, isNull, sql } from 'drizzle-orm';
 import { jwtVerify, SignJWT } from 'jose';
+import { databaseErrorOf } from '../db/client.ts';
 import { sessions, spentRefreshTokens, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { BanterError, badInput, conflict, notFound, unauthenticated } from '../errors.ts';
@@ -76,13 +77,8 @@ export interface AuthResult {
 }
 
 function isUniqueViolation(err: unknown): string | null {
-  let e: unknown = err;
-  for (let i = 0; i < 4 && e; i++) {
-    const x = e as { code?: string; constraint?: string; message?: string; cause?: unknown };
-    if (x.code === '23505') return x.constraint ?? x.message ?? 'unique';
-    e = x.cause;
-  }
-  return null;
+  const db = databaseErrorOf(err);
+  return db?.code === '23505' ? (db.constraint ?? db.message ?? 'unique') : null;
 }
 
 export { isUniqueViolation };

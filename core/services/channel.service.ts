@@ -1,5 +1,5 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
-import { resultRows, type Tx } from '../db/client.ts';
+import { resultRows, type Tx, uuidArray } from '../db/client.ts';
 import { channels, permissionOverwrites } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
@@ -364,7 +364,7 @@ async function deleteThreadsOf(
   const ids = threads.map((t) => t.id);
   // One array parameter, not one per thread: a channel's threads are not bounded, a statement's
   // parameters are (65,535).
-  const idArray = sql`${`{${ids.join(',')}}`}::uuid[]`;
+  const idArray = uuidArray(ids);
   const own = (await tx
     .select()
     .from(permissionOverwrites)

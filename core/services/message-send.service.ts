@@ -6,7 +6,7 @@
  * a channel's last message is read from the messages_channel index.
  */
 import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
-import type { Tx } from '../db/client.ts';
+import { databaseErrorOf, type Tx } from '../db/client.ts';
 import { attachments, messageMentions, messages } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound, rateLimited } from '../errors.ts';
@@ -170,13 +170,8 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
 
 /** The message's channel was deleted under the insert (its foreign key; drizzle wraps pg's error). */
 function channelGone(err: unknown): boolean {
-  let e: unknown = err;
-  for (let i = 0; i < 4 && e; i++) {
-    const x = e as { code?: string; constraint?: string; cause?: unknown };
-    if (x.code === '23503' && x.constraint === 'messages_channel_id_channels_id_fk') return true;
-    e = x.cause;
-  }
-  return false;
+  const db = databaseErrorOf(err);
+  return db?.code === '23503' && db.constraint === 'messages_channel_id_channels_id_fk';
 }
 
 /**

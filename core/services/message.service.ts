@@ -4,7 +4,7 @@
  * loads (message-history.service.ts), mention parsing and resolving (mentions.ts).
  */
 import { and, isNull, type SQL, sql } from 'drizzle-orm';
-import type { Tx } from '../db/client.ts';
+import { type Tx, uuidArray } from '../db/client.ts';
 import { messageEdits, messageMentions, messages } from '../db/tables.ts';
 import { badInput } from '../errors.ts';
 
@@ -54,7 +54,7 @@ export async function wipeMessages(
     .where(and(where, isNull(messages.deletedAt)))
     .returning({ id: messages.id, channelId: messages.channelId });
   // One array parameter: a ban's purge can wipe more messages than a statement has parameters.
-  const ids = sql`${`{${deleted.map((m) => m.id).join(',')}}`}::uuid[]`;
+  const ids = uuidArray(deleted.map((m) => m.id));
   if (deleted.length) {
     await tx.delete(messageMentions).where(sql`${messageMentions.messageId} = any(${ids})`);
     await tx.delete(messageEdits).where(sql`${messageEdits.messageId} = any(${ids})`);

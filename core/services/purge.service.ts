@@ -10,7 +10,7 @@
  * the deletion's event hides them after.
  */
 import { type SQL, sql } from 'drizzle-orm';
-import { type Db, resultRows } from '../db/client.ts';
+import { type Db, resultRows, uuidArray } from '../db/client.ts';
 
 export const PURGE_BATCH = 500;
 
@@ -48,7 +48,7 @@ export async function purgeBeforeDeletion(db: Db, of: { channelIds: string[] } |
       : of.channelIds;
   // Only the channels that have rows in a table: a channel may have tens of thousands of
   // threads, most of them with nothing to purge (a statement per empty thread took minutes).
-  const ids = sql`${`{${channelIds.join(',')}}`}::uuid[]`;
+  const ids = uuidArray(channelIds);
   for (const [table, key] of [
     [sql`messages`, sql`id`],
     [sql`read_states`, sql`user_id`],

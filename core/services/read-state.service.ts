@@ -5,7 +5,7 @@
  * so a new member does not inherit the whole history as unread.
  */
 import { and, eq, isNull, sql } from 'drizzle-orm';
-import { type DbOrTx, resultRows } from '../db/client.ts';
+import { type DbOrTx, resultRows, uuidArray } from '../db/client.ts';
 import { messages, readStates } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { notFound } from '../errors.ts';
@@ -127,12 +127,7 @@ export async function channelCounts(
   channelIds: readonly string[],
 ): Promise<ChannelCounts[]> {
   if (!channelIds.length) return [];
-  const found = await countChannels(
-    db,
-    userId,
-    sql`c.id = any(${`{${channelIds.join(',')}}`}::uuid[])`,
-    false,
-  );
+  const found = await countChannels(db, userId, sql`c.id = any(${uuidArray(channelIds)})`, false);
   const byId = new Map(found.map((c) => [c.channelId, c]));
   return channelIds.map(
     (id) => byId.get(id) ?? { channelId: id, guildId: null, unreadCount: 0, mentionCount: 0 },
