@@ -51,13 +51,13 @@ export interface EventWriter {
   appendMany(es: readonly NewEvent[]): Promise<void>;
 }
 
+/** Rows per insert in appendMany: 5 parameters each, and a statement carries at most 65,535. */
+const APPEND_CHUNK = 1_000;
+
 /**
  * Runs `fn` in one transaction with an event writer; after commit, rings the bus for the rows
  * written. Nothing is announced for a transaction that rolls back.
  */
-/** Rows per insert in appendMany: 5 parameters each, and a statement carries at most 65,535. */
-const APPEND_CHUNK = 1_000;
-
 export async function transact<T>(deps: Deps, fn: (tx: Tx, log: EventWriter) => Promise<T>): Promise<T> {
   const written: LoggedEventRef[] = [];
   const result = await deps.db.transaction(async (tx) => {

@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import type { Tx } from '../db/client.ts';
+import { resultRows, type Tx } from '../db/client.ts';
 import { auditLog } from '../db/tables.ts';
 import { newId } from '../ids.ts';
 
@@ -33,8 +33,9 @@ export async function writeAudit(tx: Tx, e: AuditEntry): Promise<void> {
  * rows (a channel, a member, a message) and then writes its audit row: that insert's foreign key
  * takes this lock, and deleteGuild, holding the guild FOR UPDATE while its cascade waits on those
  * rows, would deadlock with it. Taken first, it waits for the deletion (and then finds nothing), or
- * holds it off until this transaction commits.
+ * holds it off until this transaction commits. Whether the guild is there.
  */
-export async function holdGuild(tx: Tx, guildId: string): Promise<void> {
-  await tx.execute(sql`select 1 from guilds where id = ${guildId}::uuid for key share`);
+export async function holdGuild(tx: Tx, guildId: string): Promise<boolean> {
+  const r = await tx.execute(sql`select 1 from guilds where id = ${guildId}::uuid for key share`);
+  return resultRows(r).length > 0;
 }

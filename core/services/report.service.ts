@@ -7,14 +7,14 @@
  */
 import { and, desc, eq, inArray, isNull, lt, type SQL, sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.ts';
-import { guilds, messages, reports } from '../db/tables.ts';
+import { messages, reports } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
 import { loadChannelAccess, loadChannelsPermissions, requireGuild } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 
 export type ReportRow = typeof reports.$inferSelect;
 export const REPORT_STATUSES = ['OPEN', 'RESOLVED'] as const;
@@ -159,13 +159,10 @@ export async function resolveReport(
       .where(eq(reports.id, r.id))
       .returning();
     // A report outlives its guild (the admin resolves it after): its audit row then has no guild
-    // to go to. Held FOR KEY SHARE so a deletion meanwhile waits for this or comes first.
-    const guild = r.guildId
-      ? (await tx.select({ id: guilds.id }).from(guilds).where(eq(guilds.id, r.guildId)).for('key share'))[0]
-      : undefined;
-    if (guild) {
+    // to go to. Held so a deletion meanwhile waits for this or comes first.
+    if (r.guildId && (await holdGuild(tx, r.guildId))) {
       await writeAudit(tx, {
-        guildId: guild.id,
+        guildId: r.guildId,
         actorId: viewer.userId,
         action: 'REPORT_RESOLVE',
         targetType: 'MESSAGE',
