@@ -3,7 +3,7 @@ import { after, before, describe, it } from 'node:test';
 import { and, eq, sql } from 'drizzle-orm';
 import { channels, events } from '../core/db/tables.ts';
 import { BanterError } from '../core/errors.ts';
-import { assertCanSendInDm } from '../core/services/direct.service.ts';
+import { assertCanSendInDm, recipientsByChannel } from '../core/services/direct.service.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, fails, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
@@ -207,4 +207,17 @@ describe('assertCanSendInDm', () => {
     assert.equal(await code(assertCanSendInDm(db, uuid(b.id), dm)), 'ok');
     assert.equal(await code(assertCanSendInDm(db, uuid(a.id), group)), 'ok');
   });
+});
+
+// directChannels has no page: a user's every DM goes into one recipients batch, whose ids were
+// one bind parameter each (inArray), so past 65,535 DMs the listing failed (the wire protocol's
+// bound). Called directly: making that many DMs through the API would take minutes.
+it('loads the recipients of more channels than a statement has parameters', async () => {
+  const [a, b] = await users(2);
+  const dm = (await open(a, [b])).id;
+  const ids = [uuid(dm), ...Array.from({ length: 65_600 }, () => crypto.randomUUID())];
+  const got = await recipientsByChannel(app.deps, ids);
+  assert.equal(got.length, ids.length);
+  assert.deepEqual(got[0].map((u) => u.id).sort(), [uuid(a.id), uuid(b.id)].sort());
+  assert.ok(got.slice(1).every((r) => r.length === 0));
 });

@@ -4,7 +4,7 @@
  * through channels.dm_key; a group DM is new each time it is opened, as on Discord.
  */
 import { and, desc, eq, inArray, isNull, sql } from 'drizzle-orm';
-import type { DbOrTx } from '../db/client.ts';
+import { type DbOrTx, uuidArray } from '../db/client.ts';
 import { channelRecipients, channels, relationships, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, forbidden, notFound } from '../errors.ts';
@@ -116,7 +116,7 @@ export async function recipientsByChannel(
     .select({ channelId: channelRecipients.channelId, user: users })
     .from(channelRecipients)
     .innerJoin(users, eq(users.id, channelRecipients.userId))
-    .where(inArray(channelRecipients.channelId, [...channelIds]))
+    .where(sql`${channelRecipients.channelId} = any(${uuidArray(channelIds)})`)
     .orderBy(channelRecipients.createdAt, channelRecipients.userId);
   const by = new Map<string, (typeof users.$inferSelect)[]>(channelIds.map((id) => [id, []]));
   for (const r of rows) by.get(r.channelId)?.push(r.user);
