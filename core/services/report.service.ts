@@ -6,7 +6,7 @@
  * Reports carry a snapshot of the content so deleting the message keeps the evidence.
  */
 import { and, desc, eq, inArray, isNull, lt, type SQL, sql } from 'drizzle-orm';
-import type { DbOrTx } from '../db/client.ts';
+import { type DbOrTx, uuidArray } from '../db/client.ts';
 import { messages, reports } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
@@ -131,7 +131,7 @@ export async function listReports(
       .map((r) => r.channelId)
       .filter((c) => has(perms.get(c) ?? 0n, MODERATE_IN_CHANNEL));
     if (!allowed.length) return [];
-    where.push(inArray(reports.channelId, allowed));
+    where.push(sql`${reports.channelId} = any(${uuidArray(allowed)})`);
   }
   if (input.afterId) where.push(lt(reports.id, input.afterId));
   return deps.db
