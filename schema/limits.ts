@@ -10,7 +10,13 @@ import type { Context } from './builder.ts';
 export const RULES = {
   register: { perIp: { limit: 5, windowSeconds: 3600 } },
   login: { perIp: { limit: 20, windowSeconds: 300 }, perKey: { limit: 10, windowSeconds: 300 } },
-  refresh: { perIp: { limit: 60, windowSeconds: 60 } },
+  /**
+   * Every user behind one address (an office, a campus, a carrier's NAT) refreshes about once per
+   * ACCESS_TOKEN_TTL, when its socket is closed at its token's expiry, and all at once after an
+   * outage: as many as the address may open sockets. A refresh token cannot be guessed; this only
+   * bounds the lookups of junk ones.
+   */
+  refresh: { perIp: { limit: 6000, windowSeconds: 60 } },
   sendMessage: { perUser: { limit: 600, windowSeconds: 60 }, perIp: { limit: 6000, windowSeconds: 60 } },
   mutation: { perUser: { limit: 300, windowSeconds: 60 }, perIp: { limit: 3000, windowSeconds: 60 } },
   /** read-heavy queries (searchUsers, search): each one scans an index */
