@@ -234,6 +234,12 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     for (const r of batch) {
       r.cursor = encodeCursor(r);
       seen.add(r.seq);
+      if (r.malformed) {
+        deps.log.error(
+          { seq: r.seq, type: r.type, cursor: r.cursor },
+          'event log row with a payload that is not a JSON object: skipped, delivered to no one',
+        );
+      }
     }
     // Position and dispatch move together, synchronously: a subscriber registering at any
     // moment sees either the old position and this batch, or the new one and not it.

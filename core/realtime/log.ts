@@ -17,8 +17,16 @@ export interface LogRow extends Position {
   channelId: string | null;
   userId: string | null;
   payload: Record<string, unknown>;
-  /** set when the message the row refers to is deleted by now (its MessageDeleted follows) */
+  /**
+   * set when the message the row refers to is deleted by now (its MessageDeleted follows), or
+   * when the row cannot be read (`malformed`): skipped by every subscriber
+   */
   gone?: boolean;
+  /**
+   * its payload is not a JSON object (a hand edit, a restore, a writer's bug): the row is kept
+   * so that positions move past it, with an empty payload, and `gone`
+   */
+  malformed?: true;
   /** the message the row refers to, as it was when the row was read (see loadMessages) */
   message?: MessageRow;
   /** GUILD_DELETED: who was in the guild (loadFormerMembers), or in a replay the viewer if it was */
@@ -43,23 +51,48 @@ interface RawRow {
   guild_id: string | null;
   channel_id: string | null;
   user_id: string | null;
-  payload: Record<string, unknown> | string;
+  payload: unknown;
 }
 
-/** jsonb arrives parsed from node-postgres, as text from some PGlite paths. */
-const parsePayload = (p: RawRow['payload']): Record<string, unknown> =>
-  typeof p === 'string' ? JSON.parse(p) : p;
+/**
+ * jsonb arrives parsed from node-postgres, as text from some PGlite paths. Anything but an object
+ * is undefined: one unreadable row must not stop the tailer, and every stream with it.
+ */
+function parsePayload(p: unknown): Record<string, unknown> | undefined {
+  if (typeof p === 'string') {
+    try {
+      p = JSON.parse(p);
+    } catch {
+      return undefined;
+    }
+  }
+  return typeof p === 'object' && p !== null && !Array.isArray(p)
+    ? (p as Record<string, unknown>)
+    : undefined;
+}
+
+/** A row's payload, or for a malformed one an empty one, the row marked (see LogRow.malformed). */
+function withPayload(row: LogRow, raw: unknown): LogRow {
+  const payload = parsePayload(raw);
+  row.payload = payload ?? {};
+  if (!payload) {
+    row.malformed = true;
+    row.gone = true;
+  }
+  return row;
+}
 
 function toRow(r: RawRow): LogRow {
-  return {
+  const row: LogRow = {
     seq: Number(r.seq),
     xid: String(r.xid),
     type: r.type,
     guildId: r.guild_id,
     channelId: r.channel_id,
     userId: r.user_id,
-    payload: parsePayload(r.payload),
+    payload: {},
   };
+  return withPayload(row, r.payload);
 }
 
 const COLS = sql`seq, xid::text as xid, type, guild_id, channel_id, user_id, payload`;
@@ -264,13 +297,8 @@ function foundRow({
   ...e
 }: Partial<Pick<FoundRow, 'horizon' | 'xmax'>> & Omit<FoundRow, 'horizon' | 'xmax'>): LogRow | null {
   if (e.seq === null) return null;
-  const row: LogRow = {
-    ...e,
-    seq: Number(e.seq),
-    xid: String(e.xid),
-    payload: parsePayload(e.payload as RawRow['payload']),
-  } as LogRow;
-  withMessage(row, m, u);
+  const row = withPayload({ ...e, seq: Number(e.seq), xid: String(e.xid) } as LogRow, e.payload);
+  if (!row.malformed) withMessage(row, m, u);
   return row;
 }
 
