@@ -103,9 +103,11 @@ it('a row whose check fails every time closes the socket (1013) for a few rounds
     const deadline = Date.now() + 5000;
     while (!c.closed() && Date.now() < deadline) await sleep(50);
     const live = c.closed()?.code;
+    const reason = c.closed()?.reason;
     await c.client.dispose();
-    return { live, ...(await socketRounds(u.token, last, 'two', 5)) };
+    return { live, reason, ...(await socketRounds(u.token, last, 'two', 5)) };
   });
+  assert.equal(result.reason, 'An event could not be delivered: resume from your last cursor');
   // Live, then a resume: closed both times; at the third round the row is skipped.
   assert.deepEqual([result.live, ...result.codes], [1013, 1013, undefined], JSON.stringify(result));
   assert.deepEqual(result.got, ['two'], 'the row is never delivered; what follows it is');

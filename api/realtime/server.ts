@@ -59,6 +59,9 @@ export const DEFAULT_LIMITS: RealtimeLimits = {
 /** How long a socket refused by the per-IP connection rate may take to answer its close frame. */
 const REFUSED_GRACE_MS = 2000;
 
+/** The close reason (1013) when an event could not be executed or checked: not a slow consumer. */
+const EVENT_FAILED_REASON = 'An event could not be delivered: resume from your last cursor';
+
 /** retryAfter (s) for a subscribe refused at the sockets-per-user limit */
 const SLOT_RETRY_S = 5;
 
@@ -231,8 +234,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
     onSourceError(err, out) {
       // A subscriber too far behind, or one whose event failed to execute: the whole socket goes
       // (nothing later may reach the client ahead of that event), its client resumes by cursor.
-      if (err instanceof SlowConsumerError || err instanceof EventFailedError) {
+      if (err instanceof SlowConsumerError) {
         close(out.socket, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+      } else if (err instanceof EventFailedError) {
+        close(out.socket, CloseCode.SlowConsumer, EVENT_FAILED_REASON);
       }
     },
     onEventFailed(row, errors, sent) {
