@@ -62,6 +62,15 @@ const REFUSED_GRACE_MS = 2000;
 /** The close reason (1013) when an event could not be executed or checked: not a slow consumer. */
 const EVENT_FAILED_REASON = 'An event could not be delivered: resume from your last cursor';
 
+/**
+ * An upgrading socket's 'error' listener until ws has its own. A function of the module, not a
+ * closure: one made in onUpgrade held onUpgrade's context, with the request in it, for the
+ * socket's whole life.
+ */
+function destroyOnError(this: Duplex) {
+  this.destroy();
+}
+
 /** retryAfter (s) for a subscribe refused at the sockets-per-user limit */
 const SLOT_RETRY_S = 5;
 
@@ -431,8 +440,8 @@ export function attachRealtime(o: RealtimeServerOptions) {
   async function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer) {
     // Node's HTTP server takes its 'error' listener off a socket it hands over, and ws adds its
     // own only in handleUpgrade: a reset while the rate is checked (in Redis) would otherwise be
-    // an unhandled 'error' event, and end the process.
-    socket.on('error', () => socket.destroy());
+    // an unhandled 'error' event, and end the process. Taken off once ws has its own.
+    socket.on('error', destroyOnError);
     const path = (req.url ?? '/').split('?')[0];
     if (path !== '/graphql') {
       socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
@@ -447,6 +456,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
         // counted under the label it had as an HTTP 429
         metrics.closes.inc({ code: '429' });
         refusals.handleUpgrade(req, socket, head, (ws) => {
+          socket.off('error', destroyOnError);
           // It never reaches the protocol's handler, which listens for errors: a bad frame from
           // its client would otherwise be an unhandled 'error' event, and end the process.
           ws.on('error', () => ws.terminate());
@@ -459,7 +469,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
         return;
       }
     }
-    wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req));
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      socket.off('error', destroyOnError);
+      wss.emit('connection', ws, req);
+    });
   }
   const upgradeListener = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     onUpgrade(req, socket, head).catch((err) => {
