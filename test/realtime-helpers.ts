@@ -280,14 +280,19 @@ export interface SseStream {
 export function sseStream(
   httpUrl: string,
   token: string,
-  o: { cursor?: string | null; method?: 'POST' | 'GET'; headers?: Record<string, string> } = {},
+  o: {
+    cursor?: string | null;
+    method?: 'POST' | 'GET';
+    headers?: Record<string, string>;
+    query?: string;
+  } = {},
 ): SseStream {
-  const { cursor, method = 'POST', headers = {} } = o;
+  const { cursor, method = 'POST', headers = {}, query = EVENTS } = o;
   const ac = new AbortController();
   let wake: (() => void) | undefined;
   let failure: unknown;
   const variables = JSON.stringify({ after: cursor ?? null });
-  const url = method === 'GET' ? `${httpUrl}?${new URLSearchParams({ query: EVENTS, variables })}` : httpUrl;
+  const url = method === 'GET' ? `${httpUrl}?${new URLSearchParams({ query, variables })}` : httpUrl;
   const s: SseStream = {
     items: [],
     events: [],
@@ -343,10 +348,7 @@ export function sseStream(
         ...(method === 'POST' ? { 'content-type': 'application/json' } : {}),
         ...headers,
       },
-      body:
-        method === 'POST'
-          ? JSON.stringify({ query: EVENTS, variables: { after: cursor ?? null } })
-          : undefined,
+      body: method === 'POST' ? JSON.stringify({ query, variables: { after: cursor ?? null } }) : undefined,
       signal: ac.signal,
     });
     s.status = res.status;
