@@ -29,6 +29,8 @@ export interface Visible {
   audience?: { asked: ReadonlySet<string>; may: ReadonlySet<string> };
   /** For GUILD_DELETED rows: who was in the guild (or, in a replay, the viewer if it was) */
   formerMembers?: ReadonlySet<string>;
+  /** the message a row is about, as loaded with it (log.ts): the row shows it */
+  message?: { channelId: string };
 }
 
 /**
@@ -292,6 +294,13 @@ export class ViewerAccess {
 
   /** Sync when cached (the common case), a promise otherwise. */
   canSee(e: Visible, replay: boolean): boolean | Promise<boolean> {
+    // A row about a message shows that message: only to who may see the message's own channel,
+    // whatever the row's columns say (a row with another channel, none, or addressed to a user is
+    // none a writer makes: a hand edit, a restore, a writer's bug), and, addressed, to that user.
+    if (e.message && ABOUT_A_MESSAGE.has(e.type) && (e.message.channelId !== e.channelId || e.userId)) {
+      if (e.userId && e.userId !== this.userId) return false;
+      return replay ? this.channelOk(e.message.channelId, true) : this.messageOk(e, e.message.channelId);
+    }
     if (e.userId) return e.userId === this.userId;
     if (e.type === 'PRESENCE_CHANGED') {
       // addressed to one viewer (a blocker shown OFFLINE to whom it blocked)
