@@ -301,7 +301,13 @@ export class ViewerAccess {
       if (e.userId && e.userId !== this.userId) return false;
       return replay ? this.channelOk(e.message.channelId, true) : this.messageOk(e, e.message.channelId);
     }
-    if (e.userId) return e.userId === this.userId;
+    if (e.userId) {
+      if (e.userId !== this.userId) return false;
+      // Addressing narrows who hears of a row and grants nothing: one about a channel or a guild
+      // (read state, a DM opened) still needs the viewer to see it (another is none a writer makes).
+      if (!e.channelId && !e.guildId) return true;
+      return e.channelId ? this.channelOk(e.channelId, false) : this.member(e.guildId!);
+    }
     if (e.type === 'PRESENCE_CHANGED') {
       // addressed to one viewer (a blocker shown OFFLINE to whom it blocked)
       if (typeof e.payload.to === 'string') return e.payload.to === this.userId;
