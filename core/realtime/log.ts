@@ -165,8 +165,9 @@ export async function readAfter(
 
 /** The message id a row is about, in SQL, as messageIdOf and loadMessages read it (else null). */
 const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ_STATE_UPDATED') then null
-  else coalesce(${events.payload}->>'messageId',
-    case when left(${events.type}, 8) = 'MESSAGE_' then ${events.payload}->>'id' end) end`;
+  when jsonb_typeof(${events.payload}->'messageId') = 'string' then ${events.payload}->>'messageId'
+  when left(${events.type}, 8) = 'MESSAGE_' and jsonb_typeof(${events.payload}->'id') = 'string'
+    then ${events.payload}->>'id' end`;
 /** What Postgres casts to a uuid (either case): checked here and, the same pattern, in SQL. */
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 /** ... as a uuid; anything else is no id (a malformed payload must not stop the tailer). */
@@ -437,7 +438,8 @@ export async function loadMessages(db: Db, batch: LogRow[]): Promise<void> {
   const alive = new Map(found.map((f) => [f.m.id, f]));
   for (const r of batch) {
     if (!aboutLiveMessage(r)) continue;
-    const f = alive.get(messageIdOf(r)!);
+    // found as a uuid, in lower case, whatever case the row wrote it in (as the tailer's join)
+    const f = alive.get(messageIdOf(r)!.toLowerCase());
     withMessage(r, f?.m, f?.u);
   }
 }
