@@ -447,10 +447,11 @@ it(`rows of any shape stall, crash, loop and leak nothing (seed ${SEED}, ${ROWS}
       if (!isBystander && text.includes('SECRET')) problems.push(`${r.name} got ${text}`);
       const row = e.cursor ? rows.get(seqOf(e.cursor)) : undefined;
       if (!row) continue;
-      // A row may reach a viewer it names somewhere; one that names only others is a leak.
+      // A row may reach a viewer it names somewhere (a message it may see included); one that
+      // names only others is a leak.
       const own = isBystander
-        ? mentions(row, ids.gB, ids.cB, ids.dm, ids.bystander)
-        : mentions(row, ids.gA, ids.cA, ids.member);
+        ? mentions(row, ids.gB, ids.cB, ids.dm, ids.bystander, secret)
+        : mentions(row, ids.gA, ids.cA, ids.member, msgA);
       if (!own) problems.push(`${r.name} got ${text} of ${JSON.stringify(row).slice(0, 400)}`);
     }
   }
