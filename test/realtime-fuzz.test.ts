@@ -3,7 +3,7 @@
  * server (a rolling deploy) may leave: every type the server knows and some it does not, payloads
  * with fields missing, of the wrong JSON type, huge, invalid ids, ids of what the row's viewer may
  * not see; guild, channel and user columns null, pointing at nothing, at another guild's channel or
- * at a DM. Seeded and bounded: FUZZ_ROWS rows (default 48) in batches of FUZZ_BATCH, FUZZ_SEED.
+ * at a DM. Seeded and bounded: FUZZ_ROWS rows (default 24) in batches of FUZZ_BATCH, FUZZ_SEED.
  *
  * After each batch, for a member of the guild the rows are about and for a bystander in another
  * guild, over graphql-ws and SSE, live and replayed from before the batch: each stream reaches a
@@ -23,7 +23,7 @@ import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, invite, send, sseStream } from './realtime-helpers.ts';
 
 const SEED = Number(process.env.FUZZ_SEED ?? 1);
-const ROWS = Number(process.env.FUZZ_ROWS ?? 48);
+const ROWS = Number(process.env.FUZZ_ROWS ?? 24);
 const BATCH = Number(process.env.FUZZ_BATCH ?? 12);
 /**
  * Longest a stream may go on being closed with nothing delivered in between: an event that fails
