@@ -216,19 +216,26 @@ export interface BanterServer {
 /**
  * Creates a database and starts `node --import tsx api/main.ts` from serverDir on it
  * (NODE_ENV=production, RATE_LIMITS=off, LOG_LEVEL=warn, no Redis); resolves once it answers.
- * `stop()` ends the server and drops the database.
+ * `stop()` ends the server and drops the database. With `dbUrl`, it runs on that database instead
+ * (a second instance beside another server), which `stop()` leaves alone.
  */
 export async function startBanter(
   prefix: string,
-  opts: { env?: Record<string, string>; gcOnSignal?: boolean } = {},
+  opts: { env?: Record<string, string>; gcOnSignal?: boolean; dbUrl?: string } = {},
 ): Promise<BanterServer> {
-  const dbName = `${prefix}_${Date.now().toString(36)}_${randomBytes(3).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: ADMIN_URL });
-  await admin.connect();
-  await admin.query(`create database ${dbName}`);
-  await admin.end();
-  const dbUrl = new URL(ADMIN_URL);
-  dbUrl.pathname = `/${dbName}`;
+  // Another server's database (a second instance on it): neither created nor dropped here.
+  const own = !opts.dbUrl;
+  const dbUrl = new URL(opts.dbUrl ?? ADMIN_URL);
+  const dbName = own
+    ? `${prefix}_${Date.now().toString(36)}_${randomBytes(3).toString('hex')}`
+    : `${dbUrl.pathname.slice(1)}_${randomBytes(3).toString('hex')}`;
+  if (own) {
+    const admin = new pg.Client({ connectionString: ADMIN_URL });
+    await admin.connect();
+    await admin.query(`create database ${dbName}`);
+    await admin.end();
+    dbUrl.pathname = `/${dbName}`;
+  }
   const port = await freePort();
   const dataDir = path.join(os.tmpdir(), `banter-${dbName}`);
   const nodeArgs = ['--import', 'tsx', ...(opts.gcOnSignal ? GC_ON_SIGNAL_ARGS : [])];
@@ -266,6 +273,7 @@ export async function startBanter(
       clearTimeout(forced);
     }
     rmSync(dataDir, { recursive: true, force: true });
+    if (!own) return;
     const a = new pg.Client({ connectionString: ADMIN_URL });
     await a.connect();
     await a.query(`drop database if exists ${dbName} with (force)`);
