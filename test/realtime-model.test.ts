@@ -25,10 +25,17 @@ import assert from 'node:assert/strict';
 import { performance } from 'node:perf_hooks';
 import { after, before, it } from 'node:test';
 import { type App, buildApp } from '../api/app.ts';
-import { has, Permission } from '../core/permissions.ts';
+import { timeOfId } from '../core/ids.ts';
+import {
+  computeChannelPermissions,
+  type GuildPermissionInput,
+  has,
+  Permission,
+  readOverwriteLevels,
+} from '../core/permissions.ts';
 import { comparePos, decodeCursor, encodeCursor } from '../core/realtime/cursor.ts';
-import { loadChannelAccess } from '../core/services/access.service.ts';
-import { decodeAnyId } from '../schema/builder.ts';
+import { loadChannelAccess, loadGuildAccess } from '../core/services/access.service.ts';
+import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { channelAccessHelpers, connect, guildWithChannel, sleep, subscribe } from './realtime-helpers.ts';
 
@@ -86,10 +93,19 @@ const uuid = (g: string) => decodeAnyId(g).id;
 
 const QUERY = `subscription($after: String) { events(after: $after) { __typename cursor
   ... on MessageCreated { message { id content channel { id } } }
-  ... on MessageUpdated { message { id content } }
+  ... on MessageUpdated { message { id content channel { id } } }
   ... on MessageDeleted { messageId channelId }
-  ... on ReactionAdded { emoji message { id reactions { emoji count } } }
-  ... on ReactionRemoved { emoji message { id reactions { emoji count } } }
+  ... on ReactionAdded { emoji message { id channel { id } reactions { emoji count } } }
+  ... on ReactionRemoved { emoji message { id channel { id } reactions { emoji count } } }
+  ... on ChannelDeleted { channelId cdGuildId: guildId }
+  ... on PermissionsChanged { pcChannelId: channelId guildId }
+  ... on MemberJoined { guildId user { id } }
+  ... on MemberLeft { guildId user { id } }
+  ... on MemberKicked { guildId user { id } }
+  ... on MemberBanned { guildId user { id } }
+  ... on MemberUpdated { guildId user { id } }
+  ... on RoleCreated { guildId roleId }
+  ... on RoleDeleted { guildId roleId }
 } }`;
 
 /** Rows the oracles judge per channel; every row is checked for order and repeats. */
@@ -99,6 +115,28 @@ const MESSAGE_ROWS: Record<string, string> = {
   MESSAGE_DELETED: 'D',
   REACTION_ADDED: 'RA',
   REACTION_REMOVED: 'RR',
+};
+
+/** Log type → the GraphQL type a reader gets it as (the rows this model's writes make). */
+const TYPE_NAMES: Record<string, string> = {
+  MESSAGE_CREATED: 'MessageCreated',
+  MESSAGE_UPDATED: 'MessageUpdated',
+  MESSAGE_DELETED: 'MessageDeleted',
+  REACTION_ADDED: 'ReactionAdded',
+  REACTION_REMOVED: 'ReactionRemoved',
+  CHANNEL_CREATED: 'ChannelCreated',
+  CHANNEL_UPDATED: 'ChannelUpdated',
+  CHANNEL_DELETED: 'ChannelDeleted',
+  PERMISSIONS_CHANGED: 'PermissionsChanged',
+  MEMBER_JOINED: 'MemberJoined',
+  MEMBER_LEFT: 'MemberLeft',
+  MEMBER_KICKED: 'MemberKicked',
+  MEMBER_BANNED: 'MemberBanned',
+  MEMBER_UPDATED: 'MemberUpdated',
+  ROLE_CREATED: 'RoleCreated',
+  ROLE_UPDATED: 'RoleUpdated',
+  ROLE_DELETED: 'RoleDeleted',
+  GUILD_UPDATED: 'GuildUpdated',
 };
 
 interface Op {
@@ -111,22 +149,102 @@ interface Op {
   ok: boolean;
 }
 
-/** Who may view which channel, from `req` (uncertain until `res`) until the next state's req. */
+/**
+ * Who may see what, read from the database after a change, from `req` (uncertain until `res`)
+ * until the next state's req. Per reader's user:
+ */
 interface State {
   what: string;
   req: number;
   res: number;
-  /** reader index → channel uuids it may view */
-  views: Set<string>[];
+  /** channel uuids it may view (VIEW_CHANNEL: live rows, and deletions replayed) */
+  view: Set<string>[];
+  /** channel uuids whose history it may read too (VIEW_CHANNEL | READ_HISTORY: replayed rows) */
+  hist: Set<string>[];
+  /** when it joined the guild (ms; Infinity when not a member) */
+  joined: number[];
+  /** its standing in the guild (null: not a member), for rows that recorded overwrites */
+  input: (GuildPermissionInput | null)[];
 }
 
 interface Got {
   cursor: string;
   t: number;
   session: number;
+  /** what the reader got, as it got it */
+  ev: any;
 }
 
 const EMOJI = ['👍', '🎉'];
+
+/** When the message a row is about was sent (its UUIDv7 id's time). */
+const sentAt = (row: any) => timeOfId(String(row.payload.messageId));
+
+/** Whether a reader's user, in state `s`, may get `row` (core/realtime/visibility.ts's rules). */
+function mayGet(s: State, u: number, uid: string, row: any): boolean {
+  const ch: string | null = row.channel_id;
+  const input = s.input[u];
+  if (row.user_id) return row.user_id === uid;
+  // By the overwrites a row recorded (as they were before it), with the reader's roles then.
+  const couldBy = () => {
+    const levels = readOverwriteLevels(row.payload.overwrites);
+    return !!input && !!levels && has(computeChannelPermissions(input, levels), Permission.VIEW_CHANNEL);
+  };
+  switch (row.type) {
+    case 'MESSAGE_CREATED':
+    case 'MESSAGE_UPDATED':
+    case 'REACTION_ADDED':
+    case 'REACTION_REMOVED':
+      // Without READ_HISTORY: live, and only about messages sent since it joined.
+      return s.hist[u].has(ch!) || (s.view[u].has(ch!) && sentAt(row) >= s.joined[u]);
+    case 'MESSAGE_DELETED':
+    case 'CHANNEL_CREATED':
+    case 'CHANNEL_UPDATED':
+      return s.view[u].has(ch!);
+    case 'CHANNEL_DELETED':
+      return row.payload.actorId === uid || s.view[u].has(ch!) || couldBy();
+    case 'PERMISSIONS_CHANGED':
+      if (!ch) return !!input;
+      return s.view[u].has(ch) || couldBy();
+    case 'MEMBER_JOINED':
+    case 'MEMBER_LEFT':
+    case 'MEMBER_KICKED':
+    case 'MEMBER_BANNED':
+    case 'MEMBER_UPDATED':
+      return row.payload.userId === uid || !!input;
+    case 'ROLE_CREATED':
+    case 'ROLE_UPDATED':
+    case 'ROLE_DELETED':
+    case 'GUILD_UPDATED':
+      return !!input;
+    default:
+      return false;
+  }
+}
+
+/** How what a reader got differs from the row its cursor names (undefined: it does not). */
+function payloadMismatch(ev: any, row: any): string | undefined {
+  const want = TYPE_NAMES[row.type];
+  if (ev.__typename !== want) return `${ev.__typename}, not ${want}`;
+  const p = row.payload;
+  const same = (got: unknown, type: string, id: unknown, what: string) =>
+    got === undefined || got === encodeId(type, String(id)) ? '' : `${what} ${String(got)}`;
+  const out = [
+    same(ev.message?.id, 'Message', p.messageId, 'message'),
+    same(ev.message?.channel?.id, 'Channel', row.channel_id, 'message in channel'),
+    same(ev.messageId, 'Message', p.messageId, 'messageId'),
+    same(ev.channelId, 'Channel', row.channel_id, 'channelId'),
+    ev.pcChannelId === undefined ||
+    ev.pcChannelId === (row.channel_id ? encodeId('Channel', row.channel_id) : null)
+      ? ''
+      : `channelId ${ev.pcChannelId}`,
+    same(ev.guildId, 'Guild', row.guild_id, 'guildId'),
+    same(ev.cdGuildId, 'Guild', row.guild_id, 'guildId'),
+    same(ev.user?.id, 'User', p.userId, 'user'),
+    same(ev.roleId, 'Role', p.roleId, 'roleId'),
+  ].filter(Boolean);
+  return out.length ? out.join(', ') : undefined;
+}
 
 async function runModel(seed: number) {
   const t0 = performance.now();
@@ -160,37 +278,77 @@ async function runModel(seed: number) {
   const join = (i: number) =>
     ok(a, `mutation($c: String!) { joinGuild(code: $c) { id } }`, { c: code }, users[i].token);
   for (const i of [1, 2, 3]) await join(i);
-  const channels: { gid: string; uuid: string; alive: boolean }[] = [
-    { gid: general, uuid: uuid(general), alive: true },
-  ];
-  for (const n of ['two', 'three']) {
-    const id = await createChannel(owner.token, guildId, n);
-    channels.push({ gid: id, uuid: uuid(id), alive: true });
-  }
+  /** text channels and categories; `parent`: the category a channel is in */
+  const channels: { gid: string; uuid: string; alive: boolean; category: boolean; parent: string | null }[] =
+    [{ gid: general, uuid: uuid(general), alive: true, category: false, parent: null }];
+  const addChannel = async (name: string, category: boolean, parent: string | null) => {
+    const id = await createChannel(
+      owner.token,
+      guildId,
+      name,
+      category ? 'CATEGORY' : 'TEXT',
+      parent ? channels.find((c) => c.uuid === parent)!.gid : undefined,
+    );
+    channels.push({ gid: id, uuid: uuid(id), alive: true, category, parent });
+    return uuid(id);
+  };
+  // A category holding the third channel: its overwrites apply to the channels in it.
+  const cat = await addChannel('cat', true, null);
+  await addChannel('two', false, null);
+  await addChannel('three', false, cat);
   const membership: ('in' | 'out' | 'banned')[] = ['in', 'in', 'in', 'in', 'out'];
   const held = new Set<string>(); // `${actor}|${role}`
 
   const views = async () => {
     const at = new Date();
-    const out: Set<string>[] = [];
-    for (const u of uid) {
-      const s = new Set<string>();
-      for (const c of channels) {
-        if (!c.alive) continue;
-        const acc = await loadChannelAccess(a.deps.db, u, c.uuid, at);
-        if (acc && has(acc.permissions, Permission.VIEW_CHANNEL | Permission.READ_HISTORY)) s.add(c.uuid);
-      }
-      out.push(s);
+    const alive = channels.filter((c) => c.alive);
+    const s: Omit<State, 'what' | 'req' | 'res'> = { view: [], hist: [], joined: [], input: [] };
+    // All at once: the state is read as soon after the change as may be.
+    const loaded = await Promise.all(
+      uid.map((u) =>
+        Promise.all([
+          Promise.all(alive.map((c) => loadChannelAccess(a.deps.db, u, c.uuid, at))),
+          loadGuildAccess(a.deps.db, u, uuid(guildId), at),
+        ]),
+      ),
+    );
+    for (const [accs, g] of loaded) {
+      const view = new Set<string>();
+      const hist = new Set<string>();
+      let joined = Number.POSITIVE_INFINITY;
+      accs.forEach((acc, k) => {
+        if (!acc) return;
+        if (has(acc.permissions, Permission.VIEW_CHANNEL)) view.add(alive[k].uuid);
+        if (has(acc.permissions, Permission.VIEW_CHANNEL | Permission.READ_HISTORY)) hist.add(alive[k].uuid);
+        joined = acc.joinedAt ?? joined;
+      });
+      s.view.push(view);
+      s.hist.push(hist);
+      s.joined.push(joined);
+      s.input.push(g?.input.isMember ? g.input : null);
     }
-    return out;
+    return s;
   };
-  const states: State[] = [{ what: 'start', req: Number.NEGATIVE_INFINITY, res: 0, views: await views() }];
+  const states: State[] = [{ what: 'start', req: Number.NEGATIVE_INFINITY, res: 0, ...(await views()) }];
 
   // Readers start at the log's end: every row after it is theirs to judge.
   const [top] = await sql(
     `select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
   );
   const head = { xid: String(top.xid), seq: Number(top.seq) };
+  // The rows each access change wrote (they run one at a time, and only they write rows other
+  // than message rows): judged from that change's request.
+  let adminSeq = Number((await sql(`select coalesce(max(seq), 0)::bigint as m from events`))[0].m);
+  const rowState = new Map<number, number>(); // seq → the index of the state whose change wrote it
+  const record = async (what: string, req: number, res: number) => {
+    states.push({ what, req, res, ...(await views()) });
+    const mine = await sql(
+      `select seq::bigint as seq from events where seq > $1 and not (type = any($2::text[])) order by seq`,
+      [adminSeq, `{${Object.keys(MESSAGE_ROWS).join(',')}}`],
+    );
+    for (const x of mine) rowState.set(Number(x.seq), states.length - 1);
+    if (mine.length) adminSeq = Number(mine.at(-1).seq);
+  };
 
   const ops: Op[] = [];
   const pick = <T>(r: () => number, xs: T[]): T => xs[Math.floor(r() * xs.length)];
@@ -221,7 +379,7 @@ async function runModel(seed: number) {
       if (x < 0.5 || !live.length) {
         const c = pick(
           r,
-          channels.filter((ch) => ch.alive),
+          channels.filter((ch) => ch.alive && !ch.category),
         );
         const { op, data } = await run(
           actor,
@@ -291,6 +449,7 @@ async function runModel(seed: number) {
   /** `${channel uuid}|${target id}` → what removes it */
   const overwrites = new Map<string, { c: string; t: string; channel: string }>();
   const channelDeleted = new Map<string, number>(); // channel uuid → its deletion's request
+  const timedOut = new Set<number>();
   // A loop that fails stops the others: the run ends with its error, not at the test's timeout.
   const stop = (err: unknown) => {
     failure ??= err;
@@ -301,9 +460,14 @@ async function runModel(seed: number) {
     const O = owner.token;
     const mutate = async (what: string, q: string, v: Record<string, unknown>, token = O) => {
       const req = now();
-      await ok(on(r), q, v, token);
-      const res = now();
-      states.push({ what, req, res, views: await views() });
+      const data = await ok(on(r), q, v, token);
+      await record(what, req, now());
+      return data;
+    };
+    const kick = (m: number) => {
+      membership[m] = 'out';
+      timedOut.delete(m);
+      for (const role of roles) held.delete(`${m}|${role}`);
     };
     // Access changes stop at four fifths of the writes, after undoing what hides channels from
     // members: the rows of the last fifth are owed to every member (liveness judges only rows in
@@ -335,14 +499,15 @@ async function runModel(seed: number) {
         continue;
       }
       const alive = channels.filter((c) => c.alive);
-      if (x < 0.12) {
+      const texts = alive.filter((c) => !c.category);
+      const category = alive.find((c) => c.category);
+      if (x < 0.1) {
         if (membership[m] === 'in') {
           await mutate(`kick ${m}`, `mutation($g: ID!, $u: ID!) { kickMember(guildId: $g, userId: $u) }`, {
             g: guildId,
             u: users[m].id,
           });
-          membership[m] = 'out';
-          for (const role of roles) held.delete(`${m}|${role}`);
+          kick(m);
         } else if (membership[m] === 'out') {
           await mutate(
             `join ${m}`,
@@ -352,14 +517,14 @@ async function runModel(seed: number) {
           );
           membership[m] = 'in';
         }
-      } else if (x < 0.2) {
+      } else if (x < 0.16) {
         if (membership[m] !== 'banned') {
           await mutate(`ban ${m}`, `mutation($g: ID!, $u: ID!) { banMember(guildId: $g, userId: $u) }`, {
             g: guildId,
             u: users[m].id,
           });
+          kick(m);
           membership[m] = 'banned';
-          for (const role of roles) held.delete(`${m}|${role}`);
         } else {
           await mutate(`unban ${m}`, `mutation($g: ID!, $u: ID!) { unbanMember(guildId: $g, userId: $u) }`, {
             g: guildId,
@@ -367,7 +532,7 @@ async function runModel(seed: number) {
           });
           membership[m] = 'out';
         }
-      } else if (x < 0.4) {
+      } else if (x < 0.32) {
         if (membership[m] !== 'in') continue;
         const role = pick(r, roles);
         const k = `${m}|${role}`;
@@ -379,7 +544,22 @@ async function runModel(seed: number) {
         );
         if (grant) held.add(k);
         else held.delete(k);
-      } else if (x < 0.82) {
+      } else if (x < 0.38) {
+        // A timeout leaves VIEW_CHANNEL and READ_HISTORY: it refuses the member's writes only.
+        if (membership[m] !== 'in') continue;
+        const set = !timedOut.has(m);
+        await mutate(
+          `${set ? 'time out' : 'clear timeout of'} ${m}`,
+          `mutation($g: ID!, $u: ID!, $t: DateTime) { timeoutMember(guildId: $g, userId: $u, until: $t) }`,
+          {
+            g: guildId,
+            u: users[m].id,
+            t: set ? new Date(Date.now() + 1000 + r() * 4000).toISOString() : null,
+          },
+        );
+        if (set) timedOut.add(m);
+        else timedOut.delete(m);
+      } else if (x < 0.7) {
         const c = pick(r, alive);
         const y = r();
         const [targetType, targetId, name] =
@@ -397,38 +577,94 @@ async function runModel(seed: number) {
         if (z >= 0.8 && !overwrites.has(k)) continue;
         if (z < 0.8) overwrites.set(k, { c: c.gid, t: targetId, channel: c.uuid });
         else overwrites.delete(k);
-        if (z < 0.4)
+        const where = `${c.category ? 'category ' : ''}${c.uuid.slice(-4)}`;
+        // Without READ_HISTORY a member still views the channel: live, it gets rows about messages
+        // sent since it joined; replayed, only deletions (core/realtime/visibility.ts).
+        const [verb, allow, deny] =
+          z < 0.3
+            ? ['allow', ['VIEW_CHANNEL'], []]
+            : z < 0.55
+              ? ['deny', [], ['VIEW_CHANNEL']]
+              : ['deny history to', [], ['READ_HISTORY']];
+        if (z < 0.8)
           await mutate(
-            `allow ${name} in ${c.uuid.slice(-4)}`,
+            `${verb} ${name} in ${where}`,
             `mutation($i: SetChannelOverwriteInput!) { setChannelOverwrite(input: $i) { targetId } }`,
-            { i: { channelId: c.gid, targetType, targetId, allow: ['VIEW_CHANNEL'], deny: [] } },
-          );
-        else if (z < 0.8)
-          await mutate(
-            `deny ${name} in ${c.uuid.slice(-4)}`,
-            `mutation($i: SetChannelOverwriteInput!) { setChannelOverwrite(input: $i) { targetId } }`,
-            { i: { channelId: c.gid, targetType, targetId, allow: [], deny: ['VIEW_CHANNEL'] } },
+            { i: { channelId: c.gid, targetType, targetId, allow, deny } },
           );
         else
           await mutate(
-            `clear ${name} in ${c.uuid.slice(-4)}`,
+            `clear ${name} in ${where}`,
             `mutation($c: ID!, $t: ID!) { removeChannelOverwrite(channelId: $c, targetId: $t) }`,
             { c: c.gid, t: targetId },
           );
-      } else if (x < 0.91 && alive.length < 5) {
+      } else if (x < 0.78) {
+        // A move into or out of the category: its overwrites start or stop applying.
+        const c = pick(r, texts);
+        const to = c.parent ? null : category?.uuid;
+        if (to === undefined) continue;
+        await mutate(
+          `move ${c.uuid.slice(-4)} ${to ? 'into' : 'out of'} the category`,
+          `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+          { i: { id: c.gid, parentId: to ? category!.gid : null } },
+        );
+        c.parent = to;
+      } else if (x < 0.83) {
+        // A role deleted (its overwrites and holders go with it), and a new one in its place.
+        const slot = Math.floor(r() * roles.length);
+        const role = roles[slot];
+        await mutate(`delete role r${slot + 1}`, `mutation($r: ID!) { deleteRole(id: $r) }`, { r: role });
+        for (const i of [1, 2, 3]) held.delete(`${i}|${role}`);
+        for (const [k, o] of overwrites) if (o.t === role) overwrites.delete(k);
+        const created = await mutate(
+          `create role r${slot + 1}`,
+          `mutation($g: ID!, $n: String!) { createRole(input: { guildId: $g, name: $n, permissions: [] }) { id } }`,
+          { g: guildId, n: `r${slot + 1}` },
+        );
+        roles[slot] = created.createRole.id;
+      } else if (x < 0.91 && alive.length < 6) {
         const req = now();
-        const id = await createChannel(O, guildId, `c${++n}`);
-        channels.push({ gid: id, uuid: uuid(id), alive: true });
-        const res = now();
-        states.push({ what: `create ${uuid(id).slice(-4)}`, req, res, views: await views() });
-      } else if (alive.length > 2) {
-        const c = pick(r, alive);
+        const makeCategory = !category && r() < 0.5;
+        const parent = !makeCategory && category && r() < 0.3 ? category.uuid : null;
+        const id = await addChannel(`c${++n}`, makeCategory, parent);
+        await record(`create ${makeCategory ? 'category' : 'channel'} ${id.slice(-4)}`, req, now());
+      } else {
+        // A text channel's deletion takes its messages; a category's leaves its channels,
+        // uncategorized, with copies of its overwrites (refused when they have their own).
+        const kids = texts.filter((c) => c.parent === category?.uuid);
+        const copyable =
+          category &&
+          !(
+            [...overwrites.values()].some((o) => o.channel === category.uuid) &&
+            [...overwrites.values()].some((o) => kids.some((k) => k.uuid === o.channel))
+          );
+        if (copyable && r() < 0.4) {
+          await mutate(
+            `delete category ${category.uuid.slice(-4)}`,
+            `mutation($c: ID!) { deleteChannel(id: $c) }`,
+            {
+              c: category.gid,
+            },
+          );
+          category.alive = false;
+          for (const [k, o] of [...overwrites]) {
+            if (o.channel !== category.uuid) continue;
+            overwrites.delete(k);
+            for (const kid of kids)
+              overwrites.set(`${kid.uuid}|${o.t}`, { c: kid.gid, t: o.t, channel: kid.uuid });
+          }
+          for (const kid of kids) kid.parent = null;
+          continue;
+        }
+        if (texts.length <= 2) continue;
+        const c = pick(r, texts);
         // Its messages go with it: their rows are skipped from then on (gone), as a deletion's are.
         channelDeleted.set(c.uuid, now());
         await mutate(`delete channel ${c.uuid.slice(-4)}`, `mutation($c: ID!) { deleteChannel(id: $c) }`, {
           c: c.gid,
         });
         c.alive = false;
+        for (const [k, o] of overwrites) if (o.channel === c.uuid) overwrites.delete(k);
         for (const msg of msgs) if (msg.channel === c.uuid) msg.deleted = true;
       }
     }
@@ -446,6 +682,12 @@ async function runModel(seed: number) {
           users[m].token,
         );
       membership[m] = 'in';
+      if (timedOut.delete(m))
+        await mutate(
+          `clear timeout of ${m}`,
+          `mutation($g: ID!, $u: ID!) { timeoutMember(guildId: $g, userId: $u, until: null) }`,
+          { g: guildId, u: users[m].id },
+        );
     }
     for (const [k, o] of overwrites) {
       overwrites.delete(k);
@@ -459,9 +701,11 @@ async function runModel(seed: number) {
   };
 
   // --- readers: resume with the last cursor at random moments, on random instances -------------
-  // Reader i reads as user READERS[i]; the last two (second devices) stay connected throughout.
-  const READERS = [0, 1, 2, 3, 4, 1, 3];
+  // Reader i reads as user READERS[i]; the last three (second devices) stay connected throughout,
+  // the last one subscribed without a cursor (live only: owed what follows its first event).
+  const READERS = [0, 1, 2, 3, 4, 1, 3, 2];
   const steady = (i: number) => i >= 5;
+  const liveOnly = (i: number) => i === 7;
   const got: Got[][] = READERS.map(() => []);
   /** per reader, the seqs it must get (liveness), known once the writes are over */
   let owed: Set<number>[] | undefined;
@@ -470,7 +714,7 @@ async function runModel(seed: number) {
   let sessions = 0;
   const reader = async (i: number) => {
     const r = random(seed * 100 + 50 + i);
-    let cursor = encodeCursor(head);
+    let cursor: string | null = liveOnly(i) ? null : encodeCursor(head);
     let session = 0;
     const [lo, hi] = onPostgres ? [100, 700] : [300, 1500];
     for (;;) {
@@ -479,7 +723,7 @@ async function runModel(seed: number) {
       const c = connect(url, users[READERS[i]].token);
       const mine = session++;
       const s = subscribe(c.client, cursor, QUERY, (e) => {
-        if (e.cursor) got[i].push({ cursor: e.cursor, t: now(), session: mine });
+        if (e.cursor) got[i].push({ cursor: e.cursor, t: now(), session: mine, ev: e });
       });
       if (steady(i)) while (reading) await sleep(50);
       if ((last || steady(i)) && failure === undefined) {
@@ -522,7 +766,7 @@ async function runModel(seed: number) {
 
   // --- judge ---------------------------------------------------------------------------------
   const rows = await sql(
-    `select xid::text as xid, seq::bigint as seq, type, channel_id, user_id, payload from events
+    `select xid::text as xid, seq::bigint as seq, type, guild_id, channel_id, user_id, payload from events
      where (xid::text::bigint, seq) > ($1::bigint, $2::bigint) order by xid::text::bigint, seq`,
     [head.xid, head.seq],
   );
@@ -572,21 +816,32 @@ async function runModel(seed: number) {
     return k;
   };
 
-  // Liveness: every row in a channel the reader could view from before the request to the end.
-  owed = READERS.map((u) => {
+  // Liveness: every row in a channel the reader could read (VIEW_CHANNEL and READ_HISTORY) from
+  // before the request to the end. The live-only reader is owed the rows from its first event on
+  // in log order, and those of writes asked for after it got that event (it was set up by then).
+  const owedTo = (i: number) => {
+    const u = READERS[i];
     const out = new Set<number>();
+    const first = liveOnly(i) ? got[i][0] : undefined;
     for (const row of rows) {
       const op = opOf.get(Number(row.seq));
       if (!op) continue;
       const mid = row.payload.messageId;
       if (row.type !== 'MESSAGE_DELETED' && (deletedMsgs.has(mid) || gone.has(mid))) continue;
+      if (
+        first &&
+        comparePos({ xid: String(row.xid), seq: Number(row.seq) }, decodeCursor(first.cursor)) < 0 &&
+        op.req <= first.t
+      )
+        continue;
       let always = true;
       for (let s = stateAt(op.req); s < states.length && always; s++)
-        always = states[s].views[u].has(row.channel_id);
+        always = states[s].hist[u].has(row.channel_id);
       if (always) out.add(Number(row.seq));
     }
     return out;
-  });
+  };
+  owed = READERS.map((_, i) => owedTo(i));
   reading = false;
   await Promise.all(readers);
   if (failure !== undefined) throw failure;
@@ -611,16 +866,26 @@ async function runModel(seed: number) {
         problems.push(
           `reader ${i} (user ${u}): out of order, ${JSON.stringify(decodeCursor(mine[k - 1].cursor))} then ${JSON.stringify(pos)} (session ${mine[k - 1].session} → ${e.session})`,
         );
-      const op = opOf.get(pos.seq);
-      if (!op) continue;
+      const mismatch = payloadMismatch(e.ev, row);
+      if (mismatch)
+        problems.push(`reader ${i} (user ${u}): seq ${pos.seq} (${row.type}) came as ${mismatch}`);
       // Safety: some state that may have been in force between its request and its receipt.
-      const from = stateAt(op.req);
+      const op = opOf.get(pos.seq);
+      const byChange = rowState.get(pos.seq);
+      if (!op && byChange === undefined) {
+        problems.push(
+          `reader ${i} (user ${u}): got ${row.type} seq ${pos.seq}, a row of no change of the model`,
+        );
+        continue;
+      }
+      const req = op ? op.req : states[byChange!].req;
+      const from = stateAt(req);
       const to = lastBy(e.t);
       let could = false;
-      for (let s = from; s <= to && !could; s++) could = states[s].views[u].has(row.channel_id);
+      for (let s = from; s <= to && !could; s++) could = mayGet(states[s], u, uid[u], row);
       if (!could)
         problems.push(
-          `reader ${i} (user ${u}): got ${row.type} seq ${pos.seq} in ${String(row.channel_id).slice(-4)} (${op.what} by ${op.actor}, [${op.req.toFixed(0)}, ${op.res.toFixed(0)}], got at ${e.t.toFixed(0)}, session ${e.session}) it could not view: states ${from}..${to}`,
+          `reader ${i} (user ${u}): got ${row.type} seq ${pos.seq} in ${String(row.channel_id).slice(-4)} (${op ? `${op.what} by ${op.actor}` : states[byChange!].what}, [${req.toFixed(0)}, ${(op ? op.res : states[byChange!].res).toFixed(0)}], got at ${e.t.toFixed(0)}, session ${e.session}) it may not: states ${from}..${to}`,
         );
     }
     for (const seq of owed[i]) {
