@@ -909,6 +909,18 @@ async function runModel(seed: number) {
     owed: owed.map((o) => o.size),
     received: got.map((g) => g.length),
     sessions,
+    changes: Object.entries(
+      states.slice(1).reduce<Record<string, number>>((o, x) => {
+        const w = x.what
+          .split(' ')
+          .slice(0, x.what.startsWith('delete') || x.what.startsWith('create') ? 2 : 1)
+          .join(' ');
+        o[w] = (o[w] ?? 0) + 1;
+        return o;
+      }, {}),
+    )
+      .map(([w, c]) => `${w}:${c}`)
+      .join(','),
     wroteUntilMs: Math.round(end),
     ms: Math.round(now()),
   };
