@@ -23,9 +23,11 @@
  *   role rows to members and to whom they are about. And what it got is that row: its type,
  *   message, channel, guild, user and role ids;
  * - liveness: each row a reader may get in every state from before its request to the end
- *   arrived (a message row: in a channel whose history it may read; rows about a message deleted
- *   since are skipped, their MessageDeleted follows). A reader subscribed without a cursor is
- *   owed the rows from its first event on in log order, and those of writes asked for after it;
+ *   arrived (a message row: in a channel whose history it may read, or, to the live-only reader,
+ *   view when the message was sent since it joined; a deletion: in a channel it may view; rows
+ *   about a message deleted since are skipped, their MessageDeleted follows). A reader subscribed
+ *   without a cursor is owed the rows from its first event on in log order, and those of writes
+ *   asked for after it;
  * - no cursor twice, cursors strictly increasing per reader across resumes (log order, so channel
  *   order), each cursor the log row it names.
  *
@@ -879,9 +881,18 @@ async function runModel(seed: number) {
       }
       const mid = row.payload.messageId;
       if (row.type !== 'MESSAGE_DELETED' && (deletedMsgs.has(mid) || gone.has(mid))) continue;
+      // A deletion is owed to who may view the channel (it shows none of its history). Other
+      // rows need its history, or, live (the live-only reader gets every row live: hub.ts), a
+      // message sent since the reader joined.
+      const ch = row.channel_id;
+      const may =
+        row.type === 'MESSAGE_DELETED'
+          ? (s: State) => s.view[u].has(ch)
+          : liveOnly(i)
+            ? (s: State) => s.hist[u].has(ch) || (s.view[u].has(ch) && sentAt(row) >= s.joined[u])
+            : (s: State) => s.hist[u].has(ch);
       let always = true;
-      for (let s = stateAt(op.req); s < states.length && always; s++)
-        always = states[s].hist[u].has(row.channel_id);
+      for (let s = stateAt(op.req); s < states.length && always; s++) always = may(states[s]);
       if (always) out.add(seq);
     }
     return out;
