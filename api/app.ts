@@ -156,6 +156,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
       version: pkg.version,
       motd: config.motd,
       eventRetentionDays: config.eventRetentionDays,
+      passwordHashCost: config.passwordHashCost,
       features,
     },
   };

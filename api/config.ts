@@ -40,6 +40,11 @@ export interface Config {
   motd: string;
   /** How long the event log keeps events, in days. Default 7. */
   eventRetentionDays: number;
+  /**
+   * log2 of scrypt's N for new password hashes: 14 (N = 16384). No environment variable: only the
+   * test harness sets it lower (through loadConfig's overrides), since it signs up hundreds of users.
+   */
+  passwordHashCost: number;
   /** Largest accepted request body in bytes. Default 1 MiB. */
   maxBodyBytes: number;
   /** Proxies of yours in front of Banter whose X-Forwarded-For to believe (api/client-ip.ts). Default 0. */
@@ -150,6 +155,7 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
     serverName: env.SERVER_NAME || 'Banter',
     motd: env.MOTD ?? '',
     eventRetentionDays: int(env, 'EVENT_RETENTION_DAYS', 7, 1, 3650),
+    passwordHashCost: 14,
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 1024 * 1024, 1024, 100 * 1024 * 1024),
     trustProxyHops: int(env, 'TRUST_PROXY_HOPS', 0, 0, 10),
     ws: {

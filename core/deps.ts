@@ -22,6 +22,8 @@ export interface CoreSettings {
   version: string;
   motd: string;
   eventRetentionDays: number;
+  /** log2 of scrypt's N for new password hashes (auth.service.ts; a hash keeps its own). */
+  passwordHashCost: number;
   features: string[];
 }
 

@@ -1,5 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { eq } from 'drizzle-orm';
+import { users } from '../core/db/tables.ts';
+import { hashPassword } from '../core/services/auth.service.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp } from './helpers.ts';
 
 let app: TestApp;
@@ -122,5 +125,18 @@ describe('accounts', () => {
       { id: phone.id },
       u.token,
     );
+  });
+
+  it('a password hash keeps its own cost: one made at the default N = 2^14 still logs in here (the suite hashes at 2^10)', async () => {
+    const u = await signUp(app);
+    const [before] = await app.deps.db.select().from(users).where(eq(users.username, u.username));
+    assert.match(before.passwordHash, /^scrypt\$1024\$8\$1\$/);
+    const stored = await hashPassword('another long password');
+    assert.match(stored, /^scrypt\$16384\$8\$1\$/);
+    await app.deps.db.update(users).set({ passwordHash: stored }).where(eq(users.username, u.username));
+    await ok(app, LOGIN, { i: { login: u.username, password: 'another long password' } });
+    await fails(app, 'UNAUTHENTICATED', LOGIN, {
+      i: { login: u.username, password: 'correct horse battery' },
+    });
   });
 });

@@ -20,6 +20,8 @@ describe('loadConfig', () => {
       assert.equal(c.graphiql, true);
       assert.equal(c.maxBodyBytes, 1024 * 1024);
       assert.equal(c.logLevel, 'info');
+      // scrypt's N = 2^14 for new password hashes; the test harness's lower cost is an override only.
+      assert.equal(c.passwordHashCost, 14);
       // The generated secret is kept in DATA_DIR and reused.
       assert.ok(c.jwtSecret.length >= 32);
       assert.equal(readFileSync(path.join(dir, 'jwt-secret'), 'utf8').trim(), c.jwtSecret);

@@ -57,6 +57,8 @@ export async function createTestApp(
       dataDir: onPostgres ? dataDir : 'memory://',
       jwtSecret: randomBytes(32).toString('hex'),
       redisPrefix: `banter-test:${randomBytes(4).toString('hex')}:`,
+      // scrypt's N = 2^10 rather than 2^14 for the users the suite signs up (over 800 a run).
+      passwordHashCost: 10,
       ...overrides,
     },
   );

@@ -13,36 +13,45 @@ import { BanterError, badInput, conflict, notFound, unauthenticated } from '../e
 import { isUuid, newId } from '../ids.ts';
 import { disconnectSession } from '../realtime/disconnect.ts';
 
-const SCRYPT = { N: 16384, r: 8, p: 1, keylen: 32 };
+/** scrypt's parameters for new hashes; N is 2^cost (CoreSettings.passwordHashCost, default 14). */
+const SCRYPT = { r: 8, p: 1, keylen: 32 };
+/** The costs (log2 N) a hash may have: up to 2^16, 64 MiB of memory at r = 8. */
+const COSTS = { minLog2N: 10, maxLog2N: 16 };
+const DEFAULT_PASSWORD_HASH_COST = 14;
 
-function scrypt(password: string, salt: Buffer): Promise<Buffer> {
+function scrypt(password: string, salt: Buffer, N: number, r: number, p: number): Promise<Buffer> {
   return new Promise((resolve, reject) =>
-    scryptCb(
-      password,
-      salt,
-      SCRYPT.keylen,
-      { N: SCRYPT.N, r: SCRYPT.r, p: SCRYPT.p, maxmem: 64 * 1024 * 1024 },
-      (err, key) => (err ? reject(err) : resolve(key)),
+    scryptCb(password, salt, SCRYPT.keylen, { N, r, p, maxmem: 256 * N * r + 1024 * 1024 }, (err, key) =>
+      err ? reject(err) : resolve(key),
     ),
   );
 }
 
-export async function hashPassword(password: string): Promise<string> {
+export async function hashPassword(password: string, cost = DEFAULT_PASSWORD_HASH_COST): Promise<string> {
+  if (!Number.isInteger(cost) || cost < COSTS.minLog2N || cost > COSTS.maxLog2N) {
+    throw new Error(`password hash cost must be a whole number from ${COSTS.minLog2N} to ${COSTS.maxLog2N}`);
+  }
+  const N = 2 ** cost;
   const salt = randomBytes(16);
-  const key = await scrypt(password, salt);
-  return `scrypt$${SCRYPT.N}$${SCRYPT.r}$${SCRYPT.p}$${salt.toString('base64url')}$${key.toString('base64url')}`;
+  const key = await scrypt(password, salt, N, SCRYPT.r, SCRYPT.p);
+  return `scrypt$${N}$${SCRYPT.r}$${SCRYPT.p}$${salt.toString('base64url')}$${key.toString('base64url')}`;
 }
 
+/** Checks a password against a stored hash, with the parameters the hash names (bounded). */
 export async function verifyPassword(password: string, stored: string): Promise<boolean> {
-  const [alg, , , , saltB64, keyB64] = stored.split('$');
+  const [alg, nRaw, rRaw, pRaw, saltB64, keyB64] = stored.split('$');
   if (alg !== 'scrypt' || !saltB64 || !keyB64) return false;
+  const [N, r, p] = [Number(nRaw), Number(rRaw), Number(pRaw)];
+  const log2N = Math.log2(N);
+  if (!Number.isInteger(log2N) || log2N < COSTS.minLog2N || log2N > COSTS.maxLog2N) return false;
+  if (r !== SCRYPT.r || p !== SCRYPT.p) return false;
   const expected = Buffer.from(keyB64, 'base64url');
-  const key = await scrypt(password, Buffer.from(saltB64, 'base64url'));
+  const key = await scrypt(password, Buffer.from(saltB64, 'base64url'), N, r, p);
   return key.length === expected.length && timingSafeEqual(key, expected);
 }
 
-/** A hash made once so that logins for unknown users cost the same time as real ones. */
-let dummyHash: Promise<string> | undefined;
+/** A hash made once per cost so that logins for unknown users cost the same time as real ones. */
+const dummyHashes = new Map<number, Promise<string>>();
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest('base64url');
 
@@ -89,7 +98,7 @@ export async function register(deps: Deps, input: RegisterInput, ip?: string): P
   if (!EMAIL_RE.test(email) || email.length > 254) throw badInput('Email address is not valid.', 'email');
   if (input.password.length < 8) throw badInput('Password must be at least 8 characters.', 'password');
   if (input.password.length > 256) throw badInput('Password must be at most 256 characters.', 'password');
-  const passwordHash = await hashPassword(input.password);
+  const passwordHash = await hashPassword(input.password, deps.settings.passwordHashCost);
   const id = newId();
   try {
     await deps.db.transaction(async (tx) => {
@@ -116,8 +125,9 @@ export async function login(deps: Deps, input: LoginInput, ip?: string): Promise
     .from(users)
     .where(sql`${col} = ${login}`);
   if (!user) {
-    dummyHash ??= hashPassword('not-a-real-password');
-    await verifyPassword(input.password, await dummyHash);
+    const cost = deps.settings.passwordHashCost;
+    if (!dummyHashes.has(cost)) dummyHashes.set(cost, hashPassword('not-a-real-password', cost));
+    await verifyPassword(input.password, await dummyHashes.get(cost)!);
     throw unauthenticated('Wrong username, email or password.');
   }
   if (!(await verifyPassword(input.password, user.passwordHash)) || user.deactivatedAt) {
