@@ -1,4 +1,3 @@
-import { buildApp } from './app.ts';
 import { ConfigError, loadConfig } from './config.ts';
 
 let config: ReturnType<typeof loadConfig>;
@@ -12,6 +11,9 @@ try {
   throw err;
 }
 
+// The app and all it loads (GraphQL, the database driver, ~2 s of CPU) only once the configuration
+// is known good: a bad value is told at once.
+const { buildApp } = await import('./app.ts');
 const app = await buildApp(config);
 const port = await app.start();
 app.log.info(`GraphQL at http://localhost:${port}/graphql`);
