@@ -57,6 +57,8 @@ export interface App {
 
 export interface BuildOptions {
   logger?: Logger;
+  /** PGlite only: the data directory to start from (DatabaseOptions.pgliteFrom; tests). */
+  pgliteFrom?: Blob;
 }
 
 function httpError(status: number, message: string) {
@@ -101,6 +103,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     dataDir: config.dataDir,
     poolSize: config.databasePoolSize,
     queryTimeoutMs: config.databaseQueryTimeoutMs,
+    pgliteFrom: opts.pgliteFrom,
   });
   // A command Redis has not answered within REDIS_COMMAND_TIMEOUT_MS fails (down, its offline
   // queue would hold it for seconds of reconnect backoff; paused or slow, for as long as that

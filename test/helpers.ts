@@ -3,13 +3,14 @@
  * on a fresh database on the local PostgreSQL server plus the local Redis (own key prefix);
  * otherwise on in-memory PGlite with the in-process ports. The same suite runs on both.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
 import { type App, buildApp } from '../api/app.ts';
 import { type Config, loadConfig } from '../api/config.ts';
+import { createDatabase, migrationsFolder } from '../core/db/client.ts';
 
 export const PG_ADMIN_URL = process.env.TEST_PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 export const TEST_REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -33,6 +34,47 @@ export async function createTestDatabase(): Promise<{ url: string; drop(): Promi
       await c.end();
     },
   };
+}
+
+let template: Promise<Blob> | undefined;
+/**
+ * The PGlite run's starting point: an embedded database with every migration applied, dumped once
+ * and kept in the temp dir under a hash of the migrations and the PGlite version (starting PGlite
+ * empty costs ~2 s of CPU in initdb, from the dump ~0.7 s; the suite starts ~80 of them). Each
+ * test app still gets its own database, and createTestApp still runs migrate() on it.
+ */
+function pgliteTemplate(): Promise<Blob> {
+  template ??= (async () => {
+    const hash = createHash('sha256');
+    const pkg = readFileSync(new URL('../node_modules/@electric-sql/pglite/package.json', import.meta.url));
+    hash.update(JSON.parse(pkg.toString()).version);
+    const walk = (dir: string) => {
+      for (const e of readdirSync(dir, { withFileTypes: true }).sort((x, y) => (x.name < y.name ? -1 : 1))) {
+        const p = path.join(dir, e.name);
+        hash.update(p.slice(migrationsFolder.length));
+        if (e.isDirectory()) walk(p);
+        else hash.update(readFileSync(p));
+      }
+    };
+    walk(migrationsFolder);
+    const file = path.join(tmpdir(), `banter-test-pglite-${hash.digest('hex').slice(0, 16)}.tar`);
+    try {
+      return new Blob([readFileSync(file)]);
+    } catch {
+      const database = await createDatabase({ dataDir: 'memory://' });
+      await database.migrate();
+      const client = (database.db as unknown as { $client: { dumpDataDir(c: 'none'): Promise<Blob> } })
+        .$client;
+      const dump = await client.dumpDataDir('none');
+      await database.close();
+      // Written whole under another name first: other test files may be reading it at once.
+      const part = `${file}.${process.pid}.part`;
+      writeFileSync(part, Buffer.from(await dump.arrayBuffer()));
+      renameSync(part, file);
+      return dump;
+    }
+  })();
+  return template;
 }
 
 export interface TestApp extends App {
@@ -62,7 +104,7 @@ export async function createTestApp(
       ...overrides,
     },
   );
-  const app = await buildApp(config);
+  const app = await buildApp(config, onPostgres ? {} : { pgliteFrom: await pgliteTemplate() });
   await app.deps.database.migrate();
   return Object.assign(app, {
     async destroy() {

@@ -88,6 +88,11 @@ export interface DatabaseOptions {
    * wait for a connection. Unset or 0: neither.
    */
   queryTimeoutMs?: number;
+  /**
+   * PGlite only: start from this data directory (a `dumpDataDir` tarball) rather than an empty
+   * one. The test harness passes a freshly migrated one, made once per migration set.
+   */
+  pgliteFrom?: Blob;
 }
 
 export const migrationsFolder = fileURLToPath(new URL('../../migrations', import.meta.url));
@@ -242,7 +247,7 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     dataDir = path.join(opts.dataDir, 'pglite');
     mkdirSync(dataDir, { recursive: true });
   }
-  const client = await PGlite.create(dataDir);
+  const client = await PGlite.create(dataDir, opts.pgliteFrom ? { loadDataDir: opts.pgliteFrom } : {});
   const db = drizzle(client, { schema: tables, logger }) as unknown as Db;
   const database: Database = {
     db,
