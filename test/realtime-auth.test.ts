@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import pg from 'pg';
 import { pruneEvents } from '../core/realtime/log.ts';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
   connect,
@@ -227,20 +228,23 @@ describe('a socket authenticates once, and what it registers goes with it', () =
   }
 
   /** Records the presence connection ids handed out and released, for `userId`. */
-  function watchPresence(hold?: Promise<void>) {
+  // Only `userId`'s: a socket of an earlier test may release its own connection meanwhile.
+  function watchPresence(globalId: string, hold?: Promise<void>) {
+    const userId = decodeAnyId(globalId).id;
     const presence = app2.deps.realtime!.presence;
     const { connected, disconnected } = presence;
     const given: string[] = [];
     const released: string[] = [];
-    presence.connected = async (userId) => {
+    presence.connected = async (user) => {
+      if (user !== userId) return connected(user);
       await hold;
-      const id = await connected(userId);
+      const id = await connected(user);
       given.push(id);
       return id;
     };
-    presence.disconnected = (userId, id) => {
-      released.push(id);
-      disconnected(userId, id);
+    presence.disconnected = (user, id) => {
+      if (user === userId) released.push(id);
+      disconnected(user, id);
     };
     return {
       given,
@@ -283,6 +287,7 @@ describe('a socket authenticates once, and what it registers goes with it', () =
     const u = await signUp(app2);
     let open!: () => void;
     const watch = watchPresence(
+      u.id,
       new Promise<void>((r) => {
         open = r;
       }),
@@ -305,7 +310,7 @@ describe('a socket authenticates once, and what it registers goes with it', () =
 
   it("an anonymous socket's two first subscribes with the same token authenticate it once (a second presence connection, never released, before)", async () => {
     const u = await signUp(app2);
-    const watch = watchPresence();
+    const watch = watchPresence(u.id);
     try {
       const s = raw();
       await s.send({ type: 'connection_init', payload: {} });
@@ -332,7 +337,7 @@ describe('a socket authenticates once, and what it registers goes with it', () =
 
   it("a subscribe carrying another user's token than the one its socket authenticated with is refused (the socket sat in both users before)", async () => {
     const [u, v] = [await signUp(app2), await signUp(app2)];
-    const watch = watchPresence();
+    const watch = watchPresence(u.id);
     try {
       const s = raw();
       await s.send({ type: 'connection_init', payload: {} });
