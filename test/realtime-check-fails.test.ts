@@ -12,7 +12,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, sseStream, subscribe } from './realtime-helpers.ts';
+import { connect, errorsLogged, guildWithChannel, send, sseStream, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -45,20 +45,6 @@ async function deletionRow(guildId: string, channelId: string) {
   await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
     values ('MESSAGE_DELETED', ${guildId}::uuid, ${channelId}::uuid,
       jsonb_build_object('messageId', gen_random_uuid()::text, 'channelId', ${channelId}::text))`);
-}
-
-/** Error-level log entries with their messages, while `during` runs. */
-async function errorsLogged<T>(during: () => Promise<T>) {
-  const logged: { obj: Record<string, unknown>; msg?: string }[] = [];
-  const error = app.log.error;
-  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
-    logged.push({ obj, msg });
-  }) as typeof app.log.error;
-  try {
-    return { result: await during(), logged };
-  } finally {
-    app.log.error = error;
-  }
 }
 
 /**
@@ -99,7 +85,7 @@ it('a row whose check fails every time closes the socket (1013) for a few rounds
   await deletionRow(raw(bad.guildId), raw(bad.channelId));
   await send(app, u.token, good.channelId, 'two');
   await app.deps.realtime!.poke();
-  const { result, logged } = await errorsLogged(async () => {
+  const { result, logged } = await errorsLogged(app, async () => {
     const deadline = Date.now() + 5000;
     while (!c.closed() && Date.now() < deadline) await sleep(50);
     const live = c.closed()?.code;
@@ -132,7 +118,7 @@ it('over SSE, a row whose check fails every time ends the stream for a few round
   await send(app, u.token, good.channelId, 'two');
   await app.deps.realtime!.poke();
   const hasTwo = (x: typeof s) => contents(x.events).includes('two');
-  const { result: rounds } = await errorsLogged(async () => {
+  const { result: rounds } = await errorsLogged(app, async () => {
     /** per round: 'resume' (the stream ended so) or what it got */
     const rounds: string[][] = [];
     await s.until((x) => x.ended || hasTwo(x), 'the live stream to end', 5000);
@@ -173,7 +159,7 @@ it('when every check fails (a table of the check away) nothing is skipped, howev
   let rounds: Awaited<ReturnType<typeof socketRounds>>;
   try {
     await deletionRow(raw(guildId), raw(channelId));
-    ({ result: rounds } = await errorsLogged(() => socketRounds(u.token, last, 'never', 5)));
+    ({ result: rounds } = await errorsLogged(app, () => socketRounds(u.token, last, 'never', 5)));
   } finally {
     await app.deps.db.execute(sql`alter table permission_overwrites_away rename to permission_overwrites`);
   }

@@ -495,3 +495,17 @@ export async function whileReactionFails(app: App, messageId: string, during: ()
   }
   return logged;
 }
+
+/** Error-level log entries of `app` with their messages, while `during` runs. */
+export async function errorsLogged<T>(app: App, during: () => Promise<T>) {
+  const logged: { obj: Record<string, unknown>; msg?: string }[] = [];
+  const error = app.log.error;
+  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
+    logged.push({ obj, msg });
+  }) as typeof app.log.error;
+  try {
+    return { result: await during(), logged };
+  } finally {
+    app.log.error = error;
+  }
+}

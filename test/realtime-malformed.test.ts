@@ -9,7 +9,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
+import { connect, errorsLogged, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -22,20 +22,6 @@ after(() => app.destroy());
 const raw = (globalId: string) => decodeAnyId(globalId).id;
 const contents = (events: any[]) =>
   events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
-
-/** Error-level log entries with their messages, while `during` runs. */
-async function errorsLogged<T>(during: () => Promise<T>) {
-  const logged: { obj: Record<string, unknown>; msg?: string }[] = [];
-  const error = app.log.error;
-  app.log.error = ((obj: Record<string, unknown>, msg?: string) => {
-    logged.push({ obj, msg });
-  }) as typeof app.log.error;
-  try {
-    return { result: await during(), logged };
-  } finally {
-    app.log.error = error;
-  }
-}
 
 for (const payload of ['null', '"text"', '[1, 2]']) {
   it(`a logged row whose payload is ${payload} is skipped: live and replayed streams go on, everyone's`, async () => {
@@ -51,7 +37,7 @@ for (const payload of ['null', '"text"', '[1, 2]']) {
     await send(app, u.token, mine.channelId, 'one');
     await s.until((e) => contents(e).includes('one'));
     const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
-    const { logged } = await errorsLogged(async () => {
+    const { logged } = await errorsLogged(app, async () => {
       await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
         values ('MEMBER_JOINED', ${raw(mine.guildId)}::uuid, ${raw(mine.channelId)}::uuid, ${payload}::jsonb)`);
       await send(app, u.token, mine.channelId, 'two');
