@@ -12,8 +12,8 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
-import { eq, sql } from 'drizzle-orm';
-import { type Db, databaseOf, followCommits, uuidArray } from '../db/client.ts';
+import { eq, inArray } from 'drizzle-orm';
+import { type Db, databaseOf, followCommits } from '../db/client.ts';
 import { users } from '../db/tables.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import { BanterError } from '../errors.ts';
@@ -107,12 +107,6 @@ const REPLAY_PAGE = 500;
 const SHARED_REPLAY_ROWS = 2_000;
 /** How long a shared replay page serves subscribers resuming from where it begins, once read. */
 const SHARED_PAGE_MS = 1_000;
-/**
- * Most shared pages kept at once (each up to REPLAY_PAGE rows with their messages): past it the
- * oldest is forgotten (its readers keep it until they are done), so a crowd resuming from many
- * cursors at once does not hold N pages for SHARED_PAGE_MS.
- */
-const MAX_SHARED_PAGES = 64;
 
 /** A page of the log as read for replays: every row in (from, through], in log order. */
 interface SharedPage {
@@ -192,7 +186,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     const found = await deps.db
       .select({ id: users.id, choice: users.presenceChoice })
       .from(users)
-      .where(sql`${users.id} = any(${uuidArray(ids)})`);
+      .where(inArray(users.id, ids));
     return new Map(found.map((u) => [u.id, u.choice]));
   });
   const presence = createPresenceTracker(
@@ -669,7 +663,6 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       return { rows, through: rows.length < REPLAY_PAGE ? to : rows[rows.length - 1] };
     })();
     sharedPages.set(key, page);
-    if (sharedPages.size > MAX_SHARED_PAGES) sharedPages.delete(sharedPages.keys().next().value!);
     const forget = () => {
       if (sharedPages.get(key) === page) sharedPages.delete(key);
     };
