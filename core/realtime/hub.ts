@@ -649,12 +649,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     const to = pos!;
     const page = (async (): Promise<SharedPage> => {
       const rows = (await readRangeAll(deps.db, from, to, REPLAY_PAGE)) as Delivered[];
+      // As replay() checks its own reads: after the read, so a prune that committed before it is seen.
+      assertAfterWatermark(from, await prunedThrough(deps.db));
       await loadMessages(deps.db, rows);
       await loadFormerMembers(deps.db, rows);
-      // As replay() checks its own reads: after the last of them, so a prune that committed before
-      // any is seen (one between the rows' read and their former members' deleted those with the
-      // expired rows: a GUILD_DELETED the page holds would reach none of them).
-      assertAfterWatermark(from, await prunedThrough(deps.db));
       for (const r of rows) {
         r.cursor = encodeCursor(r);
         // None recorded: nobody is known to have been in (a viewer's own read would say so).
