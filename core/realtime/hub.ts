@@ -175,13 +175,13 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let presenceTimer: NodeJS.Timeout | undefined;
   let presenceDone: Promise<void> = Promise.resolve();
   const disconnectHandlers = new Set<(s: SignalTopics['disconnect']) => void>();
-  /** The log's bounds for resuming, one statement for every subscriber asking while one is out. */
-  const sharedBounds = batched(async () => new Map([[0, await resumeBounds(deps.db)]]));
   /**
    * The statuses users chose, for presence as their sockets connect: twice per socket, and a crowd
    * reconnecting after its instance stopped made 2,000 statements of 1,000 sockets (bench:storm);
    * one statement for all that ask while one is out.
    */
+  /** The log's bounds for resuming, one statement for every subscriber asking while one is out. */
+  const sharedBounds = batched(async () => new Map([[0, await resumeBounds(deps.db)]]));
   const loadChoices = batched(async (ids: string[]) => {
     const found = await deps.db
       .select({ id: users.id, choice: users.presenceChoice })
