@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import pg from 'pg';
+import { newId } from '../core/ids.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { connect, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
@@ -149,4 +150,58 @@ it('an ownership transferred while a guild is being deleted does not leave the h
   // and the heir got the guild with no messages.
   assert.deepEqual({ errors: r.errors, there }, { errors: undefined, there: 0 });
   assert.equal(await left(), 0);
+});
+
+it("a message sent elsewhere while a ban purges a spammer's many messages arrives during the purge, not after it", {
+  skip,
+  timeout: 180_000,
+}, async () => {
+  const owner = await signUp(app);
+  const spammer = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  const g = decodeAnyId(guildId).id;
+  const u = decodeAnyId(spammer.id).id;
+  await direct.query('insert into members (guild_id, user_id) values ($1, $2)', [g, u]);
+  // Sent within the hour (ids are time-ordered: the purge selects by id), as a spam bot's are.
+  const N = 40_000;
+  const ids = Array.from({ length: N }, () => newId());
+  await direct.query(
+    `insert into messages (id, channel_id, guild_id, author_id, content)
+     select i, $1, $2, $3, 'spam' from unnest($4::uuid[]) i`,
+    [decodeAnyId(channelId).id, g, u, ids],
+  );
+  const { there, r } = await deliveredMeanwhile(
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!, $u: ID!) { banMember(guildId: $g, userId: $u, deleteMessageHours: 1) }`,
+        { g: guildId, u: spammer.id },
+        { token: owner.token },
+      ),
+    () => count('select count(*)::int as n from bans where guild_id = $1', guildId),
+  );
+  assert.deepEqual(r.errors, undefined);
+  // Before: one transaction wiped them all and logged a MessageDeleted each, and nothing else was
+  // delivered to anyone until it committed (the ban with it).
+  assert.equal(there, 0, 'delivered only once the ban and its purge had committed');
+  const left = await direct.query(
+    'select count(*)::int as n from messages where author_id = $1 and deleted_at is null',
+    [u],
+  );
+  assert.equal(left.rows[0].n, 0);
+  const logged = await direct.query(
+    `select type, payload->>'messageId' as id from events
+     where guild_id = $1 and type in ('MESSAGE_DELETED', 'MEMBER_BANNED') order by xid::text::bigint, seq`,
+    [g],
+  );
+  // Each once, in the messages' order, and the ban after them.
+  assert.deepEqual(
+    logged.rows.map((x) => x.id ?? x.type),
+    [...[...ids].sort(), 'MEMBER_BANNED'],
+  );
+  const audit = await direct.query(
+    `select changes from audit_log where guild_id = $1 and action = 'MEMBER_BAN'`,
+    [g],
+  );
+  assert.deepEqual(audit.rows[0].changes, { wasMember: true, deleteMessageHours: 1, deletedMessages: N });
 });

@@ -3,7 +3,7 @@
  * hierarchy inside its transaction (so a concurrent role change cannot slip between check and
  * write), writes an audit row and an event in that same transaction.
  */
-import { and, desc, eq, gte, lt, sql } from 'drizzle-orm';
+import { and, desc, eq, gt, gte, inArray, isNull, lt, sql } from 'drizzle-orm';
 import type { DbOrTx, Tx } from '../db/client.ts';
 import { auditLog, bans, memberRoles, members, messages, users } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
@@ -95,26 +95,42 @@ export async function kickMember(
   });
 }
 
+/** Messages a ban's purge wipes per transaction (see banMember). */
+export const BAN_PURGE_BATCH = 500;
+
 /**
- * Soft-deletes the user's messages in the guild from the last `hours` hours (content wiped,
- * deleted_at set) and logs one MESSAGE_DELETED per message, the same event a single delete
- * produces, so clients need no bulk-delete handling. Bounded by MAX_PURGE_HOURS.
+ * Soft-deletes the user's messages in the guild from `since` on (content wiped, deleted_at set),
+ * at most `limit` of them after `after` in id order, and logs one MESSAGE_DELETED per message,
+ * the same event a single delete produces, so clients need no bulk-delete handling. Returns the
+ * last id wiped (null: none) and how many.
  */
 async function purgeMessages(
   tx: Tx,
   log: EventWriter,
   now: Date,
-  guildId: string,
-  userId: string,
-  hours: number,
-): Promise<number> {
-  if (hours === 0) return 0;
-  const since = idAtTime(now.getTime() - hours * 3600 * 1000);
-  const deleted = await wipeMessages(
-    tx,
-    and(eq(messages.guildId, guildId), eq(messages.authorId, userId), gte(messages.id, since)),
-    now,
+  input: { guildId: string; userId: string; since: string; after?: string; limit?: number },
+): Promise<{ n: number; last: string | null }> {
+  const { guildId, userId, since } = input;
+  const mine = and(
+    eq(messages.guildId, guildId),
+    eq(messages.authorId, userId),
+    gte(messages.id, since),
+    input.after ? gt(messages.id, input.after) : undefined,
   );
+  // The next `limit` in id order, along messages_guild_author: each batch starts where the last
+  // ended rather than walking past the rows wiped so far.
+  const where = input.limit
+    ? inArray(
+        messages.id,
+        tx
+          .select({ id: messages.id })
+          .from(messages)
+          .where(and(mine, isNull(messages.deletedAt)))
+          .orderBy(messages.id)
+          .limit(input.limit),
+      )
+    : mine;
+  const deleted = await wipeMessages(tx, where, now);
   // Log order is the messages' own (wipeMessages returns them in no set order).
   deleted.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   await log.appendMany(
@@ -125,9 +141,21 @@ async function purgeMessages(
       payload: { messageId: m.id, channelId: m.channelId },
     })),
   );
-  return deleted.length;
+  return { n: deleted.length, last: deleted.at(-1)?.id ?? null };
 }
 
+/**
+ * Bans a member (or, pre-emptively, any user), soft-deleting their messages in the guild from the
+ * last `deleteMessageHours` hours (at most MAX_PURGE_HOURS).
+ *
+ * The purge goes first, BAN_PURGE_BATCH messages per transaction, each checking the actor's right
+ * again; the ban's own transaction then wipes what was sent meanwhile. In one transaction, a spam
+ * bot's tens of thousands of messages held it open for seconds (~2.5 s per 10k here), and the
+ * realtime log delivers nothing written after a transaction still in progress (core/realtime/
+ * log.ts, Horizon): every stream of every guild waited for it. So a ban refused after its purge
+ * (banned meanwhile by someone else, the actor's right withdrawn) leaves the messages it wiped
+ * wiped: wiping them was within the actor's right when it happened.
+ */
 export async function banMember(
   deps: Deps,
   viewer: Viewer,
@@ -138,11 +166,29 @@ export async function banMember(
   if (!Number.isInteger(hours) || hours < 0 || hours > MAX_PURGE_HOURS) {
     throw badInput(`deleteMessageHours must be 0-${MAX_PURGE_HOURS}.`, 'deleteMessageHours');
   }
-  return transact(deps, async (tx, log) => {
+  const since = idAtTime(deps.now().getTime() - hours * 3600 * 1000);
+  /** What the ban may do to the target, in the transaction `tx` (the guild held first). */
+  const allowed = async (tx: Tx) => {
     await holdGuild(tx, input.guildId);
     await requireActionable(tx, deps, viewer, input.guildId, input.userId, Permission.BAN_MEMBERS);
     const [u] = await tx.select({ id: users.id }).from(users).where(eq(users.id, input.userId));
     if (!u) throw notFound('User');
+  };
+  let purged = 0;
+  let after: string | undefined;
+  for (let more = hours > 0; more; ) {
+    more = await transact(deps, async (tx, log) => {
+      await allowed(tx);
+      if (await isBanned(tx, input.guildId, input.userId)) throw conflict('This user is already banned.');
+      const batch = { guildId: input.guildId, userId: input.userId, since, after, limit: BAN_PURGE_BATCH };
+      const { n, last } = await purgeMessages(tx, log, deps.now(), batch);
+      purged += n;
+      if (last) after = last;
+      return n === BAN_PURGE_BATCH;
+    });
+  }
+  return transact(deps, async (tx, log) => {
+    await allowed(tx);
     const inserted = await tx
       .insert(bans)
       .values({ guildId: input.guildId, userId: input.userId, reason, actorId: viewer.userId })
@@ -150,7 +196,11 @@ export async function banMember(
       .returning({ userId: bans.userId });
     if (!inserted.length) throw conflict('This user is already banned.');
     const wasMember = await removeMember(tx, input.guildId, input.userId);
-    const purged = await purgeMessages(tx, log, deps.now(), input.guildId, input.userId, hours);
+    // What was sent while the purge ran (the member removed now, nothing more comes).
+    if (hours > 0) {
+      const rest = { guildId: input.guildId, userId: input.userId, since, after };
+      purged += (await purgeMessages(tx, log, deps.now(), rest)).n;
+    }
     await writeAudit(tx, {
       guildId: input.guildId,
       actorId: viewer.userId,
