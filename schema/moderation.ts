@@ -79,7 +79,7 @@ builder.mutationFields((t) => ({
   }),
   banMember: t.boolean({
     description:
-      'Bans a member or, pre-emptively, any user. deleteMessageHours (0-168) soft-deletes their messages in the guild from that many hours back, one MessageDeleted event each.',
+      'Bans a member or, pre-emptively, any user. deleteMessageHours (0-168) soft-deletes their messages in the guild from that many hours back, one MessageDeleted event each; they are deleted in batches before the ban is recorded, and stay deleted if the ban is then refused (CONFLICT: banned meanwhile).',
     args: {
       guildId: t.arg.id({ required: true }),
       userId: t.arg.id({ required: true }),
