@@ -205,3 +205,37 @@ it("a message sent elsewhere while a ban purges a spammer's many messages arrive
   );
   assert.deepEqual(audit.rows[0].changes, { wasMember: true, deleteMessageHours: 1, deletedMessages: N });
 });
+
+it('a message sent elsewhere while a guild of many members is deleted arrives during the deletion, not after it', {
+  skip,
+  timeout: 180_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId } = await guildWithChannel(app, owner.token);
+  const g = decodeAnyId(guildId).id;
+  // Members written directly: who was in is recorded for each (former_members), ~30 us a row.
+  const M = 60_000;
+  await direct.query(
+    `insert into users (id, username, email, password_hash)
+     select gen_random_uuid(), 'm' || i || '_' || $1, 'm' || i || '_' || $1 || '@test', 'x'
+     from generate_series(1, ${M}) i`,
+    [g.slice(0, 8)],
+  );
+  await direct.query(
+    `insert into members (guild_id, user_id) select $1, id from users where username like 'm%\\_' || $2`,
+    [g, g.slice(0, 8)],
+  );
+  const { there, r } = await deliveredMeanwhile(
+    () => gql(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, { token: owner.token }),
+    () => count('select count(*)::int as n from guilds where id = $1', guildId),
+  );
+  assert.deepEqual(r.errors, undefined);
+  // Before: the deletion's transaction recorded every member (former_members) for seconds, and
+  // nothing else was delivered to anyone until it committed.
+  assert.equal(there, 1, 'delivered only once the deletion had committed');
+  assert.equal(
+    await count('select count(*)::int as n from former_members where guild_id = $1', guildId),
+    M + 1,
+  );
+  assert.equal(await count('select count(*)::int as n from members where guild_id = $1', guildId), 0);
+});

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { pruneEvents } from '../core/realtime/log.ts';
+import { recordFormerMembers } from '../core/services/purge.service.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
@@ -195,6 +196,29 @@ describe('guilds', () => {
     // The record goes with the log's retention.
     await pruneEvents(app.deps.db, 7, new Date(Date.now() + 8 * 86_400_000));
     assert.deepEqual(await rows(sql`select 1 from former_members where guild_id = ${raw(g.id)}::uuid`), []);
+  });
+
+  it('who was in a deleted guild is who was a member as it was deleted: one who left while its members were recorded is not, one who joined is', async () => {
+    const owner = await signUp(app);
+    const leaver = await signUp(app);
+    const stayer = await signUp(app);
+    const joiner = await signUp(app);
+    const g = await makeGuild(owner);
+    await join(leaver, owner, g.id);
+    await join(stayer, owner, g.id);
+    // The deletion's first phase (as deleteGuild runs it) records the members then...
+    await recordFormerMembers(app.deps.db, raw(g.id));
+    // ...and meanwhile one leaves and one joins, before the deletion's own transaction.
+    await ok(app, `mutation($id: ID!) { leaveGuild(guildId: $id) }`, { id: g.id }, leaver.token);
+    await join(joiner, owner, g.id);
+    await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: g.id }, owner.token);
+    const was = await rows<{ user_id: string }>(
+      sql`select user_id from former_members where guild_id = ${raw(g.id)}::uuid order by user_id`,
+    );
+    assert.deepEqual(
+      was.map((w) => w.user_id),
+      [raw(owner.id), raw(stayer.id), raw(joiner.id)].sort(),
+    );
   });
 
   it('migration 0001 moves the members of GUILD_DELETED rows written before it into former_members', async () => {

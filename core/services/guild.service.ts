@@ -1,5 +1,5 @@
-import { and, eq, sql } from 'drizzle-orm';
-import { channels, formerMembers, guilds, memberRoles, members, roles } from '../db/tables.ts';
+import { and, eq } from 'drizzle-orm';
+import { channels, guilds, memberRoles, members, roles } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
@@ -7,7 +7,7 @@ import { newId } from '../ids.ts';
 import { DEFAULT_EVERYONE, Permission } from '../permissions.ts';
 import { requireGuild } from './access.service.ts';
 import { writeAudit } from './audit.service.ts';
-import { purgeBeforeDeletion } from './purge.service.ts';
+import { purgeBeforeDeletion, recordFormerMembers, settleFormerMembers } from './purge.service.ts';
 
 export type GuildRow = typeof guilds.$inferSelect;
 
@@ -135,14 +135,13 @@ async function requireOwner(deps: Deps, viewer: Viewer, guildId: string) {
 export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): Promise<string> {
   await requireOwner(deps, viewer, guildId);
   await purgeBeforeDeletion(deps.db, { guildId });
+  await recordFormerMembers(deps.db, guildId);
   return transact(deps, async (tx, log) => {
     // Members rows cascade away with the guild: who was in is kept in former_members (as long as
     // the event log), so every member subscribed now, or replaying later, hears of the deletion.
     // The guild row is locked first so a join committing meanwhile is either recorded or refused.
     await tx.select({ id: guilds.id }).from(guilds).where(eq(guilds.id, guildId)).for('update');
-    await tx.execute(sql`insert into ${formerMembers} (guild_id, user_id)
-      select guild_id, user_id from ${members} where guild_id = ${guildId}::uuid
-      on conflict do nothing`);
+    await settleFormerMembers(tx, guildId);
     // Not "while the viewer still owns it": the purge above has begun the deletion for good. An
     // ownership transferred meanwhile made this refuse and left the guild to its heir gutted, its
     // messages and audit log gone; the owner's deletion, begun first, now completes.
