@@ -48,8 +48,10 @@ export interface Sink {
   close(failure?: unknown): void;
 }
 
-/** Rows waiting for one subscriber before it is cut off. */
+/** Rows waiting for one subscriber before it is cut off (see overBound). */
 export const MAX_PENDING = 5_000;
+/** Rows not checked yet may take the bound this many times over (see overBound). */
+const CHECK_SLACK = 4;
 /** Replay pauses while this many rows wait for the consumer (a quarter of maxPending if less). */
 const REPLAY_WINDOW = 256;
 /** Live rows a replaying subscriber holds at most (a quarter of maxPending if less); see hold(). */
@@ -104,7 +106,7 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
       this.hold(row);
       return;
     }
-    if (this.input.length + 1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
+    if (this.overBound()) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
       return;
     }
@@ -132,11 +134,24 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
       }
       return;
     }
-    if (this.input.length + 1 + this.output.length + (this.sink?.backlog() ?? 0) > this.maxPending) {
+    if (this.overBound()) {
       this.fail(new SlowConsumerError('The client is not reading its events fast enough.'));
       return;
     }
     this.input.push(row);
+  }
+
+  /**
+   * Whether one more row passes the bound: maxPending rows on their way to the client (checked,
+   * not yet written), or CHECK_SLACK times that in all with the rows not checked yet. Those wait
+   * for this server, not the client: the check of a row that needs a permission load (the first
+   * row of a guild in a while) holds every row behind it, and the tailer hands over 1,000 rows a
+   * read, another guild's burst (a channel deleted with its threads, a raid of joins) included.
+   * With one bound for both, one slow load in a burst cut off a client that was reading.
+   */
+  private overBound(): boolean {
+    const toClient = this.output.length + (this.sink?.backlog() ?? 0);
+    return toClient + 1 > this.maxPending || this.input.length + toClient + 1 > this.maxPending * CHECK_SLACK;
   }
 
   /** Live rows were dropped during this replay: it must go on from the log (restartAt). */

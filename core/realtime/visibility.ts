@@ -194,6 +194,14 @@ function changesOwner(e: Visible): boolean {
   return typeof changes !== 'object' || changes === null || 'ownerId' in changes;
 }
 
+/** Access-changing events that change channels only: the viewer's standing in the guild stays. */
+const CHANNEL_LEVEL = new Set([
+  'CHANNEL_CREATED',
+  'CHANNEL_UPDATED',
+  'CHANNEL_DELETED',
+  'PERMISSIONS_CHANGED',
+]);
+
 /** Events about a guild as a whole, shown to its members (the channel may be gone or hidden). */
 const GUILD_LEVEL = new Set(['PERMISSIONS_CHANGED', 'GUILD_UPDATED', 'GUILD_DELETED']);
 
@@ -270,7 +278,7 @@ export class ViewerAccess {
   /** Called for every event in log order before deciding on it. */
   observe(e: Visible) {
     if (e.guildId && (ACCESS_CHANGING.has(e.type) || (e.type === 'GUILD_UPDATED' && changesOwner(e))))
-      this.forgetGuild(e.guildId);
+      this.changedIn(e.guildId, e);
     if (e.channelId && (e.type === 'DIRECT_CHANNEL_CREATED' || e.type === 'PERMISSIONS_CHANGED')) {
       this.channels?.delete(e.channelId);
     }
@@ -286,10 +294,35 @@ export class ViewerAccess {
     this.everIn.add(guildId);
   }
 
-  forgetGuild(guildId: string) {
-    this.guilds?.delete(guildId);
+  /**
+   * An access-changing row of a guild: what it may change for this viewer is forgotten, and only
+   * that. A burst of such rows (a channel deleted with its thousands of threads, a raid of joins)
+   * made every subscriber of the instance load its standing in that guild again for each row, one
+   * load after another while the tailer kept handing it rows, until it was cut off as a slow
+   * consumer: another guild's members and the guild's own alike.
+   */
+  private changedIn(guildId: string, e: Visible) {
+    const about = e.payload.userId;
+    // A member's joining, leaving, roles or timeout change that member's access, nobody else's.
+    if (ABOUT_A_MEMBER.has(e.type) && typeof about === 'string' && about !== this.userId) return;
+    const g = this.guilds?.get(guildId);
+    // A non-member stays one until it joins (its own MEMBER_JOINED, which the rule above lets
+    // through): its channels there are none of its.
+    if (g && !g.member && !(ABOUT_A_MEMBER.has(e.type) && about === this.userId)) return;
+    // Channels and their overwrites change the viewer's channels there, not its standing in the
+    // guild (membership, roles, owner: GuildEntry).
+    if (CHANNEL_LEVEL.has(e.type)) this.forgetChannelsOf(guildId);
+    else this.forgetGuild(guildId);
+  }
+
+  private forgetChannelsOf(guildId: string) {
     if (this.channels)
       for (const [id, c] of this.channels) if (c.guildId === guildId) this.channels.delete(id);
+  }
+
+  forgetGuild(guildId: string) {
+    this.guilds?.delete(guildId);
+    this.forgetChannelsOf(guildId);
   }
 
   /** Sync when cached (the common case), a promise otherwise. */
