@@ -126,3 +126,53 @@ it("a raid of joins committed together cuts off no subscriber: not another guild
     });
   });
 });
+
+it('a socket cut off as a slow consumer is closed 1013 with no error before it, and logs no server error', {
+  timeout: 60_000,
+}, async () => {
+  const hub = app.deps.realtime!;
+  const u = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  // A message in a channel the subscriber has not seen yet: its rows wait for a permission load.
+  const other = await gql(
+    app,
+    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "other", type: TEXT }) { id } }`,
+    { g: guildId },
+    { token: u.token },
+  );
+  const id = await send(app, u.token, other.data.createChannel.id, 'one');
+  // Past 2 rows waiting (here, for their execution), a subscriber is cut off.
+  hub.configure({ maxPending: 2 });
+  const c = connect(url, u.token);
+  const s = subscribe(c.client, null, Q);
+  try {
+    for (let i = 0; i < 50 && !has(s.events, 'ready'); i++) {
+      await send(app, u.token, channelId, 'ready');
+      await s.until((e) => has(e, 'ready'), 200).catch(() => {});
+    }
+    assert.ok(has(s.events, 'ready'), 'live');
+    const { logged } = await errorsLogged(app, async () => {
+      await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
+        select 'MESSAGE_CREATED', m.guild_id, m.channel_id, jsonb_build_object('messageId', m.id::text)
+        from messages m, generate_series(1, 50) where m.id = ${decodeAnyId(id).id}::uuid`);
+      await hub.poke();
+      for (let i = 0; i < 100 && !c.closed(); i++) await sleep(50);
+    });
+    assert.deepEqual(c.closed(), { code: 1013, reason: 'Slow consumer: resume from your last cursor' });
+    // Before: an INTERNAL_SERVER_ERROR frame went first, and "unexpected error" was logged with
+    // its stack for every socket cut off (a restart storm's worth of server errors).
+    assert.deepEqual(
+      logged.map((l) => l.msg),
+      [],
+    );
+    // What the client heard: the close only, no error result ahead of it.
+    assert.deepEqual(
+      s.errors.map((e) => e.code ?? e.extensions?.code),
+      [1013],
+    );
+  } finally {
+    hub.configure({ maxPending: 5000 });
+    s.stop();
+    await c.client.dispose();
+  }
+});

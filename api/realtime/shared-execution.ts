@@ -26,6 +26,7 @@ import {
   type Delivered,
   EventFailedError,
   type Sink,
+  SlowConsumerError,
   Subscription,
 } from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
@@ -279,8 +280,11 @@ class Delivery implements Sink {
     if (failure) {
       this.hooks.onSourceError(failure, this.out);
       // A failed event is logged once for all its subscribers (masking it here would log it once
-      // per subscriber), and its socket is closing: no error frame.
-      if (!(failure instanceof EventFailedError)) this.out.next(sourceErrorResult(failure, this.hooks.mask));
+      // per subscriber), and its socket is closing: no error frame. Nor for a slow consumer, whose
+      // close says why: masked, it was logged as an unexpected server error for every socket cut
+      // off, and its client got an INTERNAL_SERVER_ERROR before the close.
+      if (!(failure instanceof EventFailedError || failure instanceof SlowConsumerError))
+        this.out.next(sourceErrorResult(failure, this.hooks.mask));
     }
     this.out.complete();
   }
@@ -384,8 +388,9 @@ export async function startSubscription(
         out.next(step.value);
       }
     } catch (err) {
-      // A held-back event: the hooks cut the subscriber off, with no error frame (as Delivery does).
-      if (err instanceof EventFailedError) hooks.onSourceError(err, out);
+      // A held-back event or a slow consumer: the hooks cut the subscriber off, with no error
+      // frame (as Delivery does).
+      if (err instanceof EventFailedError || err instanceof SlowConsumerError) hooks.onSourceError(err, out);
       else if (!stopped) out.next(sourceErrorResult(err, hooks.mask));
     }
     out.complete();
