@@ -18,7 +18,7 @@ import {
   createRedisRateLimiter,
   type RateLimiter,
 } from '../core/ports/rate-limit.ts';
-import { clearSocketTimeoutOnClose } from '../core/ports/redis.ts';
+import { clearSocketTimeoutOnClose, redisClientOptions } from '../core/ports/redis.ts';
 import type { SearchEngine } from '../core/ports/search.ts';
 import { createHub } from '../core/realtime/hub.ts';
 import { createRedisPresence } from '../core/realtime/presence.ts';
@@ -111,6 +111,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   const redis = config.redisUrl
     ? clearSocketTimeoutOnClose(
         new Redis(config.redisUrl, {
+          ...redisClientOptions,
           lazyConnect: false,
           maxRetriesPerRequest: 2,
           enableOfflineQueue: true,

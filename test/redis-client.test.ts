@@ -6,7 +6,8 @@
 import assert from 'node:assert/strict';
 import { after, it } from 'node:test';
 import { Redis } from 'ioredis';
-import { clearSocketTimeoutOnClose } from '../core/ports/redis.ts';
+import { clearSocketTimeoutOnClose, redisClientOptions } from '../core/ports/redis.ts';
+import { RECONNECT_SETTLE_MS } from '../core/realtime/presence.ts';
 import { onPostgres } from './helpers.ts';
 import { sleep, tcpProxy } from './realtime-helpers.ts';
 
@@ -70,4 +71,12 @@ it('the socket timeout still replaces a connection gone silent after a reset', {
   const r = await unanswered;
   assert.ok(r === 'PONG' || r instanceof Error);
   assert.equal(await c.client.ping(), 'PONG');
+});
+
+it('reconnect attempts stay at most 2 s apart, within what presence waits for the bus', () => {
+  // ioredis 6's default retryStrategy backs off to 5 s; presence's RECONNECT_SETTLE_MS assumes 2 s.
+  let max = 0;
+  for (let times = 1; times <= 1_000; times++) max = Math.max(max, redisClientOptions.retryStrategy(times));
+  assert.equal(max, 2_000);
+  assert.ok(max < RECONNECT_SETTLE_MS);
 });
