@@ -18,7 +18,7 @@ import {
   createRedisRateLimiter,
   type RateLimiter,
 } from '../core/ports/rate-limit.ts';
-import { clearSocketTimeoutOnClose, redisClientOptions } from '../core/ports/redis.ts';
+import { redisClientOptions } from '../core/ports/redis.ts';
 import type { SearchEngine } from '../core/ports/search.ts';
 import { createHub } from '../core/realtime/hub.ts';
 import { createRedisPresence } from '../core/realtime/presence.ts';
@@ -109,27 +109,21 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   // queue would hold it for seconds of reconnect backoff; paused or slow, for as long as that
   // lasts): what Redis carries falls back or is skipped rather than holding up the request.
   const redis = config.redisUrl
-    ? clearSocketTimeoutOnClose(
-        new Redis(config.redisUrl, {
-          ...redisClientOptions,
-          lazyConnect: false,
-          maxRetriesPerRequest: 2,
-          enableOfflineQueue: true,
-          commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
-          socketTimeout: REDIS_SOCKET_TIMEOUT_MS,
-        }),
-      )
+    ? new Redis(config.redisUrl, {
+        ...redisClientOptions,
+        lazyConnect: false,
+        maxRetriesPerRequest: 2,
+        enableOfflineQueue: true,
+        commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
+        socketTimeout: REDIS_SOCKET_TIMEOUT_MS,
+      })
     : undefined;
   redis?.on('error', (err) => log.warn({ err: err.message }, 'redis error'));
-  // The bus needs its own subscriber connection: a subscribed Redis connection can do nothing else.
+  // The bus needs its own subscriber connection: a subscribed one can do nothing else (on RESP2).
   // It waits on its SUBSCRIBE as long as it takes (nothing waits on it); it keeps socketTimeout,
   // which the bus's heartbeat PING arms.
   const bus: Bus = redis
-    ? createRedisBus(
-        redis,
-        clearSocketTimeoutOnClose(redis.duplicate({ commandTimeout: undefined })),
-        config.redisPrefix,
-      )
+    ? createRedisBus(redis, redis.duplicate({ commandTimeout: undefined }), config.redisPrefix)
     : createMemoryBus();
   const rateLimiter: RateLimiter = redis
     ? createRedisRateLimiter(redis, config.redisPrefix)
