@@ -239,3 +239,36 @@ it('a message sent elsewhere while a guild of many members is deleted arrives du
   );
   assert.equal(await count('select count(*)::int as n from members where guild_id = $1', guildId), 0);
 });
+
+it('a message sent elsewhere while a channel of many threads is deleted arrives during the deletion, not after it', {
+  skip,
+  timeout: 180_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  const g = decodeAnyId(guildId).id;
+  const T = 20_000;
+  await direct.query(
+    `insert into channels (id, guild_id, parent_id, type, name)
+     select gen_random_uuid(), $1, $2, 'THREAD', 't' || i from generate_series(1, ${T}) i`,
+    [g, decodeAnyId(channelId).id],
+  );
+  const { there, r } = await deliveredMeanwhile(
+    () =>
+      gql(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: channelId }, { token: owner.token }),
+    () => count('select count(*)::int as n from channels where id = $1', channelId),
+  );
+  assert.deepEqual(r.errors, undefined);
+  // Before: its threads and their events went in the deletion's one transaction, and nothing
+  // else was delivered to anyone until it committed.
+  assert.equal(there, 1, 'delivered only once the deletion had committed');
+  assert.equal(await count('select count(*)::int as n from channels where guild_id = $1', guildId), 0);
+  // Each thread told deleted once, before the channel.
+  const told = await direct.query(
+    `select channel_id from events where guild_id = $1 and type = 'CHANNEL_DELETED' order by xid::text::bigint, seq`,
+    [g],
+  );
+  assert.equal(told.rows.length, T + 1);
+  assert.equal(new Set(told.rows.map((x) => x.channel_id)).size, T + 1);
+  assert.equal(told.rows.at(-1).channel_id, decodeAnyId(channelId).id);
+});
