@@ -11,6 +11,7 @@ import pg from 'pg';
 import { type App, buildApp } from '../api/app.ts';
 import { type Config, loadConfig } from '../api/config.ts';
 import { createDatabase, migrationsFolder } from '../core/db/client.ts';
+import { forgetAllCachedSessions } from '../core/services/auth.service.ts';
 
 export const PG_ADMIN_URL = process.env.TEST_PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 export const TEST_REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -113,6 +114,19 @@ export async function createTestApp(
       rmSync(dataDir, { recursive: true, force: true });
     },
   });
+}
+
+/**
+ * The statements the app sends while `run` runs, for tests that prove there is no N+1. Every
+ * session check is counted: the session cache (auth.service, 5 s) is emptied first, so the
+ * request reads its session whether or not the test took longer than that since the session was
+ * last read (a loaded machine does; then the count was one more, or one fewer, at random).
+ */
+export async function statementsOf<T>(app: App, run: () => Promise<T>): Promise<{ n: number; result: T }> {
+  forgetAllCachedSessions();
+  const before = app.deps.database.queryCount;
+  const result = await run();
+  return { n: app.deps.database.queryCount - before, result };
 }
 
 let ipCounter = 0;

@@ -6,7 +6,7 @@ import { newId } from '../core/ids.ts';
 import { Permission } from '../core/permissions.ts';
 import { reactionsForMessages } from '../core/services/reaction.service.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
-import { createTestApp, fails, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { createTestApp, fails, ok, signUp, statementsOf, type TestApp, type TestUser } from './helpers.ts';
 
 let app: TestApp;
 let owner: TestUser;
@@ -211,30 +211,32 @@ describe('reactions', () => {
       .insert(reactions)
       .values(ids.slice(0, 10).map((m) => ({ messageId: uuid(m), emoji: '👍', userId: uuid(owner.id) })));
     const cost = async (first: number) => {
-      const before = app.deps.database.queryCount;
-      const r = await ok(
-        app,
-        `query($c: ID!, $n: Int) { channel(id: $c) { messages(first: $n) { edges { node { id reactions { emoji count me } } } } } }`,
-        { c: c.createChannel.id, n: first },
-        member.token,
+      const { n, result: r } = await statementsOf(app, () =>
+        ok(
+          app,
+          `query($c: ID!, $n: Int) { channel(id: $c) { messages(first: $n) { edges { node { id reactions { emoji count me } } } } } }`,
+          { c: c.createChannel.id, n: first },
+          member.token,
+        ),
       );
       const edges = r.channel.messages.edges;
       assert.equal(edges.length, first);
       for (const e of edges) {
         assert.deepEqual(e.node.reactions[0], { emoji: '👀', count: 1, me: true });
       }
-      return app.deps.database.queryCount - before;
+      return n;
     };
-    const without = async (first: number) => {
-      const before = app.deps.database.queryCount;
-      await ok(
-        app,
-        `query($c: ID!, $n: Int) { channel(id: $c) { messages(first: $n) { edges { node { id } } } } }`,
-        { c: c.createChannel.id, n: first },
-        member.token,
-      );
-      return app.deps.database.queryCount - before;
-    };
+    const without = async (first: number) =>
+      (
+        await statementsOf(app, () =>
+          ok(
+            app,
+            `query($c: ID!, $n: Int) { channel(id: $c) { messages(first: $n) { edges { node { id } } } } }`,
+            { c: c.createChannel.id, n: first },
+            member.token,
+          ),
+        )
+      ).n;
     const fifty = await cost(50);
     assert.equal(fifty, await cost(5), 'cost does not grow with the page');
     assert.equal(fifty - (await without(50)), 1, 'reactions for 50 messages cost one statement');
