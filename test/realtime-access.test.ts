@@ -14,6 +14,7 @@ import {
   send,
   sleep,
   subscribe,
+  untilLive,
   within,
 } from './realtime-helpers.ts';
 
@@ -51,11 +52,14 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   const { client: oc } = connect(url, owner.token);
   clients.push(oc);
   const os = subscribe(oc);
-  await settle();
+  await untilLive(app, [...Object.values(users), owner]);
   await send(app, owner.token, general, 'm1');
   await os.until((e) => contents(e).includes('m1'));
   const c1 = os.events.at(-1).cursor;
-  await settle();
+  // m1 reaches each member's stream before the kick, ban and overwrite below, whose access it is
+  // checked with when it is delivered.
+  for (const name of ['member', 'kicked', 'banned', 'denied'])
+    await streams[name].until((e) => contents(e).includes('m1'), 10_000, `m1 live: ${name}`);
 
   await ok(
     app,
@@ -82,6 +86,8 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   await invite(app, owner.token, guildId, joiner.token);
   await send(app, owner.token, general, 'm3');
   await os.until((e) => contents(e).includes('m3'));
+  for (const name of ['member', 'denied', 'joiner'])
+    await streams[name].until((e) => contents(e).includes('m3'), 10_000, `m3 live: ${name}`);
   await settle();
 
   const expected: Record<string, string[]> = {
@@ -146,7 +152,7 @@ it('GuildDeleted reaches every member subscribed at deletion, and members replay
   // `away` takes a cursor, then leaves before the deletion.
   const ca = connect(url, away.token);
   const sa = subscribe(ca.client, null, Q);
-  await settle();
+  await untilLive(app, [away]);
   await send(app, owner.token, channelId, 'hello');
   await sa.until((e) => e.length > 0);
   const cursor = sa.events.at(-1).cursor;
@@ -157,7 +163,7 @@ it('GuildDeleted reaches every member subscribed at deletion, and members replay
   const cs = connect(url, stranger.token);
   const sq = subscribe(cq.client, null, Q);
   const ss = subscribe(cs.client, null, Q);
-  await settle();
+  await untilLive(app, [quiet, stranger]);
   const r = await ok(app, `mutation($g: ID!) { deleteGuild(id: $g) }`, { g: guildId }, owner.token);
   assert.equal(r.deleteGuild, guildId);
   await sq.until((e) => e.some((x) => x.__typename === 'GuildDeleted'), 5000, 'GuildDeleted live');
@@ -190,9 +196,9 @@ it('a GUILD_DELETED written the old way (members in its payload, by an instance 
   const cs = connect(url, stranger.token);
   const sm = subscribe(cm.client, null, Q);
   const ss = subscribe(cs.client, null, Q);
-  await settle();
   const before = subscribe(cm.client, null);
-  await settle();
+  await untilLive(app, [member], 2);
+  await untilLive(app, [stranger]);
   await send(app, member.token, channelId, 'a cursor');
   await before.until((e) => e.length > 0);
   const cursor = before.events.at(-1).cursor;
@@ -238,7 +244,7 @@ it('an ownership transfer moves a channel hidden from @everyone from the old own
   const nc = connect(url, n.token);
   const os = subscribe(oc.client, null, ACCESS_Q);
   const ns = subscribe(nc.client, null, ACCESS_Q);
-  await settle();
+  await untilLive(app, [o, n]);
   // Each stream decides on the secret channel once: its answer is cached from here on.
   await send(app, o.token, secret, 's0');
   await send(app, o.token, general, 'g0');
@@ -275,7 +281,7 @@ it('a member who may view a channel but not read its history gets its deletes an
   // A second device stays connected throughout: what live delivery sends for the same changes.
   const lc = connect(url, v.token);
   const ls = subscribe(lc.client, null, ACCESS_Q);
-  await settle();
+  await untilLive(app, [v], 2);
   const m1 = await send(app, o.token, general, 'm1');
   const m0 = await send(app, o.token, general, 'm0');
   await vs.until((e) => contents(e).includes('m0'));
@@ -328,7 +334,7 @@ it('a channel overwrite change is told to who may see the channel or is its targ
   const bc = connect(url, b.token);
   const as = subscribe(ac.client, null, ACCESS_Q);
   const bs = subscribe(bc.client, null, ACCESS_Q);
-  await settle();
+  await untilLive(app, [a, b]);
   // For @everyone: every member may have lost sight of it, and is told.
   await hideFromEveryone(o.token, guildId, secret);
   const told = (e: any[]) => e.filter((x) => x.__typename === 'PermissionsChanged').length;
@@ -378,7 +384,7 @@ it('a member who loses sight of a channel moved into a category hidden from it i
   await hideFromEveryone(o.token, guildId, cat);
   const vc = connect(url, v.token);
   const vs = subscribe(vc.client, null, ACCESS_Q);
-  await settle();
+  await untilLive(app, [v]);
   await ok(
     app,
     `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
@@ -416,7 +422,7 @@ it('moving a channel hidden from a member tells that member nothing (its id incl
   const bs = subscribe(bc.client, null, ACCESS_Q);
   const ss = subscribe(sc.client, null, ACCESS_Q);
   try {
-    await settle();
+    await untilLive(app, [blind, seer]);
     await ok(
       app,
       `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
@@ -485,7 +491,7 @@ async function deletionsTold(o: {
   const live = Object.fromEntries(
     Object.entries(conns).map(([n, c]) => [n, subscribe(c.client, null, DELETED_Q)]),
   );
-  await settle();
+  await untilLive(app, Object.values(o.users));
   await send(app, o.owner.token, o.general, 'cursor');
   const first = Object.values(live)[0];
   await first.until((e) => contents(e).includes('cursor'));
@@ -612,7 +618,7 @@ it('a channel hidden by its category, and the category itself, are deleted witho
   const bc = connect(url, blind.token);
   const ms = subscribe(mc.client, null, DELETED_Q);
   const bs = subscribe(bc.client, null, DELETED_Q);
-  await settle();
+  await untilLive(app, [mod, blind]);
   await send(app, o.token, general, 'cursor');
   await bs.until((e) => contents(e).includes('cursor'));
   const cursor = bs.events.at(-1).cursor;
@@ -685,7 +691,7 @@ it('a CHANNEL_DELETED written the old way (no overwrites in its payload, by an i
   const sc = connect(url, stranger.token);
   const ms = subscribe(mc.client, null, DELETED_Q);
   const ss = subscribe(sc.client, null, DELETED_Q);
-  await settle();
+  await untilLive(app, [member, stranger]);
   await send(app, o.token, general, 'cursor');
   await ms.until((e) => contents(e).includes('cursor'));
   const cursor = ms.events.at(-1).cursor;
@@ -729,7 +735,7 @@ it('deleting a category tells no member about a channel of it that stays hidden 
   const bc = connect(url, blind.token);
   try {
     const live = subscribe(bc.client, null, REVIEW_Q);
-    await sleep(500);
+    await untilLive(app, [blind]);
     await send(app, o.token, general, 'cursor');
     await live.until((e) => contents(e).includes('cursor'), 10_000, 'cursor');
     const cursor = live.events.at(-1).cursor as string;
@@ -859,7 +865,7 @@ it('a channel deleted while an overwrite change that shows it to a member commit
   await stall.connect();
   try {
     const live = subscribe(mc.client, null, REVIEW_Q);
-    await sleep(500);
+    await untilLive(app, [m]);
     await send(app, o.token, general, 'start');
     await live.until((e) => contents(e).includes('start'), 10_000, 'start');
     const [g, c, r] = [decodeAnyId(guildId).id, decodeAnyId(secret).id, decodeAnyId(everyone).id];

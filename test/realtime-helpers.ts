@@ -4,6 +4,7 @@ import { sql } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
 import WebSocket from 'ws';
 import type { App } from '../api/app.ts';
+import { decodeAnyId } from '../schema/builder.ts';
 import { ok } from './helpers.ts';
 
 export const EVENTS = `subscription($after: String) { events(after: $after) { __typename cursor
@@ -101,6 +102,26 @@ export function subscribe(
     },
   );
   return stream;
+}
+
+/**
+ * Resolves once each of `users` has at least `n` live subscriptions on `app`'s hub, so that what
+ * the test writes next reaches them. The protocol does not acknowledge a subscription, and a
+ * stream without a cursor starts from its snapshot: a row committed before that is rightly not
+ * delivered, so a pause that is too short for a loaded machine lost the test its first event.
+ * Throws after `ms`.
+ */
+export async function untilLive(app: App, users: { id: string }[], n = 1, ms = 30_000) {
+  const hub = app.deps.realtime!;
+  const ids = users.map((u) => decodeAnyId(u.id).id);
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const counts = ids.map((id) => hub.liveCount(id));
+    if (counts.every((c) => c >= n)) return;
+    if (Date.now() > deadline)
+      throw new Error(`subscriptions not live after ${ms} ms: ${counts} (want ${n} each)`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 export async function guildWithChannel(app: App, token: string) {

@@ -738,6 +738,17 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       return subs.size;
     },
 
+    /**
+     * The user's subscribers that are live: any row that commits from now on reaches them (a
+     * subscriber counted in subscriberCount may still be taking its snapshot or replaying). The
+     * protocols do not acknowledge a subscription; tests wait on this before writing what it must get.
+     */
+    liveCount(userId: string) {
+      let n = 0;
+      for (const s of subs) if (s.isLive && s.access.userId === userId) n++;
+      return n;
+    },
+
     async stop() {
       stopped = true;
       abandonWaiters();

@@ -210,6 +210,11 @@ export class Subscription implements AsyncIterableIterator<Delivered> {
     this.startedAt = s;
   }
 
+  /** Live: a row committed from now on is delivered, whatever the replay or snapshot left out. */
+  get isLive() {
+    return this.live && !this.closed;
+  }
+
   /** Replay is over: deliver what queued up meanwhile. */
   goLive() {
     this.live = true;
