@@ -5,7 +5,16 @@ import { sql } from 'drizzle-orm';
 import { pruneEvents } from '../core/realtime/log.ts';
 import { recordFormerMembers } from '../core/services/purge.service.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import {
+  createTestApp,
+  fails,
+  gql,
+  ok,
+  signUp,
+  statementsOf,
+  type TestApp,
+  type TestUser,
+} from './helpers.ts';
 
 let app: TestApp;
 before(async () => {
@@ -422,9 +431,8 @@ describe('channels', () => {
     await join(member, owner, g.id);
     const Q = `query($id: ID!) { guild(id: $id) { channels { id name viewerPermissions } } }`;
     const count = async () => {
-      const before = app.deps.database.queryCount;
-      const d = await ok(app, Q, { id: g.id }, member.token);
-      return { n: app.deps.database.queryCount - before, channels: d.guild.channels };
+      const { n, result: d } = await statementsOf(app, () => ok(app, Q, { id: g.id }, member.token));
+      return { n, channels: d.guild.channels };
     };
     const small = await count();
     assert.equal(small.channels.length, 1);

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { attachments, reactions } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
-import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { createTestApp, ok, signUp, statementsOf, type TestApp, type TestUser } from './helpers.ts';
 import { addMember, createChannel, type GuildFixture, send, setupGuild, uuidOf } from './message-fixtures.ts';
 
 let app: TestApp;
@@ -69,9 +69,9 @@ async function fill(n: number): Promise<string> {
 }
 
 async function statementsFor(channel: string, n: number): Promise<number> {
-  const before = app.deps.database.queryCount;
-  const d = await ok(app, FULL_PAGE, { c: channel, n }, member.token);
-  const used = app.deps.database.queryCount - before;
+  const { n: used, result: d } = await statementsOf(app, () =>
+    ok(app, FULL_PAGE, { c: channel, n }, member.token),
+  );
   assert.equal(d.channel.messages.edges.length, n);
   const last = d.channel.messages.edges.at(-1).node;
   assert.equal(last.mentions.length, 2);

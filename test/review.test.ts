@@ -10,7 +10,16 @@ import { roles } from '../core/db/tables.ts';
 import { Permission } from '../core/permissions.ts';
 import { encodeId } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
-import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import {
+  createTestApp,
+  fails,
+  gql,
+  ok,
+  signUp,
+  statementsOf,
+  type TestApp,
+  type TestUser,
+} from './helpers.ts';
 import { addMember, addRole, type GuildFixture, overwrite, setupGuild, uuidOf } from './message-fixtures.ts';
 
 let app: TestApp;
@@ -118,9 +127,8 @@ describe('Viewer.guilds costs a fixed number of statements', () => {
   const Q = `{ viewer { guilds { id viewerPermissions roles { id name } channels { id parent { id } viewerPermissions } } } }`;
 
   async function statements(token: string): Promise<{ n: number; guilds: any[] }> {
-    const before = app.deps.database.queryCount;
-    const d = await ok(app, Q, {}, token);
-    return { n: app.deps.database.queryCount - before, guilds: d.viewer.guilds };
+    const { n, result: d } = await statementsOf(app, () => ok(app, Q, {}, token));
+    return { n, guilds: d.viewer.guilds };
   }
 
   it('whatever the number of guilds, with the same answers as the per-guild queries', async () => {
@@ -182,9 +190,8 @@ describe('Channel.viewerPermissions in lists', () => {
       );
     };
     const cost = async () => {
-      const before = app.deps.database.queryCount;
-      const d = await ok(app, Q, {}, u.token);
-      return { n: app.deps.database.queryCount - before, list: d.viewer.directChannels };
+      const { n, result: d } = await statementsOf(app, () => ok(app, Q, {}, u.token));
+      return { n, list: d.viewer.directChannels };
     };
     await open();
     await open();
