@@ -10,7 +10,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, send, subscribe, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -41,7 +41,7 @@ for (const type of ['CHANNEL_CREATED', 'CHANNEL_UPDATED', 'DIRECT_CHANNEL_CREATE
     const theirs = await guildWithChannel(app, stranger.token);
     const cm = connect(wsUrl, member.token);
     const s = subscribe(cm.client, null, QUERY);
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [member]);
     await send(app, owner.token, mine.channelId, 'before');
     await s.until((e) => contents(e).includes('before'));
     const from = s.events.find((e) => e.message?.content === 'before').cursor as string;

@@ -12,7 +12,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, send, subscribe, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -54,7 +54,7 @@ for (const c of cases) {
     const { channelId } = await guildWithChannel(app, u.token);
     const cu = connect(wsUrl, u.token);
     const s = subscribe(cu.client, null, QUERY);
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [u]);
     const id = raw(await send(app, u.token, channelId, 'before'));
     await s.until((e) => seen(e).includes('MessageCreated before'));
     const from = s.events[0].cursor as string;

@@ -12,7 +12,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, send, subscribe, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -44,7 +44,7 @@ for (const c of cases) {
     const s = subscribe(cm.client);
     const cs = connect(wsUrl, stranger.token);
     const ss = subscribe(cs.client);
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [member, stranger]);
     await send(app, owner.token, mine.channelId, 'before');
     await s.until((e) => contents(e).includes('before'));
     const from = s.events.find((e) => e.message?.content === 'before').cursor as string;
