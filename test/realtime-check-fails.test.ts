@@ -12,7 +12,15 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, errorsLogged, guildWithChannel, send, sseStream, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  errorsLogged,
+  guildWithChannel,
+  send,
+  sseStream,
+  subscribe,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -77,7 +85,7 @@ it('a row whose check fails every time closes the socket (1013) for a few rounds
   const good = await guildWithChannel(app, u.token);
   const c = connect(wsUrl, u.token);
   const s = subscribe(c.client);
-  await sleep(300);
+  await untilLive(app, [u]);
   await send(app, u.token, good.channelId, 'one');
   await s.until((e) => contents(e).includes('one'));
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
@@ -147,7 +155,7 @@ it('when every check fails (a table of the check away) nothing is skipped, howev
   const { guildId, channelId } = await guildWithChannel(app, u.token);
   const c = connect(wsUrl, u.token);
   const s = subscribe(c.client);
-  await sleep(300);
+  await untilLive(app, [u]);
   await send(app, u.token, channelId, 'one');
   await s.until((e) => contents(e).includes('one'));
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;

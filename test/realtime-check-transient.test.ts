@@ -13,7 +13,7 @@ import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, send, sleep, subscribe, untilLive } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 let app: TestApp;
@@ -35,7 +35,7 @@ it('a check cancelled in round after round (the database answering in between) n
   const { guildId, channelId } = await guildWithChannel(app, u.token);
   const c = connect(wsUrl, u.token);
   const s = subscribe(c.client);
-  await sleep(300);
+  await untilLive(app, [u]);
   await send(app, u.token, channelId, 'one');
   await s.until((e) => e.some((x) => x.message?.content === 'one'));
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;

@@ -17,6 +17,7 @@ import {
   send,
   sleep,
   subscribe,
+  untilLive,
 } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -94,7 +95,7 @@ it('a member without READ_HISTORY that resumes from the cursor of a message it g
   const c2 = connect(url, v.token);
   try {
     const live = subscribe(c1.client, null, Q);
-    await sleep(700);
+    await untilLive(app, [v]);
     const fresh = await send(app, o.token, channelId, 'fresh');
     await live.until((e) => e.some((x) => x.message?.id === fresh), 10_000, 'fresh');
     const cursor = live.events.find((x) => x.message?.id === fresh).cursor as string;

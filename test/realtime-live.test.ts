@@ -10,7 +10,7 @@ import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
 import { newId } from '../core/ids.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
-import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { createTestApp, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
   connect,
   guildWithChannel,
@@ -18,6 +18,7 @@ import {
   metricsOf,
   send,
   subscribe,
+  untilLive,
   whileReactionFails,
 } from './realtime-helpers.ts';
 
@@ -29,15 +30,11 @@ before(async () => {
 });
 after(() => app.destroy());
 
-/** A live events stream of `token`'s user, once the hub has it and its snapshot is taken. */
-async function liveStream(token: string) {
-  const c = connect(url, token);
+/** A live events stream of `u`, once the hub has it and its snapshot is taken. */
+async function liveStream(u: TestUser) {
+  const c = connect(url, u.token);
   const s = subscribe(c.client);
-  // The protocol does not acknowledge a subscription: wait until the hub has it, then a moment
-  // for its snapshot (a loaded machine can take longer than a fixed pause).
-  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount < 1; i++)
-    await new Promise((r) => setTimeout(r, 20));
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [u]);
   return { c, s };
 }
 
@@ -51,7 +48,7 @@ it('without after: only what commits after the subscription', async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
   await send(app, u.token, channelId, 'before');
-  const { c, s } = await liveStream(u.token);
+  const { c, s } = await liveStream(u);
   await send(app, u.token, channelId, 'after');
   await s.until((e) => contents(e).includes('after'));
   await new Promise((r) => setTimeout(r, 300));
@@ -74,7 +71,7 @@ it('without after: a row committed before subscribing, behind a still-open older
     await send(app, u.token, channelId, 'committed before');
     const c = connect(url, u.token);
     const s = subscribe(c.client);
-    await new Promise((r) => setTimeout(r, 500));
+    await untilLive(app, [u]);
     await old.query('commit');
     await send(app, u.token, channelId, 'committed after');
     await s.until((e) => contents(e).includes('committed after'));
@@ -88,7 +85,7 @@ it('without after: a row committed before subscribing, behind a still-open older
       [raw(u.id), raw(channelId)],
     );
     const s2 = subscribe(c.client);
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [u], 2);
     await old.query('commit');
     await send(app, u.token, channelId, 'later');
     await s2.until((e) => contents(e).includes('later'));
@@ -137,7 +134,7 @@ it('a crowd going live together: one snapshot statement per round, one access lo
 it('a send to a live subscriber goes out from its own result: no log read, and the ring starts none', async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const { c, s } = await liveStream(u.token);
+  const { c, s } = await liveStream(u);
   const counts = async () => {
     const count = await metricsOf(url);
     return {
@@ -173,7 +170,7 @@ it('a send made while an older transaction is open goes out after it, not from i
 }, async () => {
   const u = await signUp(app);
   const { channelId, guildId } = await guildWithChannel(app, u.token);
-  const { c, s } = await liveStream(u.token);
+  const { c, s } = await liveStream(u);
   const fromWrites = async () => (await metricsOf(url))('banter_log_writes_dispatched_total');
   // An older transaction writes a message and its event, and stays open across the send.
   const old = new pg.Client({ connectionString: app.config.databaseUrl });
@@ -208,7 +205,7 @@ it('a send made while an older transaction is open goes out after it, not from i
 it('a send right after a row this process has not read yet: both go out, in log order', async () => {
   const u = await signUp(app);
   const { channelId, guildId } = await guildWithChannel(app, u.token);
-  const { c, s } = await liveStream(u.token);
+  const { c, s } = await liveStream(u);
   for (let i = 0; i < 5; i++) {
     // Written behind the hub's back (no ring): the send's result names it as the row before its own.
     const id = newId();
@@ -235,7 +232,7 @@ it('a connection lost while a send and its queued log read are out fails that se
 }, async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const { c, s } = await liveStream(u.token);
+  const { c, s } = await liveStream(u);
   // The channel row locked: the insert waits on its foreign key check, its log read queued behind.
   const locker = new pg.Client({ connectionString: app.config.databaseUrl });
   await locker.connect();
@@ -321,7 +318,7 @@ it('an event whose execution fails is not sent: the socket closes with 1013, and
 }, async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const { c, s } = await liveStream(u.token);
+  const { c, s } = await liveStream(u);
   const m1 = await send(app, u.token, channelId, 'one');
   await s.until((e) => contents(e).includes('one'));
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
@@ -368,7 +365,7 @@ it('an event that fails every time closes the socket (1013) for a few rounds, th
   const { guildId, channelId } = await guildWithChannel(app, u.token);
   const c = connect(url, u.token);
   const s = subscribe(c.client);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [u]);
   await send(app, u.token, channelId, 'one');
   await s.until((e) => e.some((x) => x.message?.content === 'one'));
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;

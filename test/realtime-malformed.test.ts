@@ -9,7 +9,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, errorsLogged, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
+import { connect, errorsLogged, guildWithChannel, send, subscribe, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let wsUrl: string;
@@ -33,7 +33,7 @@ for (const payload of ['null', '"text"', '[1, 2]']) {
     const s = subscribe(c.client);
     const co = connect(wsUrl, other.token);
     const so = subscribe(co.client);
-    await sleep(300);
+    await untilLive(app, [u, other]);
     await send(app, u.token, mine.channelId, 'one');
     await s.until((e) => contents(e).includes('one'));
     const last = s.events.find((e) => e.message?.content === 'one').cursor as string;

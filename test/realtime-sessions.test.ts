@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { connect, guildWithChannel, send, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, send, subscribe, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -168,7 +168,7 @@ describe('a socket does not outlive its access token', () => {
     const { channelId } = await guildWithChannel(short, u.token);
     const c = connect(shortUrl, u.token);
     const s = subscribe(c.client);
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(short, [u]);
     await send(short, u.token, channelId, 'before expiry');
     await s.until((e) => e.some((x) => x.message?.content === 'before expiry'));
     const deadline = Date.now() + 6000;

@@ -19,6 +19,7 @@ import {
   sleep,
   sseStream,
   subscribe,
+  untilLive,
 } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -214,7 +215,7 @@ describe('a long replay to a slow reader', () => {
     const long = 'x'.repeat(4000);
     const lc = connect(url, u.token);
     const live = subscribe(lc.client);
-    await sleep(300);
+    await untilLive(app, [u]);
     const longId = await send(app, u.token, channelId, long);
     await live.until((e) => e.length >= 1, 10_000, 'the long message');
     await lc.client.dispose();

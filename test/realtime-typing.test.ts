@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { type App, buildApp } from '../api/app.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, subscribe, untilLive } from './realtime-helpers.ts';
 
 let a: TestApp;
 let b: App;
@@ -35,7 +35,7 @@ it('one TypingStarted per user and channel per window, whichever instance is cal
   await invite(a, owner.token, guildId, watcher.token);
   const c = connect(url, watcher.token);
   const s = subscribe(c.client);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(a, [watcher]);
   const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
   for (const app of [a, b, b, a])
     assert.equal((await ok(app, m, { c: channelId }, owner.token)).startTyping, true);
