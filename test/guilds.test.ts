@@ -230,6 +230,34 @@ describe('guilds', () => {
     );
   });
 
+  it('who was recorded by a deletion that failed long ago still hears of the deletion that succeeds, after retention pruned', async () => {
+    const owner = await signUp(app);
+    const member = await signUp(app);
+    const g = await makeGuild(owner);
+    await join(member, owner, g.id);
+    // A deletion 10 days ago recorded the members (its first phase, as deleteGuild runs it), then
+    // failed before its own transaction committed (a crash, a timeout): its rows stay behind.
+    await recordFormerMembers(app.deps.db, raw(g.id));
+    await app.deps.db.execute(
+      sql`update former_members set deleted_at = now() - interval '10 days' where guild_id = ${raw(g.id)}::uuid`,
+    );
+    // Deleted now, then a 7-day retention runs: the GUILD_DELETED row is today's and stays...
+    await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: g.id }, owner.token);
+    await pruneEvents(app.deps.db, 7);
+    const ev = await rows(
+      sql`select 1 from events where guild_id = ${raw(g.id)}::uuid and type = 'GUILD_DELETED'`,
+    );
+    assert.equal(ev.length, 1);
+    // ...and so do who was in, whom its replay is shown to (log.ts, readRange's wasIn).
+    const was = await rows<{ user_id: string }>(
+      sql`select user_id from former_members where guild_id = ${raw(g.id)}::uuid order by user_id`,
+    );
+    assert.deepEqual(
+      was.map((w) => w.user_id),
+      [raw(owner.id), raw(member.id)].sort(),
+    );
+  });
+
   it('migration 0001 moves the members of GUILD_DELETED rows written before it into former_members', async () => {
     const a = await signUp(app);
     const b = await signUp(app);

@@ -73,7 +73,10 @@ const RECORD_BATCH = 1_000;
  * held every stream of every guild for 2.6-4 s. The deletion's transaction then records who
  * joined since and forgets who left (settleFormerMembers). Rows recorded for a deletion that
  * never happens are read by nothing (only a GUILD_DELETED row looks them up), and go with the
- * log's retention or with the next deletion's settling.
+ * log's retention or with the next deletion's settling. A row such a deletion left is dated
+ * again here: retention prunes former_members by that date (pruneEvents), and one kept from a
+ * deletion that failed more than the retention ago went while the GUILD_DELETED row that needs it
+ * stayed: the member's replay lost the deletion.
  */
 export async function recordFormerMembers(db: Db, guildId: string) {
   let after = '00000000-0000-0000-0000-000000000000';
@@ -83,7 +86,7 @@ export async function recordFormerMembers(db: Db, guildId: string) {
           select user_id from members where guild_id = ${guildId}::uuid and user_id > ${after}::uuid
           order by user_id limit ${RECORD_BATCH}),
         i as (insert into former_members (guild_id, user_id) select ${guildId}::uuid, user_id from b
-          on conflict do nothing)
+          on conflict (guild_id, user_id) do update set deleted_at = excluded.deleted_at)
         select count(*)::int as n, max(user_id::text) as last from b`),
     );
     if (Number(r.n) < RECORD_BATCH || !r.last) return;
