@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
-import { and, eq, sql } from 'drizzle-orm';
+import { and, eq, isNull, sql } from 'drizzle-orm';
 import { auditLog, bans, events, memberRoles, members, messages, roles } from '../core/db/tables.ts';
 import { idAtTime, newId } from '../core/ids.ts';
 import { permissionsFromNames } from '../core/permissions.ts';
 import { loadChannelAccess } from '../core/services/access.service.ts';
+import { banMember } from '../core/services/moderation.service.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
@@ -200,6 +201,49 @@ describe('banMember / unbanMember', () => {
     assert.deepEqual(logged, [...ids].sort());
     const [a] = await audits(g.raw, 'MEMBER_BAN');
     assert.equal((a.changes as { deletedMessages: number }).deletedMessages, N);
+  });
+
+  it('wipes a message committed while the purge ran whose id is older than the last one a batch wiped', async () => {
+    const g = await makeGuild(owner);
+    const m = await signUp(app);
+    await join(g.raw, m);
+    await postMessage(g.channel, g.raw, m, 'sent, committed');
+    // A send takes its id before its insert (sendMessage: access check, then the grouped insert,
+    // which may wait behind a stalled statement; or another instance's clock a little behind):
+    // this one commits right after the purge's batch, its id 5 s older than what the batch wiped.
+    let late: string | undefined;
+    let txns = 0;
+    const db = new Proxy(app.deps.db, {
+      get(target, key) {
+        if (key === 'transaction') {
+          return async (...args: Parameters<typeof target.transaction>) => {
+            const out = await target.transaction(...args);
+            if (++txns === 1) late = await postMessage(g.channel, g.raw, m, 'in flight', 5_000);
+            return out;
+          };
+        }
+        const v = Reflect.get(target, key, target);
+        return typeof v === 'function' ? v.bind(target) : v;
+      },
+    });
+    const viewer = { userId: raw(owner.id), sessionId: 'test', isAdmin: false };
+    await banMember({ ...app.deps, db }, viewer, {
+      guildId: g.raw,
+      userId: raw(m.id),
+      deleteMessageHours: 1,
+    });
+    assert.equal(txns, 2, 'one batch, then the ban');
+    const left = await app.deps.db
+      .select({ id: messages.id })
+      .from(messages)
+      .where(and(eq(messages.guildId, g.raw), isNull(messages.deletedAt)));
+    assert.deepEqual(left, [], 'a message of the banned member sent before the ban survived its purge');
+    const logged = (await eventsOf(g.raw, 'MESSAGE_DELETED')).map(
+      (e) => (e.payload as { messageId: string }).messageId,
+    );
+    assert.equal(logged.filter((id) => id === late).length, 1);
+    const [a] = await audits(g.raw, 'MEMBER_BAN');
+    assert.equal((a.changes as { deletedMessages: number }).deletedMessages, 2);
   });
 
   it('bans a non-member pre-emptively (joinGuild then refuses them) and unbans', async () => {

@@ -196,9 +196,12 @@ export async function banMember(
       .returning({ userId: bans.userId });
     if (!inserted.length) throw conflict('This user is already banned.');
     const wasMember = await removeMember(tx, input.guildId, input.userId);
-    // What was sent while the purge ran (the member removed now, nothing more comes).
+    // What was sent while the purge ran (the member removed now, nothing more comes). From
+    // `since`, not from where the batches ended: a send takes its id before its insert (a grouped
+    // insert waiting behind a stalled statement, another instance's clock a little behind), so a
+    // message committed after a batch may have an id older than the last one it wiped.
     if (hours > 0) {
-      const rest = { guildId: input.guildId, userId: input.userId, since, after };
+      const rest = { guildId: input.guildId, userId: input.userId, since };
       purged += (await purgeMessages(tx, log, deps.now(), rest)).n;
     }
     await writeAudit(tx, {
