@@ -118,18 +118,15 @@ async function purgeMessages(
     input.after ? gt(messages.id, input.after) : undefined,
   );
   // The next `limit` in id order, along messages_guild_author: each batch starts where the last
-  // ended rather than walking past the rows wiped so far.
-  const where = input.limit
-    ? inArray(
-        messages.id,
-        tx
-          .select({ id: messages.id })
-          .from(messages)
-          .where(and(mine, isNull(messages.deletedAt)))
-          .orderBy(messages.id)
-          .limit(input.limit),
-      )
-    : mine;
+  // ended rather than walking past the rows wiped so far. Locked in id order first: two purges of
+  // the same member at once (two moderators' bans) then queue behind each other's rows, where
+  // updating in whatever order the plan took them deadlocked (INTERNAL_SERVER_ERROR for one).
+  const next = tx
+    .select({ id: messages.id })
+    .from(messages)
+    .where(and(mine, isNull(messages.deletedAt)))
+    .orderBy(messages.id);
+  const where = inArray(messages.id, (input.limit ? next.limit(input.limit) : next).for('update'));
   const deleted = await wipeMessages(tx, where, now);
   // Log order is the messages' own (wipeMessages returns them in no set order).
   deleted.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
@@ -175,47 +172,81 @@ export async function banMember(
     if (!u) throw notFound('User');
   };
   let purged = 0;
-  let after: string | undefined;
-  for (let more = hours > 0; more; ) {
-    more = await transact(deps, async (tx, log) => {
-      await allowed(tx);
-      if (await isBanned(tx, input.guildId, input.userId)) throw conflict('This user is already banned.');
-      const batch = { guildId: input.guildId, userId: input.userId, since, after, limit: BAN_PURGE_BATCH };
-      const { n, last } = await purgeMessages(tx, log, deps.now(), batch);
+  try {
+    let after: string | undefined;
+    for (let more = hours > 0; more; ) {
+      const { n, last } = await transact(deps, async (tx, log) => {
+        await allowed(tx);
+        if (await isBanned(tx, input.guildId, input.userId)) throw conflict('This user is already banned.');
+        const batch = { guildId: input.guildId, userId: input.userId, since, after, limit: BAN_PURGE_BATCH };
+        return purgeMessages(tx, log, deps.now(), batch);
+      });
       purged += n;
       if (last) after = last;
-      return n === BAN_PURGE_BATCH;
-    });
-  }
-  return transact(deps, async (tx, log) => {
-    await allowed(tx);
-    const inserted = await tx
-      .insert(bans)
-      .values({ guildId: input.guildId, userId: input.userId, reason, actorId: viewer.userId })
-      .onConflictDoNothing()
-      .returning({ userId: bans.userId });
-    if (!inserted.length) throw conflict('This user is already banned.');
-    const wasMember = await removeMember(tx, input.guildId, input.userId);
-    // What was sent while the purge ran (the member removed now, nothing more comes). From
-    // `since`, not from where the batches ended: a send takes its id before its insert (a grouped
-    // insert waiting behind a stalled statement, another instance's clock a little behind), so a
-    // message committed after a batch may have an id older than the last one it wiped.
-    if (hours > 0) {
-      const rest = { guildId: input.guildId, userId: input.userId, since };
-      purged += (await purgeMessages(tx, log, deps.now(), rest)).n;
+      more = n === BAN_PURGE_BATCH;
     }
-    await writeAudit(tx, {
-      guildId: input.guildId,
-      actorId: viewer.userId,
-      action: 'MEMBER_BAN',
-      targetType: 'USER',
-      targetId: input.userId,
-      reason,
-      changes: { wasMember, deleteMessageHours: hours, deletedMessages: purged },
+    const banned = await transact(deps, async (tx, log) => {
+      await allowed(tx);
+      const inserted = await tx
+        .insert(bans)
+        .values({ guildId: input.guildId, userId: input.userId, reason, actorId: viewer.userId })
+        .onConflictDoNothing()
+        .returning({ userId: bans.userId });
+      if (!inserted.length) throw conflict('This user is already banned.');
+      const wasMember = await removeMember(tx, input.guildId, input.userId);
+      // What was sent while the purge ran (the member removed now, nothing more comes). From
+      // `since`, not from where the batches ended: a send takes its id before its insert (a grouped
+      // insert waiting behind a stalled statement, another instance's clock a little behind), so a
+      // message committed after a batch may have an id older than the last one it wiped.
+      let rest = 0;
+      if (hours > 0) rest = (await purgeMessages(tx, log, deps.now(), { ...input, since })).n;
+      await writeAudit(tx, {
+        guildId: input.guildId,
+        actorId: viewer.userId,
+        action: 'MEMBER_BAN',
+        targetType: 'USER',
+        targetId: input.userId,
+        reason,
+        changes: { wasMember, deleteMessageHours: hours, deletedMessages: purged + rest },
+      });
+      await log.append({ type: 'MEMBER_BANNED', guildId: input.guildId, payload: { userId: input.userId } });
+      return true;
     });
-    await log.append({ type: 'MEMBER_BANNED', guildId: input.guildId, payload: { userId: input.userId } });
-    return true;
-  });
+    // Audited with the ban.
+    purged = 0;
+    return banned;
+  } finally {
+    // Refused after some of its purge committed (banned meanwhile by someone else, the actor's
+    // right withdrawn): what it deleted is still the actor's deletion, and audited as one.
+    if (purged > 0) await auditRefusedPurge(deps, viewer, input, hours, purged);
+  }
+}
+
+/** The audit row of a ban's purge whose ban was refused after it (see banMember). */
+async function auditRefusedPurge(
+  deps: Deps,
+  viewer: Viewer,
+  input: { guildId: string; userId: string },
+  hours: number,
+  deleted: number,
+) {
+  try {
+    await deps.db.transaction((tx) =>
+      writeAudit(tx, {
+        guildId: input.guildId,
+        actorId: viewer.userId,
+        action: 'MESSAGE_BULK_DELETE',
+        targetType: 'USER',
+        targetId: input.userId,
+        changes: { deleteMessageHours: hours, deletedMessages: deleted, banRefused: true },
+      }),
+    );
+  } catch (err) {
+    deps.log.error(
+      { err, ...input, deleted },
+      'a refused ban purged messages and its audit row could not be written',
+    );
+  }
 }
 
 /** Lifts a ban (BAN_MEMBERS). No event: nothing a client shows changes until they rejoin. */
