@@ -11,6 +11,11 @@
  * resumed), CPU seconds of each server, and whether every socket got every message exactly once
  * and in the log's order. bench/README.md describes it.
  *
+ * BENCH_GUILDS > 1 (or BENCH_DMS > 0) adds noise near the head of the log: each user is also in
+ * one of BENCH_GUILDS - 1 more guilds, BENCH_DMS DMs join pairs of users, and a second writer
+ * sends BENCH_NOISE_RATE messages/s round-robin to those guilds' and DMs' channels, so most rows
+ * a resuming socket's replay passes over are of guilds and DMs its user is not in.
+ *
  * The sockets are held by a child process (the `ws` client), so that their work does not delay
  * the writer's timing; both stamp with the same wall clock (performance.timeOrigin + now()).
  */
@@ -48,6 +53,12 @@ const KILL = (env.BENCH_KILL ?? 'TERM').toUpperCase() === 'KILL' ? 'SIGKILL' : '
 const DRAIN_SECONDS = Number(env.BENCH_DRAIN_SECONDS ?? 30);
 const RATE_LIMITS = env.BENCH_RATE_LIMITS ?? 'off';
 const TIMEOUT_SECONDS = Number(env.BENCH_TIMEOUT ?? 300);
+/** Guilds: the writer's (every user is in it) and GUILDS - 1 more, each user in one of those. */
+const GUILDS = Math.max(1, Number(env.BENCH_GUILDS ?? 1));
+/** DMs between pairs of users, written to by the noise writer. */
+const DMS = Math.max(0, Number(env.BENCH_DMS ?? 0));
+/** Messages per second the noise writer sends to the other guilds and the DMs (with any). */
+const NOISE_RATE = GUILDS > 1 || DMS > 0 ? Number(env.BENCH_NOISE_RATE ?? RATE) : 0;
 /** Sends in flight at most (a slow server slows the writer down past this). */
 const MAX_IN_FLIGHT = 64;
 const self = fileURLToPath(import.meta.url);
@@ -237,6 +248,10 @@ async function main() {
     `storm: ${SOCKETS} sockets over ${USERS} users on A, writer ${RATE} msg/s to B, ${BEFORE_SECONDS} s before, ` +
       `${STORM_SECONDS} s after ${KILL} of A; RATE_LIMITS=${RATE_LIMITS}`,
   );
+  if (NOISE_RATE)
+    console.log(
+      `noise: ${GUILDS - 1} more guilds (each user in one), ${DMS} DMs, ${NOISE_RATE} msg/s to their channels`,
+    );
   const shared = {
     JWT_SECRET: randomBytes(32).toString('hex'),
     REDIS_URL: env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379',
@@ -273,6 +288,7 @@ async function main() {
         tokens[i + 1],
       ),
     );
+    const noise = await noiseChannels(b.port, tokens);
 
     child = fork(self, ['clients'], { execArgv: ['--import', 'tsx'], stdio: 'inherit' });
     const ask = <T>(m: object, want: string) =>
@@ -344,6 +360,37 @@ async function main() {
       for (let k = 0; k < 3000 && inFlight; k++) await sleep(10);
     })();
 
+    // The noise writer: to the other guilds and the DMs, at NOISE_RATE, until the writer stops.
+    let noiseSent = 0;
+    let noiseFailed = 0;
+    let noiseInFlight = 0;
+    const noiseWriter = (async () => {
+      if (!NOISE_RATE || !noise.length) return;
+      for (;;) {
+        const due = start + (noiseSent * 1000) / NOISE_RATE;
+        if (due >= stopAt) break;
+        const wait = due - now();
+        if (wait > 0) await sleep(wait);
+        while (noiseInFlight >= MAX_IN_FLIGHT) await sleep(5);
+        const c = noise[noiseSent % noise.length];
+        const k = noiseSent++;
+        noiseInFlight++;
+        gql(
+          b.port,
+          'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }',
+          { i: { channelId: c.channelId, content: `noise k=${k}` } },
+          c.token,
+        ).then(
+          () => noiseInFlight--,
+          (err) => {
+            noiseInFlight--;
+            if (++noiseFailed <= 3) console.log(`  noise ${k} failed: ${String(err).slice(0, 200)}`);
+          },
+        );
+      }
+      for (let k = 0; k < 3000 && noiseInFlight; k++) await sleep(10);
+    })();
+
     const cpu0 = { a: cpuSeconds(a.pid), b: cpuSeconds(b.pid), m: machineBusySeconds() };
     await sleep(killAt - now());
     const cpu1 = { a: cpuSeconds(a.pid), b: cpuSeconds(b.pid), m: machineBusySeconds() };
@@ -361,6 +408,7 @@ async function main() {
       exitedAt = now();
     })();
     await writer;
+    await noiseWriter;
     const cpu2 = { b: cpuSeconds(b.pid), m: machineBusySeconds() };
     console.log(`  A stopped (${KILL}): exited ${fmt((exitedAt - killedAt) / 1000, 2)} s after the signal`);
 
@@ -405,6 +453,7 @@ async function main() {
     const storm = sends.filter((s) => s.at >= killedAt).map((s) => s.ms);
     const stormFirst = sends.filter((s) => s.at >= killedAt && s.at < killedAt + 5000).map((s) => s.ms);
     console.log(`  messages: ${sent} sent, ${logged} logged, ${failedSends} sends failed`);
+    if (NOISE_RATE) console.log(`  noise: ${noiseSent} sent, ${noiseFailed} failed`);
     console.log(
       `resumed: ${rep.resumed.length}/${rep.reconnects ? opened.ok : 0} sockets; after the kill p50 ${fmt(pct(rep.resumed, 50))} ms, ` +
         `max ${fmt(pct(rep.resumed, 100))} ms; never resumed ${rep.notResumed}; reconnects ${rep.reconnects}`,
@@ -431,6 +480,63 @@ async function main() {
     for (const s of servers) await s.stop().catch((err) => console.error(err));
   }
   process.exit(0);
+}
+
+/**
+ * The noise's channels (BENCH_GUILDS, BENCH_DMS), each with the token of a user who may write
+ * to it: guild k (1..GUILDS-1) holds the users i with i % (GUILDS - 1) = k - 1, made by the first
+ * of them; DM j is between users 2j and 2j + 1 (mod the users), opened by the first.
+ */
+async function noiseChannels(
+  port: number,
+  tokens: string[],
+): Promise<{ channelId: string; token: string }[]> {
+  const out: { channelId: string; token: string }[] = [];
+  const more = GUILDS - 1;
+  for (let k = 0; k < Math.min(more, tokens.length); k++) {
+    const owner = tokens[k];
+    const g = await gql(
+      port,
+      'mutation($n: String!) { createGuild(input: { name: $n }) { id channels { id } } }',
+      { n: `Noise ${k}` },
+      owner,
+    );
+    out.push({ channelId: g.createGuild.channels[0].id, token: owner });
+    const inv = await gql(
+      port,
+      'mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }',
+      { g: g.createGuild.id },
+      owner,
+    );
+    const members = tokens.filter((_, i) => i % more === k && i !== k);
+    await pool(members.length, 16, (i) =>
+      gql(
+        port,
+        'mutation($c: String!) { joinGuild(code: $c) { id } }',
+        { c: inv.createInvite.code },
+        members[i],
+      ),
+    );
+  }
+  if (DMS) {
+    const ids = await pool(
+      tokens.length,
+      16,
+      async (i) => (await gql(port, '{ viewer { user { id } } }', {}, tokens[i])).viewer.user.id,
+    );
+    for (let j = 0; j < DMS; j++) {
+      const a = (2 * j) % tokens.length;
+      const b = (2 * j + 1) % tokens.length;
+      const d = await gql(
+        port,
+        'mutation($u: [ID!]!) { openDirectChannel(userIds: $u) { id } }',
+        { u: [ids[b]] },
+        tokens[a],
+      );
+      out.push({ channelId: d.openDirectChannel.id, token: tokens[a] });
+    }
+  }
+  return out;
 }
 
 if (process.argv[2] === 'clients') clients();
