@@ -460,7 +460,8 @@ export function executeEach(
   // As Work does for sockets: the first subscriber to take a row executes it, and those after
   // it with the same document and variables take its result when it did not read the viewer
   // (a copy: plugins downstream may set fields of their own on it). A live row is one object
-  // for all its subscribers; a replayed one is each subscriber's own, and so executed by it.
+  // for all its subscribers, and so is a replayed one read from a page shared by their replays
+  // (a long replay reads its viewer's rows alone: each its own, and so executed by it).
   // A failure held back is not taken: a reader that comes to the row later (it pulls at its own
   // pace) executes it again, rather than counting the one failure as the event failing again
   // until it goes out with its errors (holdsBack; REPEATS: core/realtime/failures.ts) when the

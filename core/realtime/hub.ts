@@ -12,13 +12,14 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
-import { eq } from 'drizzle-orm';
-import { type Db, databaseOf, followCommits } from '../db/client.ts';
+import { eq, sql } from 'drizzle-orm';
+import { type Db, databaseOf, followCommits, uuidArray } from '../db/client.ts';
 import { users } from '../db/tables.ts';
 import type { CoreSettings, Log } from '../deps.ts';
 import { BanterError } from '../errors.ts';
 import type { Bus, LoggedEventRef, SignalTopics } from '../ports/bus.ts';
 import { observeEvents } from '../services/access-cache.ts';
+import { batched } from './batch.ts';
 import {
   comparePos,
   compareXid,
@@ -42,10 +43,13 @@ import {
   loadMessages,
   prunedThrough,
   pruneEvents,
+  type ResumeBounds,
   readAfter,
   readAfterBounded,
   readAfterWithMessages,
   readRange,
+  readRangeAll,
+  resumeBounds,
   snapshotNow,
   type WrittenLog,
 } from './log.ts';
@@ -95,6 +99,26 @@ const BATCH = 1000;
 /** Longest a presence change waits to be batched with others (see flushPresence). */
 const PRESENCE_BATCH_MS = 100;
 const REPLAY_PAGE = 500;
+/**
+ * A replay of at most about this many rows of the log (by seq, the whole log's rows, not only the
+ * viewer's) reads shared pages (see sharedPage); a longer one reads its viewer's rows alone, so a
+ * client resuming from long ago does not make the instance check every row of every guild for it.
+ */
+const SHARED_REPLAY_ROWS = 2_000;
+/** How long a shared replay page serves subscribers resuming from where it begins, once read. */
+const SHARED_PAGE_MS = 1_000;
+/**
+ * Most shared pages kept at once (each up to REPLAY_PAGE rows with their messages): past it the
+ * oldest is forgotten (its readers keep it until they are done), so a crowd resuming from many
+ * cursors at once does not hold N pages for SHARED_PAGE_MS.
+ */
+const MAX_SHARED_PAGES = 64;
+
+/** A page of the log as read for replays: every row in (from, through], in log order. */
+interface SharedPage {
+  rows: Delivered[];
+  through: Position;
+}
 /** Longest typing waits for the log to be read before it is dropped (see afterLogRead). */
 const LOG_READ_WAIT_MS = 3000;
 /** Longest a ring waits for the follower read out when it came (see follow). */
@@ -157,17 +181,27 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let presenceTimer: NodeJS.Timeout | undefined;
   let presenceDone: Promise<void> = Promise.resolve();
   const disconnectHandlers = new Set<(s: SignalTopics['disconnect']) => void>();
+  /** The log's bounds for resuming, one statement for every subscriber asking while one is out. */
+  const sharedBounds = batched(async () => new Map([[0, await resumeBounds(deps.db)]]));
+  /**
+   * The statuses users chose, for presence as their sockets connect: twice per socket, and a crowd
+   * reconnecting after its instance stopped made 2,000 statements of 1,000 sockets (bench:storm);
+   * one statement for all that ask while one is out.
+   */
+  const loadChoices = batched(async (ids: string[]) => {
+    const found = await deps.db
+      .select({ id: users.id, choice: users.presenceChoice })
+      .from(users)
+      .where(sql`${users.id} = any(${uuidArray(ids)})`);
+    return new Map(found.map((u) => [u.id, u.choice]));
+  });
   const presence = createPresenceTracker(
     opts.presence ?? createMemoryPresence(),
     deps.bus,
     Math.random().toString(36).slice(2, 10),
     {
       async load(userId) {
-        const [u] = await deps.db
-          .select({ choice: users.presenceChoice })
-          .from(users)
-          .where(eq(users.id, userId));
-        return u?.choice ?? null;
+        return (await loadChoices(userId)) ?? null;
       },
       async save(userId, choice) {
         await deps.db.update(users).set({ presenceChoice: choice }).where(eq(users.id, userId));
@@ -598,26 +632,84 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     sub.goLive();
   }
 
+  /**
+   * Pages of the log for replays, by where they begin: subscribers resuming from the same place
+   * (a crowd reconnecting after its instance stopped holds a few cursors at most, all near the
+   * head) read it once, and share the row objects, so their executions are shared too
+   * (api/realtime/shared-execution.ts) as live rows' are. Each subscriber still checks every row
+   * against its own viewer's access (emitReplayed), as it would a row of its own read.
+   */
+  const sharedPages = new Map<string, Promise<SharedPage>>();
+
+  /**
+   * The page of every row after `from`, up to the tailer's position now (rows up to it are
+   * final, and it is at or past the `to` of every subscriber registered so far) or REPLAY_PAGE
+   * rows. Read on first demand, then kept for SHARED_PAGE_MS: a page holds the messages as they
+   * were when it was read, as a live row holds them as they were when the tailer read it (an edit
+   * or deletion since is a later row of the log, which follows).
+   */
+  function sharedPage(from: Position): Promise<SharedPage> {
+    const key = `${from.xid}:${from.seq}`;
+    const known = sharedPages.get(key);
+    if (known) return known;
+    const to = pos!;
+    const page = (async (): Promise<SharedPage> => {
+      const rows = (await readRangeAll(deps.db, from, to, REPLAY_PAGE)) as Delivered[];
+      await loadMessages(deps.db, rows);
+      await loadFormerMembers(deps.db, rows);
+      // As replay() checks its own reads: after the last of them, so a prune that committed before
+      // any is seen (one between the rows' read and their former members' deleted those with the
+      // expired rows: a GUILD_DELETED the page holds would reach none of them).
+      assertAfterWatermark(from, await prunedThrough(deps.db));
+      for (const r of rows) {
+        r.cursor = encodeCursor(r);
+        // None recorded: nobody is known to have been in (a viewer's own read would say so).
+        if (r.type === 'GUILD_DELETED') r.formerMembers ??= new Set();
+      }
+      return { rows, through: rows.length < REPLAY_PAGE ? to : rows[rows.length - 1] };
+    })();
+    sharedPages.set(key, page);
+    if (sharedPages.size > MAX_SHARED_PAGES) sharedPages.delete(sharedPages.keys().next().value!);
+    const forget = () => {
+      if (sharedPages.get(key) === page) sharedPages.delete(key);
+    };
+    page.then(
+      () => setTimeout(forget, SHARED_PAGE_MS).unref(),
+      // A failed read is nobody's to reuse (those waiting on it fail with it, and resume).
+      forget,
+    );
+    return page;
+  }
+
   /** Replays (from, to]: how many rows were read. `live`: judge them as live rows (catchUp). */
   async function replay(sub: Subscription, viewerId: string, from: Position, to: Position, live = false) {
     let at = from;
     let total = 0;
-    for (;;) {
-      const page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
-      // The prune may have run since the cursor was checked (a slow reader's replay pauses for
-      // it): rows of this page could be missing, and a replay with a hole in it is worse than
-      // none. Checked after the read, so a prune that committed before it is seen.
-      assertAfterWatermark(at, await prunedThrough(deps.db));
-      if (!page.length) break;
-      await loadMessages(deps.db, page);
+    while (comparePos(at, to) < 0) {
+      let page: Delivered[];
+      let next: Position;
+      if (to.seq - at.seq <= SHARED_REPLAY_ROWS) {
+        const shared = await sharedPage(at);
+        page = shared.rows;
+        next = shared.through;
+      } else {
+        page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
+        // The prune may have run since the cursor was checked (a slow reader's replay pauses for
+        // it): rows of this page could be missing, and a replay with a hole in it is worse than
+        // none. Checked after the read, so a prune that committed before it is seen.
+        assertAfterWatermark(at, await prunedThrough(deps.db));
+        await loadMessages(deps.db, page);
+        for (const r of page) r.cursor = encodeCursor(r);
+        next = page.length < REPLAY_PAGE ? to : page[page.length - 1];
+      }
       for (const r of page) {
+        // A shared page may go past this subscriber's range: rows after `to` come live.
+        if (comparePos(r, to) > 0) return total;
         if (sub.closed) return total;
-        r.cursor = encodeCursor(r);
+        total++;
         await sub.emitReplayed(r, live);
       }
-      total += page.length;
-      at = page[page.length - 1];
-      if (page.length < REPLAY_PAGE) break;
+      at = next;
     }
     return total;
   }
@@ -660,7 +752,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       o: SubscribeOptions = {},
     ): Promise<AsyncIterableIterator<Delivered>> {
       const from = after ? decodeCursor(after) : undefined;
-      if (from) await assertResumable(deps.db, from);
+      if (from) await assertResumable(deps.db, from, sharedBounds(0) as Promise<ResumeBounds>);
       await hub.start();
       const p = pos!;
       const sub = new Subscription(
@@ -759,6 +851,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       if (prune) clearInterval(prune);
       for (const u of unsubs) u();
       for (const s of [...subs]) await s.return();
+      sharedPages.clear();
       while (busy || following) await new Promise((r) => setTimeout(r, 10));
     },
   };

@@ -375,6 +375,20 @@ export async function readRange(
   });
 }
 
+/**
+ * Every row in (from, to], whoever may see it: a page that several viewers' replays share (see
+ * sharedPage in hub.ts), each deciding per row what its viewer may see.
+ */
+export async function readRangeAll(db: Db, from: Position, to: Position, limit: number): Promise<LogRow[]> {
+  if (comparePos(from, to) >= 0) return [];
+  const r = await db.execute(sql`
+    select ${COLS} from events
+    where (${XID}, seq) > (${from.xid}::bigint, ${from.seq}::bigint)
+      and (${XID}, seq) <= (${to.xid}::bigint, ${to.seq}::bigint)
+    order by ${XID}, seq limit ${limit}`);
+  return resultRows<RawRow>(r).map(toRow);
+}
+
 /** A GUILD_DELETED row whose former members loadFormerMembers has not looked up yet. */
 export const awaitsFormerMembers = (r: LogRow) =>
   r.type === 'GUILD_DELETED' && !!r.guildId && !r.formerMembers;
@@ -464,9 +478,36 @@ function watermarkOf(value: Position | string): Position {
  * A cursor a resume may start from: not before the watermark (its rows may be pruned), and not
  * ahead of the log (a transaction that has not even begun: a cursor of another server, or of
  * this database before it was restored into a cluster whose transaction ids are lower, would
- * otherwise be accepted and then deliver nothing, ever).
+ * otherwise be accepted and then deliver nothing, ever). `bounds`: the log's, read after the
+ * caller asked (the hub shares one statement between the subscribers asking at once).
  */
-export async function assertResumable(db: Db, after: Position): Promise<void> {
+export async function assertResumable(
+  db: Db,
+  after: Position,
+  bounds?: Promise<ResumeBounds>,
+): Promise<void> {
+  const r = await (bounds ?? resumeBounds(db));
+  if (
+    compareXid(after.xid, r.xmax) >= 0 ||
+    (r.restored && (await fromBeforeRestore(db, after, r.restored)))
+  ) {
+    throw new BanterError(
+      'CURSOR_EXPIRED',
+      'after: this cursor is not from this event log as it is now (was the database restored or moved?). Fetch afresh and subscribe without after.',
+    );
+  }
+  assertAfterWatermark(after, r.watermark);
+}
+
+/** What assertResumable checks a cursor against, whatever the cursor: one statement serves many. */
+export interface ResumeBounds {
+  watermark: Position;
+  restored: Position | undefined;
+  xmax: string;
+}
+
+/** The log's bounds for resuming, as they are now (see assertResumable). */
+export async function resumeBounds(db: Db): Promise<ResumeBounds> {
   const [r] = resultRows<{
     value: Position | string | null;
     restored: Position | string | null;
@@ -476,17 +517,11 @@ export async function assertResumable(db: Db, after: Position): Promise<void> {
       (select value from instance_settings where key = ${RESTORED_KEY}) as restored,
       pg_snapshot_xmax(pg_current_snapshot())::text as xmax`),
   );
-  const restored = r.restored === null ? undefined : watermarkOf(r.restored);
-  if (
-    compareXid(after.xid, String(r.xmax)) >= 0 ||
-    (restored && (await fromBeforeRestore(db, after, restored)))
-  ) {
-    throw new BanterError(
-      'CURSOR_EXPIRED',
-      'after: this cursor is not from this event log as it is now (was the database restored or moved?). Fetch afresh and subscribe without after.',
-    );
-  }
-  assertAfterWatermark(after, r.value === null ? ORIGIN : watermarkOf(r.value));
+  return {
+    watermark: r.value === null ? ORIGIN : watermarkOf(r.value),
+    restored: r.restored === null ? undefined : watermarkOf(r.restored),
+    xmax: String(r.xmax),
+  };
 }
 
 const RESTORED_KEY = 'events.restored_at';
