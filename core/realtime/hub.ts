@@ -41,6 +41,8 @@ import {
   headPosition,
   loadFormerMembers,
   loadMessages,
+  loadViewerScopes,
+  mayConcern,
   prunedThrough,
   pruneEvents,
   type ResumeBounds,
@@ -51,6 +53,7 @@ import {
   readRangeAll,
   resumeBounds,
   snapshotNow,
+  type ViewerScope,
   type WrittenLog,
 } from './log.ts';
 import { createMemoryPresence, createPresenceTracker, type PresenceStore } from './presence.ts';
@@ -102,7 +105,7 @@ const REPLAY_PAGE = 500;
 /**
  * A replay of at most about this many rows of the log (by seq, the whole log's rows, not only the
  * viewer's) reads shared pages (see sharedPage); a longer one reads its viewer's rows alone, so a
- * client resuming from long ago does not make the instance check every row of every guild for it.
+ * client resuming from long ago does not make the instance read every row of every guild for it.
  */
 const SHARED_REPLAY_ROWS = 2_000;
 /** How long a shared replay page serves subscribers resuming from where it begins, once read. */
@@ -113,6 +116,15 @@ const SHARED_PAGE_MS = 1_000;
  * cursors at once does not hold N pages for SHARED_PAGE_MS.
  */
 const MAX_SHARED_PAGES = 64;
+
+/**
+ * A viewer's scope (its guilds and DMs) for filtering shared pages, and the tailer's position when
+ * it was asked for: every row up to there was final before the scope's statement was sent.
+ */
+interface HeldScope {
+  scope: ViewerScope;
+  asOf: Position;
+}
 
 /** A page of the log as read for replays: every row in (from, through], in log order. */
 interface SharedPage {
@@ -618,13 +630,14 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
    * ends with every row after it held: then live. Memory stays bounded however long it takes.
    */
   async function catchUp(sub: Subscription, viewerId: string, from: Position, to: Position) {
-    let total = await replay(sub, viewerId, from, to);
+    const held: { scope?: HeldScope } = {};
+    let total = await replay(sub, viewerId, from, to, held);
     while (!sub.closed && sub.behind) {
       const at = sub.floor;
       // Position and registration move together, synchronously, as in subscribe(): a row the
       // tailer dispatches is either at or before P2 (this replay reads it) or after (held).
       // These rows came after it registered: judged as live rows, as they would have been held.
-      total += await replay(sub, viewerId, at, sub.restartAt(pos!), true);
+      total += await replay(sub, viewerId, at, sub.restartAt(pos!), held, true);
     }
     if (sub.closed) return;
     // Synchronous with the check above: no row can be dropped between it and going live.
@@ -636,8 +649,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
    * Pages of the log for replays, by where they begin: subscribers resuming from the same place
    * (a crowd reconnecting after its instance stopped holds a few cursors at most, all near the
    * head) read it once, and share the row objects, so their executions are shared too
-   * (api/realtime/shared-execution.ts) as live rows' are. Each subscriber still checks every row
-   * against its own viewer's access (emitReplayed), as it would a row of its own read.
+   * (api/realtime/shared-execution.ts) as live rows' are. Each subscriber passes over the rows
+   * its viewer's own read would not have held (see replay), and checks the others against its
+   * viewer's access (emitReplayed), as it would a row of its own read.
    */
   const sharedPages = new Map<string, Promise<SharedPage>>();
 
@@ -681,17 +695,47 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     return page;
   }
 
-  /** Replays (from, to]: how many rows were read. `live`: judge them as live rows (catchUp). */
-  async function replay(sub: Subscription, viewerId: string, from: Position, to: Position, live = false) {
+  /**
+   * The scopes of viewers filtering shared pages (mayConcern): one statement for every viewer
+   * asking while one is out, each joining only a statement sent after it asked.
+   */
+  const loadScopes = batched((ids: string[]) => loadViewerScopes(deps.db, ids));
+  const noScope: ViewerScope = { guilds: new Set(), channels: new Set() };
+  async function scopeNow(viewerId: string): Promise<HeldScope> {
+    // Taken before asking: every row up to it was final before the statement was sent, so the
+    // statement sees every membership its rows' transactions made (a join and its guild's rows).
+    const asOf = pos!;
+    return { scope: (await loadScopes(viewerId)) ?? noScope, asOf };
+  }
+
+  /**
+   * Replays (from, to]: how many rows were its viewer's. `live`: judge them as live rows
+   * (catchUp). A shared page holds every row: those readRange's prefilter would not have read for
+   * this viewer are passed over (mayConcern) with a scope read after them, as readRange reads the
+   * viewer's guilds and DMs in the rows' own snapshot: a scope is used only for rows up to the
+   * position it was asked at, and read again for a row past it (a page read since: a guild the
+   * viewer joined meanwhile is in it). `held`: the scope, kept across the pages and rounds of
+   * one catchUp.
+   */
+  async function replay(
+    sub: Subscription,
+    viewerId: string,
+    from: Position,
+    to: Position,
+    held: { scope?: HeldScope },
+    live = false,
+  ) {
     let at = from;
     let total = 0;
     while (comparePos(at, to) < 0) {
       let page: Delivered[];
       let next: Position;
+      let shared = false;
       if (to.seq - at.seq <= SHARED_REPLAY_ROWS) {
-        const shared = await sharedPage(at);
-        page = shared.rows;
-        next = shared.through;
+        const read = await sharedPage(at);
+        page = read.rows;
+        next = read.through;
+        shared = true;
       } else {
         page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
         // The prune may have run since the cursor was checked (a slow reader's replay pauses for
@@ -706,6 +750,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         // A shared page may go past this subscriber's range: rows after `to` come live.
         if (comparePos(r, to) > 0) return total;
         if (sub.closed) return total;
+        if (shared) {
+          if (!held.scope || comparePos(r, held.scope.asOf) > 0) held.scope = await scopeNow(viewerId);
+          if (!mayConcern(r, viewerId, held.scope.scope)) continue;
+        }
         total++;
         await sub.emitReplayed(r, live);
       }

@@ -4,7 +4,7 @@
  * every position handed out so far when it commits.
  */
 import { and, eq, inArray, isNull, type SQL, sql } from 'drizzle-orm';
-import { type Db, resultRows } from '../db/client.ts';
+import { type Db, resultRows, uuidArray } from '../db/client.ts';
 import { events, formerMembers, messages, users } from '../db/tables.ts';
 import { BanterError } from '../errors.ts';
 import type { MessageRow } from '../services/message.service.ts';
@@ -387,6 +387,47 @@ export async function readRangeAll(db: Db, from: Position, to: Position, limit: 
       and (${XID}, seq) <= (${to.xid}::bigint, ${to.seq}::bigint)
     order by ${XID}, seq limit ${limit}`);
   return resultRows<RawRow>(r).map(toRow);
+}
+
+/**
+ * What readRange's prefilter reads of a viewer besides the rows: the guilds it is in and the DMs
+ * it is in, for a shared page's rows (readRangeAll) to pass through that same filter in memory.
+ */
+export interface ViewerScope {
+  guilds: ReadonlySet<string>;
+  channels: ReadonlySet<string>;
+}
+
+/** The scopes of several viewers, in one statement (a crowd resuming at once asks together). */
+export async function loadViewerScopes(db: Db, userIds: string[]): Promise<Map<string, ViewerScope>> {
+  const out = new Map<string, { guilds: Set<string>; channels: Set<string> }>();
+  for (const id of userIds) out.set(id, { guilds: new Set(), channels: new Set() });
+  if (!userIds.length) return out;
+  const ids = uuidArray(userIds);
+  const r = await db.execute(sql`
+    select user_id::text as user_id, guild_id::text as id, true as guild from members where user_id = any(${ids})
+    union all
+    select user_id::text, channel_id::text, false from channel_recipients where user_id = any(${ids})`);
+  for (const row of resultRows<{ user_id: string; id: string; guild: boolean }>(r)) {
+    const s = out.get(row.user_id);
+    if (s) (row.guild ? s.guilds : s.channels).add(row.id);
+  }
+  return out;
+}
+
+/**
+ * readRange's SQL prefilter, in memory, for a row of a shared page (readRangeAll): own rows, rows
+ * of guilds and DMs in `scope`, membership rows about the viewer, deletions of guilds it was in
+ * (the page's former members, loadFormerMembers). Exact permission is still decided per row after.
+ */
+export function mayConcern(r: LogRow, userId: string, scope: ViewerScope): boolean {
+  if (r.userId !== null) return r.userId === userId;
+  return (
+    (r.guildId !== null && scope.guilds.has(r.guildId)) ||
+    (r.channelId !== null && scope.channels.has(r.channelId)) ||
+    r.payload.userId === userId ||
+    (r.type === 'GUILD_DELETED' && !!r.formerMembers?.has(userId))
+  );
 }
 
 /** A GUILD_DELETED row whose former members loadFormerMembers has not looked up yet. */
