@@ -275,14 +275,12 @@ async function replaysDone(): Promise<number> {
   return (await metricsOf(url))('banter_events_replay_rows_count');
 }
 
-it("a resuming viewer passes over a shared page's rows of guilds and DMs it is not in without an access load for each (readRange's prefilter, in memory)", {
-  timeout: 120_000,
-}, async () => {
-  const [owner, viewer, stranger] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
-  const g = await guildWithChannel(app, owner.token);
-  await invite(app, owner.token, g.guildId, viewer.token);
-  // The viewer's cursor: a live stream's last event, a message of its guild. The owner's live
-  // stream says when later rows are tailed (one resuming would share the viewer's pages).
+/**
+ * The viewer's cursor: a live stream's last event, a message of `channelId`. The owner's live
+ * stream (`watch`, on `co`) stays open: it says when later rows are tailed (one resuming would
+ * share the viewer's pages).
+ */
+async function cursorAndWatch(owner: TestUser, viewer: TestUser, channelId: string) {
   const cv = connect(url, viewer.token);
   const live = subscribe(cv.client, null);
   const co = connect(url, owner.token);
@@ -290,13 +288,23 @@ it("a resuming viewer passes over a shared page's rows of guilds and DMs it is n
   let first = '';
   const both = () => [live, watch].every((s) => s.events.some((e) => e.message?.id === first));
   for (let k = 0; k < 30 && !both(); k++) {
-    first = await send(app, owner.token, g.channelId, `cursor ${k}`);
+    first = await send(app, owner.token, channelId, `cursor ${k}`);
     await sleep(300);
   }
   const cursor = live.events.find((e) => e.message?.id === first)?.cursor as string;
   assert.ok(cursor, "the viewer's live stream has a message");
   live.stop();
   await cv.client.dispose();
+  return { cursor, watch, co };
+}
+
+it("a resuming viewer passes over a shared page's rows of guilds and DMs it is not in without an access load for each (readRange's prefilter, in memory)", {
+  timeout: 120_000,
+}, async () => {
+  const [owner, viewer, stranger] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const g = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, g.guildId, viewer.token);
+  const { cursor, watch, co } = await cursorAndWatch(owner, viewer, g.channelId);
 
   // Noise after the cursor: a message in each of OTHER guilds and OTHER DMs the viewer is not in.
   const OTHER = 12;
@@ -357,20 +365,7 @@ it("a viewer joining a guild while its shared replay is under way gets that guil
   const later = await guildWithChannel(app, owner.token);
   const gone = await guildWithChannel(app, doomed.token);
   await invite(app, owner.token, home.guildId, viewer.token);
-  const cv = connect(url, viewer.token);
-  const live = subscribe(cv.client, null);
-  const co = connect(url, owner.token);
-  const watch = subscribe(co.client, null);
-  let first = '';
-  const both = () => [live, watch].every((s) => s.events.some((e) => e.message?.id === first));
-  for (let k = 0; k < 30 && !both(); k++) {
-    first = await send(app, owner.token, home.channelId, `cursor ${k}`);
-    await sleep(300);
-  }
-  const cursor = live.events.find((e) => e.message?.id === first)?.cursor as string;
-  assert.ok(cursor, "the viewer's live stream has a message");
-  live.stop();
-  await cv.client.dispose();
+  const { cursor, watch, co } = await cursorAndWatch(owner, viewer, home.channelId);
 
   // More than a page (REPLAY_PAGE, 500) of rows that are another user's own, then a guild's
   // deletion (the second page loads its former members) and a message of the viewer's guild.
