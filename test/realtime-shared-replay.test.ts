@@ -429,3 +429,106 @@ it("a viewer joining a guild while its shared replay is under way gets that guil
     await stall.end();
   }
 });
+
+it("a viewer's scope read that fails (cancelled, as a statement_timeout would) closes its stream to resume (1013), never going on without the rows it was to filter; the resume gets them (Postgres: locks hold the page and the read)", {
+  skip: !onPostgres && 'needs a second connection holding a lock (PGlite has one)',
+  timeout: 120_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const [owner, viewer, doomed] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const home = await guildWithChannel(app, owner.token);
+  const gone = await guildWithChannel(app, doomed.token);
+  await invite(app, owner.token, home.guildId, viewer.token);
+  const cv = connect(url, viewer.token);
+  const live = subscribe(cv.client, null);
+  const co = connect(url, owner.token);
+  const watch = subscribe(co.client, null);
+  let first = '';
+  const both = () => [live, watch].every((s) => s.events.some((e) => e.message?.id === first));
+  for (let k = 0; k < 30 && !both(); k++) {
+    first = await send(app, owner.token, home.channelId, `cursor ${k}`);
+    await sleep(300);
+  }
+  const cursor = live.events.find((e) => e.message?.id === first)?.cursor as string;
+  assert.ok(cursor, "the viewer's live stream has a message");
+  live.stop();
+  await cv.client.dispose();
+  // The page holds a guild's deletion (it loads its former members) and the viewer's messages.
+  await ok(app, `mutation($g: ID!) { deleteGuild(id: $g) }`, { g: gone.guildId }, doomed.token);
+  const missed = [
+    await send(app, owner.token, home.channelId, 'missed 1'),
+    await send(app, owner.token, home.channelId, 'missed 2'),
+  ];
+  await watch.until((es) => es.some((e) => e.message?.id === missed[1]), 20_000, 'tailed');
+  watch.stop();
+  await co.client.dispose();
+
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  const stall2 = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  await stall2.connect();
+  const r = connect(url, viewer.token);
+  let rs: ReturnType<typeof subscribe> | undefined;
+  try {
+    // The page waits for its former members (the socket's own setup done by then); meanwhile the
+    // scope's tables are locked, so the scope read, the next statement, waits in its turn.
+    await stall.query('begin');
+    await stall.query('lock table former_members in access exclusive mode');
+    rs = subscribe(r.client, cursor);
+    let held = 0;
+    for (let k = 0; k < 400 && !held; k++) {
+      await sleep(50);
+      const q = await stall2.query(
+        `select count(*)::int as n from pg_stat_activity where datname = current_database()
+           and wait_event_type = 'Lock' and query like '%former_members%'`,
+      );
+      held = q.rows[0].n;
+    }
+    assert.ok(held, "the page's read of its former members waits on the lock");
+    await stall2.query('begin');
+    await stall2.query('lock table channel_recipients in access exclusive mode');
+    await stall.query('rollback');
+    let waiting: number | undefined;
+    for (let t = 0; t < 200 && waiting === undefined; t++) {
+      const q = await stall.query<{ pid: number }>(
+        `select pid from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
+           and query like '%union all%' and query like '%from members where user_id = any%'`,
+      );
+      waiting = q.rows[0]?.pid;
+      if (waiting === undefined) await sleep(50);
+    }
+    assert.ok(waiting !== undefined, "the viewer's scope read waits on the lock");
+    await stall.query('select pg_cancel_backend($1)', [waiting]);
+    await sleep(100);
+    await stall2.query('rollback');
+    const done = () => missed.every((id) => rs!.events.some((e) => e.message?.id === id));
+    for (let k = 0; k < 100 && !r.closed() && !done(); k++) await sleep(50);
+    const got = rs.events.filter((e) => e.message).map((e) => e.message.id);
+    // Closed to resume, before any of the rows it was to filter: never live past them.
+    assert.deepEqual(got, [], 'the failed replay delivered nothing');
+    assert.equal(
+      r.closed()?.code,
+      1013,
+      `closed ${JSON.stringify(r.closed())}, errors ${JSON.stringify(rs.errors)}`,
+    );
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall2.query('rollback').catch(() => {});
+    await stall.end();
+    await stall2.end();
+    rs?.stop();
+    await r.client.dispose();
+  }
+  const c2 = connect(url, viewer.token);
+  const s2 = subscribe(c2.client, cursor);
+  try {
+    await s2.until((es) => es.some((e) => e.message?.id === missed[1]), 20_000, 'the resume');
+    assert.deepEqual(
+      s2.events.filter((e) => e.message).map((e) => e.message.id),
+      missed,
+    );
+  } finally {
+    s2.stop();
+    await c2.client.dispose();
+  }
+});
