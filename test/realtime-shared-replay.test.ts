@@ -11,6 +11,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import type pg from 'pg';
 import { comparePos, decodeCursor } from '../core/realtime/cursor.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
@@ -234,15 +235,7 @@ it('a prune committing while a shared page loads its messages: the page fails CU
     await stall.query('begin');
     await stall.query('lock table messages in access exclusive mode');
     const replay = subscribe(cm.client, cursor, Q);
-    let waiting = 0;
-    for (let k = 0; k < 200 && !waiting; k++) {
-      await sleep(50);
-      const r = await stall.query(
-        `select count(*)::int as n from pg_stat_activity where datname = current_database()
-           and wait_event_type = 'Lock' and query like '%"messages"."id" in%'`,
-      );
-      waiting = r.rows[0].n;
-    }
+    const waiting = await lockWaiter(stall, ['%"messages"."id" in%'], 200);
     assert.ok(waiting, "the page's read of its messages waits on the lock");
     // Every row so far expires: the deleted guild's former members go with the last batch.
     const { pruneEvents } = await import('../core/realtime/log.ts');
@@ -273,6 +266,25 @@ it('a prune committing while a shared page loads its messages: the page fails CU
 /** The replays finished so far (catchUp's end: every round of them). */
 async function replaysDone(): Promise<number> {
   return (await metricsOf(url))('banter_events_replay_rows_count');
+}
+
+/**
+ * The pid of a backend of this database waiting on a lock with a query like every pattern, asked
+ * every 50 ms up to `tries` times; undefined if none came.
+ */
+async function lockWaiter(client: pg.Client, patterns: string[], tries: number) {
+  const like = patterns.map((_, i) => `and query like $${i + 1}`).join(' ');
+  for (let t = 0; t < tries; t++) {
+    await sleep(50);
+    // A client inside a transaction sees pg_stat_activity as at its first read there, unless cleared.
+    await client.query('select pg_stat_clear_snapshot()');
+    const q = await client.query<{ pid: number }>(
+      `select pid from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' ${like}`,
+      patterns,
+    );
+    if (q.rows[0]) return q.rows[0].pid;
+  }
+  return undefined;
 }
 
 /**
@@ -394,15 +406,7 @@ it("a viewer joining a guild while its shared replay is under way gets that guil
     const c = connect(url, viewer.token);
     const replay = subscribe(c.client, cursor);
     try {
-      let waiting = 0;
-      for (let k = 0; k < 400 && !waiting; k++) {
-        await sleep(50);
-        const r = await stall.query(
-          `select count(*)::int as n from pg_stat_activity where datname = current_database()
-             and wait_event_type = 'Lock' and query like '%former_members%'`,
-        );
-        waiting = r.rows[0].n;
-      }
+      const waiting = await lockWaiter(stall, ['%former_members%'], 400);
       assert.ok(
         waiting,
         `the second page's read of its former members waits on the lock (stream: ${JSON.stringify(replay.events.map((e) => e.__typename))}, ${JSON.stringify(replay.errors)})`,
@@ -475,28 +479,12 @@ it("a viewer's scope read that fails (cancelled, as a statement_timeout would) c
     await stall.query('begin');
     await stall.query('lock table former_members in access exclusive mode');
     rs = subscribe(r.client, cursor);
-    let held = 0;
-    for (let k = 0; k < 400 && !held; k++) {
-      await sleep(50);
-      const q = await stall2.query(
-        `select count(*)::int as n from pg_stat_activity where datname = current_database()
-           and wait_event_type = 'Lock' and query like '%former_members%'`,
-      );
-      held = q.rows[0].n;
-    }
+    const held = await lockWaiter(stall2, ['%former_members%'], 400);
     assert.ok(held, "the page's read of its former members waits on the lock");
     await stall2.query('begin');
     await stall2.query('lock table channel_recipients in access exclusive mode');
     await stall.query('rollback');
-    let waiting: number | undefined;
-    for (let t = 0; t < 200 && waiting === undefined; t++) {
-      const q = await stall.query<{ pid: number }>(
-        `select pid from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
-           and query like '%union all%' and query like '%from members where user_id = any%'`,
-      );
-      waiting = q.rows[0]?.pid;
-      if (waiting === undefined) await sleep(50);
-    }
+    const waiting = await lockWaiter(stall, ['%union all%', '%from members where user_id = any%'], 200);
     assert.ok(waiting !== undefined, "the viewer's scope read waits on the lock");
     await stall.query('select pg_cancel_backend($1)', [waiting]);
     await sleep(100);
