@@ -19,6 +19,7 @@ import {
   send,
   sleep,
   subscribe,
+  untilLive,
 } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -64,16 +65,7 @@ async function survives(burst: (g: { guildId: string; channelId: string; token: 
   const sm = subscribe(cm.client, null, Q);
   const sb = subscribe(cb.client, null, Q);
   try {
-    // Both live: each has a message sent after it subscribed (graphql-ws does not acknowledge).
-    for (let i = 0; i < 50 && !has(sm.events, 'ready'); i++) {
-      await send(app, owner.token, sideId, 'ready');
-      await sm.until((e) => has(e, 'ready'), 200).catch(() => {});
-    }
-    for (let i = 0; i < 50 && !has(sb.events, 'ready'); i++) {
-      await send(app, bystander.token, elsewhere.channelId, 'ready');
-      await sb.until((e) => has(e, 'ready'), 200).catch(() => {});
-    }
-    assert.ok(has(sm.events, 'ready') && has(sb.events, 'ready'), 'both live');
+    await untilLive(app, [member, bystander]);
     await burst({ ...g, token: owner.token });
     await send(app, owner.token, sideId, 'after');
     await send(app, bystander.token, elsewhere.channelId, 'after');
@@ -132,25 +124,15 @@ it('a socket cut off as a slow consumer is closed 1013 with no error before it, 
 }, async () => {
   const hub = app.deps.realtime!;
   const u = await signUp(app);
-  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  const { channelId } = await guildWithChannel(app, u.token);
   // A message in a channel the subscriber has not seen yet: its rows wait for a permission load.
-  const other = await gql(
-    app,
-    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "other", type: TEXT }) { id } }`,
-    { g: guildId },
-    { token: u.token },
-  );
-  const id = await send(app, u.token, other.data.createChannel.id, 'one');
+  const id = await send(app, u.token, channelId, 'one');
   // Past 2 rows waiting (here, for their execution), a subscriber is cut off.
   hub.configure({ maxPending: 2 });
   const c = connect(url, u.token);
   const s = subscribe(c.client, null, Q);
   try {
-    for (let i = 0; i < 50 && !has(s.events, 'ready'); i++) {
-      await send(app, u.token, channelId, 'ready');
-      await s.until((e) => has(e, 'ready'), 200).catch(() => {});
-    }
-    assert.ok(has(s.events, 'ready'), 'live');
+    await untilLive(app, [u]);
     const { logged } = await errorsLogged(app, async () => {
       await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
         select 'MESSAGE_CREATED', m.guild_id, m.channel_id, jsonb_build_object('messageId', m.id::text)
