@@ -171,6 +171,8 @@ export async function banMember(
     const [u] = await tx.select({ id: users.id }).from(users).where(eq(users.id, input.userId));
     if (!u) throw notFound('User');
   };
+  /** Whose messages the purge wipes, and from when. */
+  const whose = { guildId: input.guildId, userId: input.userId, since };
   let purged = 0;
   try {
     let after: string | undefined;
@@ -178,8 +180,7 @@ export async function banMember(
       const { n, last } = await transact(deps, async (tx, log) => {
         await allowed(tx);
         if (await isBanned(tx, input.guildId, input.userId)) throw conflict('This user is already banned.');
-        const batch = { guildId: input.guildId, userId: input.userId, since, after, limit: BAN_PURGE_BATCH };
-        return purgeMessages(tx, log, deps.now(), batch);
+        return purgeMessages(tx, log, deps.now(), { ...whose, after, limit: BAN_PURGE_BATCH });
       });
       purged += n;
       if (last) after = last;
@@ -199,7 +200,7 @@ export async function banMember(
       // insert waiting behind a stalled statement, another instance's clock a little behind), so a
       // message committed after a batch may have an id older than the last one it wiped.
       let rest = 0;
-      if (hours > 0) rest = (await purgeMessages(tx, log, deps.now(), { ...input, since })).n;
+      if (hours > 0) rest = (await purgeMessages(tx, log, deps.now(), whose)).n;
       await writeAudit(tx, {
         guildId: input.guildId,
         actorId: viewer.userId,
