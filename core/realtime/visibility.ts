@@ -302,13 +302,14 @@ export class ViewerAccess {
    * consumer: another guild's members and the guild's own alike.
    */
   private changedIn(guildId: string, e: Visible) {
-    const about = e.payload.userId;
+    const about =
+      ABOUT_A_MEMBER.has(e.type) && typeof e.payload.userId === 'string' ? e.payload.userId : null;
     // A member's joining, leaving, roles or timeout change that member's access, nobody else's.
-    if (ABOUT_A_MEMBER.has(e.type) && typeof about === 'string' && about !== this.userId) return;
+    if (about !== null && about !== this.userId) return;
     const g = this.guilds?.get(guildId);
-    // A non-member stays one until it joins (its own MEMBER_JOINED, which the rule above lets
-    // through): its channels there are none of its.
-    if (g && !g.member && !(ABOUT_A_MEMBER.has(e.type) && about === this.userId)) return;
+    // A non-member stays one until a row about itself (its MEMBER_JOINED): its channels there
+    // are none of its.
+    if (g && !g.member && about === null) return;
     // Channels and their overwrites change the viewer's channels there, not its standing in the
     // guild (membership, roles, owner: GuildEntry).
     if (CHANNEL_LEVEL.has(e.type)) this.forgetChannelsOf(guildId);
