@@ -6,7 +6,7 @@ import { auditLog, bans, events, memberRoles, members, messages, roles } from '.
 import { idAtTime, newId } from '../core/ids.ts';
 import { permissionsFromNames } from '../core/permissions.ts';
 import { loadChannelAccess } from '../core/services/access.service.ts';
-import { banMember } from '../core/services/moderation.service.ts';
+import { BAN_PURGE_BATCH, banMember } from '../core/services/moderation.service.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 
@@ -269,6 +269,65 @@ describe('banMember / unbanMember', () => {
     assert.equal(logged.filter((id) => id === late).length, 1);
     const [a] = await audits(g.raw, 'MEMBER_BAN');
     assert.equal((a.changes as { deletedMessages: number }).deletedMessages, 2);
+  });
+
+  it('ends its purge while the member sends faster than a batch wipes, and wipes what came meanwhile', async () => {
+    const g = await makeGuild(owner);
+    const m = await signUp(app);
+    await join(g.raw, m);
+    const sendMany = (n: number) =>
+      app.deps.db
+        .insert(messages)
+        .values(
+          Array.from({ length: n }, (_, i) => ({
+            id: `${idAtTime(Date.now()).slice(0, 24)}${randomBytes(6).toString('hex')}`,
+            channelId: g.channel,
+            guildId: g.raw,
+            authorId: raw(m.id),
+            content: `spam ${i}`,
+          })),
+        )
+        .returning({ id: messages.id });
+    await sendMany(BAN_PURGE_BATCH);
+    // A bot (RATE_LIMITS=off): a full batch's worth more after each of the purge's transactions, up
+    // to CAP of them (so the code before, which chased them, ends too), nothing after the ban's.
+    const CAP = 12;
+    let txns = 0;
+    let sentAfterBan = 0;
+    const db = new Proxy(app.deps.db, {
+      get(target, key) {
+        if (key === 'transaction') {
+          return async (...args: Parameters<typeof target.transaction>) => {
+            const out = await target.transaction(...args);
+            if (++txns <= CAP) {
+              const banned = await target.select().from(bans).where(eq(bans.guildId, g.raw));
+              const sent = await sendMany(BAN_PURGE_BATCH);
+              if (banned.length) sentAfterBan += sent.length;
+            }
+            return out;
+          };
+        }
+        const v = Reflect.get(target, key, target);
+        return typeof v === 'function' ? v.bind(target) : v;
+      },
+    });
+    const viewer = { userId: raw(owner.id), sessionId: 'test', isAdmin: false };
+    await banMember({ ...app.deps, db }, viewer, {
+      guildId: g.raw,
+      userId: raw(m.id),
+      deleteMessageHours: 1,
+    });
+    // One full batch, one that finds nothing sent before the ban began, then the ban, which wipes
+    // the two batches' worth sent meanwhile. Before: a full batch after every batch, until the
+    // sender stopped (here at CAP).
+    assert.equal(txns, 3);
+    const left = await app.deps.db
+      .select({ id: messages.id })
+      .from(messages)
+      .where(and(eq(messages.guildId, g.raw), isNull(messages.deletedAt)));
+    assert.equal(left.length, sentAfterBan, 'only what was sent after the ban survived');
+    const [a] = await audits(g.raw, 'MEMBER_BAN');
+    assert.equal((a.changes as { deletedMessages: number }).deletedMessages, 3 * BAN_PURGE_BATCH);
   });
 
   it('bans a non-member pre-emptively (joinGuild then refuses them) and unbans', async () => {
