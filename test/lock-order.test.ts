@@ -170,3 +170,38 @@ it('a kick holding the member row while the guild is deleted does not deadlock (
       ) as Promise<R>,
   );
 });
+
+it('a leave holding its member row while the guild is deleted does not deadlock (its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, v.token);
+  const r = await ok(
+    app,
+    `mutation($g: ID!) { createRole(input: { guildId: $g, name: "r" }) { id } }`,
+    { g: guildId },
+    o.token,
+  );
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!, $r: ID!) { assignRole(guildId: $g, userId: $u, roleId: $r) }`,
+    { g: guildId, u: v.id, r: r.createRole.id },
+    o.token,
+  );
+  // The leave deletes the member row, then waits for its role assignment's row held here.
+  await besideDeleteGuild(
+    guildId,
+    o.token,
+    'select 1 from member_roles where user_id = $1::uuid for update',
+    [decodeAnyId(v.id).id],
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!) { leaveGuild(guildId: $g) }`,
+        { g: guildId },
+        { token: v.token },
+      ) as Promise<R>,
+  );
+});

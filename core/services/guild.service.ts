@@ -6,7 +6,7 @@ import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { DEFAULT_EVERYONE, Permission } from '../permissions.ts';
 import { requireGuild } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 import { purgeBeforeDeletion, recordFormerMembers, settleFormerMembers } from './purge.service.ts';
 
 export type GuildRow = typeof guilds.$inferSelect;
@@ -199,6 +199,9 @@ export async function leaveGuild(deps: Deps, viewer: Viewer, guildId: string): P
   if (a.ownerId === viewer.userId)
     throw conflict('The owner cannot leave; transfer ownership or delete the guild first.');
   return transact(deps, async (tx, log) => {
+    // The guild first, as a kick does (holdGuild): a deletion's cascade waiting on this member row
+    // while this audit row's key check waited on the deletion deadlocked, failing one of the two.
+    if (!(await holdGuild(tx, guildId))) throw notFound('Guild');
     const where = and(eq(members.guildId, guildId), eq(members.userId, viewer.userId));
     const gone = await tx.delete(members).where(where).returning({ userId: members.userId });
     if (!gone.length) throw notFound('Guild');
