@@ -99,7 +99,7 @@ it('DMs and group DMs: messages, reactions and the opening go to their recipient
   const sc = streamOf(c);
   const ss = streamOf(stranger);
   try {
-    await settle();
+    await untilLive(app, [a, b, c, stranger]);
     const dm = await openDm(a.token, [b.id]);
     const group = await openDm(a.token, [b.id, c.id]);
     await send(app, a.token, dm, 'dm-1');
@@ -140,7 +140,8 @@ it("read state goes to the reader's other devices only, live and in replay", asy
   const own2 = streamOf(m);
   const other = streamOf(o);
   try {
-    await settle();
+    await untilLive(app, [m], 2);
+    await untilLive(app, [o]);
     const msg = await send(app, o.token, channelId, 'read me');
     await ok(
       app,
@@ -180,7 +181,7 @@ it('a thread of a channel hidden from a member, and reactions and pins there, re
   const ss = streamOf(seer);
   const ds = streamOf(denied);
   try {
-    await settle();
+    await untilLive(app, [seer, denied]);
     const t = await ok(
       app,
       `mutation($m: ID!) { startThread(messageId: $m, name: "t") { id } }`,
@@ -235,7 +236,7 @@ it('@everyone denied, a role allowed: the role starts and stops delivery at once
   await assignRole(o.token, guildId, adminRole, admin.id);
   const streams = { o: streamOf(o), r: streamOf(r), admin: streamOf(admin), plain: streamOf(plain) };
   try {
-    await settle();
+    await untilLive(app, [o, r, admin, plain]);
     await send(app, o.token, staff, 's0');
     // Access is judged when a row is delivered: s0 must be (to the owner, and judged for r) before
     // r gets the role, which would let it read s0 then.
@@ -267,7 +268,7 @@ it('kicked, then invited again: delivery stops, then starts again on the same so
   const ks = streamOf(k);
   const os = streamOf(o);
   try {
-    await settle();
+    await untilLive(app, [k, o]);
     await send(app, o.token, channelId, 'k1');
     await ks.until((e) => contents(e).includes('k1'));
     await ok(
@@ -303,7 +304,7 @@ it('a member who may view a channel but not read its history is not shown old me
   await fails(app, 'FORBIDDEN', `query($m: ID!) { message(id: $m) { content } }`, { m: old }, v.token);
   const vs = streamOf(v);
   try {
-    await settle();
+    await untilLive(app, [v]);
     await ok(
       app,
       `mutation($m: ID!) { addReaction(messageId: $m, emoji: "🔥") { id } }`,
@@ -383,7 +384,7 @@ it('an overwrite on a channel hidden from a member by its category (for @everyon
   await fails(app, 'NOT_FOUND', `query($c: ID!) { channel(id: $c) { id } }`, { c: hidden }, m.token);
   const ms = streamOf(m);
   try {
-    await settle();
+    await untilLive(app, [m]);
     const everyone = await everyoneRole(o.token, guildId);
     // Neither changes what m may see: the category hides the channel from it before and after.
     await overwrite(o.token, {
@@ -430,7 +431,7 @@ it('a user blocked in a 1:1 DM, who may not send there, does not show the blocke
   );
   const bs = streamOf(blocker);
   try {
-    await settle();
+    await untilLive(app, [blocker]);
     // Whatever it answers (the block is not revealed), nothing reaches the blocker.
     await gql(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: dm }, { token: blocked.token });
     await sleep(1500);
@@ -445,7 +446,7 @@ it("a user's presence is not shown to a stranger who shares no guild or DM with 
   const [a, stranger] = await Promise.all([signUp(app), signUp(app)]);
   const sa = streamOf(a);
   try {
-    await settle();
+    await untilLive(app, [a]);
     const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
     const r = await ok(app, q, { id: a.id }, stranger.token);
     assert.equal(r.user.presence.status, 'OFFLINE', 'a stranger reads that a is online');
