@@ -17,7 +17,16 @@ import {
 import { loadedAuthors } from '../core/services/message-history.service.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, PG_ADMIN_URL, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, send, sleep, subscribe, within } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  invite,
+  send,
+  sleep,
+  subscribe,
+  untilLive,
+  within,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -33,7 +42,7 @@ it('delivers created, updated, deleted live and replays them after a cursor', as
   const { channelId } = await guildWithChannel(app, owner.token);
   const { client } = connect(url, owner.token);
   const s = subscribe(client);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [owner]);
   const id = await send(app, owner.token, channelId, 'hello');
   await s.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
   await ok(
@@ -296,7 +305,7 @@ async function kickAndTypeScene() {
   const oc = connect(url, owner.token);
   const ks = subscribe(kc.client);
   const os = subscribe(oc.client);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [kicked, owner]);
   await send(app, owner.token, channelId, 'warm');
   await ks.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
   return {
@@ -407,9 +416,11 @@ it('blocking a stranger tells the stranger nothing; blocking someone who shares 
   await invite(app, a.token, guildId, peer.token);
   const sc = connect(url, stranger.token);
   const pc = connect(url, peer.token);
-  const ac = connect(url, a.token);
   const ss = subscribe(sc.client, null, Q);
   const ps = subscribe(pc.client, null, Q);
+  // a comes online once the others are live: its ONLINE is not replayed to a stream started later.
+  await untilLive(app, [stranger, peer]);
+  const ac = connect(url, a.token);
   const as = subscribe(ac.client, null, Q);
   try {
     await ps.until((e) => e.some((x) => x.user.id === a.id && x.status === 'ONLINE'));
@@ -445,7 +456,7 @@ it('typing goes out while the tailer never catches up (reads back to back), not 
     while (spinning) await Promise.race([hub.poke(), new Promise((r) => setImmediate(r))]);
   };
   try {
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [watcher]);
     const spun = spin();
     const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
     assert.equal((await ok(app, m, { c: channelId }, owner.token)).startTyping, true);
