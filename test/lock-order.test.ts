@@ -205,3 +205,143 @@ it('a leave holding its member row while the guild is deleted does not deadlock 
       ) as Promise<R>,
   );
 });
+
+/**
+ * The backends of this database waiting on a lock, counted every 50 ms until there are `n` (at
+ * most `tries` looks); how many there were at the last look.
+ */
+async function lockWaiters(client: import('pg').Client, n: number, tries = 200) {
+  let seen = 0;
+  for (let t = 0; t < tries && seen < n; t++) {
+    await sleep(50);
+    // A client inside a transaction sees pg_stat_activity as at its first read there, unless cleared.
+    await client.query('select pg_stat_clear_snapshot()');
+    const q = await client.query<{ n: number }>(
+      `select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`,
+    );
+    seen = q.rows[0].n;
+  }
+  return seen;
+}
+
+/**
+ * deleteGuild is begun while a second connection holds the guild FOR UPDATE: its purge done, it
+ * waits to lock the guild. `op` then runs until it waits on a lock (on the current code: its
+ * audit row's key check on the guild, having changed one of the guild's rows first); the guild is
+ * let go, and the deletion's cascade reaches what `op` holds. Both must succeed, `op` perhaps
+ * with NOT_FOUND (the guild gone), not INTERNAL_SERVER_ERROR (Postgres' deadlock detected).
+ * `first` runs once the deletion waits, before `op` (a message sent after the purge).
+ */
+async function underDeleteGuild(
+  guildId: string,
+  token: string,
+  op: (made: string | undefined) => Promise<R>,
+  first?: () => Promise<string>,
+) {
+  const pg = (await import('pg')).default;
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  try {
+    await stall.query('begin');
+    await stall.query('select 1 from guilds where id = $1::uuid for update', [decodeAnyId(guildId).id]);
+    const deleting = gql(
+      app,
+      `mutation($g: ID!) { deleteGuild(id: $g) }`,
+      { g: guildId },
+      { token },
+    ) as Promise<R>;
+    assert.equal(await lockWaiters(stall, 1), 1, 'the deletion waits for the guild');
+    const made = first ? await first() : undefined;
+    const doing = op(made);
+    assert.equal(await lockWaiters(stall, 2), 2, 'the operation waits for the guild');
+    await stall.query('rollback');
+    const [x, d] = await Promise.all([doing, deleting]);
+    assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
+    assert.ok(
+      !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
+      `operation: ${JSON.stringify(x.errors)}`,
+    );
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+  }
+}
+
+it('a nickname change beside the guild deletion does not deadlock (it changes the member row, then its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!, $u: ID!) { setNickname(guildId: $g, userId: $u, nickname: "n") { nickname } }`,
+        { g: guildId, u: o.id },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+it('a channel update beside the guild deletion does not deadlock (it changes the channel row, then its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, o.token);
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    () =>
+      gql(
+        app,
+        `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+        { i: { id: channelId, topic: 't' } },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+it('an invite revoked beside the guild deletion does not deadlock (it changes the invite row, then its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  const i = await ok(
+    app,
+    `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+    { g: guildId },
+    o.token,
+  );
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    () =>
+      gql(
+        app,
+        `mutation($c: String!) { revokeInvite(code: $c) }`,
+        { c: i.createInvite.code },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+it("a moderator's message deletion beside the guild deletion does not deadlock (it changes the message row, then its audit row checks the guild)", {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, o.token);
+  await invite(app, o.token, guildId, v.token);
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    (m) => gql(app, `mutation($m: ID!) { deleteMessage(id: $m) }`, { m }, { token: o.token }) as Promise<R>,
+    // Sent after the deletion's purge, so it goes with the cascade.
+    () => send(app, v.token, channelId, 'after the purge'),
+  );
+});

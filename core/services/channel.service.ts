@@ -12,7 +12,7 @@ import {
   requireChannel,
   requireGuild,
 } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 import { validateName } from './guild.service.ts';
 import { purgeBeforeDeletion } from './purge.service.ts';
 
@@ -217,6 +217,9 @@ export async function updateChannel(
   }
   const guildId = c.guildId;
   return transact(deps, async (tx, log) => {
+    // The guild first (holdGuild), as a move's lockOverwriteChain has it: a deletion's cascade
+    // waiting on this channel row while this audit row's key check waited on the deletion deadlocked.
+    if (!(await holdGuild(tx, guildId))) throw notFound('Channel');
     const moved =
       patch.parentId !== undefined && patch.parentId !== c.parentId
         ? await overwriteLevelsNow(tx, viewer.userId, c.id, deps.now(), patch.parentId)

@@ -10,7 +10,7 @@ import { badInput, forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { has, Permission } from '../permissions.ts';
 import { requireChannel, requireGuild } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 import type { GuildRow } from './guild.service.ts';
 
 export type InviteRow = typeof invites.$inferSelect;
@@ -96,6 +96,9 @@ export async function revokeInvite(deps: Deps, viewer: Viewer, code: string): Pr
   if (inv.inviterId !== viewer.userId && !has(a.permissions, Permission.MANAGE_GUILD)) throw forbidden();
   if (inv.revokedAt) return true;
   return transact(deps, async (tx) => {
+    // The guild first (holdGuild): a deletion's cascade waiting on this invite row while this
+    // audit row's key check waited on the deletion deadlocked, failing one of the two.
+    if (!(await holdGuild(tx, inv.guildId))) throw notFound('Invite');
     await tx
       .update(invites)
       .set({ revokedAt: deps.now() })

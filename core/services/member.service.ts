@@ -8,7 +8,7 @@ import { transact } from '../events.ts';
 import { isUuid } from '../ids.ts';
 import { has, highestPosition, Permission } from '../permissions.ts';
 import { loadGuildAccess, requireGuild } from './access.service.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 
 export interface MemberRow {
   guildId: string;
@@ -149,6 +149,9 @@ export async function setNickname(
       throw forbidden('You can only change nicknames of members below your highest role.');
   }
   return transact(deps, async (tx, log) => {
+    // The guild first (holdGuild): a deletion's cascade waiting on this member row while this
+    // audit row's key check waited on the deletion deadlocked, failing one of the two.
+    if (!(await holdGuild(tx, input.guildId))) throw notFound('Guild');
     const updated = await tx
       .update(members)
       .set({ nickname })

@@ -10,7 +10,7 @@ import { forbidden, notFound } from '../errors.ts';
 import { transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
-import { writeAudit } from './audit.service.ts';
+import { holdGuild, writeAudit } from './audit.service.ts';
 import { lookupMentions } from './mentions.ts';
 import { type MessageRow, validateContent, wipeMessages } from './message.service.ts';
 import { loadVisibleMessage } from './message-history.service.ts';
@@ -69,6 +69,10 @@ export async function deleteMessage(deps: Deps, viewer: Viewer, id: string): Pro
   }
   const now = deps.now();
   await transact(deps, async (tx, log) => {
+    // Audited (a moderator's deletion): the guild first (holdGuild), as a pin has it. A guild
+    // deletion's cascade waiting on this message row while this audit row's key check waited on
+    // the deletion deadlocked, failing one of the two.
+    if (!own && row.guildId && !(await holdGuild(tx, row.guildId))) throw notFound('Message');
     const gone = await wipeMessages(tx, eq(messages.id, row.id), now);
     if (!gone.length) throw notFound('Message');
     if (!own && row.guildId) {
