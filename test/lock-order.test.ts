@@ -207,17 +207,19 @@ it('a leave holding its member row while the guild is deleted does not deadlock 
 });
 
 /**
- * The backends of this database waiting on a lock, counted every 50 ms until there are `n` (at
- * most `tries` looks); how many there were at the last look.
+ * The backends of this database waiting on a lock (with a query like `like`, if given), counted
+ * every 50 ms until there are `n` (at most `tries` looks); how many there were at the last look.
  */
-async function lockWaiters(client: import('pg').Client, n: number, tries = 200) {
+async function lockWaiters(client: import('pg').Client, n: number, like = '%', tries = 200) {
   let seen = 0;
   for (let t = 0; t < tries && seen < n; t++) {
     await sleep(50);
     // A client inside a transaction sees pg_stat_activity as at its first read there, unless cleared.
     await client.query('select pg_stat_clear_snapshot()');
     const q = await client.query<{ n: number }>(
-      `select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`,
+      `select count(*)::int as n from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock' and query like $1`,
+      [like],
     );
     seen = q.rows[0].n;
   }
@@ -343,5 +345,189 @@ it("a moderator's message deletion beside the guild deletion does not deadlock (
     (m) => gql(app, `mutation($m: ID!) { deleteMessage(id: $m) }`, { m }, { token: o.token }) as Promise<R>,
     // Sent after the deletion's purge, so it goes with the cascade.
     () => send(app, v.token, channelId, 'after the purge'),
+  );
+});
+
+it('an invite created beside the guild deletion is NOT_FOUND, not an error (its key check waited on the deletion)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+        { g: guildId },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+it('a join beside the guild deletion is NOT_FOUND, not an error (its member row waited on the deletion)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, o.token);
+  const i = await ok(
+    app,
+    `mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }`,
+    { g: guildId },
+    o.token,
+  );
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    () =>
+      gql(
+        app,
+        `mutation($c: String!) { joinGuild(code: $c) { id } }`,
+        { c: i.createInvite.code },
+        { token: v.token },
+      ) as Promise<R>,
+  );
+});
+
+it('a channel created beside the guild deletion is NOT_FOUND, not an error (its key check waited on the deletion)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  await underDeleteGuild(
+    guildId,
+    o.token,
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "c", type: TEXT }) { id } }`,
+        { g: guildId },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+/**
+ * deleteChannel is held at two points by two more connections: first at its guild (its purge
+ * done), while `first` sends a message there; then in its own transaction, the channel deleted and
+ * its cascade waiting on `inviteCode`'s row (invites go before messages). `op` then waits on the
+ * channel the deletion holds; let go, the deletion commits. `op` may find the channel gone
+ * (NOT_FOUND), not fail (INTERNAL_SERVER_ERROR: a foreign key violation).
+ */
+async function underDeleteChannel(
+  guildId: string,
+  channelId: string,
+  inviteCode: string,
+  token: string,
+  first: () => Promise<string>,
+  op: (made: string) => Promise<R>,
+) {
+  const pg = (await import('pg')).default;
+  const [atGuild, atInvite] = [
+    new pg.Client({ connectionString: app.config.databaseUrl }),
+    new pg.Client({ connectionString: app.config.databaseUrl }),
+  ];
+  await Promise.all([atGuild.connect(), atInvite.connect()]);
+  try {
+    await atGuild.query('begin');
+    await atGuild.query('select 1 from guilds where id = $1::uuid for update', [decodeAnyId(guildId).id]);
+    const deleting = gql(
+      app,
+      `mutation($c: ID!) { deleteChannel(id: $c) }`,
+      { c: channelId },
+      { token },
+    ) as Promise<R>;
+    assert.equal(await lockWaiters(atGuild, 1), 1, 'the deletion waits for the guild');
+    const made = await first();
+    await atInvite.query('begin');
+    await atInvite.query('select 1 from invites where code = $1 for update', [inviteCode]);
+    await atGuild.query('rollback');
+    assert.equal(
+      await lockWaiters(atInvite, 1, '%delete from "channels"%'),
+      1,
+      "the deletion's cascade waits for the invite",
+    );
+    const doing = op(made);
+    assert.equal(await lockWaiters(atInvite, 2), 2, 'the operation waits for the channel');
+    await atInvite.query('rollback');
+    const [x, d] = await Promise.all([doing, deleting]);
+    assert.deepEqual(d.errors, undefined, `deleteChannel: ${JSON.stringify(d.errors)}`);
+    assert.ok(
+      !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
+      `operation: ${JSON.stringify(x.errors)}`,
+    );
+  } finally {
+    await atGuild.query('rollback').catch(() => {});
+    await atInvite.query('rollback').catch(() => {});
+    await Promise.all([atGuild.end(), atInvite.end()]);
+  }
+}
+
+/** A guild with a second channel (the one deleted) and an invite to it. */
+async function channelWithInvite(token: string) {
+  const { guildId } = await guildWithChannel(app, token);
+  const r = await ok(
+    app,
+    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "doomed", type: TEXT }) { id } }`,
+    { g: guildId },
+    token,
+  );
+  const channelId = r.createChannel.id as string;
+  const i = await ok(
+    app,
+    `mutation($g: ID!, $c: ID!) { createInvite(input: { guildId: $g, channelId: $c }) { code } }`,
+    { g: guildId, c: channelId },
+    token,
+  );
+  return { guildId, channelId, code: i.createInvite.code as string };
+}
+
+it('an invite to a channel created beside its deletion is NOT_FOUND, not an error (its key check waited on the deletion)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const o = await signUp(app);
+  const { guildId, channelId, code } = await channelWithInvite(o.token);
+  await underDeleteChannel(
+    guildId,
+    channelId,
+    code,
+    o.token,
+    async () => '',
+    () =>
+      gql(
+        app,
+        `mutation($g: ID!, $c: ID!) { createInvite(input: { guildId: $g, channelId: $c }) { code } }`,
+        { g: guildId, c: channelId },
+        { token: o.token },
+      ) as Promise<R>,
+  );
+});
+
+it("a read marker moved beside its channel's deletion is NOT_FOUND, not an error (its key check waited on the deletion)", {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId, code } = await channelWithInvite(o.token);
+  await invite(app, o.token, guildId, v.token);
+  await underDeleteChannel(
+    guildId,
+    channelId,
+    code,
+    o.token,
+    // Sent after the deletion's purge: still there while the deletion's cascade waits.
+    () => send(app, o.token, channelId, 'after the purge'),
+    (m) =>
+      gql(
+        app,
+        `mutation($c: ID!, $m: ID!) { markRead(channelId: $c, messageId: $m) { id } }`,
+        { c: channelId, m },
+        { token: v.token },
+      ) as Promise<R>,
   );
 });

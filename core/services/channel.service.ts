@@ -72,6 +72,9 @@ export async function createChannel(
     // first leaves no category here (NOT_FOUND), one begun after waits for this channel to be in.
     // Unlocked, the channel could land in a deleted category, shown to everyone it was to be hidden from.
     if (input.parentId && !(await holdChannel(tx, input.parentId))) throw notFound('Channel');
+    // Else its guild (holdGuild): the insert's key check waited on a guild deletion, then failed
+    // with a foreign key violation (INTERNAL_SERVER_ERROR) where the guild was simply gone.
+    if (!input.parentId && !(await holdGuild(tx, input.guildId))) throw notFound('Guild');
     const [c] = await tx
       .insert(channels)
       .values({

@@ -11,6 +11,7 @@ import { transact } from '../events.ts';
 import { has, Permission } from '../permissions.ts';
 import { requireChannel, requireGuild } from './access.service.ts';
 import { holdGuild, writeAudit } from './audit.service.ts';
+import { holdChannel } from './channel.service.ts';
 import type { GuildRow } from './guild.service.ts';
 
 export type InviteRow = typeof invites.$inferSelect;
@@ -56,6 +57,13 @@ export async function createInvite(deps: Deps, viewer: Viewer, input: CreateInvi
   const code = newCode();
   const expiresAt = new Date(deps.now().getTime() + ttl * 1000);
   return transact(deps, async (tx) => {
+    // The guild, and the channel when there is one, held first (NOT_FOUND when gone): the insert's
+    // key checks waited on their deletion, then failed with a foreign key violation
+    // (INTERNAL_SERVER_ERROR).
+    const held = input.channelId
+      ? await holdChannel(tx, input.channelId)
+      : await holdGuild(tx, input.guildId);
+    if (!held) throw notFound(input.channelId ? 'Channel' : 'Guild');
     const [row] = await tx
       .insert(invites)
       .values({
@@ -154,6 +162,9 @@ export async function joinGuild(deps: Deps, viewer: Viewer, code: string): Promi
       .from(invites)
       .where(and(eq(invites.code, code), isNull(invites.revokedAt)));
     if (!inv) throw gone();
+    // The guild held first: the member row's key check waited on a guild deletion, then failed
+    // with a foreign key violation (INTERNAL_SERVER_ERROR) where the invite was simply gone.
+    if (!(await holdGuild(tx, inv.guildId))) throw gone();
     const [guild] = await tx.select().from(guilds).where(eq(guilds.id, inv.guildId));
     if (!guild) throw gone();
     const [ban] = await tx

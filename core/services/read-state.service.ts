@@ -5,7 +5,7 @@
  * so a new member does not inherit the whole history as unread.
  */
 import { and, eq, isNull, sql } from 'drizzle-orm';
-import { type DbOrTx, resultRows, uuidArray } from '../db/client.ts';
+import { type DbOrTx, databaseErrorOf, resultRows, uuidArray } from '../db/client.ts';
 import { messages, readStates } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { notFound } from '../errors.ts';
@@ -56,8 +56,20 @@ export async function markRead(deps: Deps, viewer: Viewer, input: MarkReadInput)
       userId: viewer.userId,
       payload: { channelId: input.channelId, userId: viewer.userId, lastReadMessageId: m.id },
     });
-  });
+  }).catch(channelGone);
   return input.channelId;
+}
+
+/**
+ * The checks before markRead's insert took no lock: the channel can be deleted under it, and its
+ * key check then waits for the deletion and refuses the row. The reader is told what a moment
+ * later would tell them, not INTERNAL_SERVER_ERROR (a catch, not a lock first: markers move often).
+ */
+function channelGone(err: unknown): never {
+  const db = databaseErrorOf(err);
+  if (db?.code === '23503' && db.constraint === 'read_states_channel_id_channels_id_fk')
+    throw notFound('Channel');
+  throw err;
 }
 
 export interface ChannelCounts {
