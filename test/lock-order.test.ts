@@ -531,3 +531,101 @@ it("a read marker moved beside its channel's deletion is NOT_FOUND, not an error
       ) as Promise<R>,
   );
 });
+
+it("sends grouped into one statement, to a thread and to its channel, beside the channel's deletion do not deadlock", {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const o = await signUp(app);
+  const { guildId, channelId: a } = await guildWithChannel(app, o.token);
+  const thread = async (m: string, name: string) =>
+    (
+      await ok(
+        app,
+        `mutation($m: ID!, $n: String!) { startThread(messageId: $m, name: $n) { id } }`,
+        { m, n: name },
+        o.token,
+      )
+    ).startThread.id as string;
+  // Two threads of a, in the order its deletion locks them (created first, first).
+  const ta = await thread(await send(app, o.token, a, 'a'), 'ta');
+  const tb = await thread(await send(app, o.token, a, 'b'), 'tb');
+  const elsewhere = (
+    await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "elsewhere", type: TEXT }) { id } }`,
+      { g: guildId },
+      o.token,
+    )
+  ).createChannel.id as string;
+  const sendTo = (channelId: string, content: string) =>
+    gql(
+      app,
+      `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+      { i: { channelId, content } },
+      { token: o.token },
+    ) as Promise<R>;
+  const [atThread, atElsewhere] = [
+    new pg.Client({ connectionString: app.config.databaseUrl }),
+    new pg.Client({ connectionString: app.config.databaseUrl }),
+  ];
+  await Promise.all([atThread.connect(), atElsewhere.connect()]);
+  try {
+    await atThread.query('begin');
+    await atThread.query('select 1 from channels where id = $1::uuid for key share', [decodeAnyId(ta).id]);
+    await atElsewhere.query('begin');
+    await atElsewhere.query('select 1 from channels where id = $1::uuid for update', [
+      decodeAnyId(elsewhere).id,
+    ]);
+    // The deletion holds a and waits on ta, the first of its threads.
+    const deleting = gql(
+      app,
+      `mutation($c: ID!) { deleteChannel(id: $c) }`,
+      { c: a },
+      { token: o.token },
+    ) as Promise<R>;
+    assert.equal(await lockWaiters(atThread, 1), 1, 'the deletion waits for its first thread');
+    // Two group statements in flight (the most there are), both waiting on `elsewhere`: the next
+    // sends queue behind them and go in one statement when they end.
+    const blocked = [sendTo(elsewhere, '1')];
+    assert.equal(await lockWaiters(atThread, 2), 2, 'a first statement waits');
+    blocked.push(sendTo(elsewhere, '2'));
+    assert.equal(await lockWaiters(atThread, 3), 3, 'a second statement waits');
+    // To tb, then to a: in this order of ids, so in the statement's order of rows. No condition
+    // to wait for (the queue is in memory): a pause sets their order.
+    const toThread = sendTo(tb, 'tb');
+    await sleep(300);
+    const toChannel = sendTo(a, 'a');
+    await sleep(300);
+    await atElsewhere.query('rollback');
+    // Their statement: tb's key share taken, waits on a. Until Postgres has checked it for a
+    // deadlock (deadlock_timeout, 1 s) and found none: the deletion's wait, to come, then finds it.
+    const waited = async () => {
+      for (let t = 0; t < 100; t++) {
+        await atThread.query('select pg_stat_clear_snapshot()');
+        const q = await atThread.query<{ n: number }>(
+          `select count(*)::int as n from pg_stat_activity where datname = current_database()
+            and wait_event_type = 'Lock' and query like '%insert into messages%'
+            and clock_timestamp() - query_start > current_setting('deadlock_timeout')::interval * 1.5`,
+        );
+        if (q.rows[0].n > 0) return true;
+        await sleep(50);
+      }
+      return false;
+    };
+    assert.ok(await waited(), 'the grouped sends wait on a');
+    await atThread.query('rollback');
+    const [d, ...sent] = await Promise.all([deleting, toThread, toChannel, ...blocked]);
+    assert.deepEqual(d.errors, undefined, `deleteChannel: ${JSON.stringify(d.errors)}`);
+    for (const x of sent)
+      assert.ok(
+        !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
+        `send: ${JSON.stringify(x.errors)}`,
+      );
+  } finally {
+    await atThread.query('rollback').catch(() => {});
+    await atElsewhere.query('rollback').catch(() => {});
+    await Promise.all([atThread.end(), atElsewhere.end()]);
+  }
+});

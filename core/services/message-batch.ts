@@ -9,6 +9,12 @@
  *
  * If a group statement fails, its sends are retried one per statement, so one bad row (a channel
  * deleted meanwhile) fails only its own request.
+ *
+ * The rows go in in channel id order: their key checks lock their channels (FOR KEY SHARE) in that
+ * order, a channel before its threads (made after it, their ids sort after), as a channel's
+ * deletion locks them. In message id order, a statement holding a thread while it waited on the
+ * channel deadlocked beside the deletion holding the channel and waiting on the thread, and when
+ * the deletion was the one Postgres failed, it answered INTERNAL_SERVER_ERROR.
  */
 import { type Database, followerOf } from '../db/client.ts';
 import { fromRowJson } from '../db/row-json.ts';
@@ -70,7 +76,7 @@ const GROUP_SQL = `
       forwarded_from_id, nonce, mention_everyone, mention_role_ids)
     select id, channel_id, guild_id, author_id, content, created_at, reply_to_id, forwarded_from_id,
       nonce, mention_everyone, mention_role_ids::uuid[]
-    from v order by id
+    from v order by channel_id, id
     on conflict do nothing
     returning *
   ), mm as (
