@@ -226,6 +226,20 @@ async function lockWaiters(client: import('pg').Client, n: number, like = '%', t
   return seen;
 }
 
+/** Waits (every 50 ms, at most `tries` looks) until `n` backends wait on `client`'s locks; how many did. */
+async function blockedBy(client: import('pg').Client, n: number, tries = 200) {
+  let seen = 0;
+  for (let t = 0; t < tries && seen < n; t++) {
+    await sleep(50);
+    await client.query('select pg_stat_clear_snapshot()');
+    const q = await client.query<{ n: number }>(
+      'select count(*)::int as n from pg_stat_activity where pg_backend_pid() = any(pg_blocking_pids(pid))',
+    );
+    seen = q.rows[0].n;
+  }
+  return seen;
+}
+
 /**
  * deleteGuild is begun while a second connection holds the guild FOR UPDATE: its purge done, it
  * waits to lock the guild. `op` then runs until it waits on a lock (on the current code: its
@@ -627,5 +641,97 @@ it("sends grouped into one statement, to a thread and to its channel, beside the
     await atThread.query('rollback').catch(() => {});
     await atElsewhere.query('rollback').catch(() => {});
     await Promise.all([atThread.end(), atElsewhere.end()]);
+  }
+});
+
+it("sends grouped into one statement, to two of a guild's channels, beside the guild's deletion do not deadlock", {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const o = await signUp(app);
+  const { guildId } = await guildWithChannel(app, o.token);
+  const { createChannel } = channelAccessHelpers(() => app);
+  const k = await createChannel(o.token, guildId, 'k', 'CATEGORY');
+  const [x, y, z] = [
+    await createChannel(o.token, guildId, 'x'),
+    await createChannel(o.token, guildId, 'y'),
+    await createChannel(o.token, guildId, 'z'),
+  ];
+  // Moved (parent_id is indexed: a new row version, new index entries), x's row now lies after
+  // z's: the cascade deletes the guild's channels in that order (y, z, x), the sends' key checks
+  // take them in id order (x, y).
+  await ok(
+    app,
+    `mutation($i: UpdateChannelInput!) { updateChannel(input: $i) { id } }`,
+    { i: { id: x, parentId: k } },
+    o.token,
+  );
+  const other = await guildWithChannel(app, o.token);
+  const sendTo = (channelId: string, content: string) =>
+    gql(
+      app,
+      `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+      { i: { channelId, content } },
+      { token: o.token },
+    ) as Promise<R>;
+  const clients = [0, 1, 2].map(() => new pg.Client({ connectionString: app.config.databaseUrl }));
+  await Promise.all(clients.map((c) => c.connect()));
+  const [atGuild, atZ, atOther] = clients;
+  const id = (encoded: string) => decodeAnyId(encoded).id;
+  try {
+    for (const c of clients) await c.query('begin');
+    await atGuild.query('select 1 from guilds where id = $1::uuid for update', [id(guildId)]);
+    await atZ.query('select 1 from channels where id = $1::uuid for key share', [id(z)]);
+    await atOther.query('select 1 from channels where id = $1::uuid for update', [id(other.channelId)]);
+    const deleting = gql(
+      app,
+      `mutation($g: ID!) { deleteGuild(id: $g) }`,
+      { g: guildId },
+      { token: o.token },
+    ) as Promise<R>;
+    assert.equal(await lockWaiters(atGuild, 1), 1, 'the deletion waits for the guild');
+    // Two group statements in flight (the most there are), waiting on the other guild's channel:
+    // the next sends queue and go in one statement when they end.
+    const blocked = [sendTo(other.channelId, '1')];
+    assert.equal(await lockWaiters(atGuild, 2), 2, 'a first statement waits');
+    blocked.push(sendTo(other.channelId, '2'));
+    assert.equal(await lockWaiters(atGuild, 3), 3, 'a second statement waits');
+    // No condition to wait for (the queue is in memory): pauses let both queue.
+    const toX = sendTo(x, 'x');
+    await sleep(300);
+    const toY = sendTo(y, 'y');
+    await sleep(300);
+    // The deletion's cascade: y deleted, waits on z.
+    await atGuild.query('rollback');
+    assert.equal(await blockedBy(atZ, 1), 1, 'the deletion waits on z');
+    await atOther.query('rollback');
+    // Their statement: x's key share taken, waits on y. Until Postgres has checked it for a
+    // deadlock (deadlock_timeout) and found none: the deletion's wait, to come, then finds it.
+    const waited = async () => {
+      for (let t = 0; t < 100; t++) {
+        await atZ.query('select pg_stat_clear_snapshot()');
+        const q = await atZ.query<{ n: number }>(
+          `select count(*)::int as n from pg_stat_activity where datname = current_database()
+            and wait_event_type = 'Lock' and query like '%insert into messages%'
+            and clock_timestamp() - query_start > current_setting('deadlock_timeout')::interval * 1.5`,
+        );
+        if (q.rows[0].n > 0) return true;
+        await sleep(50);
+      }
+      return false;
+    };
+    assert.ok(await waited(), 'the grouped sends wait');
+    await atZ.query('rollback');
+    const [d, ...sent] = await Promise.all([deleting, toX, toY, ...blocked]);
+    assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
+    for (const s of sent)
+      assert.ok(
+        !(s.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
+        `send: ${JSON.stringify(s.errors)}`,
+      );
+  } finally {
+    for (const c of clients) await c.query('rollback').catch(() => {});
+    await Promise.all(clients.map((c) => c.end()));
   }
 });

@@ -141,6 +141,16 @@ export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): 
     // the event log), so every member subscribed now, or replaying later, hears of the deletion.
     // The guild row is locked first so a join committing meanwhile is either recorded or refused.
     await tx.select({ id: guilds.id }).from(guilds).where(eq(guilds.id, guildId)).for('update');
+    // Its channels next, in id order, as grouped sends' key checks take them (message-batch.ts):
+    // the cascade deletes them in the order of their rows, and one waiting on a channel a send's
+    // statement held while that statement waited on a channel the cascade had already deleted
+    // deadlocked (deleteGuild failed with INTERNAL_SERVER_ERROR when Postgres chose it).
+    await tx
+      .select({ id: channels.id })
+      .from(channels)
+      .where(eq(channels.guildId, guildId))
+      .orderBy(channels.id)
+      .for('update');
     await settleFormerMembers(tx, guildId);
     // Not "while the viewer still owns it": the purge above has begun the deletion for good. An
     // ownership transferred meanwhile made this refuse and left the guild to its heir gutted, its
