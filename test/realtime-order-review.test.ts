@@ -422,7 +422,8 @@ it('sends from their own results racing other sends, polls and rings: a live str
   while (!liveRows.some((g) => g.seq === Number(last)) && Date.now() - t0 < 5000) await sleep(50);
   // A send goes out from its own result only when no transaction anywhere in the cluster held an
   // xid as it began: other suites on this server (a bulk insert, say) can hold one all along the
-  // burst. Then a few sends more, one at a time, in a channel outside the checks below.
+  // burst. Then sends more, one at a time, in a channel outside the checks below, for up to 15 s:
+  // another suite's test may hold a transaction open for a second or more (lock-order's do).
   if (fromWrite === 0) {
     const r3 = await ok(
       a,
@@ -430,7 +431,7 @@ it('sends from their own results racing other sends, polls and rings: a live str
       { g: guildId },
       u.token,
     );
-    for (let i = 0; i < 40 && fromWrite === 0; i++) {
+    for (let i = 0; i < 150 && fromWrite === 0; i++) {
       await send(a, u.token, r3.createChannel.id, `x${i}`);
       await sleep(100);
     }
