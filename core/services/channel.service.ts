@@ -400,9 +400,6 @@ async function deleteThreadsOf(
 /** Threads deleted per transaction ahead of their channel's deletion (see deleteChannel). */
 const THREAD_BATCH = 500;
 
-/** Rows per insert when a deleted category's overwrites are copied to its channels (5 parameters a row). */
-const OVERWRITE_COPY_CHUNK = 10_000;
-
 /**
  * A category's overwrites apply to its channels (access.service reads the parent's level before
  * the channel's own): left uncategorized, a channel hidden by its category would be shown to
@@ -424,20 +421,23 @@ async function keepChildrenHidden(tx: Tx, log: EventWriter, guildId: string, cat
     .where(eq(channels.parentId, categoryId));
   if (!kids.length) return;
   const ids = kids.map((k) => k.id);
+  // One array parameter, not one per channel (a category's channels are not bounded).
+  const idArray = uuidArray(ids);
   const theirs = await tx
     .selectDistinct({ channelId: permissionOverwrites.channelId })
     .from(permissionOverwrites)
-    .where(inArray(permissionOverwrites.channelId, ids));
+    .where(sql`${permissionOverwrites.channelId} = any(${idArray})`);
   if (theirs.length) {
     const names = kids.filter((k) => theirs.some((t) => t.channelId === k.id)).map((k) => `#${k.name}`);
     throw conflict(
       `This category's permission overwrites apply to its channels, and ${names.join(', ')} ${names.length > 1 ? 'have' : 'has'} overwrites of its own: without the category they would be shown to members it hides them from. Clear their overwrites or move them out of the category first.`,
     );
   }
-  // Channels x overwrites rows, 5 parameters each: in statements under the protocol's 65,535.
-  const copies = ids.flatMap((channelId) => own.map((o) => ({ ...o, channelId })));
-  for (let i = 0; i < copies.length; i += OVERWRITE_COPY_CHUNK)
-    await tx.insert(permissionOverwrites).values(copies.slice(i, i + OVERWRITE_COPY_CHUNK));
+  // Channels x overwrites rows, copied by the database: built here, 2,000 channels' took ~0.2 s
+  // of the deletion's transaction.
+  await tx.execute(sql`insert into permission_overwrites (channel_id, target_type, target_id, allow, deny)
+    select k, o.target_type, o.target_id, o.allow, o.deny
+    from unnest(${idArray}) k cross join permission_overwrites o where o.channel_id = ${categoryId}::uuid`);
   // Nobody's access changed: told to who may view each channel (the category's overwrites applied
   // and still do), by the levels recorded, as for a move. Appended together (1,000 rows an insert):
   // an insert per channel, a round trip each, held the deletion's transaction (and with it every
