@@ -6,11 +6,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
-import { sql } from 'drizzle-orm';
-import { resultRows } from '../core/db/client.ts';
+import { type SQL, sql } from 'drizzle-orm';
+import { resultRows, type Tx } from '../core/db/client.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, statementsOf, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel } from './realtime-helpers.ts';
+import { guildWithChannel, invite } from './realtime-helpers.ts';
 
 let app: TestApp;
 before(async () => {
@@ -79,4 +79,116 @@ it("a category's deletion takes as many statements for 300 channels as for 3 (on
   // Before: one insert per channel (a round trip each in the deletion's transaction: 500 channels
   // held it ~0.4 s, 2,000 ~1.1 s).
   assert.equal(counts[1], counts[0], `statements for 3 channels, then 300: ${counts}`);
+});
+
+/**
+ * Runs `op`, and what `probe` (a count, column n) grew by inside each transaction the app commits
+ * meanwhile (db.transaction wrapped, the same connection and transaction: instrumentation, nothing
+ * replaced), read as it begins and just before its commit. A backend's transaction statistics
+ * hold its earlier statements' counts until they are flushed (at most once a second).
+ */
+async function insideEachTransaction<T>(probe: SQL, op: () => Promise<T>) {
+  type Run = (fn: (tx: Tx) => Promise<unknown>, config?: unknown) => Promise<unknown>;
+  const db = app.deps.db as unknown as { transaction: Run };
+  const original = db.transaction;
+  const seen: number[] = [];
+  db.transaction = function (this: unknown, fn, config) {
+    return original.call(
+      this,
+      async (tx: Tx) => {
+        const read = async () => Number(resultRows<{ n: unknown }>(await tx.execute(probe))[0].n);
+        const before = await read();
+        const r = await fn(tx);
+        seen.push((await read()) - before);
+        return r;
+      },
+      config,
+    );
+  };
+  try {
+    return { result: await op(), seen };
+  } finally {
+    db.transaction = original;
+  }
+}
+
+it("a guild's deletion settles who was in by who joined or left while it recorded them, not by comparing every member again", {
+  timeout: 120_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId } = await guildWithChannel(app, owner.token);
+  const g = raw(guildId);
+  const M = 5_000;
+  await app.deps.db.execute(sql`insert into users (id, username, email, password_hash)
+    select gen_random_uuid(), 'fm' || i || '_' || ${g.slice(0, 8)}, 'fm' || i || '_' || ${g.slice(0, 8)} || '@test', 'x'
+    from generate_series(1, ${M}) i`);
+  await app.deps.db.execute(sql`insert into members (guild_id, user_id)
+    select ${g}::uuid, id from users where username like ${`fm%\\_${g.slice(0, 8)}`}`);
+  // Rows an earlier deletion that failed left for users who are no longer members, their ids
+  // spread over every batch's range: forgotten by the recording.
+  await app.deps.db.execute(sql`insert into users (id, username, email, password_hash)
+    select gen_random_uuid(), 'fx' || i || '_' || ${g.slice(0, 8)}, 'fx' || i || '_' || ${g.slice(0, 8)} || '@test', 'x'
+    from generate_series(1, 300) i`);
+  await app.deps.db.execute(sql`insert into former_members (guild_id, user_id, deleted_at)
+    select ${g}::uuid, id, now() - interval '1 day' from users where username like ${`fx%_${g.slice(0, 8)}`}`);
+  // former_members rows read by each transaction: its sequential and index reads.
+  const reads = sql`select pg_stat_get_xact_tuples_returned('former_members'::regclass) + (
+      select coalesce(sum(pg_stat_get_xact_tuples_returned(indexrelid)), 0) from pg_index
+      where indrelid = 'former_members'::regclass) as n`;
+  const { result, seen } = await insideEachTransaction(reads, () =>
+    ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, owner.token),
+  );
+  assert.equal(result.deleteGuild, guildId);
+  const was = resultRows<{ n: number }>(
+    await app.deps.db.execute(sql`select count(*)::int as n from former_members where guild_id = ${g}::uuid`),
+  );
+  assert.equal(was[0].n, M + 1);
+  // The deletion's own transaction (the only one it runs through transact). Before: it compared
+  // every recorded member with every member, twice (~0.35-0.5 s for 300k members, every realtime
+  // stream held meanwhile).
+  assert.equal(seen.length, 1);
+  assert.ok(seen[0] < 100, `former_members rows read in the deletion's transaction: ${seen[0]}`);
+});
+
+it("who joined, left or was kicked after a guild's deletion recorded its members is settled by the deletion's own transaction", {
+  timeout: 120_000,
+}, async () => {
+  const [owner, stayer, leaver, kicked, joiner] = await Promise.all([1, 2, 3, 4, 5].map(() => signUp(app)));
+  const { guildId } = await guildWithChannel(app, owner.token);
+  for (const u of [stayer, leaver, kicked]) await invite(app, owner.token, guildId, u.token);
+  // Between the recording (deleteGuild's first phase) and its own transaction, the first
+  // transaction it begins: a join, a leave and a kick, each committed before it.
+  type Run = (fn: unknown, config?: unknown) => Promise<unknown>;
+  const db = app.deps.db as unknown as { transaction: Run };
+  const original = db.transaction;
+  let armed = true;
+  db.transaction = async function (this: unknown, fn, config) {
+    if (armed) {
+      armed = false;
+      await invite(app, owner.token, guildId, joiner.token);
+      await ok(app, `mutation($g: ID!) { leaveGuild(guildId: $g) }`, { g: guildId }, leaver.token);
+      await ok(
+        app,
+        `mutation($g: ID!, $u: ID!) { kickMember(guildId: $g, userId: $u) }`,
+        { g: guildId, u: kicked.id },
+        owner.token,
+      );
+    }
+    return original.call(this, fn, config);
+  };
+  try {
+    await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, owner.token);
+  } finally {
+    db.transaction = original;
+  }
+  assert.equal(armed, false);
+  const was = resultRows<{ user_id: string }>(
+    await app.deps.db.execute(
+      sql`select user_id from former_members where guild_id = ${raw(guildId)}::uuid order by user_id`,
+    ),
+  );
+  assert.deepEqual(
+    was.map((w) => w.user_id),
+    [owner, stayer, joiner].map((u) => raw(u.id)).sort(),
+  );
 });

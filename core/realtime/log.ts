@@ -127,6 +127,20 @@ const FINISHED = {
   exact: sql.raw(`xid < (select ${EXACT_BOUND} from (select pg_current_snapshot() as s) t)`),
 };
 
+/**
+ * The lowest transaction id whose rows a statement starting now may not see (the `exact` bound,
+ * see Horizon): a write of this database that such a statement misses commits with an xid from
+ * here on, and so do its log rows. As a decimal string.
+ */
+export async function unfinishedFrom(db: Db): Promise<string> {
+  const [r] = resultRows<{ x: string }>(
+    await db.execute(
+      sql.raw(`select (${EXACT_BOUND})::text as x from (select pg_current_snapshot() as s) t`),
+    ),
+  );
+  return String(r.x);
+}
+
 /** The last finished row: where a tailer starting now begins. */
 export async function headPosition(db: Db): Promise<Position> {
   const [r] = resultRows<{ xid: string; seq: string }>(

@@ -135,7 +135,7 @@ async function requireOwner(deps: Deps, viewer: Viewer, guildId: string) {
 export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): Promise<string> {
   await requireOwner(deps, viewer, guildId);
   await purgeBeforeDeletion(deps.db, { guildId });
-  await recordFormerMembers(deps.db, guildId);
+  const recorded = await recordFormerMembers(deps.db, guildId);
   return transact(deps, async (tx, log) => {
     // Members rows cascade away with the guild: who was in is kept in former_members (as long as
     // the event log), so every member subscribed now, or replaying later, hears of the deletion.
@@ -151,7 +151,7 @@ export async function deleteGuild(deps: Deps, viewer: Viewer, guildId: string): 
       .where(eq(channels.guildId, guildId))
       .orderBy(channels.id)
       .for('update');
-    await settleFormerMembers(tx, guildId);
+    await settleFormerMembers(tx, guildId, recorded);
     // Not "while the viewer still owns it": the purge above has begun the deletion for good. An
     // ownership transferred meanwhile made this refuse and left the guild to its heir gutted, its
     // messages and audit log gone; the owner's deletion, begun first, now completes.
