@@ -67,6 +67,9 @@ export async function purgeBeforeDeletion(db: Db, of: { channelIds: string[] } |
 /** Members recorded per transaction by recordFormerMembers. */
 const RECORD_BATCH = 1_000;
 
+/** A uuid as Postgres reads one: a log row's malformed payload must not fail the deletion. */
+const UUID_PATTERN = '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$';
+
 /** The membership changes the log records, each with the member as payload.userId. */
 const MEMBERSHIP_EVENTS = sql`('MEMBER_JOINED', 'MEMBER_LEFT', 'MEMBER_KICKED', 'MEMBER_BANNED')`;
 
@@ -124,7 +127,7 @@ export async function settleFormerMembers(tx: Db | Tx, guildId: string, from: st
   const changed = resultRows<{ user_id: string }>(
     await tx.execute(sql`select distinct (payload->>'userId')::uuid as user_id from (
         select guild_id, type, payload from events where (xid::text::bigint) >= ${from}::bigint offset 0) e
-      where guild_id = ${g} and type in ${MEMBERSHIP_EVENTS} and jsonb_typeof(payload->'userId') = 'string'`),
+      where guild_id = ${g} and type in ${MEMBERSHIP_EVENTS} and payload->>'userId' ~* ${UUID_PATTERN}`),
   ).map((r) => r.user_id);
   if (!changed.length) return;
   // Looked up by key (one array parameter): joined to the set, a plan could read them all.
