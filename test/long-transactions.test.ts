@@ -220,3 +220,47 @@ it("the log's retention forgets a big deleted guild's former members in batches,
   // Before: all in the prune's last transaction (300k rows: ~0.5 s, every realtime stream held).
   assert.ok(Math.max(...seen) <= PRUNE_BATCH, `former_members rows deleted per transaction: ${seen}`);
 });
+
+it("a role's deletion reads its own guild's overwrites, not every overwrite on the server", {
+  timeout: 120_000,
+}, async () => {
+  const owner = await signUp(app);
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  const r = await ok(
+    app,
+    `mutation($g: ID!) { createRole(input: { guildId: $g, name: "muted" }) { id } }`,
+    { g: guildId },
+    owner.token,
+  );
+  const role = r.createRole.id as string;
+  await ok(
+    app,
+    `mutation($c: ID!, $t: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: [], deny: [SEND_MESSAGES] }) { allow } }`,
+    { c: channelId, t: role },
+    owner.token,
+  );
+  // Other guilds' overwrites: 20k on 400 channels of another guild.
+  const other = await guildWithChannel(app, owner.token);
+  await app.deps.db.execute(sql`insert into channels (id, guild_id, type, name)
+    select gen_random_uuid(), ${raw(other.guildId)}::uuid, 'TEXT', 'o' || i from generate_series(1, 400) i`);
+  await app.deps.db.execute(sql`insert into permission_overwrites (channel_id, target_type, target_id, allow, deny)
+    select c.id, 'ROLE', gen_random_uuid(), 0, 1024 from channels c cross join generate_series(1, 50)
+    where c.guild_id = ${raw(other.guildId)}::uuid and c.name like 'o%'`);
+  await app.deps.db.execute(sql`analyze permission_overwrites`);
+  const reads = sql`select pg_stat_get_xact_tuples_returned('permission_overwrites'::regclass) + (
+      select coalesce(sum(pg_stat_get_xact_tuples_returned(indexrelid)), 0) from pg_index
+      where indrelid = 'permission_overwrites'::regclass) as n`;
+  const { seen } = await insideEachTransaction(reads, () =>
+    ok(app, `mutation($id: ID!) { deleteRole(id: $id) }`, { id: role }, owner.token),
+  );
+  const left = resultRows<{ n: number }>(
+    await app.deps.db.execute(
+      sql`select count(*)::int as n from permission_overwrites where target_id = ${raw(role)}::uuid`,
+    ),
+  );
+  assert.equal(left[0].n, 0);
+  // Before: target_id has no index of its own; every overwrite on the server was read (1M: ~0.18 s
+  // in the deletion's transaction, every realtime stream held).
+  assert.equal(seen.length, 1);
+  assert.ok(seen[0] < 1000, `permission_overwrites rows read in the deletion's transaction: ${seen[0]}`);
+});
