@@ -127,6 +127,30 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
+  it('subscribes that arrive together (a page opening its subscriptions at once) run up to the limit; only those past it are refused (all were before)', async () => {
+    // graphql-ws's client sends every subscribe made before the ack at once, when it comes: the
+    // server reads them in one chunk. Four of them here, the limit 3: one is over it.
+    const s = open();
+    await s.init();
+    const query = 'subscription { events { cursor } }';
+    const tcp = (s.ws as unknown as { _socket: import('node:net').Socket })._socket;
+    tcp.cork();
+    for (let i = 0; i < 4; i++)
+      s.ws.send(JSON.stringify({ id: `op${i}`, type: 'subscribe', payload: { query } }));
+    tcp.uncork();
+    await s.until(() => s.messages.some((m) => m.type === 'error'), 'an error');
+    // The three the limit allows are set up (running: counted in the gauge), none refused.
+    for (let i = 0; i < 100 && (await metricsOf(url))('banter_ws_active_subscriptions') < 3; i++)
+      await new Promise((r) => setTimeout(r, 50));
+    const refused = s.messages.filter((m) => m.type === 'error');
+    assert.deepEqual(
+      refused.map((m) => [m.id, m.payload[0].extensions.code]),
+      [['op3', 'RATE_LIMITED']],
+    );
+    assert.equal((await metricsOf(url))('banter_ws_active_subscriptions'), 3);
+    s.ws.close();
+  });
+
   it('closes with 4409 when an id is reused while its operation runs', async () => {
     const s = open();
     await s.init();

@@ -95,7 +95,8 @@ export interface ProtocolHandlers {
   onConnect(conn: Connection, payload: Record<string, unknown>): Promise<boolean>;
   /**
    * subscribe: starts the operation (or returns errors, sent as an `error` message). It must not
-   * write to `sink` after `stop()`.
+   * write to `sink` after `stop()`. Called as the subscribe is read, its operation (and those
+   * before it, not those after) in `conn.operations`.
    */
   onSubscribe(
     conn: Connection,

@@ -301,6 +301,10 @@ export function attachRealtime(o: RealtimeServerOptions) {
       return false;
     },
     async onSubscribe(conn, _id, payload, out) {
+      // Counted as the subscribe arrives (the protocol calls this at once): its operation and those
+      // before it are in the map. After the wait for the authentication below, so are the ones that
+      // came in the same read, and every subscribe of a burst past the limit was refused.
+      const overLimit = conn.operations.size > limits.subscriptionsPerSocket;
       const ext = payload.extensions as { headers?: Record<string, unknown> } | undefined;
       const raw = ext?.headers?.authorization ?? ext?.headers?.Authorization;
       // A token in the subscribe (GraphiQL's headers): it authenticates an anonymous socket, and
@@ -326,7 +330,7 @@ export function attachRealtime(o: RealtimeServerOptions) {
       if (!conn.viewer) {
         return [new GraphQLError('Unauthorized', { extensions: { code: 'UNAUTHENTICATED' } })];
       }
-      if (conn.operations.size > limits.subscriptionsPerSocket) {
+      if (overLimit) {
         return [
           new GraphQLError(`At most ${limits.subscriptionsPerSocket} operations per socket.`, {
             extensions: { code: 'RATE_LIMITED', retryAfter: 1 },
