@@ -204,6 +204,34 @@ describe('operations over the socket', () => {
       f.ws.close();
     }
   });
+
+  it('a frame ws refuses is counted in banter_ws_closes_total under the code its client saw (1009 too big, 1007 not UTF-8), not as a dead socket (1006 before)', async () => {
+    const u = await signUp(app);
+    const closes = async () => {
+      const m = await metricsOf(url);
+      return ['1006', '1007', '1009'].map((code) => m(`banter_ws_closes_total{code="${code}"}`));
+    };
+    const before = await closes();
+    const seen: number[] = [];
+    for (const frame of [
+      Buffer.from(`{"type":"ping","payload":{"x":"${'x'.repeat(300_000)}"}}`),
+      Buffer.from([0x7b, 0xff, 0x7d]),
+    ]) {
+      const s = rawSocket(url);
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+      // A Buffer sent as text goes as it is: ws's sender does not check it is UTF-8.
+      s.ws.send(frame, { binary: false });
+      seen.push(await s.closedWith());
+    }
+    assert.deepEqual(seen, [1009, 1007]);
+    const after = await closes();
+    assert.deepEqual(
+      after.map((n, i) => n - before[i]),
+      [0, 1, 1],
+      'closes by code (1006, 1007, 1009) since the test began',
+    );
+  });
 });
 
 describe('a long replay to a slow reader', () => {

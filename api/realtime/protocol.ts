@@ -226,6 +226,16 @@ function unframe(frame: Buffer): string {
 
 const HOLD_BYTES = 64 * 1024;
 
+/**
+ * The close code ws sent for a frame it refused: its receiver's errors carry it under a symbol of
+ * ws's own (`kStatusCode`, not exported). Undefined for any other error (a reset connection).
+ */
+function refusedWith(err: Error): number | undefined {
+  const key = Object.getOwnPropertySymbols(err).find((k) => k.description === 'status-code');
+  const code = key && (err as unknown as Record<symbol, unknown>)[key];
+  return typeof code === 'number' ? code : undefined;
+}
+
 const isObject = (x: unknown): x is Record<string, unknown> =>
   typeof x === 'object' && x !== null && !Array.isArray(x);
 const optional = (x: unknown, type: 'string' | 'object') =>
@@ -463,7 +473,13 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
     socket.on('pong', () => {
       c.alive = true;
     });
-    socket.once('error', () => socket.terminate());
+    socket.once('error', (err) => {
+      // A frame ws refused (too big, not UTF-8, bad framing): it sent its close frame with the
+      // code, and the socket closes for that reason, not as a dead one (1006, once cut).
+      const refused = refusedWith(err);
+      if (refused !== undefined) release(c, refused);
+      socket.terminate();
+    });
     if (socket.protocol !== PROTOCOL) {
       close(c, ProtocolClose.SubprotocolNotAcceptable, 'Subprotocol not acceptable');
     } else {
