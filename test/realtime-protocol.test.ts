@@ -115,6 +115,42 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
+  it('a document whose operation cannot be picked, or that fails validation, is answered as over HTTP, with its code (none for the first, before)', async () => {
+    const docs = [
+      { query: 'query A { __typename } query B { __typename }' },
+      { query: 'query A { __typename }', operationName: 'Z' },
+      { query: 'subscription { nope }' },
+    ];
+    const s = open();
+    await s.init();
+    for (const [i, payload] of docs.entries()) {
+      const res = await app.fetch(
+        '/graphql',
+        {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', authorization: `Bearer ${u.token}` },
+          body: JSON.stringify(payload),
+        },
+        { ip: 'test-ip-protocol' },
+      );
+      const overHttp = (
+        (await res.json()) as { errors: { message: string; extensions?: { code?: string } }[] }
+      ).errors[0];
+      await s.send({ id: `d${i}`, type: 'subscribe', payload });
+      await s.until(() => s.messages.some((m) => m.id === `d${i}`), `an answer to d${i}`);
+      const overWs = s.messages.find((m) => m.id === `d${i}`);
+      assert.equal(overWs.type, 'error');
+      assert.deepEqual(
+        [overWs.payload[0].message, overWs.payload[0].extensions?.code],
+        [overHttp.message, overHttp.extensions?.code],
+        JSON.stringify(payload),
+      );
+      assert.ok(overHttp.extensions?.code, 'HTTP gives it a code');
+    }
+    assert.equal(s.closed(), undefined);
+    s.ws.close();
+  });
+
   it('limits operations per socket (RATE_LIMITED)', async () => {
     const s = open();
     await s.init();

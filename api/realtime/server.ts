@@ -347,7 +347,14 @@ export function attachRealtime(o: RealtimeServerOptions) {
       const errors = env.validate(env.schema, document);
       if (errors.length) return errors.map(maskError);
       const op = getOperationAST(document, payload.operationName);
-      if (!op) return [new GraphQLError('Unable to identify operation')];
+      if (!op) {
+        // As yoga answers it over HTTP: several operations and no (or an unknown) operationName.
+        return [
+          new GraphQLError('Could not determine what operation to execute.', {
+            extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
+          }),
+        ];
+      }
       const args: ExecutionArgs = {
         schema: env.schema,
         document,
