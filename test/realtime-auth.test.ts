@@ -71,6 +71,39 @@ it('accepts an anonymous socket; its subscribe gets UNAUTHENTICATED unless it ca
   await client.dispose();
 });
 
+it('takes an authorization value with whitespace around it as HTTP does (a token read from a file with its newline, a header pasted into GraphiQL): 4401 before', async () => {
+  const u = await signUp(app);
+  const padded = [`Bearer ${u.token}\n`, ` Bearer ${u.token} `];
+  for (const authorization of padded) {
+    // HTTP takes it (a header's value is trimmed)...
+    const res = await fetch(url.replace('ws:', 'http:'), {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization },
+      body: JSON.stringify({ query: '{ viewer { user { id } } }' }),
+    });
+    const body = (await res.json()) as { data?: { viewer?: { user: { id: string } } } };
+    assert.equal(body.data?.viewer?.user.id, u.id, 'over HTTP');
+    // ...and so does connection_init,
+    const s = rawSocket(url);
+    await s.send({ type: 'connection_init', payload: { authorization } });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack') || !!s.closed(), 'ack or close');
+    assert.equal(s.closed(), undefined, JSON.stringify(authorization));
+    s.ws.close();
+    // ...and an anonymous socket's subscribe (GraphiQL's headers).
+    const a = rawSocket(url);
+    await a.send({ type: 'connection_init', payload: {} });
+    await a.until(() => a.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    await a.send({
+      id: '1',
+      type: 'subscribe',
+      payload: { query: '{ viewer { user { id } } }', extensions: { headers: { authorization } } },
+    });
+    await a.until(() => a.messages.some((m) => m.id === '1'), 'an answer');
+    assert.equal(a.messages.find((m) => m.id === '1').payload.data?.viewer?.user.id, u.id);
+    a.ws.close();
+  }
+});
+
 it('refuses malformed cursors with BAD_USER_INPUT as a GraphQL error, socket kept', async () => {
   const u = await signUp(app);
   const { client } = connect(url, u.token);

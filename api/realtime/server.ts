@@ -150,7 +150,9 @@ export function attachRealtime(o: RealtimeServerOptions) {
    * another socket for another user); the socket keeps the expiry of the token it began with.
    */
   function bindViewer(conn: Connection, raw: unknown): Promise<BindOutcome> {
-    const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw) : null;
+    // Trimmed as an HTTP header's value is: a token read from a file with its newline, or pasted
+    // into GraphiQL's headers with a space, works there and so here.
+    const m = typeof raw === 'string' ? /^Bearer\s+(\S+)$/i.exec(raw.trim()) : null;
     const token = m?.[1];
     const current = bindings.get(conn);
     if (current) {
