@@ -31,6 +31,17 @@ let redis: ChildProcess | undefined;
 let redisPort: number;
 const apis: { proc: ChildProcess; port: number }[] = [];
 const dataDir = mkdtempSync(path.join(tmpdir(), 'banter-cluster-'));
+let env: NodeJS.ProcessEnv;
+
+async function spawnApi() {
+  const port = await freePort();
+  const proc = spawn(process.execPath, ['--import', 'tsx', 'api/main.ts'], {
+    cwd: root,
+    env: { ...env, PORT: String(port) },
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  return { proc, port };
+}
 
 function startRedis() {
   redis = spawn('redis-server', ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], {
@@ -73,7 +84,7 @@ before(async () => {
   redisPort = await freePort();
   startRedis();
   await redisUp();
-  const env = {
+  env = {
     ...process.env,
     NODE_ENV: 'test',
     LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? 'silent',
@@ -84,15 +95,7 @@ before(async () => {
     RATE_LIMITS: 'off',
     DATA_DIR: dataDir,
   };
-  for (let i = 0; i < 2; i++) {
-    const port = await freePort();
-    const proc = spawn(process.execPath, ['--import', 'tsx', 'api/main.ts'], {
-      cwd: root,
-      env: { ...env, PORT: String(port) },
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
-    apis.push({ proc, port });
-  }
+  for (let i = 0; i < 2; i++) apis.push(await spawnApi());
   for (const a of apis) {
     await waitFor(async () => (await fetch(`http://127.0.0.1:${a.port}/readyz`)).ok, 60_000, 'api ready');
   }
@@ -214,4 +217,64 @@ it('logout on one instance closes the session’s sockets on the other at once, 
   while (!again.closed() && Date.now() - t1 < 5000) await new Promise((r) => setTimeout(r, 20));
   assert.equal(again.closed()?.code, 4403);
   await again.client.dispose();
+});
+
+it('users of an instance killed outright (no socket closed, no OFFLINE told) are told OFFLINE once their entries run out, as queries show them (never told, before)', {
+  skip: !onPostgres,
+  timeout: 180_000,
+}, async () => {
+  const [a] = apis;
+  const doomed = await spawnApi();
+  try {
+    await waitFor(
+      async () => (await fetch(`http://127.0.0.1:${doomed.port}/readyz`)).ok,
+      60_000,
+      'api ready',
+    );
+    const { token, guildId } = await setup();
+    const reg = `mutation($i: RegisterInput!) { register(input: $i) { accessToken user { id } } }`;
+    const name = `k${randomBytes(4).toString('hex')}`;
+    const other = await http(a.port, reg, {
+      i: { username: name, email: `${name}@example.test`, password: 'correct horse battery' },
+    });
+    const code = await http(
+      a.port,
+      'mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }',
+      { g: guildId },
+      token,
+    );
+    await http(
+      a.port,
+      'mutation($c: String!) { joinGuild(code: $c) { id } }',
+      { c: code.createInvite.code },
+      other.register.accessToken,
+    );
+    const otherId = other.register.user.id as string;
+    const watcher = connect(`ws://127.0.0.1:${a.port}/graphql`, token);
+    const seen = subscribe(
+      watcher.client,
+      undefined,
+      'subscription { events { __typename ... on PresenceChanged { user { id } status } } }',
+    );
+    const shown = () => seen.events.filter((e) => e.user?.id === otherId).map((e) => e.status);
+    await new Promise((r) => setTimeout(r, 500));
+    const gone = connect(`ws://127.0.0.1:${doomed.port}/graphql`, other.register.accessToken);
+    subscribe(gone.client);
+    await seen.until(() => shown().at(-1) === 'ONLINE', 10_000, 'ONLINE');
+    doomed.proc.kill('SIGKILL');
+    // Its entries live CONNECTION_TTL_MS (60 s) unless refreshed; the survivors look every 20 s.
+    await seen.until(() => shown().at(-1) === 'OFFLINE', 120_000, 'OFFLINE');
+    const q = await http(
+      a.port,
+      'query($id: ID!) { node(id: $id) { ... on User { presence { status } } } }',
+      { id: otherId },
+      token,
+    );
+    assert.equal(q.node.presence.status, 'OFFLINE');
+    seen.stop();
+    await watcher.client.dispose();
+    await Promise.resolve(gone.client.dispose()).catch(() => {});
+  } finally {
+    doomed.proc.kill('SIGKILL');
+  }
 });

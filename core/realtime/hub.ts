@@ -507,6 +507,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       });
     } else if (topic === 'presence') {
       const p = payload as SignalTopics['presence'];
+      presence.heard(p.userId, p.status);
       if (!presenceBatch) {
         presenceBatch = new Map();
         presenceTimer = setTimeout(flushPresence, PRESENCE_BATCH_MS);

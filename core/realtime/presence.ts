@@ -33,6 +33,12 @@ export interface PresenceStore {
   /** What others see. */
   shown(userIds: string[]): Promise<Map<string, PresenceShown>>;
   /**
+   * Users whose connection entries all ran out without being dropped (the instance that held
+   * their sockets died: killed, frozen, cut off), those entries removed; each user is handed to
+   * one caller only. Missing for a store in process: its process is every instance.
+   */
+  lapsed?(): Promise<string[]>;
+  /**
    * Calls `fn` whenever the store is back after being unreachable (it may have lost its entries,
    * and writes made meanwhile failed). Returns a function that stops it.
    */
@@ -84,9 +90,15 @@ export function createMemoryPresence(): PresenceStore {
 /** How long Redis keeps its copy of a chosen status (written again at every connection). */
 const CHOICE_TTL_S = 30 * 86_400;
 
+/** Users looked at per round of lapsed(), and rounds per call (the rest wait for the next). */
+const LAPSED_BATCH = 1000;
+const LAPSED_ROUNDS = 10;
+
 export function createRedisPresence(redis: Redis, prefix: string): PresenceStore {
   const key = (u: string) => `${prefix}presence:${u}`;
   const choiceKey = (u: string) => `${prefix}presence-choice:${u}`;
+  /** each user with entries, by the last deadline written for it (lapsed() looks past it) */
+  const deadlines = `${prefix}presence-deadlines`;
   return {
     async touch(userId, connIds, choice) {
       if (!connIds.length && !choice) return;
@@ -94,7 +106,11 @@ export function createRedisPresence(redis: Redis, prefix: string): PresenceStore
       if (choice) m.set(choiceKey(userId), choice, 'EX', CHOICE_TTL_S);
       if (connIds.length) {
         const until = String(Date.now() + CONNECTION_TTL_MS);
-        m.hset(key(userId), ...connIds.flatMap((c) => [c, until])).pexpire(key(userId), CONNECTION_TTL_MS);
+        // The hash outlives its entries by a TTL: lapsed() tells entries left behind by an
+        // instance that died (still there, run out) from ones dropped as their sockets closed.
+        m.hset(key(userId), ...connIds.flatMap((c) => [c, until]))
+          .pexpire(key(userId), 2 * CONNECTION_TTL_MS)
+          .zadd(deadlines, until, userId);
       }
       await m.exec();
     },
@@ -122,6 +138,35 @@ export function createRedisPresence(redis: Redis, prefix: string): PresenceStore
           ];
         }),
       );
+    },
+    async lapsed() {
+      const now = Date.now();
+      const out: string[] = [];
+      for (let round = 0; round < LAPSED_ROUNDS; round++) {
+        const due = await redis.zrangebyscore(deadlines, '-inf', now, 'LIMIT', 0, LAPSED_BATCH);
+        if (!due.length) break;
+        // Each claimed by one instance (the others' ZREM answers 0). A user still connected
+        // somewhere is written again by its instance's next refresh, and so back in the set.
+        const claims = await due.reduce((p, u) => p.zrem(deadlines, u), redis.pipeline()).exec();
+        const mine = due.filter((_, i) => claims?.[i]?.[1] === 1);
+        const read = await mine.reduce((p, u) => p.hgetall(key(u)), redis.pipeline()).exec();
+        const drop = redis.pipeline();
+        let drops = 0;
+        mine.forEach((u, i) => {
+          const entries = (read?.[i]?.[1] as Record<string, string> | null) ?? {};
+          const all = Object.keys(entries);
+          const dead = all.filter((c) => Number(entries[c]) <= now);
+          // None: dropped as their sockets closed (told then). Some alive: still connected.
+          if (!dead.length || dead.length < all.length) return;
+          // Only those entries: one written meanwhile (a new socket) stays.
+          drop.hdel(key(u), ...dead);
+          drops++;
+          out.push(u);
+        });
+        if (drops) await drop.exec();
+        if (due.length < LAPSED_BATCH) break;
+      }
+      return out;
     },
     onReconnect(fn) {
       redis.on('ready', fn);
@@ -201,7 +246,25 @@ export function createPresenceTracker(
     }
   }
 
+  /**
+   * Users whose instance died with their sockets: nobody dropped their entries or told them
+   * OFFLINE, and queries show them OFFLINE once the entries run out. Told here (by the one
+   * instance the store hands each to), as a drop would have.
+   */
+  async function tellLapsed() {
+    for (const u of (await store.lapsed?.()) ?? []) {
+      if (local.has(u)) {
+        // Connected here after all (a write of ours that failed): written again, and shown.
+        unsure.add(u);
+        continue;
+      }
+      lastShown.delete(u);
+      await bus.signal('presence', { userId: u, status: 'OFFLINE' });
+    }
+  }
+
   const refresh = setInterval(() => {
+    void tellLapsed().catch(() => {});
     const redo = new Set([...unsure, ...undropped.keys()]);
     for (const [u, set] of local) if (!redo.has(u)) void store.touch(u, [...set]).catch(() => {});
     for (const u of redo) {
@@ -280,6 +343,18 @@ export function createPresenceTracker(
       } catch {
         unsure.add(userId);
       }
+    },
+    /**
+     * A presence change signalled by any instance. OFFLINE for a user with a socket here (an
+     * instance that had not seen this one's entry, or the lapsed sweep racing a new socket) is
+     * answered with what others should see: written again and told.
+     */
+    heard(userId: string, status: string) {
+      if (status !== 'OFFLINE' || !local.has(userId)) return;
+      lastShown.delete(userId);
+      void rewrite(userId)
+        .then((ok) => (ok ? announce(userId) : Promise.reject()))
+        .catch(() => unsure.add(userId));
     },
     stop() {
       clearInterval(refresh);
