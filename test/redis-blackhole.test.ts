@@ -31,6 +31,7 @@ let direct: string;
 let proxy: Awaited<ReturnType<typeof tcpProxy>>;
 let a: TestApp;
 let b: App;
+let urlA: string;
 let urlB: string;
 
 const SEND = `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`;
@@ -89,7 +90,7 @@ before(async () => {
   a = await createTestApp({}, { REDIS_URL: direct });
   // A second instance of the same deployment, whose Redis connections go through the proxy.
   b = await buildApp({ ...a.config, redisUrl: proxy.url });
-  await a.start(0);
+  urlA = `ws://127.0.0.1:${await a.start(0)}/graphql`;
   urlB = `ws://127.0.0.1:${await b.start(0)}/graphql`;
 });
 after(async () => {
@@ -294,6 +295,42 @@ it('a long black hole (25 s, open and new connections alike) under traffic: the 
   } finally {
     sb.stop();
     await cb.client.dispose();
+  }
+});
+
+it('a user on B, its entries run out while B cannot reach Redis and A tells it OFFLINE, is told as it is again once B is back (OFFLINE for good, before)', {
+  skip,
+  timeout: 240_000,
+}, async () => {
+  const [watcher, user] = await Promise.all([signUp(a), signUp(a)]);
+  const { guildId } = await guildWithChannel(a, watcher.token);
+  await invite(a, watcher.token, guildId, user.token);
+  const cw = connect(urlA, watcher.token);
+  const sw = subscribe(
+    cw.client,
+    undefined,
+    'subscription { events { __typename ... on PresenceChanged { user { id } status } } }',
+  );
+  const shown = () => sw.events.filter((e) => e.user?.id === user.id).map((e) => e.status);
+  const cu = connect(urlB, user.token);
+  const su = subscribe(cu.client);
+  try {
+    await sw.until(() => shown().at(-1) === 'ONLINE', 10_000, 'ONLINE');
+    proxy.hold();
+    try {
+      // B cannot refresh the entry: it runs out (CONNECTION_TTL_MS, 60 s) and A, looking every
+      // 20 s, tells the user OFFLINE, as queries show it then.
+      await sw.until(() => shown().at(-1) === 'OFFLINE', 120_000, 'OFFLINE while B is cut off');
+    } finally {
+      proxy.release();
+    }
+    // The user's socket on B never closed: once B reaches Redis again it is shown ONLINE.
+    await sw.until(() => shown().at(-1) === 'ONLINE', 30_000, 'ONLINE once B is back');
+  } finally {
+    su.stop();
+    sw.stop();
+    await cu.client.dispose();
+    await cw.client.dispose();
   }
 });
 

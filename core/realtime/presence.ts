@@ -191,6 +191,12 @@ export function createPresenceTracker(
 ) {
   const local = new Map<string, Set<string>>();
   const lastShown = new Map<string, PresenceShown>();
+  /**
+   * Users connected here whose entries this instance could not write for a while: they may have
+   * run out meanwhile, and another instance told them OFFLINE (tellLapsed). Told again, whatever
+   * this instance showed last, once written.
+   */
+  const retell = new Set<string>();
   let n = 0;
 
   /**
@@ -200,7 +206,8 @@ export function createPresenceTracker(
    */
   async function announce(userId: string, chosen = false) {
     const s = (await store.shown([userId])).get(userId) ?? 'OFFLINE';
-    if (!chosen && (lastShown.get(userId) ?? 'OFFLINE') === s) return;
+    const again = retell.delete(userId);
+    if (!chosen && !again && (lastShown.get(userId) ?? 'OFFLINE') === s) return;
     if (s === 'OFFLINE') lastShown.delete(userId);
     else lastShown.set(userId, s);
     await bus.signal('presence', { userId, status: s });
@@ -266,7 +273,13 @@ export function createPresenceTracker(
   const refresh = setInterval(() => {
     void tellLapsed().catch(() => {});
     const redo = new Set([...unsure, ...undropped.keys()]);
-    for (const [u, set] of local) if (!redo.has(u)) void store.touch(u, [...set]).catch(() => {});
+    for (const [u, set] of local) {
+      if (redo.has(u)) continue;
+      void store.touch(u, [...set]).catch(() => {
+        retell.add(u);
+        unsure.add(u);
+      });
+    }
     for (const u of redo) {
       unsure.delete(u);
       void rewrite(u)
@@ -283,6 +296,7 @@ export function createPresenceTracker(
   const toTell = new Set<string>();
   let settle: NodeJS.Timeout | undefined;
   const offReconnect = store.onReconnect?.(() => {
+    for (const u of local.keys()) retell.add(u);
     for (const u of new Set([...local.keys(), ...lastShown.keys(), ...undropped.keys(), ...unsure])) {
       toTell.add(u);
       unsure.delete(u);
