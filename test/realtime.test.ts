@@ -580,3 +580,34 @@ it('a batched prune keeps who was in a deleted guild until its GUILD_DELETED row
     await pruning;
   }
 });
+
+it('who was in a deleted guild, recorded seconds before its GUILD_DELETED row, outlives a prune whose cutoff falls between the two: a member resuming from before it still hears of it', async () => {
+  const db = app.deps.db;
+  const owner = await signUp(app);
+  const member = await signUp(app);
+  const { guildId } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, member.token);
+  const [last] = resultRows(
+    await db.execute(
+      sql`select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
+    ),
+  ) as { xid: string; seq: string }[];
+  const cursor = encodeCursor({ xid: last.xid, seq: Number(last.seq) });
+  await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, owner.token);
+  const raw = decodeAnyId(guildId).id;
+  // The recording ran just before the deletion's transaction (recordFormerMembers): a prune's
+  // cutoff (retention 7 days) falls between the two, 10 s after the one and before the other.
+  await db.execute(sql`update former_members set deleted_at = now() - interval '7 days 10 seconds'
+    where guild_id = ${raw}::uuid`);
+  await db.execute(sql`update events set created_at = now() - interval '6 days 23 hours 59 minutes'
+    where type = 'GUILD_DELETED' and guild_id = ${raw}::uuid`);
+  await pruneEvents(db, 7);
+  const { client } = connect(url, member.token);
+  const s = subscribe(client, cursor);
+  try {
+    await s.until((e) => e.some((x) => x.__typename === 'GuildDeleted'), 10_000, 'GuildDeleted replayed');
+  } finally {
+    s.stop();
+    await client.dispose();
+  }
+});

@@ -634,6 +634,9 @@ export function assertAfterWatermark(after: Position, watermark: Position): void
 /** Rows a prune deletes per transaction. */
 export const PRUNE_BATCH = 5_000;
 
+/** How much longer than the log's rows who was in a deleted guild is kept (see pruneEvents). */
+const FORMER_MEMBERS_MARGIN_MS = 86_400_000;
+
 /**
  * Deletes rows older than the retention and moves the watermark past them: PRUNE_BATCH rows per
  * transaction, each moving the watermark past its own, so that a long backlog (a first prune, a
@@ -667,13 +670,16 @@ export async function pruneEvents(db: Db, retentionDays: number, now = new Date(
   // Who was in a deleted guild goes after the last expired rows: a GUILD_DELETED row an earlier
   // batch had not deleted yet was still replayed, and needed them. PRUNE_BATCH per transaction
   // too: a deleted guild of 300k members, in the last batch's transaction, held it (and every
-  // realtime stream with it) ~0.5 s.
+  // realtime stream with it) ~0.5 s. And a day after its cutoff: the rows are dated when the
+  // recording ran (recordFormerMembers), seconds before the GUILD_DELETED row; a cutoff between
+  // the two took them while the row that needs them stayed, and a member's replay lost it.
+  const formerCutoff = new Date(Date.parse(cutoff) - FORMER_MEMBERS_MARGIN_MS).toISOString();
   for (;;) {
     const n = await db.transaction(async (tx) => {
       await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
       const [r] = resultRows<{ n: number }>(
         await tx.execute(sql`with d as (delete from ${formerMembers} where (guild_id, user_id) in (
-            select guild_id, user_id from ${formerMembers} where deleted_at < ${cutoff}::timestamptz limit ${PRUNE_BATCH})
+            select guild_id, user_id from ${formerMembers} where deleted_at < ${formerCutoff}::timestamptz limit ${PRUNE_BATCH})
           returning 1) select count(*)::int as n from d`),
       );
       return Number(r.n);
