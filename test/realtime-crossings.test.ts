@@ -102,7 +102,8 @@ it('a member without READ_HISTORY that resumes from the cursor of a message it g
     await sleep(50);
     // The client reconnects (a network change, a new tab) and resumes from its last cursor.
     const resumed = subscribe(c2.client, cursor, Q);
-    await sleep(700);
+    // Its replay is over: the edit comes to it live, as to the live stream.
+    await untilLive(app, [v], 2);
     await ok(
       app,
       `mutation($i: EditMessageInput!) { editMessage(input: $i) { id } }`,
@@ -145,7 +146,7 @@ it('an SSE stream served to a client that accepts anything (curl, Accept: */*) c
     const reader = res.body!.getReader();
     const decoder = new TextDecoder();
     let text = '';
-    await sleep(700);
+    await untilLive(app, [u]);
     await send(app, u.token, channelId, 'hello');
     const deadline = Date.now() + 10_000;
     while (!text.includes('hello') && Date.now() < deadline) {
@@ -179,7 +180,7 @@ it('a member without READ_HISTORY whose live stream got a MessageCreated gets th
     const sending = send(app, o.token, channelId, 'slow send');
     await sleep(300);
     const live = subscribe(c.client, null, Q);
-    await sleep(700);
+    await untilLive(app, [v]);
     await stall.query('commit');
     const id = await sending;
     // It committed after the stream began: the stream delivers it.
@@ -221,7 +222,7 @@ it('an anonymous socket told RATE_LIMITED (its user at the socket limit, its tok
     const u = await signUp(app2);
     const first = connect(url2, u.token);
     const s1 = subscribe(first.client, null, Q);
-    await sleep(300);
+    await untilLive(app2, [u]);
     const anon = rawSocket(url2);
     await anon.send({ type: 'connection_init', payload: {} });
     await anon.until(() => anon.messages.some((m) => m.type === 'connection_ack'), 'the ack');
@@ -259,7 +260,7 @@ it('a member without READ_HISTORY who joins is not shown a message sent before i
   const old = new pg.Client({ connectionString: app.config.databaseUrl });
   await old.connect();
   try {
-    await sleep(500);
+    await untilLive(app, [v]);
     // An older transaction of this database stays open: the log is read up to it only.
     await old.query('begin');
     await old.query('select pg_current_xact_id()');
