@@ -4,7 +4,15 @@ import { after, before, it } from 'node:test';
 import { SlowConsumerError, type Subscription } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, metricsOf, send, sleep, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  metricsOf,
+  send,
+  sleep,
+  subscribe,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -102,7 +110,9 @@ it('limits sockets per user (4029) and operations per socket (RATE_LIMITED)', as
 
   const { client } = connect(url, u.token);
   const many = Array.from({ length: 52 }, () => subscribe(client));
-  await new Promise((r) => setTimeout(r, 1000));
+  const refused = () => many.some((s) => s.errors.some((e) => e.extensions?.code === 'RATE_LIMITED'));
+  const until = Date.now() + 10_000;
+  while (!refused() && Date.now() < until) await sleep(50);
   const limited = many.filter((s) => s.errors.some((e) => e.extensions?.code === 'RATE_LIMITED'));
   assert.ok(limited.length >= 1, 'the operations past the limit are refused');
   await client.dispose();
@@ -143,7 +153,7 @@ it('exposes realtime metrics', async () => {
   const { client } = connect(url, u.token);
   const s = subscribe(client);
   const { channelId } = await guildWithChannel(app, u.token);
-  await new Promise((r) => setTimeout(r, 200));
+  await untilLive(app, [u]);
   await send(app, u.token, channelId, 'count me');
   await s.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
   const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
