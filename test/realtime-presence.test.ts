@@ -14,7 +14,7 @@ import {
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, TEST_REDIS_URL, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, subscribe, tcpProxy } from './realtime-helpers.ts';
+import { connect, guildWithChannel, invite, subscribe, tcpProxy, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -38,7 +38,8 @@ it('presence: online with a socket, invisible shown offline, offline after the l
   const cs = connect(url, stranger.token);
   const sb = subscribe(cb.client, null, Q);
   const ss = subscribe(cs.client, null, Q);
-  await new Promise((r) => setTimeout(r, 300));
+  // a's ONLINE is not replayed to a stream started later.
+  await untilLive(app, [b, stranger]);
 
   const ca = connect(url, a.token);
   const sa = subscribe(ca.client, null, Q);
@@ -73,7 +74,7 @@ it('presence respects blocks: a blocker turns OFFLINE to the blocked user, who h
   const cf = connect(url, friend.token);
   const sv = subscribe(cv.client, null, Q);
   const sf = subscribe(cf.client, null, Q);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [blocked, friend]);
   // The blocked user's subscription has already looked a up (shown), so the block must reach
   // its cache, not only fresh lookups.
   const cb0 = connect(url, a.token);
@@ -116,7 +117,7 @@ it('an invisible user coming and going announces nothing; the next visible arriv
   await new Promise((r) => setTimeout(r, 300));
   const cb = connect(url, b.token);
   const sb = subscribe(cb.client, null, Q);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [b]);
   for (let i = 0; i < 3; i++) {
     const ca = connect(url, a.token);
     const sa = subscribe(ca.client, null, Q);
