@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { connect, guildWithChannel, send, subscribe, untilLive } from './realtime-helpers.ts';
 
@@ -29,9 +30,11 @@ async function login(u: TestUser): Promise<string> {
 
 /** An open, subscribed socket: resolves once the server has registered the subscription. */
 async function open(token: string) {
+  const me = (await ok(app, '{ viewer { user { id } } }', {}, token)).viewer.user as { id: string };
+  const live = app.deps.realtime!.liveCount(decodeAnyId(me.id).id);
   const c = connect(url, token);
   const s = subscribe(c.client);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLive(app, [me], live + 1);
   assert.equal(c.closed(), undefined);
   return { ...c, s };
 }
