@@ -11,7 +11,7 @@ import pg from 'pg';
 import { newId } from '../core/ids.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { connect, guildWithChannel, send, sleep, subscribe } from './realtime-helpers.ts';
+import { connect, guildWithChannel, send, sleep, subscribe, untilLive } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 /** Enough that the deletion takes seconds here (the cascade: ~2 s per 50k on these VMs). */
@@ -57,7 +57,7 @@ async function deliveredMeanwhile(deletion: () => Promise<any>, stillThere: () =
   const c = connect(wsUrl, bystander.token);
   const s = subscribe(c.client, null);
   try {
-    await sleep(300);
+    await untilLive(app, [bystander]);
     const deleting = deletion();
     await sleep(300);
     await send(app, bystander.token, elsewhere.channelId, 'meanwhile');
