@@ -23,6 +23,7 @@ import {
   send,
   sleep,
   subscribe,
+  untilLive,
 } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -219,10 +220,9 @@ it('a prune committing while a shared page loads its messages: the page fails CU
     ... on GuildDeleted { guildId } ... on MessageCreated { message { id } } } }`;
   const cm = connect(url, member.token);
   const live = subscribe(cm.client, null, Q);
-  for (let k = 0; k < 30 && !live.events.length; k++) {
-    await send(app, owner.token, g.channelId, `cursor ${k}`);
-    await sleep(300);
-  }
+  await untilLive(app, [member]);
+  await send(app, owner.token, g.channelId, 'cursor');
+  await live.until((e) => e.length > 0, 10_000, 'the cursor message');
   const cursor = live.events.at(-1).cursor as string;
   await ok(app, `mutation($g: ID!) { deleteGuild(id: $g) }`, { g: g.guildId }, owner.token);
   const after = await send(app, other.token, g2.channelId, 'after the deletion');
@@ -297,12 +297,10 @@ async function cursorAndWatch(owner: TestUser, viewer: TestUser, channelId: stri
   const live = subscribe(cv.client, null);
   const co = connect(url, owner.token);
   const watch = subscribe(co.client, null);
-  let first = '';
-  const both = () => [live, watch].every((s) => s.events.some((e) => e.message?.id === first));
-  for (let k = 0; k < 30 && !both(); k++) {
-    first = await send(app, owner.token, channelId, `cursor ${k}`);
-    await sleep(300);
-  }
+  await untilLive(app, [viewer, owner]);
+  const first = await send(app, owner.token, channelId, 'cursor');
+  for (const s of [live, watch])
+    await s.until((e) => e.some((x) => x.message?.id === first), 10_000, 'cursor');
   const cursor = live.events.find((e) => e.message?.id === first)?.cursor as string;
   assert.ok(cursor, "the viewer's live stream has a message");
   live.stop();
@@ -447,12 +445,10 @@ it("a viewer's scope read that fails (cancelled, as a statement_timeout would) c
   const live = subscribe(cv.client, null);
   const co = connect(url, owner.token);
   const watch = subscribe(co.client, null);
-  let first = '';
-  const both = () => [live, watch].every((s) => s.events.some((e) => e.message?.id === first));
-  for (let k = 0; k < 30 && !both(); k++) {
-    first = await send(app, owner.token, home.channelId, `cursor ${k}`);
-    await sleep(300);
-  }
+  await untilLive(app, [viewer, owner]);
+  const first = await send(app, owner.token, home.channelId, 'cursor');
+  for (const s of [live, watch])
+    await s.until((e) => e.some((x) => x.message?.id === first), 10_000, 'cursor');
   const cursor = live.events.find((e) => e.message?.id === first)?.cursor as string;
   assert.ok(cursor, "the viewer's live stream has a message");
   live.stop();
