@@ -117,7 +117,7 @@ it('over SSE, a row whose check fails every time ends the stream for a few round
   const bad = await guildWithChannel(app, u.token);
   const good = await guildWithChannel(app, u.token);
   const s = sseStream(httpUrl, u.token);
-  await sleep(400);
+  await untilLive(app, [u]);
   await send(app, u.token, good.channelId, 'one');
   await s.until((x) => contents(x.events).includes('one'), 'one');
   const last = s.events.find((e) => e.message?.content === 'one').cursor as string;
