@@ -272,8 +272,10 @@ describe('a socket authenticates once, and what it registers goes with it', () =
     const { connected, disconnected } = presence;
     const given: string[] = [];
     const released: string[] = [];
+    let entered = 0;
     presence.connected = async (user) => {
       if (user !== userId) return connected(user);
+      entered++;
       await hold;
       const id = await connected(user);
       given.push(id);
@@ -286,6 +288,10 @@ describe('a socket authenticates once, and what it registers goes with it', () =
     return {
       given,
       released,
+      /** how many registrations of the user's presence have begun */
+      get entered() {
+        return entered;
+      },
       restore() {
         presence.connected = connected;
         presence.disconnected = disconnected;
@@ -332,12 +338,15 @@ describe('a socket authenticates once, and what it registers goes with it', () =
     try {
       const s = raw();
       await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
-      await new Promise((r) => setTimeout(r, 200));
+      // Closed while its presence is being registered (held there).
+      await s.until(() => watch.entered > 0, 'the presence registration', 10_000);
       s.ws.terminate();
       assert.equal(await openSockets(), 0);
       open();
-      for (let i = 0; i < 50 && !watch.given.length; i++) await new Promise((r) => setTimeout(r, 20));
-      await new Promise((r) => setTimeout(r, 100));
+      for (let i = 0; i < 250 && !watch.given.length; i++) await new Promise((r) => setTimeout(r, 20));
+      // Released as soon as it is given, the socket being closed (bounded: never, before).
+      for (let i = 0; i < 100 && watch.released.length < watch.given.length; i++)
+        await new Promise((r) => setTimeout(r, 20));
       assert.equal(watch.given.length, 1);
       assert.deepEqual(watch.released, watch.given, 'the connection id was never released');
     } finally {
@@ -357,7 +366,13 @@ describe('a socket authenticates once, and what it registers goes with it', () =
       // GraphiQL's way: the token in each subscribe's extensions.headers, both sent at once.
       s.ws.send(JSON.stringify({ id: 'a', type: 'subscribe', payload: { query, extensions: { headers } } }));
       s.ws.send(JSON.stringify({ id: 'b', type: 'subscribe', payload: { query, extensions: { headers } } }));
-      await new Promise((r) => setTimeout(r, 500));
+      const hub2 = app2.deps.realtime!;
+      const uid = decodeAnyId(u.id).id;
+      await s.until(
+        () => s.messages.some((m) => m.type === 'error') || hub2.liveCount(uid) >= 2,
+        'both subscribes',
+        10_000,
+      );
       assert.deepEqual(
         s.messages.filter((m) => m.type === 'error'),
         [],
