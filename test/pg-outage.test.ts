@@ -27,6 +27,7 @@ import {
   subscribe,
   subscribeFrame,
   tcpProxy,
+  untilLive,
 } from './realtime-helpers.ts';
 
 const BIN = '/usr/lib/postgresql/15/bin';
@@ -134,7 +135,7 @@ it('connections terminated: the stream goes on by itself, nothing lost or repeat
   const c = connect(wsUrl, u.token);
   const s = subscribe(c.client, null);
   try {
-    await sleep(300);
+    await untilLive(app, [u]);
     await send(app, u.token, channelId, 'k1');
     await s.until((e) => contents(e).includes('k1'));
     const admin = new pg.Client({ connectionString: `postgres://postgres@127.0.0.1:${port}/postgres` });
@@ -183,7 +184,7 @@ it('database down, then back: HTTP fails clearly, readyz says so, the stream res
   const cv = connect(wsUrl, v.token);
   const sv = subscribe(cv.client, null);
   try {
-    await sleep(300);
+    await untilLive(app, [u, v]);
     await send(app, u.token, channelId, 'd1');
     await s.until((e) => contents(e).includes('d1'));
     await sv.until((e) => contents(e).includes('d1'));
@@ -255,6 +256,9 @@ it('a row committed just before the outage arrives once it is back; typing and p
   const c = connect(wsUrl, u.token);
   const s = subscribe(c.client, null, q);
   try {
+    await untilLive(app, [u]);
+    // Also lets u's own ONLINE (presence is batched, up to 100 ms) go out before the outage: one
+    // resolved during it fails its user load, and that errors the stream (events.user).
     await sleep(300);
     const m1 = await send(app, u.token, channelId, 'e1');
     await s.until((e) => contents(e).includes('e1'));
@@ -323,7 +327,7 @@ it('a live event whose permission check fails (a statement failing: the database
   const c = connect(wsUrl, v.token);
   const s = subscribe(c.client, null);
   try {
-    await sleep(300);
+    await untilLive(app, [v]);
     await send(app, u.token, channelId, 'f1');
     await s.until((e) => contents(e).includes('f1'));
     const cursor = s.events.at(-1).cursor as string;
@@ -346,7 +350,9 @@ it('a live event whose permission check fails (a statement failing: the database
           [decodeAnyId(guildId).id, x],
         );
         await app.deps.realtime!.poke();
-        await sleep(500);
+        // The event reaches v and its access check fails: v is cut off (asserted below).
+        const deadline = Date.now() + 10_000;
+        while (!c.closed() && Date.now() < deadline) await sleep(20);
       });
     } finally {
       await raw.end();
@@ -381,7 +387,7 @@ it('a resume whose replay fails (a statement failing: the database away) closes 
   const s = subscribe(c.client, null);
   let cursor: string;
   try {
-    await sleep(300);
+    await untilLive(app, [u]);
     await send(app, u.token, channelId, 'g1');
     await send(app, u.token, channelId, 'g2');
     await s.until((e) => contents(e).includes('g2'));
@@ -497,7 +503,7 @@ it('a socket opened while the database is down is told to try again (1013), not 
   const s = subscribe(c.client, null);
   try {
     const { channelId } = await eventually(() => guildWithChannel(app, u.token));
-    await sleep(300);
+    await untilLive(app, [u]);
     await send(app, u.token, channelId, 'a1');
     await s.until((e) => contents(e).includes('a1'));
   } finally {
@@ -527,7 +533,7 @@ it('connections left hanging (a failover: no answer, no reset) are given up once
   const c = connect(hungWs, u.token);
   const s = subscribe(c.client, null);
   try {
-    await sleep(300);
+    await untilLive(hung, [u]);
     await send(direct, u.token, channelId, 'f1');
     await send(hung, u.token, channelId, 'f2');
     await s.until((e) => contents(e).includes('f2'));
@@ -612,7 +618,7 @@ it('a connection_init whose token check outlasts the init timeout (the database 
     const s = subscribe(c.client, null);
     try {
       const { channelId } = await guildWithChannel(slow, u.token);
-      await sleep(300);
+      await untilLive(slow, [u]);
       await send(slow, u.token, channelId, 'i1');
       await s.until((e) => contents(e).includes('i1'));
     } finally {
@@ -636,7 +642,7 @@ it('an outage of a few seconds, its clients resuming every second meanwhile, ski
   const s = subscribe(c.client, null);
   let last: string;
   try {
-    await sleep(300);
+    await untilLive(app, [u]);
     await send(app, u.token, channelId, 'o1');
     await s.until((e) => contents(e).includes('o1'));
     last = s.events.at(-1).cursor as string;
