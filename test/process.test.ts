@@ -241,10 +241,11 @@ describe('presence across a restart', () => {
     const [hidden, watcher] = [await user(s.base), await user(s.base)];
     const g = await gqlHttp(
       s.base,
-      'mutation { createGuild(input: { name: "G" }) { id } }',
+      'mutation { createGuild(input: { name: "G" }) { id channels { id } } }',
       {},
       hidden.token,
     );
+    const channelId = g.body.data.createGuild.channels[0].id as string;
     const inv = await gqlHttp(
       s.base,
       'mutation($g: ID!) { createInvite(input: { guildId: $g }) { code } }',
@@ -266,8 +267,19 @@ describe('presence across a restart', () => {
     const c = connect(`${s.base.replace('http', 'ws')}/graphql`, hidden.token);
     const sub = subscribe(c.client, null);
     try {
-      // Its socket is up (its own stream answers), then what the watcher is shown.
-      await new Promise((r) => setTimeout(r, 1500));
+      // Its socket is up (its own stream answers: its presence was registered before the ack),
+      // then what the watcher is shown. A marker committed before the stream is live is rightly
+      // never delivered: one a second until one arrives.
+      for (let i = 0; i < 30 && !sub.events.length; i++) {
+        await gqlHttp(
+          s.base,
+          'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }',
+          { i: { channelId, content: `live? ${i}` } },
+          hidden.token,
+        );
+        await sub.until((e) => e.length > 0, 1000).catch(() => {});
+      }
+      assert.ok(sub.events.length, `its stream is not live: ${JSON.stringify(sub.errors)}`);
       // The hidden user's status as the holder of `token` is shown it.
       const shownTo = async (token: string) => {
         const query = 'query($id: ID!) { user(id: $id) { presence { status } } }';
