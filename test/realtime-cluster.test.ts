@@ -12,7 +12,7 @@ import path from 'node:path';
 import { after, before, it } from 'node:test';
 import pg from 'pg';
 import { createTestDatabase, onPostgres } from './helpers.ts';
-import { connect, freePort, subscribe } from './realtime-helpers.ts';
+import { connect, freePort, type Stream, subscribe } from './realtime-helpers.ts';
 import { resumeUnderLoad } from './realtime-scenario.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
@@ -24,6 +24,31 @@ async function waitFor(fn: () => Promise<boolean>, ms: number, what: string) {
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`timed out waiting for ${what}`);
+}
+
+/**
+ * Resolves once `s`, a stream on another process (its hub is out of reach), is live: it received
+ * a marker message sent to `channelId` (through `port`) after it went live. A marker committed
+ * before is rightly never delivered (a stream without a cursor starts from its snapshot), so one
+ * is sent every second until one arrives, at most 30.
+ */
+async function untilLiveRemote(s: Stream, port: number, token: string, channelId: string) {
+  const marker = (x: any) => String(x.message?.content ?? '').startsWith('live? ');
+  for (let i = 0; i < 30; i++) {
+    await http(
+      port,
+      `mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }`,
+      { i: { channelId, content: `live? ${i}` } },
+      token,
+    );
+    try {
+      await s.until((e) => e.some(marker), 1000, 'a marker');
+      return;
+    } catch (err) {
+      if (s.errors.length) throw err;
+    }
+  }
+  throw new Error('the stream received no marker: not live');
 }
 
 let db: Awaited<ReturnType<typeof createTestDatabase>>;
@@ -136,7 +161,7 @@ it('subscribe on one instance, mutate on the other, resume on the other', {
   const { token, channelId } = await setup();
   const ca = connect(`ws://127.0.0.1:${a.port}/graphql`, token);
   const sa = subscribe(ca.client);
-  await new Promise((r) => setTimeout(r, 300));
+  await untilLiveRemote(sa, a.port, token, channelId);
   const send = (content: string, port: number) =>
     http(
       port,
@@ -198,10 +223,11 @@ it('logout on one instance closes the session’s sockets on the other at once, 
   timeout: 30_000,
 }, async () => {
   const [a, b] = apis;
-  const { token } = await setup();
+  const { token, channelId } = await setup();
   const ca = connect(`ws://127.0.0.1:${a.port}/graphql`, token);
-  subscribe(ca.client);
-  await new Promise((r) => setTimeout(r, 300));
+  const sa = subscribe(ca.client);
+  // The socket is authenticated and its stream live on a before the logout.
+  await untilLiveRemote(sa, a.port, token, channelId);
   assert.equal(ca.closed(), undefined);
   await http(b.port, 'mutation { logout }', {}, token);
   const t0 = Date.now();
