@@ -10,7 +10,16 @@ import { after, before, it } from 'node:test';
 import { type App, buildApp } from '../api/app.ts';
 import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, freePort, guildWithChannel, invite, send, sleep, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  freePort,
+  guildWithChannel,
+  invite,
+  send,
+  sleep,
+  subscribe,
+  untilLive,
+} from './realtime-helpers.ts';
 
 const skip = !onPostgres;
 
@@ -136,7 +145,7 @@ it('Redis down: sends, queries, login, typing, setPresence and new sockets answe
     const s = subscribe(c.client, null, PRESENCE_EVENTS);
     try {
       // (its presence entry waits out the command timeout before the subscription starts)
-      await sleep(1500);
+      await untilLive(b, [member]);
       const t = Date.now();
       const id = await send(a, owner.token, channelId, 'heard on b');
       await s.until((e) => e.some((x) => x.message?.id === id), 5000, 'the send on the other instance');
@@ -180,7 +189,8 @@ it('Redis paused (CLIENT PAUSE 4 s): sends, queries and delivery on both instanc
   const sa = subscribe(ca.client, null, PRESENCE_EVENTS);
   const sb = subscribe(cb.client, null, PRESENCE_EVENTS);
   try {
-    await sleep(1000);
+    await untilLive(a, [member]);
+    await untilLive(b, [member]);
     const paused = Date.now();
     await redisCli('client', 'pause', '4000', 'ALL');
     const sent = await timed(() =>
@@ -254,7 +264,7 @@ it('a session ended while Redis is down: its socket on the other instance is clo
   const cb = connect(urlB, member.token);
   const sb = subscribe(cb.client, null, PRESENCE_EVENTS);
   try {
-    await sleep(1000);
+    await untilLive(b, [member]);
     assert.equal(cb.closed(), undefined);
     await stopRedis();
     await ok(a, `mutation { logout }`, {}, member.token);
@@ -391,9 +401,13 @@ it('after a restarted (empty) Redis, a user who chose INVISIBLE is not shown ONL
   await ok(a, `mutation { setPresence(status: INVISIBLE) }`, {}, hidden.token);
   const cw = connect(urlA, watcher.token);
   const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
+  // hidden connects once the watcher is live: an ONLINE it is wrongly shown is not missed.
+  await untilLive(a, [watcher]);
   const ch = connect(urlB, hidden.token);
   const sh = subscribe(ch.client, null, PRESENCE_EVENTS);
   try {
+    await untilLive(b, [hidden]);
+    // Nothing of hidden's arrives meanwhile (presence batches leave within 100 ms).
     await sleep(1500);
     assert.equal(statusOf(sw.events, hidden.id) ?? 'OFFLINE', 'OFFLINE', 'invisible: shown OFFLINE');
     await stopRedis();
