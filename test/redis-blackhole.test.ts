@@ -21,6 +21,7 @@ import {
   sleep,
   subscribe,
   tcpProxy,
+  untilLive,
   within,
 } from './realtime-helpers.ts';
 
@@ -132,7 +133,7 @@ it('a black hole of 6 s on B: requests answer at once, delivery goes on once eac
 }, async (t) => {
   const { owner, member, typer, leaver, guildId, channelId, cb, sb, cl, sl } = await cast();
   try {
-    await sleep(1000);
+    await untilLive(b, [member, leaver]);
     t.diagnostic(`typing A -> B before: ${await typingReaches(sb, typer, channelId, 3000)} ms`);
     proxy.hold();
     const held = Date.now();
@@ -191,7 +192,7 @@ it('the old connections stay silent for good, new ones pass (a failover): B reco
     emptyAt ||= Date.now();
   });
   try {
-    await sleep(1000);
+    await untilLive(b, [member, leaver]);
     await typingReaches(sb, typer, channelId, 3000);
     proxy.hold();
     await sleep(1000);
@@ -260,7 +261,7 @@ it('a long black hole (25 s, open and new connections alike) under traffic: the 
   const cb = connect(urlB, member.token);
   const sb = subscribe(cb.client);
   try {
-    await sleep(1000);
+    await untilLive(b, [member]);
     proxy.hold();
     const held = Date.now();
     let sends = 0;
