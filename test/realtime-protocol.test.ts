@@ -8,8 +8,9 @@ import type { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import WebSocket, * as wsModule from 'ws';
 import { nextFrame } from '../api/realtime/protocol.ts';
+import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel, metricsOf, rawSocket, send } from './realtime-helpers.ts';
+import { guildWithChannel, metricsOf, rawSocket, send, sleep, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -45,6 +46,16 @@ function open(protocol: string | null = 'graphql-transport-ws') {
   });
 }
 
+/**
+ * How many subscriptions of `u` are live once those of earlier tests are gone (their sockets
+ * close asynchronously; bounded): a test waits for `liveNow() + n` after opening `n` more.
+ */
+async function liveNow() {
+  const live = () => app.deps.realtime!.liveCount(decodeAnyId(u.id).id);
+  for (let i = 0; i < 100 && live() > 0; i++) await sleep(20);
+  return live();
+}
+
 describe('graphql-transport-ws', () => {
   it('acknowledges connection_init, answers ping with pong, ignores pong', async () => {
     const s = open();
@@ -71,11 +82,12 @@ describe('graphql-transport-ws', () => {
   /** A socket subscribed as `id` to new messages' content, and a new channel to send them in. */
   async function messageStream(id: string) {
     const { channelId } = await guildWithChannel(app, u.token);
+    const had = await liveNow();
     const s = open();
     await s.init();
     const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
     await s.send({ id, type: 'subscribe', payload: { query } });
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [u], had + 1);
     return { s, channelId };
   }
 
@@ -210,10 +222,11 @@ describe('graphql-transport-ws', () => {
 
   it('an id completed and reused while its first setup is pending names the new operation only (it got the old one before)', async () => {
     const { channelId } = await guildWithChannel(app, u.token);
+    const had = await liveNow();
     const s = open();
     await s.init();
     reuseId(s, 'subscription { events { __typename } }');
-    await new Promise((r) => setTimeout(r, 500));
+    await untilLive(app, [u], had + 1);
     await send(app, u.token, channelId, 'hello');
     const created = () =>
       s.messages.filter((m) => m.type === 'next' && m.payload?.data?.events?.__typename === 'MessageCreated');
@@ -229,10 +242,11 @@ describe('graphql-transport-ws', () => {
 
   it("an id completed and reused: the first setup's error does not end the new operation (it did before)", async () => {
     const { channelId } = await guildWithChannel(app, u.token);
+    const had = await liveNow();
     const s = open();
     await s.init();
     reuseId(s, 'subscription { events(after: "garbage") { __typename } }');
-    await new Promise((r) => setTimeout(r, 500));
+    await untilLive(app, [u], had + 1);
     await send(app, u.token, channelId, 'hello');
     await s.until(
       () =>
@@ -366,10 +380,11 @@ describe('graphql-transport-ws', () => {
     const query =
       'subscription($after: String) { events(after: $after) { cursor ... on MessageCreated { message { content } } } }';
     // Subscriber a is live; b and c resume from two different cursors of a's stream.
+    const had = await liveNow();
     const a = open();
     await a.init();
     await a.send({ id: '1', type: 'subscribe', payload: { query } });
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [u], had + 1);
     await send(app, u.token, channelId, 'mark one');
     await send(app, u.token, channelId, 'mark two');
     // Only the marks: a presence event (u coming online again) may come first, cursor null.
@@ -384,7 +399,8 @@ describe('graphql-transport-ws', () => {
     await b.send({ id: '1', type: 'subscribe', payload: { query, variables: { after: one } } });
     await c.send({ id: '1', type: 'subscribe', payload: { query, variables: { after: two } } });
     await b.untilMessage('mark two');
-    await new Promise((r) => setTimeout(r, 300));
+    // b and c are through their replays: 'live for all' reaches all three live.
+    await untilLive(app, [u], had + 3);
     const shared0 = await metric();
     await send(app, u.token, channelId, 'live for all');
     for (const s of [a, b, c]) await s.untilMessage('live for all');
