@@ -19,6 +19,7 @@ import {
   subscribe,
   subscribeFrame,
   tcpProxy,
+  untilLive,
 } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
@@ -185,7 +186,7 @@ it('over SSE, one failed execution shared by later readers is not counted as the
     await pulledSse(others[0].token, query),
     await pulledSse(others[1].token, query),
   ];
-  await sleep(300);
+  await untilLive(app, [owner, ...others]);
   try {
     const m1 = await send(app, owner.token, channelId, 'first');
     // B and C are not read yet (their streams pull no further than a little ahead of their
@@ -270,7 +271,7 @@ it('a socket the server closes while its subscribe is authenticating (the databa
     'subscription { events { __typename ... on MessageCreated { message { content } } } }',
   );
   try {
-    await sleep(500);
+    await untilLive(app, [u]);
     await send(app, u.token, channelId, 'in');
     await s.until((e) => e.some((x) => x.message?.content === 'in'));
   } finally {
