@@ -18,6 +18,7 @@ import {
   type SseStream,
   send,
   sseStream,
+  untilLive,
   whileReactionFails,
 } from './realtime-helpers.ts';
 
@@ -36,13 +37,12 @@ const RESUME = 'An event could not be delivered: resume from your last cursor.';
 const sse = (token: string, cursor?: string | null, method: 'POST' | 'GET' = 'POST') =>
   sseStream(httpUrl, token, { cursor, method });
 
-/** A live SSE stream, once the hub has its subscriber and a moment for its snapshot. */
-async function liveSse(token: string) {
-  const had = app.deps.realtime!.subscriberCount;
-  const s = sse(token);
-  for (let i = 0; i < 100 && app.deps.realtime!.subscriberCount <= had; i++)
-    await new Promise((r) => setTimeout(r, 20));
-  await new Promise((r) => setTimeout(r, 300));
+/** A live SSE stream of `u`'s, once it is live (one more than `u` had) and its response began. */
+async function liveSse(u: { id: string; token: string }) {
+  const had = app.deps.realtime!.liveCount(decodeAnyId(u.id).id);
+  const s = sse(u.token);
+  await untilLive(app, [u], had + 1);
+  await s.until((x) => x.status !== undefined || x.ended, 'the response');
   return s;
 }
 
@@ -63,7 +63,7 @@ it('over SSE, events arrive in order with their cursors, none repeated; a resume
 }, async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const s = await liveSse(u.token);
+  const s = await liveSse(u);
   assert.equal(s.status, 200);
   for (const c of ['a', 'b', 'c']) await send(app, u.token, channelId, c);
   await s.until((x) => contents(x.events).includes('c'), 'c');
@@ -112,7 +112,7 @@ it('over SSE, an event whose execution fails is not sent: the stream ends with a
 }, async () => {
   const u = await signUp(app);
   const { channelId } = await guildWithChannel(app, u.token);
-  const s = await liveSse(u.token);
+  const s = await liveSse(u);
   const m1 = await send(app, u.token, channelId, 'one');
   await s.until((x) => contents(x.events).includes('one'), 'one');
   const last = cursorOf(s, 'one');
@@ -155,7 +155,7 @@ it('over SSE, an event that fails every time ends the stream for a few rounds, t
 }, async () => {
   const u = await signUp(app);
   const { guildId, channelId } = await guildWithChannel(app, u.token);
-  const s = await liveSse(u.token);
+  const s = await liveSse(u);
   await send(app, u.token, channelId, 'one');
   await s.until((x) => contents(x.events).includes('one'), 'one');
   const last = cursorOf(s, 'one');
@@ -220,8 +220,7 @@ it('over SSE, a reader too far behind gets a last item telling it to resume, the
       },
       body: JSON.stringify({ query: EVENTS }),
     });
-    for (let i = 0; i < 100 && hub.subscriberCount <= had; i++) await new Promise((r) => setTimeout(r, 20));
-    await new Promise((r) => setTimeout(r, 300));
+    await untilLive(app, [u]);
     for (let i = 0; i < 40 && hub.subscriberCount > had; i++) await send(app, u.token, channelId, `m${i}`);
     // The sends are in; their delivery may still be on its way on a loaded machine (bounded wait).
     for (let i = 0; i < 100 && hub.subscriberCount > had; i++) await new Promise((r) => setTimeout(r, 50));
@@ -268,11 +267,7 @@ it('over SSE, subscribers with the same query share one execution of a live even
   const others = [await signUp(app), await signUp(app)];
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
   for (const o of others) await invite(app, owner.token, guildId, o.token);
-  const streams = [
-    await liveSse(owner.token),
-    await liveSse(others[0].token),
-    await liveSse(others[1].token),
-  ];
+  const streams = [await liveSse(owner), await liveSse(others[0]), await liveSse(others[1])];
   const url = httpUrl.replace('http:', 'ws:');
   const shared = async () => (await metricsOf(url))('banter_events_delivered_total{shared="true"}');
   const own = async () => (await metricsOf(url))('banter_events_delivered_total{shared="false"}');
