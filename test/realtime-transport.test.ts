@@ -122,6 +122,8 @@ describe('churn', () => {
           await s.send({ id: `op${i}`, type: 'subscribe', payload: { query: EVENTS } });
       }
       assert.equal(await subscribers(app, base + 12), base + 12, `round ${round}: 12 subscribers`);
+      // Live, each of them: the send below reaches every one still open.
+      await untilLive(app, [u], 12);
       await socks[0].send({ id: 'op0', type: 'complete' });
       await send(app, u.token, channelId, `r${round}`);
       for (const s of socks)
@@ -163,7 +165,7 @@ describe('operations over the socket', () => {
     await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
     await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
     await s.send({ id: 'ev', type: 'subscribe', payload: { query: EVENTS } });
-    await sleep(300);
+    await untilLive(app, [u]);
     await s.send({
       id: 'm',
       type: 'subscribe',
@@ -280,6 +282,8 @@ describe('a slow consumer', () => {
     const stalled = stalledReader(url, u.token);
     try {
       assert.equal(await subscribers(app, base + 1), base + 1, 'the stalled reader subscribed');
+      // Live: the rows below are its to choke on.
+      await untilLive(app, [u]);
       const before = (await metricsOf(url))('banter_ws_closes_total{code="1013"}');
       // ~20 MB for it, live: more than the kernel's buffers and the 4 MiB bound hold.
       const id = await send(app, u.token, channelId, 'x'.repeat(4000));
@@ -334,10 +338,8 @@ describe('SSE and the session', () => {
       { c: i.createInvite.code },
       u.token,
     );
-    const had = app.deps.realtime!.subscriberCount;
     const s = sse(httpUrl, u.token);
-    await subscribers(app, had + 1);
-    await sleep(300);
+    await untilLive(app, [u]);
     await send(app, owner.token, channelId, 'before logout');
     await s.until((x) => contents(x.events).includes('before logout'), 'before logout');
     assert.equal((await ok(app, 'mutation { logout }', {}, u.token)).logout, true);
@@ -389,8 +391,7 @@ describe('SSE and the access token', () => {
     const u = await signUp(short);
     const { channelId } = await guildWithChannel(short, u.token);
     const s = sse(shortHttp, u.token);
-    await subscribers(short, 1);
-    await sleep(300);
+    await untilLive(short, [u]);
     await send(short, u.token, channelId, 'before expiry');
     await s.until((x) => contents(x.events).includes('before expiry'), 'before expiry');
     await sleep(3500);
@@ -417,10 +418,8 @@ describe('SSE reconnects as an EventSource does', () => {
   }, async () => {
     const u = await signUp(app);
     const { channelId } = await guildWithChannel(app, u.token);
-    const had = app.deps.realtime!.subscriberCount;
     const s = sse(httpUrl, u.token);
-    await subscribers(app, had + 1);
-    await sleep(300);
+    await untilLive(app, [u]);
     for (const c of ['a', 'b']) await send(app, u.token, channelId, c);
     await s.until((x) => contents(x.events).includes('b'), 'b');
     s.stop();
@@ -475,8 +474,7 @@ describe('an instance that stops', () => {
       const u = await signUp(a);
       const { channelId } = await guildWithChannel(a, u.token);
       const s = sse(aHttp, u.token);
-      await subscribers(a, 1);
-      await sleep(300);
+      await untilLive(a, [u]);
       await send(a, u.token, channelId, 'before stop');
       await s.until((x) => contents(x.events).includes('before stop'), 'before stop');
       const started = Date.now();
