@@ -16,6 +16,7 @@ import {
   connect,
   errorsLogged,
   guildWithChannel,
+  invite,
   send,
   sseStream,
   subscribe,
@@ -180,5 +181,47 @@ it('when every check fails (a table of the check away) nothing is skipped, howev
   } finally {
     s2.stop();
     await c2.client.dispose();
+  }
+});
+
+it('an ephemeral event (presence) whose execution fails (a table away) is dropped, not sent as an error frame the client can do nothing with; the stream goes on', async () => {
+  const [u, v] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, u.token);
+  await invite(app, u.token, guildId, v.token);
+  const q = `subscription { events { __typename cursor
+    ... on MessageCreated { message { content } }
+    ... on PresenceChanged { user { id } status } } }`;
+  const c = connect(wsUrl, u.token);
+  const s = subscribe(c.client, null, q);
+  const logged: string[] = [];
+  const error = app.log.error;
+  app.log.error = ((_obj: unknown, msg?: string) => {
+    logged.push(String(msg));
+  }) as typeof app.log.error;
+  try {
+    await untilLive(app, [u]);
+    // v's presence resolves its user (PresenceChanged.user) while the users table is away, as a
+    // statement fails while the database is: an error frame before, dropped (and logged) now.
+    await app.deps.db.execute(sql`alter table users rename to users_away`);
+    try {
+      await app.deps.bus.signal('presence', { userId: raw(v.id), status: 'DND' });
+      const deadline = Date.now() + 15_000;
+      while (!s.errors.length && !logged.some((m) => m.includes('dropped')) && Date.now() < deadline)
+        await sleep(20);
+    } finally {
+      await app.deps.db.execute(sql`alter table users_away rename to users`);
+    }
+    await send(app, u.token, channelId, 'after');
+    await s.until((e) => contents(e).includes('after'), 10_000);
+    assert.deepEqual(s.errors, [], 'no error frame on the stream');
+    assert.equal(c.closed(), undefined, 'the socket stays open');
+    assert.ok(
+      logged.some((m) => m.includes('dropped')),
+      `logged: ${JSON.stringify(logged)}`,
+    );
+  } finally {
+    app.log.error = error;
+    s.stop();
+    await c.client.dispose();
   }
 });

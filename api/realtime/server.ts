@@ -251,12 +251,14 @@ export function attachRealtime(o: RealtimeServerOptions) {
         close(out.socket, CloseCode.SlowConsumer, EVENT_FAILED_REASON);
       }
     },
-    onEventFailed(row, errors, sent) {
+    onEventFailed(row, errors, outcome) {
       o.log.error(
         { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message) },
-        sent
-          ? 'event execution failed again and again: sent with its errors, the stream goes on'
-          : 'event execution failed: its subscribers are closed with 1013 to resume from before it',
+        outcome === 'dropped'
+          ? 'ephemeral event execution failed: dropped (never replayed), the stream goes on'
+          : outcome === 'sent'
+            ? 'event execution failed again and again: sent with its errors, the stream goes on'
+            : 'event execution failed: its subscribers are closed with 1013 to resume from before it',
       );
     },
   };

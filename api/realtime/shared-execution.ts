@@ -44,10 +44,11 @@ export interface DeliveryHooks {
    */
   onSourceError(err: unknown, sink: OperationSink): void;
   /**
-   * an event's execution failed (called once per execution, whoever shares it); `sent`: it failed
-   * for good and goes out with its errors
+   * an event's execution failed (called once per execution, whoever shares it): `held`, its
+   * subscribers are cut off to resume from before it; `sent`, it failed for good and goes out with
+   * its errors; `dropped`, an ephemeral one (see dropsEphemeral)
    */
-  onEventFailed(row: Delivered, errors: readonly GraphQLError[], sent: boolean): void;
+  onEventFailed(row: Delivered, errors: readonly GraphQLError[], outcome: 'held' | 'sent' | 'dropped'): void;
 }
 
 /** What executing events one by one needs of the hooks (executeEach; the SSE path has only these). */
@@ -134,15 +135,27 @@ const executionFailures = new RepeatedFailures();
 /**
  * Whether an event's masked result is held back, its subscribers cut off to resume from before it
  * (EventFailedError): it failed for a reason of the server's, and not yet for good. Only a logged
- * event can be resumed; an ephemeral one (typing, presence) goes out as it is. Tells the hooks of
+ * event can be resumed; an ephemeral one (typing, presence) is dropped (dropsEphemeral). Tells the hooks of
  * every failure, once per execution.
  */
 function holdsBack(row: Delivered | null | undefined, r: ExecutionResult, hooks: EventHooks): boolean {
   const cursor = row?.cursor ?? null;
   if (cursor === null || !failedOf(r)) return false;
   const forGood = executionFailures.failsForGood(cursor);
-  hooks.onEventFailed(row!, r.errors ?? [], forGood);
+  hooks.onEventFailed(row!, r.errors ?? [], forGood ? 'sent' : 'held');
   return !forGood;
+}
+
+/**
+ * Whether an ephemeral event (typing, presence: never logged, never replayed) failed for a reason
+ * of the server's (a user's load while the database is away), and so is dropped. It went out with
+ * its error in place of its data (`events` is non-null: `data: null`), which a client can do
+ * nothing with, and on which some end their subscription (Apollo Client's default error policy).
+ */
+function dropsEphemeral(row: Delivered | null | undefined, r: ExecutionResult, hooks: EventHooks): boolean {
+  if (!row || row.cursor !== null || !failedOf(r)) return false;
+  hooks.onEventFailed(row, r.errors ?? [], 'dropped');
+  return true;
 }
 
 export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
@@ -207,7 +220,7 @@ class Work {
     const t = tracking(args.contextValue as Context);
     const settle = (r: ExecutionResult) => {
       const masked = maskResult(r, mask);
-      this.gone = isGone(masked);
+      this.gone = isGone(masked) || dropsEphemeral(row, masked, hooks);
       this.failed = !this.gone && holdsBack(row, masked, hooks);
       if (!this.failed && !this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
       this.viewerFree = !t.touched();
@@ -454,7 +467,7 @@ export function executeEach(
       result = { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] };
     }
     // As Work does, a failure is counted (holdsBack) once per execution, not per subscriber.
-    const gone = isGone(result);
+    const gone = isGone(result) || dropsEphemeral(row as Delivered | null, result, hooks);
     return { result, viewerFree, gone, held: !gone && holdsBack(row as Delivered | null, result, hooks) };
   };
   // As Work does for sockets: the first subscriber to take a row executes it, and those after

@@ -139,12 +139,14 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
   const hooks: EventHooks = {
     mask: o.mask,
     counts: { shared: 0, own: 0 },
-    onEventFailed(row, errors, sent) {
+    onEventFailed(row, errors, outcome) {
       o.log.error(
         { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message), via: 'sse' },
-        sent
-          ? 'event execution failed again and again: sent with its errors, the stream goes on'
-          : 'event execution failed: its SSE streams end for their clients to resume from before it',
+        outcome === 'dropped'
+          ? 'ephemeral event execution failed: dropped (never replayed), the stream goes on'
+          : outcome === 'sent'
+            ? 'event execution failed again and again: sent with its errors, the stream goes on'
+            : 'event execution failed: its SSE streams end for their clients to resume from before it',
       );
     },
   };
