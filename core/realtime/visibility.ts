@@ -352,14 +352,36 @@ export class ViewerAccess {
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED')
       return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
-    if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) return this.overwriteOk(e, e.channelId);
+    if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) {
+      const channelId = e.channelId;
+      return this.ifMember(e.guildId, () => this.overwriteOk(e, channelId));
+    }
     if (e.type === 'CHANNEL_DELETED' && e.guildId) return this.deletionOk(e, e.guildId);
+    if (e.channelId && e.guildId && CHANNEL_LEVEL.has(e.type)) {
+      const channelId = e.channelId;
+      return this.ifMember(e.guildId, () =>
+        this.channelOk(channelId, replay && !WITHOUT_HISTORY.has(e.type)),
+      );
+    }
     if (e.channelId && !GUILD_LEVEL.has(e.type)) {
       if (!replay && ABOUT_A_MESSAGE.has(e.type)) return this.messageOk(e, e.channelId);
       return this.channelOk(e.channelId, replay && !WITHOUT_HISTORY.has(e.type));
     }
     if (e.guildId) return this.member(e.guildId);
     return false;
+  }
+
+  /**
+   * A row about one of a guild's channels (created, changed, its overwrites), for a member only: a
+   * non-member may view none of them, and is answered from its standing in the guild (one load,
+   * kept across such rows: CHANNEL_LEVEL rows keep it), not a load of its access to each channel.
+   * A category's deletion tells each of its channels (thousands): a subscriber of another guild
+   * loaded its access to each, one after another, and its own guild's rows waited behind them.
+   */
+  private ifMember(guildId: string, then: () => boolean | Promise<boolean>): boolean | Promise<boolean> {
+    const g = this.guild(guildId);
+    if (g instanceof Promise) return g.then((x) => x.member && then());
+    return g.member && then();
   }
 
   private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
