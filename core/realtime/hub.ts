@@ -255,6 +255,13 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     return true;
   }
 
+  /** The users subscribed here: whose former memberships a deleted guild's row is read for. */
+  function viewers(): Set<string> {
+    const ids = new Set<string>();
+    for (const s of subs) ids.add(s.access.userId);
+    return ids;
+  }
+
   /** Seqs of the rows dispatched lately: a ring for rows already read needs no read. */
   const seen = new RecentSeqs(4096);
   /** A read queued behind a write on its connection (follow), not yet answered. */
@@ -396,7 +403,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
             break;
           }
           if (!bound && !withMessages && subs.size) await loadMessages(deps.db, batch);
-          if (deletesGuild(batch)) await loadFormerMembers(deps.db, batch);
+          if (deletesGuild(batch)) await loadFormerMembers(deps.db, batch, viewers());
           dispatch(batch);
           readDone(n, bound, batch.length < BATCH);
           if (batch.length < BATCH) break;
@@ -447,7 +454,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     read.then((rows) => {
       const batch = rows as Delivered[];
       if (!deletesGuild(batch)) done(batch);
-      else loadFormerMembers(deps.db, batch).then(() => done(batch), failed);
+      else loadFormerMembers(deps.db, batch, viewers()).then(() => done(batch), failed);
     }, failed);
     return read;
   }
@@ -671,7 +678,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     const page = (async (): Promise<SharedPage> => {
       const rows = (await readRangeAll(deps.db, from, to, REPLAY_PAGE)) as Delivered[];
       await loadMessages(deps.db, rows);
-      await loadFormerMembers(deps.db, rows);
+      // For the viewers here now (the one replaying among them); one resuming later looks itself up.
+      await loadFormerMembers(deps.db, rows, viewers());
       // As replay() checks its own reads: after the last of them, so a prune that committed before
       // any is seen (one between the rows' read and their former members' deleted those with the
       // expired rows: a GUILD_DELETED the page holds would reach none of them).

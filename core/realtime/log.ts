@@ -31,6 +31,11 @@ export interface LogRow extends Position {
   message?: MessageRow;
   /** GUILD_DELETED: who was in the guild (loadFormerMembers), or in a replay the viewer if it was */
   formerMembers?: ReadonlySet<string>;
+  /**
+   * GUILD_DELETED: whom formerMembers answers for (the viewers subscribed on this instance when it
+   * was read); anyone else is looked up by itself (wasFormerMember). Unset: it answers for all.
+   */
+  formerAsked?: ReadonlySet<string>;
 }
 
 /**
@@ -440,7 +445,8 @@ export function mayConcern(r: LogRow, userId: string, scope: ViewerScope): boole
     (r.guildId !== null && scope.guilds.has(r.guildId)) ||
     (r.channelId !== null && scope.channels.has(r.channelId)) ||
     r.payload.userId === userId ||
-    (r.type === 'GUILD_DELETED' && !!r.formerMembers?.has(userId))
+    (r.type === 'GUILD_DELETED' &&
+      (!!r.formerMembers?.has(userId) || (!!r.formerAsked && !r.formerAsked.has(userId))))
   );
 }
 
@@ -449,33 +455,57 @@ export const awaitsFormerMembers = (r: LogRow) =>
   r.type === 'GUILD_DELETED' && !!r.guildId && !r.formerMembers;
 
 /**
- * GUILD_DELETED rows of a tailed batch get who was in each guild, in one statement (left unset
- * when nothing was recorded).
+ * GUILD_DELETED rows of a batch get who of `viewers` (the users subscribed on this instance) was in
+ * each guild, in one statement (left unset when nothing was recorded for the guild at all). Only
+ * those: every member of a guild of 300k, read before its batch went out, held every other
+ * guild's delivery on the instance ~0.9 s. A viewer not among them (one that subscribed while this
+ * was read) is looked up by itself (wasFormerMember).
  */
-export async function loadFormerMembers(db: Db, batch: LogRow[]): Promise<void> {
+export async function loadFormerMembers(db: Db, batch: LogRow[], viewers: Iterable<string>): Promise<void> {
   const deleted = batch.filter(awaitsFormerMembers);
   if (!deleted.length) return;
-  const found = await db
-    .select({ guildId: formerMembers.guildId, userId: formerMembers.userId })
-    .from(formerMembers)
-    .where(inArray(formerMembers.guildId, [...new Set(deleted.map((r) => r.guildId!))]));
-  const byGuild = new Map<string, Set<string>>();
-  for (const f of found) {
-    let set = byGuild.get(f.guildId);
-    if (!set) {
-      set = new Set();
-      byGuild.set(f.guildId, set);
-    }
-    set.add(f.userId);
-  }
+  const asked = new Set(viewers);
+  const found = resultRows<{ guild_id: string; recorded: boolean; was_in: string[] | string }>(
+    await db.execute(sql`select g.id::text as guild_id,
+        exists (select 1 from ${formerMembers} f where f.guild_id = g.id) as recorded,
+        (select coalesce(json_agg(f.user_id::text), '[]'::json) from ${formerMembers} f
+          where f.guild_id = g.id and f.user_id = any(${uuidArray([...asked])})) as was_in
+      from unnest(${uuidArray([...new Set(deleted.map((r) => r.guildId!))])}) as g(id)`),
+  );
+  const byGuild = new Map(found.map((f) => [f.guild_id, f]));
   for (const r of deleted) {
-    const set = byGuild.get(r.guildId!) ?? new Set<string>();
+    const f = byGuild.get(r.guildId!);
+    const wasIn = typeof f?.was_in === 'string' ? (JSON.parse(f.was_in) as string[]) : (f?.was_in ?? []);
+    const set = new Set<string>(wasIn);
     // A row written by an older instance (during a rollout) has its members in the payload.
     const ids = r.payload.memberIds;
-    if (Array.isArray(ids)) for (const id of ids) if (typeof id === 'string') set.add(id);
+    const legacy = Array.isArray(ids);
+    if (legacy) for (const id of ids) if (typeof id === 'string') set.add(id);
     // None recorded at all (a row older than both): the subscribers' own memory decides.
-    if (set.size) r.formerMembers = set;
+    if (!f?.recorded && !set.size) continue;
+    r.formerMembers = set;
+    r.formerAsked = asked;
   }
+}
+
+/**
+ * Whether `userId` was in a deleted guild, for a viewer its GUILD_DELETED row's formerMembers does
+ * not answer for (see loadFormerMembers): recorded, or named in the row (an older instance's).
+ */
+export async function wasFormerMember(
+  db: Db,
+  row: { guildId: string | null; payload: Record<string, unknown> },
+  userId: string,
+): Promise<boolean> {
+  const ids = row.payload.memberIds;
+  if (Array.isArray(ids) && ids.includes(userId)) return true;
+  if (!row.guildId) return false;
+  const found = resultRows<{ one: number }>(
+    await db.execute(
+      sql`select 1 as one from ${formerMembers} where guild_id = ${row.guildId}::uuid and user_id = ${userId}::uuid`,
+    ),
+  );
+  return found.length > 0;
 }
 
 /** The message a row is about, if any. */

@@ -17,7 +17,7 @@ import {
 } from '../permissions.ts';
 import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
-import { messageIdOf } from './log.ts';
+import { messageIdOf, wasFormerMember } from './log.ts';
 
 export interface Visible {
   type: string;
@@ -29,6 +29,8 @@ export interface Visible {
   audience?: { asked: ReadonlySet<string>; may: ReadonlySet<string> };
   /** For GUILD_DELETED rows: who was in the guild (or, in a replay, the viewer if it was) */
   formerMembers?: ReadonlySet<string>;
+  /** For GUILD_DELETED rows: whom formerMembers answers for (unset: everyone); see log.ts */
+  formerAsked?: ReadonlySet<string>;
   /** the message a row is about, as loaded with it (log.ts): the row shows it */
   message?: { channelId: string };
 }
@@ -233,10 +235,15 @@ const ABOUT_A_MEMBER = new Set([
   'MEMBER_UPDATED',
 ]);
 
-/** Whether `userId` hears of a guild's deletion: it was in, or did it; undefined when not known. */
-function sawDeletion(e: Visible, userId: string): boolean | undefined {
+/**
+ * Whether `userId` hears of a guild's deletion: it was in, or did it; undefined when nothing was
+ * recorded, 'ask' when the row's former members were read for other viewers only.
+ */
+function sawDeletion(e: Visible, userId: string): boolean | 'ask' | undefined {
   if (e.payload.actorId === userId) return true;
-  return e.formerMembers?.has(userId);
+  if (!e.formerMembers) return undefined;
+  if (e.formerMembers.has(userId)) return true;
+  return !e.formerAsked || e.formerAsked.has(userId) ? false : 'ask';
 }
 
 /** A viewer's cached standing in a guild: its permission input there, null when not a member. */
@@ -350,8 +357,14 @@ export class ViewerAccess {
       return this.knows(String(e.payload.userId));
     }
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
-    if (e.type === 'GUILD_DELETED')
-      return sawDeletion(e, this.userId) ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
+    if (e.type === 'GUILD_DELETED') {
+      const saw = sawDeletion(e, this.userId);
+      if (saw === 'ask')
+        return shared(this.db, `f:${this.userId}:${e.guildId}`, () =>
+          wasFormerMember(this.db, e, this.userId),
+        );
+      return saw ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
+    }
     if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) {
       const channelId = e.channelId;
       return this.ifMember(e.guildId, () => this.overwriteOk(e, channelId));
