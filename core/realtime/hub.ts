@@ -814,7 +814,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       const p = pos!;
       const sub = new Subscription(
         maxPending,
-        new ViewerAccess(deps.db, viewer.userId),
+        new ViewerAccess(deps.db, viewer.userId, () => pos),
         from ? maxPos(from, p) : p,
         (s, failure) => {
           if (subs.delete(s)) obs.subscriptions?.(-1);

@@ -15,11 +15,14 @@ import {
   Permission,
   readOverwriteLevels,
 } from '../permissions.ts';
-import { loadChannelAccess, loadGuildAccess } from '../services/access.service.ts';
+import { loadChannelAccess, loadGuildAccess, loadGuildChannelsAccess } from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
+import { compareXid, type Position } from './cursor.ts';
 import { messageIdOf, wasFormerMember } from './log.ts';
 
 export interface Visible {
+  /** the row's transaction (a durable row's; '0' for an ephemeral one) */
+  xid?: string;
   type: string;
   guildId: string | null;
   channelId: string | null;
@@ -266,6 +269,21 @@ interface ChannelEntry {
 }
 
 /**
+ * Whom a viewer may show each of a guild's channels (threads aside), loaded together: what a
+ * burst of its channel rows (a category's deletion tells each of its channels) is judged by.
+ */
+interface GuildViews {
+  /** the guild's channels, threads aside (another is loaded by itself) */
+  all: ReadonlySet<string>;
+  /** those the viewer may view */
+  live: ReadonlySet<string>;
+  input: GuildPermissionInput | null;
+  /** the tailer's position as the load began: every row up to it was committed, and is in it */
+  asOf: Position | undefined;
+  until: number;
+}
+
+/**
  * One subscriber's view of who may see what. Its caches are made on first use: an idle
  * subscribed socket holds none (thousands of them are what a busy instance mostly has).
  */
@@ -276,10 +294,15 @@ export class ViewerAccess {
   /** guilds this viewer was seen in: who hears of a deletion whose former members were not loaded */
   private everIn: Set<string> | undefined;
   private known: Map<string, { yes: boolean; until: number }> | undefined;
+  private views: Map<string, GuildViews> | undefined;
+  /** per guild: the transaction of its last channel row whose channel was loaded alone */
+  private alone: Map<string, string> | undefined;
 
   constructor(
     private db: Db,
     readonly userId: string,
+    /** the tailer's position now: every row up to it has committed (unset: none is known to) */
+    private committed: () => Position | undefined = () => undefined,
   ) {}
 
   /** Called for every event in log order before deciding on it. */
@@ -317,6 +340,11 @@ export class ViewerAccess {
     // A non-member stays one until a row about itself (its MEMBER_JOINED): its channels there
     // are none of its.
     if (g && !g.member && about === null) return;
+    // Loaded after the row committed: they hold what it changed (a burst's rows, one transaction's
+    // or read together, cost one load, not one per row).
+    const v = this.views?.get(guildId);
+    if (v && !(v.asOf && e.xid && e.xid !== '0' && compareXid(e.xid, v.asOf.xid) <= 0))
+      this.views!.delete(guildId);
     // Channels and their overwrites change the viewer's channels there, not its standing in the
     // guild (membership, roles, owner: GuildEntry).
     if (CHANNEL_LEVEL.has(e.type)) this.forgetChannelsOf(guildId);
@@ -330,7 +358,36 @@ export class ViewerAccess {
 
   forgetGuild(guildId: string) {
     this.guilds?.delete(guildId);
+    this.views?.delete(guildId);
     this.forgetChannelsOf(guildId);
+  }
+
+  /**
+   * Whom the viewer may show each of the guild's channels, in one load (see GuildViews), kept until
+   * a row of the guild that changes access and committed after the load began.
+   */
+  private viewsOf(guildId: string): GuildViews | Promise<GuildViews> {
+    const v = this.views?.get(guildId);
+    if (v && Date.now() < v.until) return v;
+    const load = () => {
+      // Taken before the statement is sent: every row up to it is in what it reads.
+      const asOf = this.committed();
+      return loadGuildChannelsAccess(this.db, this.userId, guildId).then((a) => ({ a, asOf }));
+    };
+    return shared(this.db, `v:${this.userId}:${guildId}`, load).then(({ a, asOf }) => {
+      const live = new Set<string>();
+      for (const [id, perms] of a.permissions) if (has(perms, LIVE)) live.add(id);
+      const entry: GuildViews = {
+        all: new Set(a.permissions.keys()),
+        live,
+        input: a.guild?.input.isMember ? a.guild.input : null,
+        asOf,
+        until: lapseAt(),
+      };
+      this.views ??= new Map();
+      this.views.set(guildId, entry);
+      return entry;
+    });
   }
 
   /** Sync when cached (the common case), a promise otherwise. */
@@ -452,6 +509,37 @@ export class ViewerAccess {
     if (!aimed && before === undefined) return this.member(e.guildId!);
     const c = this.channels?.get(channelId);
     if (c?.live && Date.now() < c.until) return true;
+    // A burst of these rows (a category's deletion tells each of its channels, thousands, in one
+    // transaction) is judged by the guild's channels loaded together: one load, where each loaded
+    // its channel. The first row of a transaction loads its channel alone (a change of one
+    // channel's overwrites: a guild's every channel is more to read, for every member).
+    const loaded = this.views?.get(e.guildId!);
+    const fresh = loaded && Date.now() < loaded.until;
+    if (!fresh && e.xid && e.xid !== '0' && this.alone?.get(e.guildId!) !== e.xid) {
+      this.alone ??= new Map();
+      this.alone.set(e.guildId!, e.xid);
+      return this.overwriteOkAlone(e, channelId, aimed, before);
+    }
+    const decide = (v: GuildViews): boolean | Promise<boolean> => {
+      if (!v.all.has(channelId)) return this.overwriteOkAlone(e, channelId, aimed, before);
+      if (v.live.has(channelId)) return true;
+      if (before) return this.couldView(e.guildId!, before);
+      if (!aimed || !v.input) return false;
+      if (targetType === 'MEMBER') return targetId === this.userId;
+      return v.input.roles.some((r) => r.id === targetId);
+    };
+    const v = this.viewsOf(e.guildId!);
+    return v instanceof Promise ? v.then(decide) : decide(v);
+  }
+
+  /** overwriteOk for a channel the guild's channels loaded together do not hold (a thread, a new one). */
+  private overwriteOkAlone(
+    e: Visible,
+    channelId: string,
+    aimed: boolean,
+    before: OverwriteInfo[][] | null | undefined,
+  ): Promise<boolean> {
+    const { targetType, targetId } = e.payload;
     return this.loadChannel(channelId).then(({ access, entry }) => {
       if (entry.live) return true;
       if (before) return this.couldView(e.guildId!, before);
