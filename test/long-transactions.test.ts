@@ -10,10 +10,11 @@ import { type SQL, sql } from 'drizzle-orm';
 import { resultRows, type Tx } from '../core/db/client.ts';
 import { PRUNE_BATCH, pruneEvents } from '../core/realtime/log.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, ok, signUp, statementsOf, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel, invite } from './realtime-helpers.ts';
+import { createTestApp, ok, signUp, statementsOf, type TestApp } from './helpers.ts';
+import { channelAccessHelpers, guildWithChannel, invite } from './realtime-helpers.ts';
 
 let app: TestApp;
+const { hiddenCategoryOf } = channelAccessHelpers(() => app);
 before(async () => {
   app = await createTestApp({ rateLimits: false });
 });
@@ -23,36 +24,6 @@ after(async () => {
 
 const raw = (id: string) => decodeAnyId(id).id;
 
-/** A category hidden from @everyone, with `n` channels in it (written directly). */
-async function categoryOf(owner: TestUser, guildId: string, n: number) {
-  const cat = await ok(
-    app,
-    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "cat", type: CATEGORY }) { id } }`,
-    { g: guildId },
-    owner.token,
-  );
-  const id = cat.createChannel.id as string;
-  await ok(
-    app,
-    `mutation($c: ID!, $t: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: [], deny: [VIEW_CHANNEL] }) { allow } }`,
-    { c: id, t: await everyoneOf(owner, guildId) },
-    owner.token,
-  );
-  await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
-    select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(id)}::uuid, 'TEXT', 'c' || i from generate_series(1, ${n}) i`);
-  return id;
-}
-
-async function everyoneOf(owner: TestUser, guildId: string): Promise<string> {
-  const r = await ok(
-    app,
-    `query($g: ID!) { guild(id: $g) { roles { id name } } }`,
-    { g: guildId },
-    owner.token,
-  );
-  return r.guild.roles.find((x: { name: string }) => x.name === '@everyone').id;
-}
-
 it("a category's deletion takes as many statements for 300 channels as for 3 (one event insert, not one per channel)", {
   timeout: 120_000,
 }, async () => {
@@ -60,7 +31,7 @@ it("a category's deletion takes as many statements for 300 channels as for 3 (on
   const counts: number[] = [];
   for (const n of [3, 300]) {
     const { guildId } = await guildWithChannel(app, owner.token);
-    const cat = await categoryOf(owner, guildId, n);
+    const cat = await hiddenCategoryOf(owner.token, guildId, n);
     const { n: statements } = await statementsOf(app, () =>
       ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token),
     );

@@ -14,9 +14,10 @@ import type { Delivered } from '../core/realtime/subscription.ts';
 import { ViewerAccess } from '../core/realtime/visibility.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
+import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
+const { hiddenCategoryOf } = channelAccessHelpers(() => app);
 before(async () => {
   app = await createTestApp({ rateLimits: false });
 });
@@ -120,33 +121,6 @@ it("a deleted guild's former members are read for the viewers subscribed here, n
   }
 });
 
-/** A category hidden from @everyone, with `n` channels in it (written directly). */
-async function categoryOf(owner: TestUser, guildId: string, n: number) {
-  const cat = await ok(
-    app,
-    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "cat", type: CATEGORY }) { id } }`,
-    { g: guildId },
-    owner.token,
-  );
-  const id = cat.createChannel.id as string;
-  const roles = await ok(
-    app,
-    `query($g: ID!) { guild(id: $g) { roles { id name } } }`,
-    { g: guildId },
-    owner.token,
-  );
-  const everyone = roles.guild.roles.find((x: { name: string }) => x.name === '@everyone').id;
-  await ok(
-    app,
-    `mutation($c: ID!, $t: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: [], deny: [VIEW_CHANNEL] }) { allow } }`,
-    { c: id, t: everyone },
-    owner.token,
-  );
-  await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
-    select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(id)}::uuid, 'TEXT', 'c' || i from generate_series(1, ${n}) i`);
-  return id;
-}
-
 it("a category's deletion costs a subscriber of another guild as many statements for 300 channels as for 3", {
   timeout: 120_000,
 }, async () => {
@@ -155,7 +129,7 @@ it("a category's deletion costs a subscriber of another guild as many statements
     const owner = await signUp(app);
     const bystander = await signUp(app);
     const { guildId } = await guildWithChannel(app, owner.token);
-    const cat = await categoryOf(owner, guildId, n);
+    const cat = await hiddenCategoryOf(owner.token, guildId, n);
     const elsewhere = await guildWithChannel(app, bystander.token);
     const s = await subscribe(bystander);
     try {
@@ -188,7 +162,7 @@ it("a category's deletion costs a member of its guild as many statements for 300
     const member = await signUp(app);
     const { guildId, channelId } = await guildWithChannel(app, owner.token);
     await invite(app, owner.token, guildId, member.token);
-    const cat = await categoryOf(owner, guildId, n);
+    const cat = await hiddenCategoryOf(owner.token, guildId, n);
     const s = await subscribe(member);
     try {
       await untilLive(app, [member]);

@@ -272,7 +272,16 @@ export function channelAccessHelpers(of: () => App) {
   /** Denies VIEW_CHANNEL to @everyone on the channel (or category). */
   const hideFromEveryone = (token: string, guildId: string, channelId: string) =>
     denyToEveryone(token, guildId, channelId, 'VIEW_CHANNEL');
-  return { everyoneRole, overwrite, createChannel, hideFromEveryone, denyToEveryone };
+  /** A category hidden from @everyone with `n` text channels in it (written directly: fast). */
+  async function hiddenCategoryOf(token: string, guildId: string, n: number) {
+    const id = await createChannel(token, guildId, 'cat', 'CATEGORY');
+    await hideFromEveryone(token, guildId, id);
+    await of().deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+      select gen_random_uuid(), ${decodeAnyId(guildId).id}::uuid, ${decodeAnyId(id).id}::uuid, 'TEXT', 'c' || i
+      from generate_series(1, ${n}) i`);
+    return id;
+  }
+  return { everyoneRole, overwrite, createChannel, hideFromEveryone, denyToEveryone, hiddenCategoryOf };
 }
 
 export interface SseStream {
