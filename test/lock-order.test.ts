@@ -136,10 +136,8 @@ it('a pin holding its channel while the guild is deleted does not deadlock (its 
   );
 });
 
-it('a kick holding the member row while the guild is deleted does not deadlock (its audit row checks the guild)', {
-  skip: process.env.BANTER_TEST_DB !== 'postgres',
-  timeout: 60_000,
-}, async () => {
+/** An owner's guild with a member `v` who holds a role (a member_roles row to hold). */
+async function memberWithARole() {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, v.token);
@@ -155,6 +153,14 @@ it('a kick holding the member row while the guild is deleted does not deadlock (
     { g: guildId, u: v.id, r: r.createRole.id },
     o.token,
   );
+  return { o, v, guildId };
+}
+
+it('a kick holding the member row while the guild is deleted does not deadlock (its audit row checks the guild)', {
+  skip: process.env.BANTER_TEST_DB !== 'postgres',
+  timeout: 60_000,
+}, async () => {
+  const { o, v, guildId } = await memberWithARole();
   // The kick deletes the member row, then waits for its role assignment's row held here.
   await besideDeleteGuild(
     guildId,
@@ -175,21 +181,7 @@ it('a leave holding its member row while the guild is deleted does not deadlock 
   skip: process.env.BANTER_TEST_DB !== 'postgres',
   timeout: 60_000,
 }, async () => {
-  const [o, v] = await Promise.all([signUp(app), signUp(app)]);
-  const { guildId } = await guildWithChannel(app, o.token);
-  await invite(app, o.token, guildId, v.token);
-  const r = await ok(
-    app,
-    `mutation($g: ID!) { createRole(input: { guildId: $g, name: "r" }) { id } }`,
-    { g: guildId },
-    o.token,
-  );
-  await ok(
-    app,
-    `mutation($g: ID!, $u: ID!, $r: ID!) { assignRole(guildId: $g, userId: $u, roleId: $r) }`,
-    { g: guildId, u: v.id, r: r.createRole.id },
-    o.token,
-  );
+  const { o, v, guildId } = await memberWithARole();
   // The leave deletes the member row, then waits for its role assignment's row held here.
   await besideDeleteGuild(
     guildId,
