@@ -20,6 +20,14 @@ after(() => app.destroy());
 const { everyoneRole, createChannel } = channelAccessHelpers(() => app);
 type R = { errors?: { message?: string; extensions?: { code?: string } }[] };
 
+/** The operation may have found its subject gone (NOT_FOUND), not failed (deadlock detected). */
+function assertNotInternal(what: string, r: R) {
+  assert.ok(
+    !(r.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
+    `${what}: ${JSON.stringify(r.errors)}`,
+  );
+}
+
 it('an overwrite change whose chain a move changed, beside the deletion of the category moved into, does not deadlock', {
   skip: process.env.BANTER_TEST_DB !== 'postgres',
   timeout: 60_000,
@@ -103,10 +111,7 @@ async function besideDeleteGuild(
     const [x, d] = await Promise.all([doing, deleting]);
     assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
     // The operation may find the guild gone (NOT_FOUND), not fail (Postgres' deadlock detected).
-    assert.ok(
-      !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
-      `operation: ${JSON.stringify(x.errors)}`,
-    );
+    assertNotInternal('operation', x);
   } finally {
     await stall.query('rollback').catch(() => {});
     await stall.end();
@@ -265,10 +270,7 @@ async function underDeleteGuild(
     await stall.query('rollback');
     const [x, d] = await Promise.all([doing, deleting]);
     assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
-    assert.ok(
-      !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
-      `operation: ${JSON.stringify(x.errors)}`,
-    );
+    assertNotInternal('operation', x);
   } finally {
     await stall.query('rollback').catch(() => {});
     await stall.end();
@@ -462,10 +464,7 @@ async function underDeleteChannel(
     await atInvite.query('rollback');
     const [x, d] = await Promise.all([doing, deleting]);
     assert.deepEqual(d.errors, undefined, `deleteChannel: ${JSON.stringify(d.errors)}`);
-    assert.ok(
-      !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
-      `operation: ${JSON.stringify(x.errors)}`,
-    );
+    assertNotInternal('operation', x);
   } finally {
     await atGuild.query('rollback').catch(() => {});
     await atInvite.query('rollback').catch(() => {});
@@ -538,6 +537,25 @@ it("a read marker moved beside its channel's deletion is NOT_FOUND, not an error
   );
 });
 
+/**
+ * Whether a grouped send's statement (`insert into messages`) waits on a lock for longer than
+ * Postgres' deadlock check (deadlock_timeout) and was not failed by it: a wait that comes after
+ * it and closes a cycle is then the one Postgres finds (and fails).
+ */
+async function sendsWaitPastDeadlockCheck(c: import('pg').Client) {
+  for (let t = 0; t < 100; t++) {
+    await c.query('select pg_stat_clear_snapshot()');
+    const q = await c.query<{ n: number }>(
+      `select count(*)::int as n from pg_stat_activity where datname = current_database()
+        and wait_event_type = 'Lock' and query like '%insert into messages%'
+        and clock_timestamp() - query_start > current_setting('deadlock_timeout')::interval * 1.5`,
+    );
+    if (q.rows[0].n > 0) return true;
+    await sleep(50);
+  }
+  return false;
+}
+
 it("sends grouped into one statement, to a thread and to its channel, beside the channel's deletion do not deadlock", {
   skip: process.env.BANTER_TEST_DB !== 'postgres',
   timeout: 60_000,
@@ -607,28 +625,11 @@ it("sends grouped into one statement, to a thread and to its channel, beside the
     await atElsewhere.query('rollback');
     // Their statement: tb's key share taken, waits on a. Until Postgres has checked it for a
     // deadlock (deadlock_timeout, 1 s) and found none: the deletion's wait, to come, then finds it.
-    const waited = async () => {
-      for (let t = 0; t < 100; t++) {
-        await atThread.query('select pg_stat_clear_snapshot()');
-        const q = await atThread.query<{ n: number }>(
-          `select count(*)::int as n from pg_stat_activity where datname = current_database()
-            and wait_event_type = 'Lock' and query like '%insert into messages%'
-            and clock_timestamp() - query_start > current_setting('deadlock_timeout')::interval * 1.5`,
-        );
-        if (q.rows[0].n > 0) return true;
-        await sleep(50);
-      }
-      return false;
-    };
-    assert.ok(await waited(), 'the grouped sends wait on a');
+    assert.ok(await sendsWaitPastDeadlockCheck(atThread), 'the grouped sends wait on a');
     await atThread.query('rollback');
     const [d, ...sent] = await Promise.all([deleting, toThread, toChannel, ...blocked]);
     assert.deepEqual(d.errors, undefined, `deleteChannel: ${JSON.stringify(d.errors)}`);
-    for (const x of sent)
-      assert.ok(
-        !(x.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
-        `send: ${JSON.stringify(x.errors)}`,
-      );
+    for (const x of sent) assertNotInternal('send', x);
   } finally {
     await atThread.query('rollback').catch(() => {});
     await atElsewhere.query('rollback').catch(() => {});
@@ -700,28 +701,11 @@ it("sends grouped into one statement, to two of a guild's channels, beside the g
     await atOther.query('rollback');
     // Their statement: x's key share taken, waits on y. Until Postgres has checked it for a
     // deadlock (deadlock_timeout) and found none: the deletion's wait, to come, then finds it.
-    const waited = async () => {
-      for (let t = 0; t < 100; t++) {
-        await atZ.query('select pg_stat_clear_snapshot()');
-        const q = await atZ.query<{ n: number }>(
-          `select count(*)::int as n from pg_stat_activity where datname = current_database()
-            and wait_event_type = 'Lock' and query like '%insert into messages%'
-            and clock_timestamp() - query_start > current_setting('deadlock_timeout')::interval * 1.5`,
-        );
-        if (q.rows[0].n > 0) return true;
-        await sleep(50);
-      }
-      return false;
-    };
-    assert.ok(await waited(), 'the grouped sends wait');
+    assert.ok(await sendsWaitPastDeadlockCheck(atZ), 'the grouped sends wait');
     await atZ.query('rollback');
     const [d, ...sent] = await Promise.all([deleting, toX, toY, ...blocked]);
     assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
-    for (const s of sent)
-      assert.ok(
-        !(s.errors ?? []).some((e) => e.extensions?.code === 'INTERNAL_SERVER_ERROR'),
-        `send: ${JSON.stringify(s.errors)}`,
-      );
+    for (const x of sent) assertNotInternal('send', x);
   } finally {
     for (const c of clients) await c.query('rollback').catch(() => {});
     await Promise.all(clients.map((c) => c.end()));
