@@ -64,6 +64,22 @@ async function postMessage(channelRaw: string, guildRaw: string, u: TestUser, co
   });
   return id;
 }
+/** The app's database, with `then` run after each transaction it commits (a writer beside it). */
+function afterEachTransaction(then: () => Promise<void>) {
+  return new Proxy(app.deps.db, {
+    get(target, key) {
+      if (key === 'transaction') {
+        return async (...args: Parameters<typeof target.transaction>) => {
+          const out = await target.transaction(...args);
+          await then();
+          return out;
+        };
+      }
+      const v = Reflect.get(target, key, target);
+      return typeof v === 'function' ? v.bind(target) : v;
+    },
+  });
+}
 const isMember = async (guildRaw: string, u: TestUser) =>
   (
     await app.deps.db
@@ -238,18 +254,8 @@ describe('banMember / unbanMember', () => {
     // this one commits right after the purge's batch, its id 5 s older than what the batch wiped.
     let late: string | undefined;
     let txns = 0;
-    const db = new Proxy(app.deps.db, {
-      get(target, key) {
-        if (key === 'transaction') {
-          return async (...args: Parameters<typeof target.transaction>) => {
-            const out = await target.transaction(...args);
-            if (++txns === 1) late = await postMessage(g.channel, g.raw, m, 'in flight', 5_000);
-            return out;
-          };
-        }
-        const v = Reflect.get(target, key, target);
-        return typeof v === 'function' ? v.bind(target) : v;
-      },
+    const db = afterEachTransaction(async () => {
+      if (++txns === 1) late = await postMessage(g.channel, g.raw, m, 'in flight', 5_000);
     });
     const viewer = { userId: raw(owner.id), sessionId: 'test', isAdmin: false };
     await banMember({ ...app.deps, db }, viewer, {
@@ -294,22 +300,11 @@ describe('banMember / unbanMember', () => {
     const CAP = 12;
     let txns = 0;
     let sentAfterBan = 0;
-    const db = new Proxy(app.deps.db, {
-      get(target, key) {
-        if (key === 'transaction') {
-          return async (...args: Parameters<typeof target.transaction>) => {
-            const out = await target.transaction(...args);
-            if (++txns <= CAP) {
-              const banned = await target.select().from(bans).where(eq(bans.guildId, g.raw));
-              const sent = await sendMany(BAN_PURGE_BATCH);
-              if (banned.length) sentAfterBan += sent.length;
-            }
-            return out;
-          };
-        }
-        const v = Reflect.get(target, key, target);
-        return typeof v === 'function' ? v.bind(target) : v;
-      },
+    const db = afterEachTransaction(async () => {
+      if (++txns > CAP) return;
+      const banned = await app.deps.db.select().from(bans).where(eq(bans.guildId, g.raw));
+      const sent = await sendMany(BAN_PURGE_BATCH);
+      if (banned.length) sentAfterBan += sent.length;
     });
     const viewer = { userId: raw(owner.id), sessionId: 'test', isAdmin: false };
     await banMember({ ...app.deps, db }, viewer, {

@@ -528,6 +528,16 @@ it('a prune of a long backlog goes in batches: every expired row goes, the recen
   assert.deepEqual(await prunedThrough(db), { xid: top.xid, seq: Number(top.seq) });
 });
 
+/** The cursor of the log's last row: a resume from it replays what comes after. */
+async function lastCursor() {
+  const [last] = resultRows(
+    await app.deps.db.execute(
+      sql`select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
+    ),
+  ) as { xid: string; seq: string }[];
+  return encodeCursor({ xid: last.xid, seq: Number(last.seq) });
+}
+
 it('a batched prune keeps who was in a deleted guild until its GUILD_DELETED row is pruned: a member resuming from before it still hears of it', {
   skip: !onPostgres,
   timeout: 60_000,
@@ -540,12 +550,7 @@ it('a batched prune keeps who was in a deleted guild until its GUILD_DELETED row
   const member = await signUp(app);
   const { guildId } = await guildWithChannel(app, owner.token);
   await invite(app, owner.token, guildId, member.token);
-  const [last] = resultRows(
-    await db.execute(
-      sql`select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
-    ),
-  ) as { xid: string; seq: string }[];
-  const cursor = encodeCursor({ xid: last.xid, seq: Number(last.seq) });
+  const cursor = await lastCursor();
   await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, owner.token);
   const raw = decodeAnyId(guildId).id;
   await db.execute(sql`update events set created_at = now() - interval '8 days'
@@ -587,12 +592,7 @@ it('who was in a deleted guild, recorded seconds before its GUILD_DELETED row, o
   const member = await signUp(app);
   const { guildId } = await guildWithChannel(app, owner.token);
   await invite(app, owner.token, guildId, member.token);
-  const [last] = resultRows(
-    await db.execute(
-      sql`select xid::text as xid, seq from events order by xid::text::bigint desc, seq desc limit 1`,
-    ),
-  ) as { xid: string; seq: string }[];
-  const cursor = encodeCursor({ xid: last.xid, seq: Number(last.seq) });
+  const cursor = await lastCursor();
   await ok(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, owner.token);
   const raw = decodeAnyId(guildId).id;
   // The recording ran just before the deletion's transaction (recordFormerMembers): a prune's
