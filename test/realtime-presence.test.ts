@@ -282,3 +282,48 @@ it('a status chosen while Redis is unreachable (its data kept) replaces the old 
     proxy.close();
   }
 });
+
+// Two instances. The user moves from A to B (its socket on B opens before A's closes, as a
+// reconnect through a load balancer does): A's drop, after the grace, finds B's entry and says
+// nothing, and A keeps ONLINE as what it showed last. B then tells OFFLINE (the user left; or the
+// lapsed sweep, B having died). The user comes back on A: A's announce compared with its stale
+// ONLINE and said nothing, and the user stayed OFFLINE to every stream while connected.
+it('a user back on an instance that last showed it ONLINE, after another instance told it OFFLINE, is told ONLINE', {
+  skip: !onPostgres,
+  timeout: 60_000,
+}, async () => {
+  const [user, watcher] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId } = await guildWithChannel(app, user.token);
+  await invite(app, user.token, guildId, watcher.token);
+  const uid = decodeId(user.id, 'User');
+  const dbB = await createDatabase({ url: app.config.databaseUrl, dataDir: '' });
+  const redisB = new Redis(TEST_REDIS_URL);
+  const hubB = createHub(
+    { ...app.deps, db: dbB.db },
+    { presence: createRedisPresence(redisB, app.config.redisPrefix) },
+  );
+  const A = app.deps.realtime!.presence;
+  const cw = connect(url, watcher.token);
+  const sw = subscribe(cw.client, null, Q);
+  try {
+    await untilLive(app, [watcher]);
+    const a1 = await A.connected(uid);
+    await sw.until((e) => statuses(e, user.id).at(-1) === 'ONLINE', 5000, 'online on A');
+    const b1 = await hubB.presence.connected(uid);
+    A.disconnected(uid, a1);
+    await new Promise((r) => setTimeout(r, OFFLINE_GRACE_MS + 500)); // A's drop: nothing to tell
+    hubB.presence.disconnected(uid, b1);
+    await sw.until((e) => statuses(e, user.id).at(-1) === 'OFFLINE', 10_000, 'offline once gone from B');
+    const a2 = await A.connected(uid);
+    const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
+    assert.equal((await ok(app, q, { id: user.id }, watcher.token)).user.presence.status, 'ONLINE');
+    await sw.until((e) => statuses(e, user.id).at(-1) === 'ONLINE', 5000, 'told ONLINE back on A');
+    A.disconnected(uid, a2);
+  } finally {
+    sw.stop();
+    await cw.client.dispose();
+    await hubB.stop();
+    redisB.disconnect();
+    await dbB.close();
+  }
+});

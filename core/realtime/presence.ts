@@ -361,11 +361,13 @@ export function createPresenceTracker(
     /**
      * A presence change signalled by any instance. OFFLINE for a user with a socket here (an
      * instance that had not seen this one's entry, or the lapsed sweep racing a new socket) is
-     * answered with what others should see: written again and told.
+     * answered with what others should see: written again and told. Any OFFLINE is what others
+     * now see, whatever this instance showed last: a socket of the user's here later is told.
      */
     heard(userId: string, status: string) {
-      if (status !== 'OFFLINE' || !local.has(userId)) return;
+      if (status !== 'OFFLINE') return;
       lastShown.delete(userId);
+      if (!local.has(userId)) return;
       void rewrite(userId)
         .then((ok) => (ok ? announce(userId) : Promise.reject()))
         .catch(() => unsure.add(userId));
