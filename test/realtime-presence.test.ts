@@ -327,3 +327,55 @@ it('a user back on an instance that last showed it ONLINE, after another instanc
     await dbB.close();
   }
 });
+
+// The lapsed sweep claimed each due user with a bare ZREM after reading the due ones: a user who
+// reconnected (on a healthy instance) between the read and the ZREM was taken out of the set with
+// its new deadline, and if that instance then died before its next refresh, no sweep ever found
+// the user again: ONLINE to every stream for good, the defect the sweep was made for.
+it('the lapsed sweep does not forget a user written again between its read of the due ones and its claim', async () => {
+  const prefix = `banter-test:lapsed-${Math.random().toString(36).slice(2, 10)}:`;
+  const sweeper = new Redis(TEST_REDIS_URL);
+  const other = new Redis(TEST_REDIS_URL);
+  const a = createRedisPresence(sweeper, prefix);
+  const b = createRedisPresence(other, prefix);
+  const u = 'u-lapsed';
+  try {
+    // Left by an instance that died: its entry and its deadline run out.
+    const past = String(Date.now() - 1000);
+    await other
+      .multi()
+      .hset(`${prefix}presence:${u}`, 'x:1', past)
+      .zadd(`${prefix}presence-deadlines`, past, u)
+      .exec();
+    // The user reconnects on a healthy instance just after the sweep read the due users.
+    const read = sweeper.zrangebyscore.bind(sweeper) as (...a: unknown[]) => Promise<string[]>;
+    let raced = false;
+    (sweeper as unknown as { zrangebyscore: unknown }).zrangebyscore = async (...args: unknown[]) => {
+      const due = await read(...args);
+      if (!raced && due.includes(u)) {
+        raced = true;
+        await b.touch(u, ['b:1']);
+      }
+      return due;
+    };
+    assert.deepEqual(await a.lapsed!(), [], 'connected: not lapsed');
+    assert.ok(raced);
+    assert.notEqual(
+      await other.zscore(`${prefix}presence-deadlines`, u),
+      null,
+      'its new deadline left in the set',
+    );
+    // That instance dies before its next refresh: once its entry runs out, the sweep finds the user.
+    mock.timers.enable({ apis: ['Date'], now: Date.now() + CONNECTION_TTL_MS + 1000 });
+    try {
+      assert.deepEqual(await a.lapsed!(), [u], 'lapsed once its last instance died');
+    } finally {
+      mock.timers.reset();
+    }
+  } finally {
+    const keys = await other.keys(`${prefix}*`);
+    if (keys.length) await other.del(...keys);
+    sweeper.disconnect();
+    other.disconnect();
+  }
+});

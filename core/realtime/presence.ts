@@ -94,6 +94,37 @@ const CHOICE_TTL_S = 30 * 86_400;
 const LAPSED_BATCH = 1000;
 const LAPSED_ROUNDS = 10;
 
+/**
+ * lapsed()'s claim, in one step: of the users given (ARGV[2..], their hashes KEYS[2..]), those
+ * still due (KEYS[1]'s score at or before ARGV[1]) leave the set, or are put back under their
+ * latest live entry's deadline (a write that reached Redis after a later one); those whose entries
+ * all ran out lose them and are returned. Apart, a user written again between the read of the due ones and a
+ * ZREM (a reconnect, a refresh) left the set with its new deadline, never to be found if its
+ * instance died before its next refresh; and a claimed user whose read or drop failed was lost.
+ */
+const CLAIM_LAPSED = `local now = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) <= now then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    local e = redis.call('HGETALL', KEYS[i])
+    local dead = {}
+    local alive = nil
+    for j = 1, #e, 2 do
+      local t = tonumber(e[j + 1])
+      if t <= now then dead[#dead + 1] = e[j] elseif not alive or t > alive then alive = t end
+    end
+    if alive then
+      redis.call('ZADD', KEYS[1], alive, ARGV[i])
+    elseif #dead > 0 then
+      redis.call('HDEL', KEYS[i], unpack(dead))
+      out[#out + 1] = ARGV[i]
+    end
+  end
+end
+return out`;
+
 export function createRedisPresence(redis: Redis, prefix: string): PresenceStore {
   const key = (u: string) => `${prefix}presence:${u}`;
   const choiceKey = (u: string) => `${prefix}presence-choice:${u}`;
@@ -145,25 +176,13 @@ export function createRedisPresence(redis: Redis, prefix: string): PresenceStore
       for (let round = 0; round < LAPSED_ROUNDS; round++) {
         const due = await redis.zrangebyscore(deadlines, '-inf', now, 'LIMIT', 0, LAPSED_BATCH);
         if (!due.length) break;
-        // Each claimed by one instance (the others' ZREM answers 0). A user still connected
-        // somewhere is written again by its instance's next refresh, and so back in the set.
-        const claims = await due.reduce((p, u) => p.zrem(deadlines, u), redis.pipeline()).exec();
-        const mine = due.filter((_, i) => claims?.[i]?.[1] === 1);
-        const read = await mine.reduce((p, u) => p.hgetall(key(u)), redis.pipeline()).exec();
-        const drop = redis.pipeline();
-        let drops = 0;
-        mine.forEach((u, i) => {
-          const entries = (read?.[i]?.[1] as Record<string, string> | null) ?? {};
-          const all = Object.keys(entries);
-          const dead = all.filter((c) => Number(entries[c]) <= now);
-          // None: dropped as their sockets closed (told then). Some alive: still connected.
-          if (!dead.length || dead.length < all.length) return;
-          // Only those entries: one written meanwhile (a new socket) stays.
-          drop.hdel(key(u), ...dead);
-          drops++;
-          out.push(u);
-        });
-        if (drops) await drop.exec();
+        // Each claimed by one instance (atomic: the others find it gone), and only while still due.
+        // None of its entries: dropped as their sockets closed (told then). Some alive: still
+        // connected somewhere, kept in the set by them.
+        const keys = [deadlines, ...due.map(key)];
+        out.push(
+          ...((await redis.eval(CLAIM_LAPSED, keys.length, ...keys, String(now), ...due)) as string[]),
+        );
         if (due.length < LAPSED_BATCH) break;
       }
       return out;
