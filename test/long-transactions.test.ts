@@ -10,7 +10,7 @@ import { type SQL, sql } from 'drizzle-orm';
 import { resultRows, type Tx } from '../core/db/client.ts';
 import { PRUNE_BATCH, pruneEvents } from '../core/realtime/log.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, ok, signUp, statementsOf, type TestApp } from './helpers.ts';
+import { createTestApp, gql, ok, signUp, statementsOf, type TestApp } from './helpers.ts';
 import { channelAccessHelpers, guildWithChannel, invite } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -234,4 +234,54 @@ it("a role's deletion reads its own guild's overwrites, not every overwrite on t
   // in the deletion's transaction, every realtime stream held).
   assert.equal(seen.length, 1);
   assert.ok(seen[0] < 1000, `permission_overwrites rows read in the deletion's transaction: ${seen[0]}`);
+});
+
+// Two deletions of one guild (a double submit, two tabs): the second passed its owner check while
+// the guild was there, and its recording ran after the first had committed. The recording's
+// batches forget the rows of users who are not members (left from a deletion that failed): with
+// the guild gone, that was every row the first deletion had kept of who was in it, and no member
+// replaying the log could hear of the deletion (only former_members says who may).
+it('a second deletion of a guild, begun before the first committed, keeps who was in it', {
+  timeout: 120_000,
+}, async () => {
+  const [owner, m1, m2] = await Promise.all([1, 2, 3].map(() => signUp(app)));
+  const { guildId } = await guildWithChannel(app, owner.token);
+  for (const u of [m1, m2]) await invite(app, owner.token, guildId, u.token);
+  type Exec = (q: unknown) => Promise<unknown>;
+  const db = app.deps.db as unknown as { execute: Exec };
+  const original = db.execute;
+  let armed = true;
+  let first: Promise<unknown> | undefined;
+  const deleting = `mutation($id: ID!) { deleteGuild(id: $id) }`;
+  // The second deletion's purge begins (its owner check passed): the first runs to its commit.
+  db.execute = async function (this: unknown, q) {
+    const text = (q as { queryChunks?: { value?: unknown }[] })?.queryChunks
+      ?.map((c) => (Array.isArray(c?.value) ? c.value.join('') : ''))
+      .join('');
+    if (armed && text?.includes('select id from channels where guild_id')) {
+      armed = false;
+      first = ok(app, deleting, { id: guildId }, owner.token);
+      await first;
+    }
+    return original.call(this, q);
+  };
+  let second: Awaited<ReturnType<typeof gql>>;
+  try {
+    second = await gql(app, deleting, { id: guildId }, { token: owner.token });
+  } finally {
+    db.execute = original;
+  }
+  assert.equal(armed, false);
+  assert.equal(((await first) as { deleteGuild: string }).deleteGuild, guildId);
+  // Refused: the guild is gone.
+  assert.equal(second.errors?.[0]?.extensions?.code, 'NOT_FOUND');
+  const was = resultRows<{ user_id: string }>(
+    await app.deps.db.execute(
+      sql`select user_id from former_members where guild_id = ${raw(guildId)}::uuid order by user_id`,
+    ),
+  );
+  assert.deepEqual(
+    was.map((w) => w.user_id),
+    [owner, m1, m2].map((u) => raw(u.id)).sort(),
+  );
 });

@@ -94,7 +94,9 @@ export async function recordFormerMembers(db: Db, guildId: string): Promise<stri
   let after = '00000000-0000-0000-0000-000000000000';
   for (;;) {
     // The batch's members are recorded; the rows of non-members in its range (after, last], or
-    // past `after` in the last batch, are forgotten. Disjoint sets: one statement does both.
+    // past `after` in the last batch, are forgotten. Disjoint sets: one statement does both. Not
+    // once the guild is gone: another deletion of it (a double submit) committed, and its rows are
+    // who was in it, each a non-member now; forgotten, no member replaying the log heard of it.
     const [r] = resultRows<{ n: number; last: string | null }>(
       await db.execute(sql`with b as (
           select user_id from members where guild_id = ${g} and user_id > ${after}::uuid
@@ -103,6 +105,7 @@ export async function recordFormerMembers(db: Db, guildId: string): Promise<stri
         i as (insert into former_members (guild_id, user_id) select ${g}, user_id from b
           on conflict (guild_id, user_id) do update set deleted_at = excluded.deleted_at),
         d as (delete from former_members f where f.guild_id = ${g} and f.user_id > ${after}::uuid
+          and exists (select 1 from guilds where id = ${g})
           and ((select n from top) < ${RECORD_BATCH} or f.user_id <= (select last from top))
           and not exists (select 1 from members m where m.guild_id = ${g} and m.user_id = f.user_id))
         select n, last::text as last from top`),
