@@ -118,7 +118,7 @@ for i = 2, #ARGV do
     if alive then
       redis.call('ZADD', KEYS[1], alive, ARGV[i])
     elseif #dead > 0 then
-      redis.call('HDEL', KEYS[i], unpack(dead))
+      for k = 1, #dead, 1000 do redis.call('HDEL', KEYS[i], unpack(dead, k, math.min(k + 999, #dead))) end
       out[#out + 1] = ARGV[i]
     end
   end
