@@ -97,10 +97,11 @@ const LAPSED_ROUNDS = 10;
 /**
  * lapsed()'s claim, in one step: of the users given (ARGV[2..], their hashes KEYS[2..]), those
  * still due (KEYS[1]'s score at or before ARGV[1]) leave the set, or are put back under their
- * latest live entry's deadline (a write that reached Redis after a later one); those whose entries
- * all ran out lose them and are returned. Apart, a user written again between the read of the due ones and a
- * ZREM (a reconnect, a refresh) left the set with its new deadline, never to be found if its
- * instance died before its next refresh; and a claimed user whose read or drop failed was lost.
+ * latest live entry's deadline (a write that reached Redis after a later one); those whose
+ * entries all ran out (or do not read as a deadline) lose them and are returned. Apart, a user
+ * written again between the read of the due ones and a ZREM (a reconnect, a refresh) left the set
+ * with its new deadline, never to be found if its instance died before its next refresh; and a
+ * claimed user whose read or drop failed was lost.
  */
 const CLAIM_LAPSED = `local now = tonumber(ARGV[1])
 local out = {}
@@ -112,7 +113,7 @@ for i = 2, #ARGV do
     local dead = {}
     local alive = nil
     for j = 1, #e, 2 do
-      local t = tonumber(e[j + 1])
+      local t = tonumber(e[j + 1]) or 0
       if t <= now then dead[#dead + 1] = e[j] elseif not alive or t > alive then alive = t end
     end
     if alive then
