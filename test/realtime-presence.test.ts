@@ -311,7 +311,11 @@ it('a user back on an instance that last showed it ONLINE, after another instanc
     await sw.until((e) => statuses(e, user.id).at(-1) === 'ONLINE', 5000, 'online on A');
     const b1 = await hubB.presence.connected(uid);
     A.disconnected(uid, a1);
-    await new Promise((r) => setTimeout(r, OFFLINE_GRACE_MS + 500)); // A's drop: nothing to tell
+    // A's drop, after the grace: B's entry is there, nothing to tell.
+    const entries = `${app.config.redisPrefix}presence:${uid}`;
+    for (let i = 0; i < 100 && (await redisB.hexists(entries, a1)); i++)
+      await new Promise((r) => setTimeout(r, 100));
+    assert.equal(await redisB.hexists(entries, a1), 0, "A's entry dropped");
     hubB.presence.disconnected(uid, b1);
     await sw.until((e) => statuses(e, user.id).at(-1) === 'OFFLINE', 10_000, 'offline once gone from B');
     const a2 = await A.connected(uid);
