@@ -383,3 +383,29 @@ it('the lapsed sweep does not forget a user written again between its read of th
     other.disconnect();
   }
 });
+
+// A socket closed normally drops its entry; the user stayed in the sweep's set until its deadline
+// came, and every sweep then read it again for nothing: the sweep's rounds (a bounded number of
+// users per 20 s) went to users who had simply left, and a dead instance's users waited behind
+// them, their entries' hash expiring before any sweep reached them (never told OFFLINE).
+it("a user whose last entry is dropped (its sockets closed) leaves the sweep's set; one with an entry left stays", async () => {
+  const prefix = `banter-test:dropped-${Math.random().toString(36).slice(2, 10)}:`;
+  const redis = new Redis(TEST_REDIS_URL);
+  const store = createRedisPresence(redis, prefix);
+  const set = `${prefix}presence-deadlines`;
+  try {
+    await store.touch('u1', ['a:1', 'a:2']);
+    await store.drop('u1', 'a:1');
+    assert.notEqual(await redis.zscore(set, 'u1'), null, 'one socket left: still in the set');
+    await store.drop('u1', 'a:2');
+    assert.equal(await redis.zscore(set, 'u1'), null, 'no socket left: out of the set');
+    // A drop of an entry already gone (a second close) leaves a user written meanwhile alone.
+    await store.touch('u1', ['b:1']);
+    await store.drop('u1', 'a:2');
+    assert.notEqual(await redis.zscore(set, 'u1'), null);
+  } finally {
+    const keys = await redis.keys(`${prefix}*`);
+    if (keys.length) await redis.del(...keys);
+    redis.disconnect();
+  }
+});

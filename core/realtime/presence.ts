@@ -126,6 +126,21 @@ for i = 2, #ARGV do
 end
 return out`;
 
+/**
+ * drop()'s step: the entry goes, and with the user's last one the user leaves the sweep's set
+ * (KEYS[2]), in one step, so a user written meanwhile by another instance keeps its deadline.
+ */
+const DROP_ENTRY = `redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end
+return 0`;
+
+/**
+ * How long a user's hash of entries outlives its last write. lapsed() tells a dead instance's
+ * users (entries there, run out) from users who left (none) by it: the sweeps must reach every
+ * one of them before it goes. 2 minutes gave a sweeper ~3 calls, ~30,000 users.
+ */
+const HASH_TTL_MS = 10 * CONNECTION_TTL_MS;
+
 export function createRedisPresence(redis: Redis, prefix: string): PresenceStore {
   const key = (u: string) => `${prefix}presence:${u}`;
   const choiceKey = (u: string) => `${prefix}presence-choice:${u}`;
@@ -141,13 +156,15 @@ export function createRedisPresence(redis: Redis, prefix: string): PresenceStore
         // The hash outlives its entries by a TTL: lapsed() tells entries left behind by an
         // instance that died (still there, run out) from ones dropped as their sockets closed.
         m.hset(key(userId), ...connIds.flatMap((c) => [c, until]))
-          .pexpire(key(userId), 2 * CONNECTION_TTL_MS)
+          .pexpire(key(userId), HASH_TTL_MS)
           .zadd(deadlines, until, userId);
       }
       await m.exec();
     },
     async drop(userId, connId) {
-      await redis.hdel(key(userId), connId);
+      // Out of the set with its last entry: else every sweep read it again for nothing once its
+      // deadline came, and the users of a dead instance waited behind those who had just left.
+      await redis.eval(DROP_ENTRY, 2, key(userId), deadlines, connId, userId);
     },
     async choose(userId, choice) {
       await redis.set(choiceKey(userId), choice, 'EX', CHOICE_TTL_S);
