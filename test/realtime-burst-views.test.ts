@@ -1,0 +1,159 @@
+/**
+ * A burst of PERMISSIONS_CHANGED rows (a category's deletion tells each of its channels) is judged
+ * for a member by the guild's channels loaded together (GuildViews in core/realtime/visibility.ts),
+ * kept across the rows committed before that load began. Who may see the channels gets every row,
+ * live and replayed; who may not gets none; and a change of the member's roles between two bursts
+ * is not missed by what the first burst loaded (it held the second category's channels too).
+ */
+import assert from 'node:assert/strict';
+import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import type { Delivered } from '../core/realtime/subscription.ts';
+import { decodeAnyId } from '../schema/builder.ts';
+import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import { guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
+
+let app: TestApp;
+before(async () => {
+  app = await createTestApp({ rateLimits: false });
+});
+after(() => app.destroy());
+
+const raw = (id: string) => decodeAnyId(id).id;
+type Stream = AsyncIterableIterator<Delivered>;
+
+/** The stream's rows until one that `pred` holds for (that one included); throws after `ms`. */
+async function until(s: Stream, pred: (r: Delivered) => boolean, what: string, ms = 30_000) {
+  const got: Delivered[] = [];
+  const deadline = Date.now() + ms;
+  for (;;) {
+    let timer: NodeJS.Timeout | undefined;
+    const r = await Promise.race([
+      s.next(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`timed out waiting for ${what}; have ${got.map((x) => x.type)}`)),
+          Math.max(0, deadline - Date.now()),
+        );
+      }),
+    ]).finally(() => clearTimeout(timer));
+    if (r.done) throw new Error(`stream ended waiting for ${what}; have ${got.map((x) => x.type)}`);
+    got.push(r.value);
+    if (pred(r.value)) return got;
+  }
+}
+
+const content = (r: Delivered) => (r.message as { content?: string } | undefined)?.content;
+const subscribe = (u: TestUser, after: string | null = null) =>
+  app.deps.realtime!.subscribe({ userId: raw(u.id) }, after) as Promise<Stream>;
+
+/** A category hidden from @everyone and shown to `role`, with `n` channels in it (written directly). */
+async function category(owner: TestUser, guildId: string, everyone: string, role: string, n: number) {
+  const cat = await ok(
+    app,
+    `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "cat", type: CATEGORY }) { id } }`,
+    { g: guildId },
+    owner.token,
+  );
+  const id = cat.createChannel.id as string;
+  const ow = `mutation($c: ID!, $t: ID!, $a: [Permission!]!, $d: [Permission!]!) {
+    setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: $a, deny: $d }) { allow } }`;
+  await ok(app, ow, { c: id, t: everyone, a: [], d: ['VIEW_CHANNEL'] }, owner.token);
+  await ok(app, ow, { c: id, t: role, a: ['VIEW_CHANNEL'], d: [] }, owner.token);
+  await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+    select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(id)}::uuid, 'TEXT', 'c' || i from generate_series(1, ${n}) i`);
+  return id;
+}
+
+/** Rows telling a deleted category's channel of the overwrites copied to it (channel.service). */
+const told = (rows: Delivered[]) =>
+  rows.filter((r) => r.type === 'PERMISSIONS_CHANGED' && 'parentId' in r.payload).length;
+
+it("a category's deletion tells each of its channels to who may see them, live and replayed, and to nobody else; a role taken away between two is heard", {
+  timeout: 120_000,
+}, async () => {
+  const N = 20;
+  const [owner, shown, hidden] = await Promise.all([1, 2, 3].map(() => signUp(app)));
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  for (const u of [shown, hidden]) await invite(app, owner.token, guildId, u.token);
+  const roles = await ok(
+    app,
+    `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
+    { g: guildId },
+    owner.token,
+  );
+  const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
+  const role = (
+    await ok(
+      app,
+      `mutation($i: CreateRoleInput!) { createRole(input: $i) { id } }`,
+      { i: { guildId, name: 'Seer', permissions: [] } },
+      owner.token,
+    )
+  ).createRole.id as string;
+  const ASSIGN = `mutation($g: ID!, $u: ID!, $r: ID!) { assignRole(guildId: $g, userId: $u, roleId: $r) }`;
+  const UNASSIGN = `mutation($g: ID!, $u: ID!, $r: ID!) { unassignRole(guildId: $g, userId: $u, roleId: $r) }`;
+  await ok(app, ASSIGN, { g: guildId, u: shown.id, r: role }, owner.token);
+  // Both made before the first deletion: what its burst loads holds the second one's channels too.
+  const first = await category(owner, guildId, everyone, role, N);
+  const second = await category(owner, guildId, everyone, role, N);
+  const third = await category(owner, guildId, everyone, role, N);
+  const streams = await Promise.all([shown, hidden].map((u) => subscribe(u)));
+  try {
+    await untilLive(app, [shown, hidden]);
+    await send(app, owner.token, channelId, 'mark');
+    const [mark] = (await until(streams[0], (r) => content(r) === 'mark', 'mark')).slice(-1);
+    await until(streams[1], (r) => content(r) === 'mark', 'mark (hidden)');
+
+    await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: first }, owner.token);
+    await send(app, owner.token, channelId, 'one');
+    const a = await until(streams[0], (r) => content(r) === 'one', 'shown one');
+    const b = await until(streams[1], (r) => content(r) === 'one', 'hidden one');
+    assert.equal(told(a), N, 'the member shown the category hears of each of its channels');
+    assert.equal(told(b), 0, 'the member it was hidden from hears of none');
+
+    // The second category's overwrites hide it from the role now (a row about one channel, which
+    // keeps the member's standing in the guild): what the first burst loaded must not be kept.
+    const ow = `mutation($c: ID!, $t: ID!) {
+      setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: [], deny: [VIEW_CHANNEL] }) { allow } }`;
+    await ok(app, ow, { c: second, t: role }, owner.token);
+    await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: second }, owner.token);
+    await send(app, owner.token, channelId, 'two');
+    const c = await until(streams[0], (r) => content(r) === 'two', 'shown two');
+    const d = await until(streams[1], (r) => content(r) === 'two', 'hidden two');
+    assert.equal(told(c), 0, 'hidden from its role, it hears of none of the second category');
+    assert.equal(told(d), 0);
+
+    // The role goes; the third category's channels are hidden from it now.
+    await ok(app, UNASSIGN, { g: guildId, u: shown.id, r: role }, owner.token);
+    await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: third }, owner.token);
+    await send(app, owner.token, channelId, 'three');
+    const c3 = await until(streams[0], (r) => content(r) === 'three', 'shown three');
+    const d3 = await until(streams[1], (r) => content(r) === 'three', 'hidden three');
+    assert.equal(told(c3), 0, 'its role taken away, it hears of none of the third category');
+    assert.equal(told(d3), 0);
+
+    // Replayed from before both (access now: the role is gone): none for either.
+    const resumed = await Promise.all([shown, hidden].map((u) => subscribe(u, mark.cursor)));
+    try {
+      const e = await until(resumed[0], (r) => content(r) === 'three', 'shown resumed');
+      const f = await until(resumed[1], (r) => content(r) === 'three', 'hidden resumed');
+      assert.equal(told(e), 0);
+      assert.equal(told(f), 0);
+    } finally {
+      for (const s of resumed) await s.return!();
+    }
+    // The role back: a replay tells it of every channel of the first and third (it may see them
+    // now), of none of the second's (their copied overwrites hide them from the role).
+    await ok(app, ASSIGN, { g: guildId, u: shown.id, r: role }, owner.token);
+    const again = await subscribe(shown, mark.cursor);
+    try {
+      const g = await until(again, (r) => content(r) === 'three', 'shown resumed with the role');
+      assert.equal(told(g), 2 * N);
+    } finally {
+      await again.return!();
+    }
+  } finally {
+    for (const s of streams) await s.return!();
+  }
+});
