@@ -157,3 +157,124 @@ it("a category's deletion tells each of its channels to who may see them, live a
     for (const s of streams) await s.return!();
   }
 });
+
+/**
+ * A subscriber far behind in the log (a slow one, its checks queued behind loads) holds answers
+ * loaded long ago. The guild's channels a burst loaded (GuildViews) are kept only across rows
+ * committed before that load began: a later one about a channel drops them, even while the
+ * viewer's cached standing in the guild says it is out (it left meanwhile: a row not reached
+ * yet). The clock and the caches' lapse factor are doubles (Date.now, Math.random), set per step:
+ * what they stand for is time passing (the cached standing lapses, is loaded again out, lapses
+ * again) while the subscriber works through rows; the database, the rows and ViewerAccess are real.
+ */
+it('doubles for the clock and lapse factor: what a burst loaded is not kept across a channel row committed after it, while the cached standing says out (a lagging subscriber)', {
+  timeout: 120_000,
+}, async () => {
+  const { mock } = await import('node:test');
+  const { ViewerAccess } = await import('../core/realtime/visibility.ts');
+  const { headPosition, readRangeAll } = await import('../core/realtime/log.ts');
+  const db = app.deps.db;
+  const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
+  const { guildId, channelId: hidden } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, viewer.token);
+  const roles = await ok(
+    app,
+    `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
+    { g: guildId },
+    owner.token,
+  );
+  const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
+  const other = (
+    await ok(
+      app,
+      `mutation($i: CreateRoleInput!) { createRole(input: $i) { id } }`,
+      { i: { guildId, name: 'Other', permissions: [] } },
+      owner.token,
+    )
+  ).createRole.id as string;
+  // A category with an overwrite of a role the viewer lacks, and two channels: its deletion is a
+  // burst of two rows the viewer may see (the second loads the guild's channels together).
+  const cat = await category(owner, guildId, everyone, other, 2);
+  await ok(
+    app,
+    `mutation($c: ID!, $t: ID!) { removeChannelOverwrite(channelId: $c, targetId: $t) }`,
+    {
+      c: cat,
+      t: everyone,
+    },
+    owner.token,
+  );
+  const OW = `mutation($c: ID!, $t: ID!, $a: [Permission!]!, $d: [Permission!]!) {
+    setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: $a, deny: $d }) { allow } }`;
+  const rename = (name: string) =>
+    ok(
+      app,
+      `mutation($g: ID!, $n: String!) { updateGuild(input: { id: $g, name: $n }) { id } }`,
+      {
+        g: guildId,
+        n: name,
+      },
+      owner.token,
+    );
+  const start = await headPosition(db);
+  let head = start;
+  const access = new ViewerAccess(db, raw(viewer.id), () => head);
+  const g = raw(guildId);
+  let done = start;
+  /** The guild's rows committed since the last step, in log order. */
+  async function next() {
+    const to = await headPosition(db);
+    const rows = (await readRangeAll(db, done, to, 1000)).filter((r) => r.guildId === g);
+    done = to;
+    return rows;
+  }
+  const base = Date.now();
+  /** Observes and checks `rows` at `t` ms, loads lapsing by `rnd` (0: soonest, 1: latest). */
+  async function at(t: number, rnd: number, rows: Awaited<ReturnType<typeof next>>) {
+    head = await headPosition(db);
+    mock.method(Date, 'now', () => base + t);
+    mock.method(Math, 'random', () => rnd);
+    try {
+      const out: { type: string; channelId: string | null; yes: boolean }[] = [];
+      for (const r of rows) {
+        access.observe(r);
+        out.push({ type: r.type, channelId: r.channelId, yes: await access.canSee(r, false) });
+      }
+      return out;
+    } finally {
+      mock.restoreAll();
+    }
+  }
+
+  await rename('n0');
+  await at(0, 0, await next()); // its standing in the guild: a member (lapses at 22.5 s)
+  await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token);
+  await rename('n1');
+  const burst = await next();
+  const n1 = burst.pop()!;
+  const seen = await at(20_000, 1, burst); // the guild's channels loaded together (to 57.5 s)
+  assert.deepEqual(
+    seen.filter((x) => x.type === 'PERMISSIONS_CHANGED').map((x) => x.yes),
+    [true, true],
+  );
+  // The channel hidden from everyone; then an overwrite of it for a role the viewer lacks: a
+  // change it may not hear of (it could not view the channel before it, nor after). Then the
+  // viewer leaves (the subscriber has not reached that row yet).
+  await ok(app, OW, { c: hidden, t: everyone, a: [], d: ['VIEW_CHANNEL'] }, owner.token);
+  await ok(app, OW, { c: hidden, t: other, a: ['ADD_REACTIONS'], d: [] }, owner.token);
+  await ok(app, `mutation($g: ID!) { leaveGuild(guildId: $g) }`, { g: guildId }, viewer.token);
+  const [hide, aimed, left] = await next();
+  assert.equal(hide.type, 'PERMISSIONS_CHANGED');
+  assert.equal(aimed.type, 'PERMISSIONS_CHANGED');
+  // Its standing lapsed: loaded again, out now (to 45.5 s).
+  assert.deepEqual(
+    (await at(23_000, 0, [n1])).map((x) => x.yes),
+    [false],
+  );
+  await invite(app, owner.token, guildId, viewer.token); // back, without the channel
+  await at(30_000, 0, [hide]); // out, still: told nothing
+  // Its standing lapsed again, loaded again: in. The overwrite for the other role is none of its.
+  const [told] = await at(46_000, 0, [aimed]);
+  assert.equal(told.yes, false, 'an overwrite change of a channel it could view neither before nor after');
+  assert.equal(left.type, 'MEMBER_LEFT');
+});

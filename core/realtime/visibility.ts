@@ -336,15 +336,17 @@ export class ViewerAccess {
       ABOUT_A_MEMBER.has(e.type) && typeof e.payload.userId === 'string' ? e.payload.userId : null;
     // A member's joining, leaving, roles or timeout change that member's access, nobody else's.
     if (about !== null && about !== this.userId) return;
+    // Loaded after the row committed: they hold what it changed (a burst's rows, one transaction's
+    // or read together, cost one load, not one per row). Else dropped, whatever the standing
+    // cached below says: a non-member's may have lapsed, and be loaded again in (it left and came
+    // back, rows this subscriber has not reached yet), and these be used for a row they miss.
+    const v = this.views?.get(guildId);
+    if (v && !(v.asOf && e.xid && e.xid !== '0' && compareXid(e.xid, v.asOf.xid) <= 0))
+      this.views!.delete(guildId);
     const g = this.guilds?.get(guildId);
     // A non-member stays one until a row about itself (its MEMBER_JOINED): its channels there
     // are none of its.
     if (g && !g.member && about === null) return;
-    // Loaded after the row committed: they hold what it changed (a burst's rows, one transaction's
-    // or read together, cost one load, not one per row).
-    const v = this.views?.get(guildId);
-    if (v && !(v.asOf && e.xid && e.xid !== '0' && compareXid(e.xid, v.asOf.xid) <= 0))
-      this.views!.delete(guildId);
     // Channels and their overwrites change the viewer's channels there, not its standing in the
     // guild (membership, roles, owner: GuildEntry).
     if (CHANNEL_LEVEL.has(e.type)) this.forgetChannelsOf(guildId);
