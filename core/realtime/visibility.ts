@@ -601,6 +601,13 @@ export class ViewerAccess {
     return shared(this.db, `g:${this.userId}:${guildId}`, load).then((a) => {
       const member = !!a?.input.isMember;
       if (member) this.seenIn(guildId);
+      // Out: what was loaded of its channels there while in goes, as changedIn passes over a
+      // non-member's rows (a lagging subscriber: it left in a row not reached yet, and a role or
+      // channel change before that row hid a channel its cached answer still showed).
+      else {
+        this.views?.delete(guildId);
+        this.forgetChannelsOf(guildId);
+      }
       const entry = { member, input: member ? a!.input : null, until: lapseAt() };
       this.guilds ??= new Map();
       this.guilds.set(guildId, entry);
