@@ -285,85 +285,88 @@ it('doubles for the clock and lapse factor: what a burst loaded is not kept acro
  * subscriber has not reached), and a message sent in the channel after it was hidden went out on
  * the answer loaded before. Doubles for the clock and the lapse factor, as above.
  */
-it('doubles for the clock and lapse factor: a message in a channel hidden since its answer was loaded is not shown on it, while the cached standing says out (a lagging subscriber)', {
-  timeout: 120_000,
-}, async () => {
-  const { mock } = await import('node:test');
-  const { ViewerAccess } = await import('../core/realtime/visibility.ts');
-  const { headPosition, readRangeAll } = await import('../core/realtime/log.ts');
-  const db = app.deps.db;
-  const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
-  const { guildId, channelId } = await guildWithChannel(app, owner.token);
-  await invite(app, owner.token, guildId, viewer.token);
-  const roles = await ok(
-    app,
-    `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
-    { g: guildId },
-    owner.token,
-  );
-  const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
-  const rename = (name: string) =>
-    ok(
+for (const standing of [true, false])
+  it(`doubles for the clock and lapse factor: a message in a channel hidden since its answer was loaded is not shown on it, while the cached standing says out (a lagging subscriber; its standing loaded before: ${standing})`, {
+    timeout: 120_000,
+  }, async () => {
+    const { mock } = await import('node:test');
+    const { ViewerAccess } = await import('../core/realtime/visibility.ts');
+    const { headPosition, readRangeAll } = await import('../core/realtime/log.ts');
+    const db = app.deps.db;
+    const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
+    const { guildId, channelId } = await guildWithChannel(app, owner.token);
+    await invite(app, owner.token, guildId, viewer.token);
+    const roles = await ok(
       app,
-      `mutation($g: ID!, $n: String!) { updateGuild(input: { id: $g, name: $n }) { id } }`,
-      { g: guildId, n: name },
+      `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
+      { g: guildId },
       owner.token,
     );
-  const start = await headPosition(db);
-  let head = start;
-  const access = new ViewerAccess(db, raw(viewer.id), () => head);
-  const g = raw(guildId);
-  let done = start;
-  async function next() {
-    const to = await headPosition(db);
-    const rows = (await readRangeAll(db, done, to, 1000)).filter(
-      (r) => r.guildId === g || r.channelId === raw(channelId),
-    );
-    done = to;
-    return rows;
-  }
-  const base = Date.now();
-  async function at(t: number, rnd: number, rows: Awaited<ReturnType<typeof next>>) {
-    head = await headPosition(db);
-    mock.method(Date, 'now', () => base + t);
-    mock.method(Math, 'random', () => rnd);
-    try {
-      const out: { type: string; yes: boolean }[] = [];
-      for (const r of rows) {
-        access.observe(r);
-        out.push({ type: r.type, yes: await access.canSee(r, false) });
-      }
-      return out;
-    } finally {
-      mock.restoreAll();
+    const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
+    const rename = (name: string) =>
+      ok(
+        app,
+        `mutation($g: ID!, $n: String!) { updateGuild(input: { id: $g, name: $n }) { id } }`,
+        { g: guildId, n: name },
+        owner.token,
+      );
+    const start = await headPosition(db);
+    let head = start;
+    const access = new ViewerAccess(db, raw(viewer.id), () => head);
+    const g = raw(guildId);
+    let done = start;
+    async function next() {
+      const to = await headPosition(db);
+      const rows = (await readRangeAll(db, done, to, 1000)).filter(
+        (r) => r.guildId === g || r.channelId === raw(channelId),
+      );
+      done = to;
+      return rows;
     }
-  }
-  await rename('n0');
-  await at(0, 0, await next()); // its standing: a member (lapses at 22.5 s)
-  await send(app, owner.token, channelId, 'seen');
-  assert.deepEqual(
-    (await at(20_000, 1, await next())).map((x) => x.yes),
-    [true],
-  ); // the channel's answer, to 57.5 s
-  await rename('n1');
-  // @everyone may view no channel now; then a message there; then the viewer leaves.
-  await ok(
-    app,
-    `mutation($i: UpdateRoleInput!) { updateRole(input: $i) { id } }`,
-    { i: { id: everyone, permissions: ['SEND_MESSAGES', 'READ_HISTORY'] } },
-    owner.token,
-  );
-  await send(app, owner.token, channelId, 'secret');
-  await ok(app, `mutation($g: ID!) { leaveGuild(guildId: $g) }`, { g: guildId }, viewer.token);
-  const [n1, hidden, secret, left] = await next();
-  assert.deepEqual(
-    [n1.type, hidden.type, secret.type, left.type],
-    ['GUILD_UPDATED', 'ROLE_UPDATED', 'MESSAGE_CREATED', 'MEMBER_LEFT'],
-  );
-  assert.deepEqual(
-    (await at(23_000, 0, [n1])).map((x) => x.yes),
-    [false],
-  ); // lapsed, loaded again: out
-  const [, shown] = await at(30_000, 0, [hidden, secret]);
-  assert.equal(shown.yes, false, 'a message sent after the channel was hidden from it');
-});
+    const base = Date.now();
+    async function at(t: number, rnd: number, rows: Awaited<ReturnType<typeof next>>) {
+      head = await headPosition(db);
+      mock.method(Date, 'now', () => base + t);
+      mock.method(Math, 'random', () => rnd);
+      try {
+        const out: { type: string; yes: boolean }[] = [];
+        for (const r of rows) {
+          access.observe(r);
+          out.push({ type: r.type, yes: await access.canSee(r, false) });
+        }
+        return out;
+      } finally {
+        mock.restoreAll();
+      }
+    }
+    await rename('n0');
+    // its standing: a member (lapses at 22.5 s), or not loaded (messages need none)
+    const n0 = await next();
+    await at(0, 0, standing ? n0 : []);
+    await send(app, owner.token, channelId, 'seen');
+    assert.deepEqual(
+      (await at(20_000, 1, await next())).map((x) => x.yes),
+      [true],
+    ); // the channel's answer, to 57.5 s
+    await rename('n1');
+    // @everyone may view no channel now; then a message there; then the viewer leaves.
+    await ok(
+      app,
+      `mutation($i: UpdateRoleInput!) { updateRole(input: $i) { id } }`,
+      { i: { id: everyone, permissions: ['SEND_MESSAGES', 'READ_HISTORY'] } },
+      owner.token,
+    );
+    await send(app, owner.token, channelId, 'secret');
+    await ok(app, `mutation($g: ID!) { leaveGuild(guildId: $g) }`, { g: guildId }, viewer.token);
+    const [n1, hidden, secret, left] = await next();
+    assert.deepEqual(
+      [n1.type, hidden.type, secret.type, left.type],
+      ['GUILD_UPDATED', 'ROLE_UPDATED', 'MESSAGE_CREATED', 'MEMBER_LEFT'],
+    );
+    assert.deepEqual(
+      (await at(23_000, 0, [n1])).map((x) => x.yes),
+      [false],
+    ); // lapsed, loaded again: out
+    const [, shown] = await at(30_000, 0, [hidden, secret]);
+    assert.equal(shown.yes, false, 'a message sent after the channel was hidden from it');
+  });

@@ -603,8 +603,10 @@ export class ViewerAccess {
       if (member) this.seenIn(guildId);
       // Out: what was loaded of its channels there while in goes, as changedIn passes over a
       // non-member's rows (a lagging subscriber: it left in a row not reached yet, and a role or
-      // channel change before that row hid a channel its cached answer still showed).
-      else {
+      // channel change before that row hid a channel its cached answer still showed). Only where
+      // it was seen in (everIn: a channel it could view, or its standing): a bystander's answers
+      // (thousands, none showing a thing) are not gone through for each guild it is out of.
+      else if (this.everIn?.has(guildId)) {
         this.views?.delete(guildId);
         this.forgetChannelsOf(guildId);
       }
