@@ -149,8 +149,9 @@ it("a category's deletion costs a subscriber of another guild as many statements
     }
   }
   // The deletion and the send take as many for both (test/long-transactions). Before: the
-  // bystander loaded its access to each channel told of (3 + ~300 statements).
-  assert.ok(counts[1] - counts[0] < 30, `statements for 3 channels, then 300: ${counts}`);
+  // bystander loaded its access to each channel told of (3 + ~300 statements). The margin is the
+  // hub's 500 ms polls, counted too, while a loaded machine takes seconds longer over 300.
+  assert.ok(counts[1] - counts[0] < 100, `statements for 3 channels, then 300: ${counts}`);
 });
 
 it("a category's deletion costs a member of its guild as many statements for 300 channels as for 3", {
@@ -180,6 +181,6 @@ it("a category's deletion costs a member of its guild as many statements for 300
       await s.return!();
     }
   }
-  // Before: it loaded its access to each channel told of, one after another.
-  assert.ok(counts[1] - counts[0] < 30, `statements for 3 channels, then 300: ${counts}`);
+  // Before: it loaded its access to each channel told of, one after another (the margin: as above).
+  assert.ok(counts[1] - counts[0] < 100, `statements for 3 channels, then 300: ${counts}`);
 });
