@@ -356,6 +356,12 @@ export function databaseErrorOf(
   return undefined;
 }
 
+/** Whether `err` is a violation of the foreign key `constraint` (a row it names deleted under the insert). */
+export function violatesForeignKey(err: unknown, constraint: string): boolean {
+  const db = databaseErrorOf(err);
+  return db?.code === '23503' && db.constraint === constraint;
+}
+
 /** The rows of a raw `execute` result (node-postgres and PGlite both hand them over as `rows`). */
 export function resultRows<T>(r: unknown): T[] {
   return (r as { rows: T[] }).rows;

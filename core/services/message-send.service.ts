@@ -6,7 +6,7 @@
  * a channel's last message is read from the messages_channel index.
  */
 import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
-import { databaseErrorOf, type Tx } from '../db/client.ts';
+import { type Tx, violatesForeignKey } from '../db/client.ts';
 import { attachments, messageMentions, messages } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { badInput, conflict, forbidden, notFound, rateLimited } from '../errors.ts';
@@ -170,8 +170,7 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
 
 /** The message's channel was deleted under the insert (its foreign key; drizzle wraps pg's error). */
 function channelGone(err: unknown): boolean {
-  const db = databaseErrorOf(err);
-  return db?.code === '23503' && db.constraint === 'messages_channel_id_channels_id_fk';
+  return violatesForeignKey(err, 'messages_channel_id_channels_id_fk');
 }
 
 /**

@@ -5,7 +5,7 @@
  * so a new member does not inherit the whole history as unread.
  */
 import { and, eq, isNull, sql } from 'drizzle-orm';
-import { type DbOrTx, databaseErrorOf, resultRows, uuidArray } from '../db/client.ts';
+import { type DbOrTx, resultRows, uuidArray, violatesForeignKey } from '../db/client.ts';
 import { messages, readStates } from '../db/tables.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { notFound } from '../errors.ts';
@@ -66,9 +66,7 @@ export async function markRead(deps: Deps, viewer: Viewer, input: MarkReadInput)
  * later would tell them, not INTERNAL_SERVER_ERROR (a catch, not a lock first: markers move often).
  */
 function channelGone(err: unknown): never {
-  const db = databaseErrorOf(err);
-  if (db?.code === '23503' && db.constraint === 'read_states_channel_id_channels_id_fk')
-    throw notFound('Channel');
+  if (violatesForeignKey(err, 'read_states_channel_id_channels_id_fk')) throw notFound('Channel');
   throw err;
 }
 
