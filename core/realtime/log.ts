@@ -188,7 +188,7 @@ const ROW_MESSAGE_ID = sql`case when ${events.type} in ('MESSAGE_DELETED', 'READ
   when left(${events.type}, 8) = 'MESSAGE_' and jsonb_typeof(${events.payload}->'id') = 'string'
     then ${events.payload}->>'id' end`;
 /** What Postgres casts to a uuid (either case): checked here and, the same pattern, in SQL. */
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 /** ... as a uuid; anything else is no id (a malformed payload must not stop the tailer). */
 const ROW_MESSAGE_UUID = sql`(case when ${ROW_MESSAGE_ID} ~* ${sql.raw(`'${UUID.source}'`)} then (${ROW_MESSAGE_ID})::uuid end)`;
 

@@ -11,7 +11,7 @@
  */
 import { type SQL, sql } from 'drizzle-orm';
 import { type Db, resultRows, type Tx, uuidArray } from '../db/client.ts';
-import { unfinishedFrom } from '../realtime/log.ts';
+import { UUID, unfinishedFrom } from '../realtime/log.ts';
 
 export const PURGE_BATCH = 500;
 
@@ -66,9 +66,6 @@ export async function purgeBeforeDeletion(db: Db, of: { channelIds: string[] } |
 
 /** Members recorded per transaction by recordFormerMembers. */
 const RECORD_BATCH = 1_000;
-
-/** A uuid as Postgres reads one: a log row's malformed payload must not fail the deletion. */
-const UUID_PATTERN = '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$';
 
 /** The membership changes the log records, each with the member as payload.userId. */
 const MEMBERSHIP_EVENTS = sql`('MEMBER_JOINED', 'MEMBER_LEFT', 'MEMBER_KICKED', 'MEMBER_BANNED')`;
@@ -126,11 +123,12 @@ export async function recordFormerMembers(db: Db, guildId: string): Promise<stri
 export async function settleFormerMembers(tx: Db | Tx, guildId: string, from: string) {
   const g = sql`${guildId}::uuid`;
   // The log's rows from `from` on (events_order, the log's read order: the seconds the recording
-  // took), then this guild's: along events_guild a big guild's whole history would be read.
+  // took), then this guild's: along events_guild a big guild's whole history would be read. Only
+  // userIds that read as a uuid (log.ts UUID): a log row's malformed payload must not fail the deletion.
   const changed = resultRows<{ user_id: string }>(
     await tx.execute(sql`select distinct (payload->>'userId')::uuid as user_id from (
         select guild_id, type, payload from events where (xid::text::bigint) >= ${from}::bigint offset 0) e
-      where guild_id = ${g} and type in ${MEMBERSHIP_EVENTS} and payload->>'userId' ~* ${UUID_PATTERN}`),
+      where guild_id = ${g} and type in ${MEMBERSHIP_EVENTS} and payload->>'userId' ~* ${UUID.source}`),
   ).map((r) => r.user_id);
   if (!changed.length) return;
   // Looked up by key (one array parameter): joined to the set, a plan could read them all.
