@@ -290,6 +290,13 @@ export function createPresenceTracker(
     }
   }
 
+  /** Writes a user's entries again and tells what others now see; unsure of it when that fails. */
+  function rewriteAndTell(u: string) {
+    void rewrite(u)
+      .then((ok) => (ok ? announce(u) : Promise.reject()))
+      .catch(() => unsure.add(u));
+  }
+
   /**
    * Users whose instance died with their sockets: nobody dropped their entries or told them
    * OFFLINE, and queries show them OFFLINE once the entries run out. Told here (by the one
@@ -319,9 +326,7 @@ export function createPresenceTracker(
     }
     for (const u of redo) {
       unsure.delete(u);
-      void rewrite(u)
-        .then((ok) => (ok ? announce(u) : Promise.reject()))
-        .catch(() => unsure.add(u));
+      rewriteAndTell(u);
     }
   }, CONNECTION_TTL_MS / 3);
   refresh.unref();
@@ -404,10 +409,7 @@ export function createPresenceTracker(
     heard(userId: string, status: string) {
       if (status !== 'OFFLINE') return;
       lastShown.delete(userId);
-      if (!local.has(userId)) return;
-      void rewrite(userId)
-        .then((ok) => (ok ? announce(userId) : Promise.reject()))
-        .catch(() => unsure.add(userId));
+      if (local.has(userId)) rewriteAndTell(userId);
     },
     stop() {
       clearInterval(refresh);
