@@ -249,6 +249,9 @@ function sawDeletion(e: Visible, userId: string): boolean | 'ask' | undefined {
   return !e.formerAsked || e.formerAsked.has(userId) ? false : 'ask';
 }
 
+/** The transaction of a durable row; undefined for an ephemeral one ('0') or one that has none. */
+const durableXid = (e: Visible) => (e.xid && e.xid !== '0' ? e.xid : undefined);
+
 /** A viewer's cached standing in a guild: its permission input there, null when not a member. */
 interface GuildEntry {
   member: boolean;
@@ -341,8 +344,8 @@ export class ViewerAccess {
     // cached below says: a non-member's may have lapsed, and be loaded again in (it left and came
     // back, rows this subscriber has not reached yet), and these be used for a row they miss.
     const v = this.views?.get(guildId);
-    if (v && !(v.asOf && e.xid && e.xid !== '0' && compareXid(e.xid, v.asOf.xid) <= 0))
-      this.views!.delete(guildId);
+    const xid = durableXid(e);
+    if (v && !(v.asOf && xid && compareXid(xid, v.asOf.xid) <= 0)) this.views!.delete(guildId);
     const g = this.guilds?.get(guildId);
     // A non-member stays one until a row about itself (its MEMBER_JOINED): its channels there
     // are none of its.
@@ -517,19 +520,16 @@ export class ViewerAccess {
     // channel's overwrites: a guild's every channel is more to read, for every member).
     const loaded = this.views?.get(e.guildId!);
     const fresh = loaded && Date.now() < loaded.until;
-    if (!fresh && e.xid && e.xid !== '0' && this.alone?.get(e.guildId!) !== e.xid) {
+    const xid = durableXid(e);
+    if (!fresh && xid && this.alone?.get(e.guildId!) !== xid) {
       this.alone ??= new Map();
-      this.alone.set(e.guildId!, e.xid);
+      this.alone.set(e.guildId!, xid);
       return this.overwriteOkAlone(e, channelId, aimed, before);
     }
-    const decide = (v: GuildViews): boolean | Promise<boolean> => {
-      if (!v.all.has(channelId)) return this.overwriteOkAlone(e, channelId, aimed, before);
-      if (v.live.has(channelId)) return true;
-      if (before) return this.couldView(e.guildId!, before);
-      if (!aimed || !v.input) return false;
-      if (targetType === 'MEMBER') return targetId === this.userId;
-      return v.input.roles.some((r) => r.id === targetId);
-    };
+    const decide = (v: GuildViews): boolean | Promise<boolean> =>
+      v.all.has(channelId)
+        ? this.overwriteDecision(e, v.live.has(channelId), v.input, aimed, before)
+        : this.overwriteOkAlone(e, channelId, aimed, before);
     const v = this.viewsOf(e.guildId!);
     return v instanceof Promise ? v.then(decide) : decide(v);
   }
@@ -541,16 +541,29 @@ export class ViewerAccess {
     aimed: boolean,
     before: OverwriteInfo[][] | null | undefined,
   ): Promise<boolean> {
-    const { targetType, targetId } = e.payload;
     return this.loadChannel(channelId).then(({ access, entry }) => {
-      if (entry.live) return true;
-      if (before) return this.couldView(e.guildId!, before);
-      if (!aimed) return false;
       const input = access?.guild?.input;
-      if (!input?.isMember) return false;
-      if (targetType === 'MEMBER') return targetId === this.userId;
-      return input.roles.some((r) => r.id === targetId);
+      return this.overwriteDecision(e, entry.live, input?.isMember ? input : null, aimed, before);
     });
+  }
+
+  /**
+   * overwriteOk's answer, from whether the viewer may view the channel now and its standing in the
+   * guild (`input`, null when not a member), however they were loaded.
+   */
+  private overwriteDecision(
+    e: Visible,
+    live: boolean,
+    input: GuildPermissionInput | null,
+    aimed: boolean,
+    before: OverwriteInfo[][] | null | undefined,
+  ): boolean | Promise<boolean> {
+    if (live) return true;
+    if (before) return this.couldView(e.guildId!, before);
+    if (!aimed || !input) return false;
+    const { targetType, targetId } = e.payload;
+    if (targetType === 'MEMBER') return targetId === this.userId;
+    return input.roles.some((r) => r.id === targetId);
   }
 
   /**
