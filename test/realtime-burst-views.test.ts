@@ -11,9 +11,10 @@ import { sql } from 'drizzle-orm';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
+import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
+const { everyoneRole } = channelAccessHelpers(() => app);
 before(async () => {
   app = await createTestApp({ rateLimits: false });
 });
@@ -76,13 +77,7 @@ it("a category's deletion tells each of its channels to who may see them, live a
   const [owner, shown, hidden] = await Promise.all([1, 2, 3].map(() => signUp(app)));
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
   for (const u of [shown, hidden]) await invite(app, owner.token, guildId, u.token);
-  const roles = await ok(
-    app,
-    `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
-    { g: guildId },
-    owner.token,
-  );
-  const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
+  const everyone = await everyoneRole(owner.token, guildId);
   const role = (
     await ok(
       app,
@@ -177,13 +172,7 @@ it('doubles for the clock and lapse factor: what a burst loaded is not kept acro
   const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
   const { guildId, channelId: hidden } = await guildWithChannel(app, owner.token);
   await invite(app, owner.token, guildId, viewer.token);
-  const roles = await ok(
-    app,
-    `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
-    { g: guildId },
-    owner.token,
-  );
-  const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
+  const everyone = await everyoneRole(owner.token, guildId);
   const other = (
     await ok(
       app,
@@ -296,13 +285,7 @@ for (const standing of [true, false])
     const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
     const { guildId, channelId } = await guildWithChannel(app, owner.token);
     await invite(app, owner.token, guildId, viewer.token);
-    const roles = await ok(
-      app,
-      `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`,
-      { g: guildId },
-      owner.token,
-    );
-    const everyone = roles.guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id as string;
+    const everyone = await everyoneRole(owner.token, guildId);
     const rename = (name: string) =>
       ok(
         app,
