@@ -484,7 +484,14 @@ export class ViewerAccess {
     return shared(this.db, `c:${this.userId}:${channelId}`, load).then((a) => {
       const perms = a?.permissions ?? 0n;
       const guildId = a?.channel.guildId ?? null;
-      if (guildId && perms) this.seenIn(guildId);
+      if (guildId && perms) {
+        this.seenIn(guildId);
+        // In the guild now, where the cached standing says out: that standing is older than this
+        // answer (it came back, in a row not reached yet). It goes, or changedIn would pass over
+        // the guild's rows before that one (a role change committed after this load, its xid lower
+        // than the join's) and keep this answer across them.
+        if (this.guilds?.get(guildId)?.member === false) this.guilds.delete(guildId);
+      }
       const joinedAt = a?.joinedAt ?? Number.POSITIVE_INFINITY;
       const entry = {
         live: has(perms, LIVE),
