@@ -155,3 +155,89 @@ it('a message of a channel hidden from a member who left and came back is not de
     await stream.return!();
   }
 });
+
+/**
+ * A shared replay page (hub.ts, sharedPage) has its GUILD_DELETED rows' former members read for
+ * the viewers subscribed when it was read; a viewer resuming from the same cursor later shares the
+ * page, and is looked up for itself. One statement for the page, not one for each deleted guild.
+ */
+it("a viewer sharing a replay page read before it subscribed looks up the page's deleted guilds it was in with one statement, not one per guild (Postgres: a lock holds the page's read)", {
+  skip: !onPostgres && 'needs a second connection holding a lock (PGlite has one)',
+  timeout: 120_000,
+}, async () => {
+  const pg = (await import('pg')).default;
+  const [owner, early, late] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const home = await guildWithChannel(app, owner.token);
+  for (const u of [early, late]) await invite(app, owner.token, home.guildId, u.token);
+  const watch = await subscribe(owner);
+  const seen: Delivered[] = [];
+  const streams: Stream[] = [];
+  const stall = new pg.Client({ connectionString: app.config.databaseUrl });
+  await stall.connect();
+  try {
+    await untilLive(app, [owner]);
+    const first = await send(app, owner.token, home.channelId, 'cursor');
+    const cursor = (await until(watch, seen, about(first), 'cursor')).find(about(first))!.cursor!;
+    // N guilds deleted (as deleteGuild records and logs them): the owner was in each, `late` in
+    // every other one, `early` in none.
+    const N = 200;
+    const guilds = (
+      await stall.query<{ id: string }>('select gen_random_uuid()::text as id from generate_series(1, $1)', [
+        N,
+      ])
+    ).rows.map((r) => r.id);
+    const wasIn = guilds.filter((_, i) => i % 2 === 0);
+    await stall.query(
+      `insert into former_members (guild_id, user_id) select g::uuid, $2::uuid from unnest($1::text[]) g
+       union all select g::uuid, $3::uuid from unnest($4::text[]) g`,
+      [guilds, raw(owner.id), raw(late.id), wasIn],
+    );
+    await stall.query(
+      `insert into events (type, guild_id, payload)
+         select 'GUILD_DELETED', g::uuid, jsonb_build_object('guildId', g, 'actorId', $2::text)
+         from unnest($1::text[]) with ordinality as t(g, i) order by i`,
+      [guilds, raw(owner.id)],
+    );
+    const last = await send(app, owner.token, home.channelId, 'the last');
+    await until(watch, seen, about(last), 'the last, tailed');
+
+    // `early` resumes: its page's former members wait on the lock, read for the viewers here
+    // then. `late` resumes from the same cursor meanwhile, and shares that page.
+    await stall.query('begin');
+    await stall.query('lock table former_members in access exclusive mode');
+    streams.push(await subscribe(early, cursor));
+    let waiting = false;
+    for (let k = 0; k < 200 && !waiting; k++) {
+      await stall.query('select pg_stat_clear_snapshot()');
+      const q = await stall.query(
+        `select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
+           and query like '%former_members%'`,
+      );
+      waiting = q.rows.length > 0;
+      if (!waiting) await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.ok(waiting, "the page's former members wait on the lock");
+    const before = app.deps.database.queryCount;
+    const started = Date.now();
+    streams.push(await subscribe(late, cursor));
+    await stall.query('rollback');
+    const [e, l] = [[], []] as Delivered[][];
+    await until(streams[0], e, about(last), 'the last (early)');
+    await until(streams[1], l, about(last), 'the last (late)');
+    const used = app.deps.database.queryCount - before;
+    console.log(
+      `resuming past ${N} deleted guilds on a shared page read before: ${used} statements, ${Date.now() - started} ms`,
+    );
+    const deleted = (rows: Delivered[]) =>
+      rows.filter((r) => r.type === 'GUILD_DELETED').map((r) => r.guildId);
+    assert.deepEqual(deleted(e), [], 'in none of them');
+    assert.deepEqual(deleted(l), wasIn, 'the deletions of the guilds it was in, each once, in order');
+    // Both replays' scopes, messages and a few loads: a handful. One lookup per guild: N more.
+    assert.ok(used < 40, `statements: ${used}`);
+  } finally {
+    await stall.query('rollback').catch(() => {});
+    await stall.end();
+    await watch.return!();
+    for (const s of streams) await s.return!();
+  }
+});

@@ -678,7 +678,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     const page = (async (): Promise<SharedPage> => {
       const rows = (await readRangeAll(deps.db, from, to, REPLAY_PAGE)) as Delivered[];
       await loadMessages(deps.db, rows);
-      // For the viewers here now (the one replaying among them); one resuming later looks itself up.
+      // For the viewers here now (the one replaying among them); one resuming later looks itself up
+      // (ViewerAccess.lookUpDeletions: one statement for the page).
       await loadFormerMembers(deps.db, rows, viewers());
       // As replay() checks its own reads: after the last of them, so a prune that committed before
       // any is seen (one between the rows' read and their former members' deleted those with the
@@ -745,6 +746,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         page = read.rows;
         next = read.through;
         shared = true;
+        await sub.access.lookUpDeletions(page);
       } else {
         page = (await readRange(deps.db, viewerId, at, to, REPLAY_PAGE)) as Delivered[];
         // The prune may have run since the cursor was checked (a slow reader's replay pauses for

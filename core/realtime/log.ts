@@ -497,15 +497,33 @@ export async function wasFormerMember(
   row: { guildId: string | null; payload: Record<string, unknown> },
   userId: string,
 ): Promise<boolean> {
-  const ids = row.payload.memberIds;
-  if (Array.isArray(ids) && ids.includes(userId)) return true;
-  if (!row.guildId) return false;
-  const found = resultRows<{ one: number }>(
+  return (await formerMemberships(db, [row], userId)).has(row);
+}
+
+/**
+ * wasFormerMember for several rows in one statement (a replay page's deletions, read before the
+ * viewer subscribed): the rows `userId` was a former member in.
+ */
+export async function formerMemberships<
+  R extends { guildId: string | null; payload: Record<string, unknown> },
+>(db: Db, rows: readonly R[], userId: string): Promise<Set<R>> {
+  const out = new Set<R>();
+  const ask = new Set<string>();
+  for (const r of rows) {
+    const ids = r.payload.memberIds;
+    if (Array.isArray(ids) && ids.includes(userId)) out.add(r);
+    else if (r.guildId) ask.add(r.guildId);
+  }
+  if (!ask.size) return out;
+  const found = resultRows<{ guild_id: string }>(
     await db.execute(
-      sql`select 1 as one from ${formerMembers} where guild_id = ${row.guildId}::uuid and user_id = ${userId}::uuid`,
+      sql`select guild_id::text as guild_id from ${formerMembers}
+        where user_id = ${userId}::uuid and guild_id = any(${uuidArray([...ask])})`,
     ),
   );
-  return found.length > 0;
+  const was = new Set(found.map((f) => f.guild_id));
+  for (const r of rows) if (r.guildId && was.has(r.guildId)) out.add(r);
+  return out;
 }
 
 /** The message a row is about, if any. */

@@ -18,7 +18,7 @@ import {
 import { loadChannelAccess, loadGuildAccess, loadGuildChannelsAccess } from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
 import { compareXid, type Position } from './cursor.ts';
-import { messageIdOf, wasFormerMember } from './log.ts';
+import { formerMemberships, messageIdOf, wasFormerMember } from './log.ts';
 
 export interface Visible {
   /** the row's transaction (a durable row's; '0' for an ephemeral one) */
@@ -300,6 +300,8 @@ export class ViewerAccess {
   private views: Map<string, GuildViews> | undefined;
   /** per guild: the transaction of its last channel row whose channel was loaded alone */
   private alone: Map<string, string> | undefined;
+  /** deleted guilds of the page being replayed, looked up for this viewer: whether it was in */
+  private formerPage: Map<string, boolean> | undefined;
 
   constructor(
     private db: Db,
@@ -307,6 +309,22 @@ export class ViewerAccess {
     /** the tailer's position now: every row up to it has committed (unset: none is known to) */
     private committed: () => Position | undefined = () => undefined,
   ) {}
+
+  /**
+   * A page of rows about to be replayed: its GUILD_DELETED rows whose former members were read for
+   * other viewers only (a shared page read before this viewer subscribed) are looked up for it in
+   * one statement, where canSee would ask about each (200 deletions: 200 statements, one after
+   * another). Kept for that page only.
+   */
+  async lookUpDeletions(rows: readonly Visible[]): Promise<void> {
+    this.formerPage = undefined;
+    const asked = rows.filter(
+      (r) => r.type === 'GUILD_DELETED' && r.guildId && sawDeletion(r, this.userId) === 'ask',
+    );
+    if (asked.length < 2) return;
+    const was = await formerMemberships(this.db, asked, this.userId);
+    this.formerPage = new Map(asked.map((r) => [r.guildId!, was.has(r)]));
+  }
 
   /** Called for every event in log order before deciding on it. */
   observe(e: Visible) {
@@ -421,10 +439,13 @@ export class ViewerAccess {
     if (ABOUT_A_MEMBER.has(e.type) && e.payload.userId === this.userId) return true;
     if (e.type === 'GUILD_DELETED') {
       const saw = sawDeletion(e, this.userId);
-      if (saw === 'ask')
+      if (saw === 'ask') {
+        const was = e.guildId ? this.formerPage?.get(e.guildId) : undefined;
+        if (was !== undefined) return was;
         return shared(this.db, `f:${this.userId}:${e.guildId}`, () =>
           wasFormerMember(this.db, e, this.userId),
         );
+      }
       return saw ?? (!!e.guildId && !!this.everIn?.has(e.guildId));
     }
     if (e.type === 'PERMISSIONS_CHANGED' && e.channelId && e.guildId) {
