@@ -5,11 +5,22 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import { sql } from 'drizzle-orm';
+import { newId } from '../core/ids.ts';
 import { Permission } from '../core/permissions.ts';
 import { messageIdOf } from '../core/realtime/log.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, gql, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
+import {
+  createTestApp,
+  gql,
+  ok,
+  onPostgres,
+  signUp,
+  statementsOf,
+  type TestApp,
+  type TestUser,
+} from './helpers.ts';
 import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -240,4 +251,45 @@ it("a viewer sharing a replay page read before it subscribed looks up the page's
     await watch.return!();
     for (const s of streams) await s.return!();
   }
+});
+
+it("ViewerAccess.lookUpDeletions answers a page's deletions read for other viewers as wasFormerMember would, each, in one statement (recorded, named in an older row's payload, neither)", async () => {
+  const { ViewerAccess } = await import('../core/realtime/visibility.ts');
+  const { headPosition, loadFormerMembers, readRangeAll, wasFormerMember } = await import(
+    '../core/realtime/log.ts'
+  );
+  const db = app.deps.db;
+  const [other, viewer] = await Promise.all([signUp(app), signUp(app)]);
+  const [o, v] = [raw(other.id), raw(viewer.id)];
+  const from = await headPosition(db);
+  const ids = Array.from({ length: 6 }, () => newId());
+  // 0-2 recorded with the viewer in 0 and 2; 3 recorded without it; 4 an older instance's row
+  // naming it in its payload; 5 recorded for nobody.
+  for (const [i, g] of ids.entries()) {
+    const users = i === 5 ? [] : i === 0 || i === 2 ? [o, v] : [o];
+    for (const u of users)
+      await db.execute(sql`insert into former_members (guild_id, user_id) values (${g}::uuid, ${u}::uuid)`);
+    const payload = i === 4 ? { guildId: g, memberIds: [o, v] } : { guildId: g, actorId: o };
+    await db.execute(
+      sql`insert into events (type, guild_id, payload) values ('GUILD_DELETED', ${g}::uuid, ${JSON.stringify(payload)}::jsonb)`,
+    );
+  }
+  const rows = (await readRangeAll(db, from, await headPosition(db), 1000)).filter((r) =>
+    ids.includes(r.guildId ?? ''),
+  );
+  assert.equal(rows.length, ids.length);
+  // As a shared page has them when read before the viewer subscribed.
+  await loadFormerMembers(db, rows, [o]);
+  const expected: boolean[] = [];
+  for (const r of rows) expected.push(await wasFormerMember(db, r, v));
+  const access = new ViewerAccess(db, v);
+  const { n, result } = await statementsOf(app, async () => {
+    await access.lookUpDeletions(rows);
+    const out: boolean[] = [];
+    for (const r of rows) out.push(await access.canSee(r, true));
+    return out;
+  });
+  assert.deepEqual(result, [true, false, true, false, true, false]);
+  assert.deepEqual(result, expected, 'as wasFormerMember answers each');
+  assert.equal(n, 1, 'one statement for the page');
 });
