@@ -353,6 +353,37 @@ describe('the socket connection rate, as graphql-ws clients meet it', () => {
     }
   });
 
+  // The metric's label is the close code, as for every other close (4029 for a socket over the
+  // per-user limit too); a refused socket was counted under 429, a code no socket is closed with,
+  // left from when the upgrade was refused with an HTTP 429.
+  it('a socket refused by the per-IP rate is counted in banter_ws_closes_total under 4029, the code its client saw (under 429 before)', async () => {
+    const app = await createTestApp({}, { WS_CONNECTIONS_PER_IP_PER_MINUTE: '1' });
+    const url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+    const sockets: WebSocket[] = [];
+    const opened = () => {
+      const ws = new WebSocket(url, 'graphql-transport-ws');
+      ws.on('error', () => {});
+      sockets.push(ws);
+      return ws;
+    };
+    try {
+      const first = opened();
+      await new Promise((resolve) => first.once('open', resolve));
+      // Refused sockets are upgraded too (then closed at once): their close is what tells.
+      const second = opened();
+      const code = await new Promise<number>((resolve) => second.once('close', resolve));
+      assert.equal(code, 4029);
+      const m = await metricsOf(url);
+      assert.deepEqual(
+        [m('banter_ws_closes_total{code="4029"}'), m('banter_ws_closes_total{code="429"}')],
+        [1, 0],
+      );
+    } finally {
+      for (const ws of sockets) ws.terminate();
+      await app.destroy();
+    }
+  });
+
   // A refused socket is upgraded only to be told 4029, and lives until its client answers the
   // close (at most 2 s): it was counted in banter_ws_open_sockets meanwhile, so a flood of refused
   // upgrades read as that many open sockets.

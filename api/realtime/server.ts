@@ -468,8 +468,9 @@ export function attachRealtime(o: RealtimeServerOptions) {
         .hit(`ws:ip:${ip}`, { limit: limits.connectionsPerIpPerMinute, windowSeconds: 60 })
         .catch(() => ({ ok: true, retryAfter: 0 }));
       if (!r.ok) {
-        // counted under the label it had as an HTTP 429
-        metrics.closes.inc({ code: '429' });
+        // Counted under the code its client sees, as every close is (it was '429', from when the
+        // upgrade was refused with an HTTP 429: a code no socket is closed with).
+        metrics.closes.inc({ code: String(CloseCode.TooManyConnections) });
         refusals.handleUpgrade(req, socket, head, (ws) => {
           socket.off('error', destroyOnError);
           // It never reaches the protocol's handler, which listens for errors: a bad frame from
