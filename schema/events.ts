@@ -236,8 +236,8 @@ builder.subscriptionField('events', (t) =>
     description:
       "The viewer's one stream of everything it may see. `after` is the last cursor the client saw: " +
       'the server replays what happened since, then goes live, with no event lost or repeated. ' +
-      'A cursor older than retention fails with CURSOR_EXPIRED; a malformed one with BAD_USER_INPUT. ' +
-      'Without `after` the stream is live from the moment the subscription is set up: it holds ' +
+      'A cursor older than retention fails with CURSOR_EXPIRED; a malformed one (an empty string too) ' +
+      'with BAD_USER_INPUT. Without `after` (or with null) the stream is live from the moment the subscription is set up: it holds ' +
       'the events of changes committed after that moment (the server registers the subscriber, ' +
       'then takes a database snapshot; everything committed after it is delivered, even if it ' +
       'reaches the server first), and from the first of those on, every later event of the log: ' +

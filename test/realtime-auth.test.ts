@@ -12,6 +12,7 @@ import {
   metricsOf,
   rawSocket,
   send,
+  sseStream,
   subscribe,
   untilLive,
 } from './realtime-helpers.ts';
@@ -121,6 +122,34 @@ it('refuses malformed cursors with BAD_USER_INPUT as a GraphQL error, socket kep
   await send(app, u.token, channelId, 'still here');
   await s.until((e) => e.some((x) => x.message?.content === 'still here'));
   await client.dispose();
+});
+
+// CONTRACT.md: without `after` the stream is live; a bad `after` is refused with its code. An empty
+// string is no cursor the server hands out: it started live, so a client whose stored cursor came
+// back empty (a default, a failed read) silently missed what happened while it was away.
+it('an empty `after` is refused with BAD_USER_INPUT as a malformed cursor is, over the socket and SSE (it started live before)', async () => {
+  const u = await signUp(app);
+  const { client } = connect(url, u.token);
+  try {
+    const s = subscribe(client, '');
+    await assert.rejects(
+      s.until(() => false, 5000),
+      /BAD_USER_INPUT/,
+    );
+    assert.match(s.errors[0]?.message ?? '', /^after: /);
+  } finally {
+    await client.dispose();
+  }
+  const overSse = sseStream(url.replace('ws:', 'http:'), u.token, { cursor: '' });
+  try {
+    await overSse.until((x) => x.ended, 'the end of the response');
+    assert.deepEqual(
+      overSse.errors.map((e) => e.extensions?.code),
+      ['BAD_USER_INPUT'],
+    );
+  } finally {
+    overSse.stop();
+  }
 });
 
 it('closes the sockets of a session that logs out (4403)', async () => {

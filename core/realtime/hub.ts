@@ -810,7 +810,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       after: string | null | undefined,
       o: SubscribeOptions = {},
     ): Promise<AsyncIterableIterator<Delivered>> {
-      const from = after ? decodeCursor(after) : undefined;
+      // Only a missing (or null) `after` means live: an empty one is a malformed cursor, refused,
+      // not a silent start from now (a client whose stored cursor came back empty would miss what
+      // happened while it was away).
+      const from = after == null ? undefined : decodeCursor(after);
       if (from) await assertResumable(deps.db, from, sharedBounds(0) as Promise<ResumeBounds>);
       await hub.start();
       const p = pos!;
