@@ -29,7 +29,7 @@ import { buildSchema } from '../schema/index.ts';
 import { armorPlugins } from './armor.ts';
 import { clientIp } from './client-ip.ts';
 import type { Config } from './config.ts';
-import { createMaskError } from './errors.ts';
+import { createMaskError, parseFailedCode } from './errors.ts';
 import { createLogger, type Logger } from './logger.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { attachRealtime } from './realtime/server.ts';
@@ -223,6 +223,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
       plugins: [
         ...(http ? [bodyLimit] : []),
         ...armorPlugins({ production: config.nodeEnv === 'production' }),
+        parseFailedCode,
         observe,
         sse.plugin,
       ],

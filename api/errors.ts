@@ -1,4 +1,5 @@
 import { GraphQLError } from 'graphql';
+import type { Plugin } from 'graphql-yoga';
 import { BanterError } from '../core/errors.ts';
 import type { Logger } from './logger.ts';
 import type { Metrics } from './metrics.ts';
@@ -57,3 +58,21 @@ export function createMaskError(log: Logger, metrics: Metrics) {
     });
   };
 }
+
+/**
+ * A syntax error's code and HTTP status (GRAPHQL_PARSE_FAILED, 400), whoever parses the document:
+ * yoga sets them only for its HTTP requests, on the error object its parse cache then keeps for
+ * that document, for both transports. A document refused over the socket first was then
+ * BAD_USER_INPUT (200) over HTTP as well; over the socket it always was.
+ */
+export const parseFailedCode: Plugin = {
+  onParse() {
+    return ({ result }) => {
+      if (!(result instanceof GraphQLError)) return;
+      // GraphQLError's extensions are read-only in its type, not in fact: yoga sets these there too.
+      const ext = result.extensions as Record<string, unknown>;
+      ext.code ??= 'GRAPHQL_PARSE_FAILED';
+      ext.http ??= { spec: true, status: 400 };
+    };
+  },
+};

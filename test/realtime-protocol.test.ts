@@ -163,6 +163,55 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
+  it("a syntax error, a validation error and a bad variable answer over the socket with the extensions HTTP answers, whichever transport saw the document first (a syntax error was BAD_USER_INPUT over the socket, then over HTTP too; the socket's carried yoga's internal `http` status)", async () => {
+    // Documents of this test alone: yoga caches a document's parse error for both transports.
+    const tag = `t${Date.now()}`;
+    const docs = [
+      { query: `subscription { events { ${tag} ` },
+      { query: `subscription { events { ${tag} } }` },
+      { query: `subscription { events(after: 5) { ${tag}: __typename } }` },
+      { query: `query($id: ID!) { message(id: $id) { ${tag}: id } }`, variables: { id: 5.5 } },
+    ];
+    const httpUrl = url.replace('ws:', 'http:');
+    const overHttp = async (payload: object) => {
+      const res = await fetch(httpUrl, {
+        method: 'POST',
+        headers: {
+          'content-type': 'application/json',
+          accept: 'application/graphql-response+json',
+          authorization: `Bearer ${u.token}`,
+        },
+        body: JSON.stringify(payload),
+      });
+      const body = (await res.json()) as { errors: { extensions?: Record<string, unknown> }[] };
+      return { status: res.status, extensions: body.errors.map((e) => e.extensions) };
+    };
+    const s = open();
+    await s.init();
+    for (const [i, payload] of docs.entries()) {
+      // Over the socket first, then over HTTP, then over HTTP a document the socket never saw.
+      await s.send({ id: `x${i}`, type: 'subscribe', payload });
+      await s.until(() => s.messages.some((m) => m.id === `x${i}`), `an answer to x${i}`);
+      const answer = s.messages.find((m) => m.id === `x${i}`);
+      // A document refused before execution is an `error` message; a query's variables are
+      // checked at execution, so theirs is a result with errors (then complete), as graphql-ws does.
+      const overWs: { extensions?: Record<string, unknown> }[] =
+        answer.type === 'error' ? answer.payload : answer.payload.errors;
+      const afterWs = await overHttp(payload);
+      const fresh = await overHttp({ ...payload, query: `${payload.query}\n` });
+      assert.deepEqual(
+        { ws: overWs.map((e) => e.extensions), afterWs },
+        { ws: fresh.extensions, afterWs: fresh },
+        JSON.stringify(payload),
+      );
+    }
+    assert.deepEqual(
+      s.messages.filter((m) => m.id?.startsWith('x')).map((m) => m.payload?.[0]?.extensions?.code ?? m.type),
+      ['GRAPHQL_PARSE_FAILED', 'GRAPHQL_VALIDATION_FAILED', 'GRAPHQL_VALIDATION_FAILED', 'next', 'complete'],
+    );
+    s.ws.close();
+  });
+
   it('limits operations per socket (RATE_LIMITED)', async () => {
     const s = open();
     await s.init();

@@ -101,7 +101,22 @@ export interface RealtimeServerOptions {
   trustProxyHops?: number;
 }
 
-export function attachRealtime(o: RealtimeServerOptions) {
+/**
+ * The socket's mask: `o.mask`, without yoga's `http` extension (the status it gives its HTTP
+ * response), which yoga leaves out of the results it writes: a client sees the same extensions
+ * on both transports.
+ */
+function socketMask(mask: RealtimeServerOptions['mask']): RealtimeServerOptions['mask'] {
+  return (error, message) => {
+    const e = mask(error, message);
+    if (!(e instanceof GraphQLError) || e.extensions.http === undefined) return e;
+    const { http: _, ...extensions } = e.extensions;
+    return new GraphQLError(e.message, { nodes: e.nodes, path: e.path, extensions });
+  };
+}
+
+export function attachRealtime(options: RealtimeServerOptions) {
+  const o = { ...options, mask: socketMask(options.mask) };
   const limits = { ...DEFAULT_LIMITS, ...o.limits };
   const ipOf = (req: IncomingMessage) => clientIp(req, o.trustProxyHops ?? 0);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 256 * 1024 });
