@@ -4,6 +4,8 @@
  * path's frames.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { connect as netConnect } from 'node:net';
 import type { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import WebSocket, * as wsModule from 'ws';
@@ -424,6 +426,47 @@ describe('graphql-transport-ws', () => {
     }
   });
 
+  it('banter_events_delivered_total counts frames written, not those for a socket already closing (its client sent its close): they were counted, never sent', async () => {
+    const v = await signUp(app);
+    const { channelId } = await guildWithChannel(app, v.token);
+    const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
+    const port = Number(new URL(url).port);
+    const normal = open();
+    await normal.init(v.token);
+    await normal.send({ id: '1', type: 'subscribe', payload: { query } });
+    const closing = halfClosingSocket(port);
+    await closing.send({ type: 'connection_init', payload: { authorization: `Bearer ${v.token}` } });
+    await closing.until('connection_ack');
+    await closing.send({ id: '1', type: 'subscribe', payload: { query } });
+    try {
+      await untilLive(app, [v], 2);
+      await send(app, v.token, channelId, 'both');
+      await normal.untilMessage('both');
+      await closing.until('"both"');
+      // The client's close frame, answered by the server's (it is closing from then on): the
+      // client does not end its TCP connection, so the server's socket stays in CLOSING.
+      closing.sendClose();
+      await closing.until('close frame');
+      const delivered = async () => {
+        const m = await metricsOf(url);
+        return (
+          m('banter_events_delivered_total{shared="true"}') +
+          m('banter_events_delivered_total{shared="false"}')
+        );
+      };
+      const nexts = () => normal.messages.filter((m) => m.type === 'next').length;
+      const [before, framesBefore] = [await delivered(), nexts()];
+      for (const content of ['two', 'three', 'four']) await send(app, v.token, channelId, content);
+      await normal.untilMessage('four');
+      // Written: the normal socket's frames; the closing socket's were never written.
+      assert.equal((await delivered()) - before, nexts() - framesBefore);
+      assert.equal(nexts() - framesBefore, 3);
+    } finally {
+      closing.destroy();
+      normal.ws.close();
+    }
+  });
+
   it('shares one execution between subscribers resuming from different cursors once live', async () => {
     const { channelId } = await guildWithChannel(app, u.token);
     const query =
@@ -485,3 +528,61 @@ describe('nextFrame', () => {
     }
   });
 });
+
+/**
+ * A graphql-transport-ws client on a bare TCP socket, for a socket left half closed: `sendClose`
+ * sends its close frame, and it then never ends the connection (ws's own client would, once it
+ * has the server's close frame), so the server's socket stays CLOSING. `until` waits for text
+ * (or 'close frame') in what the server sent.
+ */
+function halfClosingSocket(port: number) {
+  // Half open: it does not end its side when the server ends its own (net's default would).
+  const tcp = netConnect({ port, host: '127.0.0.1', allowHalfOpen: true });
+  tcp.on('error', () => {});
+  let got = Buffer.alloc(0);
+  tcp.on('data', (d) => {
+    got = Buffer.concat([got, d]);
+  });
+  tcp.write(
+    'GET /graphql HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n' +
+      `Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\n` +
+      'Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n',
+  );
+  /** A masked client frame (RFC 6455 5.3) with a zero mask, which leaves the payload as it is. */
+  const frame = (opcode: number, payload: Buffer) => {
+    const n = payload.length;
+    const head = n < 126 ? Buffer.from([0x80 | opcode, 0x80 | n]) : Buffer.alloc(4);
+    if (n >= 126) {
+      head[0] = 0x80 | opcode;
+      head[1] = 0x80 | 126;
+      head.writeUInt16BE(n, 2);
+    }
+    return Buffer.concat([head, Buffer.alloc(4), payload]);
+  };
+  /** The server's close frame: opcode 8 with FIN, unmasked, after the 101's headers. */
+  const closeFrameIn = (b: Buffer) => {
+    let at = b.indexOf('\r\n\r\n') + 4;
+    while (at > 3 && at + 2 <= b.length) {
+      if (b[at] === 0x88) return true;
+      const len = b[at + 1] & 0x7f;
+      const size = len < 126 ? len : len === 126 ? b.readUInt16BE(at + 2) : Number(b.readBigUInt64BE(at + 2));
+      at += (len < 126 ? 2 : len === 126 ? 4 : 10) + size;
+    }
+    return false;
+  };
+  return {
+    send: (m: unknown) =>
+      new Promise<void>((r) => tcp.write(frame(0x1, Buffer.from(JSON.stringify(m))), () => r())),
+    sendClose: () => tcp.write(frame(0x8, Buffer.from([0x03, 0xe8]))),
+    async until(what: string, ms = 10_000) {
+      const deadline = Date.now() + ms;
+      const seen = () => (what === 'close frame' ? closeFrameIn(got) : got.includes(what));
+      while (!seen()) {
+        if (Date.now() > deadline)
+          throw new Error(`timed out waiting for ${what}: ${got.toString('latin1')}`);
+        await sleep(20);
+      }
+    },
+    destroy: () => tcp.destroy(),
+  };
+}

@@ -54,15 +54,17 @@ export interface Running {
 
 /** What an operation hands back to the protocol. */
 export interface OperationSink {
-  /** writes a `next` frame with this result */
-  next(result: unknown): void;
+  /** writes a `next` frame with this result; whether it was written (see nextEncoded) */
+  next(result: unknown): boolean;
   /** the operation is over: writes `complete` unless the client ended it */
   complete(): void;
   /**
    * writes a `next` frame whose payload is this UTF-8 JSON: the bytes are copied, so one buffer
-   * serves every subscriber of a shared result
+   * serves every subscriber of a shared result. Whether it was written: not for an operation
+   * that ended, nor to a socket that is not open (closing: its client sent its close, which may
+   * take up to 30 s to end) or that is cut off by it as a slow consumer.
    */
-  nextEncoded(json: Buffer): void;
+  nextEncoded(json: Buffer): boolean;
   readonly socket: WebSocket;
 }
 
@@ -312,9 +314,14 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
   const keepAlive = keepAliveSweep(o.keepAliveMs);
 
   const write = corkedWriter(o.maxBufferedBytes);
-  const send = (c: Conn, data: string | Buffer) => {
-    if (write(c.socket, data))
+  /** Writes a frame; whether it was written (sendFrame writes nothing to a socket not open). */
+  const send = (c: Conn, data: string | Buffer): boolean => {
+    const open = c.socket.readyState === c.socket.OPEN;
+    if (write(c.socket, data)) {
       close(c, CloseCode.SlowConsumer, 'Slow consumer: resume from your last cursor');
+      return false;
+    }
+    return open;
   };
   const close = (c: Conn, code: number, reason: string) => {
     const s = c.socket;
@@ -369,13 +376,13 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       return this.c.socket;
     }
     nextEncoded(json: Buffer) {
-      if (this.op.ended) return;
+      if (this.op.ended) return false;
       this.prefix ??= Buffer.from(JSON.stringify({ id: this.id, type: 'next', payload: 0 }).slice(0, -2));
-      send(this.c, nextFrame(this.prefix, json));
+      return send(this.c, nextFrame(this.prefix, json));
     }
     next(result: unknown) {
-      if (this.op.ended) return;
-      this.nextEncoded(Buffer.from(JSON.stringify(result)));
+      if (this.op.ended) return false;
+      return this.nextEncoded(Buffer.from(JSON.stringify(result)));
     }
     complete() {
       // Ended by the server: tell the client, unless it ended the operation itself.

@@ -337,7 +337,8 @@ class Delivery implements Sink {
       this.sub.fail(new EventFailedError(work.row.cursor));
       return;
     }
-    this.out.nextEncoded(work.bytes);
+    // Counted when written: not a frame for a socket closing meanwhile, which its client never gets.
+    if (!this.out.nextEncoded(work.bytes)) return;
     if (work.owner === this) this.hooks.counts.own++;
     else this.hooks.counts.shared++;
   }
