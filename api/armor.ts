@@ -8,7 +8,9 @@ import {
   type FragmentDefinitionNode,
   GraphQLError,
   Kind,
+  type OperationDefinitionNode,
   type SelectionSetNode,
+  SingleFieldSubscriptionsRule,
   type ValidationContext,
   type ValidationRule,
 } from 'graphql';
@@ -88,6 +90,48 @@ function introspectionDepthRule(max: number): ValidationRule {
   };
 }
 
+/**
+ * SingleFieldSubscriptionsRule, refusing a subscription whose top level selection has @skip or
+ * @include, as graphql-js 17 and the spec draft do: graphql-js 16 passed `@skip(if: true)`, whose
+ * execution then failed on no root field (INTERNAL_SERVER_ERROR, logged as a server error), and
+ * threw out of validation on a variable in them (which closed the socket with 4500).
+ */
+const subscriptionRootRule: ValidationRule = (context) => {
+  const single = SingleFieldSubscriptionsRule(context) as {
+    OperationDefinition: (node: OperationDefinitionNode) => void;
+  };
+  const fragments = new Map<string, FragmentDefinitionNode>();
+  for (const d of context.getDocument().definitions) {
+    if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
+  }
+  // The top level selection: fields, and the fragments (inline or spread) it is made of.
+  const conditional = (set: SelectionSetNode, seen: Set<string>): boolean =>
+    set.selections.some((sel) => {
+      if (sel.directives?.some((d) => d.name.value === 'skip' || d.name.value === 'include')) return true;
+      if (sel.kind === Kind.INLINE_FRAGMENT) return conditional(sel.selectionSet, seen);
+      if (sel.kind !== Kind.FRAGMENT_SPREAD || seen.has(sel.name.value)) return false;
+      const f = fragments.get(sel.name.value);
+      return !!f && conditional(f.selectionSet, new Set(seen).add(sel.name.value));
+    });
+  return {
+    OperationDefinition(node) {
+      if (node.operation === 'subscription' && conditional(node.selectionSet, new Set())) {
+        const name = node.name ? `Subscription "${node.name.value}"` : 'Anonymous Subscription';
+        context.reportError(
+          new GraphQLError(
+            `${name} must not use \`@skip\` or \`@include\` directives in the top level selection.`,
+            {
+              nodes: [node],
+            },
+          ),
+        );
+        return;
+      }
+      single.OperationDefinition(node);
+    },
+  };
+};
+
 /** The armor plugins for yoga (and any other envelop, such as the WebSocket server's). */
 export function armorPlugins(opts: { production: boolean }): Plugin[] {
   const L = ARMOR_LIMITS;
@@ -114,8 +158,11 @@ export function armorPlugins(opts: { production: boolean }): Plugin[] {
       blockFieldSuggestion: { enabled: opts.production },
     }) as Plugin,
     {
-      onValidate({ addValidationRule }) {
+      onValidate({ addValidationRule, params }) {
         addValidationRule(introspectionDepthRule(L.maxIntrospectionLists));
+        // In place: the rules run in order, and graphql-js's own would throw before this one.
+        const at = params.rules?.indexOf(SingleFieldSubscriptionsRule) ?? -1;
+        if (at >= 0) (params.rules as ValidationRule[])[at] = subscriptionRootRule;
       },
     },
   ];

@@ -214,6 +214,48 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
+  it('a subscription whose root field is under @skip or @include is refused as invalid, over the socket as over HTTP: it was an INTERNAL_SERVER_ERROR (logged as a server error), and with a variable it closed the socket with 4500', async () => {
+    const docs = [
+      { query: 'subscription { events @skip(if: true) { __typename } }' },
+      {
+        query: 'subscription($x: Boolean!) { events @include(if: $x) { __typename } }',
+        variables: { x: true },
+      },
+      {
+        query:
+          'subscription S($x: Boolean!) { ...Root } fragment Root on Subscription { events @skip(if: $x) { cursor } }',
+        variables: { x: false },
+      },
+    ];
+    const s = open();
+    await s.init();
+    for (const [i, payload] of docs.entries()) {
+      const res = await fetch(url.replace('ws:', 'http:'), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${u.token}` },
+        body: JSON.stringify(payload),
+      });
+      const overHttp = ((await res.json()) as { errors: { message: string; extensions?: object }[] }).errors;
+      await s.send({ id: `c${i}`, type: 'subscribe', payload });
+      await s.until(() => s.messages.some((m) => m.id === `c${i}`) || !!s.closed(), `an answer to c${i}`);
+      assert.equal(s.closed(), undefined, `the socket is kept: ${JSON.stringify(payload)}`);
+      const answer = s.messages.find((m) => m.id === `c${i}`);
+      assert.equal(answer.type, 'error');
+      const overWs = answer.payload as { message: string; extensions?: object }[];
+      assert.deepEqual(overWs, overHttp);
+      assert.deepEqual(
+        overWs.map((e) => [e.message, e.extensions]),
+        [
+          [
+            `${i === 2 ? 'Subscription "S"' : 'Anonymous Subscription'} must not use \`@skip\` or \`@include\` directives in the top level selection.`,
+            { code: 'GRAPHQL_VALIDATION_FAILED' },
+          ],
+        ],
+      );
+    }
+    s.ws.close();
+  });
+
   it('limits operations per socket (RATE_LIMITED)', async () => {
     const s = open();
     await s.init();

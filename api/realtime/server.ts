@@ -363,7 +363,14 @@ export function attachRealtime(options: RealtimeServerOptions) {
       } catch (err) {
         return [maskError(err)];
       }
-      const errors = env.validate(env.schema, document);
+      // A rule that throws (graphql-js's own did, on a variable in a subscription's root
+      // directives) answers its error, as yoga does over HTTP, not a 4500 close of the socket.
+      let errors: readonly GraphQLError[];
+      try {
+        errors = env.validate(env.schema, document);
+      } catch (err) {
+        return [maskError(err)];
+      }
       if (errors.length) return errors.map(maskError);
       const op = getOperationAST(document, payload.operationName);
       if (!op) {
