@@ -20,6 +20,7 @@ import { createLogger } from '../api/logger.ts';
 import { newId } from '../core/ids.ts';
 import { encodeId } from '../schema/builder.ts';
 import { createTestApp, createTestDatabase, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { rawSocket } from './realtime-helpers.ts';
 
 let app: TestApp;
 let base: string;
@@ -375,5 +376,31 @@ describe('logs and request ids', () => {
     assert.ok(err, 'the error is logged');
     assert.match(err.err.stack, /guilds/);
     assert.ok(during.some((l) => l.msg === 'request' && l.status === 200));
+  });
+
+  it('over the socket too, an unexpected error carries a request id, the one on its log lines (neither had one)', async () => {
+    const u = await signUp(a);
+    const s = rawSocket(url.replace('http:', 'ws:'));
+    await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
+    await a.deps.db.execute(sql`alter table guilds rename to guilds_gone`);
+    logged = [];
+    try {
+      await s.send({
+        id: 'boom',
+        type: 'subscribe',
+        payload: { query: 'mutation { createGuild(input: { name: "Boom" }) { id } }' },
+      });
+      await s.until(() => s.messages.some((m) => m.id === 'boom' && m.type === 'next'), 'its result');
+    } finally {
+      await a.deps.db.execute(sql`alter table guilds_gone rename to guilds`);
+      s.ws.close();
+    }
+    const e = s.messages.find((m) => m.id === 'boom' && m.type === 'next').payload.errors[0];
+    assert.equal(e.extensions.code, 'INTERNAL_SERVER_ERROR');
+    assert.match(String(e.extensions.requestId), /^[0-9a-f-]{36}$/);
+    const err = logged.find((l) => l.msg === 'unexpected error');
+    assert.ok(err, 'the error is logged');
+    assert.equal(err.requestId, e.extensions.requestId);
   });
 });

@@ -18,8 +18,16 @@ import { authenticate, forgetAllCachedSessions } from '../../core/services/auth.
 import type { Context } from '../../schema/builder.ts';
 import { clientIp } from '../client-ip.ts';
 import type { Logger } from '../logger.ts';
+import { requestStore } from '../request-store.ts';
 import { createRealtimeMetrics } from './metrics.ts';
-import { type Connection, type ProtocolHandlers, serveProtocol } from './protocol.ts';
+import {
+  type Connection,
+  type OperationSink,
+  type ProtocolHandlers,
+  type Running,
+  type SubscribePayload,
+  serveProtocol,
+} from './protocol.ts';
 import { type DeliveryHooks, maskResult, startSubscription } from './shared-execution.ts';
 
 export interface RealtimeLimits {
@@ -356,61 +364,74 @@ export function attachRealtime(options: RealtimeServerOptions) {
           }),
         ];
       }
-      const env = o.getEnveloped({ ip: conn.ip });
-      let document: import('graphql').DocumentNode;
-      try {
-        document = env.parse(payload.query);
-      } catch (err) {
-        return [maskError(err)];
-      }
-      // A rule that throws (graphql-js's own did, on a variable in a subscription's root
-      // directives) answers its error, as yoga does over HTTP, not a 4500 close of the socket.
-      let errors: readonly GraphQLError[];
-      try {
-        errors = env.validate(env.schema, document);
-      } catch (err) {
-        return [maskError(err)];
-      }
-      if (errors.length) return errors.map(maskError);
-      const op = getOperationAST(document, payload.operationName);
-      if (!op) {
-        // As yoga answers it over HTTP: several operations and no (or an unknown) operationName.
-        return [
-          new GraphQLError('Could not determine what operation to execute.', {
-            extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
-          }),
-        ];
-      }
-      const args: ExecutionArgs = {
-        schema: env.schema,
-        document,
-        operationName: op.name?.value ?? payload.operationName,
-        variableValues: payload.variables,
-        contextValue: {
-          deps: o.deps,
-          viewer: conn.viewer ?? null,
-          requestId: randomUUID(),
-          ip: conn.ip,
-        } satisfies Context,
-      };
-      if (op.operation !== 'subscription') {
-        // Queries and mutations over the socket: one result, then complete.
-        const r = (await env.execute(args)) as import('graphql').ExecutionResult;
-        out.next(maskResult(r, o.mask));
-        out.complete();
-        return { stop() {} };
-      }
-      try {
-        return await startSubscription(args, deliveryHooks, out);
-      } catch (err) {
-        return [maskError(err)];
-      }
+      // Run as an HTTP request is, in a store of its own: its log lines and a masked error carry
+      // its id (the socket's had none, in the error or the log).
+      const requestId = randomUUID();
+      return requestStore.run({ requestId }, () => operate(conn, payload, out, requestId));
     },
     onClose(conn, code) {
       metrics.closes.inc({ code: String(code ?? 0) });
       forget(conn.socket);
     },
   };
+
+  /** A subscribe's operation once its socket is authenticated: parsed, validated and started. */
+  async function operate(
+    conn: Connection,
+    payload: SubscribePayload,
+    out: OperationSink,
+    requestId: string,
+  ): Promise<Running | readonly GraphQLError[]> {
+    const env = o.getEnveloped({ ip: conn.ip });
+    let document: import('graphql').DocumentNode;
+    try {
+      document = env.parse(payload.query);
+    } catch (err) {
+      return [maskError(err)];
+    }
+    // A rule that throws (graphql-js's own did, on a variable in a subscription's root
+    // directives) answers its error, as yoga does over HTTP, not a 4500 close of the socket.
+    let errors: readonly GraphQLError[];
+    try {
+      errors = env.validate(env.schema, document);
+    } catch (err) {
+      return [maskError(err)];
+    }
+    if (errors.length) return errors.map(maskError);
+    const op = getOperationAST(document, payload.operationName);
+    if (!op) {
+      // As yoga answers it over HTTP: several operations and no (or an unknown) operationName.
+      return [
+        new GraphQLError('Could not determine what operation to execute.', {
+          extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
+        }),
+      ];
+    }
+    const args: ExecutionArgs = {
+      schema: env.schema,
+      document,
+      operationName: op.name?.value ?? payload.operationName,
+      variableValues: payload.variables,
+      contextValue: {
+        deps: o.deps,
+        viewer: conn.viewer ?? null,
+        requestId,
+        ip: conn.ip,
+      } satisfies Context,
+    };
+    if (op.operation !== 'subscription') {
+      // Queries and mutations over the socket: one result, then complete.
+      const r = (await env.execute(args)) as import('graphql').ExecutionResult;
+      out.next(maskResult(r, o.mask));
+      out.complete();
+      return { stop() {} };
+    }
+    try {
+      return await startSubscription(args, deliveryHooks, out);
+    } catch (err) {
+      return [maskError(err)];
+    }
+  }
 
   function maskError(err: unknown): GraphQLError {
     return o.mask(err, 'Unexpected error.') as GraphQLError;
