@@ -153,6 +153,49 @@ it("a category's deletion tells each of its channels to who may see them, live a
   }
 });
 
+it("a category's deletion tells its channels to the member an overwrite of its own shows them to, not to a member of the same roles", {
+  timeout: 120_000,
+}, async () => {
+  const N = 10;
+  const [owner, one, other] = await Promise.all([1, 2, 3].map(() => signUp(app)));
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  for (const u of [one, other]) await invite(app, owner.token, guildId, u.token);
+  const everyone = await everyoneRole(owner.token, guildId);
+  const ow = `mutation($c: ID!, $tt: OverwriteTargetType!, $t: ID!, $a: [Permission!]!, $d: [Permission!]!) {
+    setChannelOverwrite(input: { channelId: $c, targetType: $tt, targetId: $t, allow: $a, deny: $d }) { allow } }`;
+  // Both hold @everyone only: the channels each may view are worked out apart all the same.
+  const streams = await Promise.all([one, other].map((u) => subscribe(u)));
+  try {
+    await untilLive(app, [one, other]);
+    // Each shown a category in turn: whichever of them is judged first, the other is not judged alike.
+    for (const [shown, k] of [
+      [one, 0],
+      [other, 1],
+    ] as const) {
+      const cat = (
+        await ok(
+          app,
+          `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "cat", type: CATEGORY }) { id } }`,
+          { g: guildId },
+          owner.token,
+        )
+      ).createChannel.id as string;
+      await ok(app, ow, { c: cat, tt: 'ROLE', t: everyone, a: [], d: ['VIEW_CHANNEL'] }, owner.token);
+      await ok(app, ow, { c: cat, tt: 'MEMBER', t: shown.id, a: ['VIEW_CHANNEL'], d: [] }, owner.token);
+      await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+        select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(cat)}::uuid, 'TEXT', 'c' || i from generate_series(1, ${N}) i`);
+      await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token);
+      await send(app, owner.token, channelId, `after ${k}`);
+      const a = await until(streams[k], (r) => content(r) === `after ${k}`, 'shown after');
+      const b = await until(streams[1 - k], (r) => content(r) === `after ${k}`, 'hidden after');
+      assert.equal(told(a), N, 'the member its overwrite shows them to hears of each channel');
+      assert.equal(told(b), 0, 'the member of the same roles hears of none');
+    }
+  } finally {
+    for (const s of streams) await s.return!();
+  }
+});
+
 /**
  * A subscriber far behind in the log (a slow one, its checks queued behind loads) holds answers
  * loaded long ago. The guild's channels a burst loaded (GuildViews) are kept only across rows

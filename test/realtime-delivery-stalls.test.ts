@@ -12,7 +12,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { ViewerAccess } from '../core/realtime/visibility.ts';
-import { decodeAnyId } from '../schema/builder.ts';
+import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
 
@@ -183,4 +183,58 @@ it("a category's deletion costs a member of its guild as many statements for 300
   }
   // Before: it loaded its access to each channel told of, one after another (the margin: as above).
   assert.ok(counts[1] - counts[0] < 100, `statements for 3 channels, then 300: ${counts}`);
+});
+
+it("a category's deletion costs the members subscribed here one load of the guild's channels, not one each", {
+  timeout: 120_000,
+}, async () => {
+  const { createChannel, denyToEveryone } = channelAccessHelpers(() => app);
+  const N = 20;
+  const counts: number[] = [];
+  for (const m of [1, 41]) {
+    const owner = await signUp(app);
+    const { guildId, channelId } = await guildWithChannel(app, owner.token);
+    const g = raw(guildId);
+    const tag = `cm${m}_${g.slice(0, 8)}`;
+    await app.deps.db.execute(sql`insert into users (id, username, email, password_hash)
+      select gen_random_uuid(), ${tag} || '_' || i, ${tag} || '_' || i || '@test', 'x'
+      from generate_series(1, ${m}) i`);
+    const ids = (
+      (await app.deps.db.execute(sql`insert into members (guild_id, user_id)
+        select ${g}::uuid, id from users where username like ${`${tag}\\_%`} returning user_id`)) as unknown as {
+        rows: { user_id: string }[];
+      }
+    ).rows.map((r) => r.user_id);
+    assert.equal(ids.length, m);
+    const streams = await Promise.all(
+      ids.map((id) => app.deps.realtime!.subscribe({ userId: id }, null) as Promise<Stream>),
+    );
+    try {
+      await untilLive(
+        app,
+        ids.map((id) => ({ id: encodeId('User', id) })),
+      );
+      // A category its members see (it denies sending only), its channels told to each of them.
+      const cat = await createChannel(owner.token, guildId, 'cat', 'CATEGORY');
+      await denyToEveryone(owner.token, guildId, cat, 'SEND_MESSAGES');
+      await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+        select gen_random_uuid(), ${g}::uuid, ${raw(cat)}::uuid, 'TEXT', 'c' || i from generate_series(1, ${N}) i`);
+      // Each member's standing is loaded (by the category's rows), as a connected member's is.
+      await send(app, owner.token, channelId, 'before');
+      for (const s of streams) await until(s, (r) => content(r) === 'before', 'member before');
+      const before = app.deps.database.queryCount;
+      await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token);
+      for (const s of streams) {
+        const seen = await until(s, (r) => r.type === 'CHANNEL_DELETED', 'member deletion');
+        assert.equal(seen.filter((r) => r.type === 'PERMISSIONS_CHANGED').length, N);
+      }
+      counts.push(app.deps.database.queryCount - before);
+    } finally {
+      for (const s of streams) await s.return!();
+    }
+  }
+  // Per member: the first row's channel, loaded alone (its member half is its own). Before: the
+  // guild's channels were loaded with each member's standing too, one statement per member (2 per
+  // member: ~80 more for 40 more members; now ~40). The margin: the hub's polls, counted too.
+  assert.ok(counts[1] - counts[0] < 60, `statements for 1 member, then 41: ${counts}`);
 });

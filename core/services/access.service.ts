@@ -325,6 +325,56 @@ export async function loadGuildChannelsAccess(
   return all.get(guildId) ?? { guild: null, permissions: new Map() };
 }
 
+type OverwriteCols = { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string };
+
+/** Each channel's overwrite levels, outermost first, as loadChannelAccess builds them: category, then the channel. */
+function channelLevels(
+  ch: readonly { id: string; p: string | null }[],
+  ow: readonly OverwriteCols[],
+): Map<string, OverwriteInfo[][]> {
+  const byChannel = new Map<string, OverwriteInfo[]>();
+  for (const o of ow) {
+    const list = byChannel.get(o.c) ?? [];
+    list.push({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) });
+    byChannel.set(o.c, list);
+  }
+  const parentOf = new Map(ch.map((c) => [c.id, c.p]));
+  const out = new Map<string, OverwriteInfo[][]>();
+  for (const c of ch) {
+    const chain = c.p && parentOf.has(c.p) ? [c.p, c.id] : [c.id];
+    out.set(
+      c.id,
+      chain.map((id) => byChannel.get(id) ?? []),
+    );
+  }
+  return out;
+}
+
+/** A guild's non-thread channels and the columns of their overwrites (none of a viewer's). */
+const guildChannelsSql = (guildIdSql: ReturnType<typeof sql>) => sql`
+  (select coalesce(json_agg(json_build_object('id', c.id, 'p', c.parent_id)), '[]'::json)
+    from channels c where c.guild_id = ${guildIdSql} and c.type <> 'THREAD') as ch,
+  (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
+      'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
+    from permission_overwrites o join channels c on c.id = o.channel_id
+    where c.guild_id = ${guildIdSql} and c.type <> 'THREAD') as ow`;
+
+/**
+ * The overwrite levels of every non-thread channel of a guild (outermost first, as
+ * loadGuildChannelsAccess computes with), in one statement and the same for every viewer: what
+ * realtime delivery shares between a guild's members (core/realtime/visibility.ts), each
+ * computing its permissions from its own standing. Empty when the guild does not exist.
+ */
+export async function loadGuildChannelLevels(
+  db: DbOrTx,
+  guildId: string,
+): Promise<Map<string, OverwriteInfo[][]>> {
+  const r = resultRows<{ ch: { id: string; p: string | null }[]; ow: OverwriteCols[] }>(
+    await db.execute(sql`select ${guildChannelsSql(sql`${guildId}::uuid`)}`),
+  )[0];
+  return r ? channelLevels(r.ch, r.ow) : new Map();
+}
+
 /**
  * loadGuildChannelsAccess for many guilds in one SQL statement (the viewer's unread summary spans
  * all their guilds). Every requested id gets an entry; `guild` is null when it does not exist.
@@ -338,19 +388,13 @@ export async function loadGuildsChannelsAccess(
   type Row = MemberCols & {
     guild_id: string;
     ch: { id: string; p: string | null }[];
-    ow: { c: string; tt: 'ROLE' | 'MEMBER'; ti: string; a: string; d: string }[];
+    ow: OverwriteCols[];
   };
   const out = new Map<string, GuildChannelsAccess>();
   if (!guildIds.length) return out;
   const result = resultRows<Row>(
     await db.execute(sql`
-      select q.id as guild_id,
-        (select coalesce(json_agg(json_build_object('id', c.id, 'p', c.parent_id)), '[]'::json)
-          from channels c where c.guild_id = q.id and c.type <> 'THREAD') as ch,
-        (select coalesce(json_agg(json_build_object('c', o.channel_id, 'tt', o.target_type, 'ti', o.target_id,
-            'a', o.allow::text, 'd', o.deny::text)), '[]'::json)
-          from permission_overwrites o join channels c on c.id = o.channel_id
-          where c.guild_id = q.id and c.type <> 'THREAD') as ow,
+      select q.id as guild_id, ${guildChannelsSql(sql`q.id`)},
         ${memberQuery(userId, sql`q.id`)}
       from unnest(${uuidArray(guildIds)}) as q(id)`),
   );
@@ -361,18 +405,8 @@ export async function loadGuildsChannelsAccess(
       continue;
     }
     const input = guildInput(userId, r, now);
-    const byChannel = new Map<string, OverwriteInfo[]>();
-    for (const o of r.ow) {
-      const list = byChannel.get(o.c) ?? [];
-      list.push({ targetType: o.tt, targetId: o.ti, allow: BigInt(o.a), deny: BigInt(o.d) });
-      byChannel.set(o.c, list);
-    }
-    const parentOf = new Map(r.ch.map((c) => [c.id, c.p]));
-    for (const c of r.ch) {
-      // Outermost first, as loadChannelAccess builds it: category, then the channel.
-      const chain = c.p && parentOf.has(c.p) ? [c.p, c.id] : [c.id];
-      const levels = chain.map((id) => byChannel.get(id) ?? []);
-      permissions.set(c.id, computeChannelPermissions(input, levels));
+    for (const [id, levels] of channelLevels(r.ch, r.ow)) {
+      permissions.set(id, computeChannelPermissions(input, levels));
     }
     const guild: GuildAccess = {
       guildId: r.guild_id,
