@@ -683,12 +683,25 @@ export class ViewerAccess {
       this.alone.set(e.guildId!, xid);
       return this.overwriteOkAlone(e, channelId, aimed, before);
     }
-    const decide = (v: GuildViews): boolean | Promise<boolean> =>
-      v.all.has(channelId)
-        ? this.overwriteDecision(e, v.live.has(channelId), v.input, aimed, before)
-        : this.overwriteOkAlone(e, channelId, aimed, before);
+    // No closure made for the answer when the views are loaded (a burst's every row but its first,
+    // for every member): a named one costs tsx's __name on each call.
     const v = this.viewsOf(e.guildId!);
-    return v instanceof Promise ? v.then(decide) : decide(v);
+    return v instanceof Promise
+      ? v.then((v) => this.overwriteBy(v, e, channelId, aimed, before))
+      : this.overwriteBy(v, e, channelId, aimed, before);
+  }
+
+  /** overwriteOk's answer by the guild's channels loaded together. */
+  private overwriteBy(
+    v: GuildViews,
+    e: Visible,
+    channelId: string,
+    aimed: boolean,
+    before: OverwriteInfo[][] | null | undefined,
+  ): boolean | Promise<boolean> {
+    return v.all.has(channelId)
+      ? this.overwriteDecision(e, v.live.has(channelId), v.input, aimed, before)
+      : this.overwriteOkAlone(e, channelId, aimed, before);
   }
 
   /** overwriteOk for a channel the guild's channels loaded together do not hold (a thread, a new one). */
@@ -739,9 +752,9 @@ export class ViewerAccess {
 
   /** Whether the viewer's roles in the guild now, with these overwrite levels, give VIEW_CHANNEL. */
   private couldView(guildId: string, levels: OverwriteInfo[][]): boolean | Promise<boolean> {
-    const could = (g: GuildEntry) => !!g.input && couldViewBy(g, g.input, levels);
     const g = this.guild(guildId);
-    return g instanceof Promise ? g.then(could) : could(g);
+    if (g instanceof Promise) return g.then((g) => !!g.input && couldViewBy(g, g.input, levels));
+    return !!g.input && couldViewBy(g, g.input, levels);
   }
 
   /** Presence is shown to users who share a guild or a DM with its subject, unless it blocked them. */
