@@ -117,6 +117,44 @@ export async function createTestApp(
 }
 
 /**
+ * Looks (every 50 ms, for at most `ms`) until `n` backends of this database wait on a lock, with
+ * a query like `like` if given; returns how many did at the last look. `client` may be inside a
+ * transaction: pg_stat_activity is then read once and kept unless cleared, which is done here.
+ */
+export async function lockWaiters(client: pg.Client, n: number, like = '%', ms = 10_000) {
+  return await countUntil(
+    client,
+    n,
+    ms,
+    `select count(*)::int as n from pg_stat_activity
+      where datname = current_database() and wait_event_type = 'Lock' and query like $1`,
+    [like],
+  );
+}
+
+/** As lockWaiters: until `n` backends wait on a lock `client` holds. */
+export async function blockedBy(client: pg.Client, n: number, ms = 10_000) {
+  return await countUntil(
+    client,
+    n,
+    ms,
+    'select count(*)::int as n from pg_stat_activity where pg_backend_pid() = any(pg_blocking_pids(pid))',
+  );
+}
+
+async function countUntil(client: pg.Client, n: number, ms: number, q: string, params: unknown[] = []) {
+  const deadline = Date.now() + ms;
+  let seen = 0;
+  for (let t = 0; t < 1000; t++) {
+    await client.query('select pg_stat_clear_snapshot()');
+    seen = (await client.query<{ n: number }>(q, params)).rows[0].n;
+    if (seen >= n || Date.now() > deadline) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return seen;
+}
+
+/**
  * The statements the app sends while `run` runs, for tests that prove there is no N+1. Every
  * session check is counted: the session cache (auth.service, 5 s) is emptied first, so the
  * request reads its session whether or not the test took longer than that since the session was

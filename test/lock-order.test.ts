@@ -6,8 +6,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import { queuedSends } from '../core/services/message-batch.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
+import { blockedBy, createTestApp, gql, lockWaiters, ok, signUp, type TestApp } from './helpers.ts';
 import { channelAccessHelpers, guildWithChannel, invite, send, sleep } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -52,7 +53,7 @@ it('an overwrite change whose chain a move changed, beside the deletion of the c
       { i: { id: c, parentId: b } },
       { token: o.token },
     ) as Promise<R>;
-    await sleep(400);
+    assert.equal(await lockWaiters(stall, 1), 1, 'the move waits on a');
     // An overwrite change on c: its chain is (a, c) as its statement began; waits on a.
     const changing = gql(
       app,
@@ -60,7 +61,7 @@ it('an overwrite change whose chain a move changed, beside the deletion of the c
       { i: { channelId: c, targetType: 'ROLE', targetId: everyone, allow: [], deny: ['ADD_REACTIONS'] } },
       { token: o.token },
     ) as Promise<R>;
-    await sleep(400);
+    assert.equal(await lockWaiters(stall, 2), 2, 'the overwrite change waits on a');
     // b's deletion: waits on b (the move holds it), then sets its channels (c by then) uncategorized.
     const deleting = gql(
       app,
@@ -68,7 +69,7 @@ it('an overwrite change whose chain a move changed, beside the deletion of the c
       { id: b },
       { token: o.token },
     ) as Promise<R>;
-    await sleep(400);
+    assert.equal(await lockWaiters(stall, 3), 3, 'the deletion waits on b');
     await stall.query('rollback');
     const [m, ch, d] = await Promise.all([moving, changing, deleting]);
     assert.deepEqual(m.errors, undefined, `move: ${JSON.stringify(m.errors)}`);
@@ -99,14 +100,14 @@ async function besideDeleteGuild(
     await stall.query('begin');
     await stall.query(hold, params);
     const doing = op();
-    await sleep(500);
+    assert.equal(await blockedBy(stall, 1), 1, 'the operation waits on the row held');
     const deleting = gql(
       app,
       `mutation($g: ID!) { deleteGuild(id: $g) }`,
       { g: guildId },
       { token },
     ) as Promise<R>;
-    await sleep(500);
+    assert.equal(await lockWaiters(stall, 2), 2, 'the deletion waits on the operation');
     await stall.query('rollback');
     const [x, d] = await Promise.all([doing, deleting]);
     assert.deepEqual(d.errors, undefined, `deleteGuild: ${JSON.stringify(d.errors)}`);
@@ -202,40 +203,6 @@ it('a leave holding its member row while the guild is deleted does not deadlock 
       ) as Promise<R>,
   );
 });
-
-/**
- * The backends of this database waiting on a lock (with a query like `like`, if given), counted
- * every 50 ms until there are `n` (at most `tries` looks); how many there were at the last look.
- */
-async function lockWaiters(client: import('pg').Client, n: number, like = '%', tries = 200) {
-  let seen = 0;
-  for (let t = 0; t < tries && seen < n; t++) {
-    await sleep(50);
-    // A client inside a transaction sees pg_stat_activity as at its first read there, unless cleared.
-    await client.query('select pg_stat_clear_snapshot()');
-    const q = await client.query<{ n: number }>(
-      `select count(*)::int as n from pg_stat_activity
-        where datname = current_database() and wait_event_type = 'Lock' and query like $1`,
-      [like],
-    );
-    seen = q.rows[0].n;
-  }
-  return seen;
-}
-
-/** Waits (every 50 ms, at most `tries` looks) until `n` backends wait on `client`'s locks; how many did. */
-async function blockedBy(client: import('pg').Client, n: number, tries = 200) {
-  let seen = 0;
-  for (let t = 0; t < tries && seen < n; t++) {
-    await sleep(50);
-    await client.query('select pg_stat_clear_snapshot()');
-    const q = await client.query<{ n: number }>(
-      'select count(*)::int as n from pg_stat_activity where pg_backend_pid() = any(pg_blocking_pids(pid))',
-    );
-    seen = q.rows[0].n;
-  }
-  return seen;
-}
 
 /**
  * deleteGuild is begun while a second connection holds the guild FOR UPDATE: its purge done, it
@@ -537,6 +504,14 @@ it("a read marker moved beside its channel's deletion is NOT_FOUND, not an error
   );
 });
 
+/** Sends waiting for a group statement (the queue is in memory), looked at until `n` (bounded). */
+async function queued(n: number, ms = 10_000) {
+  const deadline = Date.now() + ms;
+  for (let t = 0; t < 1000 && queuedSends(app.deps.database) < n && Date.now() < deadline; t++)
+    await sleep(20);
+  return queuedSends(app.deps.database);
+}
+
 /**
  * Whether a grouped send's statement (`insert into messages`) waits on a lock for longer than
  * Postgres' deadlock check (deadlock_timeout) and was not failed by it: a wait that comes after
@@ -616,12 +591,12 @@ it("sends grouped into one statement, to a thread and to its channel, beside the
     assert.equal(await lockWaiters(atThread, 2), 2, 'a first statement waits');
     blocked.push(sendTo(elsewhere, '2'));
     assert.equal(await lockWaiters(atThread, 3), 3, 'a second statement waits');
-    // To tb, then to a: in this order of ids, so in the statement's order of rows. No condition
-    // to wait for (the queue is in memory): a pause sets their order.
+    // To tb, then to a: in this order of ids, so in the statement's order of rows. Both queued
+    // before the statements ahead end: they go in one.
     const toThread = sendTo(tb, 'tb');
-    await sleep(300);
+    assert.equal(await queued(1), 1, 'the send to tb queues');
     const toChannel = sendTo(a, 'a');
-    await sleep(300);
+    assert.equal(await queued(2), 2, 'the send to a queues');
     await atElsewhere.query('rollback');
     // Their statement: tb's key share taken, waits on a. Until Postgres has checked it for a
     // deadlock (deadlock_timeout, 1 s) and found none: the deletion's wait, to come, then finds it.
@@ -690,11 +665,11 @@ it("sends grouped into one statement, to two of a guild's channels, beside the g
     assert.equal(await lockWaiters(atGuild, 2), 2, 'a first statement waits');
     blocked.push(sendTo(other.channelId, '2'));
     assert.equal(await lockWaiters(atGuild, 3), 3, 'a second statement waits');
-    // No condition to wait for (the queue is in memory): pauses let both queue.
+    // Both queued before the statements ahead end: they go in one.
     const toX = sendTo(x, 'x');
-    await sleep(300);
+    assert.equal(await queued(1), 1, 'the send to x queues');
     const toY = sendTo(y, 'y');
-    await sleep(300);
+    assert.equal(await queued(2), 2, 'the send to y queues');
     // The deletion's cascade: y deleted, waits on z.
     await atGuild.query('rollback');
     assert.equal(await blockedBy(atZ, 1), 1, 'the deletion waits on z');

@@ -147,6 +147,11 @@ class Batcher {
 
   constructor(private database: Database) {}
 
+  /** sends waiting for a statement */
+  get queued() {
+    return this.queue.length;
+  }
+
   insert(row: BatchRow): Promise<BatchResult | undefined> {
     return new Promise((resolve, reject) => {
       this.queue.push({ row, resolve, reject });
@@ -263,4 +268,9 @@ export function insertGrouped(database: Database, row: BatchRow): Promise<BatchR
     batchers.set(database, b);
   }
   return b.insert(row);
+}
+
+/** How many sends on `database` wait for a group statement now (tests wait on it). */
+export function queuedSends(database: Database): number {
+  return batchers.get(database)?.queued ?? 0;
 }
