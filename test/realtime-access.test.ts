@@ -5,7 +5,17 @@ import { sql } from 'drizzle-orm';
 import type { Hub } from '../core/realtime/hub.ts';
 import type { Delivered, Subscription } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
+import {
+  blockedBy,
+  createTestApp,
+  fails,
+  gql,
+  lockWaiters,
+  ok,
+  signUp,
+  type TestApp,
+  type TestUser,
+} from './helpers.ts';
 import {
   channelAccessHelpers,
   connect,
@@ -819,7 +829,9 @@ for (const liveCount of [2, 8]) {
     let sub: Subscription | undefined;
     try {
       sub = (await hub.subscribe({ userId: s.vId }, s.cursor)) as Subscription;
-      await sleep(300);
+      // Paused: its window (4) of replayed rows is out, the consumer not reading yet.
+      for (let i = 0; i < 500 && sub.delivered < 4; i++) await sleep(20);
+      assert.equal(sub.delivered, 4, 'a window of replayed rows out');
       assert.equal(sub.replaying, true, 'paused in its replay');
       // Sent while it is subscribed (after its registration), in a channel it may view.
       const liveIds: string[] = [];
@@ -884,9 +896,9 @@ it('a channel deleted while an overwrite change that shows it to a member commit
     );
     // deleteChannel reads the overwrites (the @everyone deny: not committed away yet), then waits.
     const deleting = ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: secret }, o.token);
-    await sleep(500);
+    assert.equal(await blockedBy(other, 1), 1, 'the deletion waits on the overwrite change');
     await other.query('commit');
-    await sleep(500);
+    assert.equal(await blockedBy(stall, 1), 1, 'the deletion waits on its audit row');
     // Just before the deletion commits, `m` may view the channel: its client now shows it.
     const seen = await ok(app, `query($c: ID!) { channel(id: $c) { id } }`, { c: secret }, m.token);
     assert.equal(seen.channel.id, secret);
@@ -920,9 +932,18 @@ async function whileDeleting<T>(token: string, id: string, during: () => Promise
     await stall.query('begin');
     await stall.query('lock table audit_log in share mode');
     const deleting = ok(app, `mutation($c: ID!) { deleteChannel(id: $c) }`, { c: id }, token);
-    await sleep(500);
-    const started = during();
-    await sleep(500);
+    assert.equal(await blockedBy(stall, 1), 1, 'the deletion waits on its audit row');
+    let settled = false;
+    const started = during().finally(() => {
+      settled = true;
+    });
+    // What it started waits on the deletion, or is answered (while the deletion is uncommitted).
+    let waits = 0;
+    for (let i = 0; i < 200 && !settled && waits < 2; i++) {
+      waits = await lockWaiters(stall, 2, '%', 0);
+      if (waits < 2) await sleep(50);
+    }
+    assert.ok(settled || waits === 2, 'what `during` started is neither answered nor waiting');
     await stall.query('commit');
     await deleting;
     return await started;

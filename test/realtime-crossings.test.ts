@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, gql, ok, signUp, type TestApp } from './helpers.ts';
+import { blockedBy, createTestApp, gql, lockWaiters, ok, signUp, type TestApp } from './helpers.ts';
 import {
   channelAccessHelpers,
   connect,
@@ -61,7 +61,7 @@ it('startThread holding its channel while the guild is deleted does not deadlock
       { m },
       { token: o.token },
     );
-    await sleep(500);
+    assert.equal(await blockedBy(stall, 1), 1, "startThread's insert waits on the row held");
     // The guild's deletion locks the guild row, then its cascade waits for the channel.
     const deleting = gql(
       app,
@@ -69,7 +69,7 @@ it('startThread holding its channel while the guild is deleted does not deadlock
       { g: guildId },
       { token: o.token },
     );
-    await sleep(500);
+    assert.equal(await lockWaiters(stall, 2), 2, 'the deletion waits on the channel');
     // startThread's insert goes on and checks its guild (KEY SHARE on the row deleteGuild holds).
     await stall.query('rollback');
     const [d, s] = await Promise.all([deleting, starting]);
@@ -178,7 +178,7 @@ it('a member without READ_HISTORY whose live stream got a MessageCreated gets th
     await stall.query('begin');
     await stall.query('select 1 from channels where id = $1::uuid for update', [decodeAnyId(channelId).id]);
     const sending = send(app, o.token, channelId, 'slow send');
-    await sleep(300);
+    assert.equal(await blockedBy(stall, 1), 1, 'the send waits on the channel row');
     const live = subscribe(c.client, null, Q);
     await untilLive(app, [v]);
     await stall.query('commit');
