@@ -199,6 +199,8 @@ describe('graceful shutdown', () => {
       token,
     );
     for (let i = 0; ; i++) {
+      // Inside a transaction, pg_stat_activity is read once and kept: look again each time.
+      await holder.query('select pg_stat_clear_snapshot()');
       const w = await holder.query(
         `select count(*)::int as n from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()`,
       );
