@@ -35,16 +35,40 @@ describe('Redis bus', { skip: !onPostgres && 'needs the postgres run (REDIS_URL)
       bus.onSignal((t, p) => heard[name].push({ t, p }));
     }
     // Both subscribed (a late subscription would also ring its listeners with [] on 'ready').
-    const probe = redis();
+    probe = redis();
     for (let i = 0; i < 100; i++) {
       const [, n] = (await probe.pubsub('NUMSUB', `${prefix}bus:events`)) as [string, number];
       if (Number(n) >= 2) break;
       await sleep(50);
     }
-    await sleep(100);
+    await heardAll();
     heard.a = [];
     heard.b = [];
   });
+
+  /**
+   * Redis sends a subscriber what it published in the order it published it: once a marker
+   * published now has reached both instances, so has everything Redis took before it (an echo, a
+   * second copy), heard or skipped. The marker is taken out of what they heard.
+   */
+  let probe: Redis;
+  let marks = 0;
+  const isMark = (x: unknown) => Array.isArray(x) && x.length === 1 && x[0].seq < 0;
+  async function heardAll() {
+    const mark = { ...ref, seq: -++marks };
+    await probe.publish(`${prefix}bus:events`, JSON.stringify([mark]));
+    const has = (xs: unknown[]) => xs.some((x) => isMark(x) && (x as LoggedEventRef[])[0].seq === mark.seq);
+    for (let i = 0; i < 500 && !(has(heard.a) && has(heard.b)); i++) await sleep(20);
+    assert.ok(has(heard.a) && has(heard.b), 'the marker reached both instances');
+    heard.a = heard.a.filter((x) => !isMark(x));
+    heard.b = heard.b.filter((x) => !isMark(x));
+  }
+
+  /** Until `pred` holds of what the instances heard (bounded). */
+  async function until(pred: () => boolean, what: string) {
+    for (let i = 0; i < 500 && !pred(); i++) await sleep(20);
+    assert.ok(pred(), `${what}: ${JSON.stringify(heard)}`);
+  }
   after(async () => {
     await a.close();
     await b.close();
@@ -55,7 +79,9 @@ describe('Redis bus', { skip: !onPostgres && 'needs the postgres run (REDIS_URL)
     await a.announce([ref]);
     await Promise.resolve(); // a microtask later: no round trip to Redis
     assert.deepEqual(heard.a, [[ref]], 'heard locally at once');
-    await sleep(300);
+    // Redis has taken it once b hears it: its echo to a comes before the marker.
+    await until(() => heard.b.length > 0, 'b hears it');
+    await heardAll();
     assert.deepEqual(heard.a, [[ref]], 'no second ring from the echo');
     assert.deepEqual(heard.b, [[ref]]);
     heard.a = [];
@@ -65,7 +91,8 @@ describe('Redis bus', { skip: !onPostgres && 'needs the postgres run (REDIS_URL)
   it('signals likewise: once here at once, once there', async () => {
     const typing: SignalTopics['typing'] = { channelId: 'c', guildId: null, userId: 'u', at: 1 };
     await b.signal('typing', typing);
-    await sleep(300);
+    await until(() => heard.a.length > 0, 'a hears it');
+    await heardAll();
     assert.deepEqual(heard.b, [{ t: 'typing', p: typing }]);
     assert.deepEqual(heard.a, [{ t: 'typing', p: typing }]);
     heard.a = [];
@@ -75,7 +102,7 @@ describe('Redis bus', { skip: !onPostgres && 'needs the postgres run (REDIS_URL)
   it("hears an older instance's bare array of events", async () => {
     const raw = redis();
     await raw.publish(`${prefix}bus:events`, JSON.stringify([ref]));
-    await sleep(300);
+    await heardAll();
     assert.deepEqual(heard.a, [[ref]]);
     assert.deepEqual(heard.b, [[ref]]);
     heard.a = [];
@@ -99,7 +126,8 @@ describe('Redis bus', { skip: !onPostgres && 'needs the postgres run (REDIS_URL)
       sleep(1000).then(() => false),
     ]);
     assert.ok(settled, 'announce and signal returned without Redis');
-    await sleep(20);
+    // Their listeners are rung in microtasks: all run before the next turn of the event loop.
+    await new Promise((r) => setImmediate(r));
     assert.deepEqual(
       got.filter((x) => !(Array.isArray(x) && !x.length)),
       [[ref], { t: 'presence', p: { userId: 'u', status: 'ONLINE' } }],
