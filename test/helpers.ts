@@ -142,6 +142,31 @@ export async function blockedBy(client: pg.Client, n: number, ms = 10_000) {
   );
 }
 
+/**
+ * Cancels backend `pid`'s statement (as a statement_timeout or lock_timeout would) and looks
+ * (every 20 ms, for at most `ms`) until that statement is over; whether it was. A cancel is
+ * handled by the backend when it gets to it: a lock let go before then is taken, and the
+ * statement goes on.
+ */
+export async function cancelStatement(client: pg.Client, pid: number, ms = 10_000) {
+  const running = async () => {
+    await client.query('select pg_stat_clear_snapshot()');
+    const q = await client.query<{ started: string }>(
+      `select query_start::text as started from pg_stat_activity where pid = $1 and state = 'active'`,
+      [pid],
+    );
+    return q.rows[0]?.started;
+  };
+  const started = await running();
+  await client.query('select pg_cancel_backend($1)', [pid]);
+  const deadline = Date.now() + ms;
+  for (let t = 0; t < 1000 && started !== undefined && Date.now() < deadline; t++) {
+    if ((await running()) !== started) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return started === undefined;
+}
+
 async function countUntil(client: pg.Client, n: number, ms: number, q: string, params: unknown[] = []) {
   const deadline = Date.now() + ms;
   let seen = 0;

@@ -12,7 +12,7 @@ import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
+import { cancelStatement, createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, send, sleep, subscribe, untilLive } from './realtime-helpers.ts';
 
 const skip = !onPostgres;
@@ -58,32 +58,21 @@ it('a check cancelled in round after round (the database answering in between) n
       await admin.query('lock table permission_overwrites in access exclusive mode');
       const r = connect(wsUrl, u.token);
       const rs = subscribe(r.client, last);
-      let waiting: { pid: number; started: string } | undefined;
+      let waiting: number | undefined;
       for (let t = 0; t < 100 && waiting === undefined; t++) {
         // Inside a transaction, pg_stat_activity is read once and kept: look again each time.
         await admin.query('select pg_stat_clear_snapshot()');
-        const q = await admin.query<{ pid: number; started: string }>(
-          `select pid, query_start::text as started from pg_stat_activity where datname = current_database()
+        const q = await admin.query<{ pid: number }>(
+          `select pid from pg_stat_activity where datname = current_database()
              and wait_event_type = 'Lock' and pid <> pg_backend_pid()`,
         );
-        waiting = q.rows[0];
+        waiting = q.rows[0]?.pid;
         if (waiting === undefined) await sleep(50);
       }
       assert.ok(waiting !== undefined, 'the check waits on the lock');
       // What a statement_timeout or lock_timeout does to it; the lock goes right after, so the
       // control (the same statements for no subject) then answers.
-      await admin.query('select pg_cancel_backend($1)', [waiting.pid]);
-      let cancelled = false;
-      for (let t = 0; t < 100 && !cancelled; t++) {
-        await admin.query('select pg_stat_clear_snapshot()');
-        const q = await admin.query(
-          `select 1 from pg_stat_activity where pid = $1 and query_start::text = $2 and state = 'active'`,
-          [waiting.pid, waiting.started],
-        );
-        cancelled = q.rows.length === 0;
-        if (!cancelled) await sleep(20);
-      }
-      assert.ok(cancelled, 'the cancelled statement ended');
+      assert.ok(await cancelStatement(admin, waiting), 'the cancelled statement ended');
       await admin.query('rollback');
       const deadline = Date.now() + 5000;
       const done = () => rs.events.some((e) => e.message?.content === 'two');

@@ -13,7 +13,15 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import type pg from 'pg';
 import { comparePos, decodeCursor } from '../core/realtime/cursor.ts';
-import { createTestApp, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
+import {
+  cancelStatement,
+  createTestApp,
+  ok,
+  onPostgres,
+  signUp,
+  type TestApp,
+  type TestUser,
+} from './helpers.ts';
 import {
   channelAccessHelpers,
   connect,
@@ -482,8 +490,7 @@ it("a viewer's scope read that fails (cancelled, as a statement_timeout would) c
     await stall.query('rollback');
     const waiting = await lockWaiter(stall, ['%union all%', '%from members where user_id = any%'], 200);
     assert.ok(waiting !== undefined, "the viewer's scope read waits on the lock");
-    await stall.query('select pg_cancel_backend($1)', [waiting]);
-    await sleep(100);
+    assert.ok(await cancelStatement(stall, waiting), 'the cancelled scope read ended');
     await stall2.query('rollback');
     const done = () => missed.every((id) => rs!.events.some((e) => e.message?.id === id));
     for (let k = 0; k < 100 && !r.closed() && !done(); k++) await sleep(50);
