@@ -51,15 +51,25 @@ async function count(q: string, id: string): Promise<number> {
  * deleted thing still existed when that message arrived (it was delivered during the deletion),
  * with the deletion's result.
  */
-async function deliveredMeanwhile(deletion: () => Promise<any>, stillThere: () => Promise<number>) {
+async function deliveredMeanwhile(
+  deletion: () => Promise<any>,
+  stillThere: () => Promise<number>,
+  /** rows the deletion removes or records in batches, each committed: a count that moves once it is under way */
+  rows: () => Promise<number>,
+) {
   const bystander = await signUp(app);
   const elsewhere = await guildWithChannel(app, bystander.token);
   const c = connect(wsUrl, bystander.token);
   const s = subscribe(c.client, null);
   try {
     await untilLive(app, [bystander]);
-    const deleting = deletion();
-    await sleep(300);
+    const all = await rows();
+    let settled = false;
+    const deleting = deletion().finally(() => {
+      settled = true;
+    });
+    // Under way: its first batch gone.
+    for (let i = 0; i < 500 && !settled && (await rows()) === all; i++) await sleep(20);
     await send(app, bystander.token, elsewhere.channelId, 'meanwhile');
     await s.until(
       (e) => e.some((x) => x.__typename === 'MessageCreated' && x.message.content === 'meanwhile'),
@@ -94,6 +104,7 @@ it('a message sent elsewhere while a big guild is deleted arrives during the del
   const { there, r } = await deliveredMeanwhile(
     () => gql(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, { token: owner.token }),
     () => count('select count(*)::int as n from guilds where id = $1', guildId),
+    () => count('select count(*)::int as n from messages where guild_id = $1', guildId),
   );
   assert.deepEqual(r.errors, undefined);
   assert.equal(there, 1, 'delivered only once the deletion had committed');
@@ -113,6 +124,7 @@ it('a message sent elsewhere while a big channel is deleted arrives during the d
     () =>
       gql(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: channelId }, { token: owner.token }),
     () => count('select count(*)::int as n from channels where id = $1', channelId),
+    () => count('select count(*)::int as n from messages where channel_id = $1', channelId),
   );
   assert.deepEqual(r.errors, undefined);
   assert.equal(there, 1, 'delivered only once the deletion had committed');
@@ -179,6 +191,11 @@ it("a message sent elsewhere while a ban purges a spammer's many messages arrive
         { token: owner.token },
       ),
     () => count('select count(*)::int as n from bans where guild_id = $1', guildId),
+    () =>
+      count(
+        'select count(*)::int as n from messages where author_id = $1 and deleted_at is null',
+        spammer.id,
+      ),
   );
   assert.deepEqual(r.errors, undefined);
   // Before: one transaction wiped them all and logged a MessageDeleted each, and nothing else was
@@ -228,6 +245,7 @@ it('a message sent elsewhere while a guild of many members is deleted arrives du
   const { there, r } = await deliveredMeanwhile(
     () => gql(app, `mutation($id: ID!) { deleteGuild(id: $id) }`, { id: guildId }, { token: owner.token }),
     () => count('select count(*)::int as n from guilds where id = $1', guildId),
+    () => count('select count(*)::int as n from former_members where guild_id = $1', guildId),
   );
   assert.deepEqual(r.errors, undefined);
   // Before: the deletion's transaction recorded every member (former_members) for seconds, and
@@ -257,6 +275,7 @@ it('a message sent elsewhere while a channel of many threads is deleted arrives 
     () =>
       gql(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: channelId }, { token: owner.token }),
     () => count('select count(*)::int as n from channels where id = $1', channelId),
+    () => count('select count(*)::int as n from channels where parent_id = $1', channelId),
   );
   assert.deepEqual(r.errors, undefined);
   // Before: its threads and their events went in the deletion's one transaction, and nothing
