@@ -10,7 +10,15 @@ import pg from 'pg';
 import { databaseOf } from '../core/db/client.ts';
 import { newId } from '../core/ids.ts';
 import { decodeAnyId, decodeId } from '../schema/builder.ts';
-import { createTestApp, ok, onPostgres, signUp, type TestApp, type TestUser } from './helpers.ts';
+import {
+  createTestApp,
+  lockWaiters,
+  ok,
+  onPostgres,
+  signUp,
+  type TestApp,
+  type TestUser,
+} from './helpers.ts';
 import {
   connect,
   guildWithChannel,
@@ -248,7 +256,11 @@ it('a connection lost while a send and its queued log read are out fails that se
     // Still serving: the next send, at once (while the lost connection may still be closing), is
     // stored and delivered once the lock goes; the lost one never was.
     const next = send(app, u.token, channelId, 'after the loss');
-    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(
+      await lockWaiters(locker, 1, '%insert into messages%'),
+      1,
+      'the next send waits on the lock',
+    );
     await locker.query('rollback');
     await next;
   } finally {
