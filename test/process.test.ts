@@ -175,7 +175,8 @@ describe('migrations', () => {
 describe('graceful shutdown', () => {
   it('SIGTERM lets a blocked in-flight mutation finish, then exits 0', { skip: !onPostgres }, async () => {
     const env = await storage();
-    const s = await startServer(env);
+    // info: its 'shutting down' line says the signal was handled.
+    const s = await startServer({ ...env, LOG_LEVEL: 'info' });
     const name = `sig_${randomBytes(3).toString('hex')}`;
     const reg = await gqlHttp(
       s.base,
@@ -209,7 +210,9 @@ describe('graceful shutdown', () => {
       await new Promise((r) => setTimeout(r, 50));
     }
     s.child.kill('SIGTERM');
-    await new Promise((r) => setTimeout(r, 300));
+    for (let i = 0; i < 250 && !s.output().includes('shutting down') && s.child.exitCode === null; i++)
+      await new Promise((r) => setTimeout(r, 20));
+    assert.match(s.output(), /shutting down/, 'the signal was handled');
     assert.equal(s.child.exitCode, null, 'still running while a request is in flight');
     await holder.query('commit');
     const res = await pending;
