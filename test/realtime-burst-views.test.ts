@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import type { Delivered } from '../core/realtime/subscription.ts';
-import { decodeAnyId } from '../schema/builder.ts';
+import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
 
@@ -396,3 +396,122 @@ for (const standing of [true, false])
     const [, shown] = await at(30_000, 0, [hidden, secret]);
     assert.equal(shown.yes, false, 'a message sent after the channel was hidden from it');
   });
+
+/**
+ * The guild's channels a burst's views are built from are loaded once for the process and may be
+ * newer than the viewer's cached standing they are combined with: a lagging subscriber holds its
+ * standing from before a row that takes a role away (committed, read by the tailer, not reached
+ * by it yet), and judges an earlier burst with channels loaded after that row. The row, once
+ * reached, must drop those views as well as the standing: a later overwrite change of a channel
+ * the role alone showed is none of the viewer's. Doubles for the clock and the lapse factor (time
+ * standing still while the subscriber works through rows: no cached answer lapses); the database,
+ * the rows and ViewerAccess are real.
+ */
+it('doubles for the clock and lapse factor: views built from channels loaded after a role was taken away and the standing cached before it are not kept across that row (a lagging subscriber)', {
+  timeout: 120_000,
+}, async () => {
+  const { mock } = await import('node:test');
+  const { ViewerAccess } = await import('../core/realtime/visibility.ts');
+  const { headPosition, readRangeAll } = await import('../core/realtime/log.ts');
+  const db = app.deps.db;
+  const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
+  const { guildId } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, viewer.token);
+  const everyone = await everyoneRole(owner.token, guildId);
+  const role = async (name: string) =>
+    (
+      await ok(
+        app,
+        `mutation($i: CreateRoleInput!) { createRole(input: $i) { id } }`,
+        { i: { guildId, name, permissions: [] } },
+        owner.token,
+      )
+    ).createRole.id as string;
+  const seer = await role('Seer');
+  const other = await role('Other');
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!, $r: ID!) { assignRole(guildId: $g, userId: $u, roleId: $r) }`,
+    { g: guildId, u: viewer.id, r: seer },
+    owner.token,
+  );
+  // Two categories hidden from @everyone and shown to Seer: the first's deletion is the burst (two
+  // rows: the second loads the guild's channels), the second's channel is what a later row is about.
+  const first = await category(owner, guildId, everyone, seer, 2);
+  const second = await category(owner, guildId, everyone, seer, 1);
+  const [kept] = (
+    (await db.execute(sql`select id from channels where parent_id = ${raw(second)}::uuid`)) as unknown as {
+      rows: { id: string }[];
+    }
+  ).rows;
+  const start = await headPosition(db);
+  let head = start;
+  const access = new ViewerAccess(db, raw(viewer.id), () => head);
+  const g = raw(guildId);
+  let done = start;
+  async function next() {
+    const to = await headPosition(db);
+    const rows = (await readRangeAll(db, done, to, 1000)).filter((r) => r.guildId === g);
+    done = to;
+    return rows;
+  }
+  const base = Date.now();
+  async function at(t: number, rows: Awaited<ReturnType<typeof next>>) {
+    head = await headPosition(db);
+    mock.method(Date, 'now', () => base + t);
+    mock.method(Math, 'random', () => 1);
+    try {
+      const out: { type: string; channelId: string | null; yes: boolean }[] = [];
+      for (const r of rows) {
+        access.observe(r);
+        out.push({ type: r.type, channelId: r.channelId, yes: await access.canSee(r, false) });
+      }
+      return out;
+    } finally {
+      mock.restoreAll();
+    }
+  }
+  await ok(
+    app,
+    `mutation($g: ID!, $n: String!) { updateGuild(input: { id: $g, name: $n }) { id } }`,
+    { g: guildId, n: 'n0' },
+    owner.token,
+  );
+  // Its standing, with Seer, cached (to 37.5 s: the clock stands at 0 and 1 s below).
+  assert.deepEqual(
+    (await at(0, await next())).map((x) => x.yes),
+    [true],
+  );
+  // The first category deleted; Seer taken from the viewer; then an overwrite of the second's
+  // channel for a role the viewer lacks. All committed before the subscriber reaches the burst.
+  await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: first }, owner.token);
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!, $r: ID!) { unassignRole(guildId: $g, userId: $u, roleId: $r) }`,
+    { g: guildId, u: viewer.id, r: seer },
+    owner.token,
+  );
+  await ok(
+    app,
+    `mutation($c: ID!, $t: ID!, $a: [Permission!]!, $d: [Permission!]!) {
+      setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: $a, deny: $d }) { allow } }`,
+    { c: encodeId('Channel', kept.id), t: other, a: ['ADD_REACTIONS'], d: [] },
+    owner.token,
+  );
+  const rows = await next();
+  const types = rows.map((r) => r.type);
+  const taken = types.indexOf('MEMBER_UPDATED');
+  assert.ok(taken > 0, `rows: ${types}`);
+  const burst = rows.slice(0, taken).filter((r) => r.type === 'PERMISSIONS_CHANGED');
+  assert.equal(burst.length, 2, `rows: ${types}`);
+  const aimed = rows[rows.length - 1];
+  assert.equal(aimed.type, 'PERMISSIONS_CHANGED');
+  assert.equal(aimed.channelId, kept.id);
+  const seen = await at(1_000, rows);
+  // The burst was judged by its standing then (Seer: it could see the first category's channels).
+  assert.deepEqual(
+    seen.filter((x) => x.type === 'PERMISSIONS_CHANGED').map((x) => x.yes),
+    [true, true, false],
+    'the burst told; the overwrite of a channel only Seer showed it, after Seer was taken, not',
+  );
+});
