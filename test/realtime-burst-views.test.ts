@@ -515,3 +515,68 @@ it('doubles for the clock and lapse factor: views built from channels loaded aft
     'the burst told; the overwrite of a channel only Seer showed it, after Seer was taken, not',
   );
 });
+
+it("a category's deletion tells its channels to a member of @everyone alone, not to one of the same roles timed out (its roles give no permission a timeout keeps)", {
+  timeout: 120_000,
+}, async () => {
+  const N = 10;
+  const [owner, free, timedOut] = await Promise.all([1, 2, 3].map(() => signUp(app)));
+  const { guildId } = await guildWithChannel(app, owner.token);
+  for (const u of [free, timedOut]) await invite(app, owner.token, guildId, u.token);
+  const everyone = await everyoneRole(owner.token, guildId);
+  // @everyone may send but not view: a category's overwrite shows it its channels, unless timed
+  // out (a timeout keeps viewing and reading history only: nothing is left to build on).
+  await ok(
+    app,
+    `mutation($i: UpdateRoleInput!) { updateRole(input: $i) { id } }`,
+    { i: { id: everyone, permissions: ['SEND_MESSAGES'] } },
+    owner.token,
+  );
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!, $t: DateTime) { timeoutMember(guildId: $g, userId: $u, until: $t) }`,
+    { g: guildId, u: timedOut.id, t: new Date(Date.now() + 3_600_000).toISOString() },
+    owner.token,
+  );
+  const cat = (
+    await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "cat", type: CATEGORY }) { id } }`,
+      { g: guildId },
+      owner.token,
+    )
+  ).createChannel.id as string;
+  await ok(
+    app,
+    `mutation($c: ID!, $t: ID!) {
+      setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: [VIEW_CHANNEL], deny: [] }) { allow } }`,
+    { c: cat, t: everyone },
+    owner.token,
+  );
+  await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+    select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(cat)}::uuid, 'TEXT', 'c' || i from generate_series(1, ${N}) i`);
+  const streams = await Promise.all([free, timedOut].map((u) => subscribe(u)));
+  try {
+    await untilLive(app, [free, timedOut]);
+    const rename = (n: string) =>
+      ok(
+        app,
+        `mutation($g: ID!, $n: String!) { updateGuild(input: { id: $g, name: $n }) { id } }`,
+        { g: guildId, n },
+        owner.token,
+      );
+    const renamed = (n: string) => (r: Delivered) =>
+      r.type === 'GUILD_UPDATED' && (r.payload.changes as { name?: string } | undefined)?.name === n;
+    // Each one's standing loaded first, as a connected member's is.
+    await rename('before');
+    for (const s of streams) await until(s, renamed('before'), 'renamed before');
+    await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token);
+    await rename('after');
+    const a = await until(streams[0], renamed('after'), 'free: renamed after');
+    const b = await until(streams[1], renamed('after'), 'timed out: renamed after');
+    assert.equal(told(a), N, 'the member not timed out hears of each channel');
+    assert.equal(told(b), 0, 'the member timed out, of the same roles, hears of none');
+  } finally {
+    for (const s of streams) await s.return!();
+  }
+});
