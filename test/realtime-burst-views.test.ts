@@ -580,3 +580,103 @@ it("a category's deletion tells its channels to a member of @everyone alone, not
     for (const s of streams) await s.return!();
   }
 });
+
+/**
+ * A timeout ends with no row: the standing a subscriber cached while the member was timed out
+ * says so until it lapses, while a channel's access loaded now does not. A category's deletion
+ * judged after the timeout ended tells each channel a member no longer timed out may view: the
+ * first row (its channel loaded alone) and the rest (the guild's channels loaded together, with
+ * the cached standing) alike. Doubles for the clock (Date: time passing past the timeout's end,
+ * less than the standing's lifetime) and the lapse factor; the database, rows and ViewerAccess are
+ * real.
+ */
+it("doubles for the clock and lapse factor: a category's deletion judged after the member's timeout ended tells each of its channels, though its standing was cached while timed out", {
+  timeout: 120_000,
+}, async () => {
+  const { mock } = await import('node:test');
+  const { ViewerAccess } = await import('../core/realtime/visibility.ts');
+  const { headPosition, readRangeAll } = await import('../core/realtime/log.ts');
+  const db = app.deps.db;
+  const [owner, viewer] = await Promise.all([1, 2].map(() => signUp(app)));
+  const { guildId } = await guildWithChannel(app, owner.token);
+  await invite(app, owner.token, guildId, viewer.token);
+  const everyone = await everyoneRole(owner.token, guildId);
+  // @everyone may send but not view: the category's overwrite shows its channels, unless timed out.
+  await ok(
+    app,
+    `mutation($i: UpdateRoleInput!) { updateRole(input: $i) { id } }`,
+    { i: { id: everyone, permissions: ['SEND_MESSAGES'] } },
+    owner.token,
+  );
+  const cat = (
+    await ok(
+      app,
+      `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "cat", type: CATEGORY }) { id } }`,
+      { g: guildId },
+      owner.token,
+    )
+  ).createChannel.id as string;
+  await ok(
+    app,
+    `mutation($c: ID!, $t: ID!) {
+      setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $t, allow: [VIEW_CHANNEL], deny: [] }) { allow } }`,
+    { c: cat, t: everyone },
+    owner.token,
+  );
+  await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+    select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(cat)}::uuid, 'TEXT', 'c' || i from generate_series(1, 2) i`);
+  const base = Date.now();
+  await ok(
+    app,
+    `mutation($g: ID!, $u: ID!, $t: DateTime) { timeoutMember(guildId: $g, userId: $u, until: $t) }`,
+    { g: guildId, u: viewer.id, t: new Date(base + 10_000).toISOString() },
+    owner.token,
+  );
+  const start = await headPosition(db);
+  let head = start;
+  const access = new ViewerAccess(db, raw(viewer.id), () => head);
+  const g = raw(guildId);
+  let done = start;
+  async function next() {
+    const to = await headPosition(db);
+    const rows = (await readRangeAll(db, done, to, 1000)).filter((r) => r.guildId === g);
+    done = to;
+    return rows;
+  }
+  async function at(t: number, rows: Awaited<ReturnType<typeof next>>) {
+    head = await headPosition(db);
+    mock.timers.enable({ apis: ['Date'], now: base + t });
+    mock.method(Math, 'random', () => 1);
+    try {
+      const out: { type: string; yes: boolean }[] = [];
+      for (const r of rows) {
+        access.observe(r);
+        out.push({ type: r.type, yes: await access.canSee(r, false) });
+      }
+      return out;
+    } finally {
+      mock.timers.reset();
+      mock.restoreAll();
+    }
+  }
+  await ok(
+    app,
+    `mutation($g: ID!, $n: String!) { updateGuild(input: { id: $g, name: $n }) { id } }`,
+    { g: guildId, n: 'n0' },
+    owner.token,
+  );
+  // Its standing, timed out, cached (to 37.5 s).
+  assert.deepEqual(
+    (await at(0, await next())).map((x) => x.yes),
+    [true],
+  );
+  await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token);
+  const burst = (await next()).filter((r) => r.type === 'PERMISSIONS_CHANGED');
+  assert.equal(burst.length, 2);
+  // 20 s on: the timeout (10 s) is over, the standing cached while it lasted is not.
+  assert.deepEqual(
+    (await at(20_000, burst)).map((x) => x.yes),
+    [true, true],
+    'each channel of the category told, the first loaded alone and the second with the others',
+  );
+});

@@ -527,10 +527,13 @@ export class ViewerAccess {
     const c = guildChannels(this.db, guildId, this.committed);
     const g = this.guild(guildId);
     const make = (c: GuildChannels, g: GuildEntry): GuildViews => {
+      // The standing as cached, judged at this time: a timeout ends with no row, and a standing
+      // cached while it lasted still says timed out (a channel loaded alone is judged now too).
+      const input = g.input && { ...g.input, now: new Date() };
       const entry: GuildViews = {
         all: c.all,
-        live: g.input ? liveFor(c, g.input) : noChannels,
-        input: g.input,
+        live: input ? liveFor(c, input) : noChannels,
+        input,
         asOf: c.asOf,
         until: lapseAt(),
       };
