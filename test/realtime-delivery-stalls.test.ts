@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import type { Delivered } from '../core/realtime/subscription.ts';
-import { ViewerAccess } from '../core/realtime/visibility.ts';
+import { heldGuildChannels, ViewerAccess } from '../core/realtime/visibility.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
@@ -237,4 +237,34 @@ it("a category's deletion costs the members subscribed here one load of the guil
   // guild's channels were loaded with each member's standing too, one statement per member (2 per
   // member: ~80 more for 40 more members; now ~40). The margin: the hub's polls, counted too.
   assert.ok(counts[1] - counts[0] < 60, `statements for 1 member, then 41: ${counts}`);
+});
+
+it("a guild's channels loaded for a category's deletion are let go once access changes anywhere, not held for every guild one was deleted in", {
+  timeout: 120_000,
+}, async () => {
+  const { createChannel, denyToEveryone } = channelAccessHelpers(() => app);
+  const held: number[] = [];
+  for (const k of [0, 1]) {
+    const [owner, member] = await Promise.all([1, 2].map(() => signUp(app)));
+    const { guildId } = await guildWithChannel(app, owner.token);
+    await invite(app, owner.token, guildId, member.token);
+    const cat = await createChannel(owner.token, guildId, `cat${k}`, 'CATEGORY');
+    await denyToEveryone(owner.token, guildId, cat, 'SEND_MESSAGES');
+    await app.deps.db.execute(sql`insert into channels (id, guild_id, parent_id, type, name)
+      select gen_random_uuid(), ${raw(guildId)}::uuid, ${raw(cat)}::uuid, 'TEXT', 'c' || i from generate_series(1, 3) i`);
+    const s = await subscribe(member);
+    try {
+      await untilLive(app, [member]);
+      await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: cat }, owner.token);
+      // Its rows after the first are judged by the guild's channels loaded together.
+      const seen = await until(s, (r) => r.type === 'CHANNEL_DELETED', 'deletion');
+      assert.equal(seen.filter((r) => r.type === 'PERMISSIONS_CHANGED').length, 3);
+      held.push(heldGuildChannels(app.deps.db));
+    } finally {
+      await s.return!();
+    }
+  }
+  // The second guild's deletion changed access (the first's channels serve no one since): only
+  // its own guild's channels are held. Before: both (and every earlier test's guild).
+  assert.deepEqual(held, [1, 1]);
 });

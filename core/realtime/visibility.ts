@@ -188,14 +188,23 @@ interface GuildChannels {
   live: Map<string, ReadonlySet<string>>;
   /** the tailer's position as the load began: every row up to it was committed, and is in it */
   asOf: Position | undefined;
-  /** the access cache's generation the load began in (see shared) */
-  mark: number;
   until: number;
 }
 
 /** How long a guild's channels loaded for one viewer serve others, unless access changed since. */
 const GUILD_CHANNELS_MS = 5_000;
-const guildChannelsLoaded = new WeakMap<object, Map<string, GuildChannels>>();
+/**
+ * Per database, the guilds' channels loaded in the access cache's generation `mark` (see shared):
+ * those of an older one serve no viewer, and are let go as it ends (2,000 channels hold ~2.4 MB:
+ * kept for every guild a burst was ever judged in, up to 1,000, they were held for good).
+ */
+const guildChannelsLoaded = new WeakMap<object, { mark: number; byGuild: Map<string, GuildChannels> }>();
+
+/** How many guilds' channels are held for this database's viewers (tests). */
+export function heldGuildChannels(db: Db): number {
+  const root = databaseOf(db);
+  return (root && guildChannelsLoaded.get(root)?.byGuild.size) || 0;
+}
 
 /**
  * The guild's channels as loaded for any viewer of this process since the access cache's last
@@ -210,8 +219,9 @@ function guildChannels(
   const root = databaseOf(db);
   const kept = root ? guildChannelsLoaded.get(root) : undefined;
   const mark = root ? accessCacheOf(root).mark() : 0;
-  const k = kept?.get(guildId);
-  if (k && k.mark === mark && Date.now() < k.until) return k;
+  if (kept && kept.mark !== mark) guildChannelsLoaded.delete(root!);
+  const k = kept?.mark === mark ? kept.byGuild.get(guildId) : undefined;
+  if (k && Date.now() < k.until) return k;
   const load = async (): Promise<GuildChannels> => {
     // Taken before the statement is sent: every row up to it is in what it reads.
     const asOf = committed();
@@ -225,17 +235,16 @@ function guildChannels(
       targeted,
       live: new Map(),
       asOf,
-      mark,
       until: Date.now() + GUILD_CHANNELS_MS,
     };
     if (root && accessCacheOf(root).mark() === mark) {
       let m = guildChannelsLoaded.get(root);
-      if (!m) {
-        m = new Map();
+      if (m?.mark !== mark) {
+        m = { mark, byGuild: new Map() };
         guildChannelsLoaded.set(root, m);
       }
-      if (m.size >= 1_000) m.clear();
-      m.set(guildId, c);
+      if (m.byGuild.size >= 1_000) m.byGuild.clear();
+      m.byGuild.set(guildId, c);
     }
     return c;
   };
