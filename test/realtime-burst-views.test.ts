@@ -680,3 +680,44 @@ it("doubles for the clock and lapse factor: a category's deletion judged after t
     'each channel of the category told, the first loaded alone and the second with the others',
   );
 });
+
+it("a channel's deletion is told to the member an overwrite of its own showed the channel to, not to a member of the same roles", {
+  timeout: 120_000,
+}, async () => {
+  const [owner, one, other] = await Promise.all([1, 2, 3].map(() => signUp(app)));
+  const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  for (const u of [one, other]) await invite(app, owner.token, guildId, u.token);
+  const everyone = await everyoneRole(owner.token, guildId);
+  const ow = `mutation($c: ID!, $tt: OverwriteTargetType!, $t: ID!, $a: [Permission!]!, $d: [Permission!]!) {
+    setChannelOverwrite(input: { channelId: $c, targetType: $tt, targetId: $t, allow: $a, deny: $d }) { allow } }`;
+  const streams = await Promise.all([one, other].map((u) => subscribe(u)));
+  try {
+    await untilLive(app, [one, other]);
+    // Each shown a channel in turn: whichever of them is judged first, the other is not judged alike.
+    for (const [shown, k] of [
+      [one, 0],
+      [other, 1],
+    ] as const) {
+      const ch = (
+        await ok(
+          app,
+          `mutation($g: ID!) { createChannel(input: { guildId: $g, name: "secret", type: TEXT }) { id } }`,
+          { g: guildId },
+          owner.token,
+        )
+      ).createChannel.id as string;
+      await ok(app, ow, { c: ch, tt: 'ROLE', t: everyone, a: [], d: ['VIEW_CHANNEL'] }, owner.token);
+      await ok(app, ow, { c: ch, tt: 'MEMBER', t: shown.id, a: ['VIEW_CHANNEL'], d: [] }, owner.token);
+      await ok(app, `mutation($id: ID!) { deleteChannel(id: $id) }`, { id: ch }, owner.token);
+      await send(app, owner.token, channelId, `gone ${k}`);
+      const deleted = (rows: Delivered[]) =>
+        rows.filter((r) => r.type === 'CHANNEL_DELETED' && r.channelId === raw(ch)).length;
+      const a = await until(streams[k], (r) => content(r) === `gone ${k}`, 'shown gone');
+      const b = await until(streams[1 - k], (r) => content(r) === `gone ${k}`, 'hidden gone');
+      assert.equal(deleted(a), 1, 'the member its overwrite showed the channel to hears of its deletion');
+      assert.equal(deleted(b), 0, 'the member of the same roles does not');
+    }
+  } finally {
+    for (const s of streams) await s.return!();
+  }
+});
