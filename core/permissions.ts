@@ -130,30 +130,43 @@ export interface GuildPermissionInput {
   now: Date;
 }
 
-/** Guild-level permissions: owner has all; ADMINISTRATOR has all; otherwise the union of roles. */
-export function computeGuildPermissions(i: GuildPermissionInput): bigint {
-  if (!i.isMember) return 0n;
+/** A member's roles' permissions together: the owner and ADMINISTRATOR have all. */
+function rolePermissions(i: GuildPermissionInput): bigint {
   if (i.userId === i.ownerId) return ALL_PERMISSIONS;
   let p = 0n;
   for (const r of i.roles) p |= r.permissions;
-  if (has(p, Permission.ADMINISTRATOR)) return ALL_PERMISSIONS;
-  if (i.timeoutUntil && i.timeoutUntil > i.now) p &= TIMEOUT_ALLOWED;
-  return p;
+  return has(p, Permission.ADMINISTRATOR) ? ALL_PERMISSIONS : p;
+}
+
+const timedOut = (i: GuildPermissionInput) => !!i.timeoutUntil && i.timeoutUntil > i.now;
+
+/**
+ * Guild-level permissions: owner has all; ADMINISTRATOR has all; otherwise the union of roles,
+ * less what a timeout takes.
+ */
+export function computeGuildPermissions(i: GuildPermissionInput): bigint {
+  if (!i.isMember) return 0n;
+  const p = rolePermissions(i);
+  if (p === ALL_PERMISSIONS) return p;
+  return timedOut(i) ? p & TIMEOUT_ALLOWED : p;
 }
 
 /**
- * Channel permissions: guild permissions, then each level of overwrites from the outermost
- * (category) to the channel itself; at each level @everyone's overwrite, then the union of the
- * member's role overwrites, then the member's own. Without VIEW_CHANNEL nothing else applies.
+ * Channel permissions: the member's roles' permissions, then each level of overwrites from the
+ * outermost (category) to the channel itself; at each level @everyone's overwrite, then the union
+ * of the member's role overwrites, then the member's own; then what a timeout takes, as Discord
+ * does. A timeout keeps what the overwrites show (it stops sending, not reading), and a member
+ * whose roles give nothing in the guild still sees a channel an overwrite opens to it. Without
+ * VIEW_CHANNEL nothing else applies.
  */
 export function computeChannelPermissions(
   i: GuildPermissionInput,
   /** overwrite lists, outermost first */
   levels: readonly (readonly OverwriteInfo[])[],
 ): bigint {
-  let p = computeGuildPermissions(i);
-  if (p === 0n) return 0n;
-  if (i.userId === i.ownerId || has(p, Permission.ADMINISTRATOR)) return ALL_PERMISSIONS;
+  if (!i.isMember) return 0n;
+  let p = rolePermissions(i);
+  if (p === ALL_PERMISSIONS) return p;
   const everyone = i.roles.find((r) => r.isEveryone);
   const roleIds = new Set(i.roles.filter((r) => !r.isEveryone).map((r) => r.id));
   for (const level of levels) {
@@ -171,7 +184,7 @@ export function computeChannelPermissions(
     const own = level.find((o) => o.targetType === 'MEMBER' && o.targetId === i.userId);
     if (own) p = (p & ~own.deny) | own.allow;
   }
-  if (i.timeoutUntil && i.timeoutUntil > i.now) p &= TIMEOUT_ALLOWED;
+  if (timedOut(i)) p &= TIMEOUT_ALLOWED;
   if (!has(p, Permission.VIEW_CHANNEL)) return 0n;
   return p;
 }

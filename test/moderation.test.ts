@@ -417,6 +417,89 @@ describe('timeoutMember', () => {
     assert.equal((await audits(g.raw, 'MEMBER_TIMEOUT_CLEAR')).length, 2);
   });
 
+  it('keeps a member reading a channel only an overwrite shows it (its roles give no VIEW_CHANNEL in the guild), and stops its sending there', async () => {
+    const g = await makeGuild(owner);
+    const everyone = (
+      await ok(app, `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`, { g: g.id }, owner.token)
+    ).guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id;
+    // @everyone may send and react in the guild, see nothing: the channel's overwrite shows it.
+    await ok(
+      app,
+      `mutation($r: ID!) { updateRole(input: { id: $r, permissions: [SEND_MESSAGES, ADD_REACTIONS] }) { id } }`,
+      { r: everyone },
+      owner.token,
+    );
+    await ok(
+      app,
+      `mutation($c: ID!, $r: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $r,
+        allow: [VIEW_CHANNEL, READ_HISTORY], deny: [] }) { allow } }`,
+      { c: gid('Channel', g.channel), r: everyone },
+      owner.token,
+    );
+    const m = await signUp(app);
+    await join(g.raw, m);
+    await postMessage(g.channel, g.raw, owner, 'before the timeout');
+    const read = `query($c: ID!) { channel(id: $c) { id viewerPermissions messages(first: 5) { edges { node { content } } } } }`;
+    const c = gid('Channel', g.channel);
+    const free = await ok(app, read, { c }, m.token);
+    assert.deepEqual(free.channel.viewerPermissions.slice().sort(), [
+      'ADD_REACTIONS',
+      'READ_HISTORY',
+      'SEND_MESSAGES',
+      'VIEW_CHANNEL',
+    ]);
+    const until = new Date(Date.now() + 3600_000).toISOString();
+    await ok(app, TIMEOUT, { g: g.id, u: m.id, t: until }, owner.token);
+    const timedOut = await ok(app, read, { c }, m.token);
+    assert.deepEqual(timedOut.channel.viewerPermissions.slice().sort(), ['READ_HISTORY', 'VIEW_CHANNEL']);
+    assert.deepEqual(
+      timedOut.channel.messages.edges.map((e: { node: { content: string } }) => e.node.content),
+      ['before the timeout'],
+    );
+    await fails(
+      app,
+      'FORBIDDEN',
+      `mutation($c: ID!) { sendMessage(input: { channelId: $c, content: "muted?" }) { id } }`,
+      { c },
+      m.token,
+    );
+  });
+
+  it('shows a member whose roles give nothing in the guild a channel an overwrite opens to it, as Discord does', async () => {
+    const g = await makeGuild(owner);
+    const everyone = (
+      await ok(app, `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`, { g: g.id }, owner.token)
+    ).guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id;
+    await ok(
+      app,
+      `mutation($r: ID!) { updateRole(input: { id: $r, permissions: [] }) { id } }`,
+      { r: everyone },
+      owner.token,
+    );
+    await ok(
+      app,
+      `mutation($c: ID!, $r: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $r,
+        allow: [VIEW_CHANNEL, READ_HISTORY, SEND_MESSAGES], deny: [] }) { allow } }`,
+      { c: gid('Channel', g.channel), r: everyone },
+      owner.token,
+    );
+    const m = await signUp(app);
+    await join(g.raw, m);
+    const c = gid('Channel', g.channel);
+    const got = await ok(app, `query($c: ID!) { channel(id: $c) { viewerPermissions } }`, { c }, m.token);
+    assert.deepEqual(got.channel.viewerPermissions.slice().sort(), [
+      'READ_HISTORY',
+      'SEND_MESSAGES',
+      'VIEW_CHANNEL',
+    ]);
+    await ok(
+      app,
+      `mutation($c: ID!) { sendMessage(input: { channelId: $c, content: "hello" }) { id } }`,
+      { c },
+      m.token,
+    );
+  });
+
   it('refuses with the right code and writes nothing', async () => {
     const g = await makeGuild(owner);
     const [mod, admin, plain, victim, stranger] = await Promise.all([1, 2, 3, 4, 5].map(() => signUp(app)));
