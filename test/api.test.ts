@@ -12,13 +12,14 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { sql } from 'drizzle-orm';
-import { getIntrospectionQuery } from 'graphql';
+import { getIntrospectionQuery, Kind, parse, validate } from 'graphql';
 import { type App, buildApp } from '../api/app.ts';
-import { ARMOR_LIMITS } from '../api/armor.ts';
+import { ARMOR_LIMITS, subscriptionRootRule } from '../api/armor.ts';
 import { loadConfig } from '../api/config.ts';
 import { createLogger } from '../api/logger.ts';
 import { newId } from '../core/ids.ts';
 import { encodeId } from '../schema/builder.ts';
+import { buildSchema } from '../schema/index.ts';
 import { createTestApp, createTestDatabase, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { rawSocket } from './realtime-helpers.ts';
 
@@ -117,6 +118,34 @@ describe('abuse limits', () => {
       'BAD_USER_INPUT',
       /Introspection nests lists/,
     );
+  });
+
+  // The rule that refuses @skip/@include at a subscription's root looks through the fragments
+  // the root is made of. It walked each fragment once per path to it: a fragment spread twice by
+  // each one before it (a few hundred bytes, well under the token limit) was walked 2^n times,
+  // blocking the event loop of one request for 12 s at n = 22 (graphql-js's own rule: 9 ms).
+  it("looks into each fragment of a subscription's root once for @skip/@include, not once per path (2^n walks before)", () => {
+    const n = 16;
+    let text = 'subscription { ...F0 }\n';
+    for (let i = 0; i < n; i++) text += `fragment F${i} on Subscription { ...F${i + 1} ...F${i + 1} }\n`;
+    text += `fragment F${n} on Subscription { events { cursor } }`;
+    const doc = parse(text);
+    // Every look into a fragment reads its selectionSet: counted.
+    let reads = 0;
+    for (const d of doc.definitions) {
+      if (d.kind !== Kind.FRAGMENT_DEFINITION) continue;
+      const set = d.selectionSet;
+      Object.defineProperty(d, 'selectionSet', {
+        enumerable: true,
+        get() {
+          reads++;
+          return set;
+        },
+      });
+    }
+    assert.deepEqual(validate(buildSchema(), doc, [subscriptionRootRule]), []);
+    // Once by the visitor, once by graphql-js's own rule (which it calls), once by the walk.
+    assert.ok(reads <= 3 * (n + 1), `${reads} reads of ${n + 1} fragments`);
   });
 
   it('refuses batched (array) bodies', async () => {
