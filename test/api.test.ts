@@ -21,7 +21,7 @@ import { newId } from '../core/ids.ts';
 import { encodeId } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
 import { createTestApp, createTestDatabase, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { rawSocket } from './realtime-helpers.ts';
+import { guildWithChannel, invite, rawSocket, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let base: string;
@@ -431,5 +431,53 @@ describe('logs and request ids', () => {
     const err = logged.find((l) => l.msg === 'unexpected error');
     assert.ok(err, 'the error is logged');
     assert.equal(err.requestId, e.extensions.requestId);
+  });
+
+  // The log is read, and its rows executed for every subscriber, by whatever started the read: a
+  // write's request (its follow-up read, or a statement grouping several users' sends), so an
+  // event's failure was logged under the id of another user's request (its client may choose it:
+  // x-request-id), which a socket's mutation now has too. It is logged under the id of the socket
+  // operation that executed it.
+  it("an event's execution for a socket subscriber is logged under that operation's request id, not the id of the request that wrote the event (another user's)", async () => {
+    const [writer, reader] = [await signUp(a), await signUp(a)];
+    const { guildId, channelId } = await guildWithChannel(a, writer.token);
+    await invite(a, writer.token, guildId, reader.token);
+    const s = rawSocket(url.replace('http:', 'ws:'));
+    await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${reader.token}` } });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
+    const query = 'subscription { events { ... on MessageCreated { message { id reactions { emoji } } } } }';
+    await s.send({ id: 'e', type: 'subscribe', payload: { query } });
+    await untilLive(a, [reader]);
+    // The message is written; its event's execution (the reactions it reads) fails.
+    await a.deps.db.execute(sql`alter table reactions rename to reactions_away`);
+    logged = [];
+    try {
+      const res = await fetch(url, {
+        method: 'POST',
+        headers: {
+          'content-type': 'application/json',
+          authorization: `Bearer ${writer.token}`,
+          'x-request-id': 'the-writers-request',
+        },
+        body: JSON.stringify({
+          query: 'mutation($i: SendMessageInput!) { sendMessage(input: $i) { id } }',
+          variables: { i: { channelId, content: 'hello' } },
+        }),
+      });
+      assert.equal(res.status, 200);
+      // Held back: the subscriber is cut off to resume from before it.
+      assert.equal(await s.closedWith(), 1013);
+    } finally {
+      await a.deps.db.execute(sql`alter table reactions_away rename to reactions`);
+      s.ws.close();
+    }
+    const lines = logged.filter(
+      (l) => l.msg === 'unexpected error' || String(l.msg).startsWith('event execution failed'),
+    );
+    assert.equal(lines.length, 2, JSON.stringify(logged));
+    for (const l of lines) {
+      assert.notEqual(l.requestId, 'the-writers-request', l.msg);
+      assert.match(String(l.requestId), /^[0-9a-f-]{36}$/, l.msg);
+    }
   });
 });

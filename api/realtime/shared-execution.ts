@@ -9,6 +9,7 @@
  * own id prefix plus those bytes, written synchronously when the result is ready: one callback
  * per shared execution, not one promise chain per subscriber.
  */
+import { AsyncResource } from 'node:async_hooks';
 import {
   type ASTNode,
   createSourceEventStream,
@@ -252,6 +253,12 @@ class Delivery implements Sink {
   private closed = false;
   /** the replay waits for the socket to drain (a listener is set) */
   private draining = false;
+  /**
+   * The async context of the subscriber's operation (its request store: made in it): the
+   * executions it runs, shared or not, log under its request id, not under that of whatever
+   * read the row (the hub's reads run in a context of their own).
+   */
+  private readonly scope = new AsyncResource('BanterDelivery');
 
   constructor(
     private args: ExecutionArgs,
@@ -311,7 +318,7 @@ class Delivery implements Sink {
     }
     let work = byKey.get(this.key);
     if (!work) {
-      work = new Work(this, this.args, row, this.hooks);
+      work = this.execute(row);
       byKey.set(this.key, work);
     }
     if (!this.queue.length && work.done && this.mayUse(work)) {
@@ -322,6 +329,11 @@ class Delivery implements Sink {
     }
     this.queue.push({ row, work });
     if (this.queue.length === 1) this.flush();
+  }
+
+  /** This subscriber's execution of `row`, in its operation's context. */
+  private execute(row: Delivered): Work {
+    return this.scope.runInAsyncScope(() => new Work(this, this.args, row, this.hooks));
   }
 
   /** Whether a done result serves this subscriber: its own, or one that did not depend on its viewer. */
@@ -354,7 +366,7 @@ class Delivery implements Sink {
       }
       if (!this.mayUse(item.work)) {
         // The result depended on its viewer: this subscriber runs its own.
-        item.work = new Work(this, this.args, item.row, this.hooks);
+        item.work = this.execute(item.row);
         continue;
       }
       q.shift();

@@ -12,6 +12,7 @@
  * A subscriber without `after` registers at P, then takes a database snapshot: live rows of
  * transactions finished in that snapshot are dropped, every other row is delivered.
  */
+import { AsyncResource } from 'node:async_hooks';
 import { eq, sql } from 'drizzle-orm';
 import { type Db, databaseOf, followCommits, uuidArray } from '../db/client.ts';
 import { users } from '../db/tables.ts';
@@ -175,6 +176,19 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let obs = opts.observer ?? {};
   let maxPending = opts.maxPending ?? MAX_PENDING;
   const subs = new Set<Subscription>();
+  /**
+   * The hub's own async context, where its reads of the log and its deliveries run: they belong
+   * to no request. A read began in whatever asked for it (a write's ring or follow-up read, a
+   * typing signal) serves every row it finds, other writers' too (a statement grouping several
+   * users' sends): run there, each subscriber's execution of them was logged under that one
+   * request's id (another user's, whose client may choose it). The socket's executions run in
+   * their subscriber's operation (api/realtime/shared-execution.ts).
+   */
+  const scope = new AsyncResource('BanterHub');
+  const inHub =
+    <A extends unknown[], R>(fn: (...a: A) => R) =>
+    (...a: A): R =>
+      scope.runInAsyncScope(fn, null, ...a);
   let pos: Position | undefined;
   let ready: Promise<void> | undefined;
   let busy = false;
@@ -776,7 +790,8 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   const hub = {
     /** Loads the starting position and begins tailing. Idempotent. */
     start(): Promise<void> {
-      ready ??= (async () => {
+      // Its timers and listeners in the hub's context, whoever starts it.
+      ready ??= scope.runInAsyncScope(async () => {
         const foreign = await discardRowsFromAnotherCluster(deps.db);
         if (foreign) {
           deps.log.warn(
@@ -785,9 +800,9 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           );
         }
         pos = await headPosition(deps.db);
-        unsubs.push(deps.bus.onAnnounce(onRing));
-        if (database) unsubs.push(followCommits(database, follow));
-        unsubs.push(deps.bus.onSignal(onSignal));
+        unsubs.push(deps.bus.onAnnounce(inHub(onRing)));
+        if (database) unsubs.push(followCommits(database, inHub(follow)));
+        unsubs.push(deps.bus.onSignal(inHub(onSignal)));
         poll = setInterval(() => void tail('poll'), pollMs);
         poll.unref();
         const runPrune = () =>
@@ -797,7 +812,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
         prune = setInterval(runPrune, opts.pruneMs ?? 3_600_000);
         prune.unref();
         void runPrune();
-      })();
+      });
       return ready;
     },
 
@@ -886,7 +901,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
      * open in another database on the server (another test suite beside this one) does not hold
      * the read back.
      */
-    poke: () => tail('poll'),
+    poke: inHub(() => tail('poll')),
 
     get subscriberCount() {
       return subs.size;
