@@ -7,8 +7,7 @@
  * ran from the deletion until every member had the owner's message, the time from the deletion's
  * commit until then, and the bystander's delay (its message's commit to its delivery).
  *
- *   flock /tmp/bench.lock env BANTER_TEST_DB=postgres N=500 M=500 VISIBLE=1 \
- *     node --import tsx scripts/category-deletion-probe.ts
+ *   BANTER_TEST_DB=postgres N=500 M=500 VISIBLE=1 npm run bench:category-deletion
  *
  * VISIBLE=1: the category denies @everyone SEND_MESSAGES (members see its channels and are told
  * each); VISIBLE=0: it denies VIEW_CHANNEL (told nothing). Bounded: every wait gives up after
