@@ -5,6 +5,7 @@
 import { EnvelopArmorPlugin } from '@escape.tech/graphql-armor';
 import {
   type ASTNode,
+  type DocumentNode,
   type FragmentDefinitionNode,
   GraphQLError,
   Kind,
@@ -25,6 +26,16 @@ export const ARMOR_LIMITS = {
   maxDirectives: 30,
   /** GraphiQL's introspection query is about 190 tokens. */
   maxTokens: 3000,
+  /**
+   * Selections a document holds with every fragment spread expanded, over all its definitions
+   * (see expandedSelections). Armor's depth and cost checks walk a fragment once per path to it:
+   * fragments that each spread the next twice (a few hundred bytes, well within the token limit)
+   * make 2^n paths, seconds of the event loop at n = 20 and no end at the n the tokens allow.
+   * Over this the document is refused before any rule walks it. A query within maxCost holds at
+   * most maxCost selections (each costs 1 or more); introspection (which armor does not cost) is a
+   * few hundred.
+   */
+  maxExpandedSelections: 20_000,
   /**
    * Nested list fields inside `__schema`/`__type` (types > fields > args is 3). Armor skips
    * introspection for depth and cost, and `fields { type { fields { type ... } } }` grows the
@@ -136,6 +147,46 @@ export const subscriptionRootRule: ValidationRule = (context) => {
   };
 };
 
+/**
+ * How many selections the document's definitions hold with fragment spreads expanded, counted
+ * once per fragment (memoized), so in time linear in the document; counting stops past `cap`. A
+ * spread of a fragment being counted (a cycle, refused by NoFragmentCyclesRule) counts nothing.
+ */
+export function expandedSelections(doc: DocumentNode, cap: number): number {
+  const fragments = new Map<string, FragmentDefinitionNode>();
+  for (const d of doc.definitions) if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
+  const sizes = new Map<string, number>();
+  const counting = new Set<string>();
+  const sizeOf = (name: string): number => {
+    const known = sizes.get(name);
+    if (known !== undefined) return known;
+    const f = fragments.get(name);
+    if (!f || counting.has(name)) return 0;
+    counting.add(name);
+    const n = count(f.selectionSet);
+    counting.delete(name);
+    sizes.set(name, n);
+    return n;
+  };
+  const count = (set: SelectionSetNode): number => {
+    let n = 0;
+    for (const s of set.selections) {
+      if (s.kind === Kind.FIELD) n += 1 + (s.selectionSet ? count(s.selectionSet) : 0);
+      else if (s.kind === Kind.INLINE_FRAGMENT) n += count(s.selectionSet);
+      else n += sizeOf(s.name.value);
+      if (n > cap) return cap + 1;
+    }
+    return n;
+  };
+  let total = 0;
+  for (const d of doc.definitions) {
+    if (d.kind === Kind.OPERATION_DEFINITION) total += count(d.selectionSet);
+    else if (d.kind === Kind.FRAGMENT_DEFINITION) total += sizeOf(d.name.value);
+    if (total > cap) return cap + 1;
+  }
+  return total;
+}
+
 /** The armor plugins for yoga (and any other envelop, such as the WebSocket server's). */
 export function armorPlugins(opts: { production: boolean }): Plugin[] {
   const L = ARMOR_LIMITS;
@@ -153,6 +204,19 @@ export function armorPlugins(opts: { production: boolean }): Plugin[] {
     ],
   };
   return [
+    {
+      // First, and in place of every rule: what they walk (per path) is bounded by this count.
+      onValidate({ params, setResult }) {
+        const n = expandedSelections(params.documentAST, L.maxExpandedSelections);
+        if (n <= L.maxExpandedSelections) return;
+        setResult([
+          new GraphQLError(
+            `The document expands to more than ${L.maxExpandedSelections} selections through its fragments.`,
+            { extensions: { code: 'BAD_USER_INPUT' } },
+          ),
+        ]);
+      },
+    },
     EnvelopArmorPlugin({
       maxDepth: { n: L.maxDepth, ignoreIntrospection: true, ...report },
       costLimit: { maxCost: L.maxCost, ignoreIntrospection: true, ...report },

@@ -14,7 +14,7 @@ import { after, before, describe, it } from 'node:test';
 import { sql } from 'drizzle-orm';
 import { getIntrospectionQuery, Kind, parse, validate } from 'graphql';
 import { type App, buildApp } from '../api/app.ts';
-import { ARMOR_LIMITS, subscriptionRootRule } from '../api/armor.ts';
+import { ARMOR_LIMITS, expandedSelections, subscriptionRootRule } from '../api/armor.ts';
 import { loadConfig } from '../api/config.ts';
 import { createLogger } from '../api/logger.ts';
 import { newId } from '../core/ids.ts';
@@ -146,6 +146,53 @@ describe('abuse limits', () => {
     assert.deepEqual(validate(buildSchema(), doc, [subscriptionRootRule]), []);
     // Once by the visitor, once by graphql-js's own rule (which it calls), once by the walk.
     assert.ok(reads <= 3 * (n + 1), `${reads} reads of ${n + 1} fragments`);
+  });
+
+  // Armor's depth and cost checks (and the introspection rule) walk a fragment once per path to
+  // it: fragments that each spread the next twice make 2^n paths (n = 20: ~2.5 s of the event
+  // loop for one request, over HTTP or a socket; the token limit allows n ~ 290). The document's
+  // size with its fragments expanded is counted first, each fragment once, and refused past
+  // maxExpandedSelections before any rule walks it.
+  it('refuses at once a document whose fragments each spread the next twice (2^n paths for the depth and cost checks)', async () => {
+    const doubling = (n: number, last: string) => {
+      let text = '{ ...F0 }\n';
+      for (let i = 0; i < n; i++) text += `fragment F${i} on Query { ...F${i + 1} ...F${i + 1} }\n`;
+      return `${text}fragment F${n} on Query { ${last} }`;
+    };
+    await refused(doubling(22, 'viewer { user { id } }'), 'BAD_USER_INPUT', /expands to more than/);
+    // Within the bound, armor's checks still answer, through the fragments (cost or depth first).
+    await refused(
+      doubling(
+        4,
+        `${'viewer { user { '.repeat(ARMOR_LIMITS.maxDepth)}id${' } }'.repeat(ARMOR_LIMITS.maxDepth)}`,
+      ),
+      'BAD_USER_INPUT',
+      /depth limit|cost limit/i,
+    );
+    // The count reads each fragment once, however many paths lead to it.
+    const doc = parse(doubling(40, '__typename'));
+    let reads = 0;
+    for (const d of doc.definitions) {
+      if (d.kind !== Kind.FRAGMENT_DEFINITION) continue;
+      const set = d.selectionSet;
+      Object.defineProperty(d, 'selectionSet', {
+        enumerable: true,
+        get() {
+          reads++;
+          return set;
+        },
+      });
+    }
+    assert.equal(
+      expandedSelections(doc, ARMOR_LIMITS.maxExpandedSelections),
+      ARMOR_LIMITS.maxExpandedSelections + 1,
+    );
+    assert.ok(reads <= 41, `${reads} reads of 41 fragments`);
+    // GraphiQL's introspection query is far within it.
+    const full = parse(
+      getIntrospectionQuery({ descriptions: true, inputValueDeprecation: true, oneOf: true }),
+    );
+    assert.ok(expandedSelections(full, ARMOR_LIMITS.maxExpandedSelections) < 1_000);
   });
 
   it('refuses batched (array) bodies', async () => {
