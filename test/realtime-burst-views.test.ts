@@ -11,7 +11,14 @@ import { sql } from 'drizzle-orm';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId, encodeId } from '../schema/builder.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
-import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
+import {
+  channelAccessHelpers,
+  guildWithChannel,
+  invite,
+  rowsUntil,
+  send,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 const { everyoneRole } = channelAccessHelpers(() => app);
@@ -24,25 +31,8 @@ const raw = (id: string) => decodeAnyId(id).id;
 type Stream = AsyncIterableIterator<Delivered>;
 
 /** The stream's rows until one that `pred` holds for (that one included); throws after `ms`. */
-async function until(s: Stream, pred: (r: Delivered) => boolean, what: string, ms = 30_000) {
-  const got: Delivered[] = [];
-  const deadline = Date.now() + ms;
-  for (;;) {
-    let timer: NodeJS.Timeout | undefined;
-    const r = await Promise.race([
-      s.next(),
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(
-          () => reject(new Error(`timed out waiting for ${what}; have ${got.map((x) => x.type)}`)),
-          Math.max(0, deadline - Date.now()),
-        );
-      }),
-    ]).finally(() => clearTimeout(timer));
-    if (r.done) throw new Error(`stream ended waiting for ${what}; have ${got.map((x) => x.type)}`);
-    got.push(r.value);
-    if (pred(r.value)) return got;
-  }
-}
+const until = (s: Stream, pred: (r: Delivered) => boolean, what: string, ms = 30_000) =>
+  rowsUntil(s, pred, what, [], ms);
 
 const content = (r: Delivered) => (r.message as { content?: string } | undefined)?.content;
 const subscribe = (u: TestUser, after: string | null = null) =>

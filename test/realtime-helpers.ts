@@ -4,6 +4,7 @@ import { sql } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
 import WebSocket from 'ws';
 import type { App } from '../api/app.ts';
+import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { ok } from './helpers.ts';
 
@@ -537,5 +538,36 @@ export async function errorsLogged<T>(app: App, during: () => Promise<T>) {
     return { result: await during(), logged };
   } finally {
     app.log.error = error;
+  }
+}
+
+/**
+ * A hub stream's rows (app.deps.realtime.subscribe) until one that `pred` holds for, that one
+ * included, appended to `got` (returned; a row already there that `pred` holds for ends it at
+ * once); throws after `ms`.
+ */
+export async function rowsUntil(
+  s: AsyncIterator<Delivered>,
+  pred: (r: Delivered) => boolean,
+  what: string,
+  got: Delivered[] = [],
+  ms = 30_000,
+): Promise<Delivered[]> {
+  const deadline = Date.now() + ms;
+  if (got.some(pred)) return got;
+  for (;;) {
+    let timer: NodeJS.Timeout | undefined;
+    const r = await Promise.race([
+      s.next(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new Error(`timed out waiting for ${what}; have ${got.map((x) => x.type)}`)),
+          Math.max(0, deadline - Date.now()),
+        );
+      }),
+    ]).finally(() => clearTimeout(timer));
+    if (r.done) throw new Error(`stream ended waiting for ${what}; have ${got.map((x) => x.type)}`);
+    got.push(r.value);
+    if (pred(r.value)) return got;
   }
 }

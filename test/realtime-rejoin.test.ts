@@ -21,7 +21,14 @@ import {
   type TestApp,
   type TestUser,
 } from './helpers.ts';
-import { channelAccessHelpers, guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
+import {
+  channelAccessHelpers,
+  guildWithChannel,
+  invite,
+  rowsUntil,
+  send,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 const { everyoneRole } = channelAccessHelpers(() => app);
@@ -33,32 +40,9 @@ after(() => app.destroy());
 const raw = (id: string) => decodeAnyId(id).id;
 type Stream = AsyncIterableIterator<Delivered>;
 
-/** The stream's rows until one that `pred` holds for (that one included); throws after `ms`. */
-async function until(
-  s: Stream,
-  got: Delivered[],
-  pred: (r: Delivered) => boolean,
-  what: string,
-  ms = 30_000,
-) {
-  const deadline = Date.now() + ms;
-  if (got.some(pred)) return got;
-  for (;;) {
-    let timer: NodeJS.Timeout | undefined;
-    const r = await Promise.race([
-      s.next(),
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(
-          () => reject(new Error(`timed out waiting for ${what}; have ${got.map((x) => x.type)}`)),
-          Math.max(0, deadline - Date.now()),
-        );
-      }),
-    ]).finally(() => clearTimeout(timer));
-    if (r.done) throw new Error(`stream ended waiting for ${what}; have ${got.map((x) => x.type)}`);
-    got.push(r.value);
-    if (pred(r.value)) return got;
-  }
-}
+/** The stream's rows until one that `pred` holds for (that one included), appended to `got`. */
+const until = (s: Stream, got: Delivered[], pred: (r: Delivered) => boolean, what: string) =>
+  rowsUntil(s, pred, what, got);
 
 const subscribe = (u: TestUser, after: string | null = null) =>
   app.deps.realtime!.subscribe({ userId: raw(u.id) }, after) as Promise<Stream>;
