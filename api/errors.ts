@@ -43,8 +43,11 @@ export function createMaskError(log: Logger, metrics: Metrics) {
         ((inner as GraphQLError | undefined)?.extensions?.code as string) ??
         'BAD_USER_INPUT';
       metrics.errors.inc({ code });
+      // source and positions too: a syntax error has no nodes, only where in the source it is.
       return new GraphQLError(gql.message, {
         nodes: gql.nodes,
+        source: gql.source,
+        positions: gql.positions,
         path: gql.path,
         extensions: { ...gql.extensions, code },
       });

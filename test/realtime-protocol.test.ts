@@ -214,6 +214,31 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
+  it('a syntax error says where it is (locations: line and column), over HTTP and over the socket, as graphql-js reports it (the mask rebuilt it from its nodes, which a syntax error has none of)', async () => {
+    const query = `subscription {\n  events { t${Date.now()} `;
+    const res = await fetch(url.replace('ws:', 'http:'), {
+      method: 'POST',
+      headers: {
+        'content-type': 'application/json',
+        accept: 'application/graphql-response+json',
+        authorization: `Bearer ${u.token}`,
+      },
+      body: JSON.stringify({ query }),
+    });
+    const overHttp = ((await res.json()) as { errors: { locations?: unknown }[] }).errors;
+    const s = open();
+    await s.init();
+    await s.send({ id: 'loc', type: 'subscribe', payload: { query } });
+    await s.until(() => s.messages.some((m) => m.id === 'loc'), 'an answer to loc');
+    const overWs = s.messages.find((m) => m.id === 'loc').payload as { locations?: unknown }[];
+    const expected = [{ line: 2, column: query.length - query.indexOf('\n') }];
+    assert.deepEqual(
+      { http: overHttp.map((e) => e.locations), ws: overWs.map((e) => e.locations) },
+      { http: [expected], ws: [expected] },
+    );
+    s.ws.close();
+  });
+
   it('a subscription whose root field is under @skip or @include is refused as invalid, over the socket as over HTTP: it was an INTERNAL_SERVER_ERROR (logged as a server error), and with a variable it closed the socket with 4500', async () => {
     const docs = [
       { query: 'subscription { events @skip(if: true) { __typename } }' },

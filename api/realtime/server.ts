@@ -119,7 +119,13 @@ function socketMask(mask: RealtimeServerOptions['mask']): RealtimeServerOptions[
     const e = mask(error, message);
     if (!(e instanceof GraphQLError) || e.extensions.http === undefined) return e;
     const { http: _, ...extensions } = e.extensions;
-    return new GraphQLError(e.message, { nodes: e.nodes, path: e.path, extensions });
+    return new GraphQLError(e.message, {
+      nodes: e.nodes,
+      source: e.source,
+      positions: e.positions,
+      path: e.path,
+      extensions,
+    });
   };
 }
 
