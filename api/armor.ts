@@ -55,12 +55,16 @@ const INTROSPECTION_LISTS = new Set([
   'directives',
 ]);
 
+/** The document's fragment definitions by name (what the walks below follow spreads into). */
+function fragmentsOf(doc: DocumentNode): Map<string, FragmentDefinitionNode> {
+  const fragments = new Map<string, FragmentDefinitionNode>();
+  for (const d of doc.definitions) if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
+  return fragments;
+}
+
 function introspectionDepthRule(max: number): ValidationRule {
   return (context) => {
-    const fragments = new Map<string, FragmentDefinitionNode>();
-    for (const d of context.getDocument().definitions) {
-      if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
-    }
+    const fragments = fragmentsOf(context.getDocument());
     // Deepest list nesting below `set`; `inside` once under __schema/__type. Fragment spreads are
     // followed but not re-entered on one path (cycles are rejected by another rule, possibly later).
     const walk = (set: SelectionSetNode, inside: boolean, seen: Set<string>): number => {
@@ -111,10 +115,7 @@ export const subscriptionRootRule: ValidationRule = (context) => {
   const single = SingleFieldSubscriptionsRule(context) as {
     OperationDefinition: (node: OperationDefinitionNode) => void;
   };
-  const fragments = new Map<string, FragmentDefinitionNode>();
-  for (const d of context.getDocument().definitions) {
-    if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
-  }
+  const fragments = fragmentsOf(context.getDocument());
   // The top level selection: fields, and the fragments (inline or spread) it is made of. Each
   // fragment is looked into once per operation (`seen` is shared by every path): a fragment seen
   // before had no such directive under it, or the walk would have stopped there. Copied per path,
@@ -153,8 +154,7 @@ export const subscriptionRootRule: ValidationRule = (context) => {
  * spread of a fragment being counted (a cycle, refused by NoFragmentCyclesRule) counts nothing.
  */
 export function expandedSelections(doc: DocumentNode, cap: number): number {
-  const fragments = new Map<string, FragmentDefinitionNode>();
-  for (const d of doc.definitions) if (d.kind === Kind.FRAGMENT_DEFINITION) fragments.set(d.name.value, d);
+  const fragments = fragmentsOf(doc);
   const sizes = new Map<string, number>();
   const counting = new Set<string>();
   const sizeOf = (name: string): number => {

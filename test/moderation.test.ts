@@ -50,6 +50,25 @@ async function giveRole(guildRaw: string, u: TestUser, position: number, perms: 
   await app.deps.db.insert(memberRoles).values({ guildId: guildRaw, userId: raw(u.id), roleId: id });
   return id;
 }
+/** @everyone given `perms` in the guild, and `allow` by an overwrite on its #general. */
+async function everyoneThroughOverwrite(g: { id: string; channel: string }, perms: string, allow: string) {
+  const everyone = (
+    await ok(app, `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`, { g: g.id }, owner.token)
+  ).guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id;
+  await ok(
+    app,
+    `mutation($r: ID!) { updateRole(input: { id: $r, permissions: [${perms}] }) { id } }`,
+    { r: everyone },
+    owner.token,
+  );
+  await ok(
+    app,
+    `mutation($c: ID!, $r: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $r,
+      allow: [${allow}], deny: [] }) { allow } }`,
+    { c: gid('Channel', g.channel), r: everyone },
+    owner.token,
+  );
+}
 /** A message written `ageMs` ago (its UUIDv7 id carries that time, as a real one would). */
 async function postMessage(channelRaw: string, guildRaw: string, u: TestUser, content: string, ageMs = 0) {
   const at = Date.now() - ageMs;
@@ -419,23 +438,8 @@ describe('timeoutMember', () => {
 
   it('keeps a member reading a channel only an overwrite shows it (its roles give no VIEW_CHANNEL in the guild), and stops its sending there', async () => {
     const g = await makeGuild(owner);
-    const everyone = (
-      await ok(app, `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`, { g: g.id }, owner.token)
-    ).guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id;
     // @everyone may send and react in the guild, see nothing: the channel's overwrite shows it.
-    await ok(
-      app,
-      `mutation($r: ID!) { updateRole(input: { id: $r, permissions: [SEND_MESSAGES, ADD_REACTIONS] }) { id } }`,
-      { r: everyone },
-      owner.token,
-    );
-    await ok(
-      app,
-      `mutation($c: ID!, $r: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $r,
-        allow: [VIEW_CHANNEL, READ_HISTORY], deny: [] }) { allow } }`,
-      { c: gid('Channel', g.channel), r: everyone },
-      owner.token,
-    );
+    await everyoneThroughOverwrite(g, 'SEND_MESSAGES, ADD_REACTIONS', 'VIEW_CHANNEL, READ_HISTORY');
     const m = await signUp(app);
     await join(g.raw, m);
     await postMessage(g.channel, g.raw, owner, 'before the timeout');
@@ -467,22 +471,7 @@ describe('timeoutMember', () => {
 
   it('shows a member whose roles give nothing in the guild a channel an overwrite opens to it, as Discord does', async () => {
     const g = await makeGuild(owner);
-    const everyone = (
-      await ok(app, `query($g: ID!) { guild(id: $g) { roles { id isEveryone } } }`, { g: g.id }, owner.token)
-    ).guild.roles.find((r: { isEveryone: boolean }) => r.isEveryone).id;
-    await ok(
-      app,
-      `mutation($r: ID!) { updateRole(input: { id: $r, permissions: [] }) { id } }`,
-      { r: everyone },
-      owner.token,
-    );
-    await ok(
-      app,
-      `mutation($c: ID!, $r: ID!) { setChannelOverwrite(input: { channelId: $c, targetType: ROLE, targetId: $r,
-        allow: [VIEW_CHANNEL, READ_HISTORY, SEND_MESSAGES], deny: [] }) { allow } }`,
-      { c: gid('Channel', g.channel), r: everyone },
-      owner.token,
-    );
+    await everyoneThroughOverwrite(g, '', 'VIEW_CHANNEL, READ_HISTORY, SEND_MESSAGES');
     const m = await signUp(app);
     await join(g.raw, m);
     const c = gid('Channel', g.channel);
