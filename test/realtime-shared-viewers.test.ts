@@ -75,6 +75,33 @@ function streamOf(u: TestUser, query: string, variables: Record<string, unknown>
 const created = (s: Collected, content: string) =>
   s.events.find((e) => e.__typename === 'MessageCreated' && e.message.content === content);
 
+it('subscribers whose variables differ only in one named $__proto__ do not share an execution: each gets the fields its own @include asked for', async () => {
+  const [a, b] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, b.token);
+  // A legal variable name; as an own key of the JSON-parsed variables (as every transport makes
+  // them) it is a variable like any other, where an assignment `vars[k] = v` sets a prototype.
+  const query = `subscription($__proto__: Boolean!) { events { __typename
+    ... on MessageCreated { message { content author { username @include(if: $__proto__) } } } } }`;
+  const sa = streamOf(a, query, JSON.parse('{"__proto__": true}'));
+  await untilLive(app, [a]);
+  const sb = streamOf(b, query, JSON.parse('{"__proto__": false}'));
+  try {
+    await untilLive(app, [b]);
+    await send(app, a.token, channelId, 'shape');
+    await sa.until(() => !!created(sa, 'shape'), 'a gets it');
+    await sb.until(() => !!created(sb, 'shape'), 'b gets it');
+    assert.deepEqual(created(sa, 'shape').message, { content: 'shape', author: { username: a.username } });
+    assert.deepEqual(
+      created(sb, 'shape').message,
+      { content: 'shape', author: {} },
+      'b asked for no username',
+    );
+  } finally {
+    await Promise.all([sa.close(), sb.close()]);
+  }
+});
+
 it('a reply to a message a member may not read: the owner sees what it replies to, the member null, subscribed with the same document', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);

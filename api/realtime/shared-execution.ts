@@ -101,8 +101,10 @@ function docInfo(args: ExecutionArgs): DocInfo {
 
 function keyOf(args: ExecutionArgs): string {
   const info = docInfo(args);
-  const vars: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(args.variableValues ?? {})) if (!info.rootOnly.has(k)) vars[k] = v;
+  // Entries, not an object built by assignment: `$__proto__` is a legal variable name, and
+  // `vars.__proto__ = v` sets a prototype that JSON.stringify leaves out, so subscribers that
+  // differed only in it (an @include on it) shared one shape.
+  const vars = Object.entries(args.variableValues ?? {}).filter(([k]) => !info.rootOnly.has(k));
   return `${info.id}|${args.operationName ?? ''}|${JSON.stringify(vars)}`;
 }
 
