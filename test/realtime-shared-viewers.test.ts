@@ -224,3 +224,39 @@ it("one event, one document, two viewers: each gets its own nonce, reactions' me
     await Promise.all([so.close(), sm.close()]);
   }
 });
+
+it('one document holding two subscriptions: subscribers naming different operations each get their own', async () => {
+  const [a, b] = await Promise.all([signUp(app), signUp(app)]);
+  const { guildId, channelId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, b.token);
+  // The same string, so the same parsed document (yoga's parse cache): the operation tells them apart.
+  const query = `subscription Contents { events { __typename ... on MessageCreated { m: message { content } } } }
+    subscription Authors { events { __typename ... on MessageCreated { m: message { content author { username } } } } }`;
+  const sub = (u: TestUser, operationName: string) => {
+    const { client } = connect(url, u.token);
+    const events: any[] = [];
+    client.subscribe(
+      { query, operationName },
+      {
+        next: (r: any) => r.data?.events?.m && events.push(r.data.events.m),
+        error: () => {},
+        complete: () => {},
+      },
+    );
+    return { events, close: () => client.dispose() as Promise<void> };
+  };
+  const sa = sub(a, 'Contents');
+  await untilLive(app, [a]);
+  const sb = sub(b, 'Authors');
+  await untilLive(app, [b]);
+  try {
+    await send(app, a.token, channelId, 'two ops');
+    const deadline = Date.now() + 10_000;
+    while ((!sa.events.length || !sb.events.length) && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(sa.events, [{ content: 'two ops' }]);
+    assert.deepEqual(sb.events, [{ content: 'two ops', author: { username: a.username } }]);
+  } finally {
+    await Promise.all([sa.close(), sb.close()]);
+  }
+});
