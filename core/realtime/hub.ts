@@ -309,8 +309,13 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       }
     }
     // Position and dispatch move together, synchronously: a subscriber registering at any
-    // moment sees either the old position and this batch, or the new one and not it.
-    pos = batch[batch.length - 1];
+    // moment sees either the old position and this batch, or the new one and not it. A copy, not
+    // the row: the position is kept (here, and as the floor of every subscriber registering at
+    // it), and a row keeps its shared executions (api/realtime/shared-execution.ts), each with the
+    // subscriber that ran it, whose floor was the row before, and so on: a chain through every
+    // subscriber since the process started, their sockets and viewers' access with them.
+    const last = batch[batch.length - 1];
+    pos = { xid: last.xid, seq: last.seq };
     for (const s of subs) {
       try {
         for (let i = 0; i < batch.length; i++) s.push(batch[i]);
