@@ -171,7 +171,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
     onExecute({ args }) {
       const op = args.document.definitions.find((d: { kind: string }) => d.kind === 'OperationDefinition');
       if (op && op.kind === 'OperationDefinition') {
-        metrics.operations.inc({ type: op.operation, name: op.name?.value ?? 'anonymous' });
+        metrics.operations.inc({ type: op.operation, name: metrics.operationLabel(op.name?.value) });
       }
     },
     // RATE_LIMITED errors leave their wait in the request store (api/errors.ts); HTTP says it too.

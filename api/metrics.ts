@@ -1,6 +1,16 @@
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { Database } from '../core/db/client.ts';
 
+/**
+ * Operation names counted under a label of their own; the ones past these are counted as
+ * OTHER_OPERATIONS. The name is the client's to choose, and each new one was a series the registry
+ * kept for the life of the process, and wrote on every scrape: a client that puts an id or a time
+ * in its operation names (or one that means harm) grew both without end.
+ */
+export const MAX_OPERATION_NAMES = 200;
+/** The `name` label of operations past MAX_OPERATION_NAMES (no GraphQL name has parentheses). */
+export const OTHER_OPERATIONS = '(other)';
+
 /** One registry per app instance, so tests can build several apps in one process. */
 export function createMetrics(database: Database) {
   const registry = new Registry();
@@ -42,6 +52,15 @@ export function createMetrics(database: Database) {
       this.set({ state: 'waiting' }, s.waiting);
     },
   });
-  return { registry, requests, latency, operations, errors };
+  const named = new Set<string>();
+  /** The `name` label for an operation: its name while fewer than MAX_OPERATION_NAMES have one. */
+  function operationLabel(name: string | undefined): string {
+    if (name === undefined) return 'anonymous';
+    if (named.has(name)) return name;
+    if (named.size >= MAX_OPERATION_NAMES) return OTHER_OPERATIONS;
+    named.add(name);
+    return name;
+  }
+  return { registry, requests, latency, operations, errors, operationLabel };
 }
 export type Metrics = ReturnType<typeof createMetrics>;

@@ -17,6 +17,7 @@ import { type App, buildApp } from '../api/app.ts';
 import { ARMOR_LIMITS, expandedSelections, subscriptionRootRule } from '../api/armor.ts';
 import { loadConfig } from '../api/config.ts';
 import { createLogger } from '../api/logger.ts';
+import { MAX_OPERATION_NAMES } from '../api/metrics.ts';
 import { newId } from '../core/ids.ts';
 import { encodeId } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
@@ -297,6 +298,20 @@ describe('health, readiness, metrics', () => {
     assert.match(text, /banter_graphql_operations_total\{type="query",name="anonymous"\} \d+/);
     assert.match(text, /banter_db_pool_connections\{state="total"\} \d+/);
     assert.match(text, /process_cpu_seconds_total/);
+  });
+
+  it('operation names a client makes up do not each add a series for good (at most MAX_OPERATION_NAMES)', async () => {
+    const tag = randomBytes(3).toString('hex');
+    for (let i = 0; i < MAX_OPERATION_NAMES + 50; i++) {
+      const r = await post({ query: `query Made${tag}_${i} { serverInfo { name } }` });
+      assert.equal(r.status, 200);
+    }
+    const text = await (await fetch(`${base}/metrics`)).text();
+    const series = text.split('\n').filter((l) => l.startsWith('banter_graphql_operations_total{'));
+    // Before: one series per name, 250 of them here, kept and scraped for the life of the process.
+    // Now: MAX_OPERATION_NAMES names, and (other) and anonymous for each operation type.
+    assert.ok(series.length <= MAX_OPERATION_NAMES + 6, `${series.length} operation series`);
+    assert.match(text, /banter_graphql_operations_total\{type="query",name="\(other\)"\} \d+/);
   });
 });
 
