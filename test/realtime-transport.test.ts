@@ -238,6 +238,41 @@ describe('operations over the socket', () => {
       'closes by code (1006, 1007, 1009) since the test began',
     );
   });
+
+  it('a close code the client chose (3000-4999, not one the server sends) is counted under code="other": a series of its own each was kept for good', async () => {
+    const u = await signUp(app);
+    const codes = [3000, 3999, 4001, 4998];
+    const count = async () => {
+      const m = await metricsOf(url);
+      return [
+        ...codes.map((c) => m(`banter_ws_closes_total{code="${c}"}`)),
+        m('banter_ws_closes_total{code="other"}'),
+      ];
+    };
+    const before = await count();
+    for (const code of codes) {
+      const s = rawSocket(url);
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+      s.ws.close(code);
+      await s.closedWith();
+    }
+    // The server counts a close once its socket is gone: wait for the last one (bounded).
+    let after = await count();
+    for (
+      let i = 0;
+      i < 50 && after.reduce((a, b) => a + b) - before.reduce((a, b) => a + b) < codes.length;
+      i++
+    ) {
+      await sleep(100);
+      after = await count();
+    }
+    assert.deepEqual(
+      after.map((n, i) => n - before[i]),
+      [0, 0, 0, 0, codes.length],
+      'closes since the test began: 3000, 3999, 4001, 4998 each, then other',
+    );
+  });
 });
 
 describe('a long replay to a slow reader', () => {

@@ -1,4 +1,20 @@
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import { CloseCode } from '../../core/realtime/disconnect.ts';
+import { ProtocolClose } from './protocol.ts';
+
+/** Close codes counted under a label of their own: the standard ones and those the server sends. */
+const OWN_CLOSE_CODES = new Set<number>([...Object.values(CloseCode), ...Object.values(ProtocolClose)]);
+
+/**
+ * The `code` label of a close: 0 (none given), a standard code (1000-1015), or one of the codes
+ * the server sends; any other is the client's choice (3000-4999), counted as `other`, as a series
+ * of its own each was kept, and scraped, for the life of the process.
+ */
+export function closeLabel(code: number | undefined): string {
+  if (!code) return '0';
+  if ((code >= 1000 && code <= 1015) || OWN_CLOSE_CODES.has(code)) return String(code);
+  return 'other';
+}
 
 /** Realtime metrics, on the app's registry. */
 export function createRealtimeMetrics(

@@ -19,7 +19,7 @@ import type { Context } from '../../schema/builder.ts';
 import { clientIp } from '../client-ip.ts';
 import type { Logger } from '../logger.ts';
 import { requestStore } from '../request-store.ts';
-import { createRealtimeMetrics } from './metrics.ts';
+import { closeLabel, createRealtimeMetrics } from './metrics.ts';
 import {
   type Connection,
   type OperationSink,
@@ -376,7 +376,7 @@ export function attachRealtime(options: RealtimeServerOptions) {
       return requestStore.run({ requestId }, () => operate(conn, payload, out, requestId));
     },
     onClose(conn, code) {
-      metrics.closes.inc({ code: String(code ?? 0) });
+      metrics.closes.inc({ code: closeLabel(code) });
       forget(conn.socket);
     },
   };
