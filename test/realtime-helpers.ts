@@ -571,3 +571,104 @@ export async function rowsUntil(
     if (pred(r.value)) return got;
   }
 }
+
+/** The messages throughMarker sent and the typing throughTypingMarker started (channel + user). */
+const markerIds = new Set<string>();
+const typingMarkers = new Set<string>();
+let markersSent = 0;
+const isMarker = (e: any) =>
+  (e?.__typename === 'MessageCreated' && markerIds.has(e.message?.id)) ||
+  (e?.__typename === 'TypingStarted' && typingMarkers.has(`${e.channelId} ${e.user?.id}`));
+
+/** `events` without the markers of throughMarker and throughTypingMarker. */
+export const withoutMarkers = (events: any[]) => events.filter((e) => !isMarker(e));
+
+/** Waits (bounded) until `s` has the event `pred` holds for; returns the events before it, markers left out. */
+async function eventsBefore(s: Stream | SseStream, pred: (e: any) => boolean, what: string, ms: number) {
+  const at = () => s.events.findIndex(pred);
+  if ('items' in s) await s.until(() => at() >= 0, what, ms);
+  else await s.until(() => at() >= 0, ms, what);
+  return withoutMarkers(s.events.slice(0, at()));
+}
+
+/**
+ * "Nothing more arrives", without a pause that a loaded machine outlasts: sends a marker message as
+ * `token` in `channelId`, which every one of `streams` may see, waits (bounded) until each has it,
+ * and returns, for each, the events that came before it (earlier markers left out).
+ *
+ * A stream delivers in log order, and the marker is logged in a transaction of its own after
+ * everything committed before this call, on the same path (the log, read by each instance's
+ * tailer; a replay reads it too): an event committed before the call that a stream has not
+ * delivered before the marker, it never delivers. The streams' document must select
+ * `... on MessageCreated { message { id } }`.
+ */
+export async function throughMarker(
+  app: App,
+  token: string,
+  channelId: string,
+  streams: (Stream | SseStream)[],
+  ms = 10_000,
+): Promise<any[][]> {
+  const id = await send(app, token, channelId, `marker ${++markersSent}`);
+  markerIds.add(id);
+  const out: any[][] = [];
+  for (const s of streams) out.push(await eventsBefore(s, (e) => e?.message?.id === id, 'the marker', ms));
+  return out;
+}
+
+/**
+ * throughMarker for ephemeral events (typing is not logged): `typist` starts typing in `channelId`
+ * over `app` (the instance the forbidden signal came from), and each of `streams` (subscribers that
+ * may see that channel, none of them the typist's) waits until it has that TypingStarted; returns
+ * the events before it. The pair must not have typed in the last 5 s (the throttle).
+ *
+ * What this orders: a typing signal reaches a hub at once on the in-process bus and for its own
+ * instance on Redis (a microtask), and through one publisher connection, in order, for another
+ * instance; the hub sends it once the log has been read past what committed before it came
+ * (afterLogRead), and those reads resolve their waiters in the order they came, then each
+ * subscriber checks its rows in order. So a TypingStarted signalled by the same instance before the
+ * marker reaches each subscriber before it, or not at all (dropped after a 3 s wait). Not ordered:
+ * signals of two instances against each other, and presence (batched apart).
+ */
+export async function throughTypingMarker(
+  app: App,
+  typist: { id: string; token: string },
+  channelId: string,
+  streams: (Stream | SseStream)[],
+  ms = 10_000,
+): Promise<any[][]> {
+  typingMarkers.add(`${channelId} ${typist.id}`);
+  await ok(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: channelId }, typist.token);
+  const out: any[][] = [];
+  const mine = (e: any) =>
+    e?.__typename === 'TypingStarted' && e.channelId === channelId && e.user?.id === typist.id;
+  for (const s of streams) out.push(await eventsBefore(s, mine, 'the typing marker', ms));
+  return out;
+}
+
+/**
+ * throughMarker for presence: `user` chooses `status` (one it does not show now) over `app`, and
+ * each of `streams` (which may see `user`'s presence, and whose document names PresenceChanged)
+ * waits until it has that change; returns the events before it. Presence changes a user chose
+ * over one instance are signalled in the order their mutations returned, batched in that order
+ * and each batch handed over after the one before: a change chosen on the same instance before
+ * the marker comes before it. Not ordered with it: the log, typing, and a block's OFFLINE (worked
+ * out on its own after the block's row).
+ */
+export async function throughPresenceMarker(
+  app: App,
+  user: { id: string; token: string },
+  status: string,
+  streams: Stream[],
+  ms = 10_000,
+): Promise<any[][]> {
+  await ok(app, `mutation($s: PresenceChoice!) { setPresence(status: $s) }`, { s: status }, user.token);
+  const out: any[][] = [];
+  const mine = (e: any) =>
+    e?.__typename === 'PresenceChanged' && e.user?.id === user.id && e.status === status;
+  for (const s of streams) {
+    await s.until((events) => events.some(mine), ms, 'the presence marker');
+    out.push(s.events.slice(0, s.events.findIndex(mine)));
+  }
+  return out;
+}
