@@ -24,8 +24,10 @@ import {
   send,
   sleep,
   subscribe,
+  throughMarker,
   untilLive,
   within,
+  withoutMarkers,
 } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -38,7 +40,6 @@ after(() => app.destroy());
 
 const contents = (events: any[]) =>
   events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
-const settle = () => new Promise((r) => setTimeout(r, 700));
 
 it('delivers only what each user may see now, live and in replay; a join starts delivery', async () => {
   const [owner, member, stranger, kicked, banned, denied, joiner] = await Promise.all(
@@ -47,6 +48,10 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   const { guildId, channelId: general } = await guildWithChannel(app, owner.token);
   const secret = await createChannel(owner.token, guildId, 'secret');
   for (const u of [member, kicked, banned, denied]) await invite(app, owner.token, guildId, u.token);
+  // Each user's own guild, for the markers that end the negative checks (see throughMarker).
+  const own: Record<string, string> = {};
+  for (const [name, u] of Object.entries({ member, stranger, kicked, banned, denied, joiner }))
+    own[name] = (await guildWithChannel(app, u.token)).channelId;
   const c0Msg = await send(app, owner.token, general, 'before');
   assert.ok(c0Msg);
 
@@ -98,7 +103,9 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   await os.until((e) => contents(e).includes('m3'));
   for (const name of ['member', 'denied', 'joiner'])
     await streams[name].until((e) => contents(e).includes('m3'), 10_000, `m3 live: ${name}`);
-  await settle();
+  const live: Record<string, any[]> = {};
+  for (const [name, u] of Object.entries(users))
+    [live[name]] = await throughMarker(app, u.token, own[name], [streams[name]]);
 
   const expected: Record<string, string[]> = {
     member: ['m1', 'm2', 's1', 'm3'],
@@ -110,7 +117,7 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   };
   // Visibility is decided at delivery: rows the tailer hands out after the join commits may
   // reach the joiner, which may read that history anyway. The join must not need a reconnect.
-  const j = contents(streams.joiner.events);
+  const j = contents(live.joiner);
   assert.equal(j.at(-1), 'm3');
   assert.ok(
     j.every((c) => ['m2', 's1', 'm3'].includes(c)),
@@ -118,17 +125,17 @@ it('delivers only what each user may see now, live and in replay; a join starts 
   );
   delete expected.joiner;
   for (const [name, want] of Object.entries(expected)) {
-    assert.deepEqual(contents(streams[name].events), want, `live: ${name}`);
+    assert.deepEqual(contents(live[name]), want, `live: ${name}`);
   }
   assert.ok(
-    streams.kicked.events.some((e) => e.__typename === 'MemberKicked'),
+    live.kicked.some((e) => e.__typename === 'MemberKicked'),
     'the kicked user hears it',
   );
   assert.ok(
-    streams.banned.events.some((e) => e.__typename === 'MemberBanned'),
+    live.banned.some((e) => e.__typename === 'MemberBanned'),
     'the banned user hears it',
   );
-  assert.equal(streams.stranger.events.length, 0);
+  assert.equal(live.stranger.length, 0);
 
   // Replay from c1 (after m1): the same rules, applied now.
   const replayWant: Record<string, string[]> = {
@@ -143,11 +150,8 @@ it('delivers only what each user may see now, live and in replay; a join starts 
     const { client } = connect(url, u.token);
     clients.push(client);
     const r = subscribe(client, c1);
-    // Bounded wait for what is due (a loaded machine replays slowly), then a settle for extras.
-    const want = replayWant[name];
-    if (want.length) await r.until((e) => contents(e).length >= want.length, 10_000, `replay: ${name}`);
-    await settle();
-    assert.deepEqual(contents(r.events), want, `replay: ${name}`);
+    const [replayed] = await throughMarker(app, u.token, own[name], [r]);
+    assert.deepEqual(contents(replayed), replayWant[name], `replay: ${name}`);
     assert.ok(!r.errors.length);
   }
   for (const c of clients) await c.dispose();
@@ -156,9 +160,10 @@ it('delivers only what each user may see now, live and in replay; a join starts 
 it('GuildDeleted reaches every member subscribed at deletion, and members replaying later; nobody else', async () => {
   const [owner, quiet, away, stranger] = await Promise.all(Array.from({ length: 4 }, () => signUp(app)));
   const { guildId, channelId } = await guildWithChannel(app, owner.token);
+  const strangers = (await guildWithChannel(app, stranger.token)).channelId;
   for (const u of [quiet, away]) await invite(app, owner.token, guildId, u.token);
   const Q = `subscription($after: String) { events(after: $after) { __typename cursor
-    ... on GuildDeleted { guildId } ... on MessageCreated { message { content } } } }`;
+    ... on GuildDeleted { guildId } ... on MessageCreated { message { id content } } } }`;
   // `away` takes a cursor, then leaves before the deletion.
   const ca = connect(url, away.token);
   const sa = subscribe(ca.client, null, Q);
@@ -192,16 +197,18 @@ it('GuildDeleted reaches every member subscribed at deletion, and members replay
     ['GuildDeleted'],
   );
   const rs = subscribe(cs.client, cursor, Q);
-  await settle();
-  assert.deepEqual(ss.events, [], 'a stranger hears nothing live');
-  assert.deepEqual(rs.events, [], 'nor in replay');
+  const [live, replayed] = await throughMarker(app, stranger.token, strangers, [ss, rs]);
+  assert.deepEqual(live, [], 'a stranger hears nothing live');
+  assert.deepEqual(replayed, [], 'nor in replay');
   await Promise.all([cq.client.dispose(), cs.client.dispose(), ra.client.dispose()]);
 });
 
 it('a GUILD_DELETED written the old way (members in its payload, by an instance not yet upgraded) reaches its members live and in replay; nobody else', async () => {
   const [member, stranger] = await Promise.all([signUp(app), signUp(app)]);
-  const Q = `subscription($after: String) { events(after: $after) { __typename cursor ... on GuildDeleted { guildId } } }`;
+  const Q = `subscription($after: String) { events(after: $after) { __typename cursor ... on GuildDeleted { guildId }
+    ... on MessageCreated { message { id } } } }`;
   const { guildId, channelId } = await guildWithChannel(app, member.token);
+  const strangers = (await guildWithChannel(app, stranger.token)).channelId;
   const cm = connect(url, member.token);
   const cs = connect(url, stranger.token);
   const sm = subscribe(cm.client, null, Q);
@@ -226,9 +233,9 @@ it('a GUILD_DELETED written the old way (members in its payload, by an instance 
     'old-format GuildDeleted replayed',
   );
   const strangerReplay = subscribe(cs.client, cursor, Q);
-  await settle();
-  assert.deepEqual(ss.events, []);
-  assert.deepEqual(strangerReplay.events, []);
+  const [live, replayed] = await throughMarker(app, stranger.token, strangers, [ss, strangerReplay]);
+  assert.deepEqual(live, []);
+  assert.deepEqual(replayed, []);
   await Promise.all([cm.client.dispose(), cs.client.dispose()]);
 });
 
@@ -278,6 +285,7 @@ it('an ownership transfer moves a channel hidden from @everyone from the old own
 it('a member who may view a channel but not read its history gets its deletes and renames in a replay, not its history', async () => {
   const [o, v] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  const own = (await guildWithChannel(app, v.token)).channelId;
   await invite(app, o.token, guildId, v.token);
   await overwrite(o.token, {
     channelId: general,
@@ -315,10 +323,8 @@ it('a member who may view a channel but not read its history gets its deletes an
   await ls.until((e) => e.some((x) => x.__typename === 'ChannelUpdated'));
   const rc = connect(url, v.token);
   const rs = subscribe(rc.client, cursor, ACCESS_Q);
-  await rs.until((e) => e.some((x) => x.__typename === 'ChannelUpdated'), 5000, 'the rename replayed');
-  await settle();
-  const live = ls.events.map((e) => e.__typename);
-  const replayed = rs.events;
+  const [, replayed] = await throughMarker(app, v.token, own, [ls, rs]);
+  const live = withoutMarkers(ls.events).map((e) => e.__typename);
   await Promise.all([lc.client.dispose(), rc.client.dispose()]);
   assert.deepEqual(live.slice(-5), [
     'MessageCreated',
@@ -694,6 +700,7 @@ it('a category whose overwrites its channels cannot take exactly (they have thei
 it('a CHANNEL_DELETED written the old way (no overwrites in its payload, by an instance not yet upgraded) reaches every member, live and in replay', async () => {
   const [o, member, stranger] = await Promise.all(Array.from({ length: 3 }, () => signUp(app)));
   const { guildId, channelId: general } = await guildWithChannel(app, o.token);
+  const strangers = (await guildWithChannel(app, stranger.token)).channelId;
   await invite(app, o.token, guildId, member.token);
   const secret = await createChannel(o.token, guildId, 'secret');
   await hideFromEveryone(o.token, guildId, secret);
@@ -714,8 +721,8 @@ it('a CHANNEL_DELETED written the old way (no overwrites in its payload, by an i
   const mr = subscribe(mc.client, cursor, DELETED_Q);
   await mr.until((e) => deleted(e).includes(secret), 5000, 'old-format ChannelDeleted replayed');
   const sr = subscribe(sc.client, cursor, DELETED_Q);
-  await settle();
-  const got = { stranger: ss.events, strangerReplay: sr.events };
+  const [live, replayed] = await throughMarker(app, stranger.token, strangers, [ss, sr]);
+  const got = { stranger: live, strangerReplay: replayed };
   await Promise.all([mc.client.dispose(), sc.client.dispose()]);
   assert.deepEqual(got, { stranger: [], strangerReplay: [] });
 });

@@ -18,6 +18,7 @@ import {
   type SseStream,
   send,
   sseStream,
+  throughMarker,
   untilLive,
   whileReactionFails,
 } from './realtime-helpers.ts';
@@ -81,15 +82,15 @@ it('over SSE, events arrive in order with their cursors, none repeated; a resume
   await send(app, u.token, channelId, 'd');
   await r.until((x) => contents(x.events).includes('d'), 'd after the replay');
   await s.until((x) => contents(x.events).includes('d'), 'd live');
-  // Anything repeated would have arrived by now.
-  await new Promise((res) => setTimeout(res, 300));
-  assert.deepEqual(contents(r.events), ['b', 'c', 'd']);
+  // Anything repeated comes before a marker sent after it all.
+  const [replayed, live] = await throughMarker(app, u.token, channelId, [r, s]);
+  assert.deepEqual(contents(replayed), ['b', 'c', 'd']);
   assert.deepEqual(
     r.events.slice(0, 2).map((e) => e.cursor),
     [cursorOf(s, 'b'), cursorOf(s, 'c')],
     'replayed with the cursors they had live',
   );
-  assert.deepEqual(contents(s.events), ['a', 'b', 'c', 'd']);
+  assert.deepEqual(contents(live), ['a', 'b', 'c', 'd']);
   assert.deepEqual(s.errors, []);
   assert.deepEqual(r.errors, []);
   assert.equal(s.ended, false, 'a healthy stream goes on');

@@ -12,9 +12,11 @@ import {
   guildWithChannel,
   invite,
   send,
-  sleep,
   subscribe,
+  throughMarker,
+  throughTypingMarker,
   untilLive,
+  withoutMarkers,
 } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -45,7 +47,6 @@ const Q = `subscription($after: String) { events(after: $after) { __typename cur
   ... on RoleUpdated { roleId }
 } }`;
 
-const settle = () => sleep(700);
 const contents = (events: any[]) =>
   events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
 
@@ -94,6 +95,9 @@ async function sendReply(token: string, channelId: string, content: string, repl
 
 it('DMs and group DMs: messages, reactions and the opening go to their recipients only, live and in replay', async () => {
   const [a, b, c, stranger] = await Promise.all([signUp(app), signUp(app), signUp(app), signUp(app)]);
+  // Each user's own guild, for the markers that end the negative checks (see throughMarker).
+  const own = new Map<TestUser, string>();
+  for (const u of [a, b, c, stranger]) own.set(u, (await guildWithChannel(app, u.token)).channelId);
   const sa = streamOf(a);
   const sb = streamOf(b);
   const sc = streamOf(c);
@@ -106,26 +110,35 @@ it('DMs and group DMs: messages, reactions and the opening go to their recipient
     await send(app, b.token, group, 'group-1');
     const m = await send(app, a.token, dm, 'dm-2');
     await ok(app, `mutation($m: ID!) { addReaction(messageId: $m, emoji: "👍") { id } }`, { m }, b.token);
-    await sb.until((e) => e.some((x) => x.__typename === 'ReactionAdded'));
-    await sc.until((e) => contents(e).includes('group-1'));
-    await settle();
-    const opened = (s: { events: any[] }) =>
-      s.events.filter((x) => x.__typename === 'DirectChannelCreated').map((x) => x.channel.id);
-    assert.deepEqual(opened(sa), [dm, group]);
-    assert.deepEqual(opened(sb), [dm, group]);
-    assert.deepEqual(opened(sc), [group], 'c is told of the group only');
-    assert.deepEqual(contents(sb.events), ['dm-1', 'group-1', 'dm-2']);
-    assert.deepEqual(contents(sc.events), ['group-1'], 'c sees nothing of the 1:1 DM');
-    assert.deepEqual(ss.events, [], 'a stranger hears nothing');
+    const [[la], [lb], [lc], [ls]] = await Promise.all(
+      (
+        [
+          [a, sa],
+          [b, sb],
+          [c, sc],
+          [stranger, ss],
+        ] as const
+      ).map(([u, s]) => throughMarker(app, u.token, own.get(u)!, [s])),
+    );
+    const opened = (events: any[]) =>
+      events.filter((x) => x.__typename === 'DirectChannelCreated').map((x) => x.channel.id);
+    assert.deepEqual(opened(la), [dm, group]);
+    assert.deepEqual(opened(lb), [dm, group]);
+    assert.deepEqual(opened(lc), [group], 'c is told of the group only');
+    assert.deepEqual(contents(lb), ['dm-1', 'group-1', 'dm-2']);
+    assert.deepEqual(contents(lc), ['group-1'], 'c sees nothing of the 1:1 DM');
+    assert.deepEqual(ls, [], 'a stranger hears nothing');
     // A replay from the start of it all: the same, read from the log.
     const first = sa.events[0].cursor;
     const rc = streamOf(c, first);
     const rs = streamOf(stranger, first);
-    await rc.until((e) => contents(e).includes('group-1'));
-    await settle();
-    assert.deepEqual(contents(rc.events), ['group-1']);
-    assert.ok(!rc.events.some((x) => x.__typename === 'ReactionAdded'));
-    assert.deepEqual(rs.events, []);
+    const [[replayedC], [replayedS]] = await Promise.all([
+      throughMarker(app, c.token, own.get(c)!, [rc]),
+      throughMarker(app, stranger.token, own.get(stranger)!, [rs]),
+    ]);
+    assert.deepEqual(contents(replayedC), ['group-1']);
+    assert.ok(!replayedC.some((x) => x.__typename === 'ReactionAdded'));
+    assert.deepEqual(replayedS, []);
     await Promise.all([rc.close(), rs.close()]);
   } finally {
     await Promise.all([sa.close(), sb.close(), sc.close(), ss.close()]);
@@ -240,8 +253,9 @@ it('@everyone denied, a role allowed: the role starts and stops delivery at once
     await send(app, o.token, staff, 's0');
     // Access is judged when a row is delivered: s0 must be (to the owner, and judged for r) before
     // r gets the role, which would let it read s0 then.
+    // r has judged s0 once its marker, logged after s0, has reached it.
     await streams.o.until((e) => contents(e).includes('s0'));
-    await sleep(200);
+    await throughMarker(app, o.token, general, [streams.r]);
     await assignRole(o.token, guildId, role, r.id);
     await send(app, o.token, staff, 's1');
     // Delivery checks access when a row is delivered: s1 must reach r before the role goes.
@@ -250,7 +264,8 @@ it('@everyone denied, a role allowed: the role starts and stops delivery at once
     await send(app, o.token, staff, 's2');
     await send(app, o.token, general, 'end');
     for (const s of Object.values(streams)) await s.until((e) => contents(e).includes('end'));
-    assert.deepEqual(Object.fromEntries(Object.entries(streams).map(([k, s]) => [k, contents(s.events)])), {
+    const got = Object.entries(streams).map(([k, s]) => [k, contents(withoutMarkers(s.events))]);
+    assert.deepEqual(Object.fromEntries(got), {
       o: ['s0', 's1', 's2', 'end'],
       r: ['s1', 'end'],
       admin: ['s0', 's1', 's2', 'end'],
@@ -265,6 +280,7 @@ it('kicked, then invited again: delivery stops, then starts again on the same so
   const [o, k] = await Promise.all([signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, o.token);
   await invite(app, o.token, guildId, k.token);
+  const own = (await guildWithChannel(app, k.token)).channelId;
   const ks = streamOf(k);
   const os = streamOf(o);
   try {
@@ -280,13 +296,14 @@ it('kicked, then invited again: delivery stops, then starts again on the same so
     await send(app, o.token, channelId, 'gap');
     // Access is judged when a row is delivered: 'gap' must be delivered (to the owner, and judged
     // for k) before k is a member again, who may read it then. A log held back by a transaction
-    // of another suite on the server delivered it after the invite once.
+    // of another suite on the server delivered it after the invite once. k has judged it once its
+    // marker, logged after it, has reached it.
     await os.until((e) => contents(e).includes('gap'));
-    await sleep(200);
+    await throughMarker(app, k.token, own, [ks]);
     await invite(app, o.token, guildId, k.token);
     await send(app, o.token, channelId, 'k2');
     await ks.until((e) => contents(e).includes('k2'));
-    assert.deepEqual(contents(ks.events), ['k1', 'k2']);
+    assert.deepEqual(contents(withoutMarkers(ks.events)), ['k1', 'k2']);
   } finally {
     await Promise.all([ks.close(), os.close()]);
   }
@@ -419,8 +436,11 @@ it('an overwrite on a channel hidden from a member by its category (for @everyon
 });
 
 it('a user blocked in a 1:1 DM, who may not send there, does not show the blocker that it is typing', async () => {
-  const [blocker, blocked] = await Promise.all([signUp(app), signUp(app)]);
+  const [blocker, blocked, typist] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
   const dm = await openDm(blocker.token, [blocked.id]);
+  // A channel of the blocker's where `typist` types the marker (see throughTypingMarker).
+  const side = await guildWithChannel(app, blocker.token);
+  await invite(app, blocker.token, side.guildId, typist.token);
   await ok(app, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: blocked.id }, blocker.token);
   await fails(
     app,
@@ -434,8 +454,8 @@ it('a user blocked in a 1:1 DM, who may not send there, does not show the blocke
     await untilLive(app, [blocker]);
     // Whatever it answers (the block is not revealed), nothing reaches the blocker.
     await gql(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: dm }, { token: blocked.token });
-    await sleep(1500);
-    const typing = bs.events.filter((x) => x.__typename === 'TypingStarted');
+    const [seen] = await throughTypingMarker(app, typist, side.channelId, [bs]);
+    const typing = seen.filter((x) => x.__typename === 'TypingStarted');
     assert.deepEqual(typing, [], 'the blocker sees the blocked user typing');
   } finally {
     await bs.close();
