@@ -14,6 +14,8 @@ import {
   send,
   sseStream,
   subscribe,
+  throughMarker,
+  throughTypingMarker,
   untilLive,
 } from './realtime-helpers.ts';
 
@@ -166,9 +168,13 @@ it('closes the sockets of a session that logs out (4403)', async () => {
 });
 
 it('startTyping reaches other members only, with a null cursor, throttled, never replayed', async () => {
-  const [a, b, stranger] = await Promise.all([signUp(app), signUp(app), signUp(app)]);
+  const [a, b, stranger, typist] = await Promise.all([signUp(app), signUp(app), signUp(app), signUp(app)]);
   const { guildId, channelId } = await guildWithChannel(app, a.token);
   await invite(app, a.token, guildId, b.token);
+  // Where `typist` types the marker that ends the negative checks (see throughTypingMarker):
+  // a guild of the stranger's that b is in too.
+  const side = await guildWithChannel(app, stranger.token);
+  for (const u of [b, typist]) await invite(app, stranger.token, side.guildId, u.token);
   const cb = connect(url, b.token);
   const cs = connect(url, stranger.token);
   const sb = subscribe(cb.client);
@@ -177,13 +183,12 @@ it('startTyping reaches other members only, with a null cursor, throttled, never
   const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
   assert.equal((await ok(app, m, { c: channelId }, a.token)).startTyping, true);
   assert.equal((await ok(app, m, { c: channelId }, a.token)).startTyping, true);
-  await sb.until((e) => e.some((x) => x.__typename === 'TypingStarted'));
-  await new Promise((r) => setTimeout(r, 300));
-  const typing = sb.events.filter((x) => x.__typename === 'TypingStarted');
+  const [seen, strangerSaw] = await throughTypingMarker(app, typist, side.channelId, [sb, ss]);
+  const typing = seen.filter((x) => x.__typename === 'TypingStarted');
   assert.equal(typing.length, 1, 'throttled');
   assert.equal(typing[0].cursor, null);
   assert.equal(typing[0].user.id, a.id);
-  assert.equal(ss.events.length, 0);
+  assert.equal(strangerSaw.length, 0);
   const r = await gql(app, m, { c: channelId }, { token: stranger.token });
   assert.equal(r.errors?.[0].extensions?.code, 'NOT_FOUND');
   const r2 = await gql(app, m, { c: channelId });
@@ -192,8 +197,8 @@ it('startTyping reaches other members only, with a null cursor, throttled, never
   await send(app, a.token, channelId, 'x');
   await sb.until((e) => e.some((x) => x.__typename === 'MessageCreated'));
   const replay = subscribe(cb.client, sb.events.find((x) => x.cursor)?.cursor);
-  await new Promise((r) => setTimeout(r, 300));
-  assert.ok(replay.events.every((x) => x.__typename !== 'TypingStarted'));
+  const [replayed] = await throughMarker(app, a.token, channelId, [replay]);
+  assert.ok(replayed.every((x) => x.__typename !== 'TypingStarted'));
   await cb.client.dispose();
   await cs.client.dispose();
 });
