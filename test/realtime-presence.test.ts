@@ -14,7 +14,15 @@ import {
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { decodeId } from '../schema/builder.ts';
 import { createTestApp, ok, onPostgres, signUp, TEST_REDIS_URL, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, subscribe, tcpProxy, untilLive } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  invite,
+  subscribe,
+  tcpProxy,
+  throughPresenceMarker,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -82,13 +90,12 @@ it('presence respects blocks: a blocker turns OFFLINE to the blocked user, who h
   await sv.until((e) => statuses(e, a.id).includes('ONLINE'), 5000, 'A online before the block');
   await ok(app, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: blocked.id }, a.token);
   await sv.until((e) => statuses(e, a.id).at(-1) === 'OFFLINE', 5000, 'A offline to the blocked user');
-  await new Promise((r) => setTimeout(r, 300));
-  const heard = statuses(sv.events, a.id).length;
 
   await ok(app, `mutation { setPresence(status: DND) }`, {}, a.token);
   await sf.until((e) => statuses(e, a.id).at(-1) === 'DND', 5000, 'friend sees DND');
-  await new Promise((r) => setTimeout(r, 500));
-  assert.equal(statuses(sv.events, a.id).length, heard, 'no PresenceChanged to the blocked user');
+  // The marker: the friend's own change, chosen on the same instance after a's DND.
+  const [heard] = await throughPresenceMarker(app, friend, 'IDLE', [sv]);
+  assert.deepEqual(statuses(heard, a.id), ['ONLINE', 'OFFLINE'], 'no PresenceChanged to the blocked user');
 
   const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
   assert.equal((await ok(app, q, { id: a.id }, friend.token)).user.presence.status, 'DND');
@@ -221,16 +228,24 @@ it('a status chosen on one instance while a socket connects on another is not ov
   const uid = decodeId(user.id, 'User');
   const dbB = await createDatabase({ url: app.config.databaseUrl, dataDir: '' });
   const redisB = new Redis(TEST_REDIS_URL);
-  const hubB = createHub(
-    { ...app.deps, db: dbB.db },
-    { presence: createRedisPresence(redisB, app.config.redisPrefix) },
-  );
+  const storeB = createRedisPresence(redisB, app.config.redisPrefix);
+  // B's write of the entries (with the choice it read) is where it stands once it has read it.
+  const touch = storeB.touch.bind(storeB);
+  let writing!: () => void;
+  const written = new Promise<void>((r) => {
+    writing = r;
+  });
+  storeB.touch = (...args) => {
+    writing();
+    return touch(...args);
+  };
+  const hubB = createHub({ ...app.deps, db: dbB.db }, { presence: storeB });
   try {
     // B's Redis connection is busy for 1 s (a blocking pop), as a loaded instance's is: what B
     // sends meanwhile reaches Redis after it.
     const busy = redisB.blpop(`${app.config.redisPrefix}nothing`, 1);
     const entering = hubB.presence.connected(uid);
-    await new Promise((r) => setTimeout(r, 300)); // B has read the choice; its write waits
+    await written; // B has read the choice; its write waits
     await ok(app, 'mutation { setPresence(status: INVISIBLE) }', {}, user.token);
     await busy;
     const conn = await entering;

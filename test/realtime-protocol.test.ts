@@ -100,12 +100,24 @@ describe('graphql-transport-ws', () => {
     const frame = s.messages.find((m) => m.type === 'next');
     assert.equal(frame.id, 'ev "quoted" id');
     await s.send({ id: 'ev "quoted" id', type: 'complete' });
-    await new Promise((r) => setTimeout(r, 200));
+    const hub = app.deps.realtime!;
+    for (let i = 0; i < 250 && hub.subscriberCount > 0; i++) await sleep(20);
+    assert.equal(hub.subscriberCount, 0);
     const before = s.messages.length;
     await send(app, u.token, channelId, 'second');
-    await new Promise((r) => setTimeout(r, 800));
-    assert.equal(s.messages.length, before, 'nothing after the client completed the operation');
-    assert.equal(app.deps.realtime!.subscriberCount, 0);
+    // The marker: another operation on the same socket, live after 'second' committed, gets a
+    // message sent after it. What the completed one would have got of 'second' was handed over
+    // before 'third' was written (the hub hands each row to every subscriber at once, in log order).
+    const query = 'subscription { events { ... on MessageCreated { message { content } } } }';
+    await s.send({ id: 'marker', type: 'subscribe', payload: { query } });
+    await untilLive(app, [u], 1);
+    await send(app, u.token, channelId, 'third');
+    await s.untilMessage('third');
+    assert.deepEqual(
+      s.messages.slice(before).filter((m) => m.id !== 'marker'),
+      [],
+      'nothing after the client completed the operation',
+    );
     s.ws.close();
   });
 
@@ -349,12 +361,13 @@ describe('graphql-transport-ws', () => {
     const created = () =>
       s.messages.filter((m) => m.type === 'next' && m.payload?.data?.events?.__typename === 'MessageCreated');
     await s.until(() => created().length > 0, 'MessageCreated');
-    await new Promise((r) => setTimeout(r, 300));
-    assert.equal(created().length, 1);
-    assert.ok(
-      'cursor' in created()[0].payload.data.events,
-      `served by the completed operation: ${JSON.stringify(created())}`,
-    );
+    // The marker: a second message, which the new operation gets. The completed one's frame for
+    // 'hello' was handed over with the new one's, before 'bye' was written.
+    const byNew = () => created().filter((m) => 'cursor' in m.payload.data.events);
+    await send(app, u.token, channelId, 'bye');
+    await s.until(() => byNew().length > 1, 'the marker');
+    assert.deepEqual(created(), byNew(), `served by the completed operation: ${JSON.stringify(created())}`);
+    assert.equal(created().length, 2);
     s.ws.close();
   });
 
@@ -390,6 +403,7 @@ describe('graphql-transport-ws', () => {
       JSON.stringify({ id: 'r', type: 'subscribe', payload: { query: '{ viewer { user { id } } }' } }),
     );
     await s.until(() => s.messages.some((m) => m.id === 'r' && m.type === 'complete'), 'r complete');
+    // A pause: queries run side by side, so r's answer does not mark q's (which may take longer).
     await new Promise((r) => setTimeout(r, 200));
     assert.deepEqual(
       s.messages.filter((m) => m.id === 'q'),

@@ -294,8 +294,8 @@ describe('a long replay to a slow reader', () => {
     await app.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload)
       select 'MESSAGE_CREATED', m.guild_id, m.channel_id, jsonb_build_object('messageId', m.id::text)
       from messages m, generate_series(1, 3000) where m.id = ${decodeAnyId(longId).id}::uuid`);
+    // Read by the tailer once this resolves (no pause needed: nothing else is waited for).
     await app.deps.realtime!.poke();
-    await sleep(200);
 
     // The reader is another process (here the server's own event loop would hold its reads
     // back): a client on a slow link, which reads nothing for 4 s, then everything.
