@@ -690,16 +690,29 @@ const FORMER_MEMBERS_MARGIN_MS = 86_400_000;
  * transaction, each moving the watermark past its own, so that a long backlog (a first prune, a
  * retention shortened) is no single statement running past the database's statement timeout,
  * and no result of millions of rows. Returns how many were deleted.
+ *
+ * Age is by the database's clock, which dated the rows (created_at): an app whose clock ran days
+ * ahead took rows the tailers had not read yet, and every cursor with them. `now` (tests) stands
+ * in for it. Only rows below the `exact` horizon (see Horizon) go: a row committed after a
+ * transaction of this database that is still open waits for it to end before any tailer reads
+ * it, and one such transaction left open past the retention (a session idle in a transaction, a
+ * forgotten prepared one) made the prune take those rows first, and every live stream missed
+ * them once it ended. So no row is ever committed below the watermark after it moved.
  */
-export async function pruneEvents(db: Db, retentionDays: number, now = new Date()): Promise<number> {
-  const cutoff = new Date(now.getTime() - retentionDays * 86_400_000).toISOString();
+export async function pruneEvents(db: Db, retentionDays: number, now?: Date): Promise<number> {
+  const [c] = resultRows<{ cutoff: string }>(
+    await db.execute(sql`select (coalesce(${now?.toISOString() ?? null}::timestamptz, now())
+      - ${retentionDays} * interval '1 day')::text as cutoff`),
+  );
+  const cutoff = String(c.cutoff);
   let total = 0;
   for (;;) {
     const n = await db.transaction(async (tx) => {
       await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
       const deleted = resultRows<{ xid: string; seq: string }>(
         await tx.execute(sql`delete from events where seq in (
-            select seq from events where created_at < ${cutoff}::timestamptz order by created_at limit ${PRUNE_BATCH})
+            select seq from events where created_at < ${cutoff}::timestamptz and ${FINISHED.exact}
+            order by created_at limit ${PRUNE_BATCH})
           returning xid::text as xid, seq`),
       );
       if (!deleted.length) return 0;
@@ -721,13 +734,13 @@ export async function pruneEvents(db: Db, retentionDays: number, now = new Date(
   // realtime stream with it) ~0.5 s. And a day after its cutoff: the rows are dated when the
   // recording ran (recordFormerMembers), seconds before the GUILD_DELETED row; a cutoff between
   // the two took them while the row that needs them stayed, and a member's replay lost it.
-  const formerCutoff = new Date(Date.parse(cutoff) - FORMER_MEMBERS_MARGIN_MS).toISOString();
+  const formerCutoff = sql`(${cutoff}::timestamptz - ${FORMER_MEMBERS_MARGIN_MS} * interval '1 millisecond')`;
   for (;;) {
     const n = await db.transaction(async (tx) => {
       await tx.execute(sql`select pg_advisory_xact_lock(4242003)`);
       const [r] = resultRows<{ n: number }>(
         await tx.execute(sql`with d as (delete from ${formerMembers} where (guild_id, user_id) in (
-            select guild_id, user_id from ${formerMembers} where deleted_at < ${formerCutoff}::timestamptz limit ${PRUNE_BATCH})
+            select guild_id, user_id from ${formerMembers} where deleted_at < ${formerCutoff} limit ${PRUNE_BATCH})
           returning 1) select count(*)::int as n from d`),
       );
       return Number(r.n);
