@@ -8,7 +8,7 @@ import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { createDatabase, resultRows } from '../core/db/client.ts';
 import { encodeCursor, type Position } from '../core/realtime/cursor.ts';
-import { prunedThrough, pruneEvents } from '../core/realtime/log.ts';
+import { PRUNE_BATCH, prunedThrough, pruneEvents } from '../core/realtime/log.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
@@ -168,4 +168,20 @@ it('two instances prune at once: each expired row is deleted once, neither fails
   } finally {
     await other.close();
   }
+});
+
+it('a prune of several batches lets the event loop turn between them (PGlite answers in process: without a turn, a week of backlog pruned at start held every request, socket and timer of the embedded server until it ended)', async () => {
+  const db = app.deps.db;
+  await db.execute(sql`insert into events (type, payload, created_at)
+    select 'MESSAGE_UPDATED', jsonb_build_object('n', i), now() - interval '8 days'
+    from generate_series(1, ${3 * PRUNE_BATCH + 1}) i`);
+  let ended = false;
+  const pruning = pruneEvents(db, 7).then((n) => {
+    ended = true;
+    return n;
+  });
+  // A macrotask queued now runs at the prune's first turn of the event loop.
+  const endedAtFirstTurn = await new Promise<boolean>((r) => setImmediate(() => r(ended)));
+  assert.equal(await pruning, 3 * PRUNE_BATCH + 1);
+  assert.equal(endedAtFirstTurn, false, 'the prune had ended before the event loop turned once');
 });
