@@ -8,7 +8,7 @@
  * wrote, the longest wait on a lock seen in the database, and sendMessage latency percentiles
  * during the prune and after it.
  *
- *   BENCH_ROWS=2000000 node --import tsx bench/prune.ts
+ *   BENCH_ROWS=2000000 npm run bench:prune
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
