@@ -182,9 +182,17 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
     const entry = { sessionId: viewer?.sessionId ?? '', stream: undefined as unknown as Ending };
     const cursors: ItemCursors = { on: false, queue: [] };
     if (ctx.request) cursorsOf.set(ctx.request, cursors);
+    // The client gone (its connection closed: the request's signal aborts), the stream ends at
+    // once and its subscriber is let go, as a closed socket's are. Nothing else reads it: yoga
+    // notices only when it writes the next event to the dead connection, and an idle user's
+    // subscribers (a client that reconnects and reconnects, a page reloaded) stayed registered
+    // meanwhile, without bound.
+    const signal = ctx.request?.signal;
+    const gone = () => void entry.stream.return!();
     entry.stream = endingToResume(
       executeEach(args, it, hooks),
       () => {
+        signal?.removeEventListener('abort', gone);
         clearTimeout(timer);
         const mine = viewer && byUser.get(viewer.userId);
         mine?.delete(entry);
@@ -192,6 +200,11 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
       },
       cursors,
     );
+    if (signal?.aborted) {
+      gone();
+      return entry.stream;
+    }
+    signal?.addEventListener('abort', gone, { once: true });
     if (!viewer) return entry.stream;
     const mine = byUser.get(viewer.userId) ?? new Set();
     mine.add(entry);
