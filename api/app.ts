@@ -197,7 +197,21 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   // Subscriptions over SSE mask their results before yoga does (api/realtime/sse.ts): one mask for
   // both, which leaves what it masked alone.
   const maskError = maskingOnce(createMaskError(log, metrics));
-  const sse = sseSubscriptions({ mask: maskError, log, hub, db: deps.db });
+  // SSE streams count toward the socket's limits: per user (sockets and streams together; the
+  // sockets are attached at start) and new ones per address.
+  const sse = sseSubscriptions({
+    mask: maskError,
+    log,
+    hub,
+    db: deps.db,
+    limits: {
+      perUser: config.ws.socketsPerUser,
+      perIpPerMinute: config.ws.connectionsPerIpPerMinute,
+      socketsOf: (userId) => realtime?.socketsOf(userId) ?? 0,
+      rateLimiter,
+      rateLimitsEnabled: config.rateLimits,
+    },
+  });
 
   const schema = buildSchema();
   // The HTTP server's yoga checks the declared length (bodyLimit); app.fetch's keeps yoga's own
@@ -382,6 +396,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         getEnveloped: yoga.getEnveloped as never,
         trustProxyHops: config.trustProxyHops,
         alsoDelivered: sse.counts,
+        streamsOf: sse.streamsOf,
         limits: {
           socketsPerUser: config.ws.socketsPerUser,
           subscriptionsPerSocket: config.ws.operationsPerSocket,

@@ -9,7 +9,16 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, type SseStream, send, sleep, sseStream, untilLive } from './realtime-helpers.ts';
+import {
+  EVENTS,
+  guildWithChannel,
+  rawSocket,
+  type SseStream,
+  send,
+  sleep,
+  sseStream,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let httpUrl: string;
@@ -44,5 +53,131 @@ describe('a client that goes away', () => {
     const released = await until(() => hub.liveCount(id) === 0);
     assert.equal(hub.liveCount(id), 0, 'every subscriber of the closed streams released');
     assert.ok(released);
+  });
+});
+
+/** An SSE `events` request read to its end (a refused one ends at once): its status, Retry-After and items. */
+async function refusal(url: string, token: string) {
+  const res = await fetch(`${url}?${new URLSearchParams({ query: EVENTS })}`, {
+    headers: { accept: 'text/event-stream', authorization: `Bearer ${token}` },
+    signal: AbortSignal.timeout(10_000),
+  });
+  const text = await res.text();
+  const items = text
+    .split('\n\n')
+    .filter((b) => b.startsWith('event: next'))
+    .map((b) => JSON.parse(b.slice(b.indexOf('data:') + 5)));
+  return {
+    status: res.status,
+    retryAfter: res.headers.get('retry-after'),
+    items,
+    complete: text.includes('event: complete'),
+  };
+}
+
+describe('the per-user limit', () => {
+  let small: TestApp;
+  let smallHttp: string;
+  before(async () => {
+    small = await createTestApp({
+      rateLimits: false,
+      ws: {
+        socketsPerUser: 3,
+        operationsPerSocket: 4,
+        connectionsPerIpPerMinute: 1000,
+        initTimeoutMs: 2000,
+        keepAliveMs: 12_000,
+      },
+    });
+    smallHttp = `http://127.0.0.1:${await small.start(0)}/graphql`;
+  });
+  after(() => small.destroy());
+
+  it('counts SSE streams with the sockets (WS_MAX_SOCKETS_PER_USER): one past it is refused RATE_LIMITED, and a socket past it is closed with 4029', {
+    timeout: 60_000,
+  }, async () => {
+    const u = await signUp(small);
+    const id = decodeAnyId(u.id).id;
+    const hub = small.deps.realtime!;
+    const streams = [0, 1, 2].map(() => sseStream(smallHttp, u.token, { method: 'GET' }));
+    await untilLive(small, [u], 3);
+    const fourth = sseStream(smallHttp, u.token, { method: 'GET' });
+    await until(() => fourth.ended || hub.liveCount(id) > 3, 10_000);
+    assert.equal(hub.liveCount(id), 3, 'no fourth subscriber');
+    assert.deepEqual(
+      fourth.errors.map((e) => [e.extensions?.code, e.extensions?.retryAfter]),
+      [['RATE_LIMITED', 5]],
+    );
+    assert.equal(fourth.completed, true, 'one error item, then complete (an EventSource retries)');
+    const again = await refusal(smallHttp, u.token);
+    assert.equal(again.status, 200);
+    assert.equal(again.retryAfter, '5', 'the Retry-After header');
+    assert.equal(again.items.length, 1);
+    // A socket is refused as the fourth socket would be.
+    const sock = rawSocket(smallHttp.replace('http:', 'ws:'));
+    await sock.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    assert.equal(await sock.closedWith(), 4029);
+    // A stream closed gives its place back.
+    streams[0].stop();
+    assert.ok(await until(() => hub.liveCount(id) === 2), 'the closed stream let go');
+    const fifth = sseStream(smallHttp, u.token, { method: 'GET' });
+    await untilLive(small, [u], 3);
+    assert.deepEqual(fifth.errors, []);
+    for (const s of [...streams, fifth]) s.stop();
+    assert.ok(await until(() => hub.liveCount(id) === 0), 'all let go');
+    // Three sockets take every place: an SSE stream is refused.
+    const socks = [0, 1, 2].map(() => rawSocket(smallHttp.replace('http:', 'ws:')));
+    for (const s of socks) {
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    }
+    const past = await refusal(smallHttp, u.token);
+    assert.equal(past.items[0]?.errors?.[0]?.extensions?.code, 'RATE_LIMITED');
+    assert.equal(hub.liveCount(id), 0);
+    for (const s of socks) s.ws.close();
+  });
+});
+
+describe('the per-address rate', () => {
+  let limited: TestApp;
+  let limitedHttp: string;
+  before(async () => {
+    limited = await createTestApp({
+      rateLimits: true,
+      ws: {
+        socketsPerUser: 20,
+        operationsPerSocket: 50,
+        connectionsPerIpPerMinute: 3,
+        initTimeoutMs: 2000,
+        keepAliveMs: 12_000,
+      },
+    });
+    limitedHttp = `http://127.0.0.1:${await limited.start(0)}/graphql`;
+  });
+  after(() => limited.destroy());
+
+  it('counts new SSE streams with new sockets (WS_CONNECTIONS_PER_IP_PER_MINUTE): one past it is refused RATE_LIMITED, saying when to retry', {
+    timeout: 60_000,
+  }, async () => {
+    const users = [
+      await signUp(limited),
+      await signUp(limited),
+      await signUp(limited),
+      await signUp(limited),
+    ];
+    const hub = limited.deps.realtime!;
+    const streams = users.slice(0, 3).map((u) => sseStream(limitedHttp, u.token, { method: 'GET' }));
+    await untilLive(limited, users.slice(0, 3));
+    const last = users[3];
+    const id = decodeAnyId(last.id).id;
+    const fourth = sseStream(limitedHttp, last.token, { method: 'GET' });
+    await until(() => fourth.ended || hub.liveCount(id) > 0, 10_000);
+    assert.equal(hub.liveCount(id), 0, 'not subscribed');
+    assert.equal(fourth.errors[0]?.extensions?.code, 'RATE_LIMITED');
+    assert.ok(fourth.errors[0]?.extensions?.retryAfter > 0);
+    assert.match(fourth.errors[0]?.message, /Too many connections from this address/);
+    const sock = rawSocket(limitedHttp.replace('http:', 'ws:'));
+    assert.equal(await sock.closedWith(), 4029, 'and a socket, on the same count');
+    for (const s of streams) s.stop();
   });
 });

@@ -107,6 +107,8 @@ export interface RealtimeServerOptions {
   alsoDelivered?: { shared: number; own: number };
   /** TRUST_PROXY_HOPS: where a socket's address comes from (api/client-ip.ts). Default 0. */
   trustProxyHops?: number;
+  /** the user's open SSE streams (api/realtime/sse.ts): they count toward socketsPerUser */
+  streamsOf?: (userId: string) => number;
 }
 
 /**
@@ -248,7 +250,7 @@ export function attachRealtime(options: RealtimeServerOptions) {
     // timeout): its close handler has run already, so nothing may be registered for it now.
     if (conn.closed) return { code: CloseCode.GoingAway, reason: 'Socket closed' };
     const mine = byUser.get(viewer.userId) ?? new Set<WebSocket>();
-    if (mine.size >= limits.socketsPerUser) {
+    if (mine.size + (o.streamsOf?.(viewer.userId) ?? 0) >= limits.socketsPerUser) {
       return {
         code: CloseCode.TooManyConnections,
         reason: 'Too many sockets for this user',
@@ -572,6 +574,8 @@ export function attachRealtime(options: RealtimeServerOptions) {
 
   return {
     wss,
+    /** the user's open (authenticated) sockets: its SSE streams count them toward the same limit */
+    socketsOf: (userId: string) => byUser.get(userId)?.size ?? 0,
     get socketCount() {
       return wss.clients.size;
     },

@@ -25,6 +25,8 @@ import {
 import type { Plugin } from 'graphql-yoga';
 import { decodeJwt } from 'jose';
 import type { Db } from '../../core/db/client.ts';
+import { rateLimited } from '../../core/errors.ts';
+import type { RateLimiter } from '../../core/ports/rate-limit.ts';
 import { endedSessions, SESSION_CHECK_MS } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
 import { EventFailedError, SlowConsumerError } from '../../core/realtime/subscription.ts';
@@ -33,6 +35,9 @@ import type { Logger } from '../logger.ts';
 import { cursorOfResult, type EventHooks, executeEach } from './shared-execution.ts';
 
 type Mask = EventHooks['mask'];
+
+/** retryAfter (s) of a stream refused at the per-user limit, as for a socket's subscribe */
+const SLOT_RETRY_S = 5;
 
 /** The message of the last item of an SSE stream ended so that its client resumes. */
 export const RESUME_MESSAGE = new EventFailedError(null).message;
@@ -129,8 +134,27 @@ const unauthenticated = (message: string) =>
  * The yoga plugin: every subscription it serves (SSE, and app.fetch's in-process ones) runs its
  * events through executeEach. `mask` must be the mask yoga is given too, made with maskingOnce.
  */
-export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db }): {
+export function sseSubscriptions(o: {
+  mask: Mask;
+  log: Logger;
+  hub: Hub;
+  db: Db;
+  /**
+   * The socket's limits, which SSE streams count toward as sockets do: a user's open sockets and
+   * SSE streams together (`socketsOf`: its sockets), and new ones per address per minute (the
+   * same count as the socket's: `rateLimiter`, when `rateLimitsEnabled`). Unset: no limits.
+   */
+  limits?: {
+    perUser: number;
+    perIpPerMinute: number;
+    socketsOf(userId: string): number;
+    rateLimiter: RateLimiter;
+    rateLimitsEnabled: boolean;
+  };
+}): {
   plugin: Plugin;
+  /** the user's open SSE streams, and those being opened (they count toward the socket's limit) */
+  streamsOf(userId: string): number;
   /** events sent on these subscriptions, by whether the execution was shared (for the metrics) */
   counts: { shared: number; own: number };
   /** stops the periodic session check */
@@ -153,6 +177,40 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
   // Open streams by user: a session revoked or an account deactivated (told to every instance
   // over the bus, as for sockets) ends its streams.
   const byUser = new Map<string, Set<{ sessionId: string; stream: Ending }>>();
+  /** streams being set up (cursor check, snapshot, replay start), by user: counted in the limit */
+  const opening = new Map<string, number>();
+  const streamsOf = (userId: string) => (byUser.get(userId)?.size ?? 0) + (opening.get(userId) ?? 0);
+  const opened = (userId: string, n: number) => {
+    const m = (opening.get(userId) ?? 0) + n;
+    if (m) opening.set(userId, m);
+    else opening.delete(userId);
+  };
+  /**
+   * A new stream of `userId`'s from `ip`, within the socket's limits: undefined (its place taken:
+   * `opened(userId, -1)` gives it back), or the RATE_LIMITED error the request is answered with.
+   * A socket past them is closed with 4029; an SSE stream gets the error, then complete, and an
+   * EventSource reconnects (retries) after its retry time. An HTTP 429 would make it give up.
+   */
+  async function admit(userId: string, ip: string) {
+    const l = o.limits;
+    if (!l) return undefined;
+    if (streamsOf(userId) + l.socketsOf(userId) >= l.perUser)
+      return rateLimited(
+        SLOT_RETRY_S,
+        `Too many sockets and SSE streams for this user (${l.perUser}): close one, or retry in ${SLOT_RETRY_S} s.`,
+      );
+    opened(userId, 1);
+    if (!l.rateLimitsEnabled) return undefined;
+    const r = await l.rateLimiter
+      .hit(`ws:ip:${ip}`, { limit: l.perIpPerMinute, windowSeconds: 60 })
+      .catch(() => ({ ok: true, retryAfter: 0 }));
+    if (r.ok) return undefined;
+    opened(userId, -1);
+    return rateLimited(
+      r.retryAfter,
+      `Too many connections from this address: try again in ${r.retryAfter} s.`,
+    );
+  }
   const offDisconnect = o.hub.onDisconnect((d) => {
     for (const s of byUser.get(d.userId) ?? []) {
       if (!d.sessionId || s.sessionId === d.sessionId)
@@ -172,12 +230,23 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
   }, SESSION_CHECK_MS);
   sessionTimer.unref();
   const subscribeHolding = async (args: ExecutionArgs) => {
-    const source = await createSourceEventStream(args);
+    const ctx = args.contextValue as Context & { request?: Request };
+    const viewer = ctx.viewer;
+    // Counted from here (its place taken) until it is registered below or refused.
+    if (viewer) {
+      const refused = await admit(viewer.userId, ctx.ip);
+      if (refused)
+        return { errors: [o.mask(refused, 'Unexpected error.') as GraphQLError] } as ExecutionResult;
+    }
+    let source: Awaited<ReturnType<typeof createSourceEventStream>>;
+    try {
+      source = await createSourceEventStream(args);
+    } finally {
+      if (viewer && o.limits) opened(viewer.userId, -1);
+    }
     // A refused subscription (bad cursor, not signed in): its errors, as yoga would send them.
     if (!(Symbol.asyncIterator in (source as object))) return source as ExecutionResult;
     const it = (source as AsyncIterable<unknown>)[Symbol.asyncIterator]();
-    const ctx = args.contextValue as Context & { request?: Request };
-    const viewer = ctx.viewer;
     let timer: NodeJS.Timeout | undefined;
     const entry = { sessionId: viewer?.sessionId ?? '', stream: undefined as unknown as Ending };
     const cursors: ItemCursors = { on: false, queue: [] };
@@ -244,6 +313,7 @@ export function sseSubscriptions(o: { mask: Mask; log: Logger; hub: Hub; db: Db 
   };
   return {
     plugin,
+    streamsOf,
     counts: hooks.counts,
     close() {
       clearInterval(sessionTimer);
