@@ -8,10 +8,11 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, signUp, type TestApp } from './helpers.ts';
+import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import {
   EVENTS,
   guildWithChannel,
+  invite,
   rawSocket,
   type SseStream,
   send,
@@ -179,5 +180,92 @@ describe('the per-address rate', () => {
     const sock = rawSocket(limitedHttp.replace('http:', 'ws:'));
     assert.equal(await sock.closedWith(), 4029, 'and a socket, on the same count');
     for (const s of streams) s.stop();
+  });
+});
+
+describe('an EventSource that reconnects again and again', () => {
+  it('under a writer, with Last-Event-ID and its first URL (a stale `after`): every message once, in order; typing items carry no id; a resume at the head is live', {
+    timeout: 120_000,
+  }, async () => {
+    const u = await signUp(app);
+    const other = await signUp(app);
+    const { guildId, channelId } = await guildWithChannel(app, u.token);
+    await invite(app, u.token, guildId, other.token);
+    const id = decodeAnyId(u.id).id;
+    const hub = app.deps.realtime!;
+    // The URL's `after`: the cursor of a message from before, as the EventSource was first given.
+    const first = sseStream(httpUrl, u.token, { method: 'GET' });
+    await untilLive(app, [u]);
+    await send(app, u.token, channelId, 'seed');
+    await first.until((x) => contents(x.events).includes('seed'), 'seed');
+    const stale = first.events.find((e) => e.message?.content === 'seed').cursor as string;
+    first.stop();
+    const N = 60;
+    const writer = (async () => {
+      for (let i = 0; i < N; i++) {
+        await send(app, u.token, channelId, `m${i}`);
+        if (i % 20 === 10)
+          await ok(app, 'mutation($c: ID!) { startTyping(channelId: $c) }', { c: channelId }, other.token);
+      }
+    })();
+    const got: string[] = [];
+    let lastId: string | undefined;
+    for (let round = 0; round < 300 && got.length < N; round++) {
+      const s = sseStream(httpUrl, u.token, {
+        method: 'GET',
+        cursor: stale,
+        headers: lastId ? { 'last-event-id': lastId } : {},
+      });
+      // A few events (fewer in some rounds), or none: cut at any point, as a network does.
+      const want = round % 3;
+      await s.until(
+        (x) => x.items.length >= want || x.ended || got.length + contents(x.events).length >= N,
+        'items',
+        10_000,
+      );
+      s.stop();
+      await until(() => s.ended);
+      assert.deepEqual(s.errors, [], `round ${round}`);
+      s.items.forEach((item, i) => {
+        const e = item.data.events;
+        if (e.__typename === 'TypingStarted') {
+          assert.equal(
+            s.ids[i],
+            undefined,
+            'an ephemeral event has no id: the last one stays the resume point',
+          );
+        } else assert.equal(s.ids[i], e.cursor, 'each durable event carries its cursor as its id');
+        if (s.ids[i]) lastId = s.ids[i];
+      });
+      got.push(...contents(s.events));
+    }
+    await writer;
+    assert.deepEqual(
+      got,
+      Array.from({ length: N }, (_, i) => `m${i}`),
+      'every message once, in order',
+    );
+    // At the head: nothing replayed, then live.
+    const head = sseStream(httpUrl, u.token, {
+      method: 'GET',
+      cursor: stale,
+      headers: { 'last-event-id': lastId! },
+    });
+    await untilLive(app, [u]);
+    // A typing item (ephemeral: no cursor) goes out with no id, the message after it with its own.
+    const typist = await signUp(app);
+    await invite(app, u.token, guildId, typist.token);
+    await ok(app, 'mutation($c: ID!) { startTyping(channelId: $c) }', { c: channelId }, typist.token);
+    await head.until((x) => x.events.some((e) => e.__typename === 'TypingStarted'), 'typing');
+    await send(app, u.token, channelId, 'tail');
+    await head.until((x) => contents(x.events).includes('tail'), 'tail');
+    assert.deepEqual(contents(head.events), ['tail'], 'nothing replayed from the head');
+    const at = head.items.findIndex((i) => i.data?.events?.__typename === 'TypingStarted');
+    assert.equal(head.ids[at], undefined, 'no id on the typing item');
+    assert.equal(head.items[at].data.events.cursor, null);
+    const tail = head.items.findIndex((i) => i.data?.events?.message?.content === 'tail');
+    assert.equal(head.ids[tail], head.items[tail].data.events.cursor);
+    head.stop();
+    assert.ok(await until(() => hub.liveCount(id) === 0));
   });
 });
