@@ -397,6 +397,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         trustProxyHops: config.trustProxyHops,
         alsoDelivered: sse.counts,
         streamsOf: sse.streamsOf,
+        sseStreams: sse.streams,
         limits: {
           socketsPerUser: config.ws.socketsPerUser,
           subscriptionsPerSocket: config.ws.operationsPerSocket,

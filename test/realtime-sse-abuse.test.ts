@@ -13,6 +13,7 @@ import {
   EVENTS,
   guildWithChannel,
   invite,
+  metricsOf,
   rawSocket,
   type SseStream,
   send,
@@ -267,5 +268,37 @@ describe('an EventSource that reconnects again and again', () => {
     assert.equal(head.ids[tail], head.items[tail].data.events.cursor);
     head.stop();
     assert.ok(await until(() => hub.liveCount(id) === 0));
+  });
+});
+
+describe('metrics', () => {
+  it('count open SSE streams and their ends by why, as the socket gauges and closes do', {
+    timeout: 30_000,
+  }, async () => {
+    const wsUrl = httpUrl.replace('http:', 'ws:');
+    const u = await signUp(app);
+    const id = decodeAnyId(u.id).id;
+    const hub = app.deps.realtime!;
+    const read = async () => {
+      const m = await metricsOf(wsUrl);
+      return {
+        open: m('banter_sse_open_streams'),
+        closed: m('banter_sse_ends_total{reason="closed"}'),
+        unauthenticated: m('banter_sse_ends_total{reason="unauthenticated"}'),
+      };
+    };
+    const base = await read();
+    const streams = [0, 1].map(() => sseStream(httpUrl, u.token, { method: 'GET' }));
+    await untilLive(app, [u], 2);
+    assert.equal((await read()).open - base.open, 2, 'two open');
+    streams[0].stop();
+    assert.ok(await until(() => hub.liveCount(id) === 1));
+    let m = await read();
+    for (let i = 0; i < 100 && m.open - base.open !== 1; i++) m = await read();
+    assert.deepEqual([m.open - base.open, m.closed - base.closed], [1, 1], 'one closed by its client');
+    await ok(app, 'mutation { logout }', {}, u.token);
+    await streams[1].until((x) => x.ended, 'the end of the stream');
+    m = await read();
+    assert.deepEqual([m.open - base.open, m.unauthenticated - base.unauthenticated], [0, 1], 'one cut off');
   });
 });

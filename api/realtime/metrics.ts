@@ -24,8 +24,34 @@ export function createRealtimeMetrics(
     subscriptions(): number;
     /** events sent so far, by whether the execution result was shared */
     delivered(): { shared: number; own: number };
+    /** SSE streams: open now, and ended so far by why */
+    sse?: { open(): number; ends: Record<string, number> };
   },
 ) {
+  const sse = counts.sse;
+  if (sse) {
+    new Gauge({
+      name: 'banter_sse_open_streams',
+      help: 'Open events subscriptions over SSE (signed in)',
+      registers: [registry],
+      collect() {
+        this.set(sse.open());
+      },
+    });
+    const seenEnds: Record<string, number> = {};
+    new Counter({
+      name: 'banter_sse_ends_total',
+      help: 'SSE events streams ended, by why: closed (by the client, or the server stopping), unauthenticated, slow_consumer, event_failed, completed, error',
+      labelNames: ['reason'] as const,
+      registers: [registry],
+      collect() {
+        for (const [reason, n] of Object.entries(sse.ends)) {
+          this.inc({ reason }, n - (seenEnds[reason] ?? 0));
+          seenEnds[reason] = n;
+        }
+      },
+    });
+  }
   new Gauge({
     name: 'banter_ws_open_sockets',
     help: 'Open GraphQL WebSocket connections',

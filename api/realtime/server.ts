@@ -109,6 +109,8 @@ export interface RealtimeServerOptions {
   trustProxyHops?: number;
   /** the user's open SSE streams (api/realtime/sse.ts): they count toward socketsPerUser */
   streamsOf?: (userId: string) => number;
+  /** SSE streams open and ended, for the metrics (api/realtime/sse.ts) */
+  sseStreams?: { open(): number; ends: Record<string, number> };
 }
 
 /**
@@ -154,6 +156,7 @@ export function attachRealtime(options: RealtimeServerOptions) {
       const also = o.alsoDelivered;
       return also ? { shared: delivered.shared + also.shared, own: delivered.own + also.own } : delivered;
     },
+    sse: o.sseStreams,
   });
 
   o.hub.observe({

@@ -59,6 +59,12 @@ export function maskingOnce(mask: Mask): Mask {
   };
 }
 
+/**
+ * Why an SSE stream ended, for the metrics: its client closed it (or the server stopped),
+ * 'unauthenticated' (session or token ended), a slow consumer, a held-back event, the source's end.
+ */
+type EndReason = 'closed' | 'unauthenticated' | 'slow_consumer' | 'event_failed' | 'completed' | 'error';
+
 /** The results as a stream that can be cut off: `cutOff(error)` ends it with that error as its last item. */
 interface Ending extends AsyncIterableIterator<ExecutionResult> {
   cutOff(error: GraphQLError): void;
@@ -70,16 +76,16 @@ interface Ending extends AsyncIterableIterator<ExecutionResult> {
  */
 function endingToResume(
   results: AsyncIterableIterator<ExecutionResult>,
-  release: () => void,
+  release: (why: EndReason) => void,
   /** each item's cursor (undefined for none) is queued here as it is handed on, once `on` */
   cursors: ItemCursors,
 ): Ending {
   let ended = false;
   let cut: GraphQLError | undefined;
-  const finish = () => {
+  const finish = (why: EndReason) => {
     if (ended) return;
     ended = true;
-    release();
+    release(why);
   };
   return {
     async next() {
@@ -88,17 +94,23 @@ function endingToResume(
         const step = await results.next();
         // Cut off meanwhile: a result that came with it is not sent (the client resumes before it).
         if (cut) {
-          finish();
+          finish('unauthenticated');
           if (cursors.on) cursors.queue.push(undefined);
           return { done: false, value: { errors: [cut] } };
         }
-        if (step.done) finish();
+        if (step.done) finish('completed');
         else if (cursors.on) cursors.queue.push(cursorOfResult(step.value));
         return step;
       } catch (err) {
         // A held-back event, or a reader too far behind (the socket's 1013): the stream's last item
         // tells the client to resume. Anything else is yoga's to mask, log and send.
-        finish();
+        finish(
+          err instanceof EventFailedError
+            ? 'event_failed'
+            : err instanceof SlowConsumerError
+              ? 'slow_consumer'
+              : 'error',
+        );
         const message =
           err instanceof EventFailedError
             ? err.message
@@ -112,7 +124,7 @@ function endingToResume(
       }
     },
     return() {
-      finish();
+      finish('closed');
       return results.return!();
     },
     cutOff(error) {
@@ -155,6 +167,8 @@ export function sseSubscriptions(o: {
   plugin: Plugin;
   /** the user's open SSE streams, and those being opened (they count toward the socket's limit) */
   streamsOf(userId: string): number;
+  /** for the metrics: open SSE streams (signed in), and those ended so far by why */
+  streams: { open(): number; ends: Record<string, number> };
   /** events sent on these subscriptions, by whether the execution was shared (for the metrics) */
   counts: { shared: number; own: number };
   /** stops the periodic session check */
@@ -177,6 +191,8 @@ export function sseSubscriptions(o: {
   // Open streams by user: a session revoked or an account deactivated (told to every instance
   // over the bus, as for sockets) ends its streams.
   const byUser = new Map<string, Set<{ sessionId: string; stream: Ending }>>();
+  /** SSE streams ended so far, by why (the metrics) */
+  const ends: Record<string, number> = {};
   /** streams being set up (cursor check, snapshot, replay start), by user: counted in the limit */
   const opening = new Map<string, number>();
   const streamsOf = (userId: string) => (byUser.get(userId)?.size ?? 0) + (opening.get(userId) ?? 0);
@@ -260,7 +276,8 @@ export function sseSubscriptions(o: {
     const gone = () => void entry.stream.return!();
     entry.stream = endingToResume(
       executeEach(args, it, hooks),
-      () => {
+      (why) => {
+        ends[why] = (ends[why] ?? 0) + 1;
         signal?.removeEventListener('abort', gone);
         clearTimeout(timer);
         const mine = viewer && byUser.get(viewer.userId);
@@ -314,6 +331,7 @@ export function sseSubscriptions(o: {
   return {
     plugin,
     streamsOf,
+    streams: { open: () => [...byUser.values()].reduce((n, set) => n + set.size, 0), ends },
     counts: hooks.counts,
     close() {
       clearInterval(sessionTimer);
