@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { renderGraphiQL } from '@graphql-yoga/render-graphiql';
-import { GraphQLError } from 'graphql';
+import { GraphQLError, getOperationAST } from 'graphql';
 import { createYoga, type Plugin } from 'graphql-yoga';
 import { Redis } from 'ioredis';
 import { createDatabase, type Database } from '../core/db/client.ts';
@@ -169,10 +169,9 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
 
   const observe: Plugin = {
     onExecute({ args }) {
-      const op = args.document.definitions.find((d: { kind: string }) => d.kind === 'OperationDefinition');
-      if (op && op.kind === 'OperationDefinition') {
-        metrics.operations.inc({ type: op.operation, name: metrics.operationLabel(op.name?.value) });
-      }
+      // The operation that runs: the first of the document was counted, whichever was named.
+      const op = getOperationAST(args.document, args.operationName);
+      if (op) metrics.operations.inc({ type: op.operation, name: metrics.operationLabel(op.name?.value) });
     },
     // RATE_LIMITED errors leave their wait in the request store (api/errors.ts); HTTP says it too.
     onResponse({ response }) {

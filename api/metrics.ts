@@ -8,6 +8,12 @@ import type { Database } from '../core/db/client.ts';
  * in its operation names (or one that means harm) grew both without end.
  */
 export const MAX_OPERATION_NAMES = 200;
+/**
+ * Longest operation name counted under a label of its own; a longer one is counted as
+ * OTHER_OPERATIONS. A name may be as long as the request body (1 MiB by default): bounded in
+ * number only, 200 of them were up to 200 MiB kept in the registry and written on every scrape.
+ */
+export const MAX_OPERATION_NAME_LENGTH = 128;
 /** The `name` label of operations past MAX_OPERATION_NAMES (no GraphQL name has parentheses). */
 export const OTHER_OPERATIONS = '(other)';
 
@@ -53,11 +59,14 @@ export function createMetrics(database: Database) {
     },
   });
   const named = new Set<string>();
-  /** The `name` label for an operation: its name while fewer than MAX_OPERATION_NAMES have one. */
+  /**
+   * The `name` label for an operation: its name while fewer than MAX_OPERATION_NAMES have one, and
+   * not longer than MAX_OPERATION_NAME_LENGTH.
+   */
   function operationLabel(name: string | undefined): string {
     if (name === undefined) return 'anonymous';
     if (named.has(name)) return name;
-    if (named.size >= MAX_OPERATION_NAMES) return OTHER_OPERATIONS;
+    if (named.size >= MAX_OPERATION_NAMES || name.length > MAX_OPERATION_NAME_LENGTH) return OTHER_OPERATIONS;
     named.add(name);
     return name;
   }

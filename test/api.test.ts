@@ -300,6 +300,29 @@ describe('health, readiness, metrics', () => {
     assert.match(text, /process_cpu_seconds_total/);
   });
 
+  // Before the test below: it fills every name slot, and a name counted as (other) then says nothing.
+  it('a long operation name is not a label: it counts as (other), not a series the size of the name kept and scraped for good', async () => {
+    const name = `Long${randomBytes(3).toString('hex')}${'x'.repeat(100_000)}`;
+    const r = await post({ query: `query ${name} { serverInfo { name } }` });
+    assert.equal(r.status, 200);
+    const text = await (await fetch(`${base}/metrics`)).text();
+    // Before: a 100,000-character label, one of MAX_OPERATION_NAMES (about 200 x the body limit,
+    // 1 MiB, in the registry and in every scrape).
+    assert.ok(!text.includes(name.slice(0, 200)), `a ${name.length}-character label in /metrics`);
+    assert.match(text, /banter_graphql_operations_total\{type="query",name="\(other\)"\} \d+/);
+  });
+
+  it('counts the operation that ran (operationName), not the first one of the document', async () => {
+    const tag = randomBytes(3).toString('hex');
+    const q = `query First${tag} { serverInfo { name } } query Second${tag} { serverInfo { name } }`;
+    const r = await post({ query: q, operationName: `Second${tag}` });
+    assert.equal(r.status, 200);
+    const text = await (await fetch(`${base}/metrics`)).text();
+    // Before: counted as First (it never ran), Second not at all.
+    assert.match(text, new RegExp(`banter_graphql_operations_total\\{type="query",name="Second${tag}"\\} 1`));
+    assert.ok(!text.includes(`First${tag}`), 'the operation that did not run is counted');
+  });
+
   it('operation names a client makes up do not each add a series for good (at most MAX_OPERATION_NAMES)', async () => {
     const tag = randomBytes(3).toString('hex');
     for (let i = 0; i < MAX_OPERATION_NAMES + 50; i++) {
