@@ -583,9 +583,24 @@ const isMarker = (e: any) =>
 /** `events` without the markers of throughMarker and throughTypingMarker. */
 export const withoutMarkers = (events: any[]) => events.filter((e) => !isMarker(e));
 
-/** Waits (bounded) until `s` has the event `pred` holds for; returns the events before it, markers left out. */
-async function eventsBefore(s: Stream | SseStream, pred: (e: any) => boolean, what: string, ms: number) {
-  const at = () => s.events.findIndex(pred);
+/**
+ * Waits (bounded) until `s` has an event `pred` holds for at index `from` or later; returns the
+ * events before it, markers left out. `from`: how many events `s` had before the marker was caused.
+ * One like the marker that came before (the same user's same status, the same typist's typing in
+ * the channel more than the throttle ago) is not it: ended there, the check left out what came
+ * between the two, and passed whatever that was.
+ */
+async function eventsBefore(
+  s: Stream | SseStream,
+  from: number,
+  pred: (e: any) => boolean,
+  what: string,
+  ms: number,
+) {
+  const at = () => {
+    for (let i = from; i < s.events.length; i++) if (pred(s.events[i])) return i;
+    return -1;
+  };
   if ('items' in s) await s.until(() => at() >= 0, what, ms);
   else await s.until(() => at() >= 0, ms, what);
   return withoutMarkers(s.events.slice(0, at()));
@@ -609,10 +624,12 @@ export async function throughMarker(
   streams: (Stream | SseStream)[],
   ms = 10_000,
 ): Promise<any[][]> {
+  const from = streams.map((s) => s.events.length);
   const id = await send(app, token, channelId, `marker ${++markersSent}`);
   markerIds.add(id);
   const out: any[][] = [];
-  for (const s of streams) out.push(await eventsBefore(s, (e) => e?.message?.id === id, 'the marker', ms));
+  for (const [i, s] of streams.entries())
+    out.push(await eventsBefore(s, from[i], (e) => e?.message?.id === id, 'the marker', ms));
   return out;
 }
 
@@ -620,7 +637,8 @@ export async function throughMarker(
  * throughMarker for ephemeral events (typing is not logged): `typist` starts typing in `channelId`
  * over `app` (the instance the forbidden signal came from), and each of `streams` (subscribers that
  * may see that channel, none of them the typist's) waits until it has that TypingStarted; returns
- * the events before it. The pair must not have typed in the last 5 s (the throttle).
+ * the events before it. The pair must not have typed in the last 5 s (the throttle): nothing would
+ * be signalled, and this times out (an earlier typing of the pair is not taken for the marker).
  *
  * What this orders: a typing signal reaches a hub at once on the in-process bus and for its own
  * instance on Redis (a microtask), and through one publisher connection, in order, for another
@@ -638,11 +656,13 @@ export async function throughTypingMarker(
   ms = 10_000,
 ): Promise<any[][]> {
   typingMarkers.add(`${channelId} ${typist.id}`);
+  const from = streams.map((s) => s.events.length);
   await ok(app, `mutation($c: ID!) { startTyping(channelId: $c) }`, { c: channelId }, typist.token);
   const out: any[][] = [];
   const mine = (e: any) =>
     e?.__typename === 'TypingStarted' && e.channelId === channelId && e.user?.id === typist.id;
-  for (const s of streams) out.push(await eventsBefore(s, mine, 'the typing marker', ms));
+  for (const [i, s] of streams.entries())
+    out.push(await eventsBefore(s, from[i], mine, 'the typing marker', ms));
   return out;
 }
 
@@ -662,13 +682,12 @@ export async function throughPresenceMarker(
   streams: Stream[],
   ms = 10_000,
 ): Promise<any[][]> {
+  const from = streams.map((s) => s.events.length);
   await ok(app, `mutation($s: PresenceChoice!) { setPresence(status: $s) }`, { s: status }, user.token);
   const out: any[][] = [];
   const mine = (e: any) =>
     e?.__typename === 'PresenceChanged' && e.user?.id === user.id && e.status === status;
-  for (const s of streams) {
-    await s.until((events) => events.some(mine), ms, 'the presence marker');
-    out.push(s.events.slice(0, s.events.findIndex(mine)));
-  }
+  for (const [i, s] of streams.entries())
+    out.push(await eventsBefore(s, from[i], mine, 'the presence marker', ms));
   return out;
 }
