@@ -232,10 +232,12 @@ it('a status chosen on one instance while a socket connects on another is not ov
   // B's write of the entries (with the choice it read) is where it stands once it has read it.
   const touch = storeB.touch.bind(storeB);
   let writing!: () => void;
+  let wrote = false;
   const written = new Promise<void>((r) => {
     writing = r;
   });
   storeB.touch = (...args) => {
+    wrote = true;
     writing();
     return touch(...args);
   };
@@ -245,7 +247,14 @@ it('a status chosen on one instance while a socket connects on another is not ov
     // sends meanwhile reaches Redis after it.
     const busy = redisB.blpop(`${app.config.redisPrefix}nothing`, 1);
     const entering = hubB.presence.connected(uid);
-    await written; // B has read the choice; its write waits
+    // B has read the choice; its write waits. Bounded: a connected() that ends without writing
+    // (it does not throw: a failure is left to the refresh) would otherwise leave this waiting.
+    await Promise.race([
+      written,
+      entering.then(() => {
+        if (!wrote) throw new Error('B connected without writing its entries');
+      }),
+    ]);
     await ok(app, 'mutation { setPresence(status: INVISIBLE) }', {}, user.token);
     await busy;
     const conn = await entering;
