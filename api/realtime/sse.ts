@@ -312,7 +312,16 @@ export function sseSubscriptions(o: {
     onResultProcess({ request, result, resultProcessor, setResultProcessor }) {
       // A subscription's results (async iterables), going out as an event stream: for a
       // subscription, the only processor yoga has for them (whatever the Accept said, */* too).
-      if (!resultProcessor || !(Symbol.asyncIterator in (result as object))) return;
+      if (!(Symbol.asyncIterator in (result as object))) return;
+      // None (the request accepts no event stream: `Accept: application/json`): yoga answers 406
+      // and never reads or returns the subscription, and the request's signal no longer aborts
+      // once that response is written. Left so, its subscriber stayed registered and its place in
+      // the user's limit taken for the life of the process: three such requests, and the user
+      // could open no socket or stream again.
+      if (!resultProcessor) {
+        void (result as AsyncIterable<unknown>)[Symbol.asyncIterator]().return?.();
+        return;
+      }
       // The results yoga's processor is handed went through the plugins' hooks (some as new
       // objects), one for one and in order: their cursors are those endingToResume queues.
       const cursors = cursorsOf.get(request);
