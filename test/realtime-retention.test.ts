@@ -185,3 +185,34 @@ it('a prune of several batches lets the event loop turn between them (PGlite ans
   assert.equal(await pruning, 3 * PRUNE_BATCH + 1);
   assert.equal(endedAtFirstTurn, false, 'the prune had ended before the event loop turned once');
 });
+
+it("the cutoff does not move with the session's DateStyle and TimeZone (an abbreviation such as CST read back as another zone's)", async () => {
+  // One connection, so that the settings hold for every statement of the prune.
+  const own = onPostgres
+    ? await createDatabase({ url: app.config.databaseUrl, dataDir: 'memory://', poolSize: 1 })
+    : undefined;
+  const db = own?.db ?? app.deps.db;
+  // Asia/Shanghai prints its offset as 'CST', which input reads as US Central (-06, not +08).
+  await db.execute(sql`set datestyle = 'SQL, DMY'`);
+  await db.execute(sql`set timezone = 'Asia/Shanghai'`);
+  try {
+    await db.execute(sql`insert into events (type, payload, created_at) values
+      ('RETENTION_YOUNG', '{}'::jsonb, now() - interval '7 days' + interval '2 hours'),
+      ('RETENTION_OLD', '{}'::jsonb, now() - interval '8 days')`);
+    await pruneEvents(db, 7);
+    const left = resultRows<{ type: string }>(
+      await db.execute(sql`select type from events where type like 'RETENTION_%' order by type`),
+    ).map((x) => x.type);
+    assert.deepEqual(
+      left,
+      ['RETENTION_YOUNG'],
+      'a row 2 hours short of the retention is kept, an older one goes',
+    );
+  } finally {
+    if (own) await own.close();
+    else {
+      await db.execute(sql`reset datestyle`);
+      await db.execute(sql`reset timezone`);
+    }
+  }
+});

@@ -700,9 +700,12 @@ const FORMER_MEMBERS_MARGIN_MS = 86_400_000;
  * them once it ended. So no row is ever committed below the watermark after it moved.
  */
 export async function pruneEvents(db: Db, retentionDays: number, now?: Date): Promise<number> {
+  // As JSON's text, ISO 8601 with its offset whatever the session's DateStyle: ::text follows it,
+  // and with DateStyle SQL or Postgres prints a zone's abbreviation, which input may read as
+  // another zone's (Asia/Shanghai's 'CST' as US Central: a cutoff 14 h late, rows that young gone).
   const [c] = resultRows<{ cutoff: string }>(
-    await db.execute(sql`select (coalesce(${now?.toISOString() ?? null}::timestamptz, now())
-      - ${retentionDays} * interval '1 day')::text as cutoff`),
+    await db.execute(sql`select to_json(coalesce(${now?.toISOString() ?? null}::timestamptz, now())
+      - ${retentionDays} * interval '1 day') #>> '{}' as cutoff`),
   );
   const cutoff = String(c.cutoff);
   let total = 0;
