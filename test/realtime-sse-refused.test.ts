@@ -66,3 +66,38 @@ describe('a subscription answered 406 (no event stream accepted)', () => {
     assert.ok(await until(() => hub.liveCount(id) === 0), `subscribers left: ${hub.liveCount(id)}`);
   });
 });
+
+describe('streams whose client goes away while they are set up', () => {
+  it('give their places back, whenever the abort comes', { timeout: 60_000 }, async () => {
+    const u = await signUp(app);
+    const id = decodeAnyId(u.id).id;
+    const hub = app.deps.realtime!;
+    // Aborted from before the request is sent to after it is live, on a spread of moments.
+    for (let i = 0; i < 40; i++) {
+      const ac = new AbortController();
+      const res = fetch(`${httpUrl}?${new URLSearchParams({ query: EVENTS })}`, {
+        headers: { accept: 'text/event-stream', authorization: `Bearer ${u.token}` },
+        signal: ac.signal,
+      }).catch(() => undefined);
+      if (i % 4 === 0) await new Promise((r) => setImmediate(r));
+      else if (i % 4 === 1) await sleep(i % 7);
+      else if (i % 4 === 2) await res;
+      ac.abort();
+      await res;
+    }
+    assert.ok(await until(() => hub.liveCount(id) === 0), `subscribers left: ${hub.liveCount(id)}`);
+    // The three places are free: three streams get in, none refused.
+    const streams = [0, 1, 2].map(() => sseStream(httpUrl, u.token, { method: 'GET' }));
+    await until(() => streams.some((s) => s.ended) || hub.liveCount(id) === 3, 10_000);
+    assert.deepEqual(
+      streams.flatMap((s) => s.errors.map((e) => e.extensions?.code)),
+      [],
+    );
+    assert.ok(
+      await until(() => hub.liveCount(id) === 3, 30_000),
+      `live ${hub.liveCount(id)}; ended ${streams.map((s) => s.ended)}; errors ${JSON.stringify(streams.map((s) => s.errors))}`,
+    );
+    for (const s of streams) s.stop();
+    assert.ok(await until(() => hub.liveCount(id) === 0), 'let go');
+  });
+});
