@@ -691,3 +691,15 @@ export async function throughPresenceMarker(
     out.push(await eventsBefore(s, from[i], mine, 'the presence marker', ms));
   return out;
 }
+
+/**
+ * Socket limits small enough that a slot leaked or counted twice shows at once (three sockets and
+ * SSE streams per user, four operations per socket), for createTestApp({ rateLimits: false, ws }).
+ */
+export const SMALL_WS_LIMITS = {
+  socketsPerUser: 3,
+  operationsPerSocket: 4,
+  connectionsPerIpPerMinute: 1000,
+  initTimeoutMs: 2000,
+  keepAliveMs: 12_000,
+};

@@ -15,6 +15,7 @@ import {
   invite,
   metricsOf,
   rawSocket,
+  SMALL_WS_LIMITS,
   type SseStream,
   send,
   sleep,
@@ -83,13 +84,7 @@ describe('the per-user limit', () => {
   before(async () => {
     small = await createTestApp({
       rateLimits: false,
-      ws: {
-        socketsPerUser: 3,
-        operationsPerSocket: 4,
-        connectionsPerIpPerMinute: 1000,
-        initTimeoutMs: 2000,
-        keepAliveMs: 12_000,
-      },
+      ws: SMALL_WS_LIMITS,
     });
     smallHttp = `http://127.0.0.1:${await small.start(0)}/graphql`;
   });

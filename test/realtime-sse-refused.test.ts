@@ -8,20 +8,14 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { EVENTS, sleep, sseStream, untilLive } from './realtime-helpers.ts';
+import { EVENTS, SMALL_WS_LIMITS, sleep, sseStream, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let httpUrl: string;
 before(async () => {
   app = await createTestApp({
     rateLimits: false,
-    ws: {
-      socketsPerUser: 3,
-      operationsPerSocket: 4,
-      connectionsPerIpPerMinute: 1000,
-      initTimeoutMs: 2000,
-      keepAliveMs: 12_000,
-    },
+    ws: SMALL_WS_LIMITS,
   });
   httpUrl = `http://127.0.0.1:${await app.start(0)}/graphql`;
 });

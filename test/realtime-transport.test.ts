@@ -15,6 +15,7 @@ import {
   guildWithChannel,
   metricsOf,
   rawSocket,
+  SMALL_WS_LIMITS,
   send,
   sleep,
   sseStream,
@@ -28,13 +29,7 @@ let httpUrl: string;
 before(async () => {
   app = await createTestApp({
     rateLimits: false,
-    ws: {
-      socketsPerUser: 3,
-      operationsPerSocket: 4,
-      connectionsPerIpPerMinute: 1000,
-      initTimeoutMs: 2000,
-      keepAliveMs: 12_000,
-    },
+    ws: SMALL_WS_LIMITS,
   });
   const port = await app.start(0);
   url = `ws://127.0.0.1:${port}/graphql`;
