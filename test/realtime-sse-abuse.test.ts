@@ -59,6 +59,32 @@ describe('a client that goes away', () => {
   });
 });
 
+describe('a malformed Last-Event-ID', () => {
+  it('is refused naming the header (BAD_USER_INPUT, field Last-Event-ID), not `after`, which the request may not even have', async () => {
+    const u = await signUp(app);
+    const res = await fetch(`${httpUrl}?${new URLSearchParams({ query: EVENTS })}`, {
+      headers: {
+        accept: 'text/event-stream',
+        authorization: `Bearer ${u.token}`,
+        'last-event-id': 'not-a-cursor',
+      },
+      signal: AbortSignal.timeout(10_000),
+    });
+    const text = await res.text();
+    const items = text
+      .split('\n\n')
+      .filter((b) => b.startsWith('event: next'))
+      .map((b) => JSON.parse(b.slice(b.indexOf('data:') + 5)));
+    assert.equal(items.length, 1, text);
+    const [err] = items[0].errors;
+    assert.deepEqual(
+      [err.extensions.code, err.extensions.field, err.message],
+      ['BAD_USER_INPUT', 'Last-Event-ID', 'Last-Event-ID: not a valid events cursor.'],
+    );
+    assert.ok(text.includes('event: complete'));
+  });
+});
+
 /** An SSE `events` request read to its end (a refused one ends at once): its status, Retry-After and items. */
 async function refusal(url: string, token: string) {
   const res = await fetch(`${url}?${new URLSearchParams({ query: EVENTS })}`, {

@@ -18,14 +18,17 @@ export function encodeCursor(p: Position): string {
   return Buffer.from(`${PREFIX}${p.xid}.${p.seq}`).toString('base64url');
 }
 
-/** Malformed cursors are BAD_USER_INPUT (the client's fault, not expiry). */
-export function decodeCursor(cursor: string): Position {
+/**
+ * Malformed cursors are BAD_USER_INPUT (the client's fault, not expiry), naming where the cursor
+ * came from: `after`, or an SSE request's Last-Event-ID header.
+ */
+export function decodeCursor(cursor: string, field = 'after'): Position {
   const raw = cursor.length <= 100 ? Buffer.from(cursor, 'base64url').toString() : '';
   const m = /^e1\.(\d{1,20})\.(\d{1,16})$/.exec(raw);
-  if (!m) throw badInput('after: not a valid events cursor.', 'after');
+  if (!m) throw badInput(`${field}: not a valid events cursor.`, field);
   const seq = Number(m[2]);
   if (!Number.isSafeInteger(seq) || BigInt(m[1]) >= 1n << 63n)
-    throw badInput('after: not a valid events cursor.', 'after');
+    throw badInput(`${field}: not a valid events cursor.`, field);
   return { xid: BigInt(m[1]).toString(), seq };
 }
 
