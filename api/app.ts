@@ -207,8 +207,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
       perUser: config.ws.socketsPerUser,
       perIpPerMinute: config.ws.connectionsPerIpPerMinute,
       socketsOf: (userId) => realtime?.socketsOf(userId) ?? 0,
-      rateLimiter,
-      rateLimitsEnabled: config.rateLimits,
+      deps,
     },
   });
 

@@ -114,6 +114,22 @@ export interface RealtimeServerOptions {
 }
 
 /**
+ * A new connection (a socket, or an SSE stream) from `ip`, on the per-address count of the last
+ * minute (WS_CONNECTIONS_PER_IP_PER_MINUTE): one count for both. Allowed when rate limits are off,
+ * and when the count cannot be read (Redis away): a limit, not a reason to refuse everyone.
+ */
+export async function newConnectionFrom(
+  deps: Pick<Deps, 'rateLimiter' | 'rateLimitsEnabled'>,
+  ip: string,
+  perMinute: number,
+): Promise<{ ok: boolean; retryAfter: number }> {
+  if (!deps.rateLimitsEnabled) return { ok: true, retryAfter: 0 };
+  return deps.rateLimiter
+    .hit(`ws:ip:${ip}`, { limit: perMinute, windowSeconds: 60 })
+    .catch(() => ({ ok: true, retryAfter: 0 }));
+}
+
+/**
  * The socket's mask: `o.mask`, without yoga's `http` extension (the status it gives its HTTP
  * response), which yoga leaves out of the results it writes: a client sees the same extensions
  * on both transports.
@@ -517,27 +533,23 @@ export function attachRealtime(options: RealtimeServerOptions) {
       return;
     }
     const ip = ipOf(req);
-    if (o.deps.rateLimitsEnabled) {
-      const r = await o.deps.rateLimiter
-        .hit(`ws:ip:${ip}`, { limit: limits.connectionsPerIpPerMinute, windowSeconds: 60 })
-        .catch(() => ({ ok: true, retryAfter: 0 }));
-      if (!r.ok) {
-        // Counted under the code its client sees, as every close is (it was '429', from when the
-        // upgrade was refused with an HTTP 429: a code no socket is closed with).
-        metrics.closes.inc({ code: String(CloseCode.TooManyConnections) });
-        refusals.handleUpgrade(req, socket, head, (ws) => {
-          socket.off('error', destroyOnError);
-          // It never reaches the protocol's handler, which listens for errors: a bad frame from
-          // its client would otherwise be an unhandled 'error' event, and end the process.
-          ws.on('error', () => ws.terminate());
-          ws.close(
-            CloseCode.TooManyConnections,
-            `Too many connections from this address: try again in ${r.retryAfter} s`,
-          );
-          setTimeout(() => ws.terminate(), REFUSED_GRACE_MS).unref();
-        });
-        return;
-      }
+    const r = await newConnectionFrom(o.deps, ip, limits.connectionsPerIpPerMinute);
+    if (!r.ok) {
+      // Counted under the code its client sees, as every close is (it was '429', from when the
+      // upgrade was refused with an HTTP 429: a code no socket is closed with).
+      metrics.closes.inc({ code: String(CloseCode.TooManyConnections) });
+      refusals.handleUpgrade(req, socket, head, (ws) => {
+        socket.off('error', destroyOnError);
+        // It never reaches the protocol's handler, which listens for errors: a bad frame from
+        // its client would otherwise be an unhandled 'error' event, and end the process.
+        ws.on('error', () => ws.terminate());
+        ws.close(
+          CloseCode.TooManyConnections,
+          `Too many connections from this address: try again in ${r.retryAfter} s`,
+        );
+        setTimeout(() => ws.terminate(), REFUSED_GRACE_MS).unref();
+      });
+      return;
     }
     wss.handleUpgrade(req, socket, head, (ws) => {
       socket.off('error', destroyOnError);

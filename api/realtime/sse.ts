@@ -25,13 +25,14 @@ import {
 import type { Plugin } from 'graphql-yoga';
 import { decodeJwt } from 'jose';
 import type { Db } from '../../core/db/client.ts';
+import type { Deps } from '../../core/deps.ts';
 import { rateLimited } from '../../core/errors.ts';
-import type { RateLimiter } from '../../core/ports/rate-limit.ts';
 import { endedSessions, SESSION_CHECK_MS } from '../../core/realtime/disconnect.ts';
 import type { Hub } from '../../core/realtime/hub.ts';
 import { EventFailedError, SlowConsumerError } from '../../core/realtime/subscription.ts';
 import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
+import { newConnectionFrom } from './server.ts';
 import { cursorOfResult, type EventHooks, executeEach } from './shared-execution.ts';
 
 type Mask = EventHooks['mask'];
@@ -154,14 +155,13 @@ export function sseSubscriptions(o: {
   /**
    * The socket's limits, which SSE streams count toward as sockets do: a user's open sockets and
    * SSE streams together (`socketsOf`: its sockets), and new ones per address per minute (the
-   * same count as the socket's: `rateLimiter`, when `rateLimitsEnabled`). Unset: no limits.
+   * same count as the socket's: newConnectionFrom). Unset: no limits.
    */
   limits?: {
     perUser: number;
     perIpPerMinute: number;
     socketsOf(userId: string): number;
-    rateLimiter: RateLimiter;
-    rateLimitsEnabled: boolean;
+    deps: Pick<Deps, 'rateLimiter' | 'rateLimitsEnabled'>;
   };
 }): {
   plugin: Plugin;
@@ -216,10 +216,7 @@ export function sseSubscriptions(o: {
         `Too many sockets and SSE streams for this user (${l.perUser}): close one, or retry in ${SLOT_RETRY_S} s.`,
       );
     opened(userId, 1);
-    if (!l.rateLimitsEnabled) return undefined;
-    const r = await l.rateLimiter
-      .hit(`ws:ip:${ip}`, { limit: l.perIpPerMinute, windowSeconds: 60 })
-      .catch(() => ({ ok: true, retryAfter: 0 }));
+    const r = await newConnectionFrom(l.deps, ip, l.perIpPerMinute);
     if (r.ok) return undefined;
     opened(userId, -1);
     return rateLimited(
