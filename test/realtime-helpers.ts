@@ -703,3 +703,10 @@ export const SMALL_WS_LIMITS = {
   initTimeoutMs: 2000,
   keepAliveMs: 12_000,
 };
+
+/** Waits (bounded) until `pred` holds, looking every 20 ms; returns whether it did. */
+export async function holdsWithin(pred: () => boolean, ms = 5000) {
+  const deadline = Date.now() + ms;
+  while (!pred() && Date.now() < deadline) await sleep(20);
+  return pred();
+}

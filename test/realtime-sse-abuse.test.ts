@@ -12,13 +12,13 @@ import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import {
   EVENTS,
   guildWithChannel,
+  holdsWithin,
   invite,
   metricsOf,
   rawSocket,
   SMALL_WS_LIMITS,
   type SseStream,
   send,
-  sleep,
   sseStream,
   untilLive,
 } from './realtime-helpers.ts';
@@ -30,13 +30,6 @@ before(async () => {
   httpUrl = `http://127.0.0.1:${await app.start(0)}/graphql`;
 });
 after(() => app.destroy());
-
-/** Waits (bounded) until `pred` holds; returns whether it did. */
-async function until(pred: () => boolean, ms = 5000) {
-  const deadline = Date.now() + ms;
-  while (!pred() && Date.now() < deadline) await sleep(20);
-  return pred();
-}
 
 const contents = (events: any[]) =>
   events.filter((e) => e.__typename === 'MessageCreated').map((e) => e.message.content as string);
@@ -53,7 +46,7 @@ describe('a client that goes away', () => {
     for (let i = 0; i < 20; i++) streams.push(sseStream(httpUrl, u.token, { method: 'GET' }));
     await untilLive(app, [u], 20);
     for (const s of streams) s.stop();
-    const released = await until(() => hub.liveCount(id) === 0);
+    const released = await holdsWithin(() => hub.liveCount(id) === 0);
     assert.equal(hub.liveCount(id), 0, 'every subscriber of the closed streams released');
     assert.ok(released);
   });
@@ -125,7 +118,7 @@ describe('the per-user limit', () => {
     const streams = [0, 1, 2].map(() => sseStream(smallHttp, u.token, { method: 'GET' }));
     await untilLive(small, [u], 3);
     const fourth = sseStream(smallHttp, u.token, { method: 'GET' });
-    await until(() => fourth.ended || hub.liveCount(id) > 3, 10_000);
+    await holdsWithin(() => fourth.ended || hub.liveCount(id) > 3, 10_000);
     assert.equal(hub.liveCount(id), 3, 'no fourth subscriber');
     assert.deepEqual(
       fourth.errors.map((e) => [e.extensions?.code, e.extensions?.retryAfter]),
@@ -142,12 +135,12 @@ describe('the per-user limit', () => {
     assert.equal(await sock.closedWith(), 4029);
     // A stream closed gives its place back.
     streams[0].stop();
-    assert.ok(await until(() => hub.liveCount(id) === 2), 'the closed stream let go');
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 2), 'the closed stream let go');
     const fifth = sseStream(smallHttp, u.token, { method: 'GET' });
     await untilLive(small, [u], 3);
     assert.deepEqual(fifth.errors, []);
     for (const s of [...streams, fifth]) s.stop();
-    assert.ok(await until(() => hub.liveCount(id) === 0), 'all let go');
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 0), 'all let go');
     // Three sockets take every place: an SSE stream is refused.
     const socks = [0, 1, 2].map(() => rawSocket(smallHttp.replace('http:', 'ws:')));
     for (const s of socks) {
@@ -194,7 +187,7 @@ describe('the per-address rate', () => {
     const last = users[3];
     const id = decodeAnyId(last.id).id;
     const fourth = sseStream(limitedHttp, last.token, { method: 'GET' });
-    await until(() => fourth.ended || hub.liveCount(id) > 0, 10_000);
+    await holdsWithin(() => fourth.ended || hub.liveCount(id) > 0, 10_000);
     assert.equal(hub.liveCount(id), 0, 'not subscribed');
     assert.equal(fourth.errors[0]?.extensions?.code, 'RATE_LIMITED');
     assert.ok(fourth.errors[0]?.extensions?.retryAfter > 0);
@@ -246,7 +239,7 @@ describe('an EventSource that reconnects again and again', () => {
         10_000,
       );
       s.stop();
-      await until(() => s.ended);
+      await holdsWithin(() => s.ended);
       assert.deepEqual(s.errors, [], `round ${round}`);
       s.items.forEach((item, i) => {
         const e = item.data.events;
@@ -288,7 +281,7 @@ describe('an EventSource that reconnects again and again', () => {
     const tail = head.items.findIndex((i) => i.data?.events?.message?.content === 'tail');
     assert.equal(head.ids[tail], head.items[tail].data.events.cursor);
     head.stop();
-    assert.ok(await until(() => hub.liveCount(id) === 0));
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 0));
   });
 });
 
@@ -313,7 +306,7 @@ describe('metrics', () => {
     await untilLive(app, [u], 2);
     assert.equal((await read()).open - base.open, 2, 'two open');
     streams[0].stop();
-    assert.ok(await until(() => hub.liveCount(id) === 1));
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 1));
     let m = await read();
     for (let i = 0; i < 100 && m.open - base.open !== 1; i++) m = await read();
     assert.deepEqual([m.open - base.open, m.closed - base.closed], [1, 1], 'one closed by its client');

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, signUp, type TestApp } from './helpers.ts';
-import { EVENTS, SMALL_WS_LIMITS, sleep, sseStream, untilLive } from './realtime-helpers.ts';
+import { EVENTS, holdsWithin, SMALL_WS_LIMITS, sleep, sseStream, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let httpUrl: string;
@@ -20,13 +20,6 @@ before(async () => {
   httpUrl = `http://127.0.0.1:${await app.start(0)}/graphql`;
 });
 after(() => app.destroy());
-
-/** Waits (bounded) until `pred` holds; returns whether it did. */
-async function until(pred: () => boolean, ms = 5000) {
-  const deadline = Date.now() + ms;
-  while (!pred() && Date.now() < deadline) await sleep(20);
-  return pred();
-}
 
 describe('a subscription answered 406 (no event stream accepted)', () => {
   it('lets its subscriber go and takes no place in the per-user limit', { timeout: 60_000 }, async () => {
@@ -49,7 +42,7 @@ describe('a subscription answered 406 (no event stream accepted)', () => {
     }
     // The user's three places are all free: a stream gets in.
     const s = sseStream(httpUrl, u.token, { method: 'GET' });
-    await until(() => s.ended || hub.liveCount(id) === 1, 10_000);
+    await holdsWithin(() => s.ended || hub.liveCount(id) === 1, 10_000);
     assert.deepEqual(
       s.errors.map((e) => e.extensions?.code),
       [],
@@ -57,7 +50,7 @@ describe('a subscription answered 406 (no event stream accepted)', () => {
     );
     await untilLive(app, [u], 1);
     s.stop();
-    assert.ok(await until(() => hub.liveCount(id) === 0), `subscribers left: ${hub.liveCount(id)}`);
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 0), `subscribers left: ${hub.liveCount(id)}`);
   });
 });
 
@@ -79,19 +72,19 @@ describe('streams whose client goes away while they are set up', () => {
       ac.abort();
       await res;
     }
-    assert.ok(await until(() => hub.liveCount(id) === 0), `subscribers left: ${hub.liveCount(id)}`);
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 0), `subscribers left: ${hub.liveCount(id)}`);
     // The three places are free: three streams get in, none refused.
     const streams = [0, 1, 2].map(() => sseStream(httpUrl, u.token, { method: 'GET' }));
-    await until(() => streams.some((s) => s.ended) || hub.liveCount(id) === 3, 10_000);
+    await holdsWithin(() => streams.some((s) => s.ended) || hub.liveCount(id) === 3, 10_000);
     assert.deepEqual(
       streams.flatMap((s) => s.errors.map((e) => e.extensions?.code)),
       [],
     );
     assert.ok(
-      await until(() => hub.liveCount(id) === 3, 30_000),
+      await holdsWithin(() => hub.liveCount(id) === 3, 30_000),
       `live ${hub.liveCount(id)}; ended ${streams.map((s) => s.ended)}; errors ${JSON.stringify(streams.map((s) => s.errors))}`,
     );
     for (const s of streams) s.stop();
-    assert.ok(await until(() => hub.liveCount(id) === 0), 'let go');
+    assert.ok(await holdsWithin(() => hub.liveCount(id) === 0), 'let go');
   });
 });
