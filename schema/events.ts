@@ -4,8 +4,8 @@
  * MessageCreated shows the message as it is now.
  */
 import { BanterError, notFound } from '../core/errors.ts';
-import { decodeCursor } from '../core/realtime/cursor.ts';
-import { messageIdOf } from '../core/realtime/log.ts';
+import { decodeCursor, encodeCursor } from '../core/realtime/cursor.ts';
+import { messageIdOf, startPosition } from '../core/realtime/log.ts';
 import type { PresenceShown } from '../core/realtime/presence.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
@@ -262,6 +262,22 @@ builder.subscriptionField('events', (t) =>
       return hub.subscribe(viewer, lastEventId ?? after);
     },
     resolve: (e) => e,
+  }),
+);
+
+builder.queryField('eventsCursor', (t) =>
+  t.string({
+    description:
+      'Where to start `events(after:)` before loading the state the stream will keep up to date: ' +
+      'read this first, then the queries, then subscribe with `after` set to it (or resume from it ' +
+      'after CURSOR_EXPIRED, having fetched afresh). Every event not yet committed when it was read ' +
+      'is delivered; some already in the state fetched after it may come again, to be matched by id. ' +
+      'A stream started without `after` has no cursor until its first durable event arrives: one ' +
+      'that drops before then and subscribes live again misses what happened between.',
+    resolve: async (_r, _a, ctx) => {
+      requireViewer(ctx);
+      return encodeCursor(await startPosition(ctx.deps.db));
+    },
   }),
 );
 

@@ -146,6 +146,20 @@ export async function unfinishedFrom(db: Db): Promise<string> {
   return String(r.x);
 }
 
+/**
+ * Where a client starts its stream before it loads the state it will keep up to date (the
+ * `eventsCursor` query): every transaction below the exact horizon had finished when this was
+ * read, so a query the client sends afterwards sees its rows; every row from the horizon on (a
+ * write still in progress, or committed since) sorts after this position, so `events(after:)`
+ * from it replays them. Nothing is missed; a row both in that state and replayed can come twice
+ * to the client (once in each). One below the horizon, with the largest seq: a cursor must be
+ * below the snapshot's xmax (assertResumable), and the horizon can be the xmax itself.
+ */
+export async function startPosition(db: Db): Promise<Position> {
+  const h = BigInt(await unfinishedFrom(db));
+  return { xid: (h > 0n ? h - 1n : 0n).toString(), seq: Number.MAX_SAFE_INTEGER };
+}
+
 /** The last finished row: where a tailer starting now begins. */
 export async function headPosition(db: Db): Promise<Position> {
   const [r] = resultRows<{ xid: string; seq: string }>(
