@@ -11,11 +11,13 @@ import type { Delivered } from '../core/realtime/subscription.ts';
 import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { messagesByIds } from '../core/services/message-history.service.ts';
+import { type RelationshipKind as Kind, RELATIONSHIP_KINDS } from '../core/services/relationship.service.ts';
 import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
 import { GuildRef } from './guild.ts';
 import { limit } from './limits.ts';
 import { MessageRef, type MessageRow } from './message.ts';
+import { RelationshipKind } from './relationship.ts';
 import { UserRef } from './user.ts';
 
 /** Log event type -> GraphQL type name. */
@@ -51,6 +53,9 @@ const TYPE_NAMES: Record<string, string> = {
 const str = (e: Delivered, key: string): string | null =>
   typeof e.payload[key] === 'string' ? (e.payload[key] as string) : null;
 const gid = (type: string, id: string | null) => (id ? encodeId(type, id) : null);
+/** A log row's kind, null for none (or a value no RelationshipKind has, which the enum could not serialize). */
+const relationshipKindOf = (kind: string | null): Kind | null =>
+  (RELATIONSHIP_KINDS as readonly string[]).includes(kind ?? '') ? (kind as Kind) : null;
 
 export const EventRef = builder.interfaceRef<Delivered>('Event').implement({
   description: 'Something that happened. `cursor` is null only for ephemeral events (typing, presence).',
@@ -166,7 +171,13 @@ eventType('DirectChannelCreated', 'A DM or group DM including the viewer was ope
 }));
 eventType('RelationshipUpdated', "The viewer's relationship with a user changed.", (t) => ({
   user: userField(t, 'targetId'),
-  kind: t.string({ nullable: true, resolve: (e: Delivered) => str(e, 'kind') }),
+  // The enum Relationship.kind is, so that a client's generated type narrows on it; null when none is left.
+  kind: t.field({
+    type: RelationshipKind,
+    nullable: true,
+    description: 'The viewer’s side now, as Relationship.kind; null when none is left.',
+    resolve: (e: Delivered) => relationshipKindOf(str(e, 'kind')),
+  }),
 }));
 eventType('TypingStarted', `A user started typing; show it for ${TYPING_EXPIRES_MS / 1000} s.`, (t) => ({
   channelId: channelIdField(t),
