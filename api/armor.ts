@@ -220,7 +220,9 @@ export function armorPlugins(opts: { production: boolean }): Plugin[] {
     EnvelopArmorPlugin({
       maxDepth: { n: L.maxDepth, ignoreIntrospection: true, ...report },
       costLimit: { maxCost: L.maxCost, ignoreIntrospection: true, ...report },
-      maxAliases: { n: L.maxAliases, ...report },
+      // Every alias counts, `__typename`'s too: armor leaves those out by default (allowList), and
+      // a document of any number of them passed the limit.
+      maxAliases: { n: L.maxAliases, allowList: [], ...report },
       maxDirectives: { n: L.maxDirectives, ...report },
       maxTokens: { n: L.maxTokens },
       blockFieldSuggestion: { enabled: opts.production },

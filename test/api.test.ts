@@ -123,6 +123,16 @@ describe('abuse limits', () => {
     await refused(costly, 'BAD_USER_INPUT', /cost/i);
   });
 
+  it('counts aliases of __typename toward the alias limit, as aliases of any other field', async () => {
+    const typenames = (n: number) => Array.from({ length: n }, (_, i) => `t${i}: __typename`).join(' ');
+    const within = await gql(app, `{ ${typenames(ARMOR_LIMITS.maxAliases)} }`);
+    assert.equal(within.status, 200, JSON.stringify(within.errors));
+    assert.equal(within.data.t0, 'Query');
+    // Before: armor's default allowList (['__typename']) left them out of the count, and any
+    // number of them passed.
+    await refused(`{ ${typenames(ARMOR_LIMITS.maxAliases + 1)} }`, 'BAD_USER_INPUT', /alias/i);
+  });
+
   it('refuses introspection that nests type lists (exponential responses)', async () => {
     const r = await refused(
       nested(ARMOR_LIMITS.maxIntrospectionLists + 1),
