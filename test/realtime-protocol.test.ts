@@ -141,11 +141,17 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
-  it('a document whose operation cannot be picked, or that fails validation, is answered as over HTTP, with its code (none for the first, before)', async () => {
+  it('a document whose operation cannot be picked, or that fails validation, is answered as over HTTP, with its code (none for the first, before; validation errors for an anonymous operation beside a named one, before)', async () => {
     const docs = [
       { query: 'query A { __typename } query B { __typename }' },
       { query: 'query A { __typename }', operationName: 'Z' },
       { query: 'subscription { nope }' },
+      // An anonymous operation beside a named one, and no operation at all: over HTTP the
+      // operation is picked before validation (OPERATION_RESOLUTION_FAILURE); over the socket
+      // they were validation errors (GRAPHQL_VALIDATION_FAILED) before.
+      { query: '{ __typename } query B { __typename }' },
+      { query: '{ __typename } query B { __typename }', operationName: 'B' },
+      { query: 'fragment F on Query { __typename }' },
     ];
     const s = open();
     await s.init();

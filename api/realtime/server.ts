@@ -416,6 +416,17 @@ export function attachRealtime(options: RealtimeServerOptions) {
     } catch (err) {
       return [maskError(err)];
     }
+    // Picked as yoga picks it over HTTP, once parsed and before validation: several operations and
+    // no (or an unknown) operationName, an anonymous one beside others, none at all. Validated
+    // first, the last two were validation errors here and OPERATION_RESOLUTION_FAILURE there.
+    const op = getOperationAST(document, payload.operationName);
+    if (!op) {
+      return [
+        new GraphQLError('Could not determine what operation to execute.', {
+          extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
+        }),
+      ];
+    }
     // A rule that throws (graphql-js's own did, on a variable in a subscription's root
     // directives) answers its error, as yoga does over HTTP, not a 4500 close of the socket.
     let errors: readonly GraphQLError[];
@@ -425,15 +436,6 @@ export function attachRealtime(options: RealtimeServerOptions) {
       return [maskError(err)];
     }
     if (errors.length) return errors.map(maskError);
-    const op = getOperationAST(document, payload.operationName);
-    if (!op) {
-      // As yoga answers it over HTTP: several operations and no (or an unknown) operationName.
-      return [
-        new GraphQLError('Could not determine what operation to execute.', {
-          extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
-        }),
-      ];
-    }
     const args: ExecutionArgs = {
       schema: env.schema,
       document,
