@@ -4,7 +4,7 @@
  * MessageCreated shows the message as it is now.
  */
 import { BanterError, notFound } from '../core/errors.ts';
-import { decodeCursor, encodeCursor } from '../core/realtime/cursor.ts';
+import { encodeCursor } from '../core/realtime/cursor.ts';
 import { messageIdOf, startPosition } from '../core/realtime/log.ts';
 import type { PresenceShown } from '../core/realtime/presence.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
@@ -267,10 +267,10 @@ builder.subscriptionField('events', (t) =>
       // event it got (its cursor: api/realtime/sse.ts) as Last-Event-ID: it resumes from there.
       const request = (ctx as { request?: Request }).request;
       const lastEventId = request?.headers.get('last-event-id') || undefined;
-      // Refused naming the header: `after: not a valid…` pointed at an argument the request may
-      // not have.
-      if (lastEventId) decodeCursor(lastEventId, 'Last-Event-ID');
-      return hub.subscribe(viewer, lastEventId ?? after);
+      // A malformed one is refused naming the header: `after: not a valid…` pointed at an argument
+      // the request may not have.
+      if (lastEventId) return hub.subscribe(viewer, lastEventId, { cursorFrom: 'Last-Event-ID' });
+      return hub.subscribe(viewer, after);
     },
     resolve: (e) => e,
   }),

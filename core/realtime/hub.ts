@@ -97,6 +97,8 @@ export interface HubOptions {
 export interface SubscribeOptions {
   /** Called when the subscriber is cut off (slow consumer). */
   onFail?(err: unknown): void;
+  /** Where `after` came from, named in its error when malformed: `after` (default), or Last-Event-ID. */
+  cursorFrom?: string;
 }
 
 const BATCH = 1000;
@@ -833,7 +835,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       // Only a missing (or null) `after` means live: an empty one is a malformed cursor, refused,
       // not a silent start from now (a client whose stored cursor came back empty would miss what
       // happened while it was away).
-      const from = after == null ? undefined : decodeCursor(after);
+      const from = after == null ? undefined : decodeCursor(after, o.cursorFrom);
       if (from) await assertResumable(deps.db, from, sharedBounds(0) as Promise<ResumeBounds>);
       await hub.start();
       const p = pos!;
