@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { renderGraphiQL } from '@graphql-yoga/render-graphiql';
-import { GraphQLError, getOperationAST } from 'graphql';
+import { type DocumentNode, GraphQLError, getOperationAST } from 'graphql';
 import { createYoga, type Plugin } from 'graphql-yoga';
 import { Redis } from 'ioredis';
 import { createDatabase, type Database } from '../core/db/client.ts';
@@ -167,12 +167,15 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   let realtime: ReturnType<typeof attachRealtime> | undefined;
   const { authenticate } = await import('../core/services/auth.service.ts');
 
+  // The operation that runs: the first of the document was counted, whichever was named.
+  const countRun = ({ args }: { args: { document: DocumentNode; operationName?: string | null } }) => {
+    const op = getOperationAST(args.document, args.operationName);
+    if (op) metrics.countOperation(op);
+  };
   const observe: Plugin = {
-    onExecute({ args }) {
-      // The operation that runs: the first of the document was counted, whichever was named.
-      const op = getOperationAST(args.document, args.operationName);
-      if (op) metrics.operations.inc({ type: op.operation, name: metrics.operationLabel(op.name?.value) });
-    },
+    onExecute: countRun,
+    // Subscriptions (SSE, app.fetch) are subscribed, not executed: they were not counted.
+    onSubscribe: countRun,
     // RATE_LIMITED errors leave their wait in the request store (api/errors.ts); HTTP says it too.
     onResponse({ response }) {
       const retryAfter = requestStore.getStore()?.retryAfter;
@@ -392,6 +395,7 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
         registry: metrics.registry,
         mask: createMaskError(log, metrics),
         getEnveloped: yoga.getEnveloped as never,
+        countOperation: metrics.countOperation,
         trustProxyHops: config.trustProxyHops,
         alsoDelivered: sse.counts,
         streamsOf: sse.streamsOf,

@@ -1,3 +1,4 @@
+import type { OperationDefinitionNode } from 'graphql';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { Database } from '../core/db/client.ts';
 
@@ -70,6 +71,13 @@ export function createMetrics(database: Database) {
     named.add(name);
     return name;
   }
-  return { registry, requests, latency, operations, errors, operationLabel };
+  /**
+   * Counts an operation that runs (its execution or subscription begins), whatever its transport:
+   * HTTP and SSE through yoga's hooks (api/app.ts), the socket's subscriptions from its server.
+   */
+  function countOperation(op: OperationDefinitionNode) {
+    operations.inc({ type: op.operation, name: operationLabel(op.name?.value) });
+  }
+  return { registry, requests, latency, operations, errors, operationLabel, countOperation };
 }
 export type Metrics = ReturnType<typeof createMetrics>;

@@ -22,7 +22,7 @@ import { newId } from '../core/ids.ts';
 import { encodeId } from '../schema/builder.ts';
 import { buildSchema } from '../schema/index.ts';
 import { createTestApp, createTestDatabase, gql, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, invite, rawSocket, untilLive } from './realtime-helpers.ts';
+import { guildWithChannel, invite, rawSocket, sseStream, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
 let base: string;
@@ -308,6 +308,49 @@ describe('health, readiness, metrics', () => {
     assert.match(text, /banter_graphql_operations_total\{type="query",name="anonymous"\} \d+/);
     assert.match(text, /banter_db_pool_connections\{state="total"\} \d+/);
     assert.match(text, /process_cpu_seconds_total/);
+  });
+
+  it('a subscription counts once in banter_graphql_operations_total whatever its transport: socket, SSE; and a socket query once', async () => {
+    const tag = randomBytes(3).toString('hex');
+    const u = await signUp(app);
+    const s = rawSocket(`${base.replace('http:', 'ws:')}/graphql`);
+    await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+    await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+    await s.send({
+      id: 'q',
+      type: 'subscribe',
+      payload: { query: `query WsQuery${tag} { serverInfo { name } }` },
+    });
+    await s.until(() => s.messages.some((m) => m.id === 'q' && m.type === 'complete'), 'the query');
+    await s.send({
+      id: 's',
+      type: 'subscribe',
+      payload: { query: `subscription WsSub${tag} { events { cursor } }` },
+    });
+    await untilLive(app, [u]);
+    const sse = sseStream(`${base}/graphql`, u.token, {
+      query: `subscription SseSub${tag} { events { cursor } }`,
+    });
+    await untilLive(app, [u], 2);
+    const text = await (await fetch(`${base}/metrics`)).text();
+    sse.stop();
+    s.ws.close();
+    const count = (type: string, name: string) =>
+      Number(
+        new RegExp(`banter_graphql_operations_total\\{type="${type}",name="${name}"\\} (\\d+)`).exec(
+          text,
+        )?.[1] ?? 0,
+      );
+    // Before: the socket's and SSE's subscriptions were not counted at all (0, 0).
+    assert.deepEqual(
+      [
+        count('query', `WsQuery${tag}`),
+        count('subscription', `WsSub${tag}`),
+        count('subscription', `SseSub${tag}`),
+      ],
+      [1, 1, 1],
+      'socket query, socket subscription, SSE subscription',
+    );
   });
 
   // Before the test below: it fills every name slot, and a name counted as (other) then says nothing.

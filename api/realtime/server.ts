@@ -107,6 +107,11 @@ export interface RealtimeServerOptions {
   alsoDelivered?: { shared: number; own: number };
   /** TRUST_PROXY_HOPS: where a socket's address comes from (api/client-ip.ts). Default 0. */
   trustProxyHops?: number;
+  /**
+   * counts a subscription the socket starts in banter_graphql_operations_total (its queries and
+   * mutations are counted by yoga's onExecute hooks, through getEnveloped's execute)
+   */
+  countOperation?: (op: import('graphql').OperationDefinitionNode) => void;
   /** the user's open SSE streams (api/realtime/sse.ts): they count toward socketsPerUser */
   streamsOf?: (userId: string) => number;
   /** SSE streams open and ended, for the metrics (api/realtime/sse.ts) */
@@ -455,6 +460,8 @@ export function attachRealtime(options: RealtimeServerOptions) {
       out.complete();
       return { stop() {} };
     }
+    // Counted as it begins, as yoga counts an SSE subscription (its onSubscribe hook).
+    o.countOperation?.(op);
     try {
       return await startSubscription(args, deliveryHooks, out);
     } catch (err) {
