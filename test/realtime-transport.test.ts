@@ -268,6 +268,41 @@ describe('operations over the socket', () => {
       'closes since the test began: 3000, 3999, 4001, 4998 each, then other',
     );
   });
+  it("a client's close with one of the server's own codes (4401, 4403, 4029, 1013) is counted as code=\"other\", not as if the server had closed the socket so; a client's 1000 stays 1000", async () => {
+    const u = await signUp(app);
+    const codes = [4401, 4403, 4029, 1013, 1000];
+    const count = async () => {
+      const m = await metricsOf(url);
+      return [
+        ...codes.map((c) => m(`banter_ws_closes_total{code="${c}"}`)),
+        m('banter_ws_closes_total{code="other"}'),
+      ];
+    };
+    const before = await count();
+    for (const code of codes) {
+      const s = rawSocket(url);
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${u.token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'ack');
+      s.ws.close(code);
+      await s.closedWith();
+    }
+    // The server counts a close once its socket is gone: wait for the last one (bounded).
+    let after = await count();
+    for (
+      let i = 0;
+      i < 50 && after.reduce((a, b) => a + b) - before.reduce((a, b) => a + b) < codes.length;
+      i++
+    ) {
+      await sleep(100);
+      after = await count();
+    }
+    // Before: [1, 1, 1, 1, 1, 0], each under the server's code (a 4401 read as tokens expiring).
+    assert.deepEqual(
+      after.map((n, i) => n - before[i]),
+      [0, 0, 0, 0, 1, 4],
+      'closes since the test began: 4401, 4403, 4029, 1013, 1000, then other',
+    );
+  });
 });
 
 describe('a long replay to a slow reader', () => {

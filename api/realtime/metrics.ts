@@ -6,12 +6,21 @@ import { ProtocolClose } from './protocol.ts';
 const OWN_CLOSE_CODES = new Set<number>([...Object.values(CloseCode), ...Object.values(ProtocolClose)]);
 
 /**
- * The `code` label of a close: 0 (none given), a standard code (1000-1015), or one of the codes
- * the server sends; any other is the client's choice (3000-4999), counted as `other`, as a series
- * of its own each was kept, and scraped, for the life of the process.
+ * Codes of a close the client began counted under their own label: it went normally (1000) or
+ * away (1001, a page left), it gave no code (1005), or the connection was lost (1006).
  */
-export function closeLabel(code: number | undefined): string {
+const CLIENT_CLOSE_CODES = new Set([1000, 1001, 1005, 1006]);
+
+/**
+ * The `code` label of a close: 0 (none given); of a close the server began, its code (a standard
+ * one, 1000-1015, or one of the codes it sends); of one its client began, 1000, 1001, 1005 or
+ * 1006. Any other is `other`: a code the client chose (3000-4999), as a series of its own each was
+ * kept, and scraped, for the life of the process; and a client's close with one of the server's
+ * codes (4401, 4403, 4029, 1013...), which was counted as if the server had closed the socket so.
+ */
+export function closeLabel(code: number | undefined, byClient = false): string {
   if (!code) return '0';
+  if (byClient) return CLIENT_CLOSE_CODES.has(code) ? String(code) : 'other';
   if ((code >= 1000 && code <= 1015) || OWN_CLOSE_CODES.has(code)) return String(code);
   return 'other';
 }
@@ -90,7 +99,7 @@ export function createRealtimeMetrics(
   });
   const closes = new Counter({
     name: 'banter_ws_closes_total',
-    help: 'WebSocket closes by code',
+    help: "WebSocket closes by code: the server's own, a client's 1000, 1001, 1005 or 1006 (lost), any other client's close as other",
     labelNames: ['code'] as const,
     registers: [registry],
   });

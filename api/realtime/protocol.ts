@@ -106,8 +106,12 @@ export interface ProtocolHandlers {
     payload: SubscribePayload,
     sink: OperationSink,
   ): Promise<Running | readonly GraphQLError[]>;
-  /** the socket closed (any reason) */
-  onClose(conn: Connection, code: number): void;
+  /**
+   * the socket closed (any reason): `code`, the one its close frame carried, and `byClient`,
+   * whether the client began it (its close frame, or the connection lost: 1006) rather than the
+   * server (a close of its own, or a frame `ws` refused)
+   */
+  onClose(conn: Connection, code: number, byClient: boolean): void;
 }
 
 export interface ProtocolOptions {
@@ -329,7 +333,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       s.close(code, reason);
       setTimeout(() => s.readyState === s.CLOSED || s.terminate(), CLOSE_GRACE_MS).unref();
     }
-    release(c, code);
+    release(c, code, false);
   };
   /** Each socket's connection, for closes decided by the server (closeSocket). */
   const conns = new WeakMap<WebSocket, Conn>();
@@ -343,7 +347,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
    * socket is held meanwhile, and after CLOSE_GRACE_MS it is cut (the client sees 1006 and
    * resumes as it would from the close code). A message that arrives after it is ignored.
    */
-  const release = (c: Conn, code: number) => {
+  const release = (c: Conn, code: number, byClient: boolean) => {
     if (c.closed) return;
     c.closed = true;
     keepAlive.delete(c);
@@ -354,7 +358,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       op.ended = true;
       op.running?.stop();
     }
-    handlers.onClose(c, code);
+    handlers.onClose(c, code, byClient);
   };
 
   /** Ends `op`: out of its connection's map (if its id still names it), nothing more written. */
@@ -484,7 +488,7 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
       // A frame ws refused (too big, not UTF-8, bad framing): it sent its close frame with the
       // code, and the socket closes for that reason, not as a dead one (1006, once cut).
       const refused = refusedWith(err);
-      if (refused !== undefined) release(c, refused);
+      if (refused !== undefined) release(c, refused, false);
       socket.terminate();
     });
     if (socket.protocol !== PROTOCOL) {
@@ -507,7 +511,8 @@ export function serveProtocol(wss: WebSocketServer, handlers: ProtocolHandlers, 
         close(c, ProtocolClose.InternalServerError, 'Internal server error'),
       );
     });
-    socket.once('close', (code) => release(c, code));
+    // After a close of the server's (released then): a close the client began, or a lost one.
+    socket.once('close', (code) => release(c, code, true));
     conns.set(socket, c);
   });
 

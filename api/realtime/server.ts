@@ -401,8 +401,8 @@ export function attachRealtime(options: RealtimeServerOptions) {
       const requestId = randomUUID();
       return requestStore.run({ requestId }, () => operate(conn, payload, out, requestId));
     },
-    onClose(conn, code) {
-      metrics.closes.inc({ code: closeLabel(code) });
+    onClose(conn, code, byClient) {
+      metrics.closes.inc({ code: closeLabel(code, byClient) });
       forget(conn.socket);
     },
   };
