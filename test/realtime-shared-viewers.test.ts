@@ -6,7 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
+import { parse } from 'graphql';
 import type { Client } from 'graphql-ws';
+import { createMaskError } from '../api/errors.ts';
+import { executeEach, startSubscription } from '../api/realtime/shared-execution.ts';
+import { requestStore } from '../api/request-store.ts';
+import { ROUND_MS } from '../core/realtime/failures.ts';
+import { type Delivered, EventFailedError, type Subscription } from '../core/realtime/subscription.ts';
+import { authenticate } from '../core/services/auth.service.ts';
+import { decodeAnyId } from '../schema/builder.ts';
+import { buildSchema } from '../schema/index.ts';
 import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
   channelAccessHelpers,
@@ -14,6 +23,7 @@ import {
   guildWithChannel,
   invite,
   send,
+  sleep,
   sseStream,
   untilLive,
 } from './realtime-helpers.ts';
@@ -71,6 +81,8 @@ function streamOf(u: TestUser, query: string, variables: Record<string, unknown>
     close: () => client.dispose() as Promise<void>,
   };
 }
+
+const viewerOf = (u: TestUser) => authenticate(app.deps, u.token);
 
 const created = (s: Collected, content: string) =>
   s.events.find((e) => e.__typename === 'MessageCreated' && e.message.content === content);
@@ -258,5 +270,174 @@ it('one document holding two subscriptions: subscribers naming different operati
     assert.deepEqual(sb.events, [{ content: 'two ops', author: { username: a.username } }]);
   } finally {
     await Promise.all([sa.close(), sb.close()]);
+  }
+});
+
+it("a shared execution that fails for good goes to each subscriber with its own operation's request id (extensions.requestId), not the first's: over SSE another user's, maybe chosen by its client (x-request-id)", {
+  timeout: 30_000,
+}, async () => {
+  // executeEach (the SSE path) on the app's schema and database, each subscriber in its own
+  // request's store as yoga runs it. An event that fails to execute every time (its message id is
+  // no uuid: the database refuses the statement), viewer-free: shared. It fails for good in its
+  // third round (REPEATS, ROUND_MS apart): the first subscriber's execution goes out with its
+  // error, and the second takes that result.
+  const [a, b] = [await signUp(app), await signUp(app)];
+  const schema = buildSchema();
+  const document = parse(
+    'subscription { events { __typename cursor ... on MessageUpdated { message { id } } } }',
+  );
+  const mask = createMaskError(app.log, app.metrics);
+  const cursor = `e1.${Date.now()}.1`;
+  const rowOf = () =>
+    ({
+      type: 'MESSAGE_UPDATED',
+      xid: '1',
+      seq: 1,
+      cursor,
+      guildId: null,
+      channelId: null,
+      userId: null,
+      payload: { messageId: 'not-a-uuid' },
+      audience: undefined,
+    }) as unknown as Delivered;
+  const first = (requestId: string, user: TestUser, row: Delivered) =>
+    requestStore.run({ requestId }, async () => {
+      const results = executeEach(
+        {
+          schema,
+          document,
+          contextValue: { deps: app.deps, viewer: await viewerOf(user), requestId, ip: 'test' },
+        },
+        {
+          next: async () => ({ done: false, value: row }),
+          return: async () => ({ done: true, value: undefined }),
+        },
+        { mask, counts: { shared: 0, own: 0 }, onEventFailed() {} },
+      );
+      return results.next().catch((err: unknown) => err);
+    });
+  // Rounds 1 and 2: held back (its subscriber resumes from before it).
+  for (let round = 1; round <= 2; round++) {
+    assert.ok((await first(`round-${round}`, a, rowOf())) instanceof EventFailedError, `round ${round}`);
+    await sleep(ROUND_MS + 100);
+  }
+  const row = rowOf();
+  const ra = (await first('chosen-by-a', a, row)) as IteratorResult<any>;
+  const rb = (await first('b-own-request', b, row)) as IteratorResult<any>;
+  assert.deepEqual(
+    [ra.value.errors[0].extensions, rb.value.errors[0].extensions],
+    [
+      { code: 'INTERNAL_SERVER_ERROR', requestId: 'chosen-by-a' },
+      // Before: { code: 'INTERNAL_SERVER_ERROR', requestId: 'chosen-by-a' }, A's.
+      { code: 'INTERNAL_SERVER_ERROR', requestId: 'b-own-request' },
+    ],
+  );
+});
+
+it("over the socket too (Work, shared bytes): each subscriber of a shared execution that fails for good gets its own operation's request id, not the first's", {
+  timeout: 30_000,
+}, async () => {
+  // startSubscription (the socket's push path) with the hub's own subscriptions; the sinks
+  // collect the frames' payloads. The event, pushed to both subscriptions as the tailer pushes
+  // a row (one object for all), fails for good in this third round (rounds 1 and 2 through
+  // executeEach: the count is per cursor, whichever path failed).
+  const [a, b] = [await signUp(app), await signUp(app)];
+  const { guildId, channelId } = await guildWithChannel(app, a.token);
+  await invite(app, a.token, guildId, b.token);
+  const schema = buildSchema();
+  const document = parse(
+    'subscription { events { __typename cursor ... on MessageUpdated { message { id } } } }',
+  );
+  const mask = createMaskError(app.log, app.metrics);
+  const cursor = `e1.${Date.now()}.2`;
+  const rowOf = () =>
+    ({
+      type: 'MESSAGE_UPDATED',
+      xid: '999999999999',
+      seq: 1,
+      cursor,
+      guildId: decodeAnyId(guildId).id,
+      channelId: decodeAnyId(channelId).id,
+      userId: null,
+      payload: { messageId: 'not-a-uuid' },
+      audience: undefined,
+    }) as unknown as Delivered;
+  for (let round = 1; round <= 2; round++) {
+    const held = await requestStore.run({ requestId: `round-${round}` }, async () =>
+      executeEach(
+        {
+          schema,
+          document,
+          contextValue: {
+            deps: app.deps,
+            viewer: await viewerOf(a),
+            requestId: `round-${round}`,
+            ip: 'test',
+          },
+        },
+        {
+          next: async () => ({ done: false, value: rowOf() }),
+          return: async () => ({ done: true, value: undefined }),
+        },
+        { mask, counts: { shared: 0, own: 0 }, onEventFailed() {} },
+      )
+        .next()
+        .catch((err: unknown) => err),
+    );
+    assert.ok(held instanceof EventFailedError, `round ${round}`);
+    await sleep(ROUND_MS + 100);
+  }
+  const hub = app.deps.realtime!;
+  const subscribe = hub.subscribe;
+  const subs: Subscription[] = [];
+  hub.subscribe = async (...args) => {
+    const s = await subscribe(...args);
+    subs.push(s as Subscription);
+    return s;
+  };
+  const frames: any[][] = [[], []];
+  const running: { stop(): void }[] = [];
+  try {
+    for (const [i, [u, requestId]] of [
+      [a, 'a-request'],
+      [b, 'b-request'],
+    ].entries() as Iterable<[number, [TestUser, string]]>) {
+      const out = {
+        socket: { bufferedAmount: 0 } as never,
+        next: (r: unknown) => frames[i].push(r) > 0,
+        nextEncoded: (json: Buffer) => frames[i].push(JSON.parse(json.toString())) > 0,
+        complete() {},
+      };
+      running.push(
+        await requestStore.run({ requestId }, async () =>
+          startSubscription(
+            {
+              schema,
+              document,
+              contextValue: { deps: app.deps, viewer: await viewerOf(u), requestId, ip: 'test' },
+            },
+            { mask, counts: { shared: 0, own: 0 }, onSourceError() {}, onEventFailed() {} },
+            out,
+          ),
+        ),
+      );
+    }
+    assert.equal(subs.length, 2);
+    const row = rowOf();
+    for (const s of subs) s.push(row);
+    const deadline = Date.now() + 10_000;
+    const failed = () => frames.map((f) => f.filter((r) => r.errors));
+    while (failed().some((f) => !f.length) && Date.now() < deadline) await sleep(20);
+    assert.deepEqual(
+      failed().map((f) => f.map((r) => r.errors[0].extensions)),
+      [
+        [{ code: 'INTERNAL_SERVER_ERROR', requestId: 'a-request' }],
+        // Before: [{ code: 'INTERNAL_SERVER_ERROR', requestId: 'a-request' }], A's.
+        [{ code: 'INTERNAL_SERVER_ERROR', requestId: 'b-request' }],
+      ],
+    );
+  } finally {
+    hub.subscribe = subscribe;
+    for (const r of running) r.stop();
   }
 });

@@ -161,6 +161,43 @@ function dropsEphemeral(row: Delivered | null | undefined, r: ExecutionResult, h
   return true;
 }
 
+/**
+ * Errors made by ownRequestId: masked already (api/realtime/sse.ts's maskingOnce leaves them as
+ * they are, as it does the errors its mask made).
+ */
+export const restamped = new WeakSet<object>();
+
+const requestIdOf = (e: GraphQLError) => e.extensions?.requestId;
+
+/**
+ * A shared result as it goes to a subscriber other than the one whose execution it is: an
+ * unexpected error's `extensions.requestId` is the id of the operation that executed it (the mask
+ * reads it from that operation's request store), which another subscriber, maybe another user,
+ * must not be sent (an SSE request's is its client's to choose: x-request-id). Each gets its own
+ * operation's. `r` itself when no error carries one.
+ */
+function ownRequestId(r: ExecutionResult, requestId: string): ExecutionResult {
+  if (!r.errors?.some((e) => requestIdOf(e) !== undefined)) return r;
+  return {
+    ...r,
+    errors: r.errors.map((e) => {
+      if (requestIdOf(e) === undefined) return e;
+      const own = new GraphQLError(e.message, {
+        nodes: e.nodes,
+        source: e.source,
+        positions: e.positions,
+        path: e.path,
+        extensions: { ...e.extensions, requestId },
+      });
+      restamped.add(own);
+      return own;
+    }),
+  };
+}
+
+/** The request id of the operation whose context this is (its errors carry it). */
+const requestIdIn = (args: ExecutionArgs) => (args.contextValue as Context).requestId;
+
 export function maskResult(result: ExecutionResult, mask: Mask): ExecutionResult {
   if (!result.errors?.length) return result;
   return {
@@ -210,6 +247,11 @@ class Work {
   failed = false;
   /** the masked result as UTF-8 JSON, encoded once for all its subscribers */
   bytes = EMPTY;
+  /**
+   * the masked result, when it goes out with an error carrying its owner's request id: each other
+   * subscriber's frame is encoded with its own (ownRequestId)
+   */
+  stamped: ExecutionResult | undefined;
   viewerFree = false;
   private waiters: Delivery[] = [];
 
@@ -225,7 +267,10 @@ class Work {
       const masked = maskResult(r, mask);
       this.gone = isGone(masked) || dropsEphemeral(row, masked, hooks);
       this.failed = !this.gone && holdsBack(row, masked, hooks);
-      if (!this.failed && !this.gone) this.bytes = Buffer.from(JSON.stringify(masked));
+      if (!this.failed && !this.gone) {
+        this.bytes = Buffer.from(JSON.stringify(masked));
+        if (masked.errors?.some((e) => requestIdOf(e) !== undefined)) this.stamped = masked;
+      }
       this.viewerFree = !t.touched();
       this.done = true;
       const waiters = this.waiters;
@@ -351,8 +396,12 @@ class Delivery implements Sink {
       this.sub.fail(new EventFailedError(work.row.cursor));
       return;
     }
+    const bytes =
+      work.owner !== this && work.stamped
+        ? Buffer.from(JSON.stringify(ownRequestId(work.stamped, requestIdIn(this.args))))
+        : work.bytes;
     // Counted when written: not a frame for a socket closing meanwhile, which its client never gets.
-    if (!this.out.nextEncoded(work.bytes)) return;
+    if (!this.out.nextEncoded(bytes)) return;
     if (work.owner === this) this.hooks.counts.own++;
     else this.hooks.counts.shared++;
   }
@@ -505,7 +554,8 @@ export function executeEach(
     let replaces = !first;
     if (first) {
       const done = await first;
-      if (done.viewerFree && !done.held) return { x: { ...done, result: { ...done.result } }, shared: true };
+      if (done.viewerFree && !done.held)
+        return { x: { ...done, result: { ...ownRequestId(done.result, requestIdIn(args)) } }, shared: true };
       // Those after this one take its execution instead, if the first's failed (and still stands).
       replaces = done.held && byKey.get(key) === first;
     }

@@ -33,7 +33,7 @@ import { EventFailedError, SlowConsumerError } from '../../core/realtime/subscri
 import type { Context } from '../../schema/builder.ts';
 import type { Logger } from '../logger.ts';
 import { newConnectionFrom } from './server.ts';
-import { cursorOfResult, type EventHooks, executeEach } from './shared-execution.ts';
+import { cursorOfResult, type EventHooks, executeEach, restamped } from './shared-execution.ts';
 
 type Mask = EventHooks['mask'];
 
@@ -47,13 +47,15 @@ export const SLOW_MESSAGE =
   'Slow consumer: you are not reading your events fast enough; resume from your last cursor.';
 
 /**
- * A mask that leaves errors it made alone: SSE results are masked before yoga's own mask sees
- * them (holdsBack reads the masked codes), and masking twice would count every error twice.
+ * A mask that leaves errors it made alone (and those shared-execution's ownRequestId made from
+ * them): SSE results are masked before yoga's own mask sees them (holdsBack reads the masked
+ * codes), and masking twice would count every error twice.
  */
 export function maskingOnce(mask: Mask): Mask {
   const made = new WeakSet<object>();
   return (error, message) => {
-    if (typeof error === 'object' && error !== null && made.has(error)) return error as Error;
+    if (typeof error === 'object' && error !== null && (made.has(error) || restamped.has(error)))
+      return error as Error;
     const masked = mask(error, message);
     made.add(masked);
     return masked;
