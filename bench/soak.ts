@@ -685,8 +685,25 @@ function verdicts(rows: Reading[]) {
       `${col}: ${grows ? 'GROWING' : 'level'} (${ys[0]} → ${ys[n - 1]} over rounds ${after[0].round}-${after[n - 1].round}, fitted ${fitted >= 0 ? '+' : ''}${fitted.toFixed(1)}, tolerance ±${tol.toFixed(1)})`,
     );
   }
+  // Level is not enough: at a quiet reading every subscription, socket and operation alive is one
+  // of the residents'. More objects than the server counts open are kept for subscribers gone.
+  for (const [obj, live] of KEPT) {
+    const extra = after.map((r) => r.columns[obj] - r.columns[live]);
+    const kept = Math.max(...extra) > 0;
+    if (kept) growing.push(`${obj} > ${live}`);
+    out.push(
+      `${obj} − ${live}: ${kept ? 'KEPT' : 'none kept'} (${extra.join(', ')} over rounds ${after[0].round}-${after[after.length - 1].round})`,
+    );
+  }
   return { out, growing };
 }
+
+/** Objects of each open subscriber, and the /metrics count of those open. */
+const KEPT = [
+  ['Subscription', 'subs'],
+  ['Operation', 'subs'],
+  ['Conn', 'ws open'],
+] as const;
 
 async function soak(mode: string) {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'banter-soak-'));
