@@ -15,7 +15,12 @@ import {
   Permission,
   readOverwriteLevels,
 } from '../permissions.ts';
-import { loadChannelAccess, loadGuildAccess, loadGuildChannelLevels } from '../services/access.service.ts';
+import {
+  type ChannelAccess,
+  loadChannelAccess,
+  loadGuildAccess,
+  loadGuildChannelLevels,
+} from '../services/access.service.ts';
 import { accessCacheOf } from '../services/access-cache.ts';
 import { compareXid, type Position } from './cursor.ts';
 import { formerMemberships, messageIdOf, wasFormerMember } from './log.ts';
@@ -96,6 +101,13 @@ const CACHE_MS = 30_000;
  * together, and one event every CACHE_MS would wait for all their loads at once.
  */
 const lapseAt = () => Date.now() + CACHE_MS * (0.75 + Math.random() * 0.5);
+/**
+ * A channel's cached answer used by a row with less than this left before it lapses is loaded
+ * again beside the delivery (see renewChannel): in a busy channel the row that found it lapsed
+ * waited for the load, and that subscriber's frame went out after everyone else's, behind the
+ * whole fan-out (a few of a thousand subscribers each message, the slowest deliveries).
+ */
+const RENEW_MS = 5_000;
 /**
  * What a channel's events need: live, to view it; replayed, its history too, unless the row
  * carries none of it (WITHOUT_HISTORY).
@@ -406,6 +418,8 @@ interface ChannelEntry {
   /** when the viewer joined its guild (ms; Infinity when not a member), for messageOk */
   joinedAt: number;
   until: number;
+  /** its load again before it lapses (renewChannel), settled once the answer is kept or not */
+  renewing?: Promise<void>;
 }
 
 /**
@@ -622,8 +636,8 @@ export class ViewerAccess {
   }
 
   private channelOk(channelId: string, replay: boolean): boolean | Promise<boolean> {
-    const c = this.channels?.get(channelId);
-    if (c && Date.now() < c.until) return replay ? c.replay : c.live;
+    const c = this.cachedChannel(channelId);
+    if (c) return replay ? c.replay : c.live;
     return this.loadChannel(channelId).then(({ entry }) => (replay ? entry.replay : entry.live));
   }
 
@@ -631,41 +645,81 @@ export class ViewerAccess {
   private messageOk(e: Visible, channelId: string): boolean | Promise<boolean> {
     // Who may read the history (nearly everyone) is answered as channelOk would: on the fan-out's
     // path, the message's time is read only for a member who may not.
-    const c = this.channels?.get(channelId);
-    if (c && Date.now() < c.until) return c.replay || (c.live && sentAt(e) >= c.joinedAt);
+    const c = this.cachedChannel(channelId);
+    if (c) return c.replay || (c.live && sentAt(e) >= c.joinedAt);
     return this.loadChannel(channelId).then(
       ({ entry }) => entry.replay || (entry.live && sentAt(e) >= entry.joinedAt),
     );
   }
 
+  /**
+   * The channel's cached answer while it lasts (undefined once it has lapsed); one with less than
+   * RENEW_MS left is loaded again meanwhile.
+   */
+  private cachedChannel(channelId: string): ChannelEntry | undefined {
+    const c = this.channels?.get(channelId);
+    if (!c) return undefined;
+    const left = c.until - Date.now();
+    if (left <= 0) return undefined;
+    if (left < RENEW_MS && !c.renewing) this.renewChannel(channelId, c);
+    return c;
+  }
+
+  /**
+   * Loads a channel's answer again while the cached one still serves, and keeps it only if
+   * nothing that may change access was read or committed here since the load began (the access
+   * cache's generation: the tailer moves it on reading such a row, before any subscriber sees
+   * it), and the entry is still the one renewed (observe dropped none). Else, as on a failure,
+   * the cached answer lapses and the next row loads it again, waiting, as before.
+   */
+  private renewChannel(channelId: string, c: ChannelEntry) {
+    const root = databaseOf(this.db);
+    if (!root) return;
+    const cache = accessCacheOf(root);
+    const mark = cache.mark();
+    c.renewing = this.channelAccess(channelId).then(
+      (a) => {
+        if (cache.mark() === mark && this.channels?.get(channelId) === c) this.keepChannel(channelId, a);
+      },
+      () => {},
+    );
+  }
+
   /** The viewer's access to a channel, loaded, and remembered as channelOk answers it. */
   private loadChannel(channelId: string) {
+    return this.channelAccess(channelId).then((a) => ({ access: a, entry: this.keepChannel(channelId, a) }));
+  }
+
+  private channelAccess(channelId: string) {
     // Through the per-process access cache too (core/services/access-cache.ts): the channel's
     // half of the inputs is then loaded once for all its viewers.
     const load = () => loadChannelAccess(this.db, this.userId, channelId, new Date(), { cached: true });
-    return shared(this.db, `c:${this.userId}:${channelId}`, load).then((a) => {
-      const perms = a?.permissions ?? 0n;
-      const guildId = a?.channel.guildId ?? null;
-      if (guildId && perms) {
-        this.seenIn(guildId);
-        // In the guild now, where the cached standing says out: that standing is older than this
-        // answer (it came back, in a row not reached yet). It goes, or changedIn would pass over
-        // the guild's rows before that one (a role change committed after this load, its xid lower
-        // than the join's) and keep this answer across them.
-        if (this.guilds?.get(guildId)?.member === false) this.guilds.delete(guildId);
-      }
-      const joinedAt = a?.joinedAt ?? Number.POSITIVE_INFINITY;
-      const entry = {
-        live: has(perms, LIVE),
-        replay: has(perms, REPLAY),
-        guildId,
-        joinedAt,
-        until: lapseAt(),
-      };
-      this.channels ??= new Map();
-      this.channels.set(channelId, entry);
-      return { access: a, entry };
-    });
+    return shared(this.db, `c:${this.userId}:${channelId}`, load);
+  }
+
+  /** A loaded access to a channel, remembered as channelOk answers it. */
+  private keepChannel(channelId: string, a: ChannelAccess | null): ChannelEntry {
+    const perms = a?.permissions ?? 0n;
+    const guildId = a?.channel.guildId ?? null;
+    if (guildId && perms) {
+      this.seenIn(guildId);
+      // In the guild now, where the cached standing says out: that standing is older than this
+      // answer (it came back, in a row not reached yet). It goes, or changedIn would pass over
+      // the guild's rows before that one (a role change committed after this load, its xid lower
+      // than the join's) and keep this answer across them.
+      if (this.guilds?.get(guildId)?.member === false) this.guilds.delete(guildId);
+    }
+    const joinedAt = a?.joinedAt ?? Number.POSITIVE_INFINITY;
+    const entry: ChannelEntry = {
+      live: has(perms, LIVE),
+      replay: has(perms, REPLAY),
+      guildId,
+      joinedAt,
+      until: lapseAt(),
+    };
+    this.channels ??= new Map();
+    this.channels.set(channelId, entry);
+    return entry;
   }
 
   /**
