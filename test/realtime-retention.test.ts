@@ -6,13 +6,18 @@ import assert from 'node:assert/strict';
 import { after, before, it, mock } from 'node:test';
 import { sql } from 'drizzle-orm';
 import pg from 'pg';
+import { Registry } from 'prom-client';
+import { createRealtimeMetrics } from '../api/realtime/metrics.ts';
 import { createDatabase, resultRows } from '../core/db/client.ts';
+import type { Log } from '../core/deps.ts';
+import { createNullBus } from '../core/ports/bus.ts';
 import { encodeCursor, type Position } from '../core/realtime/cursor.ts';
+import { createHub } from '../core/realtime/hub.ts';
 import { PRUNE_BATCH, prunedThrough, pruneEvents } from '../core/realtime/log.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, send, within } from './realtime-helpers.ts';
+import { guildWithChannel, send, sleep, within } from './realtime-helpers.ts';
 
 let app: TestApp;
 before(async () => {
@@ -216,3 +221,169 @@ it("the cutoff does not move with the session's DateStyle and TimeZone (an abbre
     }
   }
 });
+
+/** A Log that keeps what is logged at warn level (the rest goes nowhere). */
+function warnings() {
+  const warned: { obj: Record<string, unknown>; msg?: string }[] = [];
+  const log: Log = {
+    info() {},
+    debug() {},
+    error() {},
+    warn(obj, msg) {
+      warned.push({ obj: typeof obj === 'string' ? {} : (obj as Record<string, unknown>), msg });
+    },
+  };
+  return { log, warned };
+}
+
+it('a transaction of this database left open past the retention holds the prune back: the hub says so (a warn log naming its pid, application_name and age) and exports it (banter_event_log_prune_held_back_seconds); neither once it ends', {
+  skip: !onPostgres && 'one session in PGlite: no transaction can stay open beside the others',
+}, async () => {
+  const db = app.deps.db;
+  const other = await createDatabase({ url: app.config.databaseUrl, dataDir: 'memory://' });
+  const idle = new pg.Client({
+    connectionString: app.config.databaseUrl,
+    application_name: 'retention-idle',
+  });
+  await idle.connect();
+  const { log, warned } = warnings();
+  // Its own database handle and a bus nobody rings: the test app's hub is left alone.
+  const hub = createHub({ ...app.deps, db: other.db, bus: createNullBus(), log }, { pollMs: 3_600_000 });
+  try {
+    await db.execute(sql`insert into events (type, payload) values ('HELD_BEFORE', '{}'::jsonb)`);
+    const [{ pid }] = (await idle.query('select pg_backend_pid() as pid')).rows;
+    // A session that wrote and was left idle in its transaction (a psql window, a leaked client).
+    await idle.query('begin');
+    await idle.query(`insert into events (type, payload) values ('HELD_OPEN', '{}'::jsonb)`);
+    await db.execute(sql`insert into events (type, payload) values ('HELD_AFTER', '{}'::jsonb)`);
+    // Days go by: every committed row is past the retention (a day past it).
+    await db.execute(sql`update events set created_at = created_at - interval '8 days'`);
+    await hub.start(); // prunes at start
+    const held = () => warned.find((w) => w.msg?.includes('prune held back'));
+    for (let i = 0; i < 300 && !held(); i++) await sleep(50);
+    const types = resultRows<{ type: string }>(
+      await db.execute(sql`select type from events where type like 'HELD_%' order by seq`),
+    ).map((r) => r.type);
+    assert.deepEqual(
+      types,
+      ['HELD_AFTER'],
+      'the prune ran: the row before the transaction went, the one after stays',
+    );
+    assert.ok(held(), `a warning that the prune is held back (warnings: ${JSON.stringify(warned)})`);
+    const holder = held()!.obj.holder as Record<string, unknown>;
+    assert.deepEqual(
+      { pid: holder.pid, applicationName: holder.applicationName, state: holder.state },
+      { pid, applicationName: 'retention-idle', state: 'idle in transaction' },
+    );
+    const registry = new Registry();
+    createRealtimeMetrics(registry, {
+      sockets: () => 0,
+      subscriptions: () => 0,
+      delivered: () => ({ shared: 0, own: 0 }),
+      prune: () => hub.pruneStatus,
+    });
+    const sample = async (name: string) => {
+      const line = (await registry.metrics()).split('\n').find((l) => l.startsWith(`${name} `));
+      return line === undefined ? undefined : Number(line.slice(name.length + 1));
+    };
+    const heldBack = await sample('banter_event_log_prune_held_back_seconds');
+    assert.ok(
+      heldBack !== undefined && heldBack > 86_000 && heldBack < 87_000,
+      `held back by a day: ${heldBack}`,
+    );
+    assert.ok((await sample('banter_event_log_oldest_row_age_seconds'))! > 8 * 86_400 - 60);
+    // Once it ends, the next prune takes what it held and nothing is said.
+    await idle.query('commit');
+    const before = warned.length;
+    await hub.stop();
+    const again = createHub({ ...app.deps, db: other.db, bus: createNullBus(), log }, { pollMs: 3_600_000 });
+    try {
+      await again.start();
+      for (let i = 0; i < 300 && !again.pruneStatus; i++) await sleep(50);
+      assert.equal(again.pruneStatus?.heldBackSeconds, 0);
+      assert.deepEqual(warned.slice(before), []);
+    } finally {
+      await again.stop();
+    }
+  } finally {
+    await idle.query('rollback').catch(() => {});
+    await idle.end();
+    await hub.stop();
+    await other.close();
+  }
+});
+
+for (const via of ['a read of the log', 'a write dispatched from its result'] as const) {
+  it(`a tailer that the prune passed (a paused instance) ends its streams CURSOR_EXPIRED rather than with a gap, the next row coming by ${via}`, {
+    timeout: 60_000,
+  }, async () => {
+    // An app of its own, its hub not started: the hub under test is the only one on its database,
+    // and reads only when poked (no bus rings, no poll), as an instance that is paused would.
+    const own = await createTestApp({ rateLimits: false });
+    const { log, warned } = warnings();
+    const hub = createHub({ ...own.deps, bus: createNullBus(), log }, { pollMs: 3_600_000 });
+    // Whether the write's rows went out from its result (no other transaction in progress on the
+    // server as it ran: always on PGlite, most often on Postgres), or the log was read after it.
+    let fromWrite = 0;
+    hub.observe({ fromWrite: () => fromWrite++ });
+    try {
+      const owner = await signUp(own);
+      const { guildId, channelId } = await guildWithChannel(own, owner.token);
+      const first = raw(await send(own, owner.token, channelId, 'first'));
+      await hub.start();
+      const live = await hub.subscribe({ userId: raw(owner.id) }, null);
+      const row = (type: string, age: string) =>
+        own.deps.db.execute(sql`insert into events (type, guild_id, channel_id, payload, created_at)
+          values (${type}, ${raw(guildId)}::uuid, ${raw(channelId)}::uuid, jsonb_build_object('messageId', ${first}::text),
+            now() - ${age}::interval)`);
+      // A row the tailer has not read (its instance paused), then a week goes by: the prune takes it
+      // (this one, or the hub's own at its start if that runs after the insert).
+      await row('MESSAGE_UPDATED', '8 days');
+      await pruneEvents(own.deps.db, 7);
+      const left = resultRows<{ n: number }>(
+        await own.deps.db.execute(sql`select count(*)::int as n from events where type = 'MESSAGE_UPDATED'`),
+      );
+      assert.equal(left[0].n, 0, 'the unread row was pruned');
+      let marker: string | undefined;
+      if (via === 'a write dispatched from its result')
+        marker = raw(await send(own, owner.token, channelId, 'after'));
+      await row('MESSAGE_PINNED', '0 seconds');
+      await hub.poke();
+      const got: string[] = [];
+      let error: unknown;
+      for (let i = 0; i < 10; i++) {
+        const r = await within(
+          live.next().catch((err) => ({ err })),
+          10_000,
+        );
+        if (r === 'timeout') break;
+        if ('err' in r) {
+          error = r.err;
+          break;
+        }
+        if (r.done) break;
+        got.push(r.value.payload.messageId === marker ? 'marker' : r.value.type);
+        if (r.value.type === 'MESSAGE_PINNED') break;
+      }
+      assert.deepEqual(
+        { code: (error as { code?: string } | undefined)?.code, got: got.filter((t) => t !== 'marker') },
+        { code: 'CURSOR_EXPIRED', got: [] },
+        `the stream ends CURSOR_EXPIRED, the row after the pruned one never delivered without it (got ${got}; writes dispatched from their result: ${fromWrite})`,
+      );
+      assert.ok(warned.some((w) => w.msg?.includes('pruned past rows this instance had not read')));
+      // A stream begun now (after the prune) is not expired by it.
+      const later = await hub.subscribe({ userId: raw(owner.id) }, null);
+      try {
+        await row('MESSAGE_UNPINNED', '0 seconds');
+        await hub.poke();
+        const r = await within(later.next(), 10_000);
+        assert.equal(r !== 'timeout' && !r.done && r.value.type, 'MESSAGE_UNPINNED');
+      } finally {
+        await later.return!();
+      }
+    } finally {
+      await hub.stop();
+      await own.destroy();
+    }
+  });
+}

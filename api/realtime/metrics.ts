@@ -35,8 +35,31 @@ export function createRealtimeMetrics(
     delivered(): { shared: number; own: number };
     /** SSE streams: open now, and ended so far by why */
     sse?: { open(): number; ends: Record<string, number> };
+    /** what this instance's last prune of the event log left (undefined before its first) */
+    prune?(): { oldestAgeSeconds: number; heldBackSeconds: number } | undefined;
   },
 ) {
+  const prune = counts.prune;
+  if (prune) {
+    new Gauge({
+      name: 'banter_event_log_oldest_row_age_seconds',
+      help: "Age of the event log's oldest row after this instance's last prune (hourly), by the database's clock; past the retention when a transaction holds the prune back",
+      registers: [registry],
+      collect() {
+        const s = prune();
+        if (s) this.set(s.oldestAgeSeconds);
+      },
+    });
+    new Gauge({
+      name: 'banter_event_log_prune_held_back_seconds',
+      help: "How far past the retention the event log's oldest row was after this instance's last prune: a transaction of the database open since before it was written holds the prune back (0: not held)",
+      registers: [registry],
+      collect() {
+        const s = prune();
+        if (s) this.set(s.heldBackSeconds);
+      },
+    });
+  }
   const sse = counts.sse;
   if (sse) {
     new Gauge({

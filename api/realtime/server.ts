@@ -178,6 +178,7 @@ export function attachRealtime(options: RealtimeServerOptions) {
       return also ? { shared: delivered.shared + also.shared, own: delivered.own + also.own } : delivered;
     },
     sse: o.sseStreams,
+    prune: () => o.hub.pruneStatus,
   });
 
   o.hub.observe({

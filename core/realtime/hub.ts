@@ -44,12 +44,13 @@ import {
   loadMessages,
   loadViewerScopes,
   mayConcern,
+  type PruneStatus,
   prunedThrough,
-  pruneEvents,
+  pruneEventsReporting,
   type ResumeBounds,
   readAfter,
   readAfterBounded,
-  readAfterWithMessages,
+  readAfterWatched,
   readRange,
   readRangeAll,
   resumeBounds,
@@ -134,6 +135,13 @@ interface SharedPage {
   rows: Delivered[];
   through: Position;
 }
+/**
+ * A prune held back by more than this (its oldest row left this far past the retention) is
+ * logged at warn level, naming what holds it (see PruneStatus). Only a transaction of this
+ * database open for longer than the retention holds it at all; the minute keeps a row that aged
+ * while the prune ran from counting.
+ */
+export const PRUNE_HELD_BACK_WARN_SECONDS = 60;
 /** Longest typing waits for the log to be read before it is dropped (see afterLogRead). */
 const LOG_READ_WAIT_MS = 3000;
 /** Longest a ring waits for the follower read out when it came (see follow). */
@@ -204,6 +212,22 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   let stopped = false;
   let poll: NodeJS.Timeout | undefined;
   let prune: NodeJS.Timeout | undefined;
+  /** what this instance's last prune left (metrics) */
+  let pruneStatus: PruneStatus | undefined;
+  /**
+   * The highest watermark this hub has answered for (see lostToPrune): the one at its start (rows
+   * up to it were gone before anyone subscribed here), or one that expired its subscribers.
+   */
+  let lostThrough: Position = ORIGIN;
+  /**
+   * The position before the first dispatch of a write's own rows (follow) since the watermark was
+   * last compared with the tailer's position: such a dispatch moves the position with no read, so
+   * past any rows the prune deleted before the tailer read them (a write's `before` is the last row
+   * still there). The next read's watermark answers for it.
+   */
+  let unchecked: Position | undefined;
+  /** dispatches of a write's own rows so far (a read clears `unchecked` only if none came during it) */
+  let writeMoves = 0;
   const unsubs: (() => void)[] = [];
   let presenceBatch: Map<string, string> | undefined;
   let presenceTimer: NodeJS.Timeout | undefined;
@@ -330,6 +354,29 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     for (const r of batch) if (r.type === 'RELATIONSHIP_UPDATED') void presenceAfterBlockChange(r);
   }
 
+  /**
+   * After a read made from `from` (begun when writeMoves was `moves`) whose snapshot had the
+   * watermark at `pruned`: a watermark past where the tailer was means the prune deleted rows this
+   * tailer had not read yet (an instance paused, suspended or blocked for a whole retention; rows a
+   * transaction open that long held back, pruned within a poll of its commit). Its subscribers
+   * would have a gap where those rows were: each whose stream began before the watermark is failed
+   * with CURSOR_EXPIRED instead (its client refetches), before the read's rows are dispatched.
+   */
+  function lostToPrune(from: Position, pruned: Position | undefined, moves: number) {
+    if (!pruned) return;
+    let since = from;
+    if (unchecked && comparePos(unchecked, since) < 0) since = unchecked;
+    if (moves === writeMoves) unchecked = undefined;
+    if (comparePos(pruned, maxPos(since, lostThrough)) <= 0) return;
+    lostThrough = pruned;
+    const expired = [...subs].filter((s) => comparePos(s.floor, pruned) < 0);
+    for (const s of expired) s.fail(new BanterError('CURSOR_EXPIRED'));
+    deps.log.warn(
+      { tailerAt: encodeCursor(since), prunedThrough: encodeCursor(pruned), expired: expired.length },
+      'the event log was pruned past rows this instance had not read yet (was it paused, or the event loop blocked, for the retention?): its subscribers from before get CURSOR_EXPIRED',
+    );
+  }
+
   /** Reads the log until it has caught up; a call while a read is under way asks for another. */
   function tail(via: 'ring' | 'poll' = 'ring'): Promise<void> {
     if (stopped) return Promise.resolve();
@@ -407,18 +454,24 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           const horizon: Horizon = exactWanted ? 'exact' : 'fast';
           exactWanted = false;
           const n = ++readsBegun;
+          const at = pos!;
+          const moves = writeMoves;
           let bound: BoundedRead | undefined;
           let batch: Delivered[];
+          let pruned: Position | undefined;
           if (readWaiters.length) {
-            bound = await readAfterBounded(deps.db, pos!, BATCH);
+            bound = await readAfterBounded(deps.db, at, BATCH);
             batch = bound.rows as Delivered[];
-          } else {
-            batch = (
-              withMessages
-                ? await readAfterWithMessages(deps.db, pos!, BATCH, horizon)
-                : await readAfter(deps.db, pos!, BATCH, horizon)
-            ) as Delivered[];
-          }
+            pruned = bound.pruned;
+          } else if (withMessages) {
+            const read = await readAfterWatched(deps.db, at, BATCH, horizon);
+            batch = read.rows as Delivered[];
+            pruned = read.pruned;
+          } else batch = (await readAfter(deps.db, at, BATCH, horizon)) as Delivered[];
+          // Read without the watermark (no subscriber then, one since), or an empty read after a
+          // write's rows moved the position unread: asked apart (rare: never per row).
+          if (!pruned && subs.size && (batch.length || unchecked)) pruned = await prunedThrough(deps.db);
+          lostToPrune(at, pruned, moves);
           if (!batch.length || stopped) {
             readDone(n, bound, true);
             break;
@@ -451,13 +504,20 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     if (stopped || !pos || !subs.size) return undefined;
     if (written && comparePos(pos, written.before ?? ORIGIN) >= 0) {
       obs.fromWrite?.();
+      unchecked ??= pos;
+      writeMoves++;
       dispatch(written.rows as Delivered[]);
       return undefined;
     }
     if (following || busy) return undefined;
     obs.read?.('follow');
     following = true;
-    const read = readAfterWithMessages(db, pos, BATCH);
+    const at = pos;
+    const moves = writeMoves;
+    const read = readAfterWatched(db, at, BATCH).then((r) => {
+      lostToPrune(at, r.pruned, moves);
+      return r.rows;
+    });
     const failed = (err: unknown) => {
       following = false;
       deps.log.warn({ err }, 'event log read after a write failed; reading again');
@@ -807,14 +867,31 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
           );
         }
         pos = await headPosition(deps.db);
+        // Rows up to the watermark now were gone before anyone subscribed here (read after the
+        // head: a row deleted before that read was no row of this tailer's).
+        lostThrough = await prunedThrough(deps.db);
         unsubs.push(deps.bus.onAnnounce(inHub(onRing)));
         if (database) unsubs.push(followCommits(database, inHub(follow)));
         unsubs.push(deps.bus.onSignal(inHub(onSignal)));
         poll = setInterval(() => void tail('poll'), pollMs);
         poll.unref();
         const runPrune = () =>
-          pruneEvents(deps.db, deps.settings.eventRetentionDays).catch((err) =>
-            deps.log.warn({ err }, 'event log prune failed'),
+          pruneEventsReporting(deps.db, deps.settings.eventRetentionDays).then(
+            (status) => {
+              pruneStatus = status;
+              if (status.heldBackSeconds > PRUNE_HELD_BACK_WARN_SECONDS) {
+                deps.log.warn(
+                  {
+                    heldBackSeconds: Math.round(status.heldBackSeconds),
+                    oldestRowAgeSeconds: Math.round(status.oldestAgeSeconds),
+                    retentionDays: deps.settings.eventRetentionDays,
+                    holder: status.holder ?? null,
+                  },
+                  'event log prune held back: a transaction of this database open longer than the retention (holder: its pid, application_name, state and age; null if it ended since or cannot be seen) keeps every row written since it began, and the log grows until it ends',
+                );
+              }
+            },
+            (err) => deps.log.warn({ err }, 'event log prune failed'),
           );
         prune = setInterval(runPrune, opts.pruneMs ?? 3_600_000);
         prune.unref();
@@ -912,6 +989,11 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
 
     get subscriberCount() {
       return subs.size;
+    },
+
+    /** What this instance's last prune left (PruneStatus); undefined before its first. */
+    get pruneStatus(): PruneStatus | undefined {
+      return pruneStatus;
     },
 
     /**

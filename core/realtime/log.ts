@@ -100,6 +100,9 @@ function toRow(r: RawRow): LogRow {
   return withPayload(row, r.payload);
 }
 
+/** instance_settings' key of the prune's watermark (see prunedThrough). */
+const WATERMARK_KEY = 'events.pruned_through';
+
 const COLS = sql`seq, xid::text as xid, type, guild_id, channel_id, user_id, payload`;
 /**
  * The xid as a bigint: PGlite (wasm32) sorts xid8 wrongly (comparisons are right, ORDER BY is
@@ -216,8 +219,35 @@ export async function readAfterWithMessages(
   limit: number,
   horizon: Horizon = 'fast',
 ): Promise<LogRow[]> {
+  return (await readAfterWatched(db, from, limit, horizon)).rows;
+}
+
+/** A read that says where the prune's watermark was in the read's snapshot. */
+export interface WatchedRead {
+  rows: LogRow[];
+  /**
+   * the watermark (prunedThrough) as the read saw it; undefined when the read found no rows (it
+   * is a column of each row). A watermark past `from` means rows after `from` were deleted before
+   * the read: a reader that had not read them has lost them (see the hub's lostToPrune).
+   */
+  pruned: Position | undefined;
+}
+
+/** readAfterWithMessages, with the watermark as the same statement saw it (see WatchedRead). */
+export async function readAfterWatched(
+  db: Db,
+  from: Position,
+  limit: number,
+  horizon: Horizon = 'fast',
+): Promise<WatchedRead> {
   const found = await queriesOf(db).withMessages[horizon].execute({ xid: from.xid, seq: from.seq, limit });
-  return found.map((f) => foundRow(f)!);
+  return { rows: found.map((f) => foundRow(f)!), pruned: prunedOf(found[0]?.pruned) };
+}
+
+/** The watermark column of a read (jsonb as text), ORIGIN when none was ever written. */
+function prunedOf(value: string | null | undefined): Position | undefined {
+  if (value === undefined) return undefined;
+  return value === null ? ORIGIN : watermarkOf(value);
 }
 
 // Named prepared statements: planning these joins costs more than running them (~1 ms vs ~0.2).
@@ -260,6 +290,10 @@ const withMessageColumns = (page: Page) => ({
   payload: page.payload,
   m: messages,
   u: users,
+  /** the watermark in the read's snapshot: an uncorrelated subquery, evaluated once per read */
+  pruned: sql<
+    string | null
+  >`(select value::text from instance_settings where key = ${sql.raw(`'${WATERMARK_KEY}'`)})`,
 });
 const messageOf = (page: Page) => and(eq(messages.id, page.mid), isNull(messages.deletedAt));
 
@@ -328,6 +362,7 @@ function foundRow({
   u,
   horizon: _h,
   xmax: _x,
+  pruned: _p,
   ...e
 }: Partial<Pick<FoundRow, 'horizon' | 'xmax'>> & Omit<FoundRow, 'horizon' | 'xmax'>): LogRow | null {
   if (e.seq === null) return null;
@@ -343,6 +378,8 @@ export interface BoundedRead {
   horizon: string;
   /** the read's snapshot's xmax: every transaction committed before the read began is below it */
   xmax: string;
+  /** the watermark in the read's snapshot (see WatchedRead) */
+  pruned: Position;
 }
 
 /**
@@ -358,6 +395,7 @@ export async function readAfterBounded(db: Db, from: Position, limit: number): P
     rows: found.map(foundRow).filter((r): r is LogRow => r !== null),
     horizon: String(found[0].horizon),
     xmax: String(found[0].xmax),
+    pruned: prunedOf(found[0].pruned) ?? ORIGIN,
   };
 }
 
@@ -575,8 +613,6 @@ export async function loadMessages(db: Db, batch: LogRow[]): Promise<void> {
   }
 }
 
-const WATERMARK_KEY = 'events.pruned_through';
-
 /** The last position pruned: a cursor before it may have lost rows. */
 export async function prunedThrough(db: Db): Promise<Position> {
   const [r] = resultRows<{ value: Position | string }>(
@@ -712,8 +748,109 @@ const FORMER_MEMBERS_MARGIN_MS = 86_400_000;
  * it, and one such transaction left open past the retention (a session idle in a transaction, a
  * forgotten prepared one) made the prune take those rows first, and every live stream missed
  * them once it ended. So no row is ever committed below the watermark after it moved.
+ *
+ * Rows go by age, and the watermark is the highest position deleted: a row dated before rows
+ * ahead of it in log order (created_at is its transaction's start, its position the transaction's
+ * first write) moves the watermark past them, and cursors among them are refused while their
+ * rows are still there. That errs only toward CURSOR_EXPIRED (every row after a cursor at or past
+ * the watermark is there), and only by the time between a writing transaction's start and its
+ * first write: under a second for Banter's own writes, the only ones to this table. An instance
+ * whose tailer has not read a row that went is told by the watermark (see lostToPrune in hub.ts).
  */
 export async function pruneEvents(db: Db, retentionDays: number, now?: Date): Promise<number> {
+  return (await prune(db, retentionDays, now)).deleted;
+}
+
+/**
+ * What an operator needs to know of the log after a prune (pruneEventsReporting): how old its
+ * oldest row is, and whether the prune was held back (rows past the retention left because a
+ * transaction of this database that began before they were written is still open), and by what.
+ */
+export interface PruneStatus {
+  /** rows deleted */
+  deleted: number;
+  /** age of the oldest row left, in seconds by the database's clock (0: the log is empty) */
+  oldestAgeSeconds: number;
+  /** how far past the retention the oldest row left is, in seconds (0: not held back) */
+  heldBackSeconds: number;
+  /** when held back: the transaction at the prune's horizon (the oldest of this database open), if found */
+  holder?: PruneHolder;
+}
+
+/** The transaction that holds the prune back (see PruneStatus). */
+export interface PruneHolder {
+  /** its backend (null: a prepared transaction, which has none) */
+  pid: number | null;
+  applicationName: string | null;
+  user: string | null;
+  /** pg_stat_activity's state ('idle in transaction', 'active'), or 'prepared' */
+  state: string | null;
+  /** seconds since it began (a prepared one: since it was prepared) */
+  ageSeconds: number;
+  xid: string;
+  /** a prepared transaction's gid */
+  gid?: string;
+}
+
+/** pruneEvents, then the log's state after it (see PruneStatus): the hub's prune, for its log and metrics. */
+export async function pruneEventsReporting(db: Db, retentionDays: number, now?: Date): Promise<PruneStatus> {
+  const { deleted, cutoff } = await prune(db, retentionDays, now);
+  return { deleted, ...(await statusAfterPrune(db, cutoff, now)) };
+}
+
+/** The log's state after a prune whose cutoff was `cutoff` (see PruneStatus). */
+async function statusAfterPrune(
+  db: Db,
+  cutoff: string,
+  now: Date | undefined,
+): Promise<Omit<PruneStatus, 'deleted'>> {
+  const [r] = resultRows<{ age: number | string | null; held: number | string | null }>(
+    await db.execute(sql`select extract(epoch from coalesce(${now?.toISOString() ?? null}::timestamptz, now()) - o.t)::float8 as age,
+        greatest(0, extract(epoch from ${cutoff}::timestamptz - o.t))::float8 as held
+      from (select min(created_at) as t from events) o`),
+  );
+  const status = { oldestAgeSeconds: Number(r.age ?? 0), heldBackSeconds: Number(r.held ?? 0) };
+  if (!status.heldBackSeconds) return status;
+  // The `exact` horizon's transaction: the prune deletes only rows below it.
+  const [h] = resultRows<{
+    pid: number | null;
+    application_name: string | null;
+    user: string | null;
+    state: string | null;
+    age: number | string;
+    xid: string;
+    gid: string | null;
+  }>(
+    await db.execute(
+      sql.raw(`with h as (select (${EXACT_BOUND}) as x from (select pg_current_snapshot() as s) t)
+      select a.pid, a.application_name, a.usename::text as user, a.state,
+          extract(epoch from now() - a.xact_start)::float8 as age, h.x::text as xid, null::text as gid
+        from h join pg_stat_activity a on a.backend_xid = h.x::xid
+      union all
+      select null, null, p.owner::text, 'prepared', extract(epoch from now() - p.prepared)::float8, h.x::text, p.gid
+        from h join pg_prepared_xacts p on p.transaction = h.x::xid
+      limit 1`),
+    ),
+  );
+  if (!h) return status;
+  const holder: PruneHolder = {
+    pid: h.pid === null ? null : Number(h.pid),
+    applicationName: h.application_name,
+    user: h.user,
+    state: h.state,
+    ageSeconds: Number(h.age),
+    xid: String(h.xid),
+  };
+  if (h.gid !== null) holder.gid = h.gid;
+  return { ...status, holder };
+}
+
+/** The prune (see pruneEvents): how many rows it deleted, and its cutoff (ISO 8601). */
+async function prune(
+  db: Db,
+  retentionDays: number,
+  now: Date | undefined,
+): Promise<{ deleted: number; cutoff: string }> {
   // As JSON's text, ISO 8601 with its offset whatever the session's DateStyle: ::text follows it,
   // and with DateStyle SQL or Postgres prints a zone's abbreviation, which input may read as
   // another zone's (Asia/Shanghai's 'CST' as US Central: a cutoff 14 h late, rows that young gone).
@@ -763,9 +900,10 @@ export async function pruneEvents(db: Db, retentionDays: number, now?: Date): Pr
       );
       return Number(r.n);
     });
-    if (n < PRUNE_BATCH) return total;
+    if (n < PRUNE_BATCH) break;
     await turn();
   }
+  return { deleted: total, cutoff };
 }
 
 /**
