@@ -754,7 +754,8 @@ const FORMER_MEMBERS_MARGIN_MS = 86_400_000;
  * first write) moves the watermark past them, and cursors among them are refused while their
  * rows are still there. That errs only toward CURSOR_EXPIRED (every row after a cursor at or past
  * the watermark is there), and only by the time between a writing transaction's start and its
- * first write: under a second for Banter's own writes, the only ones to this table. An instance
+ * first write: short for Banter's own writes, the only ones to this table (a few reads, or a wait
+ * on a short advisory lock, come before it). An instance
  * whose tailer has not read a row that went is told by the watermark (see lostToPrune in hub.ts).
  */
 export async function pruneEvents(db: Db, retentionDays: number, now?: Date): Promise<number> {
