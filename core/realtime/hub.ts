@@ -366,7 +366,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     if (!pruned) return;
     let since = from;
     if (unchecked && comparePos(unchecked, since) < 0) since = unchecked;
-    if (moves === writeMoves) unchecked = undefined;
+    // This read answers for the moves before it began; those during it began at `from` or later.
+    // (Kept at the first unchecked position while writes kept coming, under a steady load it
+    // stayed there for good, and once a week had gone by, the watermark passed it.)
+    unchecked = moves === writeMoves ? undefined : from;
     if (comparePos(pruned, maxPos(since, lostThrough)) <= 0) return;
     lostThrough = pruned;
     const expired = [...subs].filter((s) => comparePos(s.floor, pruned) < 0);
