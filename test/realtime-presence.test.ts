@@ -242,10 +242,14 @@ it('a status chosen on one instance while a socket connects on another is not ov
     return touch(...args);
   };
   const hubB = createHub({ ...app.deps, db: dbB.db }, { presence: storeB });
+  // B's Redis connection is busy (a blocking pop), as a loaded instance's is: what B sends
+  // meanwhile reaches Redis after it. Busy until A's choice is written, not for a fixed second: a
+  // read of B's (or A's mutation) that outlasted it let B's write through first, and the test
+  // passed without the race.
+  const wake = `${app.config.redisPrefix}wake-${uid}`;
+  const waker = new Redis(TEST_REDIS_URL);
+  const busy = redisB.blpop(wake, 60);
   try {
-    // B's Redis connection is busy for 1 s (a blocking pop), as a loaded instance's is: what B
-    // sends meanwhile reaches Redis after it.
-    const busy = redisB.blpop(`${app.config.redisPrefix}nothing`, 1);
     const entering = hubB.presence.connected(uid);
     // B has read the choice; its write waits. Bounded: a connected() that ends without writing
     // (it does not throw: a failure is left to the refresh) would otherwise leave this waiting.
@@ -256,12 +260,18 @@ it('a status chosen on one instance while a socket connects on another is not ov
       }),
     ]);
     await ok(app, 'mutation { setPresence(status: INVISIBLE) }', {}, user.token);
-    await busy;
+    await waker.lpush(wake, 'go');
+    assert.deepEqual(await busy, [wake, 'go'], "B's connection was busy until A's choice was written");
     const conn = await entering;
     const shown = await app.deps.realtime!.presence.store.shown([uid]);
     hubB.presence.disconnected(uid, conn);
     assert.equal(shown.get(uid), 'OFFLINE', 'an invisible user shown to others');
   } finally {
+    // A failure before the wake: B's pop ends now, not after its 60 s.
+    await waker.lpush(wake, 'go');
+    await busy.catch(() => {});
+    await waker.del(wake);
+    waker.disconnect();
     await hubB.stop();
     redisB.disconnect();
     await dbB.close();
