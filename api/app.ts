@@ -160,7 +160,9 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   };
   const metrics = createMetrics(database);
   const hub = createHub(deps, {
-    presence: redis ? createRedisPresence(redis, config.redisPrefix) : undefined,
+    presence: redis
+      ? createRedisPresence(redis, config.redisPrefix, config.presenceConnectionTtlMs)
+      : undefined,
     typingThrottle: redis ? createRedisThrottle(redis, config.redisPrefix) : undefined,
   });
   deps.realtime = hub;

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { CONNECTION_TTL_MS } from '../core/realtime/presence.ts';
 
 /** The process configuration, read from the environment once at start (CONTRACT.md lists it). */
 export interface Config {
@@ -45,6 +46,12 @@ export interface Config {
    * test harness sets it lower (through loadConfig's overrides), since it signs up hundreds of users.
    */
   passwordHashCost: number;
+  /**
+   * How long a presence connection entry in Redis lives unless refreshed, so how long after its
+   * instance died a user is told OFFLINE: 60 s (CONNECTION_TTL_MS). No environment variable: only
+   * tests set it shorter (through loadConfig's overrides), to see that happen without a minute's wait.
+   */
+  presenceConnectionTtlMs: number;
   /** Largest accepted request body in bytes. Default 1 MiB. */
   maxBodyBytes: number;
   /** Proxies of yours in front of Banter whose X-Forwarded-For to believe (api/client-ip.ts). Default 0. */
@@ -156,6 +163,7 @@ export function loadConfig(env: Env = process.env, overrides: Partial<Config> = 
     motd: env.MOTD ?? '',
     eventRetentionDays: int(env, 'EVENT_RETENTION_DAYS', 7, 1, 3650),
     passwordHashCost: 14,
+    presenceConnectionTtlMs: CONNECTION_TTL_MS,
     maxBodyBytes: int(env, 'MAX_BODY_BYTES', 1024 * 1024, 1024, 100 * 1024 * 1024),
     trustProxyHops: int(env, 'TRUST_PROXY_HOPS', 0, 0, 10),
     ws: {

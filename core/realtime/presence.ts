@@ -11,7 +11,10 @@ import type { Bus } from '../ports/bus.ts';
 export type PresenceChoice = 'ONLINE' | 'IDLE' | 'DND' | 'INVISIBLE';
 export type PresenceShown = 'ONLINE' | 'IDLE' | 'DND' | 'OFFLINE';
 
-/** A connection entry lives this long unless refreshed (an instance that dies drops out). */
+/**
+ * A connection entry lives this long unless refreshed (an instance that dies drops out): the
+ * default of createRedisPresence's `connectionTtlMs` (Config.presenceConnectionTtlMs).
+ */
 export const CONNECTION_TTL_MS = 60_000;
 /** Offline only after the last socket has been closed this long (a reconnect is not a flap). */
 export const OFFLINE_GRACE_MS = 5_000;
@@ -23,8 +26,10 @@ export const OFFLINE_GRACE_MS = 5_000;
 export const RECONNECT_SETTLE_MS = 3_000;
 
 export interface PresenceStore {
+  /** How long a connection entry lives unless refreshed; the tracker refreshes at a third of it. */
+  readonly connectionTtlMs: number;
   /**
-   * Marks connections alive until now + CONNECTION_TTL_MS; with `choice`, sets the user's chosen
+   * Marks connections alive until now + connectionTtlMs; with `choice`, sets the user's chosen
    * status first, in the same write (a Redis that answers late applies both, in that order).
    */
   touch(userId: string, connIds: string[], choice?: PresenceChoice): Promise<void>;
@@ -55,6 +60,7 @@ export function createMemoryPresence(): PresenceStore {
   const conns = new Map<string, Map<string, number>>();
   const choices = new Map<string, PresenceChoice>();
   return {
+    connectionTtlMs: CONNECTION_TTL_MS,
     async touch(userId, connIds, choice) {
       if (choice) choices.set(userId, choice);
       let m = conns.get(userId);
@@ -135,28 +141,38 @@ if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) 
 return 0`;
 
 /**
- * How long a user's hash of entries outlives its last write. lapsed() tells a dead instance's
- * users (entries there, run out) from users who left (none) by it: the sweeps must reach every
- * one of them before it goes. 2 minutes gave a sweeper ~3 calls, ~30,000 users.
+ * How long a user's hash of entries outlives its last write, in connection TTLs. lapsed() tells a
+ * dead instance's users (entries there, run out) from users who left (none) by it: the sweeps
+ * must reach every one of them before it goes. 2 minutes gave a sweeper ~3 calls, ~30,000 users.
  */
-const HASH_TTL_MS = 10 * CONNECTION_TTL_MS;
+const HASH_TTLS = 10;
 
-export function createRedisPresence(redis: Redis, prefix: string): PresenceStore {
+/**
+ * `connectionTtlMs`: how long an entry lives unless refreshed, so how long after its instance
+ * died a user is told OFFLINE (up to a third more: the sweep runs with the refresh). Only tests
+ * set it shorter (Config.presenceConnectionTtlMs), to see that happen without a minute's wait.
+ */
+export function createRedisPresence(
+  redis: Redis,
+  prefix: string,
+  connectionTtlMs = CONNECTION_TTL_MS,
+): PresenceStore {
   const key = (u: string) => `${prefix}presence:${u}`;
   const choiceKey = (u: string) => `${prefix}presence-choice:${u}`;
   /** each user with entries, by the last deadline written for it (lapsed() looks past it) */
   const deadlines = `${prefix}presence-deadlines`;
   return {
+    connectionTtlMs,
     async touch(userId, connIds, choice) {
       if (!connIds.length && !choice) return;
       const m = redis.multi();
       if (choice) m.set(choiceKey(userId), choice, 'EX', CHOICE_TTL_S);
       if (connIds.length) {
-        const until = String(Date.now() + CONNECTION_TTL_MS);
+        const until = String(Date.now() + connectionTtlMs);
         // The hash outlives its entries by a TTL: lapsed() tells entries left behind by an
         // instance that died (still there, run out) from ones dropped as their sockets closed.
         m.hset(key(userId), ...connIds.flatMap((c) => [c, until]))
-          .pexpire(key(userId), HASH_TTL_MS)
+          .pexpire(key(userId), HASH_TTLS * connectionTtlMs)
           .zadd(deadlines, until, userId);
       }
       await m.exec();
@@ -328,7 +344,7 @@ export function createPresenceTracker(
       unsure.delete(u);
       rewriteAndTell(u);
     }
-  }, CONNECTION_TTL_MS / 3);
+  }, store.connectionTtlMs / 3);
   refresh.unref();
 
   // Back from an outage, the store may have lost every entry (a restarted Redis) and has missed
