@@ -13,7 +13,7 @@ import type { Delivered } from '../core/realtime/subscription.ts';
 import { ViewerAccess } from '../core/realtime/visibility.ts';
 import { accessCacheOf } from '../core/services/access-cache.ts';
 import { decodeAnyId } from '../schema/builder.ts';
-import { createTestApp, signUp, type TestApp } from './helpers.ts';
+import { createTestApp, ok, signUp, type TestApp } from './helpers.ts';
 import { guildWithChannel, invite, send, untilLive } from './realtime-helpers.ts';
 
 let app: TestApp;
@@ -67,7 +67,7 @@ async function setUp() {
   const c = raw(channelId);
   const entry = entryOf(access, c)!;
   assert.ok(entry, 'the answer is kept');
-  return { access, row, c, entry };
+  return { access, row, c, entry, owner, member, guildId };
 }
 
 /** Date.now() as if `at` were now (the clock goes on from there). */
@@ -130,4 +130,66 @@ it('an answer loaded again is not kept when access may have changed while it loa
   } finally {
     later.mock.restore();
   }
+});
+
+it('an answer loaded again after an access change the subscriber has not reached yet does not replace the one its earlier rows are judged by', {
+  timeout: 120_000,
+}, async () => {
+  const { access, row, entry, owner, member, guildId } = await setUp();
+  // The member is kicked. The tailer reads the kick with the rows before it (this message among
+  // them) and moves the access cache's generation before handing them out (a commit here moves it
+  // at once); this subscriber has not observed the kick yet: it is still on the rows before it,
+  // and those are judged by what it could see before the kick.
+  const s = (await app.deps.realtime!.subscribe({ userId: raw(owner.id) }, null)) as Stream;
+  try {
+    await untilLive(app, [owner]);
+    await ok(
+      app,
+      `mutation($g: ID!, $u: ID!) { kickMember(guildId: $g, userId: $u) }`,
+      { g: guildId, u: member.id },
+      owner.token,
+    );
+    // The tailer has read the kick once the owner's stream has it (bounded: 20 rows, 30 s each).
+    for (let i = 0; ; i++) {
+      assert.ok(i < 20, 'the kick reached the owner');
+      const r = await Promise.race([
+        s.next(),
+        new Promise<never>((_, reject) =>
+          setTimeout(() => reject(new Error('no row in 30 s')), 30_000).unref(),
+        ),
+      ]);
+      if ((r.value as Delivered).type === 'MEMBER_KICKED') break;
+    }
+  } finally {
+    await s.return!();
+  }
+  const clock = clockAt(entry.until - 2_000);
+  try {
+    // A row before the kick, 2 s before the answer lapses: answered from it.
+    assert.equal(access.canSee(row, false), true);
+    // Whatever load that began settles (the subscriber waits meanwhile on another row's check,
+    // say), still before it reaches the kick.
+    await entry.renewing;
+    // The next row before the kick (the same message row stands for it): still the member's.
+    // Before: false (the answer loaded after the kick, with the generation already moved, was
+    // kept, and the row the member could see was withheld: lost to it).
+    assert.equal(
+      access.canSee(row, false),
+      true,
+      'a row from before the kick, judged before the subscriber reached it',
+    );
+  } finally {
+    clock.mock.restore();
+  }
+  // Once it reaches the kick, the answer goes, and the next load says no.
+  access.observe({
+    xid: undefined,
+    type: 'MEMBER_KICKED',
+    guildId: raw(guildId),
+    channelId: null,
+    userId: null,
+    payload: { userId: raw(member.id) },
+  } as never);
+  const later = access.canSee(row, false);
+  assert.equal(later instanceof Promise ? await later : later, false);
 });

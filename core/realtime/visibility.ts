@@ -418,6 +418,8 @@ interface ChannelEntry {
   /** when the viewer joined its guild (ms; Infinity when not a member), for messageOk */
   joinedAt: number;
   until: number;
+  /** the access cache's generation as its load began (undefined: no cache, never renewed) */
+  mark?: number;
   /** its load again before it lapses (renewChannel), settled once the answer is kept or not */
   renewing?: Promise<void>;
 }
@@ -677,9 +679,16 @@ export class ViewerAccess {
     if (!root) return;
     const cache = accessCacheOf(root);
     const mark = cache.mark();
+    // Only while the generation is still the one the cached answer was loaded at: once it moved,
+    // an access-changing row was read (or committed) here that this subscriber may not have
+    // reached yet (it is still on rows before it, judged by what it could see then), and an answer
+    // loaded now holds the change: kept, it would judge those rows (a kicked member's last rows
+    // withheld, a new member given rows from before its join). Such an answer lapses as before.
+    if (c.mark !== mark) return;
     c.renewing = this.channelAccess(channelId).then(
       (a) => {
-        if (cache.mark() === mark && this.channels?.get(channelId) === c) this.keepChannel(channelId, a);
+        if (cache.mark() === mark && this.channels?.get(channelId) === c)
+          this.keepChannel(channelId, a, mark);
       },
       () => {},
     );
@@ -687,7 +696,12 @@ export class ViewerAccess {
 
   /** The viewer's access to a channel, loaded, and remembered as channelOk answers it. */
   private loadChannel(channelId: string) {
-    return this.channelAccess(channelId).then((a) => ({ access: a, entry: this.keepChannel(channelId, a) }));
+    const root = databaseOf(this.db);
+    const mark = root ? accessCacheOf(root).mark() : undefined;
+    return this.channelAccess(channelId).then((a) => ({
+      access: a,
+      entry: this.keepChannel(channelId, a, mark),
+    }));
   }
 
   private channelAccess(channelId: string) {
@@ -698,7 +712,7 @@ export class ViewerAccess {
   }
 
   /** A loaded access to a channel, remembered as channelOk answers it. */
-  private keepChannel(channelId: string, a: ChannelAccess | null): ChannelEntry {
+  private keepChannel(channelId: string, a: ChannelAccess | null, mark: number | undefined): ChannelEntry {
     const perms = a?.permissions ?? 0n;
     const guildId = a?.channel.guildId ?? null;
     if (guildId && perms) {
@@ -716,6 +730,7 @@ export class ViewerAccess {
       guildId,
       joinedAt,
       until: lapseAt(),
+      mark,
     };
     this.channels ??= new Map();
     this.channels.set(channelId, entry);
