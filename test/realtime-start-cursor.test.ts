@@ -10,6 +10,7 @@ import { sql } from 'drizzle-orm';
 import pg from 'pg';
 import { resultRows } from '../core/db/client.ts';
 import { encodeCursor } from '../core/realtime/cursor.ts';
+import { discardRowsFromAnotherCluster } from '../core/realtime/log.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import { connect, guildWithChannel, rowsUntil, send, subscribe } from './realtime-helpers.ts';
@@ -131,5 +132,78 @@ it('a write in progress when the cursor is read (an earlier transaction id, comm
   } finally {
     await long.query('rollback').catch(() => {});
     await long.end();
+  }
+});
+
+it('an eventsCursor handed out before a restore (rows from another cluster discarded) is refused, also once this cluster counts past its transaction id', async () => {
+  const hub = app.deps.realtime!;
+  await hub.start();
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  await send(app, u.token, channelId, 'before the move');
+  const db = app.deps.db;
+  // What a restore leaves: a row whose xid this cluster has not reached (written here by hand, 40
+  // ahead); the other cluster's eventsCursor read after it: one below a horizon past it.
+  const [top] = resultRows<{ x: string }>(
+    await db.execute(sql`insert into events (xid, type, guild_id, payload)
+      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 40)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
+      from events where guild_id is not null limit 1 returning xid::text as x`),
+  );
+  // Its seq drawn from the log's sequence then (and as eventsCursor gave it before it had one).
+  const [n] = resultRows<{ n: string }>(
+    await db.execute(sql`select nextval(pg_get_serial_sequence('events', 'seq'))::text as n`),
+  );
+  const staleCursors = [
+    encodeCursor({ xid: String(top.x), seq: Number(n.n) }),
+    encodeCursor({ xid: String(top.x), seq: Number.MAX_SAFE_INTEGER }),
+  ];
+  try {
+    assert.equal(await discardRowsFromAnotherCluster(db), 1);
+    for (const stale of staleCursors)
+      await assert.rejects(hub.subscribe({ userId: raw(u.id) }, stale), { code: 'CURSOR_EXPIRED' });
+    // This cluster's own, read after the restore with nothing written since, resumes at once.
+    await (await hub.subscribe({ userId: raw(u.id) }, await cursorOf(u.token))).return!();
+    // This cluster writes on (a message, its xid below the other cluster's), and its counter
+    // passes the stale cursor's xid (bounded: 200 transactions).
+    const missed = raw(await send(app, u.token, channelId, 'after the move'));
+    for (let i = 0; ; i++) {
+      assert.ok(i < 200, 'the counter passed the stale xid');
+      const [r] = resultRows<{ x: string }>(await db.execute(sql`select pg_current_xact_id()::text as x`));
+      if (BigInt(r.x) > BigInt(top.x)) break;
+    }
+    for (const stale of staleCursors) {
+      let replayed: string[] | undefined;
+      try {
+        const s = await hub.subscribe({ userId: raw(u.id) }, stale);
+        try {
+          const marker = raw(await send(app, u.token, channelId, 'marker'));
+          const got = await rowsUntil(
+            s,
+            (r) => r.type === 'MESSAGE_CREATED' && r.payload.messageId === marker,
+            'the marker',
+          );
+          replayed = got.map((r) =>
+            r.payload.messageId === missed
+              ? 'after the move'
+              : r.payload.messageId === marker
+                ? 'marker'
+                : r.type,
+          );
+        } finally {
+          await s.return!();
+        }
+      } catch (err) {
+        assert.equal((err as { code?: string }).code, 'CURSOR_EXPIRED', String(err));
+      }
+      // Before: accepted, and the message written after the move, below the cursor's xid, never
+      // came (['marker']): a gap with no CURSOR_EXPIRED to say so.
+      assert.equal(
+        replayed,
+        undefined,
+        `the stale cursor was accepted; replayed: ${JSON.stringify(replayed)}`,
+      );
+    }
+  } finally {
+    await db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
   }
 });

@@ -155,12 +155,23 @@ export async function unfinishedFrom(db: Db): Promise<string> {
  * read, so a query the client sends afterwards sees its rows; every row from the horizon on (a
  * write still in progress, or committed since) sorts after this position, so `events(after:)`
  * from it replays them. Nothing is missed; a row both in that state and replayed can come twice
- * to the client (once in each). One below the horizon, with the largest seq: a cursor must be
- * below the snapshot's xmax (assertResumable), and the horizon can be the xmax itself.
+ * to the client (once in each). One below the horizon (a cursor must be below the snapshot's
+ * xmax, assertResumable, and the horizon can be the xmax itself), with a seq drawn from the log's
+ * sequence after the snapshot: above every row of a transaction below the horizon (their seqs
+ * were drawn before they finished), and above a restore's mark once one was made here, as a row's
+ * would be: fromBeforeRestore tells such a cursor from one of the other cluster by its seq (it had
+ * none with the largest seq, and one from another cluster was accepted once this cluster's
+ * counter passed its xid, and the rows written here below that xid were never replayed).
  */
 export async function startPosition(db: Db): Promise<Position> {
-  const h = BigInt(await unfinishedFrom(db));
-  return { xid: (h > 0n ? h - 1n : 0n).toString(), seq: Number.MAX_SAFE_INTEGER };
+  const [r] = resultRows<{ x: string; n: string }>(
+    await db.execute(
+      sql.raw(`select (${EXACT_BOUND})::text as x, nextval(pg_get_serial_sequence('events', 'seq'))::text as n
+        from (select pg_current_snapshot() as s) t`),
+    ),
+  );
+  const h = BigInt(r.x);
+  return { xid: (h > 0n ? h - 1n : 0n).toString(), seq: Number(r.n) };
 }
 
 /** The last finished row: where a tailer starting now begins. */
@@ -681,10 +692,14 @@ const RESTORED_KEY = 'events.restored_at';
 
 /**
  * Whether a cursor was handed out before the rows from another cluster were discarded (`mark`:
- * that snapshot's xmax and the log's last seq then). A row committed meanwhile by another instance
- * may have a seq up to the mark too, but an xid from the mark on, and it is still there.
+ * that snapshot's xmax and the log's last seq then, or its sequence's if above it: eventsCursor's
+ * seqs are drawn from it). A row committed meanwhile by another instance may have a seq up to the
+ * mark too, but an xid from the mark on, and it is still there.
  */
 async function fromBeforeRestore(db: Db, after: Position, mark: Position): Promise<boolean> {
+  // eventsCursor's, as it was handed out before its seq was drawn (startPosition): whether before
+  // the restore or after cannot be told, and the other cluster's would be accepted.
+  if (after.seq === Number.MAX_SAFE_INTEGER) return true;
   if (after.seq > mark.seq) return false;
   if (compareXid(after.xid, mark.xid) < 0) return true;
   const found = resultRows<{ one: number }>(
@@ -710,7 +725,8 @@ export async function discardRowsFromAnotherCluster(db: Db): Promise<number> {
     // judge (its xid is past this snapshot's xmax, and it is not visible here).
     const [top] = resultRows<{ top: string | null; seq: string | null; xmax: string; n: string }>(
       await tx.execute(sql`with s as (select pg_snapshot_xmax(pg_current_snapshot())::text::bigint as xmax),
-        t as (select max(${XID}) as top, max(seq) as seq from events),
+        t as (select max(${XID}) as top, greatest(max(seq),
+          pg_sequence_last_value(pg_get_serial_sequence('events', 'seq')::regclass)) as seq from events),
         d as (delete from events where ${XID} >= (select xmax from s)
           and (select top from t) >= (select xmax from s) returning 1)
         select (select top from t)::text as top, (select seq from t)::text as seq,
