@@ -207,3 +207,45 @@ it('an eventsCursor handed out before a restore (rows from another cluster disca
     await db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
   }
 });
+
+it('after a restore whose watermark came from the other cluster (its xid ahead of this one), an eventsCursor read here resumes', async () => {
+  const hub = app.deps.realtime!;
+  await hub.start();
+  const u = await signUp(app);
+  const { channelId } = await guildWithChannel(app, u.token);
+  await send(app, u.token, channelId, 'before the move');
+  const db = app.deps.db;
+  const [was] = resultRows<{ value: unknown }>(
+    await db.execute(sql`select value from instance_settings where key = 'events.pruned_through'`),
+  );
+  // What a restore leaves: a row whose xid this cluster has not reached, and the other cluster's
+  // watermark, a week behind it there and still ahead of this cluster's counter.
+  const [top] = resultRows<{ x: string }>(
+    await db.execute(sql`insert into events (xid, type, guild_id, payload)
+      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
+      from events where guild_id is not null limit 1 returning xid::text as x`),
+  );
+  const watermark = { xid: String(BigInt(top.x) - 500n), seq: 1 };
+  await db.execute(sql`insert into instance_settings (key, value) values ('events.pruned_through', ${JSON.stringify(watermark)}::jsonb)
+    on conflict (key) do update set value = excluded.value`);
+  try {
+    assert.equal(await discardRowsFromAnotherCluster(db), 1);
+    const cursor = await cursorOf(u.token);
+    // Before: CURSOR_EXPIRED, for this cursor and every one read after it (a client doing as
+    // the field says, reading it afresh after CURSOR_EXPIRED, was refused again and again).
+    const s = await hub.subscribe({ userId: raw(u.id) }, cursor);
+    try {
+      const m = raw(await send(app, u.token, channelId, 'after the move'));
+      await rowsUntil(s, (r) => r.type === 'MESSAGE_CREATED' && r.payload.messageId === m, 'the message');
+    } finally {
+      await s.return!();
+    }
+  } finally {
+    await db.execute(sql`delete from instance_settings where key = 'events.restored_at'`);
+    if (was)
+      await db.execute(
+        sql`update instance_settings set value = ${JSON.stringify(was.value)}::jsonb where key = 'events.pruned_through'`,
+      );
+    else await db.execute(sql`delete from instance_settings where key = 'events.pruned_through'`);
+  }
+});

@@ -736,6 +736,16 @@ export async function discardRowsFromAnotherCluster(db: Db): Promise<number> {
     const mark: Position = { xid: String(top.xmax), seq: Number(top.seq) };
     await tx.execute(sql`insert into instance_settings (key, value) values (${RESTORED_KEY}, ${JSON.stringify(mark)}::jsonb)
       on conflict (key) do update set value = excluded.value`);
+    // The watermark came with the rows, in the other cluster's ids: at or past the mark, every
+    // cursor of this cluster's (its xid from the mark on) sorted before it and was CURSOR_EXPIRED,
+    // eventsCursor's too, read again and again, until the counter passed it. It goes just below
+    // the mark: a cursor from before the restore is refused by the mark, as are the rows' own.
+    const watermark = await prunedThrough(tx as unknown as Db);
+    if (compareXid(watermark.xid, mark.xid) >= 0) {
+      const below: Position = { xid: (BigInt(mark.xid) - 1n).toString(), seq: Number.MAX_SAFE_INTEGER };
+      await tx.execute(sql`update instance_settings set value = ${JSON.stringify(below)}::jsonb
+        where key = ${WATERMARK_KEY}`);
+    }
     return Number(top.n);
   });
 }
