@@ -17,7 +17,7 @@ import { PRUNE_BATCH, prunedThrough, pruneEvents } from '../core/realtime/log.ts
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, send, sleep, within } from './realtime-helpers.ts';
+import { guildWithChannel, rowsUntil, send, sleep, within } from './realtime-helpers.ts';
 
 let app: TestApp;
 before(async () => {
@@ -387,3 +387,44 @@ for (const via of ['a read of the log', 'a write dispatched from its result'] as
     }
   });
 }
+
+it('an instance left without subscribers for longer than the retention, after a write went out from its result, raises no alarm of rows pruned unread when someone subscribes again', {
+  timeout: 60_000,
+}, async () => {
+  // As above: an app of its own, its hub the only one on its database, reading only when poked.
+  const own = await createTestApp({ rateLimits: false });
+  const { log, warned } = warnings();
+  const hub = createHub({ ...own.deps, bus: createNullBus(), log }, { pollMs: 3_600_000 });
+  let fromWrite = 0;
+  hub.observe({ fromWrite: () => fromWrite++ });
+  try {
+    const owner = await signUp(own);
+    const { channelId } = await guildWithChannel(own, owner.token);
+    await hub.start();
+    const first = await hub.subscribe({ userId: raw(owner.id) }, null);
+    const sent = raw(await send(own, owner.token, channelId, 'the last before everyone left'));
+    await rowsUntil(first, (r) => r.payload.messageId === sent, 'the message');
+    // The last subscriber leaves; the instance reads on (polls) with no one to deliver to.
+    await first.return!();
+    await hub.poke();
+    // More than a week goes by: every row is past the retention, and the prune takes them.
+    await own.deps.db.execute(sql`update events set created_at = created_at - interval '8 days'`);
+    await pruneEvents(own.deps.db, 7);
+    const again = await hub.subscribe({ userId: raw(owner.id) }, null);
+    try {
+      const next = raw(await send(own, owner.token, channelId, 'someone is back'));
+      await hub.poke();
+      await rowsUntil(again, (r) => r.payload.messageId === next, 'the message sent after coming back');
+      assert.deepEqual(
+        warned.filter((w) => w.msg?.includes('pruned past rows')).map((w) => w.obj),
+        [],
+        `no rows were lost to anyone (writes dispatched from their result: ${fromWrite})`,
+      );
+    } finally {
+      await again.return!();
+    }
+  } finally {
+    await hub.stop();
+    await own.destroy();
+  }
+});

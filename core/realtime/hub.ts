@@ -363,6 +363,13 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
    * with CURSOR_EXPIRED instead (its client refetches), before the read's rows are dispatched.
    */
   function lostToPrune(from: Position, pruned: Position | undefined, moves: number) {
+    // With no subscriber when the read is done, no stream has a gap: whoever subscribes next begins
+    // at the position then. (Kept, the position of a move before the last one left was compared
+    // with the watermark a retention later: a false alarm of rows lost.)
+    if (!subs.size) {
+      unchecked = undefined;
+      return;
+    }
     if (!pruned) return;
     let since = from;
     if (unchecked && comparePos(unchecked, since) < 0) since = unchecked;
