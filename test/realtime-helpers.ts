@@ -2,6 +2,7 @@
 import { connect as connectTcp, createServer, type Socket } from 'node:net';
 import { sql } from 'drizzle-orm';
 import { type Client, createClient } from 'graphql-ws';
+import pg from 'pg';
 import WebSocket from 'ws';
 import type { App } from '../api/app.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
@@ -709,4 +710,26 @@ export async function holdsWithin(pred: () => boolean, ms = 5000) {
   const deadline = Date.now() + ms;
   while (!pred() && Date.now() < deadline) await sleep(20);
   return pred();
+}
+
+/**
+ * A transaction on a connection of its own that writes a MESSAGE_UPDATED row of `messageId` (raw
+ * uuids) and stays open (a session left in a transaction, a forgotten prepared one): every row
+ * committed after it waits for it to end. The caller commits or rolls back, then ends it.
+ * PostgreSQL only (PGlite has one session).
+ */
+export async function logWriteLeftOpen(
+  app: App,
+  guildId: string,
+  channelId: string,
+  messageId: string,
+): Promise<pg.Client> {
+  const long = new pg.Client({ connectionString: app.config.databaseUrl });
+  await long.connect();
+  await long.query('begin');
+  await long.query(
+    `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_UPDATED', $1, $2, $3)`,
+    [guildId, channelId, { messageId }],
+  );
+  return long;
 }

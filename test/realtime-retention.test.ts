@@ -17,7 +17,7 @@ import { PRUNE_BATCH, prunedThrough, pruneEvents } from '../core/realtime/log.ts
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { guildWithChannel, rowsUntil, send, sleep, within } from './realtime-helpers.ts';
+import { guildWithChannel, logWriteLeftOpen, rowsUntil, send, sleep, within } from './realtime-helpers.ts';
 
 let app: TestApp;
 before(async () => {
@@ -58,16 +58,9 @@ it('a write transaction open past the retention: the prune leaves the rows commi
   const live = await hub.subscribe({ userId: raw(owner.id) }, null);
   const first = raw(await send(app, owner.token, channelId, 'first'));
   await until(live, first, 'the first message');
-  const long = new pg.Client({ connectionString: app.config.databaseUrl });
-  await long.connect();
+  // A transaction that writes the log and stays open: every row committed after it waits for it.
+  const long = await logWriteLeftOpen(app, raw(guildId), raw(channelId), first);
   try {
-    // A transaction that writes the log and stays open (a session left in a transaction, a
-    // forgotten prepared one): every row committed after it waits for it to end.
-    await long.query('begin');
-    await long.query(
-      `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_UPDATED', $1, $2, $3)`,
-      [raw(guildId), raw(channelId), { messageId: first }],
-    );
     const waiting = raw(await send(app, owner.token, channelId, 'committed while it was open'));
     assert.ok(await rowOf(waiting), 'the send committed');
     // Days go by: every committed row is past the retention.

@@ -7,13 +7,19 @@
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { sql } from 'drizzle-orm';
-import pg from 'pg';
 import { resultRows } from '../core/db/client.ts';
 import { encodeCursor } from '../core/realtime/cursor.ts';
 import { discardRowsFromAnotherCluster } from '../core/realtime/log.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, rowsUntil, send, subscribe } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  logWriteLeftOpen,
+  rowsUntil,
+  send,
+  subscribe,
+} from './realtime-helpers.ts';
 
 let app: TestApp;
 let url: string;
@@ -83,14 +89,8 @@ it('a write in progress when the cursor is read (an earlier transaction id, comm
   const u = await signUp(app);
   const { guildId, channelId } = await guildWithChannel(app, u.token);
   const first = raw(await send(app, u.token, channelId, 'first'));
-  const long = new pg.Client({ connectionString: app.config.databaseUrl });
-  await long.connect();
+  const long = await logWriteLeftOpen(app, raw(guildId), raw(channelId), first);
   try {
-    await long.query('begin');
-    await long.query(
-      `insert into events (type, guild_id, channel_id, payload) values ('MESSAGE_UPDATED', $1, $2, $3)`,
-      [raw(guildId), raw(channelId), { messageId: first }],
-    );
     // A message committed while it is open: its xid is later, its row final before the cursor.
     const committed = raw(await send(app, u.token, channelId, 'committed while it was open'));
     const cursor = await cursorOf(u.token);
