@@ -5,6 +5,7 @@ import { type Client, createClient } from 'graphql-ws';
 import pg from 'pg';
 import WebSocket from 'ws';
 import type { App } from '../api/app.ts';
+import { resultRows } from '../core/db/client.ts';
 import type { Delivered } from '../core/realtime/subscription.ts';
 import { decodeAnyId } from '../schema/builder.ts';
 import { ok } from './helpers.ts';
@@ -732,4 +733,17 @@ export async function logWriteLeftOpen(
     [guildId, channelId, { messageId }],
   );
   return long;
+}
+
+/**
+ * What a restore from another cluster leaves: a row of the log whose xid this cluster has not
+ * reached (`ahead` past the snapshot's xmax), written by hand into a guild that has rows. Its xid.
+ */
+export async function rowFromAnotherCluster(app: App, ahead: number): Promise<string> {
+  const [r] = resultRows<{ x: string }>(
+    await app.deps.db.execute(sql`insert into events (xid, type, guild_id, payload)
+      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + ${ahead})::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
+      from events where guild_id is not null limit 1 returning xid::text as x`),
+  );
+  return String(r.x);
 }

@@ -306,19 +306,26 @@ it('a transaction of this database left open past the retention holds the prune 
   }
 });
 
+/**
+ * An app of its own, its hub not started: the hub under test is the only one on its database, and
+ * reads only when poked (no bus rings, no poll), as an instance that is paused would. `fromWrite()`:
+ * how many writes' rows went out from their result (no other transaction in progress on the server
+ * as they ran: always on PGlite, most often on Postgres) rather than by a read of the log.
+ */
+async function pokedHub() {
+  const own = await createTestApp({ rateLimits: false });
+  const { log, warned } = warnings();
+  const hub = createHub({ ...own.deps, bus: createNullBus(), log }, { pollMs: 3_600_000 });
+  let writes = 0;
+  hub.observe({ fromWrite: () => writes++ });
+  return { own, hub, warned, fromWrite: () => writes };
+}
+
 for (const via of ['a read of the log', 'a write dispatched from its result'] as const) {
   it(`a tailer that the prune passed (a paused instance) ends its streams CURSOR_EXPIRED rather than with a gap, the next row coming by ${via}`, {
     timeout: 60_000,
   }, async () => {
-    // An app of its own, its hub not started: the hub under test is the only one on its database,
-    // and reads only when poked (no bus rings, no poll), as an instance that is paused would.
-    const own = await createTestApp({ rateLimits: false });
-    const { log, warned } = warnings();
-    const hub = createHub({ ...own.deps, bus: createNullBus(), log }, { pollMs: 3_600_000 });
-    // Whether the write's rows went out from its result (no other transaction in progress on the
-    // server as it ran: always on PGlite, most often on Postgres), or the log was read after it.
-    let fromWrite = 0;
-    hub.observe({ fromWrite: () => fromWrite++ });
+    const { own, hub, warned, fromWrite } = await pokedHub();
     try {
       const owner = await signUp(own);
       const { guildId, channelId } = await guildWithChannel(own, owner.token);
@@ -361,7 +368,7 @@ for (const via of ['a read of the log', 'a write dispatched from its result'] as
       assert.deepEqual(
         { code: (error as { code?: string } | undefined)?.code, got: got.filter((t) => t !== 'marker') },
         { code: 'CURSOR_EXPIRED', got: [] },
-        `the stream ends CURSOR_EXPIRED, the row after the pruned one never delivered without it (got ${got}; writes dispatched from their result: ${fromWrite})`,
+        `the stream ends CURSOR_EXPIRED, the row after the pruned one never delivered without it (got ${got}; writes dispatched from their result: ${fromWrite()})`,
       );
       assert.ok(warned.some((w) => w.msg?.includes('pruned past rows this instance had not read')));
       // A stream begun now (after the prune) is not expired by it.
@@ -384,12 +391,7 @@ for (const via of ['a read of the log', 'a write dispatched from its result'] as
 it('an instance left without subscribers for longer than the retention, after a write went out from its result, raises no alarm of rows pruned unread when someone subscribes again', {
   timeout: 60_000,
 }, async () => {
-  // As above: an app of its own, its hub the only one on its database, reading only when poked.
-  const own = await createTestApp({ rateLimits: false });
-  const { log, warned } = warnings();
-  const hub = createHub({ ...own.deps, bus: createNullBus(), log }, { pollMs: 3_600_000 });
-  let fromWrite = 0;
-  hub.observe({ fromWrite: () => fromWrite++ });
+  const { own, hub, warned, fromWrite } = await pokedHub();
   try {
     const owner = await signUp(own);
     const { channelId } = await guildWithChannel(own, owner.token);
@@ -411,7 +413,7 @@ it('an instance left without subscribers for longer than the retention, after a 
       assert.deepEqual(
         warned.filter((w) => w.msg?.includes('pruned past rows')).map((w) => w.obj),
         [],
-        `no rows were lost to anyone (writes dispatched from their result: ${fromWrite})`,
+        `no rows were lost to anyone (writes dispatched from their result: ${fromWrite()})`,
       );
     } finally {
       await again.return!();

@@ -16,6 +16,7 @@ import {
   connect,
   guildWithChannel,
   logWriteLeftOpen,
+  rowFromAnotherCluster,
   rowsUntil,
   send,
   subscribe,
@@ -144,18 +145,14 @@ it('an eventsCursor handed out before a restore (rows from another cluster disca
   const db = app.deps.db;
   // What a restore leaves: a row whose xid this cluster has not reached (written here by hand, 40
   // ahead); the other cluster's eventsCursor read after it: one below a horizon past it.
-  const [top] = resultRows<{ x: string }>(
-    await db.execute(sql`insert into events (xid, type, guild_id, payload)
-      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 40)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
-      from events where guild_id is not null limit 1 returning xid::text as x`),
-  );
+  const top = await rowFromAnotherCluster(app, 40);
   // Its seq drawn from the log's sequence then (and as eventsCursor gave it before it had one).
   const [n] = resultRows<{ n: string }>(
     await db.execute(sql`select nextval(pg_get_serial_sequence('events', 'seq'))::text as n`),
   );
   const staleCursors = [
-    encodeCursor({ xid: String(top.x), seq: Number(n.n) }),
-    encodeCursor({ xid: String(top.x), seq: Number.MAX_SAFE_INTEGER }),
+    encodeCursor({ xid: top, seq: Number(n.n) }),
+    encodeCursor({ xid: top, seq: Number.MAX_SAFE_INTEGER }),
   ];
   try {
     assert.equal(await discardRowsFromAnotherCluster(db), 1);
@@ -169,7 +166,7 @@ it('an eventsCursor handed out before a restore (rows from another cluster disca
     for (let i = 0; ; i++) {
       assert.ok(i < 200, 'the counter passed the stale xid');
       const [r] = resultRows<{ x: string }>(await db.execute(sql`select pg_current_xact_id()::text as x`));
-      if (BigInt(r.x) > BigInt(top.x)) break;
+      if (BigInt(r.x) > BigInt(top)) break;
     }
     for (const stale of staleCursors) {
       let replayed: string[] | undefined;
@@ -220,12 +217,8 @@ it('after a restore whose watermark came from the other cluster (its xid ahead o
   );
   // What a restore leaves: a row whose xid this cluster has not reached, and the other cluster's
   // watermark, a week behind it there and still ahead of this cluster's counter.
-  const [top] = resultRows<{ x: string }>(
-    await db.execute(sql`insert into events (xid, type, guild_id, payload)
-      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
-      from events where guild_id is not null limit 1 returning xid::text as x`),
-  );
-  const watermark = { xid: String(BigInt(top.x) - 500n), seq: 1 };
+  const top = await rowFromAnotherCluster(app, 1000);
+  const watermark = { xid: String(BigInt(top) - 500n), seq: 1 };
   await db.execute(sql`insert into instance_settings (key, value) values ('events.pruned_through', ${JSON.stringify(watermark)}::jsonb)
     on conflict (key) do update set value = excluded.value`);
   try {

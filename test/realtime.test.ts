@@ -21,6 +21,7 @@ import {
   connect,
   guildWithChannel,
   invite,
+  rowFromAnotherCluster,
   send,
   sleep,
   subscribe,
@@ -270,9 +271,7 @@ it('rows from another cluster (a dump restored into a server with lower transact
   await hub.poke();
   const before = (await live.next()).value!.cursor as string;
   // What a restore leaves: rows whose xids this cluster has not reached (written here by hand).
-  await app.deps.db.execute(sql`insert into events (xid, type, guild_id, payload)
-    select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
-    from events where guild_id is not null limit 1`);
+  await rowFromAnotherCluster(app, 1_000_000);
   try {
     assert.equal(await discardRowsFromAnotherCluster(app.deps.db), 1);
     assert.equal(await discardRowsFromAnotherCluster(app.deps.db), 0);
@@ -493,9 +492,7 @@ it('after rows from another cluster were discarded, a row another instance commi
   const hub = app.deps.realtime!;
   const live = await hub.subscribe({ userId }, null);
   try {
-    await app.deps.db.execute(sql`insert into events (xid, type, guild_id, payload)
-      select (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000)::text::xid8, 'GUILD_UPDATED', guild_id, '{}'::jsonb
-      from events where guild_id is not null limit 1`);
+    await rowFromAnotherCluster(app, 1_000_000);
     assert.equal(await discardRowsFromAnotherCluster(app.deps.db), 1);
     // A row whose seq was taken before the mark and which committed after it, as another
     // instance's write racing the discard would be: the mark's seq is moved above it by hand.
