@@ -113,9 +113,14 @@ export async function createDatabase(opts: DatabaseOptions): Promise<Database> {
     const limit = opts.queryTimeoutMs || undefined;
     // A caller waits at most `limit` for a connection; TCP keep-alive finds idle connections
     // that died silently. A statement out for `limit` has its connection checked (guardClient).
+    // An idle connection is kept a minute (node-postgres closes it after 10 s): a burst of
+    // permission reloads every half minute or so opened new ones each time, and a send landing
+    // on a new one waited for its backend to start and to prepare its statements (4.4 against
+    // 1.6 ms quiet, in 3.5% of paced fan-out messages at 1,000 subscribers).
     const pool = new pg.Pool({
       connectionString: opts.url,
       max: opts.poolSize ?? 10,
+      idleTimeoutMillis: 60_000,
       connectionTimeoutMillis: limit,
       keepAlive: true,
       keepAliveInitialDelayMillis: 10_000,
