@@ -183,6 +183,42 @@ describe('graphql-transport-ws', () => {
     s.ws.close();
   });
 
+  it('a document whose operation cannot be picked is counted in banter_graphql_errors_total under OPERATION_RESOLUTION_FAILURE over the socket as over HTTP (the socket did not count it)', async () => {
+    const docs = [
+      { query: '{ __typename } query B { __typename }' },
+      { query: 'query A { __typename } query B { __typename }' },
+      { query: 'query A { __typename }', operationName: 'Z' },
+      { query: 'fragment F on Query { __typename }' },
+    ];
+    const counted = async () =>
+      (await metricsOf(url))('banter_graphql_errors_total{code="OPERATION_RESOLUTION_FAILURE"}');
+    const s = open();
+    await s.init();
+    for (const [i, payload] of docs.entries()) {
+      const before = await counted();
+      const res = await fetch(url.replace('ws:', 'http:'), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${u.token}` },
+        body: JSON.stringify(payload),
+      });
+      await res.text();
+      const overHttp = await counted();
+      await s.send({ id: `c${i}`, type: 'subscribe', payload });
+      await s.until(() => s.messages.some((m) => m.id === `c${i}`), `an answer to c${i}`);
+      assert.equal(
+        s.messages.find((m) => m.id === `c${i}`).payload[0].extensions.code,
+        'OPERATION_RESOLUTION_FAILURE',
+      );
+      const overWs = await counted();
+      assert.deepEqual(
+        { http: overHttp - before, ws: overWs - overHttp },
+        { http: 1, ws: 1 },
+        JSON.stringify(payload),
+      );
+    }
+    s.ws.close();
+  });
+
   it("a syntax error, a validation error and a bad variable answer over the socket with the extensions HTTP answers, whichever transport saw the document first (a syntax error was BAD_USER_INPUT over the socket, then over HTTP too; the socket's carried yoga's internal `http` status)", async () => {
     // Documents of this test alone: yoga caches a document's parse error for both transports.
     const tag = `t${Date.now()}`;

@@ -425,12 +425,16 @@ export function attachRealtime(options: RealtimeServerOptions) {
     // Picked as yoga picks it over HTTP, once parsed and before validation: several operations and
     // no (or an unknown) operationName, an anonymous one beside others, none at all. Validated
     // first, the last two were validation errors here and OPERATION_RESOLUTION_FAILURE there.
+    // Through the mask, as every error answered here: it counts it in the errors metric by its code,
+    // as yoga's mask does for HTTP (it was answered as it was, and not counted).
     const op = getOperationAST(document, payload.operationName);
     if (!op) {
       return [
-        new GraphQLError('Could not determine what operation to execute.', {
-          extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
-        }),
+        maskError(
+          new GraphQLError('Could not determine what operation to execute.', {
+            extensions: { code: 'OPERATION_RESOLUTION_FAILURE' },
+          }),
+        ),
       ];
     }
     // A rule that throws (graphql-js's own did, on a variable in a subscription's root
