@@ -16,12 +16,25 @@ import {
   type ValidationRule,
 } from 'graphql';
 import type { Plugin } from 'graphql-yoga';
+import { MAX_PAGE as MAX_MEMBERS_PAGE } from '../core/services/member.service.ts';
+import { MAX_PAGE as MAX_MESSAGES_PAGE } from '../core/services/message-history.service.ts';
+import { MAX_SEARCH_PAGE } from '../core/services/search.service.ts';
+import { MAX_PAGE as MAX_MODERATION_PAGE } from '../schema/moderation.ts';
 
 export const ARMOR_LIMITS = {
   /** Selection depth outside introspection. */
   maxDepth: 12,
-  /** graphql-armor's cost (objects 2, scalars 1, times 1.5 per level). */
+  /**
+   * graphql-armor's cost (objects 2, scalars 1, times 1.5 per level, times a literal `first` or
+   * `last`), with `first`/`last` counted at most at maxPage (pagedCostRule).
+   */
   maxCost: 8000,
+  /**
+   * The largest page any field serves (messages, members, reports, audit log, search: 100); a
+   * larger `first` or `last` is refused by its resolver (BAD_USER_INPUT, with its bound) or served
+   * at that size, so the cost counts it as this.
+   */
+  maxPage: Math.max(MAX_MESSAGES_PAGE, MAX_MEMBERS_PAGE, MAX_MODERATION_PAGE, MAX_SEARCH_PAGE),
   maxAliases: 20,
   maxDirectives: 30,
   /** GraphiQL's introspection query is about 190 tokens. */
@@ -187,6 +200,56 @@ export function expandedSelections(doc: DocumentNode, cap: number): number {
   return total;
 }
 
+/**
+ * graphql-armor's cost limit (its costLimit, same weights and message), with a literal `first` or
+ * `last` counted at most as maxPage. Armor multiplies by the literal as written: `messages(first:
+ * 1000)` was refused for its cost ("Query Cost limit of 8000 exceeded") before its resolver could
+ * say the bound ("first must be between 0 and 100."), and no page is ever larger than maxPage, so
+ * the estimate stays an upper bound of the work. A variable counts 1, as in armor.
+ */
+export function pagedCostRule(maxCost: number, maxPage: number): ValidationRule {
+  const OBJECT = 2;
+  const SCALAR = 1;
+  const FACTOR = 1.5;
+  return (context) => {
+    // Each fragment costed once, reused at every spread of it (as armor does; -1 while costed).
+    const fragments = new Map<string, number>();
+    const cost = (node: ASTNode): number => {
+      if (node.kind === Kind.FIELD && node.name.value === '__schema') return 0;
+      if ('selectionSet' in node && node.selectionSet) {
+        let n = OBJECT;
+        let times = 1;
+        const page =
+          'arguments' in node ? node.arguments?.find((a) => /^(first|last)$/.test(a.name.value)) : undefined;
+        if (page?.value.kind === Kind.INT) times = Math.max(Math.min(Number(page.value.value), maxPage), 1);
+        for (const child of node.selectionSet.selections) n += FACTOR * cost(child);
+        return n * times;
+      }
+      if (node.kind !== Kind.FRAGMENT_SPREAD) return SCALAR;
+      const name = node.name.value;
+      const known = fragments.get(name);
+      if (known !== undefined) return SCALAR + FACTOR * known;
+      fragments.set(name, -1);
+      const f = context.getFragment(name);
+      const n = f ? cost(f) : 0;
+      if (fragments.get(name) === -1) fragments.set(name, n);
+      return SCALAR + FACTOR * n;
+    };
+    return {
+      OperationDefinition(node) {
+        let total = 0;
+        for (const s of node.selectionSet.selections) total += cost(s);
+        if (total <= maxCost) return;
+        context.reportError(
+          new GraphQLError(`Query Cost limit of ${maxCost} exceeded, found ${total}.`, {
+            extensions: { code: 'BAD_USER_INPUT' },
+          }),
+        );
+      },
+    };
+  };
+}
+
 /** The armor plugins for yoga (and any other envelop, such as the WebSocket server's). */
 export function armorPlugins(opts: { production: boolean }): Plugin[] {
   const L = ARMOR_LIMITS;
@@ -219,7 +282,8 @@ export function armorPlugins(opts: { production: boolean }): Plugin[] {
     },
     EnvelopArmorPlugin({
       maxDepth: { n: L.maxDepth, ignoreIntrospection: true, ...report },
-      costLimit: { maxCost: L.maxCost, ignoreIntrospection: true, ...report },
+      // pagedCostRule in its place (below).
+      costLimit: { enabled: false },
       // Every alias counts, `__typename`'s too: armor leaves those out by default (allowList), and
       // a document of any number of them passed the limit.
       maxAliases: { n: L.maxAliases, allowList: [], ...report },
@@ -230,6 +294,7 @@ export function armorPlugins(opts: { production: boolean }): Plugin[] {
     {
       onValidate({ addValidationRule, params }) {
         addValidationRule(introspectionDepthRule(L.maxIntrospectionLists));
+        addValidationRule(pagedCostRule(L.maxCost, L.maxPage));
         // In place: the rules run in order, and graphql-js's own would throw before this one.
         const at = params.rules?.indexOf(SingleFieldSubscriptionsRule) ?? -1;
         if (at >= 0) (params.rules as ValidationRule[])[at] = subscriptionRootRule;

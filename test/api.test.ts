@@ -123,6 +123,32 @@ describe('abuse limits', () => {
     await refused(costly, 'BAD_USER_INPUT', /cost/i);
   });
 
+  it("a page's size over its bound (messages(first: 1000)) is answered with the bound (BAD_USER_INPUT), not a cost the client cannot act on; the cost counts it at the bound, so a costly query is still refused", async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const page = (arg: string) => `messages(${arg}) { edges { node { id content } } }`;
+    const query = (...pages: string[]) =>
+      `query($c: ID!) { channel(id: $c) { ${pages.map((p, i) => `p${i}: ${p}`).join(' ')} } }`;
+    for (const arg of ['first: 1000', 'last: 1000']) {
+      const r = await gql(app, query(page(arg)), { c: channelId }, { token: u.token });
+      assert.deepEqual(
+        r.errors?.map((e) => [e.extensions?.code, e.message]),
+        [['BAD_USER_INPUT', `${arg.split(':')[0]} must be between 0 and 100.`]],
+        arg,
+      );
+    }
+    const within = await gql(app, query(page('first: 100')), { c: channelId }, { token: u.token });
+    assert.equal(within.status, 200, JSON.stringify(within.errors));
+    assert.equal(within.errors, undefined);
+    // Four pages of 100 cost more than maxCost (8000); so do four of 1000, counted at 100.
+    for (const arg of ['first: 100', 'first: 1000', 'last: 100000']) {
+      const pages = Array.from({ length: 4 }, () => page(arg));
+      const r = await gql(app, query(...pages), { c: channelId }, { token: u.token });
+      assert.equal(r.errors?.[0]?.extensions?.code, 'BAD_USER_INPUT', arg);
+      assert.match(String(r.errors?.[0]?.message), /cost limit/i, arg);
+    }
+  });
+
   it('counts aliases of __typename toward the alias limit, as aliases of any other field', async () => {
     const typenames = (n: number) => Array.from({ length: n }, (_, i) => `t${i}: __typename`).join(' ');
     const within = await gql(app, `{ ${typenames(ARMOR_LIMITS.maxAliases)} }`);
