@@ -16,7 +16,12 @@ import {
   loadChannelsPermissions,
   requireChannel,
 } from '../core/services/access.service.ts';
-import { MAX_ATTACHMENTS, type MessageRow } from '../core/services/message.service.ts';
+import {
+  MAX_ATTACHMENTS,
+  MAX_NONCE,
+  type MessageRow,
+  NONCE_WINDOW_MS,
+} from '../core/services/message.service.ts';
 import * as edits from '../core/services/message-edit.service.ts';
 import * as history from '../core/services/message-history.service.ts';
 import { sendMessage } from '../core/services/message-send.service.ts';
@@ -299,8 +304,11 @@ const SendMessageInput = builder.inputType('SendMessageInput', {
     attachmentIds: t.idList({
       description: `the sender's own uploads, not yet sent; at most ${MAX_ATTACHMENTS} (BAD_USER_INPUT above)`,
     }),
+    // The wipe of a deleted message frees its nonce (core/services/message.service.ts: wipeMessages),
+    // so that no retry returns a deleted message (NOT_FOUND for everyone): said here, where a client
+    // reading "returns the first message" would not expect a second one to appear.
     nonce: t.string({
-      description: 'a retry with the same nonce within 10 minutes returns the first message',
+      description: `Makes a send safe to retry (${MAX_NONCE} characters at most): a send with a nonce you used in the last ${NONCE_WINDOW_MS / 60_000} minutes, in the same channel, returns the message that one sent instead of sending again (in another channel it is CONFLICT). A deleted message gives up its nonce: a retry after the first message was deleted sends a new message.`,
     }),
   }),
 });

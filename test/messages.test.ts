@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { and, eq, sql } from 'drizzle-orm';
+import type { GraphQLInputObjectType } from 'graphql';
 import { attachments, auditLog, events, members, messageEdits, messages } from '../core/db/tables.ts';
 import { newId } from '../core/ids.ts';
 import { Permission } from '../core/permissions.ts';
 import { encodeId } from '../schema/builder.ts';
+import { buildSchema } from '../schema/index.ts';
 import { createTestApp, fails, gql, ok, signUp, type TestApp, type TestUser } from './helpers.ts';
 import {
   addMember,
@@ -207,6 +209,19 @@ describe('sendMessage', () => {
     // Only the author sees the nonce.
     const seen = await ok(app, `query($id: ID!) { message(id: $id) { nonce } }`, { id: a.id }, g.owner.token);
     assert.equal(seen.message.nonce, null);
+  });
+
+  it("nonce: a retry after the first message was deleted sends a new message, and the field's description says so (it said a retry returns the first message)", async () => {
+    const c = await createChannel(app, g.owner, g.guildId);
+    const a = await send(app, member, c, 'gone soon', { nonce: 'n-del' });
+    await ok(app, DELETE, { id: a.id }, member.token);
+    const b = await send(app, member, c, 'gone soon', { nonce: 'n-del' });
+    assert.notEqual(b.id, a.id);
+    assert.equal(b.nonce, 'n-del');
+    const again = await send(app, member, c, 'gone soon', { nonce: 'n-del' });
+    assert.equal(again.id, b.id);
+    const nonce = (buildSchema().getType('SendMessageInput') as GraphQLInputObjectType).getFields().nonce;
+    assert.match(String(nonce.description), /deleted.*new message/s);
   });
 
   it('nonce retry under slow mode answers the first message, not RATE_LIMITED', async () => {
