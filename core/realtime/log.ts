@@ -141,12 +141,23 @@ const FINISHED = {
  * here on, and so do its log rows. As a decimal string.
  */
 export async function unfinishedFrom(db: Db): Promise<string> {
-  const [r] = resultRows<{ x: string }>(
+  return String((await exactBoundNow(db)).x);
+}
+
+/**
+ * The `exact` bound of the snapshot now as `x` (a decimal string), and `also` (SQL select items,
+ * each named) read in the same statement.
+ */
+async function exactBoundNow<T extends Record<string, unknown>>(
+  db: Db,
+  also = '',
+): Promise<{ x: string } & T> {
+  const [r] = resultRows<{ x: string } & T>(
     await db.execute(
-      sql.raw(`select (${EXACT_BOUND})::text as x from (select pg_current_snapshot() as s) t`),
+      sql.raw(`select (${EXACT_BOUND})::text as x${also} from (select pg_current_snapshot() as s) t`),
     ),
   );
-  return String(r.x);
+  return r;
 }
 
 /**
@@ -164,11 +175,9 @@ export async function unfinishedFrom(db: Db): Promise<string> {
  * counter passed its xid, and the rows written here below that xid were never replayed).
  */
 export async function startPosition(db: Db): Promise<Position> {
-  const [r] = resultRows<{ x: string; n: string }>(
-    await db.execute(
-      sql.raw(`select (${EXACT_BOUND})::text as x, nextval(pg_get_serial_sequence('events', 'seq'))::text as n
-        from (select pg_current_snapshot() as s) t`),
-    ),
+  const r = await exactBoundNow<{ n: string }>(
+    db,
+    `, nextval(pg_get_serial_sequence('events', 'seq'))::text as n`,
   );
   const h = BigInt(r.x);
   return { xid: (h > 0n ? h - 1n : 0n).toString(), seq: Number(r.n) };
