@@ -20,8 +20,10 @@ import { createTestApp, ok, signUp, type TestApp, type TestUser } from './helper
 import {
   channelAccessHelpers,
   connect,
+  errorsLogged,
   guildWithChannel,
   invite,
+  rawSocket,
   send,
   sleep,
   sseStream,
@@ -300,6 +302,7 @@ it("a shared execution that fails for good goes to each subscriber with its own 
       payload: { messageId: 'not-a-uuid' },
       audience: undefined,
     }) as unknown as Delivered;
+  const told: { outcome: string; requestIds: string[]; count: number }[] = [];
   const first = (requestId: string, user: TestUser, row: Delivered) =>
     requestStore.run({ requestId }, async () => {
       const results = executeEach(
@@ -312,7 +315,13 @@ it("a shared execution that fails for good goes to each subscriber with its own 
           next: async () => ({ done: false, value: row }),
           return: async () => ({ done: true, value: undefined }),
         },
-        { mask, counts: { shared: 0, own: 0 }, onEventFailed() {} },
+        {
+          mask,
+          counts: { shared: 0, own: 0 },
+          onEventFailed(_row, _errors, outcome, reached) {
+            told.push({ outcome, ...reached });
+          },
+        },
       );
       return results.next().catch((err: unknown) => err);
     });
@@ -332,7 +341,86 @@ it("a shared execution that fails for good goes to each subscriber with its own 
       { code: 'INTERNAL_SERVER_ERROR', requestId: 'b-own-request' },
     ],
   );
+  // The failure is told with both readers' request ids (B, reading later, maybe in a line of its
+  // own). Before: once, with neither (A's was only the line's own, from its context).
+  const sent = () => told.filter((t) => t.outcome === 'sent');
+  for (let i = 0; i < 100 && sent().reduce((n, t) => n + (t.count ?? 0), 0) < 2; i++) await sleep(20);
+  assert.deepEqual(
+    sent().flatMap((t) => t.requestIds ?? []),
+    ['chosen-by-a', 'b-own-request'],
+  );
 });
+
+/** A subscription whose MessageUpdated rows execute a load of their message by id. */
+const BY_MESSAGE_ID =
+  'subscription { events { __typename cursor ... on MessageUpdated { message { id } } } }';
+
+/**
+ * A MessageUpdated row of the channel, at `cursor`, that fails to execute every time (its message
+ * id is no uuid: the database refuses the statement), as the tailer would hand it to subscribers.
+ */
+const failingRow = (cursor: string, guildId: string, channelId: string) =>
+  ({
+    type: 'MESSAGE_UPDATED',
+    xid: '999999999999',
+    seq: 1,
+    cursor,
+    guildId: decodeAnyId(guildId).id,
+    channelId: decodeAnyId(channelId).id,
+    userId: null,
+    payload: { messageId: 'not-a-uuid' },
+    audience: undefined,
+  }) as unknown as Delivered;
+
+/**
+ * Rounds 1 and 2 (REPEATS, ROUND_MS apart) of `row`'s failures, executed for `u` through
+ * executeEach (the count is per cursor, whichever path failed): held back each time. Its next
+ * failure is for good.
+ */
+async function failTwice(row: () => Delivered, u: TestUser) {
+  const schema = buildSchema();
+  const document = parse(BY_MESSAGE_ID);
+  const mask = createMaskError(app.log, app.metrics);
+  for (let round = 1; round <= 2; round++) {
+    const requestId = `round-${round}`;
+    const held = await requestStore.run({ requestId }, async () =>
+      executeEach(
+        {
+          schema,
+          document,
+          contextValue: { deps: app.deps, viewer: await viewerOf(u), requestId, ip: 'test' },
+        },
+        {
+          next: async () => ({ done: false, value: row() }),
+          return: async () => ({ done: true, value: undefined }),
+        },
+        { mask, counts: { shared: 0, own: 0 }, onEventFailed() {} },
+      )
+        .next()
+        .catch((err: unknown) => err),
+    );
+    assert.ok(held instanceof EventFailedError, `round ${round}`);
+    await sleep(ROUND_MS + 100);
+  }
+}
+
+/** The hub's subscriptions made from now on, until `restore()`. */
+function subscriptionsMade() {
+  const hub = app.deps.realtime!;
+  const subscribe = hub.subscribe;
+  const subs: Subscription[] = [];
+  hub.subscribe = async (...args) => {
+    const s = await subscribe(...args);
+    subs.push(s as Subscription);
+    return s;
+  };
+  return {
+    subs,
+    restore() {
+      hub.subscribe = subscribe;
+    },
+  };
+}
 
 it("over the socket too (Work, shared bytes): each subscriber of a shared execution that fails for good gets its own operation's request id, not the first's", {
   timeout: 30_000,
@@ -345,56 +433,12 @@ it("over the socket too (Work, shared bytes): each subscriber of a shared execut
   const { guildId, channelId } = await guildWithChannel(app, a.token);
   await invite(app, a.token, guildId, b.token);
   const schema = buildSchema();
-  const document = parse(
-    'subscription { events { __typename cursor ... on MessageUpdated { message { id } } } }',
-  );
+  const document = parse(BY_MESSAGE_ID);
   const mask = createMaskError(app.log, app.metrics);
   const cursor = `e1.${Date.now()}.2`;
-  const rowOf = () =>
-    ({
-      type: 'MESSAGE_UPDATED',
-      xid: '999999999999',
-      seq: 1,
-      cursor,
-      guildId: decodeAnyId(guildId).id,
-      channelId: decodeAnyId(channelId).id,
-      userId: null,
-      payload: { messageId: 'not-a-uuid' },
-      audience: undefined,
-    }) as unknown as Delivered;
-  for (let round = 1; round <= 2; round++) {
-    const held = await requestStore.run({ requestId: `round-${round}` }, async () =>
-      executeEach(
-        {
-          schema,
-          document,
-          contextValue: {
-            deps: app.deps,
-            viewer: await viewerOf(a),
-            requestId: `round-${round}`,
-            ip: 'test',
-          },
-        },
-        {
-          next: async () => ({ done: false, value: rowOf() }),
-          return: async () => ({ done: true, value: undefined }),
-        },
-        { mask, counts: { shared: 0, own: 0 }, onEventFailed() {} },
-      )
-        .next()
-        .catch((err: unknown) => err),
-    );
-    assert.ok(held instanceof EventFailedError, `round ${round}`);
-    await sleep(ROUND_MS + 100);
-  }
-  const hub = app.deps.realtime!;
-  const subscribe = hub.subscribe;
-  const subs: Subscription[] = [];
-  hub.subscribe = async (...args) => {
-    const s = await subscribe(...args);
-    subs.push(s as Subscription);
-    return s;
-  };
+  const rowOf = () => failingRow(cursor, guildId, channelId);
+  await failTwice(rowOf, a);
+  const { subs, restore } = subscriptionsMade();
   const frames: any[][] = [[], []];
   const running: { stop(): void }[] = [];
   try {
@@ -437,7 +481,68 @@ it("over the socket too (Work, shared bytes): each subscriber of a shared execut
       ],
     );
   } finally {
-    hub.subscribe = subscribe;
+    restore();
     for (const r of running) r.stop();
+  }
+});
+
+it("a shared execution that fails is logged with the request id of every subscriber it reached (sent: the one each client got in extensions.requestId; held back: each closed socket's), not the first's alone", {
+  timeout: 30_000,
+}, async () => {
+  // Real sockets, the server's own hooks and logger; the row is pushed to the hub's subscriptions
+  // of the three users (one object for all, as the tailer pushes it), as in the test above.
+  const users = [await signUp(app), await signUp(app), await signUp(app)];
+  const { guildId, channelId } = await guildWithChannel(app, users[0].token);
+  for (const u of users.slice(1)) await invite(app, users[0].token, guildId, u.token);
+  const forGood = `e1.${Date.now()}.4`;
+  await failTwice(() => failingRow(forGood, guildId, channelId), users[0]);
+  const { subs, restore } = subscriptionsMade();
+  const sockets = users.map(() => rawSocket(url));
+  try {
+    for (const [i, s] of sockets.entries()) {
+      await s.send({ type: 'connection_init', payload: { authorization: `Bearer ${users[i].token}` } });
+      await s.until(() => s.messages.some((m) => m.type === 'connection_ack'), 'connection_ack');
+      await s.send({ id: 'e', type: 'subscribe', payload: { query: BY_MESSAGE_ID } });
+    }
+    await untilLive(app, users);
+    assert.equal(subs.length, users.length);
+    const SENT = 'event execution failed again and again';
+    const HELD = 'event execution failed';
+    // The lines of an outcome: a subscriber that takes the result after the first line (its
+    // permission check still under way when the execution failed) is told in a line of its own.
+    const told = (lines: { obj: Record<string, unknown>; msg?: string }[], outcome: string) => {
+      const of = lines.filter((l) => l.msg?.split(':')[0] === outcome);
+      return {
+        requestIds: of.flatMap((l) => (l.obj.requestIds as string[] | undefined) ?? []).sort(),
+        n: of.reduce((n, l) => n + ((l.obj.subscribers as number | undefined) ?? 0), 0),
+      };
+    };
+    const { logged } = await errorsLogged(app, async () => {
+      // Fails for good (its third round): sent, each subscriber's error with its own request id.
+      const sent = failingRow(forGood, guildId, channelId);
+      for (const s of subs) s.push(sent);
+      for (const s of sockets)
+        await s.until(() => s.messages.some((m) => m.type === 'next' && m.payload.errors), 'the error');
+      // Fails for the first time: held back, every socket closed to resume from before it.
+      const held = failingRow(`e1.${Date.now()}.5`, guildId, channelId);
+      for (const s of subs) s.push(held);
+      // Each line is written in the turn after its subscribers took the result, before their
+      // clients can have had its frame or close.
+      for (const s of sockets) assert.equal(await s.closedWith(), 1013);
+    });
+    const ids = sockets.map(
+      (s) =>
+        s.messages.find((m) => m.type === 'next' && m.payload.errors).payload.errors[0].extensions.requestId,
+    );
+    assert.equal(new Set(ids).size, users.length, `each client its own: ${ids}`);
+    const all = { requestIds: [...ids].sort(), n: users.length };
+    // Before: no request ids but the first subscriber's (the line's own, from its context).
+    assert.deepEqual({ sent: told(logged, SENT), held: told(logged, HELD) }, { sent: all, held: all });
+    // The first line of each tells of the subscribers the failure reached in the same turn.
+    const first = logged.find((l) => l.msg?.split(':')[0] === SENT)!;
+    assert.ok((first.obj.subscribers as number) >= 1);
+  } finally {
+    restore();
+    for (const s of sockets) s.ws.close();
   }
 });

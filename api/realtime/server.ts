@@ -307,9 +307,16 @@ export function attachRealtime(options: RealtimeServerOptions) {
         close(out.socket, CloseCode.SlowConsumer, EVENT_FAILED_REASON);
       }
     },
-    onEventFailed(row, errors, outcome) {
+    onEventFailed(row, errors, outcome, reached) {
       o.log.error(
-        { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message) },
+        {
+          cursor: row.cursor,
+          type: row.type,
+          errors: errors.map((e) => e.message),
+          // every subscriber it reached (the first LOGGED_REQUEST_IDS), by its operation's request id
+          requestIds: reached.requestIds,
+          subscribers: reached.count,
+        },
         outcome === 'dropped'
           ? 'ephemeral event execution failed: dropped (never replayed), the stream goes on'
           : outcome === 'sent'

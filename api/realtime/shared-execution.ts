@@ -45,12 +45,27 @@ export interface DeliveryHooks {
    */
   onSourceError(err: unknown, sink: OperationSink): void;
   /**
-   * an event's execution failed (called once per execution, whoever shares it): `held`, its
-   * subscribers are cut off to resume from before it; `sent`, it failed for good and goes out with
-   * its errors; `dropped`, an ephemeral one (see dropsEphemeral)
+   * an event's execution failed (once per execution, whoever shares it, in the async context of the
+   * operation that executed it; again for subscribers that take it later: FailureReport): `held`,
+   * its subscribers are cut off to resume from before it; `sent`, it failed for good and goes out
+   * with its errors; `dropped`, an ephemeral one (failureOf). `reached`: the subscribers it
+   * reached, by the request ids an operator looks for (a `sent` one's error carries each
+   * subscriber's own in `extensions.requestId`).
    */
-  onEventFailed(row: Delivered, errors: readonly GraphQLError[], outcome: 'held' | 'sent' | 'dropped'): void;
+  onEventFailed(row: Delivered, errors: readonly GraphQLError[], outcome: Outcome, reached: Reached): void;
 }
+
+/** What became of an event whose execution failed (DeliveryHooks.onEventFailed). */
+export type Outcome = 'held' | 'sent' | 'dropped';
+
+/** The subscribers a failed execution reached: the request ids of the first LOGGED_REQUEST_IDS, and how many. */
+export interface Reached {
+  requestIds: string[];
+  count: number;
+}
+
+/** At most this many request ids of one failed execution's subscribers are logged; the rest are counted. */
+export const LOGGED_REQUEST_IDS = 20;
 
 /** What executing events one by one needs of the hooks (executeEach; the SSE path has only these). */
 export type EventHooks = Pick<DeliveryHooks, 'mask' | 'onEventFailed' | 'counts'>;
@@ -136,29 +151,65 @@ function failedOf(r: ExecutionResult): boolean {
 const executionFailures = new RepeatedFailures();
 
 /**
- * Whether an event's masked result is held back, its subscribers cut off to resume from before it
- * (EventFailedError): it failed for a reason of the server's, and not yet for good. Only a logged
- * event can be resumed; an ephemeral one (typing, presence) is dropped (dropsEphemeral). Tells the hooks of
- * every failure, once per execution.
+ * What becomes of an event whose masked result failed for a reason of the server's (failedOf);
+ * undefined when it did not. A logged event is `held` back, its subscribers cut off to resume from
+ * before it (EventFailedError), until it has failed for good (executionFailures): then it is `sent`
+ * with its errors. An ephemeral one (typing, presence: never logged, never replayed) is `dropped`:
+ * it went out with its error in place of its data (`events` is non-null: `data: null`), which a
+ * client can do nothing with, and on which some end their subscription (Apollo Client's default
+ * error policy). Counted once per execution.
  */
-function holdsBack(row: Delivered | null | undefined, r: ExecutionResult, hooks: EventHooks): boolean {
-  const cursor = row?.cursor ?? null;
-  if (cursor === null || !failedOf(r)) return false;
-  const forGood = executionFailures.failsForGood(cursor);
-  hooks.onEventFailed(row!, r.errors ?? [], forGood ? 'sent' : 'held');
-  return !forGood;
+function failureOf(row: Delivered | null | undefined, r: ExecutionResult): Outcome | undefined {
+  if (!row || !failedOf(r)) return undefined;
+  if (row.cursor === null) return 'dropped';
+  return executionFailures.failsForGood(row.cursor) ? 'sent' : 'held';
 }
 
 /**
- * Whether an ephemeral event (typing, presence: never logged, never replayed) failed for a reason
- * of the server's (a user's load while the database is away), and so is dropped. It went out with
- * its error in place of its data (`events` is non-null: `data: null`), which a client can do
- * nothing with, and on which some end their subscription (Apollo Client's default error policy).
+ * A failed execution as the hooks are told of it (onEventFailed): once, with every subscriber that
+ * takes its result, each adding its request id as it does (on the failure path only: a result that
+ * did not fail has no report). Logged once under the first subscriber's id, another subscriber's
+ * (the one its client got in `extensions.requestId`) was in no log line. Told in the next turn of
+ * the event loop, in the context of the operation that executed it, with those that took it by
+ * then: the subscribers waiting for it, and those the row reaches meanwhile. One that takes it
+ * later (its permission check or the rows ahead of it took longer) is told in a line of its own
+ * with the others as late as it, so that no id is left out of the log.
  */
-function dropsEphemeral(row: Delivered | null | undefined, r: ExecutionResult, hooks: EventHooks): boolean {
-  if (!row || row.cursor !== null || !failedOf(r)) return false;
-  hooks.onEventFailed(row, r.errors ?? [], 'dropped');
-  return true;
+class FailureReport {
+  private reached: Reached = { requestIds: [], count: 0 };
+  private pending = false;
+  /** the executing operation's async context (its request store): the lines log under its id */
+  private readonly scope = new AsyncResource('BanterFailureReport');
+
+  constructor(
+    readonly row: Delivered,
+    private readonly errors: readonly GraphQLError[],
+    readonly outcome: Outcome,
+    private readonly hooks: EventHooks,
+  ) {
+    this.schedule();
+  }
+
+  /** A subscriber with this request id took the failed result. */
+  reach(requestId: string) {
+    const r = this.reached;
+    r.count++;
+    if (r.requestIds.length < LOGGED_REQUEST_IDS) r.requestIds.push(requestId);
+    this.schedule();
+  }
+
+  private schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    setImmediate(() => this.scope.runInAsyncScope(() => this.tell()));
+  }
+
+  private tell() {
+    const reached = this.reached;
+    this.reached = { requestIds: [], count: 0 };
+    this.pending = false;
+    this.hooks.onEventFailed(this.row, this.errors, this.outcome, reached);
+  }
 }
 
 /**
@@ -245,6 +296,8 @@ class Work {
   gone = false;
   /** the execution failed (failedOf): its subscribers are cut off to resume */
   failed = false;
+  /** how it failed, told to the hooks with each subscriber it reaches; none when it did not */
+  failure: FailureReport | undefined;
   /** the masked result as UTF-8 JSON, encoded once for all its subscribers */
   bytes = EMPTY;
   /**
@@ -265,8 +318,10 @@ class Work {
     const t = tracking(args.contextValue as Context);
     const settle = (r: ExecutionResult) => {
       const masked = maskResult(r, mask);
-      this.gone = isGone(masked) || dropsEphemeral(row, masked, hooks);
-      this.failed = !this.gone && holdsBack(row, masked, hooks);
+      const outcome = failureOf(row, masked);
+      if (outcome) this.failure = new FailureReport(row, masked.errors ?? [], outcome, hooks);
+      this.gone = outcome === 'dropped' || isGone(masked);
+      this.failed = outcome === 'held';
       if (!this.failed && !this.gone) {
         this.bytes = Buffer.from(JSON.stringify(masked));
         if (masked.errors?.some((e) => requestIdOf(e) !== undefined)) this.stamped = masked;
@@ -389,6 +444,8 @@ class Delivery implements Sink {
   }
 
   private write(work: Work) {
+    // Every subscriber a failed execution reaches, dropped, held back or sent, is in its log line.
+    work.failure?.reach(requestIdIn(this.args));
     if (work.gone) return;
     if (work.failed) {
       // Not sent: the subscription fails as a slow consumer's does (the socket is closed with
@@ -486,8 +543,10 @@ interface Executed {
   viewerFree: boolean;
   /** its subject is gone (isGone): skipped */
   gone: boolean;
-  /** it failed and is held back (holdsBack, decided once for the execution) */
+  /** it failed and is held back (failureOf, decided once for the execution) */
   held: boolean;
+  /** how it failed, told to the hooks with each reader it reaches; none when it did not */
+  failure: FailureReport | undefined;
 }
 /** executeEach's executions by row and document key (as `works` is for sockets). */
 const executions = new WeakMap<object, Map<string, Promise<Executed>>>();
@@ -498,7 +557,7 @@ export const cursorOfResult = (r: ExecutionResult): string | undefined => result
 
 /**
  * The pull path: takes events from `source` one at a time and executes each, in order, yielding
- * its masked result (events whose subject is gone are skipped). An event held back (holdsBack)
+ * its masked result (events whose subject is gone are skipped). An event held back (failureOf)
  * is not yielded: the source is returned and next() rejects with EventFailedError, for the caller
  * to end its stream so the client resumes from before it. Used by subscriptions over SSE (whose
  * reader pulls at its own pace) and by non-hub streams on the socket.
@@ -530,9 +589,17 @@ export function executeEach(
       // As Work does: a throw is a failed execution, held back or sent like any other.
       result = { errors: [hooks.mask(err, 'Unexpected error.') as GraphQLError] };
     }
-    // As Work does, a failure is counted (holdsBack) once per execution, not per subscriber.
-    const gone = isGone(result) || dropsEphemeral(row as Delivered | null, result, hooks);
-    return { result, viewerFree, gone, held: !gone && holdsBack(row as Delivered | null, result, hooks) };
+    // As Work does, a failure is counted (failureOf) once per execution, not per subscriber.
+    const outcome = failureOf(row as Delivered | null, result);
+    const failure = outcome && new FailureReport(row as Delivered, result.errors ?? [], outcome, hooks);
+    failure?.reach(requestIdIn(args));
+    return {
+      result,
+      viewerFree,
+      gone: outcome === 'dropped' || isGone(result),
+      held: outcome === 'held',
+      failure,
+    };
   };
   // As Work does for sockets: the first subscriber to take a row executes it, and those after
   // it with the same document and variables take its result when it did not read the viewer
@@ -541,7 +608,7 @@ export function executeEach(
   // (a long replay reads its viewer's rows alone: each its own, and so executed by it).
   // A failure held back is not taken: a reader that comes to the row later (it pulls at its own
   // pace) executes it again, rather than counting the one failure as the event failing again
-  // until it goes out with its errors (holdsBack; REPEATS: core/realtime/failures.ts) when the
+  // until it goes out with its errors (failureOf; REPEATS: core/realtime/failures.ts) when the
   // database is long back.
   const run = async (row: unknown): Promise<{ x: Executed; shared: boolean }> => {
     if (row === null || typeof row !== 'object') return { x: await own(row), shared: false };
@@ -554,8 +621,10 @@ export function executeEach(
     let replaces = !first;
     if (first) {
       const done = await first;
-      if (done.viewerFree && !done.held)
+      if (done.viewerFree && !done.held) {
+        done.failure?.reach(requestIdIn(args));
         return { x: { ...done, result: { ...ownRequestId(done.result, requestIdIn(args)) } }, shared: true };
+      }
       // Those after this one take its execution instead, if the first's failed (and still stands).
       replaces = done.held && byKey.get(key) === first;
     }

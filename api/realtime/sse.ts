@@ -5,7 +5,7 @@
  * no cursor and the stream would go on: the client's next cursor would be past an event it never
  * got. Here SSE subscriptions execute their events through executeEach (shared-execution.ts), as
  * the socket's pull path does, so such an event is held back by the same rule and counting
- * (holdsBack): the stream ends with one last item, RESUME_MESSAGE with INTERNAL_SERVER_ERROR, and
+ * (failureOf): the stream ends with one last item, RESUME_MESSAGE with INTERNAL_SERVER_ERROR, and
  * the client resumes from its last cursor, which precedes the failed event. After REPEATS rounds
  * of the same event failing, it goes out with its errors and the stream goes on. An event whose
  * access check fails at delivery ends the stream the same way (the subscription fails with
@@ -48,7 +48,7 @@ export const SLOW_MESSAGE =
 
 /**
  * A mask that leaves errors it made alone (and those shared-execution's ownRequestId made from
- * them): SSE results are masked before yoga's own mask sees them (holdsBack reads the masked
+ * them): SSE results are masked before yoga's own mask sees them (failureOf reads the masked
  * codes), and masking twice would count every error twice.
  */
 export function maskingOnce(mask: Mask): Mask {
@@ -179,9 +179,17 @@ export function sseSubscriptions(o: {
   const hooks: EventHooks = {
     mask: o.mask,
     counts: { shared: 0, own: 0 },
-    onEventFailed(row, errors, outcome) {
+    onEventFailed(row, errors, outcome, reached) {
       o.log.error(
-        { cursor: row.cursor, type: row.type, errors: errors.map((e) => e.message), via: 'sse' },
+        {
+          cursor: row.cursor,
+          type: row.type,
+          errors: errors.map((e) => e.message),
+          via: 'sse',
+          // as the socket's (api/realtime/server.ts): every stream it reached, by its request id
+          requestIds: reached.requestIds,
+          subscribers: reached.count,
+        },
         outcome === 'dropped'
           ? 'ephemeral event execution failed: dropped (never replayed), the stream goes on'
           : outcome === 'sent'
