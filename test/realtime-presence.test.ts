@@ -142,6 +142,56 @@ it('an invisible user coming and going announces nothing; the next visible arriv
   await cb.client.dispose();
 });
 
+// presenceAudience counted a shared guild or DM only: friends with neither (the usual case: a
+// request accepted, no DM opened yet) read each other OFFLINE for good, and their streams told
+// nothing, so a friends list showed everyone offline.
+it('friends who share no guild nor DM see each other, in queries and on the stream; a pending request does not', {
+  timeout: 30_000,
+}, async () => {
+  const [f1, f2, asker, g1, g2] = await Promise.all([
+    signUp(app),
+    signUp(app),
+    signUp(app),
+    signUp(app),
+    signUp(app),
+  ]);
+  const befriend = async (from: { id: string; token: string }, to: { id: string; token: string }) => {
+    await ok(app, `mutation($u: ID!) { sendFriendRequest(userId: $u) { kind } }`, { u: to.id }, from.token);
+    await ok(app, `mutation($u: ID!) { acceptFriendRequest(userId: $u) { kind } }`, { u: from.id }, to.token);
+  };
+  await befriend(f1, f2);
+  await ok(app, `mutation($u: ID!) { sendFriendRequest(userId: $u) { kind } }`, { u: f2.id }, asker.token);
+  const c1 = connect(url, f1.token);
+  const ca = connect(url, asker.token);
+  const s1 = subscribe(c1.client, null, Q);
+  const sa = subscribe(ca.client, null, Q);
+  await untilLive(app, [f1, asker]);
+  const c2 = connect(url, f2.token);
+  const s2 = subscribe(c2.client, null, Q);
+  const cg1 = connect(url, g1.token);
+  const cg2 = connect(url, g2.token);
+  const sg1 = subscribe(cg1.client, null, Q);
+  const sg2 = subscribe(cg2.client, null, Q);
+  try {
+    await s1.until((e) => statuses(e, f2.id).at(-1) === 'ONLINE', 5000, 'the friend online on the stream');
+    const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
+    assert.equal((await ok(app, q, { id: f2.id }, f1.token)).user.presence.status, 'ONLINE');
+    assert.equal((await ok(app, q, { id: f1.id }, f2.token)).user.presence.status, 'ONLINE');
+    assert.equal((await ok(app, q, { id: f2.id }, asker.token)).user.presence.status, 'OFFLINE');
+    // Two users already online become friends: each is told the other's status at once.
+    await untilLive(app, [g1, g2]);
+    await befriend(g1, g2);
+    await sg1.until((e) => statuses(e, g2.id).at(-1) === 'ONLINE', 5000, 'g2 shown to g1');
+    await sg2.until((e) => statuses(e, g1.id).at(-1) === 'ONLINE', 5000, 'g1 shown to g2');
+    // The marker: the asker's own change, told after f2's arrival (batches leave in order).
+    const [heard] = await throughPresenceMarker(app, asker, 'IDLE', [sa]);
+    assert.deepEqual(statuses(heard, f2.id), [], 'nothing of f2 to a pending request');
+  } finally {
+    for (const s of [s1, sa, s2, sg1, sg2]) s.stop();
+    await Promise.all([c1, ca, c2, cg1, cg2].map((c) => c.client.dispose()));
+  }
+});
+
 it('one statement decides who may see a batch of presence changes: guild members and DM partners, not strangers, not whom the subject blocked', async () => {
   const [a, member, dmPartner, stranger, blockedMember] = await Promise.all([
     signUp(app),

@@ -44,8 +44,9 @@ export interface Visible {
 }
 
 /**
- * Of `viewers`, who may see each subject's presence: they share a guild or a DM and the subject has
- * not blocked them (`blocksAside`: whether or not it has). One statement for a whole batch of
+ * Of `viewers`, who may see each subject's presence: they share a guild or a DM, or are friends
+ * (the subject's row about the viewer: a request accepted, most often with no DM opened yet), and
+ * the subject has not blocked them (`blocksAside`: whether or not it has). One statement for a whole batch of
  * presence changes and every viewer connected here (ViewerAccess.knows asks it for one pair when
  * a row comes without an audience).
  */
@@ -66,7 +67,10 @@ export async function presenceAudience(
     union
     select a.user_id, b.user_id from channel_recipients a
       join channel_recipients b on b.channel_id = a.channel_id
-      where a.user_id = any(${sub}::uuid[]) and b.user_id = any(${view}::uuid[]))
+      where a.user_id = any(${sub}::uuid[]) and b.user_id = any(${view}::uuid[])
+    union
+    select f.user_id, f.target_id from relationships f
+      where f.user_id = any(${sub}::uuid[]) and f.target_id = any(${view}::uuid[]) and f.kind = 'FRIEND')
     except
     select r.user_id, r.target_id from relationships r
       where r.user_id = any(${sub}::uuid[]) and r.kind = 'BLOCKED' and not ${blocksAside}`);
