@@ -1,28 +1,81 @@
 /**
- * The typing throttle is shared by every instance on the same Redis: two api instances do not
- * both announce the same user typing in the same channel within the window. Postgres + Redis
- * only (with the embedded ports there is one instance; realtime-auth.test.ts covers the throttle).
+ * Typing. The throttle is shared by every instance on the same Redis: two api instances do not
+ * both announce the same user typing in the same channel within the window (Postgres + Redis
+ * only: with the embedded ports there is one instance; realtime-auth.test.ts covers the throttle).
+ * Who is shown typing: both modes, signalled by a second instance on Postgres + Redis.
  */
 import assert from 'node:assert/strict';
 import { after, before, it } from 'node:test';
 import { type App, buildApp } from '../api/app.ts';
 import { createTestApp, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
-import { connect, guildWithChannel, invite, subscribe, untilLive } from './realtime-helpers.ts';
+import {
+  connect,
+  guildWithChannel,
+  invite,
+  subscribe,
+  throughTypingMarker,
+  untilLive,
+} from './realtime-helpers.ts';
 
 let a: TestApp;
-let b: App;
+let b: App | undefined;
 let url: string;
+/** where typing is signalled: another instance than the subscribers' when there is one */
+let other: App;
 before(async () => {
-  if (!onPostgres) return;
   a = await createTestApp({ rateLimits: false });
+  url = `ws://127.0.0.1:${await a.start(0)}/graphql`;
+  other = a;
+  if (!onPostgres) return;
   // Same database, Redis, prefix and secret: a second instance of the same deployment.
   b = await buildApp({ ...a.config });
-  url = `ws://127.0.0.1:${await a.start(0)}/graphql`;
   await b.start(0);
+  other = b;
 });
 after(async () => {
   await b?.stop();
   await a?.destroy();
+});
+
+const TYPE = `mutation($c: ID!) { startTyping(channelId: $c) }`;
+const typing = (events: any[], id: string) =>
+  events.filter((e) => e.__typename === 'TypingStarted' && e.user.id === id);
+
+// Typing went to everyone who could view the channel: the user someone blocked was shown
+// "blocker is typing" while its presence read OFFLINE to them, and the blocker was shown the
+// typing of the user it blocked.
+it('typing is not shown between two users one of whom blocked the other, either way', {
+  timeout: 30_000,
+}, async () => {
+  const [owner, blocker, blocked, watcher, marker] = await Promise.all([
+    signUp(a),
+    signUp(a),
+    signUp(a),
+    signUp(a),
+    signUp(a),
+  ]);
+  const { guildId, channelId } = await guildWithChannel(a, owner.token);
+  for (const u of [blocker, blocked, watcher, marker]) await invite(a, owner.token, guildId, u.token);
+  await ok(a, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: blocked.id }, blocker.token);
+  const conns = [blocker, blocked, watcher].map((u) => connect(url, u.token));
+  const [sr, sd, sw] = conns.map((c) => subscribe(c.client));
+  try {
+    await untilLive(a, [blocker, blocked, watcher]);
+    assert.equal((await ok(other, TYPE, { c: channelId }, blocked.token)).startTyping, true);
+    assert.equal((await ok(other, TYPE, { c: channelId }, blocker.token)).startTyping, true);
+    const [toBlocker, toBlocked, toWatcher] = await throughTypingMarker(other, marker, channelId, [
+      sr,
+      sd,
+      sw,
+    ]);
+    assert.equal(typing(toWatcher, blocked.id).length, 1, 'the others see both typing');
+    assert.equal(typing(toWatcher, blocker.id).length, 1, 'the others see both typing');
+    assert.deepEqual(typing(toBlocker, blocked.id), [], 'the blocker is not shown the blocked user typing');
+    assert.deepEqual(typing(toBlocked, blocker.id), [], 'the blocked user is not shown the blocker typing');
+  } finally {
+    for (const s of [sr, sd, sw]) s.stop();
+    await Promise.all(conns.map((c) => c.client.dispose()));
+  }
 });
 
 it('one TypingStarted per user and channel per window, whichever instance is called', {
@@ -36,11 +89,11 @@ it('one TypingStarted per user and channel per window, whichever instance is cal
   const c = connect(url, watcher.token);
   const s = subscribe(c.client);
   await untilLive(a, [watcher]);
-  const m = `mutation($c: ID!) { startTyping(channelId: $c) }`;
-  for (const app of [a, b, b, a])
+  const m = TYPE;
+  for (const app of [a, b!, b!, a])
     assert.equal((await ok(app, m, { c: channelId }, owner.token)).startTyping, true);
   // Another user in the same channel is throttled separately.
-  assert.equal((await ok(b, m, { c: channelId }, member.token)).startTyping, true);
+  assert.equal((await ok(b!, m, { c: channelId }, member.token)).startTyping, true);
   // The member's typing, signalled last and by b as the owner's on b were, is the marker: a repeat
   // of the owner's (on a, or on b through the same Redis connection) comes before it.
   await s.until((e) => e.some((x) => x.__typename === 'TypingStarted' && x.user.id === member.id));

@@ -19,7 +19,14 @@ export interface LoggedEventRef {
 export interface SignalTopics {
   /** close the sockets of a user (all, or one session's) on every instance */
   disconnect: { userId: string; sessionId?: string; code: number; reason: string };
-  typing: { channelId: string; guildId: string | null; userId: string; at: number };
+  typing: {
+    channelId: string;
+    guildId: string | null;
+    userId: string;
+    at: number;
+    /** who is not shown it: whom the typist blocked and who blocked it (missing: nobody) */
+    hiddenFrom?: string[];
+  };
   presence: { userId: string; status: string };
 }
 export type SignalTopic = keyof SignalTopics;

@@ -599,9 +599,10 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       // transaction still open elsewhere): it goes out once every transaction committed before it
       // came has been read, so every subscriber observes such a change first, or not at all. The
       // reads of a burst of typing share one.
+      const hidden = new Set(t.hiddenFrom);
       void afterLogRead().then((ok) => {
         if (!ok || stopped) return;
-        for (const s of subs) if (s.access.userId !== t.userId) s.push(row);
+        for (const s of subs) if (s.access.userId !== t.userId && !hidden.has(s.access.userId)) s.push(row);
       });
     } else if (topic === 'presence') {
       const p = payload as SignalTopics['presence'];

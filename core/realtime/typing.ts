@@ -3,7 +3,9 @@
  * throttled (one signal per THROTTLE_MS across every instance); clients show the indicator for
  * EXPIRES_MS.
  */
+import { sql } from 'drizzle-orm';
 import type { Redis } from 'ioredis';
+import { type DbOrTx, resultRows } from '../db/client.ts';
 import type { Deps, Viewer } from '../deps.ts';
 import { Permission } from '../permissions.ts';
 import { requireChannel } from '../services/access.service.ts';
@@ -51,6 +53,29 @@ export function createRedisThrottle(redis: Pick<Redis, 'set'>, prefix: string): 
   };
 }
 
+/**
+ * Who may not be shown `userId` typing in the channel: whom it blocked (presence shows it OFFLINE
+ * to them: "is typing" told them it was there) and who blocked it (as Discord, a blocker is not
+ * shown the typing of whom it blocked). Only those who can be in the channel (its guild's members,
+ * its recipients): a user blocked by thousands does not carry them all on every signal.
+ */
+async function hiddenFrom(
+  db: DbOrTx,
+  userId: string,
+  channel: { id: string; guildId: string | null },
+): Promise<string[]> {
+  const there = channel.guildId
+    ? sql`exists (select 1 from members m where m.guild_id = ${channel.guildId} and m.user_id = o.id)`
+    : sql`exists (select 1 from channel_recipients c where c.channel_id = ${channel.id} and c.user_id = o.id)`;
+  const r = await db.execute(sql`
+    select o.id from (
+      select target_id as id from relationships where user_id = ${userId} and kind = 'BLOCKED'
+      union
+      select user_id from relationships where target_id = ${userId} and kind = 'BLOCKED') o
+    where ${there}`);
+  return resultRows<{ id: string }>(r).map((x) => x.id);
+}
+
 /** For processes without a hub (nothing to deliver to locally anyway). */
 const fallback = createMemoryThrottle();
 
@@ -61,11 +86,13 @@ export async function startTyping(deps: Deps, viewer: Viewer, channelId: string)
   if (a.channel.type === 'DM') await assertCanSendInDm(deps.db, viewer.userId, a.channel);
   const throttle = deps.realtime?.typing ?? fallback;
   if (!(await throttle.claim(`${viewer.userId}:${channelId}`, THROTTLE_MS))) return true;
+  const hidden = await hiddenFrom(deps.db, viewer.userId, a.channel);
   await deps.bus.signal('typing', {
     channelId,
     guildId: a.channel.guildId,
     userId: viewer.userId,
     at: Date.now(),
+    ...(hidden.length ? { hiddenFrom: hidden } : {}),
   });
   return true;
 }
