@@ -215,7 +215,7 @@ builder.objectField(UserRef, 'presence', (t) =>
       // Whom the stream would tell (presenceAudience: a shared guild or DM, no block by them): a
       // stranger, or whom they blocked, reads OFFLINE, as the stream tells them nothing.
       const [shown, audience] = await Promise.all([
-        ctx.deps.realtime ? ctx.deps.realtime.presence.store.shown(ids) : new Map<string, PresenceShown>(),
+        ctx.deps.realtime ? ctx.deps.realtime.presence.shown(ids) : new Map<string, PresenceShown>(),
         viewerId ? presenceAudience(ctx.deps.db, ids, [viewerId]) : new Map<string, Set<string>>(),
       ]);
       const may = (id: string) => id === viewerId || (!!viewerId && !!audience.get(id)?.has(viewerId));

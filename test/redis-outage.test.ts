@@ -428,3 +428,46 @@ it('after a restarted (empty) Redis, a user who chose INVISIBLE is not shown ONL
     await ch.client.dispose();
   }
 });
+
+// Redis's answers were read as they came: while it was down every entry read as missing, and
+// everyone connected, on either instance, read OFFLINE to queries until it was back (a client
+// loading a member list then showed them all offline). What was last shown is answered meanwhile.
+it('while Redis is down, queries answer what was last shown of users connected on either instance, not OFFLINE', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  await redisUp();
+  const [owner, watcher, onA, onB] = await Promise.all([signUp(a), signUp(a), signUp(a), signUp(a)]);
+  const { guildId } = await guildWithChannel(a, owner.token);
+  for (const u of [watcher, onA, onB]) await invite(a, owner.token, guildId, u.token);
+  await ok(a, `mutation { setPresence(status: DND) }`, {}, onB.token);
+  const cw = connect(urlA, watcher.token);
+  const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
+  await untilLive(a, [watcher]);
+  const ca = connect(urlA, onA.token);
+  const sa = subscribe(ca.client, null, PRESENCE_EVENTS);
+  const cb = connect(urlB, onB.token);
+  const sb = subscribe(cb.client, null, PRESENCE_EVENTS);
+  try {
+    await sw.until(
+      (e) => statusOf(e, onA.id) === 'ONLINE' && statusOf(e, onB.id) === 'DND',
+      5000,
+      'both shown before',
+    );
+    await stopRedis();
+    const q = async (app: App, id: string) =>
+      (await ok(app, PRESENCE, { id }, watcher.token)).user.presence.status as string;
+    for (const [name, app] of [
+      ['a', a],
+      ['b', b],
+    ] as const)
+      assert.deepEqual([await q(app, onA.id), await q(app, onB.id)], ['ONLINE', 'DND'], `asked on ${name}`);
+  } finally {
+    if (!redis) {
+      startRedis();
+      await redisUp();
+    }
+    for (const s of [sw, sa, sb]) s.stop();
+    await Promise.all([cw, ca, cb].map((c) => c.client.dispose()));
+  }
+});

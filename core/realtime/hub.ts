@@ -686,7 +686,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
       if (!shared?.get(actor)?.has(target)) return;
       row = presenceRow(actor, 'OFFLINE', target);
     } else {
-      const shown = await presence.store.shown([actor]).catch(() => undefined);
+      const shown = await presence.shown([actor]).catch(() => undefined);
       row = presenceRow(actor, shown?.get(actor) ?? 'OFFLINE');
     }
     for (const s of subs) if (s.access.userId === target) s.push(row);

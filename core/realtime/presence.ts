@@ -93,6 +93,9 @@ export function createMemoryPresence(): PresenceStore {
   };
 }
 
+/** Most users whose last shown status a tracker keeps for when its store is unreachable. */
+const KNOWN_MAX = 100_000;
+
 /** How long Redis keeps its copy of a chosen status (written again at every connection). */
 const CHOICE_TTL_S = 30 * 86_400;
 
@@ -190,6 +193,9 @@ export function createRedisPresence(
       const p = redis.pipeline();
       for (const u of userIds) p.hvals(key(u)).get(choiceKey(u));
       const r = (await p.exec()) ?? [];
+      // A failed read is no answer (each would read as missing: OFFLINE): the caller's to handle.
+      const failed = r.find(([err]) => err)?.[0];
+      if (failed) throw failed;
       return new Map(
         userIds.map((u, i) => {
           const vals = (r[2 * i]?.[1] as string[] | null) ?? [];
@@ -244,6 +250,20 @@ export function createPresenceTracker(
 ) {
   const local = new Map<string, Set<string>>();
   const lastShown = new Map<string, PresenceShown>();
+  /**
+   * What was last shown of each user not OFFLINE, from every instance's signals and the store's
+   * answers, for a store that can be unreachable (Redis): while it is, queries answer from here.
+   * Else everyone connected read OFFLINE for the whole outage (a member list all offline). Bounded:
+   * the oldest go first (read OFFLINE then, as all did before).
+   */
+  const known = store.onReconnect ? new Map<string, PresenceShown>() : undefined;
+  function remember(userId: string, s: PresenceShown) {
+    if (!known) return;
+    known.delete(userId);
+    if (s === 'OFFLINE') return;
+    known.set(userId, s);
+    if (known.size > KNOWN_MAX) known.delete(known.keys().next().value!);
+  }
   /**
    * Users connected here whose entries this instance could not write for a while: they may have
    * run out meanwhile, and another instance told them OFFLINE (tellLapsed). Told again, whatever
@@ -371,6 +391,20 @@ export function createPresenceTracker(
   return {
     store,
     /**
+     * What others see of `userIds`, from the store; while it fails, what was last shown of them
+     * (signals stop too: nothing newer is known anywhere until it is back).
+     */
+    async shown(userIds: string[]): Promise<Map<string, PresenceShown>> {
+      try {
+        const r = await store.shown(userIds);
+        for (const [u, s] of r) remember(u, s);
+        return r;
+      } catch (err) {
+        if (!known) throw err;
+        return new Map(userIds.map((u) => [u, known.get(u) ?? 'OFFLINE']));
+      }
+    },
+    /**
      * Returns the connection id to pass to disconnected. It does not fail: the id is this
      * instance's from the start, so a store or bus that is down now (the entry is written again by
      * the next refresh) still leaves the caller an id to release when the socket closes.
@@ -423,6 +457,7 @@ export function createPresenceTracker(
      * now see, whatever this instance showed last: a socket of the user's here later is told.
      */
     heard(userId: string, status: string) {
+      remember(userId, status as PresenceShown);
       if (status !== 'OFFLINE') return;
       lastShown.delete(userId);
       if (local.has(userId)) rewriteAndTell(userId);
