@@ -12,13 +12,14 @@ import { startTyping, TYPING_EXPIRES_MS } from '../core/realtime/typing.ts';
 import { presenceAudience } from '../core/realtime/visibility.ts';
 import { messagesByIds } from '../core/services/message-history.service.ts';
 import { type RelationshipKind as Kind, RELATIONSHIP_KINDS } from '../core/services/relationship.service.ts';
+import { presenceChoice } from '../core/services/user.service.ts';
 import { builder, type Context, decodeId, encodeId, requireViewer } from './builder.ts';
 import { ChannelRef } from './channel.ts';
 import { GuildRef } from './guild.ts';
 import { limit } from './limits.ts';
 import { MessageRef, type MessageRow } from './message.ts';
 import { RelationshipKind } from './relationship.ts';
-import { UserRef } from './user.ts';
+import { UserRef, ViewerRef } from './user.ts';
 
 /** Log event type -> GraphQL type name. */
 const TYPE_NAMES: Record<string, string> = {
@@ -223,6 +224,16 @@ builder.objectField(UserRef, 'presence', (t) =>
         status: may(id) ? ((shown.get(id) ?? 'OFFLINE') as PresenceShown) : 'OFFLINE',
       }));
     },
+  }),
+);
+
+builder.objectField(ViewerRef, 'presenceChoice', (t) =>
+  t.field({
+    type: PresenceChoice,
+    description:
+      'The status the viewer chose (setPresence), on all its devices; ONLINE until it chooses one. ' +
+      'Its `presence` is what others see: OFFLINE while INVISIBLE, and while no socket of it is open.',
+    resolve: (_v, _a, ctx) => presenceChoice(ctx.deps, requireViewer(ctx)),
   }),
 );
 

@@ -192,6 +192,22 @@ it('friends who share no guild nor DM see each other, in queries and on the stre
   }
 });
 
+// What a user chose could not be read back: its own presence is what others see, OFFLINE while
+// INVISIBLE and before its socket is open (a client starting up), so a status picker could not
+// show DND or INVISIBLE until the user changed it again.
+it('the viewer reads back the status it chose, with no socket open, INVISIBLE included', async () => {
+  const u = await signUp(app);
+  const q = `{ viewer { presenceChoice user { presence { status } } } }`;
+  assert.deepEqual((await ok(app, q, {}, u.token)).viewer, {
+    presenceChoice: 'ONLINE',
+    user: { presence: { status: 'OFFLINE' } },
+  });
+  for (const status of ['INVISIBLE', 'DND', 'IDLE', 'ONLINE']) {
+    await ok(app, `mutation($s: PresenceChoice!) { setPresence(status: $s) }`, { s: status }, u.token);
+    assert.equal((await ok(app, q, {}, u.token)).viewer.presenceChoice, status);
+  }
+});
+
 it('one statement decides who may see a batch of presence changes: guild members and DM partners, not strangers, not whom the subject blocked', async () => {
   const [a, member, dmPartner, stranger, blockedMember] = await Promise.all([
     signUp(app),

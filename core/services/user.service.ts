@@ -158,3 +158,12 @@ export async function searchUsers(
     .orderBy(sql`lower(${users.username})`)
     .limit(Math.min(n, MAX_SEARCH_RESULTS));
 }
+
+/** The status the viewer chose (setPresence): ONLINE until it chooses one. */
+export async function presenceChoice(deps: Deps, viewer: Viewer) {
+  const [r] = await deps.db
+    .select({ choice: users.presenceChoice })
+    .from(users)
+    .where(eq(users.id, viewer.userId));
+  return r?.choice ?? 'ONLINE';
+}
