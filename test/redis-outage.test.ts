@@ -7,8 +7,12 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { after, before, it } from 'node:test';
+import { Redis } from 'ioredis';
 import { type App, buildApp } from '../api/app.ts';
-import { OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
+import { createDatabase } from '../core/db/client.ts';
+import { createHub } from '../core/realtime/hub.ts';
+import { createRedisPresence, OFFLINE_GRACE_MS } from '../core/realtime/presence.ts';
+import { decodeId } from '../schema/builder.ts';
 import { createTestApp, gql, ok, onPostgres, signUp, type TestApp } from './helpers.ts';
 import {
   connect,
@@ -469,5 +473,49 @@ it('while Redis is down, queries answer what was last shown of users connected o
     }
     for (const s of [sw, sa, sb]) s.stop();
     await Promise.all([cw, ca, cb].map((c) => c.client.dispose()));
+  }
+});
+
+// An instance died shortly before Redis restarted empty (a host restarting both): its users'
+// entries went with Redis, so the lapsed sweep never found them, and no instance left told them
+// OFFLINE: streams showed them as they last were, for good, while queries read OFFLINE.
+it('users of an instance that died just before Redis restarted empty are told OFFLINE to streams', {
+  skip,
+  timeout: 60_000,
+}, async () => {
+  await redisUp();
+  const [owner, watcher, gone] = await Promise.all([signUp(a), signUp(a), signUp(a)]);
+  const { guildId } = await guildWithChannel(a, owner.token);
+  for (const u of [watcher, gone]) await invite(a, owner.token, guildId, u.token);
+  const cw = connect(urlA, watcher.token);
+  const sw = subscribe(cw.client, null, PRESENCE_EVENTS);
+  // A third instance, on connections of its own, that dies with the user's socket.
+  const dbC = await createDatabase({ url: a.config.databaseUrl, dataDir: '' });
+  const redisC = new Redis(`redis://127.0.0.1:${redisPort}`);
+  const hubC = createHub(
+    { ...a.deps, db: dbC.db },
+    { presence: createRedisPresence(redisC, a.config.redisPrefix) },
+  );
+  try {
+    await untilLive(a, [watcher]);
+    await hubC.presence.connected(decodeId(gone.id, 'User'));
+    await sw.until((e) => statusOf(e, gone.id) === 'ONLINE', 5000, 'online on the third instance');
+    // It dies: nothing drops its entry or tells anything.
+    await hubC.stop();
+    redisC.disconnect();
+    await stopRedis();
+    startRedis();
+    await redisUp();
+    await sw.until((e) => statusOf(e, gone.id) === 'OFFLINE', 15_000, 'told OFFLINE once Redis is back');
+    assert.equal((await ok(a, PRESENCE, { id: gone.id }, watcher.token)).user.presence.status, 'OFFLINE');
+  } finally {
+    if (!redis) {
+      startRedis();
+      await redisUp();
+    }
+    sw.stop();
+    await cw.client.dispose();
+    redisC.disconnect();
+    await dbC.close();
   }
 });

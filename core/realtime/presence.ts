@@ -383,10 +383,32 @@ export function createPresenceTracker(
     clearTimeout(settle);
     settle = setTimeout(() => {
       for (const u of toTell) void announce(u).catch(() => unsure.add(u));
+      const others = [...(known?.keys() ?? [])].filter((u) => !toTell.has(u));
       toTell.clear();
+      void tellGone(others).catch(() => {});
     }, RECONNECT_SETTLE_MS);
     settle.unref();
   });
+
+  /**
+   * After the store was back, users another instance showed that it now reads OFFLINE are told so.
+   * An instance that died shortly before a restarted (empty) Redis left no entries for the lapsed
+   * sweep to find: its users were shown as they last were to every stream, for good, while queries
+   * read OFFLINE (a host restarting Redis and an api process together). Each instance tells those
+   * it knew of (the batches merge them); one still connected somewhere has been written again by
+   * now (the settle), and a late one is answered by its instance (heard).
+   */
+  async function tellGone(users: string[]) {
+    for (let i = 0; i < users.length; i += LAPSED_BATCH) {
+      const now = await store.shown(users.slice(i, i + LAPSED_BATCH));
+      for (const [u, s] of now) {
+        if (s !== 'OFFLINE' || local.has(u) || !known?.has(u)) continue;
+        known.delete(u);
+        lastShown.delete(u);
+        await bus.signal('presence', { userId: u, status: 'OFFLINE' });
+      }
+    }
+  }
 
   return {
     store,
