@@ -208,6 +208,49 @@ it('the viewer reads back the status it chose, with no socket open, INVISIBLE in
   }
 });
 
+// Only the target of a change was looked at, for a block and only when it still shared a guild or
+// DM with the actor: friends who shared neither, once the friendship ended (removed, or by a
+// block), kept showing each other as they last were on their streams, while queries read OFFLINE.
+it('friends who share nothing else are told each other OFFLINE once the friendship ends, removed or by a block', {
+  timeout: 30_000,
+}, async () => {
+  const [f1, f2, g1, g2] = await Promise.all([signUp(app), signUp(app), signUp(app), signUp(app)]);
+  for (const [x, y] of [
+    [f1, f2],
+    [g1, g2],
+  ]) {
+    await ok(app, `mutation($u: ID!) { sendFriendRequest(userId: $u) { kind } }`, { u: y.id }, x.token);
+    await ok(app, `mutation($u: ID!) { acceptFriendRequest(userId: $u) { kind } }`, { u: x.id }, y.token);
+  }
+  const conns = [f1, f2, g1, g2].map((u) => connect(url, u.token));
+  const [s1, s2, t1, t2] = conns.map((c) => subscribe(c.client, null, Q));
+  try {
+    const shown = async (s: typeof s1, u: { id: string }, status: string, what: string) =>
+      s.until((e) => statuses(e, u.id).at(-1) === status, 5000, what);
+    await shown(s1, f2, 'ONLINE', 'f2 to f1');
+    await shown(s2, f1, 'ONLINE', 'f1 to f2');
+    await shown(t1, g2, 'ONLINE', 'g2 to g1');
+    await shown(t2, g1, 'ONLINE', 'g1 to g2');
+    await ok(app, `mutation($u: ID!) { removeFriend(userId: $u) { kind } }`, { u: f2.id }, f1.token);
+    await shown(s1, f2, 'OFFLINE', 'f2 offline to f1 once removed');
+    await shown(s2, f1, 'OFFLINE', 'f1 offline to f2 once removed');
+    await ok(app, `mutation($u: ID!) { blockUser(userId: $u) { kind } }`, { u: g2.id }, g1.token);
+    await shown(t2, g1, 'OFFLINE', 'the blocker offline to the blocked ex-friend');
+    await shown(t1, g2, 'OFFLINE', 'the blocked ex-friend offline to the blocker');
+    const q = `query($id: ID!) { user(id: $id) { presence { status } } }`;
+    for (const [viewer, other] of [
+      [f1, f2],
+      [f2, f1],
+      [g1, g2],
+      [g2, g1],
+    ])
+      assert.equal((await ok(app, q, { id: other.id }, viewer.token)).user.presence.status, 'OFFLINE');
+  } finally {
+    for (const s of [s1, s2, t1, t2]) s.stop();
+    await Promise.all(conns.map((c) => c.client.dispose()));
+  }
+});
+
 it('one statement decides who may see a batch of presence changes: guild members and DM partners, not strangers, not whom the subject blocked', async () => {
   const [a, member, dmPartner, stranger, blockedMember] = await Promise.all([
     signUp(app),

@@ -670,6 +670,20 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
   }
 
   /**
+   * `owner`'s row about `other` is gone, or a block now (a friendship or request ended): a friend
+   * who shares nothing else with `other` may no longer see its presence, and its streams showed
+   * `other` as it last was for good (queries read OFFLINE). Told OFFLINE, to `owner` only; it is
+   * told of the row itself anyway.
+   */
+  async function presenceAfterEnded(owner: string, other: string) {
+    if (![...subs].some((s) => s.access.userId === owner)) return;
+    const may = await presenceAudience(deps.db, [other], [owner]).catch(() => undefined);
+    if (!may || may.get(other)?.has(owner)) return;
+    const row = presenceRow(other, 'OFFLINE', owner);
+    for (const s of subs) if (s.access.userId === owner) s.push(row);
+  }
+
+  /**
    * A (un)block changes what its target may see of the actor's presence, and nothing else would
    * tell the target's open streams: a block shows the actor OFFLINE to the target (as queries
    * then answer), any other change shows the actor's status again where the target may see it.
@@ -678,6 +692,7 @@ export function createHub(deps: HubDeps, opts: HubOptions = {}) {
     const actor = r.userId;
     const target = r.payload.targetId;
     if (!actor || typeof target !== 'string') return;
+    if (r.payload.kind === null || r.payload.kind === 'BLOCKED') await presenceAfterEnded(actor, target);
     let row: Delivered;
     if (r.payload.kind === 'BLOCKED') {
       // Only a target that could see the actor's presence: a stranger would learn of the block.
