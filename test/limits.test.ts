@@ -356,6 +356,71 @@ describe('the socket connection rate, as graphql-ws clients meet it', () => {
   // The metric's label is the close code, as for every other close (4029 for a socket over the
   // per-user limit too); a refused socket was counted under 429, a code no socket is closed with,
   // left from when the upgrade was refused with an HTTP 429.
+  // A restart's reconnect wave from one address (a NAT, a proxy not named in TRUST_PROXY_HOPS)
+  // past the rate: with a fixed minute, the address was refused everything until the minute
+  // ended, and graphql-ws's client, after its default 5 retries (31 to 46 s of backoff, as it
+  // ships), gave up for good (here, at 6 a minute, every socket refused up to 60 s). The rate
+  // now refills evenly (one each 10 s here): it gets in on a retry, told the truth about the wait.
+  it("a client refused by the per-IP rate gets in with graphql-ws's default retries (it gave up for good under a fixed minute)", {
+    timeout: 90_000,
+  }, async () => {
+    const app = await createTestApp({}, { WS_CONNECTIONS_PER_IP_PER_MINUTE: '6' });
+    const url = `ws://127.0.0.1:${await app.start(0)}/graphql`;
+    const sockets: WebSocket[] = [];
+    let client: Client | undefined;
+    try {
+      const user = await signUp(app);
+      // The address's allowance spent: sockets until one is refused (the 7th). A refused socket is
+      // upgraded too, then closed: an acknowledged connection_init tells one let in.
+      for (let i = 0; i < 20; i++) {
+        const ws = new WebSocket(url, 'graphql-transport-ws');
+        ws.on('error', () => {});
+        sockets.push(ws);
+        const refused = await new Promise<boolean>((resolve) => {
+          ws.once('open', () =>
+            ws.send(
+              JSON.stringify({ type: 'connection_init', payload: { authorization: `Bearer ${user.token}` } }),
+            ),
+          );
+          ws.once('message', () => resolve(false));
+          ws.once('close', (code) => resolve(code === 4029));
+        });
+        if (refused) break;
+      }
+      assert.equal(sockets.length, 7, 'six let in, the seventh refused');
+      const seen = { connected: 0, closes: [] as number[], reasons: [] as string[], errors: [] as string[] };
+      // As it ships: its default retryAttempts (5), retryWait and shouldRetry.
+      client = createClient({
+        url,
+        webSocketImpl: WebSocket,
+        connectionParams: { authorization: `Bearer ${user.token}` },
+        lazy: false,
+        on: {
+          connected: () => seen.connected++,
+          closed: (e) => {
+            seen.closes.push((e as { code: number }).code);
+            seen.reasons.push(String((e as { reason: string }).reason));
+          },
+        },
+        onNonLazyError: (e) =>
+          seen.errors.push(String((e as { code?: number }).code ?? (e as Error).message)),
+      });
+      const deadline = Date.now() + 75_000;
+      while (!seen.connected && !seen.errors.length && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 50));
+      assert.deepEqual(seen.errors, [], `gave up after ${seen.closes.length} closes: ${seen.reasons.at(-1)}`);
+      assert.equal(seen.connected, 1);
+      assert.equal(seen.closes[0], 4029);
+      // The wait it is told is the rate's (10 s at 6 a minute), not what is left of a minute.
+      const told = Number(/try again in (\d+) s/.exec(seen.reasons[0])?.[1]);
+      assert.ok(told >= 1 && told <= 10, seen.reasons[0]);
+    } finally {
+      await Promise.resolve(client?.dispose()).catch(() => {});
+      for (const ws of sockets) ws.terminate();
+      await app.destroy();
+    }
+  });
+
   it('a socket refused by the per-IP rate is counted in banter_ws_closes_total under 4029, the code its client saw (under 429 before)', async () => {
     const app = await createTestApp({}, { WS_CONNECTIONS_PER_IP_PER_MINUTE: '1' });
     const url = `ws://127.0.0.1:${await app.start(0)}/graphql`;

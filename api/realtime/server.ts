@@ -36,7 +36,8 @@ export interface RealtimeLimits {
   /** Concurrent operations per socket. Default 50. */
   subscriptionsPerSocket: number;
   /**
-   * New connections per IP per minute. Default 6000: every client behind one address (an office's
+   * New connections per IP per minute, as a steady rate (newConnectionFrom): up to this many at
+   * once, then one each 60 s / this. Default 6000: every client behind one address (an office's
    * NAT, a proxy not named in TRUST_PROXY_HOPS) reconnects at once when its instance restarts, and
    * in a rolling deploy twice within the minute; at 120, all but 120 of them were refused, and a
    * graphql-ws client with its default settings gives up on a refused upgrade for good. Sockets
@@ -119,9 +120,13 @@ export interface RealtimeServerOptions {
 }
 
 /**
- * A new connection (a socket, or an SSE stream) from `ip`, on the per-address count of the last
- * minute (WS_CONNECTIONS_PER_IP_PER_MINUTE): one count for both. Allowed when rate limits are off,
+ * A new connection (a socket, or an SSE stream) from `ip`, at the per-address rate
+ * (WS_CONNECTIONS_PER_IP_PER_MINUTE): one count for both. Allowed when rate limits are off,
  * and when the count cannot be read (Redis away): a limit, not a reason to refuse everyone.
+ * A steady rate (smooth), not a fixed minute: a reconnect wave past the limit is let in at the
+ * limit's pace (one each 10 ms at 6000), refused connections taking nothing. With a fixed window,
+ * an address past it was refused everything until the minute ended, up to 60 s, and graphql-ws's
+ * client, with its default 5 retries (31 to 46 s of backoff), gave up for good meanwhile.
  */
 export async function newConnectionFrom(
   deps: Pick<Deps, 'rateLimiter' | 'rateLimitsEnabled'>,
@@ -130,7 +135,7 @@ export async function newConnectionFrom(
 ): Promise<{ ok: boolean; retryAfter: number }> {
   if (!deps.rateLimitsEnabled) return { ok: true, retryAfter: 0 };
   return deps.rateLimiter
-    .hit(`ws:ip:${ip}`, { limit: perMinute, windowSeconds: 60 })
+    .hit(`ws:ip:${ip}`, { limit: perMinute, windowSeconds: 60, smooth: true })
     .catch(() => ({ ok: true, retryAfter: 0 }));
 }
 
