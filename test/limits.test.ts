@@ -216,6 +216,40 @@ describe('Redis-backed limits', { skip: !onPostgres && 'needs the postgres run (
   });
 });
 
+describe('the per-IP connection rate in Redis', {
+  skip: !onPostgres && 'needs the postgres run (REDIS_URL)',
+}, () => {
+  /** 101 for a socket let in (it answers a ping), else the close code it got. */
+  const upgrade = (port: number) =>
+    new Promise<number>((resolve, reject) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/graphql`, 'graphql-transport-ws');
+      ws.on('open', () => ws.send('{"type":"ping"}'));
+      ws.on('message', () => {
+        resolve(101);
+        ws.terminate();
+      });
+      ws.on('close', (code) => resolve(code));
+      ws.on('error', reject);
+    });
+
+  // The rate is one step on Redis's clock (a Lua script), counted once for every instance.
+  it('two instances sharing a prefix share one rate', async () => {
+    const prefix = `banter-test-shared:${randomBytes(4).toString('hex')}:`;
+    const env = { WS_CONNECTIONS_PER_IP_PER_MINUTE: '3' };
+    const a = await createTestApp({ redisPrefix: prefix }, env);
+    const b = await createTestApp({ redisPrefix: prefix }, env);
+    try {
+      const [pa, pb] = [await a.start(0), await b.start(0)];
+      const codes = [];
+      for (const port of [pa, pb, pa, pb, pa]) codes.push(await upgrade(port));
+      assert.deepEqual(codes, [101, 101, 101, 4029, 4029]);
+    } finally {
+      await a.destroy();
+      await b.destroy();
+    }
+  });
+});
+
 describe('behind proxies (TRUST_PROXY_HOPS)', () => {
   const registerVia = (port: number, xff: string | undefined) => {
     const name = `px_${randomBytes(4).toString('hex')}`;
