@@ -38,6 +38,7 @@ after(async () => {
 });
 
 const TYPE = `mutation($c: ID!) { startTyping(channelId: $c) }`;
+const SEND = `mutation($c: ID!) { sendMessage(input: { channelId: $c, content: "hi" }) { id } }`;
 const typing = (events: any[], id: string) =>
   events.filter((e) => e.__typename === 'TypingStarted' && e.user.id === id);
 
@@ -100,4 +101,33 @@ it('one TypingStarted per user and channel per window, whichever instance is cal
   const typing = s.events.filter((x) => x.__typename === 'TypingStarted').map((x) => x.user.id);
   assert.deepEqual(typing.sort(), [owner.id, member.id].sort());
   await c.client.dispose();
+});
+
+// The throttle let one TypingStarted through per user and channel every 5 s, a message sent in
+// between or not: a client drops the indicator when the message arrives (as Discord's does), and
+// the author's next startTyping, as it went on writing, was dropped, so the others saw nothing
+// for up to 5 s after each message.
+it('a message sent ends its author typing there: its next startTyping is shown at once', {
+  timeout: 30_000,
+}, async () => {
+  const [owner, typist, watcher, marker] = await Promise.all([signUp(a), signUp(a), signUp(a), signUp(a)]);
+  const { guildId, channelId } = await guildWithChannel(a, owner.token);
+  for (const u of [typist, watcher, marker]) await invite(a, owner.token, guildId, u.token);
+  const c = connect(url, watcher.token);
+  const s = subscribe(c.client);
+  try {
+    await untilLive(a, [watcher]);
+    assert.equal((await ok(other, TYPE, { c: channelId }, typist.token)).startTyping, true);
+    // Sent through the other instance than the typing, where there are two (one Redis claim).
+    await ok(a, SEND, { c: channelId }, typist.token);
+    assert.equal((await ok(other, TYPE, { c: channelId }, typist.token)).startTyping, true);
+    // Within the window, without a message between: throttled as before.
+    assert.equal((await ok(other, TYPE, { c: channelId }, typist.token)).startTyping, true);
+    // Everything signalled before the marker has arrived once it has (its events from the start).
+    await throughTypingMarker(other, marker, channelId, [s]);
+    assert.equal(typing(s.events, typist.id).length, 2, 'typing, the message, typing again: shown twice');
+  } finally {
+    s.stop();
+    await c.client.dispose();
+  }
 });

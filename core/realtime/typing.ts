@@ -18,6 +18,8 @@ const THROTTLE_MS = 5_000;
 export interface TypingThrottle {
   /** true when no claim of `key` is live, and then holds it for `ms` */
   claim(key: string, ms: number): Promise<boolean>;
+  /** ends the live claim of `key`, if any: the next claim wins at once */
+  release(key: string): Promise<void>;
 }
 
 export function createMemoryThrottle(): TypingThrottle {
@@ -33,6 +35,9 @@ export function createMemoryThrottle(): TypingThrottle {
       recent.set(key, now + ms);
       return true;
     },
+    async release(key) {
+      recent.delete(key);
+    },
   };
 }
 
@@ -40,7 +45,7 @@ export function createMemoryThrottle(): TypingThrottle {
  * Shared by every instance on the same Redis prefix (SET NX PX), so two instances do not both
  * announce within the window. When Redis does not answer, this instance throttles on its own.
  */
-export function createRedisThrottle(redis: Pick<Redis, 'set'>, prefix: string): TypingThrottle {
+export function createRedisThrottle(redis: Pick<Redis, 'set' | 'del'>, prefix: string): TypingThrottle {
   const local = createMemoryThrottle();
   return {
     async claim(key, ms) {
@@ -49,6 +54,12 @@ export function createRedisThrottle(redis: Pick<Redis, 'set'>, prefix: string): 
       } catch {
         return local.claim(key, ms);
       }
+    },
+    async release(key) {
+      // Sent to Redis as called (before the send's response leaves), then the local claim.
+      const gone = redis.del(`${prefix}typing:${key}`);
+      await local.release(key);
+      await gone.catch(() => {});
     },
   };
 }
@@ -78,6 +89,16 @@ async function hiddenFrom(
 
 /** For processes without a hub (nothing to deliver to locally anyway). */
 const fallback = createMemoryThrottle();
+
+/**
+ * A user's message sent in a channel ends its typing there: clients drop the indicator when the
+ * message arrives (as Discord's do), and the user's next startTyping, as it goes on writing, is
+ * shown at once. Within the throttle's window it was dropped: the others saw no indicator for up
+ * to THROTTLE_MS after each message. Not waited for (the send's response does not wait on Redis).
+ */
+export function sentInChannel(deps: Deps, userId: string, channelId: string): void {
+  void (deps.realtime?.typing ?? fallback).release(`${userId}:${channelId}`).catch(() => {});
+}
 
 export async function startTyping(deps: Deps, viewer: Viewer, channelId: string): Promise<boolean> {
   const a = await requireChannel(deps.db, viewer.userId, channelId, Permission.SEND_MESSAGES, deps.now());

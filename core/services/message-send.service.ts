@@ -13,6 +13,7 @@ import { badInput, conflict, forbidden, notFound, rateLimited } from '../errors.
 import { announce, transact } from '../events.ts';
 import { newId } from '../ids.ts';
 import { has, Permission } from '../permissions.ts';
+import { sentInChannel } from '../realtime/typing.ts';
 import { type ChannelAccess, loadChannelAccess, requireChannel } from './access.service.ts';
 import { assertCanSendInDm } from './direct.service.ts';
 import { mentionLookupSql, NO_MENTIONS, parseMentions, resolveMentions } from './mentions.ts';
@@ -100,6 +101,11 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
   const mentions = content.includes('@') ? resolveMentions(parsed, access.permissions, pre) : NO_MENTIONS;
 
   const id = newId();
+  /** A message sent ends its author's typing in the channel (sentInChannel). */
+  const sent = (row: MessageRow) => {
+    sentInChannel(deps, viewer.userId, channel.id);
+    return row;
+  };
   const values = {
     id,
     channelId: channel.id,
@@ -118,9 +124,9 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
       // The common case: message, mentions and event in one statement. No row back means the nonce
       // index conflicted: the transactional path below tells a retry from a stale nonce.
       const row = await insertAtomically(deps, values, mentions.userIds);
-      if (row) return row;
+      if (row) return sent(row);
     }
-    return await transact(deps, async (tx, log) => {
+    const created = await transact(deps, async (tx, log) => {
       // The preflight check above ran without a lock: two concurrent sends could both pass it.
       // Under slow mode the author's sends to this channel take turns and check again.
       if (slowmode) await slowModeTurn(tx, deps, viewer.userId, channel.id, slowmode, nonce, now);
@@ -159,6 +165,7 @@ export async function sendMessage(deps: Deps, viewer: Viewer, input: SendMessage
       });
       return row;
     });
+    return sent(created);
   } catch (err) {
     // The access check took no lock (and may have used another instance's cached inputs): the
     // channel can be deleted before the insert, whose foreign key then refuses it. The sender is
