@@ -180,14 +180,15 @@ function allocFrame(n: number): Buffer {
 const WROTE_IN = Symbol('banter.wroteIn');
 
 /**
- * sendFrame, where a socket's second and later frames in one turn of the event loop (its
- * synchronous work and the ticks it queued) are held until that turn has run: the frames written
- * to one socket in that time, a tail batch of events say, leave in one more system call instead of
- * one each. The kernel's part of a write is most of the cost of fan-out. The first frame goes at
- * once: an event fanned out alone (the common case) is written to each socket as its frame is
- * built, the first subscribers' frames on their way while the rest are built, where holding every
- * frame until the turn's end wrote none before all were built (~4 µs each: the first of 1,000
- * sockets got its frame ~4 ms late). `ws` writes each frame with cork/uncork of its own, which nests.
+ * sendFrame, with writes held (corked) until the current turn of the event loop has run (its
+ * synchronous work and the ticks it queued) once a turn writes a second frame to any socket: the
+ * frames written to one socket in that time, a batch of events say, then leave in one system call
+ * instead of one each (the kernel's part of a write is most of the cost of fan-out). A turn that
+ * writes one frame per socket, an event fanned out alone (paced traffic), writes each at once, the
+ * first subscribers' frames on their way while the rest are built, where holding every frame wrote
+ * none before all were built (~4 µs each: the first of 1,000 sockets got its frame ~4 ms late).
+ * The dispatch gives a socket its rows one after another, so in a batch only the first socket's
+ * first frame goes alone. `ws` writes each frame with cork/uncork of its own, which nests.
  */
 function corkedWriter(maxBufferedBytes: number) {
   // The sockets held this turn: a list reused from turn to turn (a Set emptied each turn was
@@ -196,8 +197,11 @@ function corkedWriter(maxBufferedBytes: number) {
   let n = 0;
   let turn = 0;
   let ending = false;
+  /** a socket got a second frame this turn: every write is held until it ends */
+  let batching = false;
   const release = () => {
     ending = false;
+    batching = false;
     turn++;
     const count = n;
     n = 0;
@@ -216,9 +220,10 @@ function corkedWriter(maxBufferedBytes: number) {
       process.nextTick(release);
     }
     if (s) {
-      // A socket with HOLD_BYTES unsent already is not held: its writes wait for the kernel anyway.
       if (s[WROTE_IN] !== turn) s[WROTE_IN] = turn;
-      else if (!s.writableCorked && s.writableLength < HOLD_BYTES) {
+      else batching = true;
+      // A socket with HOLD_BYTES unsent already is not held: its writes wait for the kernel anyway.
+      if (batching && !s.writableCorked && s.writableLength < HOLD_BYTES) {
         s.cork();
         held[n++] = s;
       }
