@@ -1,13 +1,11 @@
 import { setFlagsFromString } from 'node:v8';
 import { ConfigError, loadConfig } from './config.ts';
+import { heapGrowingFlag } from './heap.ts';
 
-// The heap may grow to twice what a full collection left live before the next one (as Go's
-// GOGC=100). V8 chose far less here (a limit of 95 MB for 72 MB live at 1,000 subscribers), and
-// starts marking once the room left is under the young generation's size: paced at 10 messages/s,
-// a full collection ran every 2-6 s, its pause and marking steps (3-40 ms) in the way of whatever
-// message was being fanned out; with this, none in 20 s. A flag given to node itself wins.
-if (!process.execArgv.some((a) => a.startsWith('--heap-growing-percent')))
-  setFlagsFromString('--heap-growing-percent=100');
+// The heap may grow to twice what a full collection left live (api/heap.ts), unless node was
+// given the flag itself.
+const heapFlag = heapGrowingFlag(process.execArgv);
+if (heapFlag) setFlagsFromString(heapFlag);
 
 let config: ReturnType<typeof loadConfig>;
 try {
