@@ -205,7 +205,9 @@ export function expandedSelections(doc: DocumentNode, cap: number): number {
  * `last` counted at most as maxPage. Armor multiplies by the literal as written: `messages(first:
  * 1000)` was refused for its cost ("Query Cost limit of 8000 exceeded") before its resolver could
  * say the bound ("first must be between 0 and 100."), and no page is ever larger than maxPage, so
- * the estimate stays an upper bound of the work. A variable counts 1, as in armor.
+ * the estimate stays an upper bound of the work. Of `first` and `last` the larger literal counts,
+ * where armor took the first one written (a `last: null` ahead of `first: 100` counted 1). A
+ * variable counts 1, as in armor.
  */
 export function pagedCostRule(maxCost: number, maxPage: number): ValidationRule {
   const OBJECT = 2;
@@ -218,10 +220,13 @@ export function pagedCostRule(maxCost: number, maxPage: number): ValidationRule 
       if (node.kind === Kind.FIELD && node.name.value === '__schema') return 0;
       if ('selectionSet' in node && node.selectionSet) {
         let n = OBJECT;
+        // The largest literal first/last: armor took the first of them written, so a `last: null`
+        // (no argument to the resolver) ahead of `first: 100` made a page of 100 cost as one.
         let times = 1;
-        const page =
-          'arguments' in node ? node.arguments?.find((a) => /^(first|last)$/.test(a.name.value)) : undefined;
-        if (page?.value.kind === Kind.INT) times = Math.max(Math.min(Number(page.value.value), maxPage), 1);
+        if ('arguments' in node)
+          for (const a of node.arguments ?? [])
+            if ((a.name.value === 'first' || a.name.value === 'last') && a.value.kind === Kind.INT)
+              times = Math.max(times, Math.min(Number(a.value.value), maxPage));
         for (const child of node.selectionSet.selections) n += FACTOR * cost(child);
         return n * times;
       }

@@ -149,6 +149,32 @@ describe('abuse limits', () => {
     }
   });
 
+  it('a page given beside a null first/last (messages(last: null, first: 100)) is costed at its size, as the resolver serves it', async () => {
+    const u = await signUp(app);
+    const { channelId } = await guildWithChannel(app, u.token);
+    const page = (args: string) => `messages(${args}) { edges { node { id content } } }`;
+    const query = (...pages: string[]) =>
+      `query($c: ID!) { channel(id: $c) { ${pages.map((p, i) => `p${i}: ${p}`).join(' ')} } }`;
+    for (const args of ['last: null, first: 100', 'first: null, last: 100']) {
+      // One is served (null is no argument to the resolver): a page of 100.
+      const one = await gql(app, query(page(args)), { c: channelId }, { token: u.token });
+      assert.equal(one.errors, undefined, `${args}: ${JSON.stringify(one.errors)}`);
+      // Four cost what four pages of 100 do (over maxCost), not four of 1.
+      const r = await gql(
+        app,
+        query(...Array.from({ length: 4 }, () => page(args))),
+        { c: channelId },
+        { token: u.token },
+      );
+      assert.equal(
+        r.errors?.[0]?.extensions?.code,
+        'BAD_USER_INPUT',
+        `${args}: ${JSON.stringify(r.errors ?? r.data)}`,
+      );
+      assert.match(String(r.errors?.[0]?.message), /cost limit/i, args);
+    }
+  });
+
   it('counts aliases of __typename toward the alias limit, as aliases of any other field', async () => {
     const typenames = (n: number) => Array.from({ length: n }, (_, i) => `t${i}: __typename`).join(' ');
     const within = await gql(app, `{ ${typenames(ARMOR_LIMITS.maxAliases)} }`);
