@@ -1,11 +1,4 @@
-import { setFlagsFromString } from 'node:v8';
 import { ConfigError, loadConfig } from './config.ts';
-import { heapGrowingFlag } from './heap.ts';
-
-// The heap may grow to twice what a full collection left live (api/heap.ts), unless node was
-// given the flag itself.
-const heapFlag = heapGrowingFlag(process.execArgv);
-if (heapFlag) setFlagsFromString(heapFlag);
 
 let config: ReturnType<typeof loadConfig>;
 try {
