@@ -534,8 +534,10 @@ describe('graphql-transport-ws', () => {
       for (const m of mute) {
         assert.equal(m.pings.length, 1, 'pinged once, then terminated at its next turn');
         assert.equal(m.code(), 1006, 'terminated, no close frame');
+        // At its slice's next visit, an interval later (timers are never early; under load they are
+        // late, so no upper bound: a socket left for a further visit would have been pinged again).
         const waited = m.closed()! - m.pings[0];
-        assert.ok(waited >= 800 && waited < 1500, `terminated ${waited} ms after its ping`);
+        assert.ok(waited >= 800, `terminated ${waited} ms after its ping`);
       }
       const firsts = mute.map((m) => m.pings[0]);
       const spread = Math.max(...firsts) - Math.min(...firsts);
