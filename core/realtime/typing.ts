@@ -87,6 +87,9 @@ async function hiddenFrom(
   return resultRows<{ id: string }>(r).map((x) => x.id);
 }
 
+/** The throttle's key for a user typing in a channel (claimed by startTyping, released by a send). */
+const throttleKey = (userId: string, channelId: string) => `${userId}:${channelId}`;
+
 /** For processes without a hub (nothing to deliver to locally anyway). */
 const fallback = createMemoryThrottle();
 
@@ -97,7 +100,7 @@ const fallback = createMemoryThrottle();
  * to THROTTLE_MS after each message. Not waited for (the send's response does not wait on Redis).
  */
 export function sentInChannel(deps: Deps, userId: string, channelId: string): void {
-  void (deps.realtime?.typing ?? fallback).release(`${userId}:${channelId}`).catch(() => {});
+  void (deps.realtime?.typing ?? fallback).release(throttleKey(userId, channelId)).catch(() => {});
 }
 
 export async function startTyping(deps: Deps, viewer: Viewer, channelId: string): Promise<boolean> {
@@ -106,7 +109,7 @@ export async function startTyping(deps: Deps, viewer: Viewer, channelId: string)
   // refused as sendMessage is, rather than shown to the blocker (who cannot get the message).
   if (a.channel.type === 'DM') await assertCanSendInDm(deps.db, viewer.userId, a.channel);
   const throttle = deps.realtime?.typing ?? fallback;
-  if (!(await throttle.claim(`${viewer.userId}:${channelId}`, THROTTLE_MS))) return true;
+  if (!(await throttle.claim(throttleKey(viewer.userId, channelId), THROTTLE_MS))) return true;
   const hidden = await hiddenFrom(deps.db, viewer.userId, a.channel);
   await deps.bus.signal('typing', {
     channelId,
